@@ -1,0 +1,186 @@
+"""Quantized Keras layers.
+
+``QConv2D``, ``QDepthwiseConv2D`` and ``QDense`` are the Keras layers of the
+same name whose kernel and bias pass through one weight quantizer (the bias
+uses the kernel's parameters, as in the reference code) before the float
+operation. ``ActivationQuantizer`` quantizes a feature map. Each holds its
+quantizer as a sub-layer, so the quantizer parameters are weights of the
+layer: they train, checkpoint and save with the model.
+
+All layers are registered Keras serializables: a saved ``.keras`` model
+loads with ``keras.models.load_model`` (safe mode on) after ``import tfdq``.
+"""
+
+import keras
+from keras import ops as kops
+
+from tfdq import quantizers as quantizers_lib
+
+_PACKAGE = "tfdq"
+
+
+def _make_quantizer(identifier, role, signed):
+    if isinstance(identifier, quantizers_lib.Quantizer):
+        return identifier
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    return quantizers_lib.get(identifier, signed=signed, role=role)
+
+
+class QuantizedWeightsMixin:
+    """Shared part of the quantized layers: the weight quantizer.
+
+    The subclass calls :meth:`_init_quantizer` in ``__init__`` and uses
+    :meth:`quantized_weights` in ``call``.
+    """
+
+    def _init_quantizer(self, kernel_quantizer):
+        self.kernel_quantizer = _make_quantizer(kernel_quantizer, "weight", True)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if not self.kernel_quantizer.built:
+            self.kernel_quantizer.build(None)
+
+    def quantized_weights(self):
+        """``(Q(kernel), Q(bias) or None)`` with one set of quantizer parameters."""
+        params = self.kernel_quantizer.forward_params()
+        kernel = self.kernel_quantizer.quantize_tensor(self.kernel, params)
+        bias = None
+        if self.use_bias:
+            bias = self.kernel_quantizer.quantize_tensor(self.bias, params)
+        return kernel, bias
+
+    def _finish(self, outputs, bias):
+        if bias is not None:
+            outputs = kops.add(outputs, bias)  # channels_last: broadcasts on the last axis
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _check_channels_last(self):
+        if getattr(self, "data_format", "channels_last") != "channels_last":
+            raise ValueError(
+                f"{type(self).__name__} supports data_format='channels_last' "
+                f"only (layer {self.name!r} has {self.data_format!r})."
+            )
+
+    def get_config(self):
+        config = super().get_config()
+        config["kernel_quantizer"] = keras.saving.serialize_keras_object(
+            self.kernel_quantizer
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class QConv2D(QuantizedWeightsMixin, keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` with a learned weight quantizer.
+
+    ``y = act(conv(x, Q(W)) + Q(bias))``. Args as ``Conv2D`` plus
+    ``kernel_quantizer`` (name such as ``"U3"``, a quantizer object or its
+    config; default ``"U3"``).
+    """
+
+    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_channels_last()
+        self._init_quantizer(kernel_quantizer)
+
+    def call(self, inputs):
+        kernel, bias = self.quantized_weights()
+        return self._finish(self.convolution_op(inputs, kernel), bias)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class QDepthwiseConv2D(QuantizedWeightsMixin, keras.layers.DepthwiseConv2D):
+    """``keras.layers.DepthwiseConv2D`` with a learned weight quantizer."""
+
+    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_channels_last()
+        self._init_quantizer(kernel_quantizer)
+
+    def call(self, inputs):
+        kernel, bias = self.quantized_weights()
+        outputs = kops.depthwise_conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        return self._finish(outputs, bias)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class QDense(QuantizedWeightsMixin, keras.layers.Dense):
+    """``keras.layers.Dense`` with a learned weight quantizer."""
+
+    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizer(kernel_quantizer)
+
+    def call(self, inputs, training=None):
+        kernel, bias = self.quantized_weights()
+        return self._finish(kops.matmul(inputs, kernel), bias)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class ActivationQuantizer(keras.layers.Layer):
+    """Quantizes a feature map with a learned quantizer.
+
+    ``signed=False`` (activations after ReLU/ReLU6) clips to ``[0, q_max]``;
+    ``signed=True`` to ``[-q_max, q_max]``. ``quantizer`` is a name (default
+    ``"U3"``), a quantizer object or its config.
+    """
+
+    def __init__(self, quantizer="U3", signed=False, **kwargs):
+        super().__init__(**kwargs)
+        self.quantizer = _make_quantizer(quantizer, "activation", signed)
+
+    @property
+    def signed(self):
+        return self.quantizer.signed
+
+    def build(self, input_shape):
+        if not self.quantizer.built:
+            self.quantizer.build(None)
+        self.built = True
+
+    def call(self, inputs):
+        return self.quantizer.quantize_tensor(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
+        return config
+
+
+QUANTIZED_LAYERS = {
+    keras.layers.Conv2D: QConv2D,
+    keras.layers.DepthwiseConv2D: QDepthwiseConv2D,
+    keras.layers.Dense: QDense,
+}
+
+
+def weight_quantized_layers(model):
+    """All layers of ``model`` (nested models included) with a weight quantizer."""
+    return [l for l in _walk(model) if isinstance(l, QuantizedWeightsMixin)]
+
+
+def activation_quantizer_layers(model):
+    """All :class:`ActivationQuantizer` layers of ``model``, nested ones included."""
+    return [l for l in _walk(model) if isinstance(l, ActivationQuantizer)]
+
+
+def _walk(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _walk(layer)
+        else:
+            yield layer

@@ -1,0 +1,279 @@
+"""Pure quantizer math: forward formulas and straight-through gradients.
+
+Everything here is a function of tensors; nothing owns a variable. The
+quantizer objects in :mod:`tfdq.quantizers` derive their step size ``d``,
+range ``q_max`` (or ``q_min``) and bitwidth ``b`` from their learned
+parameters with the helpers below and then call :func:`uniform_quantize` or
+:func:`pow2_quantize`.
+
+Notation follows Uhlich et al., "Mixed Precision DNNs: All you need is a good
+parametrization", ICLR 2020 (sections 2-3 of the paper, sections 1-3 of
+METHOD.md).
+"""
+
+import math
+
+import tensorflow as tf
+
+LN2 = math.log(2.0)
+
+# Float32 bit layout: 1 sign bit, 8 exponent bits, 23 mantissa bits.
+_EXPONENT_MASK = 0x7F800000
+_MANTISSA_MASK = 0x007FFFFF
+_ONE_EXPONENT = 1 << 23
+# Mantissa bits of the largest float32 below sqrt(2): a mantissa above it
+# rounds up in the log domain (log2(m) >= 1/2).
+_SQRT2_MANTISSA = 0x3504F3
+
+
+def round_half_away(x):
+    """Round to the nearest integer, ties away from zero.
+
+    ``sign(x) * floor(|x| + 1/2)``, as METHOD.md writes the quantizer
+    (``tf.round`` rounds ties to even, which this is not).
+    """
+    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+
+
+@tf.custom_gradient
+def ste_round(x):
+    """``round_half_away(x)`` forward; identity gradient (straight-through)."""
+    return round_half_away(x), lambda dy: dy
+
+
+@tf.custom_gradient
+def ste_ceil(x):
+    """``ceil(x)`` forward; identity gradient (straight-through)."""
+    return tf.math.ceil(x), lambda dy: dy
+
+
+def ste_clip(x, lo, hi):
+    """``clip(x, lo, hi)`` forward; identity gradient to ``x`` only.
+
+    Used for the parameter bounds of METHOD.md section 3: the forward pass
+    always sees a valid parameter and the gradient still reaches the float
+    variable (which the optimizer step then projects back into its box).
+    """
+    clipped = tf.minimum(tf.maximum(x, lo), hi)
+    return x + tf.stop_gradient(clipped - x)
+
+
+def exact_exp2(n):
+    """``2**n`` for integer-valued float32 ``n``, exact, built from the bits.
+
+    ``tf.pow(2., n)`` may go through ``exp(n log 2)`` and miss by an ulp;
+    quantization grids must be exact powers of two. ``n`` is clamped to the
+    normal float32 exponent range [-126, 127].
+    """
+    n = tf.clip_by_value(tf.cast(n, tf.int32), -126, 127)
+    return tf.bitcast((n + 127) * _ONE_EXPONENT, tf.float32)
+
+
+@tf.custom_gradient
+def exp2_int(n):
+    """``2**n`` (exact for integer ``n``) with gradient ``2**n ln 2``."""
+    y = exact_exp2(n)
+    return y, lambda dy: dy * y * LN2
+
+
+def exact_log2_int(v):
+    """``log2(v)`` for ``v`` an exact positive power of two, as float32."""
+    bits = tf.bitcast(tf.cast(v, tf.float32), tf.int32)
+    return tf.cast(tf.bitwise.right_shift(bits, 23) - 127, tf.float32)
+
+
+def pow2_round_magnitude(a):
+    """``2**floor(1/2 + log2(a))`` for ``a > 0``, exact, elementwise.
+
+    Rounding in the log domain: a value whose mantissa ``m`` (in [1, 2))
+    exceeds sqrt(2) goes up one octave. Computed on the float32 bits, so it
+    matches a float64 ``np.floor(0.5 + np.log2(a))`` reference exactly.
+    Zero maps to zero.
+    """
+    bits = tf.bitcast(tf.cast(a, tf.float32), tf.int32)
+    exponent = tf.bitwise.bitwise_and(bits, _EXPONENT_MASK)
+    mantissa = tf.bitwise.bitwise_and(bits, _MANTISSA_MASK)
+    up = tf.cast(mantissa > _SQRT2_MANTISSA, tf.int32) * _ONE_EXPONENT
+    return tf.bitcast(exponent + up, tf.float32)
+
+
+@tf.custom_gradient
+def ste_pow2(v):
+    """Round a positive parameter to a power of two: ``2**round(log2 v)``.
+
+    Forward is the hardware constraint of METHOD.md section 3; the backward
+    pass hands the gradient to the float parameter unchanged (STE).
+    """
+    return pow2_round_magnitude(v), lambda dy: dy
+
+
+# ---------------------------------------------------------------------------
+# Uniform quantizer
+# ---------------------------------------------------------------------------
+
+
+def uniform_levels(bits, signed):
+    """Largest integer of a b-bit grid: ``2^(b-1) - 1`` signed, ``2^b - 1`` not.
+
+    ``bits`` must be integer valued; the result is differentiable in ``bits``
+    (``d/db = 2^(b-1) ln 2``, resp. ``2^b ln 2``) through :func:`exp2_int`.
+    """
+    return exp2_int(bits - 1.0 if signed else bits) - 1.0
+
+
+def uniform_bits(d, q_max, signed):
+    """Bitwidth that the uniform grid of step ``d`` and range ``q_max`` needs.
+
+    ``b = ceil(log2(q_max/d + 1) + 1)`` signed, ``ceil(log2(q_max/d + 1))``
+    unsigned (METHOD.md, U3). The ceiling is straight-through, so the result
+    is differentiable in ``d`` and ``q_max``; its value is corrected to the
+    exact smallest ``b`` with ``2^(b-1) - 1 >= q_max/d`` (a float ``log2`` of
+    an exact power of two may miss by an ulp and push ``ceil`` one too high).
+    """
+    ratio = q_max / d
+    offset = 1.0 if signed else 0.0
+    raw = tf.math.log(ratio + 1.0) / LN2 + offset
+    b = tf.math.ceil(raw)
+    # Exact correction with integer-valued powers of two.
+    too_big = (exact_exp2(b - 1.0 - offset) - 1.0) >= ratio
+    too_small = (exact_exp2(b - offset) - 1.0) < ratio
+    b = b - tf.cast(too_big, b.dtype) + tf.cast(too_small, b.dtype)
+    return raw + tf.stop_gradient(b - raw)
+
+
+def uniform_quantize(x, d, q_max, signed=True):
+    """Uniform quantization with straight-through gradients.
+
+    Forward (METHOD.md section 1, clip first, then round)::
+
+        Q(x) = d * round(clip(x, -q_max, q_max) / d)      signed
+        Q(x) = d * round(clip(x, 0, q_max) / d)           unsigned
+
+    with ``round`` half away from zero. ``d`` and ``q_max`` are scalars (the
+    already-derived forward values). Backward, with ``c = clip(x)``::
+
+        dQ/dx     = 1 inside (|x| <= q_max; unsigned 0 <= x <= q_max), else 0
+        dQ/dd     = (Q - c) / d        [= (Q - x)/d inside,
+                                         (Q - sign(x) q_max)/d outside]
+        dQ/dq_max = sign(x) where |x| > q_max, else 0
+
+    which is STE applied to the forward expression, as in the reference code.
+    Parameter gradients are summed over the tensor.
+    """
+    x = tf.convert_to_tensor(x)
+    d = tf.cast(d, x.dtype)
+    q_max = tf.cast(q_max, x.dtype)
+
+    @tf.custom_gradient
+    def _quantize(x, d, q_max):
+        lo = -q_max if signed else tf.zeros_like(q_max)
+        c = tf.minimum(tf.maximum(x, lo), q_max)
+        q = d * round_half_away(c / d)
+
+        def grad(dy):
+            inside = tf.logical_and(x >= lo, x <= q_max)
+            gx = tf.where(inside, dy, tf.zeros_like(dy))
+            gd = tf.reduce_sum(dy * (q - c)) / d
+            above = tf.where(x > q_max, dy, tf.zeros_like(dy))
+            if signed:
+                below = tf.where(x < lo, dy, tf.zeros_like(dy))
+                gq = tf.reduce_sum(above) - tf.reduce_sum(below)
+            else:
+                gq = tf.reduce_sum(above)
+            return gx, gd, gq
+
+        return q, grad
+
+    return _quantize(x, d, q_max)
+
+
+# ---------------------------------------------------------------------------
+# Power-of-two quantizer
+# ---------------------------------------------------------------------------
+
+
+def pow2_extra_bits(signed, with_zero):
+    """Bits that are not exponent bits: one for the sign, one for a zero."""
+    return (1.0 if signed else 0.0) + (1.0 if with_zero else 0.0)
+
+
+def pow2_ratio_exponent(bits, signed, with_zero):
+    """``log2(q_max/q_min) = 2^(b - extra) - 1`` for a b-bit pow-2 grid.
+
+    For signed weights without zero (and unsigned activations with zero)
+    ``extra = 1``, giving METHOD.md's ``q_max = 2^(2^(b-1) - 1) q_min``.
+    Differentiable in ``bits`` through :func:`exp2_int`.
+    """
+    return exp2_int(bits - pow2_extra_bits(signed, with_zero)) - 1.0
+
+
+def pow2_bits(q_min, q_max, signed, with_zero):
+    """Bitwidth of the pow-2 grid from ``q_min`` to ``q_max`` (both powers of 2).
+
+    ``b = ceil(log2(log2(q_max/q_min) + 1)) + extra`` (METHOD.md, P3:
+    ``ceil(log2(log2(q_max/q_min) + 1) + 1)`` for ``extra = 1``). The ratio
+    exponent is read exactly from the float bits; the gradient is the STE
+    derivative of the float formula.
+    """
+    extra = pow2_extra_bits(signed, with_zero)
+    m_float = tf.math.log(q_max / q_min) / LN2
+    raw = tf.math.log(m_float + 1.0) / LN2 + extra
+    m = exact_log2_int(q_max) - exact_log2_int(q_min)
+    b = tf.math.ceil(tf.math.log(m + 1.0) / LN2) + extra
+    too_big = (exact_exp2(b - 1.0 - extra) - 1.0) >= m
+    too_small = (exact_exp2(b - extra) - 1.0) < m
+    b = b - tf.cast(too_big, b.dtype) + tf.cast(too_small, b.dtype)
+    return raw + tf.stop_gradient(b - raw)
+
+
+def pow2_quantize(x, q_min, q_max, signed=True, with_zero=False):
+    """Power-of-two quantization with straight-through gradients.
+
+    Forward (METHOD.md section 2), ``q_min`` and ``q_max`` powers of two::
+
+        Q(x) = sign(x) * q_min                     if |x| <= q_min
+               sign(x) * 2^floor(1/2 + log2|x|)    if q_min < |x| <= q_max
+               sign(x) * q_max                     if |x| > q_max
+
+    ``with_zero`` spends a level on an exact zero: ``|x| < q_min / sqrt(2)``
+    gives 0. Unsigned quantizers map ``x <= 0`` to 0.
+
+    Backward::
+
+        dQ/dx     = 2^floor(1/2 + log2|x|) / |x|   if q_min < |x| <= q_max, else 0
+        dQ/dq_min = sign(x)   where |x| <= q_min (and not rounded to zero)
+        dQ/dq_max = sign(x)   where |x| > q_max
+    """
+    x = tf.convert_to_tensor(x)
+    q_min = tf.cast(q_min, x.dtype)
+    q_max = tf.cast(q_max, x.dtype)
+
+    @tf.custom_gradient
+    def _quantize(x, q_min, q_max):
+        s = tf.sign(x) if signed else tf.cast(x > 0, x.dtype)
+        a = tf.abs(x) if signed else tf.maximum(x, tf.zeros_like(x))
+        level = pow2_round_magnitude(tf.minimum(tf.maximum(a, q_min), q_max))
+        q = s * level
+        if with_zero:
+            zero = pow2_round_magnitude(a) < q_min
+            q = tf.where(zero, tf.zeros_like(q), q)
+        else:
+            zero = None
+
+        def grad(dy):
+            sdy = s * dy
+            zeros = tf.zeros_like(dy)
+            low = a <= q_min
+            if zero is not None:
+                low = tf.logical_and(low, tf.logical_not(zero))
+            high = a > q_max
+            middle = tf.logical_not(tf.logical_or(a <= q_min, high))
+            safe_a = tf.where(middle, a, tf.ones_like(a))
+            gx = tf.where(middle, dy * pow2_round_magnitude(safe_a) / safe_a, zeros)
+            g_min = tf.reduce_sum(tf.where(low, sdy, zeros))
+            g_max = tf.reduce_sum(tf.where(high, sdy, zeros))
+            return gx, g_min, g_max
+
+        return q, grad
+
+    return _quantize(x, q_min, q_max)

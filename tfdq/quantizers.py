@@ -1,0 +1,707 @@
+"""Learned quantizers: U1, U2, U3 (uniform) and P1, P2, P3 (power of two).
+
+A quantizer is a small Keras layer that owns two learned scalars (the
+parametrization) and quantizes whatever tensor it is called on. Quantized
+layers hold one for their kernel (and bias); :class:`tfdq.layers.ActivationQuantizer`
+holds one for a feature map. Because the parameters are Keras weights they
+train, checkpoint and save with the model.
+
+=====  ==============  ==========================================================
+name   learned         derived (signed; unsigned reads 2^b - 1 for 2^(b-1) - 1)
+=====  ==============  ==========================================================
+U1     b, d            q_max = (2^(b-1) - 1) d
+U2     b, q_max        d = 2^round(log2(q_max / (2^(b-1) - 1)))
+U3     d, q_max        b = ceil(log2(q_max/d + 1) + 1)
+P1     b, q_max        q_min = q_max / 2^(2^(b-1) - 1)
+P2     b, q_min        q_max = q_min 2^(2^(b-1) - 1)
+P3     q_min, q_max    b = ceil(log2(log2(q_max/q_min) + 1) + 1)
+=====  ==============  ==========================================================
+
+Forward pass (hardware constraints, METHOD.md section 3): b is rounded to an
+integer, d, q_min and q_max of the power-of-two quantizers, and d of the
+uniform ones, are rounded to powers of two; every parameter is clipped into
+its bounds. All of these are straight-through: the gradient reaches the float
+variable unchanged. After every optimizer step Keras applies each variable's
+``constraint``, which projects the float parameters back into their bounds
+(``d <= q_max`` and the bit bounds included), so training needs no callback.
+
+Reference: Uhlich et al., ICLR 2020, sections 2-3.
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfdq import ops
+
+_PACKAGE = "tfdq"
+
+# Bounds of the reference code (METHOD.md section 3), by role.
+DEFAULT_BOUNDS = {
+    "weight": {
+        "bits": (2.0, 8.0),
+        "d": (2.0**-8, 1.0),
+        "q_max": (2.0**-8, 127.0),
+        "q_min": (2.0**-120, 2.0**7),
+    },
+    "activation": {
+        "bits": (1.0, 8.0),
+        "d": (2.0**-8, 1.0),
+        "q_max": (2.0**-8, 255.0),
+        "q_min": (2.0**-120, 2.0**8),
+    },
+}
+DEFAULT_INIT_BITS = 4.0
+DEFAULT_INIT_D = 2.0**-3  # METHOD.md section 4, random initialization
+
+
+def _levels(bits, signed):
+    """Largest integer of a b-bit uniform grid (Python float)."""
+    return 2.0 ** (bits - 1) - 1 if signed else 2.0**bits - 1
+
+
+def _check_pair(name, lo, hi):
+    if lo is None or hi is None:
+        return
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo <= 0 or hi <= 0:
+        raise ValueError(
+            f"Bounds for {name} must be positive and finite, got [{lo}, {hi}]. "
+            f"Pass min_{name}/max_{name} > 0."
+        )
+    if lo > hi:
+        raise ValueError(
+            f"min_{name}={lo} is larger than max_{name}={hi}. Swap them or "
+            f"widen the range."
+        )
+
+
+class Quantizer(keras.layers.Layer):
+    """Base class: parameter storage, bounds, projection, (de)serialization.
+
+    Subclasses set ``PARAMS`` (the two learned quantities, in order) and
+    implement :meth:`forward_params` (derive the forward values, with STE)
+    and :meth:`quantize`.
+
+    Args:
+        signed: ``True`` for weights and signed activations; ``False`` for
+            activations that are non-negative (after ReLU/ReLU6).
+        role: ``"weight"`` or ``"activation"``: selects the default bounds.
+        min_bits, max_bits, min_d, max_d, min_q_max, max_q_max, min_q_min,
+            max_q_min: override the default bounds.
+        init_bits, init_d, init_q_max, init_q_min: initial values; any not
+            given follows from the others (``init_bits`` defaults to 4 and
+            ``init_d`` to 2^-3, METHOD.md section 4). :meth:`initialize_from`
+            sets them from a tensor.
+        learn: names of the parameters to learn (default: both of the
+            parametrization). The others stay fixed, e.g. ``U2(learn=("q_max",),
+            init_bits=2)`` is TQT and ``learn=()`` a fixed quantizer.
+    """
+
+    PARAMS = ()
+    FAMILY = None
+
+    def __init__(
+        self,
+        signed=True,
+        role="weight",
+        min_bits=None,
+        max_bits=None,
+        min_d=None,
+        max_d=None,
+        min_q_max=None,
+        max_q_max=None,
+        min_q_min=None,
+        max_q_min=None,
+        init_bits=None,
+        init_d=None,
+        init_q_max=None,
+        init_q_min=None,
+        learn=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if role not in DEFAULT_BOUNDS:
+            raise ValueError(
+                f"Unknown quantizer role {role!r}: use 'weight' or 'activation'."
+            )
+        self.signed = bool(signed)
+        self.role = role
+        defaults = DEFAULT_BOUNDS[role]
+        given = {
+            "bits": (min_bits, max_bits),
+            "d": (min_d, max_d),
+            "q_max": (min_q_max, max_q_max),
+            "q_min": (min_q_min, max_q_min),
+        }
+        self.bounds = {}
+        for name, (lo, hi) in given.items():
+            lo = defaults[name][0] if lo is None else float(lo)
+            hi = defaults[name][1] if hi is None else float(hi)
+            self.bounds[name] = (lo, hi)
+        lo_b, hi_b = self.bounds["bits"]
+        if lo_b > hi_b:
+            raise ValueError(
+                f"min_bits={lo_b} is larger than max_bits={hi_b}: pass "
+                f"min_bits <= max_bits."
+            )
+        if not (1 <= lo_b and hi_b <= 32) or lo_b != int(lo_b) or hi_b != int(hi_b):
+            raise ValueError(
+                f"Bit bounds must be integers in [1, 32], got [{lo_b}, {hi_b}]."
+            )
+        if self.signed and lo_b < 2 and self.FAMILY == "uniform" and min_bits is None:
+            lo_b = 2.0
+            self.bounds["bits"] = (lo_b, max(hi_b, lo_b))
+        if self.signed and lo_b < 2 and self.FAMILY == "uniform":
+            raise ValueError(
+                "A signed uniform quantizer needs at least 2 bits "
+                f"(min_bits={lo_b}): use min_bits=2 or signed=False."
+            )
+        for name in ("d", "q_max", "q_min"):
+            _check_pair(name, *self.bounds[name])
+        if learn is None:
+            learn = self.PARAMS
+        learn = tuple(learn)
+        unknown = [p for p in learn if p not in self.PARAMS]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} learns {self.PARAMS}; cannot learn "
+                f"{unknown}."
+            )
+        self.learn = learn
+        self.init = {
+            "bits": init_bits,
+            "d": init_d,
+            "q_max": init_q_max,
+            "q_min": init_q_min,
+        }
+        for name, value in self.init.items():
+            if value is None:
+                continue
+            value = float(value)
+            if not np.isfinite(value):
+                raise ValueError(f"init_{name} must be finite, got {value}.")
+            if name == "bits" and not (1 <= value <= 32):
+                raise ValueError(f"init_bits must lie in [1, 32], got {value}.")
+            if name != "bits" and value <= 0:
+                raise ValueError(
+                    f"init_{name} must be positive, got {value}: a step size or "
+                    "range of zero or less quantizes everything to nothing."
+                )
+            self.init[name] = value
+        if (
+            self.init["d"] is not None
+            and self.init["q_max"] is not None
+            and self.init["q_max"] < self.init["d"]
+        ):
+            raise ValueError(
+                f"init_q_max={self.init['q_max']} is smaller than init_d="
+                f"{self.init['d']}; the range must hold at least one step "
+                "(q_max >= d)."
+            )
+        self._param_vars = {}
+
+    # -- initial values -------------------------------------------------
+
+    def _initial_values(self):
+        """Complete the initial values of every quantity from those given."""
+        raise NotImplementedError
+
+    def initialize_from(self, values, bits=DEFAULT_INIT_BITS):
+        """Set the initial parameters from the tensor they will quantize.
+
+        METHOD.md section 4: ``b = bits``; uniform ``d = 2^floor(log2(max|W| /
+        (2^(b-1) - 1)))`` and ``q_max = (2^(b-1) - 1) d`` so that the inferred
+        bitwidth is ``b``; power of two ``q_max = 2^round(log2 max|W|)`` and
+        ``q_min = q_max / 2^(2^(b-1) - 1)``. Works before and after ``build``.
+        """
+        max_abs = float(np.max(np.abs(np.asarray(values, dtype=np.float64))))
+        if not np.isfinite(max_abs):
+            raise ValueError(
+                f"{self.name}: cannot initialize from non-finite values "
+                "(NaN or Inf). Check the float model's weights or the "
+                "calibration data."
+            )
+        self.init.update(self._values_for(max_abs, float(bits)))
+        if self._param_vars:
+            self._assign_initial()
+
+    def _values_for(self, max_abs, bits):
+        raise NotImplementedError
+
+    def _assign_initial(self):
+        values = self._initial_values()
+        for name, var in self._param_vars.items():
+            var.assign(values[name])
+
+    # -- variables -------------------------------------------------------
+
+    def build(self, input_shape=None):
+        values = self._initial_values()
+        for name in self.PARAMS:
+            self._param_vars[name] = self.add_weight(
+                name=name,
+                shape=(),
+                initializer=keras.initializers.Constant(values[name]),
+                trainable=name in self.learn,
+                constraint=_Projection(self, name),
+            )
+        self.built = True
+
+    def param(self, name):
+        """The float variable of a learned quantity (``"d"``, ``"q_max"``...)."""
+        return self._param_vars[name]
+
+    def project(self):
+        """Projected values of all parameters: each clipped into its bounds.
+
+        Returns a dict ``name -> tensor``. Joint bounds (``d <= q_max``, the
+        bit bounds for inferred bitwidths) are applied here too, which makes
+        the constraint of each variable consistent with its sibling.
+        """
+        raise NotImplementedError
+
+    def forward_params(self):
+        """Forward values ``{"bits", "d"/"q_min", "q_max"}``, differentiable."""
+        raise NotImplementedError
+
+    def quantize_tensor(self, x, params=None):
+        """Quantize ``x`` with this quantizer's current parameters."""
+        raise NotImplementedError
+
+    def call(self, inputs):
+        return self.quantize_tensor(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def bits(self):
+        """Current (integer) bitwidth as a Python float."""
+        return float(self.forward_params()["bits"])
+
+    def gradient_clip_bound(self):
+        """``d`` (uniform) or ``q_min`` (power of two): the [-d, d] clip bound
+        that constrained training uses for the gradients of these parameters
+        (METHOD.md section 3)."""
+        p = self.forward_params()
+        return p["d"] if "d" in p else p["q_min"]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "signed": self.signed,
+                "role": self.role,
+                "learn": list(self.learn),
+            }
+        )
+        for name, (lo, hi) in self.bounds.items():
+            config[f"min_{name}"] = lo
+            config[f"max_{name}"] = hi
+        for name, value in self.init.items():
+            config[f"init_{name}"] = value
+        return config
+
+    def describe(self):
+        """Current forward values as Python floats, for reports."""
+        return {k: float(v) for k, v in self.forward_params().items()}
+
+
+class _Projection:
+    """Variable constraint: the quantizer's joint projection for one name."""
+
+    def __init__(self, quantizer, name):
+        self.quantizer = quantizer
+        self.name = name
+
+    def __call__(self, value):
+        return tf.cast(self.quantizer.project()[self.name], value.dtype)
+
+
+def _clip(v, bounds):
+    return tf.clip_by_value(tf.convert_to_tensor(v, tf.float32), *bounds)
+
+
+def _pow2_float(v):
+    """Nearest power of two in the log domain, as a Python float."""
+    return float(2.0 ** math.floor(0.5 + math.log2(v)))
+
+
+# ---------------------------------------------------------------------------
+# Uniform
+# ---------------------------------------------------------------------------
+
+
+class UniformQuantizer(Quantizer):
+    """Uniform quantization ``Q(x) = d round(clip(x, -q_max, q_max) / d)``.
+
+    Forward, with ``round`` half away from zero (unsigned: clip to
+    ``[0, q_max]``)::
+
+        Q(x) = d * round(clip(x, -q_max, q_max) / d)
+
+    Backward (STE)::
+
+        dQ/dx     = 1 if |x| <= q_max else 0
+        dQ/dd     = (Q - x)/d inside, (Q - sign(x) q_max)/d outside
+        dQ/dq_max = 0 inside, sign(x) outside
+
+    and the parametrization's chain rule for b (see U1, U2). Outputs lie on
+    ``{k d : |k| <= 2^(b-1) - 1}`` for the reported bitwidth b.
+    """
+
+    FAMILY = "uniform"
+
+    def _levels_tensor(self, bits):
+        return ops.uniform_levels(bits, self.signed)
+
+    def _values_for(self, max_abs, bits):
+        n = _levels(bits, self.signed)
+        lo, hi = self.bounds["d"]
+        if max_abs > 0:
+            d = 2.0 ** math.floor(math.log2(max_abs / n))
+        else:
+            d = DEFAULT_INIT_D
+        d = min(max(d, lo), hi)
+        return {"bits": bits, "d": d, "q_max": n * d}
+
+    def _initial_values(self):
+        init = dict(self.init)
+        bits = init["bits"] if init["bits"] is not None else DEFAULT_INIT_BITS
+        n = _levels(bits, self.signed)
+        d, q_max = init["d"], init["q_max"]
+        if d is None and q_max is None:
+            d = DEFAULT_INIT_D
+        if d is None:
+            d = _pow2_float(q_max / n)
+        if q_max is None:
+            q_max = n * d
+        if init["bits"] is None and init["q_max"] is not None:
+            bits = float(
+                ops.uniform_bits(
+                    tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), self.signed
+                )
+            )
+        return {"bits": bits, "d": d, "q_max": q_max}
+
+    def _bits_forward(self, bits_var):
+        return ops.ste_round(ops.ste_clip(bits_var, *self.bounds["bits"]))
+
+    def _ratio_bounds(self):
+        """Allowed q_max/d so that min_bits <= b(d, q_max) <= max_bits."""
+        lo_b, hi_b = self.bounds["bits"]
+        below = _levels(lo_b - 1, self.signed) if lo_b - 1 >= (1 if self.signed else 0) else 0.0
+        lo = max(1.0, below + 0.5) if below > 0 else 1.0
+        return lo, _levels(hi_b, self.signed)
+
+    def quantize_tensor(self, x, params=None):
+        params = params or self.forward_params()
+        return ops.uniform_quantize(x, params["d"], params["q_max"], self.signed)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class U1(UniformQuantizer):
+    """Uniform quantizer learning bitwidth ``b`` and step ``d``.
+
+    ``q_max = (2^(b-1) - 1) d``. Gradients: inside ``dQ/db = 0``,
+    ``dQ/dd = (Q - x)/d``; outside ``dQ/db = 2^(b-1) ln2 d sign(x)``,
+    ``dQ/dd = (2^(b-1) - 1) sign(x)``.
+    """
+
+    PARAMS = ("bits", "d")
+
+    def forward_params(self):
+        bits = self._bits_forward(self._param_vars["bits"])
+        d = ops.ste_pow2(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
+        q_max = self._levels_tensor(bits) * d
+        return {"bits": bits, "d": d, "q_max": q_max}
+
+    def project(self):
+        return {
+            "bits": _clip(self._param_vars["bits"], self.bounds["bits"]),
+            "d": _clip(self._param_vars["d"], self.bounds["d"]),
+        }
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class U2(UniformQuantizer):
+    """Uniform quantizer learning bitwidth ``b`` and range ``q_max``.
+
+    ``d = 2^round(log2(q_max / (2^(b-1) - 1)))``; the forward range is
+    ``min(q_max, (2^(b-1) - 1) d)`` so that the grid never needs more than b
+    bits after d is rounded to a power of two. Gradients: inside
+    ``dQ/db = -(2^(b-1) ln2 / (2^(b-1) - 1)) (Q - x)``,
+    ``dQ/dq_max = (Q - x)/q_max``; outside ``dQ/db = 0``,
+    ``dQ/dq_max = sign(x)``.
+    """
+
+    PARAMS = ("bits", "q_max")
+
+    def forward_params(self):
+        bits = self._bits_forward(self._param_vars["bits"])
+        n = self._levels_tensor(bits)
+        q_max = ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"])
+        d = ops.ste_pow2(ops.ste_clip(q_max / n, *self.bounds["d"]))
+        q_max = ops.ste_clip(q_max, d, n * d)
+        return {"bits": bits, "d": d, "q_max": q_max}
+
+    def project(self):
+        return {
+            "bits": _clip(self._param_vars["bits"], self.bounds["bits"]),
+            "q_max": _clip(self._param_vars["q_max"], self.bounds["q_max"]),
+        }
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class U3(UniformQuantizer):
+    """Uniform quantizer learning step ``d`` and range ``q_max`` (the paper's choice).
+
+    ``b = ceil(log2(q_max/d + 1) + 1)`` (unsigned ``ceil(log2(q_max/d + 1))``)
+    is inferred, never learned. Gradients: inside ``dQ/dd = (Q - x)/d``,
+    ``dQ/dq_max = 0``; outside ``dQ/dd = (Q - sign(x) q_max)/d``,
+    ``dQ/dq_max = sign(x)``: bounded and decoupled.
+    """
+
+    PARAMS = ("d", "q_max")
+
+    def forward_params(self):
+        d = ops.ste_pow2(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
+        q_max = ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"])
+        lo, hi = self._ratio_bounds()
+        q_max = ops.ste_clip(q_max, lo * d, hi * d)
+        bits = ops.uniform_bits(d, q_max, self.signed)
+        return {"bits": bits, "d": d, "q_max": q_max}
+
+    def project(self):
+        d = _clip(self._param_vars["d"], self.bounds["d"])
+        d_fwd = ops.pow2_round_magnitude(d)
+        lo, hi = self._ratio_bounds()
+        q_max = _clip(self._param_vars["q_max"], self.bounds["q_max"])
+        q_max = tf.clip_by_value(q_max, lo * d_fwd, hi * d_fwd)
+        return {"d": d, "q_max": q_max}
+
+
+# ---------------------------------------------------------------------------
+# Power of two
+# ---------------------------------------------------------------------------
+
+
+class Pow2Quantizer(Quantizer):
+    """Power-of-two quantization (METHOD.md section 2).
+
+    Forward::
+
+        Q(x) = sign(x) q_min                      if |x| <= q_min
+               sign(x) 2^floor(1/2 + log2|x|)     if q_min < |x| <= q_max
+               sign(x) q_max                      if |x| > q_max
+
+    ``q_max = 2^(2^(b-1) - 1) q_min``. Backward (STE):
+    ``dQ/dx = 2^floor(1/2 + log2|x|)/|x|`` in the middle region, 0 elsewhere;
+    ``dQ/dq_min = sign(x)`` where ``|x| <= q_min``; ``dQ/dq_max = sign(x)``
+    where ``|x| > q_max``; and the parametrization's chain rule for b.
+
+    ``with_zero`` (default: on for activations) spends one bit on an exact
+    zero: ``|x| < q_min/sqrt(2)`` becomes 0, as in the reference code.
+    """
+
+    FAMILY = "pow2"
+
+    def __init__(self, *args, with_zero=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if with_zero is None:
+            with_zero = self.role == "activation"
+        self.with_zero = bool(with_zero)
+        extra = ops.pow2_extra_bits(self.signed, self.with_zero)
+        if self.bounds["bits"][0] < extra + 1:
+            if "min_bits" in kwargs and kwargs["min_bits"] is not None:
+                raise ValueError(
+                    f"A power-of-two quantizer with signed={self.signed}, "
+                    f"with_zero={self.with_zero} needs at least {int(extra) + 1} "
+                    f"bits; got min_bits={self.bounds['bits'][0]}."
+                )
+            self.bounds["bits"] = (extra + 1, max(self.bounds["bits"][1], extra + 1))
+
+    def get_config(self):
+        config = super().get_config()
+        config["with_zero"] = self.with_zero
+        return config
+
+    @property
+    def _extra(self):
+        return ops.pow2_extra_bits(self.signed, self.with_zero)
+
+    def _ratio_exponent(self, bits):
+        """Python float ``log2(q_max/q_min)`` of a b-bit grid."""
+        return 2.0 ** (bits - self._extra) - 1
+
+    def _exponent_bounds(self):
+        lo_b, hi_b = self.bounds["bits"]
+        lo = 2.0 ** (lo_b - self._extra - 1) if lo_b - self._extra >= 1 else 0.0
+        return lo, self._ratio_exponent(hi_b)
+
+    def _values_for(self, max_abs, bits):
+        q_max = _pow2_float(max_abs) if max_abs > 0 else 1.0
+        lo, hi = self.bounds["q_max"]
+        q_max = min(max(q_max, _pow2_float(lo)), _pow2_float(hi))
+        return {"bits": bits, "q_max": q_max, "q_min": q_max / 2.0 ** self._ratio_exponent(bits)}
+
+    def _initial_values(self):
+        init = dict(self.init)
+        bits = init["bits"] if init["bits"] is not None else DEFAULT_INIT_BITS
+        m = self._ratio_exponent(bits)
+        q_min, q_max = init["q_min"], init["q_max"]
+        if q_min is None and q_max is None:
+            q_max = 1.0
+        if q_min is None:
+            q_min = q_max / 2.0**m
+        if q_max is None:
+            q_max = q_min * 2.0**m
+        if init["bits"] is None and init["q_min"] is not None and init["q_max"] is not None:
+            ratio = math.log2(_pow2_float(q_max) / _pow2_float(q_min))
+            bits = math.ceil(math.log2(ratio + 1)) + self._extra
+        return {"bits": bits, "q_min": q_min, "q_max": q_max}
+
+    def _bits_forward(self, bits_var):
+        return ops.ste_round(ops.ste_clip(bits_var, *self.bounds["bits"]))
+
+    def quantize_tensor(self, x, params=None):
+        params = params or self.forward_params()
+        return ops.pow2_quantize(
+            x, params["q_min"], params["q_max"], self.signed, self.with_zero
+        )
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class P1(Pow2Quantizer):
+    """Power-of-two quantizer learning bitwidth ``b`` and range ``q_max``.
+
+    ``q_min = q_max / 2^(2^(b-1) - 1)``; by the chain rule
+    ``dQ/dq_max = sign(x)`` outside and ``sign(x) q_min/q_max`` where
+    ``|x| <= q_min``; ``dQ/db = -sign(x) q_min 2^(b-1) (ln 2)^2`` where
+    ``|x| <= q_min``, 0 elsewhere.
+    """
+
+    PARAMS = ("bits", "q_max")
+
+    def forward_params(self):
+        bits = self._bits_forward(self._param_vars["bits"])
+        q_max = ops.ste_pow2(ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"]))
+        m = ops.pow2_ratio_exponent(bits, self.signed, self.with_zero)
+        q_min = q_max * ops.exp2_int(-m)
+        return {"bits": bits, "q_min": q_min, "q_max": q_max}
+
+    def project(self):
+        return {
+            "bits": _clip(self._param_vars["bits"], self.bounds["bits"]),
+            "q_max": _clip(self._param_vars["q_max"], self.bounds["q_max"]),
+        }
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class P2(Pow2Quantizer):
+    """Power-of-two quantizer learning bitwidth ``b`` and ``q_min``.
+
+    ``q_max = q_min 2^(2^(b-1) - 1)`` (clipped to the q_max bounds); by the
+    chain rule ``dQ/dq_min = sign(x)`` where ``|x| <= q_min`` and
+    ``sign(x) q_max/q_min`` outside; ``dQ/db = sign(x) q_max 2^(b-1) (ln 2)^2``
+    outside, 0 elsewhere.
+    """
+
+    PARAMS = ("bits", "q_min")
+
+    def forward_params(self):
+        bits = self._bits_forward(self._param_vars["bits"])
+        q_min = ops.ste_pow2(ops.ste_clip(self._param_vars["q_min"], *self.bounds["q_min"]))
+        m = ops.pow2_ratio_exponent(bits, self.signed, self.with_zero)
+        hi = _pow2_float(self.bounds["q_max"][1])
+        q_max = ops.ste_clip(q_min * ops.exp2_int(m), q_min, hi)
+        return {"bits": bits, "q_min": q_min, "q_max": q_max}
+
+    def project(self):
+        return {
+            "bits": _clip(self._param_vars["bits"], self.bounds["bits"]),
+            "q_min": _clip(self._param_vars["q_min"], self.bounds["q_min"]),
+        }
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class P3(Pow2Quantizer):
+    """Power-of-two quantizer learning ``q_min`` and ``q_max`` (the paper's choice).
+
+    ``b = ceil(log2(log2(q_max/q_min) + 1) + 1)`` is inferred. Gradients:
+    ``dQ/dq_min = sign(x)`` where ``|x| <= q_min``, ``dQ/dq_max = sign(x)``
+    where ``|x| > q_max``, both 0 in the middle.
+    """
+
+    PARAMS = ("q_min", "q_max")
+
+    def forward_params(self):
+        q_min = ops.ste_pow2(ops.ste_clip(self._param_vars["q_min"], *self.bounds["q_min"]))
+        q_max = ops.ste_pow2(ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"]))
+        lo, hi = self._exponent_bounds()
+        q_max = ops.ste_clip(q_max, q_min * 2.0**lo, q_min * 2.0**hi)
+        bits = ops.pow2_bits(q_min, q_max, self.signed, self.with_zero)
+        return {"bits": bits, "q_min": q_min, "q_max": q_max}
+
+    def project(self):
+        q_min = _clip(self._param_vars["q_min"], self.bounds["q_min"])
+        q_min_fwd = ops.pow2_round_magnitude(q_min)
+        lo, hi = self._exponent_bounds()
+        q_max = _clip(self._param_vars["q_max"], self.bounds["q_max"])
+        q_max = tf.clip_by_value(q_max, q_min_fwd * 2.0**lo, q_min_fwd * 2.0**hi)
+        return {"q_min": q_min, "q_max": q_max}
+
+
+PARAMETRIZATIONS = {"U1": U1, "U2": U2, "U3": U3, "P1": P1, "P2": P2, "P3": P3}
+
+
+def get(identifier, **kwargs):
+    """Resolve a quantizer from a name (``"U3"``), a config dict or an object.
+
+    Names are case-insensitive; keyword arguments go to the constructor when
+    a name is given (``get("U3", signed=False, role="activation")``).
+    """
+    if isinstance(identifier, Quantizer):
+        return identifier
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    if isinstance(identifier, str):
+        key = identifier.upper()
+        if key not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"Unknown parametrization {identifier!r}. Choose one of "
+                f"{sorted(PARAMETRIZATIONS)} (U3 and P3 are the paper's "
+                "recommendation)."
+            )
+        return PARAMETRIZATIONS[key](**kwargs)
+    raise TypeError(
+        f"Cannot make a quantizer from {identifier!r}: pass a name such as "
+        "'U3', a tfdq quantizer object or its config dict."
+    )
+
+
+def clip_gradients(grads_and_vars, quantizers):
+    """Clip the gradients of the quantizers' step/range parameters to [-d, d].
+
+    METHOD.md section 3: while a memory constraint is active the reference
+    training clips the gradients of d and q_max (q_min and q_max for power of
+    two) to ``[-d, d]`` (``[-q_min, q_min]``). Other gradients pass unchanged.
+    Returns a new list of ``(grad, var)`` pairs.
+    """
+    bounds = {}
+    for q in quantizers:
+        bound = None
+        for name, var in q._param_vars.items():
+            if name == "bits" or not var.trainable:
+                continue
+            if bound is None:
+                bound = tf.stop_gradient(q.gradient_clip_bound())
+            bounds[id(var)] = bound
+    out = []
+    for g, v in grads_and_vars:
+        b = bounds.get(id(v))
+        if g is not None and b is not None:
+            g = tf.clip_by_value(g, -b, b)
+        out.append((g, v))
+    return out
