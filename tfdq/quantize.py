@@ -168,7 +168,9 @@ def _as_functional(model):
                 "model a keras.Input(shape=...) as its first layer or call "
                 "model.build(input_shape)."
             )
-        return keras.Model(model.inputs, model.outputs, name=model.name)
+        inputs = inputs[0] if len(inputs) == 1 else inputs
+        outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+        return keras.Model(inputs, outputs, name=model.name)
     if not isinstance(model, Functional):
         raise ValueError(
             f"tfdq.quantize_model needs a Functional or Sequential model; "
@@ -306,6 +308,9 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
     """Clone one Functional graph (recursing into nested models)."""
     model = _as_functional(model)
     nodes = _model_nodes(model)
+    graph_nodes = {}  # id(layer) -> its nodes in this graph (a loaded model has extra ones)
+    for layer, node in nodes:
+        graph_nodes.setdefault(id(layer), []).append(node)
 
     # 1. Where do activation quantizers go, and are they signed?
     targets = {}  # id(original tensor) -> original tensor
@@ -391,7 +396,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
         )
         outputs = layer(*args, **kwargs)
         orig_layer = new_to_orig_layer[id(layer)]
-        for node in orig_layer._inbound_nodes:
+        for node in graph_nodes.get(id(orig_layer), ()):
             if [id(t) for t in node.input_tensors] == orig_inputs:
                 for o, n in zip(node.outputs, tree.flatten(outputs)):
                     new_to_orig_tensor[id(n)] = o

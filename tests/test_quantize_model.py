@@ -1,0 +1,267 @@
+"""quantize_model: cloning, placement, initialization, references, errors."""
+
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfdq
+from tfdq import layers as qlayers
+
+
+def _uniform_ref(x, d, q_max, signed):
+    """Float64 reference of the uniform quantizer (METHOD.md section 1)."""
+    x = np.asarray(x, np.float64)
+    c = np.clip(x, -q_max if signed else 0.0, q_max)
+    return d * np.sign(c) * np.floor(np.abs(c) / d + 0.5)
+
+
+def _mlp():
+    inp = keras.Input((6,), name="x")
+    h = keras.layers.Dense(5, activation="relu", name="fc1")(inp)
+    out = keras.layers.Dense(3, name="fc2")(h)
+    return keras.Model(inp, out)
+
+
+def test_dense_model_matches_hand_written_quantized_computation():
+    model = _mlp()
+    x = np.random.default_rng(0).uniform(0, 2, size=(7, 6)).astype(np.float32)
+    q = tfdq.quantize_model(model, calibration_data=x)
+    aqs = {l.name: l for l in qlayers.activation_quantizer_layers(q)}
+    assert sorted(aqs) == ["fc1_aq", "x_aq"]
+    assert not aqs["x_aq"].signed and not aqs["fc1_aq"].signed  # non-negative input, ReLU
+
+    def params(quantizer):
+        p = quantizer.describe()
+        return p["d"], p["q_max"]
+
+    fc1, fc2 = q.get_layer("fc1"), q.get_layer("fc2")
+    xq = _uniform_ref(x, *params(aqs["x_aq"].quantizer), signed=False)
+    w1 = _uniform_ref(model.get_layer("fc1").kernel.numpy(), *params(fc1.kernel_quantizer), True)
+    b1 = _uniform_ref(model.get_layer("fc1").bias.numpy(), *params(fc1.kernel_quantizer), True)
+    h = np.maximum(xq @ w1 + b1, 0)
+    hq = _uniform_ref(h, *params(aqs["fc1_aq"].quantizer), signed=False)
+    w2 = _uniform_ref(model.get_layer("fc2").kernel.numpy(), *params(fc2.kernel_quantizer), True)
+    b2 = _uniform_ref(model.get_layer("fc2").bias.numpy(), *params(fc2.kernel_quantizer), True)
+    want = hq @ w2 + b2
+    np.testing.assert_allclose(q(x).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_layer_matches_float_conv_with_quantized_kernel():
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.Conv2D(4, 3, padding="same", name="c")(inp)
+    model = keras.Model(inp, out)
+    q = tfdq.quantize_model(model, quantize_activations=False)
+    layer = q.get_layer("c")
+    p = layer.kernel_quantizer.describe()
+    kq = _uniform_ref(model.get_layer("c").kernel.numpy(), p["d"], p["q_max"], True)
+    bq = _uniform_ref(model.get_layer("c").bias.numpy(), p["d"], p["q_max"], True)
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    want = tf.nn.conv2d(x.astype(np.float64), kq, 1, "SAME").numpy() + bq
+    np.testing.assert_allclose(q(x).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_copied_and_quantizers_initialized_as_the_paper():
+    model = tfdq.models.small_cnn()
+    q = tfdq.quantize_model(model)
+    for name in ("conv1", "conv2", "conv3", "logits"):
+        layer = q.get_layer(name)
+        assert isinstance(layer, qlayers.QuantizedWeightsMixin)
+        w = model.get_layer(name).kernel.numpy()
+        np.testing.assert_array_equal(layer.kernel.numpy(), w)
+        p = layer.kernel_quantizer.describe()
+        d = 2.0 ** math.floor(math.log2(np.abs(w).max() / 7))
+        assert p["bits"] == 4 and p["d"] == d and p["q_max"] == 7 * d
+    bn = q.get_layer("bn1")
+    for a, b in zip(bn.weights, model.get_layer("bn1").weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_placement_follows_relu_through_pooling():
+    q, report = tfdq.quantize_model(tfdq.models.small_cnn(), return_report=True)
+    names = [a["name"] for a in report["activation_quantizers"]]
+    # input image, and each ReLU (the last one reaches the Dense through GAP)
+    assert names == ["image_aq", "relu1_aq", "relu2_aq", "relu3_aq"]
+    assert all(not a["signed"] for a in report["activation_quantizers"][1:])
+    assert report["activation_quantizers"][0]["signed"]  # no calibration: input sign unknown
+    assert report["float_layers"] == []
+
+
+def test_resnet20_has_paper_layout():
+    q, report = tfdq.quantize_model(tfdq.models.resnet20(), return_report=True)
+    feature_maps = [a for a in report["activation_quantizers"] if a["name"] != "image_aq"]
+    assert len(feature_maps) == 19 and not any(a["signed"] for a in feature_maps)
+    assert len(report["quantized_layers"]) == 20
+    rows = tfdq.summary(q, print_fn=None)
+    total = rows[-1]
+    assert total["weight_count"] == 268346
+    assert total["activation_kb_sum"] == pytest.approx(92.0)
+    assert total["activation_kb_max"] == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10), (64, 64, 3)),
+        (lambda: keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10), (64, 64, 3)),
+    ],
+    ids=["MobileNetV2", "ResNet50"],
+)
+def test_keras_applications_quantize_and_run(build, shape):
+    model = build()
+    n_supported = sum(type(l) in qlayers.QUANTIZED_LAYERS for l in model.layers)
+    q, report = tfdq.quantize_model(model, return_report=True)
+    assert len(report["quantized_layers"]) == n_supported
+    assert report["float_layers"] == []
+    x = np.random.default_rng(0).uniform(-1, 1, size=(2,) + shape).astype(np.float32)
+    y = q(x).numpy()
+    assert y.shape == (2, 10) and np.all(np.isfinite(y))
+    # every quantized layer reads a quantized input
+    for layer in q.layers:
+        if isinstance(layer, qlayers.QuantizedWeightsMixin):
+            src = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
+            while not isinstance(src, qlayers.ActivationQuantizer):
+                assert isinstance(src, tfdq.quantize.PASS_THROUGH)
+                src = src._inbound_nodes[0].input_tensors[0]._keras_history.operation
+
+
+def test_relu6_and_linear_bottleneck_signs():
+    q, report = tfdq.quantize_model(
+        keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10), return_report=True
+    )
+    signs = {a["name"]: a["signed"] for a in report["activation_quantizers"]}
+    assert signs["block_1_expand_relu_aq"] is False  # ReLU6 output
+    assert signs["block_1_project_BN_aq"] is True  # linear bottleneck
+    assert signs["block_2_add_aq"] is True
+
+
+def test_unsupported_layers_stay_float_and_strict_refuses():
+    inp = keras.Input((10, 4))
+    x = keras.layers.Conv1D(3, 3, name="conv1d")(inp)
+    x = keras.layers.Flatten()(x)
+    out = keras.layers.Dense(2, name="head")(x)
+    model = keras.Model(inp, out)
+    with pytest.warns(UserWarning, match="conv1d"):
+        q, report = tfdq.quantize_model(model, return_report=True)
+    assert report["float_layers"] == [{"name": "conv1d", "class": "Conv1D"}]
+    assert isinstance(q.get_layer("head"), qlayers.QDense)
+    with pytest.raises(ValueError, match="conv1d"):
+        tfdq.quantize_model(model, strict=True)
+
+
+def _sequential():
+    return keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(3, name="d1"),
+        ],
+        name="seq",
+    )
+
+
+def test_loaded_sequential_quantizes_like_one_built_in_code(tmp_path):
+    model = _sequential()
+    path = os.path.join(tmp_path, "seq.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    x = np.random.default_rng(0).uniform(size=(3, 12, 12, 1)).astype(np.float32)
+    q1 = tfdq.quantize_model(model, calibration_data=x)
+    q2 = tfdq.quantize_model(loaded, calibration_data=x)
+    assert [type(l).__name__ for l in q1.layers] == [type(l).__name__ for l in q2.layers]
+    np.testing.assert_allclose(q1(x).numpy(), q2(x).numpy(), rtol=1e-6, atol=1e-6)
+    assert isinstance(q2.get_layer("c1"), qlayers.QConv2D)
+
+
+def test_nested_sequential_backbone_is_quantized_through_the_nesting():
+    backbone = _sequential()
+    inp = keras.Input((12, 12, 1))
+    out = keras.layers.Dense(2, name="head")(keras.layers.ReLU(name="r")(backbone(inp)))
+    model = keras.Model(inp, out)
+    q, report = tfdq.quantize_model(model, return_report=True)
+    names = {r["name"] for r in report["quantized_layers"]}
+    assert names == {"c1", "d1", "head"}
+    inner = [l for l in q.layers if isinstance(l, keras.Model)][0]
+    assert isinstance(inner.get_layer("c1"), qlayers.QConv2D)
+    assert any(isinstance(l, qlayers.ActivationQuantizer) for l in inner.layers)
+    x = np.random.default_rng(0).uniform(size=(2, 12, 12, 1)).astype(np.float32)
+    np.testing.assert_array_equal(inner.get_layer("c1").kernel.numpy(), backbone.get_layer("c1").kernel.numpy())
+    assert np.all(np.isfinite(q(x).numpy()))
+    assert len(qlayers.weight_quantized_layers(q)) == 3
+
+
+def test_save_and_load_give_identical_outputs_and_parameters(tmp_path):
+    x = np.random.default_rng(0).uniform(size=(16, 28, 28, 1)).astype(np.float32)
+    q = tfdq.quantize_model(tfdq.models.small_cnn(), weight_quantizer="P3", calibration_data=x)
+    q.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, np.arange(16) % 10, epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "q.keras")
+    q.save(path)
+    r = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(r(x).numpy(), q(x).numpy())
+    assert [w.name for w in r.weights] == [w.name for w in q.weights]
+    for a, b in zip(r.weights, q.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert isinstance(r.get_layer("conv1").kernel_quantizer, tfdq.quantizers.P3)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.d = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.d(x)
+
+
+def test_bad_input_gets_clear_errors():
+    sub = _Subclassed()
+    sub(np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="functional API"):
+        tfdq.quantize_model(sub)
+    with pytest.raises(ValueError, match="not built"):
+        tfdq.quantize_model(keras.Sequential([keras.layers.Dense(2)]))
+    with pytest.raises(ValueError, match="Unknown parametrization"):
+        tfdq.quantize_model(_mlp(), weight_quantizer="U4")
+    with pytest.raises(ValueError, match="min_bits"):
+        tfdq.quantize_model(_mlp(), weight_bits=(8, 2))
+    with pytest.raises(ValueError, match=r"\[1, 32\]"):
+        tfdq.quantize_model(_mlp(), weight_bits=(2, 40))
+    broken = _mlp()
+    k = broken.get_layer("fc1").kernel
+    k.assign(np.where(np.arange(k.shape[1]) == 0, np.nan, k.numpy()))
+    with pytest.raises(ValueError, match="fc1.*non-finite"):
+        tfdq.quantize_model(broken)
+    with pytest.raises(TypeError, match="keras.Model"):
+        tfdq.quantize_model("model.keras")
+
+
+def test_sgd_at_paper_learning_rates_stays_finite_on_resnet20():
+    """Plain SGD at lr 0.01-0.1 on a quantized ResNet-20: no NaN, d stays valid.
+
+    (Shape check of training stability on generated inputs, not an accuracy
+    claim.)
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, size=32)
+    for lr in (0.01, 0.1):
+        q = tfdq.quantize_model(tfdq.models.resnet20(), calibration_data=x[:8])
+        q.compile(
+            keras.optimizers.SGD(lr, momentum=0.9),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            history = q.fit(x, y, batch_size=16, epochs=3, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"]))
+        for layer in qlayers.weight_quantized_layers(q):
+            p = layer.kernel_quantizer.describe()
+            assert 2.0**-8 <= p["d"] <= 1.0 and p["d"] <= p["q_max"] and 2 <= p["bits"] <= 8
+            d_var = float(layer.kernel_quantizer.param("d").numpy())
+            assert 2.0**-8 <= d_var <= 1.0

@@ -1,0 +1,116 @@
+"""Memory accounting of a tfdq model (METHOD.md section 5, Table 2 of the paper).
+
+Weight memory of a quantized layer is ``(kernel + bias elements) * b_w`` bits;
+activation memory of a quantized feature map is ``elements per sample * b_x``
+bits. Sizes are reported in kB of 1024 bytes. The bitwidths are the
+quantizers' inferred (or learned) ``b``, so every size here is a
+differentiable function of the quantizer parameters (straight-through for
+the rounding) and can enter a training loss.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from tfdq import layers as qlayers
+
+BITS_PER_KB = 8.0 * 1024.0
+FLOAT_BITS = 32.0
+
+
+@dataclasses.dataclass
+class SizeEntry:
+    """One counted tensor: a layer's weights or one quantized feature map."""
+
+    name: str
+    kind: str  # "weight" or "activation"
+    count: int  # elements (per sample for activations)
+    layer: object
+    quantizer: object = None  # None: a float tensor, counted at 32 bits
+    is_input: bool = False  # the quantizer on the model's input image
+
+    def bits(self):
+        """Bitwidth tensor (differentiable) or 32.0 for float tensors."""
+        if self.quantizer is None:
+            return tf.constant(FLOAT_BITS)
+        return self.quantizer.forward_params()["bits"]
+
+    def kb(self):
+        return self.count * self.bits() / BITS_PER_KB
+
+
+def _weight_count(layer):
+    count = int(np.prod(layer.kernel.shape))
+    if getattr(layer, "use_bias", False) and layer.bias is not None:
+        count += int(np.prod(layer.bias.shape))
+    return count
+
+
+def _feature_count(layer):
+    shape = layer.output.shape
+    if any(s is None for s in shape[1:]):
+        raise ValueError(
+            f"Activation quantizer {layer.name!r} has output shape {shape}: "
+            "activation sizes need a static input shape. Build the model "
+            "with keras.Input(shape=(H, W, C)) instead of None dimensions."
+        )
+    return int(np.prod(shape[1:]))
+
+
+def _is_model_input(layer):
+    node = layer._inbound_nodes[0]
+    source = node.input_tensors[0]._keras_history.operation
+    return type(source).__name__ == "InputLayer"
+
+
+def size_entries(model):
+    """All counted tensors of ``model``: weights first, then activations.
+
+    Weights: every layer with a weight quantizer, and every other layer with
+    a kernel (kept float: counted at 32 bits). BatchNormalization is not
+    counted (it is folded into the kernel). Activations: every
+    :class:`~tfdq.layers.ActivationQuantizer`; ``is_input`` marks the one on
+    the model's input image.
+    """
+    entries = []
+    for layer in qlayers._walk(model):
+        if isinstance(layer, qlayers.QuantizedWeightsMixin):
+            entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, layer.kernel_quantizer))
+        elif getattr(layer, "kernel", None) is not None and not isinstance(layer, qlayers.ActivationQuantizer):
+            entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, None))
+    for layer in qlayers.activation_quantizer_layers(model):
+        entries.append(
+            SizeEntry(
+                layer.name,
+                "activation",
+                _feature_count(layer),
+                layer,
+                layer.quantizer,
+                is_input=_is_model_input(layer),
+            )
+        )
+    return entries
+
+
+def weight_kb(model, entries=None):
+    """Total weight memory (8a) in kB, differentiable."""
+    entries = size_entries(model) if entries is None else entries
+    terms = [e.kb() for e in entries if e.kind == "weight"]
+    return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
+def activation_kb(model, reduce="sum", include_input=False, entries=None):
+    """Activation memory in kB: ``"sum"`` (8b) or ``"max"`` (8c), differentiable.
+
+    The quantizer on the model's input image is left out unless
+    ``include_input`` (the paper counts only feature maps the network makes).
+    """
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}.")
+    entries = size_entries(model) if entries is None else entries
+    terms = [e.kb() for e in entries if e.kind == "activation" and (include_input or not e.is_input)]
+    if not terms:
+        return tf.constant(0.0)
+    stacked = tf.stack(terms)
+    return tf.reduce_sum(stacked) if reduce == "sum" else tf.reduce_max(stacked)

@@ -1,0 +1,1 @@
+"""absl-flag training scripts for tfdq (run from the repository root)."""
