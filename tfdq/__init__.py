@@ -12,10 +12,25 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfdq import layers, memory, models, ops, quantizers  # noqa: E402
+from tfdq import callbacks, constraints, layers, memory, models, ops, quantizers  # noqa: E402
+from tfdq.constraints import MemoryBudget, constrain  # noqa: E402
+from tfdq.model import QuantizedModel  # noqa: E402
 from tfdq.quantize import quantize_model  # noqa: E402
 from tfdq.summary import summary  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["layers", "memory", "models", "ops", "quantizers", "quantize_model", "summary"]
+__all__ = [
+    "MemoryBudget",
+    "QuantizedModel",
+    "callbacks",
+    "constrain",
+    "constraints",
+    "layers",
+    "memory",
+    "models",
+    "ops",
+    "quantize_model",
+    "quantizers",
+    "summary",
+]

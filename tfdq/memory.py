@@ -114,3 +114,43 @@ def activation_kb(model, reduce="sum", include_input=False, entries=None):
         return tf.constant(0.0)
     stacked = tf.stack(terms)
     return tf.reduce_sum(stacked) if reduce == "sum" else tf.reduce_max(stacked)
+
+
+def mean_weight_bits(entries):
+    """Mean weight bitwidth, weighted by parameter count (float at 32)."""
+    weights = [e for e in entries if e.kind == "weight"]
+    total = sum(e.count for e in weights)
+    if not total:
+        return tf.constant(0.0)
+    return tf.add_n([e.count * e.bits() for e in weights]) / float(total)
+
+
+def size_logs(model, entries=None):
+    """``weight_kb``, ``act_kb_sum``, ``act_kb_max``, ``mean_bits`` (tensors)."""
+    entries = size_entries(model) if entries is None else entries
+    logs = {"weight_kb": weight_kb(model, entries), "mean_bits": mean_weight_bits(entries)}
+    if any(e.kind == "activation" for e in entries):
+        logs["act_kb_sum"] = activation_kb(model, "sum", entries=entries)
+        logs["act_kb_max"] = activation_kb(model, "max", entries=entries)
+    return logs
+
+
+def minimum_sizes(model, entries=None, include_input=False):
+    """Smallest reachable sizes: every quantizer at its minimum bitwidth.
+
+    Returns ``{"weight_kb", "activation_kb_sum", "activation_kb_max"}`` as
+    Python floats (float tensors stay at 32 bits).
+    """
+    entries = size_entries(model) if entries is None else entries
+
+    def low(e):
+        bits = FLOAT_BITS if e.quantizer is None else e.quantizer.bounds["bits"][0]
+        return e.count * bits / BITS_PER_KB
+
+    w = [low(e) for e in entries if e.kind == "weight"]
+    a = [low(e) for e in entries if e.kind == "activation" and (include_input or not e.is_input)]
+    return {
+        "weight_kb": float(sum(w)),
+        "activation_kb_sum": float(sum(a)),
+        "activation_kb_max": float(max(a)) if a else 0.0,
+    }

@@ -30,9 +30,14 @@ def round_half_away(x):
     """Round to the nearest integer, ties away from zero.
 
     ``sign(x) * floor(|x| + 1/2)``, as METHOD.md writes the quantizer
-    (``tf.round`` rounds ties to even, which this is not).
+    (``tf.round`` rounds ties to even, which this is not). Computed without
+    ``|x| + 1/2``, which float32 rounds: 0.49999997 + 0.5 gives 1.0, and
+    ``2^23 + 1 + 0.5`` gives ``2^23 + 2``; ``|x| - floor(|x|)`` is exact.
     """
-    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+    a = tf.abs(x)
+    whole = tf.floor(a)
+    up = tf.cast(a - whole >= 0.5, x.dtype)
+    return tf.sign(x) * (whole + up)
 
 
 @tf.custom_gradient
@@ -53,9 +58,47 @@ def ste_clip(x, lo, hi):
     Used for the parameter bounds of METHOD.md section 3: the forward pass
     always sees a valid parameter and the gradient still reaches the float
     variable (which the optimizer step then projects back into its box).
+    The forward value is exactly the clipped value (``x + (clipped - x)``
+    is not: it loses ``clipped`` when ``|x|`` is large, and is NaN for an
+    infinite ``x``).
     """
+    x = tf.convert_to_tensor(x)
+    lo = tf.stop_gradient(tf.cast(lo, x.dtype))
+    hi = tf.stop_gradient(tf.cast(hi, x.dtype))
+    return _ste_clip(x, lo, hi)
+
+
+@tf.custom_gradient
+def _ste_clip(x, lo, hi):
     clipped = tf.minimum(tf.maximum(x, lo), hi)
-    return x + tf.stop_gradient(clipped - x)
+    return clipped, lambda dy: (dy, tf.zeros_like(lo), tf.zeros_like(hi))
+
+
+def ratio_clip(q, s, lo, hi):
+    """Keep ``lo <= q/s <= hi`` (the bit bounds of U3 and P3), differentiably.
+
+    Forward: ``clip(q, lo s, hi s)``. Backward: the gradient reaches ``q``
+    straight through, and where a bound binds also the step ``s`` (times
+    ``lo`` or ``hi``), since there the range moves with the step. Without
+    the second path a task that wants a finer step (the MSE gradient of
+    ``d`` always does) shrinks ``d`` at the bit bound without seeing that
+    it drags the range down with it; with it, the step sees both sides.
+    """
+    q = tf.convert_to_tensor(q)
+    s = tf.cast(s, q.dtype)
+    return _ratio_clip(q, s, tf.constant(lo, q.dtype), tf.constant(hi, q.dtype))
+
+
+@tf.custom_gradient
+def _ratio_clip(q, s, lo, hi):
+    low, high = lo * s, hi * s
+    out = tf.minimum(tf.maximum(q, low), high)
+
+    def grad(dy):
+        g_s = tf.where(q >= high, dy * hi, tf.where(q <= low, dy * lo, tf.zeros_like(dy)))
+        return dy, g_s, tf.zeros_like(lo), tf.zeros_like(hi)
+
+    return out, grad
 
 
 def exact_exp2(n):
@@ -216,7 +259,9 @@ def pow2_bits(q_min, q_max, signed, with_zero):
     derivative of the float formula.
     """
     extra = pow2_extra_bits(signed, with_zero)
-    m_float = tf.math.log(q_max / q_min) / LN2
+    # log(q_max) - log(q_min), not log(q_max / q_min): the ratio overflows
+    # float32 from 2^128 on (and the STE sum below would be inf - inf).
+    m_float = (tf.math.log(q_max) - tf.math.log(q_min)) / LN2
     raw = tf.math.log(m_float + 1.0) / LN2 + extra
     m = exact_log2_int(q_max) - exact_log2_int(q_min)
     b = tf.math.ceil(tf.math.log(m + 1.0) / LN2) + extra

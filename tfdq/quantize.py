@@ -26,6 +26,7 @@ from keras.src.models.functional import Functional  # the class of Functional mo
 
 from tfdq import layers as qlayers
 from tfdq import quantizers as quantizers_lib
+from tfdq.model import QuantizedModel
 
 logger = logging.getLogger("tfdq")
 
@@ -188,14 +189,30 @@ def _as_functional(model):
 
 
 def _template(identifier, role, signed, bits_bounds, init_bits):
-    """Config of the quantizer to create for one tensor."""
+    """Config of the quantizer to create for one tensor.
+
+    A signed tensor needs at least 2 bits (sign and one magnitude bit): a
+    lower bound of 1 from ``activation_bits`` applies to unsigned maps only.
+    """
+    if bits_bounds is not None and signed and bits_bounds[0] < 2:
+        bits_bounds = (2, max(2, bits_bounds[1]))
     kwargs = {"signed": signed, "role": role, "init_bits": init_bits}
     if bits_bounds is not None:
         kwargs["min_bits"], kwargs["max_bits"] = bits_bounds
     if isinstance(identifier, quantizers_lib.Quantizer):
+        # A template object: its own settings win (e.g. TQT's init_bits=2),
+        # except the per-tensor values, which each tensor initializes itself.
         config = identifier.get_config()
-        config.pop("name", None)
+        for key in ("name", "init_d", "init_q_max", "init_q_min", "dtype", "trainable"):
+            config.pop(key, None)
         config.update(signed=signed, role=role)
+        if config.get("init_bits") is None:
+            config["init_bits"] = init_bits
+        if bits_bounds is not None:
+            config["min_bits"], config["max_bits"] = bits_bounds
+        elif config["role"] != identifier.role:
+            config.pop("min_bits", None)
+            config.pop("max_bits", None)
         return type(identifier), config
     if isinstance(identifier, str):
         cls = quantizers_lib.get(identifier, **kwargs).__class__
@@ -259,7 +276,8 @@ def quantize_model(
         return_report: also return a :class:`QuantizationReport`.
 
     Returns:
-        The quantized Functional model (and the report if asked). Its
+        The quantized model, a :class:`tfdq.model.QuantizedModel` (a
+        Functional model; not compiled), and the report if asked. Its
         quantizers are initialized: weights with ``b = init_bits`` and
         power-of-two ``d = 2^floor(log2(max|W| / (2^(b-1) - 1)))``.
     """
@@ -288,6 +306,7 @@ def quantize_model(
         calibration_data,
         report,
     )
+    quantized = QuantizedModel(quantized.input, quantized.output, name=quantized.name)
     if report["float_layers"]:
         message = "These layers have weights but no tfdq quantized version and stay float: " + ", ".join(
             f"{r['name']} ({r['class']})" for r in report["float_layers"]
@@ -377,7 +396,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             quantizer = cls(**kwargs, name=f"{base}_aq_q")
             if id(orig) in stats:
                 max_abs, _ = stats[id(orig)]
-                quantizer.initialize_from(np.array([max_abs]), bits=options["init_bits"])
+                quantizer.initialize_from(np.array([max_abs]), bits=quantizer.init["bits"])
             aq = qlayers.ActivationQuantizer(quantizer=quantizer, name=f"{base}_aq")
             out = aq(new_tensor)
             new_to_orig_tensor[id(out)] = orig
@@ -420,7 +439,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             new.kernel.assign(orig.kernel)
             if orig.use_bias:
                 new.bias.assign(orig.bias)
-            new.kernel_quantizer.initialize_from(orig.kernel.numpy(), bits=options["init_bits"])
+            new.kernel_quantizer.initialize_from(orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
         elif orig.weights:
             new.set_weights(orig.get_weights())
     return clone

@@ -469,7 +469,7 @@ class U3(UniformQuantizer):
         d = ops.ste_pow2(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
         q_max = ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"])
         lo, hi = self._ratio_bounds()
-        q_max = ops.ste_clip(q_max, lo * d, hi * d)
+        q_max = ops.ratio_clip(q_max, d, lo, hi)
         bits = ops.uniform_bits(d, q_max, self.signed)
         return {"bits": bits, "d": d, "q_max": q_max}
 
@@ -536,9 +536,14 @@ class Pow2Quantizer(Quantizer):
         return 2.0 ** (bits - self._extra) - 1
 
     def _exponent_bounds(self):
+        """Allowed ``log2(q_max/q_min)`` for min_bits <= b <= max_bits.
+
+        Capped at 126: the q_min and q_max bounds never allow a larger ratio,
+        and float32 cannot hold ``2^127`` times a q_min.
+        """
         lo_b, hi_b = self.bounds["bits"]
         lo = 2.0 ** (lo_b - self._extra - 1) if lo_b - self._extra >= 1 else 0.0
-        return lo, self._ratio_exponent(hi_b)
+        return min(lo, 126.0), min(self._ratio_exponent(hi_b), 126.0)
 
     def _values_for(self, max_abs, bits):
         q_max = _pow2_float(max_abs) if max_abs > 0 else 1.0
@@ -576,7 +581,8 @@ class Pow2Quantizer(Quantizer):
 class P1(Pow2Quantizer):
     """Power-of-two quantizer learning bitwidth ``b`` and range ``q_max``.
 
-    ``q_min = q_max / 2^(2^(b-1) - 1)``; by the chain rule
+    ``q_min = q_max / 2^(2^(b-1) - 1)`` (clipped, straight through, to the
+    lower q_min bound); by the chain rule
     ``dQ/dq_max = sign(x)`` outside and ``sign(x) q_min/q_max`` where
     ``|x| <= q_min``; ``dQ/db = -sign(x) q_min 2^(b-1) (ln 2)^2`` where
     ``|x| <= q_min``, 0 elsewhere.
@@ -588,7 +594,11 @@ class P1(Pow2Quantizer):
         bits = self._bits_forward(self._param_vars["bits"])
         q_max = ops.ste_pow2(ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"]))
         m = ops.pow2_ratio_exponent(bits, self.signed, self.with_zero)
-        q_min = q_max * ops.exp2_int(-m)
+        # q_max 2^-m, with 2^-m as 2^(1-m) / 2: exp2_int stops at 2^-126 and
+        # m reaches 127 at 8 bits. Clipped (straight-through) to the lower
+        # q_min bound so that q_min never underflows to a subnormal or zero.
+        q_min = q_max * ops.exp2_int(1.0 - m) * 0.5
+        q_min = ops.ste_clip(q_min, _pow2_float(self.bounds["q_min"][0]), q_max)
         return {"bits": bits, "q_min": q_min, "q_max": q_max}
 
     def project(self):
@@ -605,7 +615,8 @@ class P2(Pow2Quantizer):
     ``q_max = q_min 2^(2^(b-1) - 1)`` (clipped to the q_max bounds); by the
     chain rule ``dQ/dq_min = sign(x)`` where ``|x| <= q_min`` and
     ``sign(x) q_max/q_min`` outside; ``dQ/db = sign(x) q_max 2^(b-1) (ln 2)^2``
-    outside, 0 elsewhere.
+    outside, 0 elsewhere. Where the clip of q_max binds, the outside terms
+    are 0 (q_max is then a constant).
     """
 
     PARAMS = ("bits", "q_min")
@@ -615,7 +626,14 @@ class P2(Pow2Quantizer):
         q_min = ops.ste_pow2(ops.ste_clip(self._param_vars["q_min"], *self.bounds["q_min"]))
         m = ops.pow2_ratio_exponent(bits, self.signed, self.with_zero)
         hi = _pow2_float(self.bounds["q_max"][1])
-        q_max = ops.ste_clip(q_min * ops.exp2_int(m), q_min, hi)
+        # A plain (not straight-through) clip: where it binds, q_max does not
+        # depend on q_min or b. Straight through, the 2^m of the chain rule
+        # (2^127 at 8 bits) overflows the q_min and b gradients to inf, and
+        # no projection of q_min or b would repair the derived q_max.
+        raw = q_min * ops.exp2_int(m)
+        # tf.where, not tf.minimum: at a tie tf.minimum still sends the
+        # gradient through the 2^m factor, which overflows at 8 bits.
+        q_max = tf.where(raw >= hi, tf.constant(hi, raw.dtype), raw)
         return {"bits": bits, "q_min": q_min, "q_max": q_max}
 
     def project(self):
@@ -640,7 +658,7 @@ class P3(Pow2Quantizer):
         q_min = ops.ste_pow2(ops.ste_clip(self._param_vars["q_min"], *self.bounds["q_min"]))
         q_max = ops.ste_pow2(ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"]))
         lo, hi = self._exponent_bounds()
-        q_max = ops.ste_clip(q_max, q_min * 2.0**lo, q_min * 2.0**hi)
+        q_max = ops.ratio_clip(q_max, q_min, 2.0**lo, 2.0**hi)
         bits = ops.pow2_bits(q_min, q_max, self.signed, self.with_zero)
         return {"bits": bits, "q_min": q_min, "q_max": q_max}
 

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that write JSON and PNG results to benchmarks/results/."""

@@ -1,0 +1,252 @@
+"""Memory budgets: exact accounting, penalty gradients, training, errors."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfdq
+from tfdq import memory
+
+
+def _fixed_bits_resnet20():
+    """ResNet-20 whose quantizers have their bits set directly (U2, nothing learned)."""
+    return tfdq.quantize_model(
+        tfdq.models.resnet20(),
+        weight_quantizer=tfdq.quantizers.U2(learn=()),
+        activation_quantizer=tfdq.quantizers.U2(learn=()),
+        weight_bits=(2, 32),
+        activation_bits=(1, 32),
+    )
+
+
+def _set_bits(model, kind, bits):
+    for e in memory.size_entries(model):
+        if e.kind == kind and e.quantizer is not None:
+            e.quantizer.param("bits").assign(bits)
+
+
+def test_resnet20_sizes_match_the_paper():
+    q = _fixed_bits_resnet20()
+    entries = memory.size_entries(q)
+    weights = [e for e in entries if e.kind == "weight"]
+    acts = [e for e in entries if e.kind == "activation" and not e.is_input]
+    assert sum(e.count for e in weights) == 268346
+    assert len(acts) == 19 and sum(e.count for e in acts) == 188416
+    assert max(e.count for e in acts) == 16 * 32 * 32
+    for w_bits, want_w in ((32, 268346 * 32 / 8192), (2, 65.5)):
+        _set_bits(q, "weight", w_bits)
+        assert float(memory.weight_kb(q)) == pytest.approx(want_w, abs=0.05)
+    assert float(memory.weight_kb(q)) == pytest.approx(65.5, abs=0.05)
+    _set_bits(q, "weight", 32)
+    assert round(float(memory.weight_kb(q))) == 1048
+    for a_bits, want_sum, want_max in ((32, 736, 64), (4, 92, 8)):
+        _set_bits(q, "activation", a_bits)
+        assert float(memory.activation_kb(q, "sum")) == pytest.approx(want_sum)
+        assert float(memory.activation_kb(q, "max")) == pytest.approx(want_max)
+    # the input image quantizer is reported but only counted on request
+    assert float(memory.activation_kb(q, "sum", include_input=True)) == pytest.approx(92 + 32 * 32 * 3 * 4 / 8192)
+
+
+def _one_layer(bits_d=2.0**-4, q_max=0.9):
+    inp = keras.Input((16,))
+    out = keras.layers.Dense(8, name="fc")(inp)
+    q = tfdq.quantize_model(keras.Model(inp, out), quantize_activations=False)
+    quant = q.get_layer("fc").kernel_quantizer
+    quant.param("d").assign(bits_d)
+    quant.param("q_max").assign(q_max)
+    return q, quant
+
+
+@pytest.mark.parametrize("target_bits, violated", [(4.0, True), (6.0, False)])
+def test_penalty_gradient_is_the_analytic_one_and_points_to_fewer_bits(target_bits, violated):
+    q, quant = _one_layer()  # d = 1/16, q_max = 0.9: ratio 14.4, b = ceil(log2 15.4 + 1) = 5
+    count = 16 * 8 + 8
+    target = count * target_bits / 8192
+    budget = tfdq.MemoryBudget(weight_kb=target, weight_lambda=0.1)
+    d_var, q_var = quant.param("d"), quant.param("q_max")
+    with tf.GradientTape() as tape:
+        p = budget.penalty(q)
+    g_d, g_q = tape.gradient(p, [d_var, q_var])
+    d, q_max, b = 1 / 16, 0.9, 5
+    assert float(quant.describe()["bits"]) == b
+    excess = count * b / 8192 - target
+    assert float(p) == pytest.approx(0.1 * max(0.0, excess) ** 2, rel=1e-5)
+    # STE through the ceiling: b ~ log2(q_max/d + 1) + 1
+    db_dq = 1 / ((q_max / d + 1) * math.log(2) * d)
+    db_dd = -q_max / (d * d * (q_max / d + 1) * math.log(2))
+    scale = 2 * 0.1 * max(0.0, excess) * count / 8192
+    assert float(g_q) == pytest.approx(scale * db_dq, rel=1e-4)
+    assert float(g_d) == pytest.approx(scale * db_dd, rel=1e-4)
+    if violated:
+        assert float(g_q) > 0 and float(g_d) < 0  # descent: q_max down, d up: fewer bits
+    else:
+        assert float(g_q) == 0 and float(g_d) == 0
+
+
+def test_gradients_of_d_and_q_max_are_clipped_to_step_size_in_fit():
+    q, quant = _one_layer()
+    q = tfdq.constrain(q, weight_kb=0.035, weight_lambda=1e3)
+    x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
+    y = np.zeros((32, 8), np.float32)
+    before = {n: float(quant.param(n).numpy()) for n in ("d", "q_max")}
+    q.compile(keras.optimizers.SGD(1.0), "mse")
+    q.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    after = {n: float(quant.param(n).numpy()) for n in ("d", "q_max")}
+    # lr 1 and a huge penalty: unclipped steps would be far larger than d = 1/16
+    for n in ("d", "q_max"):
+        assert abs(after[n] - before[n]) <= 1 / 16 + 1e-7
+    assert after["q_max"] < before["q_max"] and after["d"] > before["d"]
+
+
+def test_custom_training_loop_uses_penalty_and_clipping():
+    q, quant = _one_layer()
+    q = tfdq.constrain(q, weight_kb=0.035, weight_lambda=1e3)
+    opt = keras.optimizers.SGD(1.0)
+    x = tf.random.normal((8, 16))
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(q(x, training=True))) + q.memory_penalty()
+        grads = tape.gradient(loss, q.trainable_variables)
+        grads = q.clip_quantizer_gradients(grads, q.trainable_variables)
+        opt.apply(grads, q.trainable_variables)
+
+    d0 = float(quant.param("d").numpy())
+    step()
+    assert float(quant.param("d").numpy()) == pytest.approx(d0 + 1 / 16, rel=1e-6)
+
+
+def test_best_feasible_checkpoint_keeps_only_epochs_that_meet_the_budget(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    y = rng.integers(0, 8, size=64)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    # generous budget: every epoch is feasible, the best one is kept
+    q, _ = _one_layer()
+    q = tfdq.constrain(q, weight_kb=1.0)
+    q.compile(keras.optimizers.SGD(0.01), loss, metrics=["accuracy"])
+    path = os.path.join(tmp_path, "best.keras")
+    keep = tfdq.callbacks.BestFeasibleCheckpoint(path, monitor="accuracy", verbose=0)
+    hist = q.fit(x, y, batch_size=32, epochs=3, callbacks=[keep], verbose=0).history
+    assert hist["budget_met"] == [1.0, 1.0, 1.0]
+    assert keep.best == max(hist["accuracy"]) and os.path.exists(path)
+    best = keras.models.load_model(path)
+    assert best.memory_budget.weight_kb == 1.0  # the budget is saved with the model
+    assert all(best.memory_budget.satisfied(best).values())
+    # a budget that one SGD step cannot reach: nothing is kept
+    q2, _ = _one_layer()
+    q2 = tfdq.constrain(q2, weight_kb=0.034, weight_lambda=1e-6)
+    q2.compile(keras.optimizers.SGD(1e-6), loss, metrics=["accuracy"])
+    path2 = os.path.join(tmp_path, "never.keras")
+    keep2 = tfdq.callbacks.BestFeasibleCheckpoint(path2, monitor="accuracy", verbose=0)
+    hist2 = q2.fit(x, y, batch_size=64, epochs=2, callbacks=[keep2], verbose=0).history
+    assert hist2["budget_met"] == [0.0, 0.0] and hist2["penalty"][0] > 0
+    assert keep2.best_epoch is None and not os.path.exists(path2)
+
+
+@pytest.mark.slow
+def test_constrained_mnist_finetune_reaches_budget():
+    """Real data: 2-bit-average weights + 5% and 4-bit max activations.
+
+    Records the figures of the constrained fine-tune (about 1.5 minutes).
+    Measured here: a feasible epoch within 1.7 points of float, but the run
+    keeps crossing the budget (see the closing notes of the memory issue).
+    """
+    from tfdq.data import mnist_subset
+
+    (xt, yt), (xv, yv) = mnist_subset(0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    m = tfdq.models.small_cnn()
+    m.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
+    m.fit(xt, yt, batch_size=64, epochs=6, verbose=0)
+    float_acc = m.evaluate(xv, yv, verbose=0)[1]
+    q = tfdq.quantize_model(m, calibration_data=xt[:512])
+    entries = memory.size_entries(q)
+    n_w = sum(e.count for e in entries if e.kind == "weight")
+    biggest = max(e.count for e in entries if e.kind == "activation" and not e.is_input)
+    q = tfdq.constrain(
+        q, weight_kb=1.05 * n_w * 2 / 8192, activation_kb=biggest * 4 / 8192, activation="max", lam=1.0
+    )
+    q.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
+    keep = tfdq.callbacks.BestFeasibleCheckpoint("/tmp/tfdq_best_constrained.keras", verbose=0)
+    hist = q.fit(xt, yt, batch_size=64, epochs=6, validation_data=(xv, yv), callbacks=[keep], verbose=2)
+    assert keep.best_epoch is not None, hist.history
+    best = keras.models.load_model("/tmp/tfdq_best_constrained.keras")
+    assert all(best.memory_budget.satisfied(best).values())
+    assert keep.best >= float_acc - 0.025, (keep.best, float_acc)
+
+
+def test_bad_budgets_are_refused_before_training():
+    q, _ = _one_layer()
+    with pytest.raises(ValueError, match="positive"):
+        tfdq.constrain(q, weight_kb=0)
+    with pytest.raises(ValueError, match="positive"):
+        tfdq.constrain(q, weight_kb=-3)
+    with pytest.raises(ValueError, match=r"smallest weight size.*0\.033"):
+        tfdq.constrain(q, weight_kb=0.01)  # 136 weights at 2 bits = 0.0332 kB
+    with pytest.raises(ValueError, match="no activation quantizers"):
+        tfdq.constrain(q, weight_kb=1, activation_kb=1)
+    inp = keras.Input((4,))
+    plain = keras.Model(inp, keras.layers.Dense(2)(inp))
+    with pytest.raises(ValueError, match="no tfdq quantizers"):
+        tfdq.constrain(plain, weight_kb=1)
+    with pytest.raises(ValueError, match="'max'.*'sum'"):
+        tfdq.constrain(q, weight_kb=1, activation="mean")
+    with pytest.raises(ValueError, match="activation size"):
+        q2 = tfdq.quantize_model(tfdq.models.small_cnn())
+        tfdq.constrain(q2, activation_kb=0.5)  # 12544 values at 1 bit = 1.53 kB
+
+
+_DISTRIBUTED = textwrap.dedent(
+    """
+    import sys, json
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, numpy as np, tfdq
+
+    def run(strategy):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            inp = keras.Input((8, 8, 1))
+            x = keras.layers.Conv2D(4, 3, activation="relu", name="c")(inp)
+            x = keras.layers.Flatten()(x)
+            out = keras.layers.Dense(3, name="fc")(x)
+            q = tfdq.quantize_model(keras.Model(inp, out), calibration_data=np.ones((2, 8, 8, 1), "f"))
+            q = tfdq.constrain(q, weight_kb=0.2, activation_kb=0.1, activation="sum")
+            q.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        rng = np.random.default_rng(1)
+        x = rng.uniform(size=(32, 8, 8, 1)).astype("f")
+        y = rng.integers(0, 3, size=32)
+        q.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        return [w.numpy().tolist() for w in q.weights]
+
+    one = run(tf.distribute.get_strategy())
+    two = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    diff = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(one, two))
+    print(json.dumps({"max_diff": diff}))
+    """
+)
+
+
+def test_mirrored_strategy_matches_single_device_with_budget():
+    out = subprocess.run(
+        [sys.executable, "-c", _DISTRIBUTED],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=""),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    diff = json.loads(out.stdout.strip().splitlines()[-1])["max_diff"]
+    assert diff < 1e-5
