@@ -47,20 +47,23 @@ power-of-two panels) and a table is printed. :func:`check_ordering` tests
 the paper's claim; ``tests/test_gaussian.py`` runs the reduced (``--quick``)
 configuration.
 
-Observed with tfdq at the time of writing (see the JSON ``checks``): under
-the bit bound, U3 and P3 do NOT yet end with the lowest MSE. U3 reaches the
-4-bit optimum (d = 1/2, q_max = 7/2, MSE 0.0211, the same as U1's best) but
-does not stay there. Its step d is a power of two in the forward pass and
-the bit bound ties q_max to it (q_max <= 7 d at 4 bits); the straight-through
-gradient of the granular error always asks for a finer step, which at the
-bound only pays off until d drops an octave and halves the range. tfdq lets
-the step see both effects at the bound (``ops.ratio_clip`` sends the range's
-gradient to d where the bound binds), which stops the range from collapsing
-octave by octave (an earlier version slid down to d = 2^-8), but d still
-alternates between 1/4 and 1/2. P3 settles one octave of q_max below P1.
-What would close the gap is an open question for the team: a bit bound
-that is part of the learned objective rather than a hard projection, or the
-paper's setting without one.
+Uniform step sizes are left unrounded here (``round_step=False``): the
+power-of-two rounding of d is a hardware constraint of the DNN experiments
+(METHOD.md section 3), not part of this experiment, and with it every
+uniform parametrization can only sit on octaves of d.
+
+Observed with tfdq at the time of writing (see the JSON ``checks``): U3
+holds the paper's claim (it reaches the 4-bit optimum that U1 also finds,
+d = 0.352, q_max = 2.465, with no oscillation; U2 converges later and
+wobbles). P3 does not yet: its q_min and q_max are powers of two tied by
+the bit bound (q_max <= 2^7 q_min at 4 bits), and the straight-through
+gradient of q_min always asks for a finer level near zero, which at the
+bound only pays off until q_min drops an octave and drags q_max with it;
+tfdq lets q_min see that cost (``ops.ratio_clip`` sends q_max's gradient to
+q_min where the bound binds), so q_min comes back, but P3 alternates
+between the two octaves instead of settling (oscillation 8e-4, P1 0) and
+the quick run ends an octave of q_max low. With uniform steps rounded to
+powers of two (``round_step=True``) U3 shows the same octave alternation.
 
 Usage, from the repository root::
 
@@ -134,7 +137,7 @@ def gaussian_samples(n, seed):
     return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
 
 
-def train_one(name, x, steps, lr, max_bits=4, init_bits=4.0, init_scale=1.0):
+def train_one(name, x, steps, lr, max_bits=4, init_bits=4.0, init_scale=1.0, round_step=False):
     """Learn one quantizer on samples ``x``; return its curves and final state."""
     import keras  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -142,7 +145,8 @@ def train_one(name, x, steps, lr, max_bits=4, init_bits=4.0, init_scale=1.0):
 
     from tfdq import quantizers  # noqa: PLC0415
 
-    q = quantizers.get(name, signed=True, role="weight", max_bits=max_bits)
+    kwargs = {} if name.startswith("P") else {"round_step": round_step}
+    q = quantizers.get(name, signed=True, role="weight", max_bits=max_bits, **kwargs)
     q.initialize_from(init_scale * x, bits=init_bits)
     q.build()
     variables = q.trainable_weights
@@ -294,6 +298,7 @@ def run(steps=3000, lr=0.1, seeds=(0, 1, 2), n_samples=10_000, max_bits=4,
         "config": {
             "steps": steps, "lr": lr, "seeds": seeds, "n_samples": n_samples,
             "max_bits": max_bits, "init_bits": init_bits, "init_scale": init_scale,
+            "uniform_step": "float (round_step=False); power-of-two levels are exact powers of two",
             "osc_window": osc_window, "optimizer": "keras.optimizers.SGD(momentum=0)",
             "objective": "mean((Q(x) - x)^2), full batch",
             "init": "q.initialize_from(init_scale * x, bits=init_bits) (METHOD.md section 4)",

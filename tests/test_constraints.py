@@ -152,13 +152,11 @@ def test_best_feasible_checkpoint_keeps_only_epochs_that_meet_the_budget(tmp_pat
     assert keep2.best_epoch is None and not os.path.exists(path2)
 
 
-@pytest.mark.slow
-def test_constrained_mnist_finetune_reaches_budget():
+def test_constrained_mnist_finetune_ends_within_budget_and_accuracy():
     """Real data: 2-bit-average weights + 5% and 4-bit max activations.
 
-    Records the figures of the constrained fine-tune (about 1.5 minutes).
-    Measured here: a feasible epoch within 1.7 points of float, but the run
-    keeps crossing the budget (see the closing notes of the memory issue).
+    The recipe: constrained fine-tuning, then ``enforce_budget`` (penalty
+    steps only) and ``freeze_quantizers``, then a short weight fine-tune.
     """
     from tfdq.data import mnist_subset
 
@@ -172,16 +170,20 @@ def test_constrained_mnist_finetune_reaches_budget():
     entries = memory.size_entries(q)
     n_w = sum(e.count for e in entries if e.kind == "weight")
     biggest = max(e.count for e in entries if e.kind == "activation" and not e.is_input)
-    q = tfdq.constrain(
-        q, weight_kb=1.05 * n_w * 2 / 8192, activation_kb=biggest * 4 / 8192, activation="max", lam=1.0
-    )
+    assert (n_w, biggest) == (29658, 12544)
+    q = tfdq.constrain(q, weight_kb=1.05 * n_w * 2 / 8192, activation_kb=biggest * 4 / 8192, activation="max")
     q.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
-    keep = tfdq.callbacks.BestFeasibleCheckpoint("/tmp/tfdq_best_constrained.keras", verbose=0)
-    hist = q.fit(xt, yt, batch_size=64, epochs=6, validation_data=(xv, yv), callbacks=[keep], verbose=2)
-    assert keep.best_epoch is not None, hist.history
-    best = keras.models.load_model("/tmp/tfdq_best_constrained.keras")
-    assert all(best.memory_budget.satisfied(best).values())
-    assert keep.best >= float_acc - 0.025, (keep.best, float_acc)
+    hist = q.fit(xt, yt, batch_size=64, epochs=2, verbose=0).history
+    assert hist["weight_kb"][0] < 14.48  # the penalty has pulled the 4-bit start down
+    tfdq.constraints.enforce_budget(q)
+    tfdq.constraints.freeze_quantizers(q)
+    q.compile(keras.optimizers.Adam(5e-4), loss, metrics=["accuracy"])
+    q.fit(xt, yt, batch_size=64, epochs=2, verbose=0)
+    assert all(q.memory_budget.satisfied(q).values())
+    acc = q.evaluate(xv, yv, verbose=0)[1]
+    assert acc >= float_acc - 0.015, (acc, float_acc)
+    bits = [r["bits"] for r in tfdq.summary(q, print_fn=None) if r["kind"] != "total" and not r["input"]]
+    assert len(set(bits)) > 1  # mixed precision across the network
 
 
 def test_bad_budgets_are_refused_before_training():

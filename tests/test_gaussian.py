@@ -41,12 +41,11 @@ def test_report_has_expected_keys(quick_report):
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "Not reproduced yet (see benchmarks/gaussian.py): under the common bit "
-        "bound, U3's step d is a power of two tied to q_max by the bound; the "
-        "straight-through granular gradient of d always asks for a finer step, "
-        "so d alternates between two octaves (0.25 / 0.5 at 4 bits) instead of "
-        "settling, and P3 ends slightly above P1. Remove this marker when the "
-        "ordering holds."
+        "P3 not reproduced yet (see benchmarks/gaussian.py): U3 holds (ties U1 "
+        "at the 4-bit optimum, no oscillation), but P3's q_min and q_max are "
+        "powers of two tied by the bit bound, and the straight-through gradient "
+        "of q_min keeps asking for a finer step, so P3 ends an octave off or "
+        "alternates between octaves. Remove this marker when the ordering holds."
     ),
 )
 def test_paper_ordering(quick_report):

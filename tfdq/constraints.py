@@ -230,3 +230,53 @@ def constrain(
         )
     model.set_memory_budget(budget)
     return model
+
+
+def enforce_budget(model, step=0.05, max_steps=10000):
+    """Move the quantizer parameters until every constraint of the budget holds.
+
+    Gradient descent on the penalty alone (no data needed: sizes depend only
+    on the quantizer parameters), each step ``step * clip(grad, -d, d)`` with
+    the usual projection, so every over-budget layer gives up bits at the
+    same relative pace and the allocation learned so far keeps its shape.
+    Training with a penalty crosses the budget back and forth (each bit of a
+    big layer is a jump in size); call this at the end, then
+    :func:`freeze_quantizers` and fine-tune the weights, to finish inside the
+    budget. Returns the number of steps taken.
+    """
+    budget = getattr(model, "memory_budget", None)
+    if budget is None:
+        raise ValueError("The model has no memory budget: call tfdq.constrain(model, ...) first.")
+    quantizers = model.quantizers()
+    variables = [v for q in quantizers for v in q.trainable_weights]
+    for n in range(max_steps):
+        if all(budget.satisfied(model).values()):
+            return n
+        with tf.GradientTape() as tape:
+            penalty = budget.penalty(model)
+        grads = tape.gradient(penalty, variables)
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        from tfdq.quantizers import clip_gradients  # noqa: PLC0415
+
+        for g, v in clip_gradients(pairs, quantizers):
+            v.assign_sub(step * g)
+        for v in variables:
+            if v.constraint is not None:
+                v.assign(v.constraint(v))
+    if all(budget.satisfied(model).values()):
+        return max_steps
+    raise RuntimeError(
+        f"The budget still does not hold after {max_steps} steps: "
+        f"{ {k: float(g) for k, g in budget.excess(model).items()} } kB over."
+    )
+
+
+def freeze_quantizers(model, frozen=True):
+    """Stop (or with ``frozen=False`` resume) training the quantizer parameters.
+
+    Compile the model again afterwards: Keras reads the trainable variables
+    when it traces the training step.
+    """
+    for q in model.quantizers():
+        q.trainable = not frozen
+    return model

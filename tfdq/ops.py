@@ -177,7 +177,10 @@ def uniform_bits(d, q_max, signed):
     offset = 1.0 if signed else 0.0
     raw = tf.math.log(ratio + 1.0) / LN2 + offset
     b = tf.math.ceil(raw)
-    # Exact correction with integer-valued powers of two.
+    # Exact correction with integer-valued powers of two. The ratio is exact
+    # for a power-of-two d; a float step (round_step=False) at the bit bound
+    # gives q_max/d = 7 * (1 + ulp), which must still count as 7.
+    ratio = ratio * (1.0 - 2.0**-20)
     too_big = (exact_exp2(b - 1.0 - offset) - 1.0) >= ratio
     too_small = (exact_exp2(b - offset) - 1.0) < ratio
     b = b - tf.cast(too_big, b.dtype) + tf.cast(too_small, b.dtype)

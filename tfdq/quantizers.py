@@ -353,6 +353,21 @@ class UniformQuantizer(Quantizer):
 
     FAMILY = "uniform"
 
+    def __init__(self, *args, round_step=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.round_step = bool(round_step)
+
+    def get_config(self):
+        config = super().get_config()
+        config["round_step"] = self.round_step
+        return config
+
+    def _step(self, d):
+        """Forward step: a power of two (METHOD.md section 3) unless
+        ``round_step=False`` (a float step, for studies such as the paper's
+        Gaussian experiment; such a model cannot be exported exactly)."""
+        return ops.ste_pow2(d) if self.round_step else d
+
     def _levels_tensor(self, bits):
         return ops.uniform_levels(bits, self.signed)
 
@@ -413,7 +428,7 @@ class U1(UniformQuantizer):
 
     def forward_params(self):
         bits = self._bits_forward(self._param_vars["bits"])
-        d = ops.ste_pow2(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
+        d = self._step(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
         q_max = self._levels_tensor(bits) * d
         return {"bits": bits, "d": d, "q_max": q_max}
 
@@ -442,7 +457,7 @@ class U2(UniformQuantizer):
         bits = self._bits_forward(self._param_vars["bits"])
         n = self._levels_tensor(bits)
         q_max = ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"])
-        d = ops.ste_pow2(ops.ste_clip(q_max / n, *self.bounds["d"]))
+        d = self._step(ops.ste_clip(q_max / n, *self.bounds["d"]))
         q_max = ops.ste_clip(q_max, d, n * d)
         return {"bits": bits, "d": d, "q_max": q_max}
 
@@ -466,7 +481,7 @@ class U3(UniformQuantizer):
     PARAMS = ("d", "q_max")
 
     def forward_params(self):
-        d = ops.ste_pow2(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
+        d = self._step(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
         q_max = ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"])
         lo, hi = self._ratio_bounds()
         q_max = ops.ratio_clip(q_max, d, lo, hi)
@@ -475,7 +490,7 @@ class U3(UniformQuantizer):
 
     def project(self):
         d = _clip(self._param_vars["d"], self.bounds["d"])
-        d_fwd = ops.pow2_round_magnitude(d)
+        d_fwd = ops.pow2_round_magnitude(d) if self.round_step else d
         lo, hi = self._ratio_bounds()
         q_max = _clip(self._param_vars["q_max"], self.bounds["q_max"])
         q_max = tf.clip_by_value(q_max, lo * d_fwd, hi * d_fwd)
