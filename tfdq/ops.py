@@ -164,23 +164,25 @@ def uniform_levels(bits, signed):
     return exp2_int(bits - 1.0 if signed else bits) - 1.0
 
 
-def uniform_bits(d, q_max, signed):
+def uniform_bits(d, q_max, signed, rtol=0.0):
     """Bitwidth that the uniform grid of step ``d`` and range ``q_max`` needs.
 
     ``b = ceil(log2(q_max/d + 1) + 1)`` signed, ``ceil(log2(q_max/d + 1))``
     unsigned (METHOD.md, U3). The ceiling is straight-through, so the result
     is differentiable in ``d`` and ``q_max``; its value is corrected to the
     exact smallest ``b`` with ``2^(b-1) - 1 >= q_max/d`` (a float ``log2`` of
-    an exact power of two may miss by an ulp and push ``ceil`` one too high).
+    an exact power of two may miss by an ulp and push ``ceil`` one too high);
+    ``rtol`` lets a ratio within that relative tolerance of a level count
+    as that level.
     """
     ratio = q_max / d
     offset = 1.0 if signed else 0.0
     raw = tf.math.log(ratio + 1.0) / LN2 + offset
     b = tf.math.ceil(raw)
     # Exact correction with integer-valued powers of two. The ratio is exact
-    # for a power-of-two d; a float step (round_step=False) at the bit bound
-    # gives q_max/d = 7 * (1 + ulp), which must still count as 7.
-    ratio = ratio * (1.0 - 2.0**-20)
+    # for a power-of-two d; for a float step pass rtol (q_max = 7 d computed
+    # in float32 can give q_max/d = 7 (1 + ulp), which should count as 7).
+    ratio = ratio * (1.0 - rtol)
     too_big = (exact_exp2(b - 1.0 - offset) - 1.0) >= ratio
     too_small = (exact_exp2(b - offset) - 1.0) < ratio
     b = b - tf.cast(too_big, b.dtype) + tf.cast(too_small, b.dtype)

@@ -485,7 +485,7 @@ class U3(UniformQuantizer):
         q_max = ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"])
         lo, hi = self._ratio_bounds()
         q_max = ops.ratio_clip(q_max, d, lo, hi)
-        bits = ops.uniform_bits(d, q_max, self.signed)
+        bits = ops.uniform_bits(d, q_max, self.signed, rtol=0.0 if self.round_step else 2.0**-20)
         return {"bits": bits, "d": d, "q_max": q_max}
 
     def project(self):
