@@ -38,16 +38,6 @@ def test_report_has_expected_keys(quick_report):
     assert {"uniform", "pow2", "paper_ordering_holds", "failures"} <= set(saved["checks"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "P3 not reproduced yet (see benchmarks/gaussian.py): U3 holds (ties U1 "
-        "at the 4-bit optimum, no oscillation), but P3's q_min and q_max are "
-        "powers of two tied by the bit bound, and the straight-through gradient "
-        "of q_min keeps asking for a finer step, so P3 ends an octave off or "
-        "alternates between octaves. Remove this marker when the ordering holds."
-    ),
-)
 def test_paper_ordering(quick_report):
     report, _ = quick_report
     res = report["results"]

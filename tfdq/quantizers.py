@@ -493,7 +493,12 @@ class U3(UniformQuantizer):
         d_fwd = ops.pow2_round_magnitude(d) if self.round_step else d
         lo, hi = self._ratio_bounds()
         q_max = _clip(self._param_vars["q_max"], self.bounds["q_max"])
-        q_max = tf.clip_by_value(q_max, lo * d_fwd, hi * d_fwd)
+        # Only the lower ratio bound (d <= q_max) moves q_max. Above the bit
+        # bound q_max is left alone: the forward pass caps it (ops.ratio_clip),
+        # and clipping the variable would shrink the range for good each time
+        # d drops an octave.
+        q_max = tf.maximum(q_max, lo * d_fwd)
+        del hi
         return {"d": d, "q_max": q_max}
 
 
@@ -678,11 +683,18 @@ class P3(Pow2Quantizer):
         return {"bits": bits, "q_min": q_min, "q_max": q_max}
 
     def project(self):
-        q_min = _clip(self._param_vars["q_min"], self.bounds["q_min"])
-        q_min_fwd = ops.pow2_round_magnitude(q_min)
         lo, hi = self._exponent_bounds()
         q_max = _clip(self._param_vars["q_max"], self.bounds["q_max"])
-        q_max = tf.clip_by_value(q_max, q_min_fwd * 2.0**lo, q_min_fwd * 2.0**hi)
+        q_min = _clip(self._param_vars["q_min"], self.bounds["q_min"])
+        # At the bit bound the range wins: q_min may not drop to an octave
+        # where 2^hi q_min would cut q_max's octave (the levels are octaves, so
+        # a step of q_min below that halves the range at once); it is raised
+        # back to q_max / 2^hi instead. q_max itself only moves for the lower
+        # bound.
+        floor = ops.pow2_round_magnitude(q_max) * 2.0**-hi
+        q_min = tf.where(ops.pow2_round_magnitude(q_min) < floor, floor, q_min)
+        q_min = _clip(q_min, self.bounds["q_min"])
+        q_max = tf.maximum(q_max, ops.pow2_round_magnitude(q_min) * 2.0**lo)
         return {"q_min": q_min, "q_max": q_max}
 
 
