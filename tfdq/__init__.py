@@ -17,6 +17,7 @@ from tfdq.constraints import MemoryBudget, constrain  # noqa: E402
 from tfdq.model import QuantizedModel  # noqa: E402
 from tfdq.quantize import quantize_model  # noqa: E402
 from tfdq.summary import summary  # noqa: E402
+from tfdq import export  # noqa: E402  (after the modules it builds on)
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "callbacks",
     "constrain",
     "constraints",
+    "export",
     "layers",
     "memory",
     "models",

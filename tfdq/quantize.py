@@ -25,6 +25,7 @@ from keras import tree
 from keras.src.models.functional import Functional  # the class of Functional models
 
 from tfdq import layers as qlayers
+from tfdq.graph import model_nodes, producer
 from tfdq import quantizers as quantizers_lib
 from tfdq.model import QuantizedModel
 
@@ -82,35 +83,6 @@ class QuantizationReport(dict):
     and the layers that stay float (``report["float_layers"]``)."""
 
 
-def _producer(tensor):
-    history = getattr(tensor, "_keras_history", None)
-    if history is None or history.operation is None:
-        return None, None
-    layer = history.operation
-    node = layer._inbound_nodes[history.node_index]
-    if node.is_input:
-        return None, None
-    return layer, node
-
-
-def _model_nodes(model):
-    """The nodes of ``model``'s own graph, inputs first."""
-    seen, order = set(), []
-
-    def visit(tensor):
-        layer, node = _producer(tensor)
-        if node is None or id(node) in seen:
-            return
-        seen.add(id(node))
-        for t in node.input_tensors:
-            visit(t)
-        order.append((layer, node))
-
-    for out in model.outputs:
-        visit(out)
-    return order
-
-
 def _activation_name(layer):
     act = getattr(layer, "activation", None)
     if act is None:
@@ -123,7 +95,7 @@ def _is_nonneg(tensor, input_signs, cache):
     key = id(tensor)
     if key in cache:
         return cache[key]
-    layer, node = _producer(tensor)
+    layer, node = producer(tensor)
     if layer is None:
         result = input_signs.get(id(tensor), False)
     elif isinstance(layer, keras.layers.ReLU):
@@ -148,7 +120,7 @@ def _is_nonneg(tensor, input_signs, cache):
 def _placement(tensor):
     """Walk up through pass-through layers to where the value is produced."""
     while True:
-        layer, node = _producer(tensor)
+        layer, node = producer(tensor)
         if layer is None or not isinstance(layer, PASS_THROUGH):
             return tensor
         if len(node.input_tensors) != 1:
@@ -326,7 +298,7 @@ def quantize_model(
 def _quantize_graph(model, options, calibration_data, report, input_signs=None):
     """Clone one Functional graph (recursing into nested models)."""
     model = _as_functional(model)
-    nodes = _model_nodes(model)
+    nodes = model_nodes(model)
     graph_nodes = {}  # id(layer) -> its nodes in this graph (a loaded model has extra ones)
     for layer, node in nodes:
         graph_nodes.setdefault(id(layer), []).append(node)

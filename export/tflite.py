@@ -1,0 +1,175 @@
+"""Export a trained tfdq ``.keras`` model to integer TFLite and verify it.
+
+    python -m export.tflite --model=runs/mnist/model.keras
+    python -m export.tflite --model=m.keras --dataset=cifar10 --output=m.tflite
+    python -m export.tflite --model=m.keras --dataset=npz:data.npz --int8_kernels
+
+The model is loaded with Keras' safe mode on (no code from the file runs).
+The command writes the ``.tflite`` (kernels hold the learned integers: int4
+where the learned bitwidth is at most 4, int8 otherwise), runs it in LiteRT
+next to the Keras model on the data set's held-out images, prints the
+verification report and the sizes (file, kernel bytes, int8 bytes, the
+packed size ``sum b * count / 8`` of the learned bitwidths) and writes the
+report as JSON.
+
+Data sets: ``mnist_subset`` (default: the 1,000 held-out images of
+:func:`tfdq.data.mnist_subset`, calibration on training images),
+``cifar10`` / ``imagenet2012`` (tensorflow-datasets, with the evaluation
+preprocessing of ``train/data.py``), or ``npz:PATH`` (arrays ``x`` and ``y``,
+optional ``x_calibration``; without it the first inputs of ``x`` calibrate).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Path of the trained tfdq model (.keras).")
+flags.DEFINE_string("output", None, "Output .tflite path (default: the model path with .tflite).")
+flags.DEFINE_string("dataset", "mnist_subset", "mnist_subset, cifar10, imagenet2012 or npz:PATH.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (cifar10, imagenet2012).")
+flags.DEFINE_integer("calibration_samples", 1000, "Training inputs used to calibrate the scales no learned quantizer covers.")
+flags.DEFINE_integer("max_eval_samples", None, "Verify on at most this many held-out inputs (default: all).")
+flags.DEFINE_enum("input_type", "int8", ["int8", "float32"], "Type of the .tflite input tensor.")
+flags.DEFINE_enum("output_type", "int8", ["int8", "float32"], "Type of the .tflite output tensor.")
+flags.DEFINE_bool("int8_kernels", False, "Store every kernel as int8 (no packed int4); the integers stay the learned ones.")
+flags.DEFINE_string("report_json", None, "Where to write the report (default: the output path with .json).")
+
+
+class CommandError(Exception):
+    """A problem with the command's inputs; main prints it without a traceback."""
+
+
+def load_model(path):
+    """Load a tfdq ``.keras`` model with safe mode on; clear errors for bad paths."""
+    if not path:
+        raise CommandError("--model is required: the path of a trained tfdq .keras model.")
+    if not os.path.exists(path):
+        raise CommandError(f"model file not found: {path!r}")
+    if os.path.isdir(path):
+        raise CommandError(f"{path!r} is a directory; pass the .keras file.")
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: F401, PLC0415  # registers the tfdq layers for loading
+
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as err:  # noqa: BLE001 (any failure means: not a loadable model)
+        raise CommandError(
+            f"cannot load {path!r} as a Keras model (corrupt, not a .keras file, or saved "
+            f"with layers tfdq does not register): {type(err).__name__}: {err}"
+        ) from None
+
+
+def load_data(name, calibration_samples, max_eval_samples=None, data_dir=None):
+    """``(calibration inputs, evaluation (x, y) or dataset)`` for data set ``name``."""
+    import numpy as np  # noqa: PLC0415
+
+    if name == "mnist_subset":
+        from tfdq.data import mnist_subset  # noqa: PLC0415
+
+        (x, _), (xt, yt) = mnist_subset()
+        if max_eval_samples:
+            xt, yt = xt[:max_eval_samples], yt[:max_eval_samples]
+        return x[:calibration_samples], (xt, yt)
+    if name.startswith("npz:"):
+        path = name[4:]
+        if not os.path.exists(path):
+            raise CommandError(f"data file not found: {path!r}")
+        try:
+            arrays = np.load(path)
+            x, y = arrays["x"], arrays["y"] if "y" in arrays else None
+            cal = arrays["x_calibration"] if "x_calibration" in arrays else x
+        except Exception as err:  # noqa: BLE001
+            raise CommandError(f"cannot read {path!r} as an .npz with arrays 'x' (and 'y'): {err}") from None
+        if max_eval_samples:
+            x = x[:max_eval_samples]
+            y = None if y is None else y[:max_eval_samples]
+        return cal[:calibration_samples], (x, y)
+    if name in ("cifar10", "imagenet2012"):
+        from train import data as train_data  # noqa: PLC0415
+
+        try:
+            d = train_data.load(
+                name, 100, data_dir=data_dir, download=False, val_examples=max_eval_samples,
+                calibration_examples=calibration_samples,
+            )
+        except Exception as err:  # noqa: BLE001
+            raise CommandError(f"data set {name!r} is not available: {err}") from None
+        return d.calibration, d.val
+    raise CommandError(f"unknown --dataset={name!r}: use mnist_subset, cifar10, imagenet2012 or npz:PATH.")
+
+
+def _jsonable(obj):
+    import numpy as np  # noqa: PLC0415
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def run(model_path, output=None, dataset="mnist_subset", calibration_samples=1000, max_eval_samples=None,
+        input_type="int8", output_type="int8", int8_kernels=False, report_json=None, data_dir=None,
+        print_fn=print):
+    """Export and verify; returns the report dict (also written as JSON)."""
+    from tfdq import export  # noqa: PLC0415
+
+    model = load_model(model_path)
+    output = output or os.path.splitext(model_path)[0] + ".tflite"
+    report_json = report_json or os.path.splitext(output)[0] + ".json"
+    calibration, evaluation = load_data(dataset, calibration_samples, max_eval_samples, data_dir)
+    try:
+        export_report = export.save_tflite(
+            model, output, calibration, input_type=input_type, output_type=output_type,
+            int4_kernels=not int8_kernels, calibration_samples=calibration_samples,
+        )
+    except export.ExportError as err:
+        raise CommandError(f"cannot export {model_path!r}: {err}") from None
+    with open(output, "rb") as f:
+        tflite = f.read()
+    result = export.verify(model, tflite, evaluation, export_report=export_report,
+                           int4_kernels=not int8_kernels)
+    float_bytes = len(export.float_tflite(model))
+    result["sizes"]["float32_tflite_bytes"] = float_bytes
+    print_fn(f"wrote {output}")
+    print_fn(result.format())
+    print_fn(
+        f"  float32 .tflite        {float_bytes} bytes (quantizers removed); this file is "
+        f"{100 * len(tflite) / float_bytes:.1f}% of it"
+    )
+    report = {
+        "model": model_path,
+        "tflite": output,
+        "dataset": dataset,
+        "export": dict(export_report),
+        "verification": dict(result),
+    }
+    with open(report_json, "w") as f:
+        json.dump(_jsonable(report), f, indent=2)
+    print_fn(f"wrote {report_json}")
+    return report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        run(
+            FLAGS.model, FLAGS.output, FLAGS.dataset, FLAGS.calibration_samples, FLAGS.max_eval_samples,
+            FLAGS.input_type, FLAGS.output_type, FLAGS.int8_kernels, FLAGS.report_json, FLAGS.data_dir,
+        )
+    except CommandError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,456 @@
+"""Integer TFLite export (tfdq.export): the file holds the learned integers.
+
+Every exported kernel is read back with LiteRT and compared, independently of
+the exporter's own checks, with the Keras model's quantized weights: the
+integers must equal ``round(w / scale)`` of the (BatchNorm-folded) quantized
+kernel, lie within the learned bitwidth's range, be stored as int4 where the
+learned ``b <= 4`` (int8 otherwise), and the scale must be the learned ``d``
+(times ``|gamma / sqrt(var + eps)|`` where a BatchNorm is folded).
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+import tfdq
+import tfdq.export as E
+from tfdq.data import mnist_subset
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _randomize_batchnorm(model, rng):
+    """Non-trivial BatchNorm statistics, one negative gamma per layer."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            gamma = rng.uniform(0.5, 2.0, c)
+            gamma[0] = -gamma[0]
+            layer.set_weights([gamma, rng.normal(0, 0.1, c), rng.normal(0, 0.1, c), rng.uniform(0.5, 2.0, c)])
+
+
+def _set_bits(qmodel, cycle):
+    """Give the weight quantizers varied learned bitwidths (METHOD.md section 4 init)."""
+    layers = tfdq.layers.weight_quantized_layers(qmodel)
+    for i, layer in enumerate(layers):
+        layer.kernel_quantizer.initialize_from(layer.kernel.numpy(), bits=cycle[i % len(cycle)])
+    return {layer.name: cycle[i % len(cycle)] for i, layer in enumerate(layers)}
+
+
+def _following_batchnorm(model, layer):
+    for other in model.layers:
+        if isinstance(other, keras.layers.BatchNormalization):
+            src = other.input._keras_history.operation
+            if src is layer:
+                return other
+    return None
+
+
+def _expected(model, layer):
+    """(integers in Keras layout, per-output-channel scale) from the Keras model alone."""
+    params = layer.kernel_quantizer.describe()
+    step = params["d"] if "d" in params else params["q_min"]
+    qk = np.asarray(layer.quantized_weights()[0], np.float64)
+    bn = _following_batchnorm(model, layer)
+    if isinstance(layer, tfdq.layers.QDepthwiseConv2D):
+        h, w, c, m = qk.shape
+        qk = qk.reshape(h, w, c * m)
+    channels = qk.shape[-1]
+    factor = np.ones(channels)
+    if bn is not None:
+        gamma = np.asarray(bn.gamma, np.float64)
+        factor = gamma / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
+    folded = qk * factor  # the float kernel of the BatchNorm-folded layer
+    scale = step * np.abs(factor)
+    k = np.sign(folded / scale) * np.floor(np.abs(folded / scale) + 0.5)
+    return k.astype(np.int64), scale, params
+
+
+def _to_tflite_layout(layer, k):
+    if isinstance(layer, tfdq.layers.QDepthwiseConv2D):
+        return k[None]  # [1, H, W, C*M]
+    if isinstance(layer, tfdq.layers.QConv2D):
+        return np.transpose(k, (3, 0, 1, 2))
+    return np.transpose(k, (1, 0))
+
+
+def _check_kernels(model, tflite, report, expected_bits):
+    """Read every kernel with LiteRT and compare with the Keras model."""
+    interpreter = Interpreter(model_content=tflite)
+    interpreter.allocate_tensors()
+    tensors = {t["name"]: t for t in E.inspect_tflite(tflite)["tensors"]}
+    details = {d["name"]: d for d in interpreter.get_tensor_details()}
+    by_name = {entry["layer"]: entry for entry in report["layers"]}
+    checked = 0
+    for layer in tfdq.layers.weight_quantized_layers(model):
+        entry = by_name[layer.name]
+        assert entry["found"], layer.name
+        d = details[entry["tensor"]]
+        values = np.asarray(interpreter.get_tensor(d["index"])).astype(np.int64)
+        k, scale, params = _expected(model, layer)
+        bits = int(round(params["bits"]))
+        assert bits == expected_bits[layer.name]
+        n = 2 ** (bits - 1) - 1
+        # integers: within the learned range and exactly round(w / scale)
+        assert np.max(np.abs(values)) <= n, (layer.name, bits, values.min(), values.max())
+        layout = _to_tflite_layout(layer, k)
+        if values.ndim == 4 and layout.ndim == 2:  # a Dense with folded BatchNorm runs as a 1x1 conv
+            layout = layout[:, None, None, :]
+        np.testing.assert_array_equal(values, layout, err_msg=layer.name)
+        # scales: the learned d, times |s_c| where BatchNorm is folded
+        file_scales = np.asarray(d["quantization_parameters"]["scales"], np.float64)
+        if file_scales.size == 1:
+            file_scales = np.full(scale.size, file_scales[0])
+        np.testing.assert_allclose(file_scales, scale, rtol=1e-6, err_msg=layer.name)
+        # storage: packed int4 for b <= 4, int8 otherwise
+        storage = tensors[entry["tensor"]]["type"]
+        assert storage == ("int4" if bits <= 4 else "int8"), (layer.name, bits, storage)
+        assert entry["storage"] == storage and entry["ok"]
+        checked += 1
+    assert checked == len(expected_bits)
+    assert report["float_ops"] == []
+
+
+# ---------------------------------------------------------------------------
+# kernels hold the learned integers: small CNN, ResNet-20, MobileNetV2
+# ---------------------------------------------------------------------------
+
+
+def test_small_cnn_with_batchnorm_exports_learned_integers_and_folded_scales():
+    rng = np.random.default_rng(0)
+    model = tfdq.models.small_cnn()
+    _randomize_batchnorm(model, rng)
+    x = rng.uniform(0, 1, (64, 28, 28, 1)).astype("float32")
+    qmodel = tfdq.quantize_model(model, calibration_data=x)
+    bits = _set_bits(qmodel, [3, 6, 4, 8])
+    tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
+    report = E.verify(qmodel, tflite, x[:32], export_report=export_report)
+    _check_kernels(qmodel, tflite, report, bits)
+    assert report["all_kernels_exact"]
+    # the 3-bit layer holds integers in [-3, 3], not re-spread over [-127, 127]
+    conv1 = next(e for e in report["layers"] if e["layer"] == "conv1")
+    assert conv1["file_range"] == [-3, 3] and conv1["storage"] == "int4"
+    # activations: the learned step is the scale; the clamp at q_max is int8 saturation
+    for a in export_report["activations"]:
+        assert a["scale"] == a["d"] and a["zero_point"] == 127 - a["levels_max"]
+    # BatchNorm folded (no MUL/ADD left), nothing in float
+    ops = [o["op"] for o in E.inspect_tflite(tflite)["ops"]]
+    assert ops.count("CONV_2D") == 3 and "MUL" not in ops and "ADD" not in ops
+    # only the logits needed a calibrated scale, and the report says so
+    assert [c["tensor"] for c in export_report["calibrated"]] == ["output_0"]
+    # (untrained weights: many near-ties; the trained-model tests measure fidelity)
+    assert report["top1_agreement"] >= 0.5
+
+
+def test_int8_kernel_option_stores_the_same_integers_as_int8():
+    rng = np.random.default_rng(1)
+    model = tfdq.models.small_cnn()
+    _randomize_batchnorm(model, rng)
+    x = rng.uniform(0, 1, (32, 28, 28, 1)).astype("float32")
+    qmodel = tfdq.quantize_model(model, calibration_data=x)
+    _set_bits(qmodel, [2, 3, 4, 4])
+    mixed = E.to_tflite(qmodel, x)
+    int8 = E.to_tflite(qmodel, x, int4_kernels=False)
+    r4 = E.verify(qmodel, mixed, x[:8], int4_kernels=True)
+    r8 = E.verify(qmodel, int8, x[:8], int4_kernels=False)
+    assert {e["storage"] for e in r4["layers"]} == {"int4"}
+    assert {e["storage"] for e in r8["layers"]} == {"int8"}
+    assert r4["all_kernels_exact"] and r8["all_kernels_exact"]
+    assert [e["file_range"] for e in r4["layers"]] == [e["file_range"] for e in r8["layers"]]
+    # int4 packing: half a byte per weight
+    assert r4["sizes"]["kernel_bytes_in_file"] * 2 == r8["sizes"]["kernel_bytes_in_file"]
+    assert len(int8) - len(mixed) >= 0.45 * r8["sizes"]["kernel_count"]
+
+
+def test_resnet20_with_identity_shortcuts_and_add():
+    rng = np.random.default_rng(2)
+    model = tfdq.models.resnet20()
+    _randomize_batchnorm(model, rng)
+    x = rng.uniform(0, 1, (32, 32, 32, 3)).astype("float32")
+    qmodel = tfdq.quantize_model(model, calibration_data=x)
+    bits = _set_bits(qmodel, [2, 3, 4, 5, 6, 8])
+    tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
+    report = E.verify(qmodel, tflite, x[:16], export_report=export_report)
+    _check_kernels(qmodel, tflite, report, bits)
+    ops = [o["op"] for o in E.inspect_tflite(tflite)["ops"]]
+    assert ops.count("CONV_2D") == 19 and ops.count("ADD") == 9
+    # the second conv of each block enters its Add without a learned quantizer:
+    # its scale is calibrated (and reported), as are the global average and logits
+    calibrated = [c["tensor"] for c in export_report["calibrated"]]
+    assert sum(":input" in c and "_add" in c for c in calibrated) == 9
+    assert "pool" in calibrated and "output_0" in calibrated
+    assert report["top1_agreement"] >= 0.5
+
+
+def test_mobilenetv2_small_input():
+    rng = np.random.default_rng(3)
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
+    _randomize_batchnorm(model, rng)
+    x = rng.uniform(-1, 1, (16, 32, 32, 3)).astype("float32")
+    qmodel = tfdq.quantize_model(model, calibration_data=x)
+    bits = _set_bits(qmodel, [3, 4, 5, 8, 2, 6])
+    tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
+    report = E.verify(qmodel, tflite, x[:8], export_report=export_report)
+    _check_kernels(qmodel, tflite, report, bits)
+    ops = [o["op"] for o in E.inspect_tflite(tflite)["ops"]]
+    assert ops.count("DEPTHWISE_CONV_2D") == 17 and ops.count("ADD") == 10
+    storages = {e["storage"] for e in report["layers"]}
+    assert storages == {"int4", "int8"}
+    # signed activation quantizers (linear bottlenecks) get their clamp at q_max
+    signed = [a for a in export_report["activations"] if a["signed"]]
+    assert signed and ops.count("MINIMUM") == len(signed)
+    # softmax output: TFLite's fixed int8 scale 1/256, reported as fixed
+    assert export_report["fixed"][0]["scale"] == 1 / 256
+    assert report["max_abs_output_diff"] < 0.05
+
+
+def test_mixed_graph_float_io_pow2_weights_dense_batchnorm():
+    """Concatenate, average pooling, depthwise multiplier 2, Dense + BatchNorm,
+    power-of-two weights on an int8 grid of step q_min, float input/output."""
+    rng = np.random.default_rng(4)
+    inp = keras.Input((12, 12, 3))
+    a = keras.layers.Conv2D(8, 3, padding="same")(inp)
+    a = keras.layers.BatchNormalization()(a)
+    a = keras.layers.Activation("relu6")(a)
+    b = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False)(a)
+    b = keras.layers.BatchNormalization()(b)
+    b = keras.layers.ReLU()(b)
+    b = keras.layers.ZeroPadding2D(1)(b)
+    c = keras.layers.Conv2D(16, 1, activation="relu")(a)
+    x = keras.layers.Concatenate()([b, c])
+    x = keras.layers.AveragePooling2D(2)(x)
+    x = keras.layers.Dropout(0.2)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(12, use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    out = keras.layers.Dense(5)(x)
+    model = keras.Model(inp, out)
+    _randomize_batchnorm(model, rng)
+    data = rng.uniform(-1, 1, (64, 12, 12, 3)).astype("float32")
+    qmodel = tfdq.quantize_model(model, weight_quantizer="P3", calibration_data=data, init_bits=2)
+    layers = tfdq.layers.weight_quantized_layers(qmodel)
+    layers[1].kernel_quantizer.initialize_from(layers[1].kernel.numpy(), bits=3)  # q_max/q_min = 8
+    tflite, export_report = E.to_tflite(
+        qmodel, data, input_type="float32", output_type="float32", return_report=True
+    )
+    report = E.verify(qmodel, tflite, data, export_report=export_report)
+    assert report["all_kernels_exact"] and report["float_ops"] == []
+    # float output: the difference is still measured in steps of the int8 output
+    assert report["max_abs_output_diff_in_output_steps"] is not None
+    for entry, layer in zip(report["layers"], layers):
+        p = layer.kernel_quantizer.describe()
+        ratio = int(round(p["q_max"] / p["q_min"]))
+        assert entry["allowed"] == [-ratio, ratio]
+        assert entry["storage"] == ("int4" if ratio <= 7 else "int8")
+        # the levels are +-q_min 2^j: powers of two in the file
+        values = np.abs(np.array(entry["file_range"]))
+        assert all(v == 0 or (v & (v - 1)) == 0 for v in values)
+    assert report["top1_agreement"] >= 0.5
+    ops = {o["op"] for o in E.inspect_tflite(tflite)["ops"]}
+    assert {"CONCATENATION", "AVERAGE_POOL_2D", "MEAN", "DEPTHWISE_CONV_2D"} <= ops
+
+
+def test_without_activation_quantizers_every_scale_is_calibrated_and_reported():
+    rng = np.random.default_rng(5)
+    model = tfdq.models.small_cnn()
+    x = rng.uniform(0, 1, (32, 28, 28, 1)).astype("float32")
+    qmodel = tfdq.quantize_model(model, quantize_activations=False)
+    tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
+    calibrated = [c["tensor"] for c in export_report["calibrated"]]
+    # every tensor whose producer is not followed by a learned quantizer
+    assert calibrated == ["conv1:input", "pool1:input", "pool2:input", "flatten:input", "output_0"]
+    assert all(c["calibration_samples"] == 32 for c in export_report["calibrated"])
+    assert E.verify(qmodel, tflite, x[:8])["all_kernels_exact"]
+
+
+# ---------------------------------------------------------------------------
+# bad input: clear errors
+# ---------------------------------------------------------------------------
+
+
+def test_model_without_quantizers_is_refused():
+    with pytest.raises(E.ExportError, match="no tfdq quantizers.*quantize_model"):
+        E.to_tflite(tfdq.models.small_cnn(), np.zeros((4, 28, 28, 1), "float32"))
+
+
+def test_bitwidth_above_8_is_refused_naming_the_layers():
+    qmodel = tfdq.quantize_model(tfdq.models.small_cnn(), weight_bits=(2, 12))
+    for name, bits in (("conv2", 10), ("logits", 12)):
+        layer = qmodel.get_layer(name)
+        layer.kernel_quantizer.initialize_from(layer.kernel.numpy(), bits=bits)
+    with pytest.raises(E.ExportError, match=r"above 8.*conv2 \(10 bits\).*logits \(12 bits\)"):
+        E.to_tflite(qmodel, np.zeros((4, 28, 28, 1), "float32"))
+
+
+def test_pow2_grid_wider_than_int8_is_refused():
+    qmodel = tfdq.quantize_model(tfdq.models.small_cnn(), weight_quantizer="P3", init_bits=2)
+    layer = qmodel.get_layer("conv3")
+    layer.kernel_quantizer.initialize_from(layer.kernel.numpy(), bits=4)  # q_max/q_min = 2^7
+    with pytest.raises(E.ExportError, match=r"power-of-two weight grids.*conv3.*2\^7"):
+        E.to_tflite(qmodel, np.zeros((4, 28, 28, 1), "float32"))
+
+
+def test_pow2_activation_quantizers_are_refused():
+    qmodel = tfdq.quantize_model(tfdq.models.small_cnn(), activation_quantizer="P3")
+    with pytest.raises(E.ExportError, match="Power-of-two activation quantizers.*relu1_aq"):
+        E.to_tflite(qmodel, np.zeros((4, 28, 28, 1), "float32"))
+
+
+def test_unsupported_layers_between_quantized_layers_are_named():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="c1")(inp)
+    x = keras.layers.LayerNormalization(name="ln")(x)
+    x = keras.layers.Activation("tanh", name="squash")(x)
+    x = keras.layers.Flatten()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    with pytest.warns(UserWarning, match="stay float"):
+        qmodel = tfdq.quantize_model(keras.Model(inp, out))
+    with pytest.raises(E.ExportError) as err:
+        E.to_tflite(qmodel, np.zeros((4, 8, 8, 3), "float32"))
+    assert "Unsupported layers between quantized layers" in str(err.value)
+    assert "ln (LayerNormalization)" in str(err.value) and "squash (Activation)" in str(err.value)
+
+
+def test_float_layer_and_unfoldable_batchnorm_are_named():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inp)
+    x = keras.layers.BatchNormalization(name="bn_after_relu")(x)
+    x = keras.layers.Flatten()(x)
+    out = keras.layers.Dense(3, name="head")(x)
+    qmodel = tfdq.quantize_model(keras.Model(inp, out))
+    float_head = keras.layers.Dense(2, name="float_head")(qmodel.output)
+    mixed = keras.Model(qmodel.input, float_head)
+    with pytest.raises(E.ExportError) as err:
+        E.to_tflite(mixed, np.zeros((4, 8, 8, 3), "float32"))
+    assert "bn_after_relu" in str(err.value) and "cannot be folded" in str(err.value)
+    assert "float_head (Dense)" in str(err.value)
+
+
+def test_missing_calibration_data_names_the_tensors():
+    qmodel = tfdq.quantize_model(tfdq.models.small_cnn())
+    with pytest.raises(E.ExportError, match="output_0.*calibration_data"):
+        E.to_tflite(qmodel)
+
+
+# ---------------------------------------------------------------------------
+# real data: a trained MNIST CNN with learned mixed precision (U3 W+A)
+# ---------------------------------------------------------------------------
+
+
+def _train_mnist(float_epochs, quant_epochs, weight_kb=15.0, seed=0):
+    keras.utils.set_random_seed(seed)
+    (x, y), (xt, yt) = mnist_subset()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = tfdq.models.small_cnn()
+    model.compile(keras.optimizers.Adam(1e-3), loss)
+    model.fit(x, y, batch_size=64, epochs=float_epochs, verbose=0)
+    qmodel = tfdq.quantize_model(model, calibration_data=x[:512])  # U3 weights and activations
+    qmodel = tfdq.constrain(qmodel, weight_kb=weight_kb)  # learned mixed precision under (8a)
+    qmodel.compile(keras.optimizers.Adam(5e-4), loss)
+    qmodel.fit(x, y, batch_size=64, epochs=quant_epochs, verbose=0)
+    return model, qmodel, (x, y), (xt, yt)
+
+
+@pytest.fixture(scope="module")
+def trained_mnist():
+    return _train_mnist(float_epochs=4, quant_epochs=1)
+
+
+def _fidelity(model, qmodel, train, test):
+    import tensorflow as tf  # noqa: PLC0415
+
+    float_size = len(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    out = {}
+    for int4 in (True, False):
+        tflite, export_report = E.to_tflite(qmodel, train[0][:1000], int4_kernels=int4, return_report=True)
+        out[int4] = (tflite, E.verify(qmodel, tflite, test, export_report=export_report))
+    return float_size, out
+
+
+def _check_file_sizes(report, tflite, float_size):
+    sizes = report["sizes"]
+    assert len(tflite) <= 0.30 * float_size, (len(tflite), float_size)
+    assert abs(sizes["kernel_bytes_in_file"] - sizes["mixed_int4_int8_bytes"]) <= 0.10 * sizes["mixed_int4_int8_bytes"]
+    four_bit = [e for e in report["layers"] if e["bits"] == 4]
+    assert four_bit, "no 4-bit layer learned"
+    for e in four_bit:  # the case tfmot gets wrong: 4-bit weights stay in [-7, 7]
+        assert -7 <= e["file_range"][0] and e["file_range"][1] <= 7 and e["storage"] == "int4"
+
+
+def test_trained_mnist_cnn_fidelity_short(trained_mnist):
+    model, qmodel, train, test = trained_mnist
+    float_size, out = _fidelity(model, qmodel, train, test)
+    tflite4, r4 = out[True]
+    tflite8, r8 = out[False]
+    assert r4["samples"] == 1000 and r4["all_kernels_exact"] and r8["all_kernels_exact"]
+    _check_file_sizes(r4, tflite4, float_size)
+    # Short training leaves more inputs near a decision boundary than the slow
+    # test's model; LiteRT's int4 convolutions also round twice (see report).
+    assert r8["top1_agreement"] >= 0.995, r8
+    assert r4["top1_agreement"] >= 0.99, r4
+    for r in (r4, r8):
+        assert abs(r["tflite_accuracy"] - r["keras_accuracy"]) <= 0.005, r
+
+
+@pytest.mark.slow
+def test_trained_mnist_cnn_fidelity_full_recipe():
+    model, qmodel, train, test = _train_mnist(float_epochs=10, quant_epochs=3)
+    float_size, out = _fidelity(model, qmodel, train, test)
+    tflite4, r4 = out[True]
+    tflite8, r8 = out[False]
+    _check_file_sizes(r4, tflite4, float_size)
+    # the issue's bar, on the file whose kernels run through XNNPACK (int8)
+    assert r8["top1_agreement"] >= 0.998, r8
+    assert abs(r8["tflite_accuracy"] - r8["keras_accuracy"]) <= 0.002, r8
+    # the mixed int4/int8 file: same integers, but LiteRT 2.3's int4
+    # CONV_2D kernel requantizes with two roundings
+    assert r4["top1_agreement"] >= 0.995, r4
+    assert abs(r4["tflite_accuracy"] - r4["keras_accuracy"]) <= 0.003, r4
+
+
+# ---------------------------------------------------------------------------
+# the export command
+# ---------------------------------------------------------------------------
+
+
+def test_export_command_writes_tflite_and_json_report(trained_mnist, tmp_path):
+    from export import tflite as command  # noqa: PLC0415
+
+    _, qmodel, _, _ = trained_mnist
+    path = tmp_path / "mnist.keras"
+    qmodel.save(path)
+    lines = []
+    report = command.run(str(path), max_eval_samples=200, calibration_samples=500, print_fn=lines.append)
+    out = tmp_path / "mnist.tflite"
+    assert out.exists() and (tmp_path / "mnist.json").exists()
+    saved = json.loads((tmp_path / "mnist.json").read_text())
+    assert saved["verification"]["samples"] == 200
+    assert saved["verification"]["all_kernels_exact"]
+    text = "\n".join(lines)
+    for needle in ("top-1 agreement", "file size", "int8 weight bytes", "learned packed size", "int4"):
+        assert needle in text
+    assert report["verification"]["sizes"]["file_bytes"] == out.stat().st_size
+
+
+def test_export_command_missing_and_corrupt_model(tmp_path):
+    from export import tflite as command  # noqa: PLC0415
+
+    with pytest.raises(command.CommandError, match="not found"):
+        command.run(str(tmp_path / "nope.keras"))
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"this is not a keras zip file")
+    with pytest.raises(command.CommandError, match="cannot load"):
+        command.run(str(bad))
+    # main(): an error line and exit status 2, no traceback
+    from absl import flags  # noqa: PLC0415
+
+    flags.FLAGS(["tflite", f"--model={tmp_path / 'nope.keras'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["tflite"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,78 @@
+"""Export to a full-integer TFLite model that keeps the learned integers.
+
+A trained tfdq layer computes with ``Q(W) = k * d``: integers ``|k| <=
+2^(b-1) - 1`` (uniform quantizers; power of two: ``k = +-2^j``, step
+``q_min``) times the learned step ``d``. :func:`to_tflite` builds, from the
+Keras model, a TensorFlow graph that the TF 2.21 TFLite converter turns into
+an int8 model whose kernels hold exactly those integers:
+
+* Kernels: a constant ``k * d * s_c`` passes a FakeQuant with
+  ``num_bits=4, narrow_range=True, min/max = -/+7 d s_c`` when the learned
+  ``b <= 4`` (the converter stores it as packed int4: ``|k| <= 7`` stays
+  exact) and ``num_bits=8``, ``-/+127 d s_c`` when ``5 <= b <= 8``. So the
+  scale is ``d`` (per tensor) or ``d |s_c|`` (per output channel) and every
+  stored integer is a learned one. ``num_bits`` 2, 3 or 5-7 would make the
+  converter re-spread the values (DESIGN.md), so they are never used.
+* BatchNormalization right after a quantized Conv2D / DepthwiseConv2D /
+  Dense is folded into per-channel scales, not into the integers:
+  ``s_c = gamma_c / sqrt(var_c + eps)``, kernel scale ``d |s_c|`` (a negative
+  ``s_c`` flips the sign of that channel's integers: TFLite scales are
+  positive), folded bias ``s_c (Q(bias) - mean_c) + beta_c`` in the int32
+  bias.
+* Activations: an :class:`~tfdq.layers.ActivationQuantizer` with step ``d``
+  and ``n = round(q_max / d)`` levels becomes an int8 tensor of scale ``d``.
+  Unsigned (after ReLU): zero point ``127 - n``, so that int8 saturation is
+  the clamp at ``q_max`` (``n = 255``, 8 bits: zero point -128) and the
+  producer's fused ReLU/ReLU6 is the clamp at 0; signed: zero point
+  ``n - 128`` plus one ``MINIMUM`` at ``n d``. The learned grid, range and
+  rounding are those of the Keras model.
+* Tensors that no learned quantizer covers (logits, a linear bottleneck
+  entering an ``Add``, a global average) get a power-of-two scale calibrated
+  on ``calibration_data`` (an ``Add`` input takes the step of the learned
+  quantizer after the sum when its range fits, which keeps the sum exact);
+  every such tensor is listed in the export report with its scale and
+  observed range.
+
+After the conversion the file is read back: every kernel must hold the
+planned integers with the planned scale and storage type, and no operation
+may compute in float (only the QUANTIZE/DEQUANTIZE at a float input or
+output), or :class:`ExportError` is raised. :func:`verify` runs the file in
+LiteRT next to the Keras model.
+
+Fidelity: the integer graph differs from the Keras model in two places.
+The folded BatchNorm bias is an int32 at TFLite's bias scale ``s_in d |s_c|``
+(rounded, at most half a unit), and LiteRT 2.3 runs CONV_2D and
+DEPTHWISE_CONV_2D with int4 kernels through a requantization that rounds
+twice (int8 kernels go through XNNPACK, which rounds once; FULLY_CONNECTED
+rounds once either way). Both move an output that lies very close to a
+rounding boundary by one step; :func:`verify` measures the effect.
+
+Use::
+
+    tflite, report = tfdq.export.to_tflite(qmodel, x_train[:1000], return_report=True)
+    print(tfdq.export.verify(qmodel, tflite, (x_test, y_test), export_report=report).format())
+
+or ``python -m export.tflite --model=m.keras`` from a shell.
+
+Unsupported, with an error that names the layers: bitwidths above 8,
+power-of-two weight grids with ``q_max / q_min > 64`` (not on an int8 grid of
+step ``q_min``), power-of-two *activation* quantizers (their log-domain
+rounding has no integer TFLite kernel), layers without an integer export.
+"""
+
+from tfdq.export.convert import ExportReport, float_tflite, save_tflite, to_tflite
+from tfdq.export.flatbuffer import inspect_tflite
+from tfdq.export.plan import ExportError
+from tfdq.export.verify import VerificationReport, size_report, verify
+
+__all__ = [
+    "ExportError",
+    "ExportReport",
+    "VerificationReport",
+    "float_tflite",
+    "inspect_tflite",
+    "save_tflite",
+    "size_report",
+    "to_tflite",
+    "verify",
+]

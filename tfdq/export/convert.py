@@ -1,0 +1,656 @@
+"""Building the TF graph that the TFLite converter turns into the integer model.
+
+:class:`Builder` evaluates the planned Keras graph with TensorFlow ops and
+FakeQuant where TFLite needs a scale: kernels (the learned integers times
+their scale), activation quantizers (the learned step), and, calibrated on
+data, the tensors no learned quantizer covers. :func:`to_tflite` converts it
+and reads the file back.
+"""
+
+import dataclasses
+import math
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfdq.export.flatbuffer import find_kernel, float_ops, inspect_tflite, unpack_integers
+from tfdq.export.plan import (
+    AVERAGE_LAYERS,
+    IDENTITY_LAYERS,
+    INT8_MAX,
+    KERNEL_TAG,
+    OUTPUT_HEADROOM,
+    SAME_SCALE_LAYERS,
+    SOFTMAX_SCALE,
+    ExportError,
+    Plan,
+    activation_name,
+    relu_kind,
+)
+
+class ExportReport(dict):
+    """What :func:`to_tflite` did (a dict, JSON-serializable).
+
+    Keys: ``kernels`` (per quantized layer: bits, integer range, storage,
+    scale kind, folded BatchNorm), ``activations`` (per activation
+    quantizer: step, levels, zero point, clamp), ``calibrated`` (tensors whose
+    scale was calibrated on the user's data, with the reason), ``fixed``
+    (tensors whose scale TFLite's spec fixes, e.g. softmax), ``options``.
+    """
+
+
+# ---------------------------------------------------------------------------
+# TF graph building
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Q:
+    """int8 quantization of a tensor: ``real = (q - zero_point) * scale``."""
+
+    scale: float
+    zero_point: int
+
+    @property
+    def lo(self):
+        return (-128 - self.zero_point) * self.scale
+
+    @property
+    def hi(self):
+        return (127 - self.zero_point) * self.scale
+
+
+_CALIBRATING = _Q(float("nan"), 0)  # placeholder while collecting statistics
+
+
+@dataclasses.dataclass
+class _Val:
+    t: object  # tf.Tensor
+    q: _Q = None  # None: not quantized yet (its producer's output scale is open)
+    fusable: bool = False  # produced by conv/dense/add with no activation yet
+    nonneg: bool = False
+    label: str = ""
+
+
+def _pow2_ceil(v):
+    return 2.0 ** math.ceil(math.log2(v))
+
+
+class Builder:
+    """Evaluates the Keras graph with TF ops: FakeQuant where TFLite needs scales.
+
+    ``mode``: ``"calibrate"`` (calibration points are identities whose values
+    are recorded), ``"export"`` (calibration points are FakeQuants with the
+    scales derived from ``stats``) or ``"float"`` (no FakeQuant at all, float
+    kernels: the float version of the model).
+    """
+
+    def __init__(self, plan, mode, stats=None):
+        self.plan = plan
+        self.mode = mode
+        self.stats = stats or {}
+        self.points = {}
+        self.float_weights = {}
+        if mode == "float":  # read here: the graph is traced without eager values
+            for i in plan.kernels:
+                layer = plan.ops[i].layer
+                bias = np.asarray(layer.bias.numpy(), np.float32) if layer.use_bias else None
+                self.float_weights[i] = (np.asarray(layer.kernel.numpy(), np.float32), bias)
+        self.calibrated_info = []
+        self.fixed = []
+        self.missing = []
+
+    # -- quantization helpers -----------------------------------------------
+
+    def fq(self, t, q, name=None):
+        if self.mode == "float" or q is _CALIBRATING or q is None:
+            return t
+        return tf.quantization.fake_quant_with_min_max_vars(
+            t, q.lo, q.hi, num_bits=8, narrow_range=False, name=name
+        )
+
+    def calibrated(self, val, name, reason, prefer_step=None, tight=False):
+        """Quantize an uncovered tensor with a scale calibrated on data.
+
+        The scale is the smallest power of two that covers the observed
+        range (``prefer_step`` instead when that covers it too), or, with
+        ``tight`` (outputs: nothing downstream rescales them),
+        ``OUTPUT_HEADROOM * max|x| / levels``.
+        """
+        if self.mode == "float":
+            return dataclasses.replace(val, q=_CALIBRATING, fusable=False)
+        if self.mode == "calibrate":
+            self.points[name] = val.t
+            return dataclasses.replace(val, q=_CALIBRATING, fusable=False)
+        st = self.stats.get(name)
+        if st is None:
+            self.missing.append((name, reason))
+            st = {"max_abs": 1.0, "min": -1.0, "samples": 0}
+        max_abs = st["max_abs"]
+        levels = 255 if val.nonneg else INT8_MAX
+        needed = _pow2_ceil(max_abs / levels) if max_abs > 0 else 2.0**-8
+        scale = needed
+        how = f"power of two covering max |x| = {max_abs:.6g} with {levels} levels"
+        if tight and max_abs > 0:
+            scale = OUTPUT_HEADROOM * max_abs / levels
+            how = f"{OUTPUT_HEADROOM} x max |x| = {max_abs:.6g} over {levels} levels"
+        if prefer_step is not None and needed <= prefer_step:
+            scale = prefer_step
+            how = (
+                f"step {prefer_step:g} of the learned quantizer after the sum "
+                f"(covers max |x| = {max_abs:.6g}), which keeps the sum on its grid"
+            )
+        zp = -128 if val.nonneg else 0
+        q = _Q(scale, zp)
+        self.calibrated_info.append(
+            {
+                "tensor": name,
+                "reason": reason,
+                "scale": scale,
+                "zero_point": zp,
+                "observed_max_abs": max_abs,
+                "observed_min": st["min"],
+                "calibration_samples": st["samples"],
+                "how": how,
+            }
+        )
+        return dataclasses.replace(val, t=self.fq(val.t, q), q=q, fusable=False)
+
+    def quantized(self, values, key, name, reason, prefer_step=None):
+        val = values[key]
+        if val.q is None:
+            val = self.calibrated(val, name, reason, prefer_step)
+            values[key] = val
+        return val
+
+    # -- graph -----------------------------------------------------------------
+
+    def run(self, inputs):
+        plan = self.plan
+        self.points, self.calibrated_info, self.fixed, self.missing = {}, [], [], []
+        values = {}
+        for k, t in zip(plan.input_keys, inputs):
+            values[k] = _Val(t, None, False, False, "input")
+        for op in plan.ops:
+            outs = self.eval_op(op, values)
+            for k, v in zip(op.outputs, outs):
+                values[k] = v
+        results = []
+        for i, k in enumerate(plan.output_keys):
+            name = f"output_{i}"
+            val = values[k]
+            if val.q is None:
+                val = self.calibrated(val, name, "model output (no learned quantizer)", tight=True)
+            results.append(val.t)
+        return results
+
+    def eval_op(self, op, values):
+        layer = op.layer
+        plan = self.plan
+        label = op.path
+        if op.index in plan.acts:
+            return [self.activation_quantizer(op, values[op.inputs[0]])]
+        if op.index in plan.kernels:
+            x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+            return [self.weighted(op, x)]
+        if op.index in plan.folded_bn:
+            return [values[op.inputs[0]]]
+        kind = relu_kind(layer)
+        if kind is not None:
+            return [self.activation(op, values, kind)]
+        if isinstance(layer, IDENTITY_LAYERS):
+            return [values[op.inputs[0]]]
+        if isinstance(layer, SAME_SCALE_LAYERS) or type(layer).__name__ == "ZeroPadShortcut":
+            x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+            y = self.same_scale(layer, x.t)
+            return [_Val(self.fq(y, x.q), x.q, False, x.nonneg, label)]
+        if isinstance(layer, AVERAGE_LAYERS):
+            x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+            if isinstance(layer, keras.layers.GlobalAveragePooling2D):
+                y = tf.reduce_mean(x.t, axis=[1, 2], keepdims=bool(layer.keepdims))
+            else:
+                y = tf.nn.avg_pool2d(x.t, layer.pool_size, layer.strides, layer.padding.upper())
+            out = _Val(y, None, False, x.nonneg, label)
+            return [self.calibrated(out, label, "average of quantized values (not on the input grid)")]
+        if isinstance(layer, keras.layers.Add):
+            return [self.add(op, values)]
+        if isinstance(layer, keras.layers.Concatenate):
+            xs = [
+                self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
+                for i, k in enumerate(op.inputs)
+            ]
+            y = tf.concat([x.t for x in xs], axis=layer.axis)
+            return [_Val(y, None, False, all(x.nonneg for x in xs), label)]
+        raise ExportError(f"No integer export for {op.path} ({type(layer).__name__}).")
+
+    def same_scale(self, layer, t):
+        shape = t.shape
+        if isinstance(layer, keras.layers.Flatten):
+            return tf.reshape(t, [-1, int(np.prod(shape[1:]))])
+        if isinstance(layer, keras.layers.Reshape):
+            return tf.reshape(t, [-1, *layer.target_shape])
+        if isinstance(layer, keras.layers.ZeroPadding2D):
+            (top, bottom), (left, right) = layer.padding
+            return tf.pad(t, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        if isinstance(layer, keras.layers.Cropping2D):
+            (top, bottom), (left, right) = layer.cropping
+            h, w = shape[1], shape[2]
+            return t[:, top : h - bottom, left : w - right, :]
+        if isinstance(layer, keras.layers.MaxPooling2D):
+            return tf.nn.max_pool2d(t, layer.pool_size, layer.strides, layer.padding.upper())
+        if isinstance(layer, keras.layers.GlobalMaxPooling2D):
+            return tf.reduce_max(t, axis=[1, 2], keepdims=bool(layer.keepdims))
+        # tfdq.models.ZeroPadShortcut
+        y = t[:, :: layer.stride, :: layer.stride, :]
+        if layer.extra_channels:
+            y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, layer.extra_channels]])
+        return y
+
+    def activation_quantizer(self, op, x):
+        a = self.plan.acts[op.index]
+        q = _Q(a.step, a.zero_point)
+        t = self.fq(x.t, q)
+        if self.mode == "float":
+            return _Val(x.t, q, False, not a.signed, op.path)
+        if a.signed:
+            # zero point n - 128: int8 saturation is the clamp at -n d; the
+            # clamp at +n d is one MINIMUM.
+            t = self.fq(tf.minimum(t, a.n * a.step), q)
+        elif not x.nonneg:
+            # zero point 127 - n: saturation clamps at n d; the clamp at 0
+            # is a ReLU (fused into the producer where there is one).
+            t = self.fq(tf.nn.relu(t), q)
+        return _Val(t, q, False, not a.signed, op.path)
+
+    def activation(self, op, values, kind):
+        x = values[op.inputs[0]]
+        if kind == "linear":
+            return x
+        if kind == "softmax":
+            x = values[op.inputs[0]]
+            if x.q is None:
+                x = self.calibrated(x, f"{op.path}:logits", f"logits entering {op.path}", tight=True)
+            return self.softmax(x, op.path)
+        fn = tf.nn.relu if kind == "relu" else tf.nn.relu6
+        if x.q is None and x.fusable:
+            # fused into the producer: its output scale comes from the next FakeQuant
+            return _Val(fn(x.t), None, False, True, op.path)
+        x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}")
+        return _Val(self.fq(fn(x.t), x.q), x.q, False, True, op.path)
+
+    def softmax(self, x, label):
+        q = _Q(SOFTMAX_SCALE, -128)
+        self.fixed.append({"tensor": label, "scale": SOFTMAX_SCALE, "zero_point": -128, "why": "TFLite int8 softmax output"})
+        return _Val(self.fq(tf.nn.softmax(x.t), q), q, False, True, label)
+
+    def add(self, op, values):
+        label = op.path
+        keys = list(op.inputs)
+        # Quantize learned inputs first so that the calibrated one can align to them.
+        d_out = self.plan.downstream_step(op.outputs[0])
+        order = sorted(range(len(keys)), key=lambda i: values[keys[i]].q is None)
+        for i in order:
+            others = [values[keys[j]] for j in range(len(keys)) if j != i]
+            prefer = d_out
+            if prefer is not None:
+                for o in others:
+                    if o.q is None or o.q is _CALIBRATING:
+                        continue
+                    ratio = o.q.scale / prefer
+                    if ratio < 1 or ratio != round(ratio):
+                        prefer = None
+                        break
+            self.quantized(values, keys[i], f"{label}:input{i}", f"input {i} of {label}", prefer)
+        xs = [values[k] for k in keys]
+        y = xs[0].t + xs[1].t
+        return _Val(y, None, True, all(x.nonneg for x in xs), label)
+
+    def weighted(self, op, x):
+        plan = self.plan.kernels[op.index]
+        layer = op.layer
+        name = f"{KERNEL_TAG}{op.index}"
+        if self.mode == "float":
+            kernel, bias = self.float_weights[op.index]
+            kernel = tf.constant(kernel)
+            y = self._apply_kernel(plan, layer, x.t, kernel, per_channel_dense=False)
+            if bias is not None:
+                y = tf.nn.bias_add(y, bias)
+            if plan.per_channel:
+                w = self.plan.bn[op.index]
+                y = y * w["factor"].astype(np.float32) + (w["beta"] - w["mean"] * w["factor"]).astype(np.float32)
+        else:
+            folded = plan.folded_kernel()
+            n = plan.fq_max
+            if plan.per_channel:
+                scales = plan.scales()
+                lo = (-n * scales).astype(np.float32)
+                hi = (n * scales).astype(np.float32)
+                if plan.kind == "dense":
+                    folded = folded[None, None]  # [1, 1, in, out]: exported as a 1x1 convolution
+                kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                    tf.constant(folded), lo, hi, num_bits=plan.fq_bits, narrow_range=True,
+                    name=name if plan.kind != "depthwise" else None,
+                )
+            else:
+                kernel = tf.quantization.fake_quant_with_min_max_vars(
+                    tf.constant(folded), -n * plan.step, n * plan.step, num_bits=plan.fq_bits,
+                    narrow_range=True, name=name if plan.kind != "depthwise" else None,
+                )
+            if plan.kind == "depthwise":
+                kernel = tf.reshape(kernel, layer.kernel.shape, name=name)
+            y = self._apply_kernel(plan, layer, x.t, kernel, per_channel_dense=plan.per_channel)
+            bias = plan.folded_bias(self.plan.bn.get(op.index))
+            if bias is not None:
+                y = tf.nn.bias_add(y, bias)
+        val = _Val(y, None, True, False, op.path)
+        act = activation_name(layer.activation)
+        if act in ("relu", "relu6"):
+            fn = tf.nn.relu if act == "relu" else tf.nn.relu6
+            return _Val(fn(y), None, False, True, op.path)
+        if act == "softmax":
+            val = self.calibrated(val, f"{op.path}:logits", f"logits of {op.path} entering its softmax", tight=True)
+            return self.softmax(val, op.path)
+        if act != "linear":
+            raise ExportError(
+                f"{op.path}: activation {act!r} has no exact integer export (use relu, relu6, "
+                "linear, or softmax at the output)."
+            )
+        return val
+
+    def _apply_kernel(self, plan, layer, x, kernel, per_channel_dense):
+        if plan.kind == "conv":
+            return tf.nn.conv2d(
+                x, kernel, strides=list(layer.strides), padding=layer.padding.upper(),
+                dilations=list(layer.dilation_rate),
+            )
+        if plan.kind == "depthwise":
+            return tf.nn.depthwise_conv2d(
+                x, kernel, strides=[1, *layer.strides, 1], padding=layer.padding.upper(),
+                dilations=list(layer.dilation_rate),
+            )
+        rank = len(x.shape)
+        if per_channel_dense:
+            y = tf.nn.conv2d(tf.reshape(x, [-1, 1, 1, x.shape[-1]]), kernel, strides=1, padding="VALID")
+            return tf.reshape(y, [-1, kernel.shape[-1]])
+        if rank == 2:
+            return tf.matmul(x, kernel)
+        inner = [int(s) for s in x.shape[1:-1]]
+        y = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
+        return tf.reshape(y, [-1, *inner, kernel.shape[-1]])
+
+
+# ---------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------
+
+
+def _input_specs(model):
+    specs = []
+    for t in model.inputs:
+        shape = list(t.shape)
+        shape[0] = None
+        specs.append(tf.TensorSpec(shape, tf.float32))
+    return specs
+
+
+def _inputs_only(data):
+    """The inputs of ``(x, y)`` / ``(x, y, w)`` tuples; arrays pass unchanged."""
+    if isinstance(data, tuple) and len(data) in (2, 3) and np.ndim(data[0]) > 1:
+        return data[0]
+    return data
+
+
+def _as_batches(data, batch_size=256, limit=None):
+    """Yield float32 input batches (a list, one array per model input)."""
+    seen = 0
+    if isinstance(data, tf.data.Dataset):
+        for item in data.as_numpy_iterator():
+            if limit is not None and seen >= limit:
+                return
+            x = _inputs_only(item)
+            x = [np.asarray(v, np.float32) for v in (x if isinstance(x, (list, tuple)) else [x])]
+            seen += len(x[0])
+            yield x
+        return
+    data = _inputs_only(data)
+    arrays = [np.asarray(a, np.float32) for a in (data if isinstance(data, list) else [data])]
+    n = len(arrays[0]) if limit is None else min(limit, len(arrays[0]))
+    for start in range(0, n, batch_size):
+        yield [a[start : min(start + batch_size, n)] for a in arrays]
+
+
+def _collect_stats(plan, calibration_data, max_samples):
+    builder = Builder(plan, "calibrate")
+    specs = _input_specs(plan.model)
+
+    @tf.function(input_signature=specs, autograph=False)
+    def probe(*xs):
+        builder.run(list(xs))
+        return dict(builder.points)
+
+    concrete = probe.get_concrete_function()
+    names = list(builder.points)
+    if not names:
+        return {}
+    if calibration_data is None:
+        raise ExportError(
+            "These tensors have no learned quantizer and need a scale calibrated on "
+            "data: " + ", ".join(names) + ". Pass calibration_data= (a few hundred "
+            "training inputs) to to_tflite, or let tfdq.quantize_model place learned "
+            "quantizers there."
+        )
+    stats = {n: {"max_abs": 0.0, "min": float("inf"), "samples": 0} for n in names}
+    for batch in _as_batches(calibration_data, limit=max_samples):
+        if len(batch) != len(specs) or any(
+            b.shape[1:] != tuple(s.shape[1:]) for b, s in zip(batch, specs)
+        ):
+            raise ExportError(
+                f"calibration_data has inputs of shape {[b.shape[1:] for b in batch]}; the "
+                f"model takes {[tuple(s.shape[1:]) for s in specs]}."
+            )
+        out = concrete(*[tf.constant(b) for b in batch])
+        for n in names:
+            v = out[n].numpy()
+            s = stats[n]
+            s["max_abs"] = max(s["max_abs"], float(np.max(np.abs(v))))
+            s["min"] = min(s["min"], float(np.min(v)))
+            s["samples"] += int(v.shape[0])
+    if not any(s["samples"] for s in stats.values()):
+        raise ExportError("calibration_data is empty.")
+    return stats
+
+
+def _convert(fn, specs, input_type, output_type):
+    concrete = fn.get_concrete_function(*specs)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.inference_input_type = input_type
+    converter.inference_output_type = output_type
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
+
+
+_TYPES = {"int8": tf.int8, "float32": tf.float32, "float": tf.float32}
+
+
+def to_tflite(
+    model,
+    calibration_data=None,
+    *,
+    input_type="int8",
+    output_type="int8",
+    int4_kernels=True,
+    calibration_samples=1000,
+    return_report=False,
+):
+    """Convert a trained tfdq model to a full-integer TFLite flatbuffer.
+
+    Kernels hold the learned integers ``k`` (``|k| <= 2^(b-1) - 1``) with
+    scale ``d`` per tensor, or ``d |s_c|`` per output channel where a
+    BatchNormalization is folded (``s_c = gamma_c / sqrt(var_c + eps)``);
+    ``b <= 4`` kernels are stored as packed int4, others as int8. Activation
+    tensors use the learned step ``d`` as scale and are clamped at the learned
+    ``q_max``. See the module docstring for the exact rules.
+
+    Args:
+        model: a tfdq model (``tfdq.quantize_model`` output, trained).
+        calibration_data: inputs (array, list of arrays, ``(x, y)`` tuple or a
+            ``tf.data.Dataset``) used to choose the scales of tensors that no
+            learned quantizer covers (at least the logits). Every such tensor
+            is listed in the report.
+        input_type, output_type: ``"int8"`` (default) or ``"float32"``.
+        int4_kernels: store ``b <= 4`` kernels as packed int4 (default). With
+            ``False`` every kernel is int8; the integers are the same.
+        calibration_samples: at most this many calibration inputs are used.
+        return_report: also return an :class:`ExportReport`.
+
+    Returns:
+        The ``.tflite`` bytes, or ``(bytes, report)``.
+
+    Raises:
+        ExportError: no tfdq quantizers, bitwidths above 8, power-of-two grids
+            that do not fit int8, unsupported layers (named), missing
+            calibration data, or a converted file that does not hold the
+            learned integers or still computes in float.
+    """
+    if input_type not in _TYPES or output_type not in _TYPES:
+        raise ValueError(f"input_type/output_type must be 'int8' or 'float32', got {input_type!r}/{output_type!r}.")
+    plan = Plan(model, int4_kernels=int4_kernels)
+    stats = _collect_stats(plan, calibration_data, calibration_samples)
+    builder = Builder(plan, "export", stats)
+    specs = _input_specs(model)
+
+    @tf.function(input_signature=specs, autograph=False)
+    def exported(*xs):
+        outs = builder.run(list(xs))
+        return outs[0] if len(outs) == 1 else outs
+
+    exported.get_concrete_function()
+    if builder.missing:
+        raise ExportError(f"Internal error: no statistics for {builder.missing}.")
+    tflite = _convert(exported, specs, _TYPES[input_type], _TYPES[output_type])
+    info = inspect_tflite(tflite)
+    _check_file(plan, info, builder, tflite)
+    report = ExportReport(
+        kernels=[_kernel_entry(p) for p in plan.kernels.values()],
+        activations=[
+            {
+                "layer": a.layer_name,
+                "quantizer": a.quantizer,
+                "signed": a.signed,
+                "bits": a.bits,
+                "d": a.step,
+                "levels_max": a.n,
+                "scale": a.step,
+                "zero_point": a.zero_point,
+                "clamp": ("MINIMUM at n*d, int8 saturation at -n*d" if a.signed
+                          else "int8 saturation at q_max, ReLU at 0"),
+            }
+            for a in plan.acts.values()
+        ],
+        calibrated=list(builder.calibrated_info),
+        fixed=list(builder.fixed),
+        options={"input_type": input_type, "output_type": output_type, "int4_kernels": bool(int4_kernels)},
+        file_bytes=len(tflite),
+    )
+    return (tflite, report) if return_report else tflite
+
+
+def save_tflite(model, path, calibration_data=None, **kwargs):
+    """Write ``to_tflite(model, calibration_data, **kwargs)`` to ``path``; return the report."""
+    tflite, report = to_tflite(model, calibration_data, return_report=True, **kwargs)
+    with open(path, "wb") as f:
+        f.write(tflite)
+    report["path"] = str(path)
+    return report
+
+
+def float_tflite(model):
+    """A float32 ``.tflite`` of the model's float version (quantizers removed).
+
+    Float kernels (not quantized), no FakeQuant, no optimization: the size
+    reference for the integer file.
+    """
+    plan = Plan(model, int4_kernels=False)
+    builder = Builder(plan, "float")
+    specs = _input_specs(model)
+
+    @tf.function(input_signature=specs, autograph=False)
+    def fn(*xs):
+        outs = builder.run(list(xs))
+        return outs[0] if len(outs) == 1 else outs
+
+    concrete = fn.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
+    return converter.convert()
+
+
+def _kernel_entry(p):
+    k = p.exported_integers()
+    return {
+        "layer": p.layer_name,
+        "kind": p.kind,
+        "quantizer": p.quantizer,
+        "family": p.family,
+        "bits": p.bits,
+        "step": p.step,
+        "allowed": [-p.n_allowed, p.n_allowed],
+        "range": [int(k.min()), int(k.max())],
+        "storage": p.storage,
+        "fake_quant_num_bits": p.fq_bits,
+        "scale": "per-channel d*|s_c|" if p.per_channel else "per-tensor d",
+        "folded_batchnorm": p.bn_name,
+        "negative_bn_channels": int(np.sum(p.channel_factor < 0)) if p.per_channel else 0,
+        "count": p.count,
+    }
+
+
+def _check_file(plan, info, builder, tflite_bytes):
+    """Raise unless the file holds the planned integers, scales and types."""
+    problems = []
+    bad = float_ops(info)
+    if bad:
+        problems.append(f"operators compute in float: {sorted(set(bad))}")
+    # Every int8 activation tensor must carry a scale that we chose.
+    chosen = [a.step for a in plan.acts.values()]
+    chosen += [c["scale"] for c in builder.calibrated_info] + [f["scale"] for f in builder.fixed]
+    chosen = np.asarray(chosen, np.float64)
+    for t in info["tensors"]:
+        if t["type"] != "int8" or t["bytes"] or t["scales"].size != 1:
+            continue
+        if chosen.size == 0 or np.min(np.abs(chosen / t["scales"][0] - 1)) > 1e-6:
+            problems.append(
+                f"tensor {t['name']!r} has scale {t['scales'][0]:g}, which no learned quantizer "
+                "or calibration chose"
+            )
+    for p in plan.kernels.values():
+        t = find_kernel(info, p.op_index)
+        if t is None:
+            problems.append(f"{p.layer_name}: kernel tensor not found in the file")
+            continue
+        if t["type"] != p.storage:
+            problems.append(f"{p.layer_name}: stored as {t['type']}, planned {p.storage}")
+        expected = p.tflite_layout(p.exported_integers())
+        if list(expected.shape) != t["shape"]:
+            problems.append(f"{p.layer_name}: kernel shape {t['shape']}, expected {list(expected.shape)}")
+            continue
+        stored = unpack_integers(t, tflite_bytes)
+        if not np.array_equal(stored, expected):
+            problems.append(
+                f"{p.layer_name}: {int(np.sum(stored != expected))} stored integers differ from the "
+                f"learned ones (file range [{stored.min()}, {stored.max()}])"
+            )
+        scales = t["scales"]
+        want = p.scales()
+        if scales.size not in (1, want.size) or not np.allclose(
+            scales if scales.size == want.size else np.full(want.size, scales[0]), want, rtol=1e-5, atol=0
+        ):
+            problems.append(f"{p.layer_name}: scales {scales[:4]}... differ from the learned {want[:4]}...")
+            continue
+    if problems:
+        raise ExportError(
+            "The converter did not keep the learned integers exactly:\n- " + "\n- ".join(problems)
+        )

@@ -1,0 +1,516 @@
+"""Planning an export: the model's graph, learned integers, scales, folding.
+
+Everything here is numpy and Keras; nothing builds a TensorFlow graph. The
+plan says, per quantized layer, which integers and scales the file must hold
+(:class:`KernelPlan`), per activation quantizer its int8 scale and zero point
+(:class:`ActPlan`), which BatchNormalization layers fold into which kernels,
+and it refuses what cannot be exported exactly, naming the layers.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+
+from tfdq import layers as qlayers
+from tfdq.graph import model_nodes
+from tfdq import quantizers as quantizers_lib
+
+INT4_MAX = 7
+INT8_MAX = 127
+OUTPUT_HEADROOM = 1.25  # calibrated output range / largest observed |output|
+SOFTMAX_SCALE = 1.0 / 256.0  # TFLite's fixed int8 softmax output: scale 1/256, zero point -128
+KERNEL_TAG = "tfdq_k"  # kernel FakeQuant ops are named tfdq_k<op index>; the name survives conversion
+
+# Layers that only move or select values: the output keeps the input's scale.
+IDENTITY_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.ActivityRegularization,
+    keras.layers.Identity,
+)
+SAME_SCALE_LAYERS = (
+    keras.layers.Flatten,
+    keras.layers.Reshape,
+    keras.layers.ZeroPadding2D,
+    keras.layers.Cropping2D,
+    keras.layers.MaxPooling2D,
+    keras.layers.GlobalMaxPooling2D,
+)
+AVERAGE_LAYERS = (keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D)
+SUPPORTED_TEXT = (
+    "QConv2D, QDepthwiseConv2D, QDense (with BatchNormalization right after "
+    "them, folded), ActivationQuantizer, ReLU/ReLU6 (and activation='relu', "
+    "'relu6', 'linear', 'softmax' at the output), Add (2 inputs), "
+    "Concatenate, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, "
+    "GlobalMaxPooling2D, Flatten, Reshape, ZeroPadding2D, Cropping2D, "
+    "Dropout-like layers, tfdq.models.ZeroPadShortcut"
+)
+
+
+class ExportError(ValueError):
+    """The model cannot be exported exactly; the message says why and where."""
+
+
+# ---------------------------------------------------------------------------
+# Graph walking
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Op:
+    index: int
+    layer: object
+    node: object
+    inputs: list
+    outputs: list
+    path: str
+
+
+def _flatten_graph(model):
+    """Flat op list of ``model`` with nested models inlined.
+
+    Tensors are identified by keys ``(call path, id(KerasTensor))`` so that a
+    nested model called twice gives two sets of tensors.
+    """
+    ops = []
+
+    def walk(m, prefix, in_keys, path):
+        alias = {}
+        try:
+            m_inputs, m_outputs = list(m.inputs), list(m.outputs)
+        except (AttributeError, ValueError) as err:
+            raise ExportError(
+                f"Model {m.name!r} has no functional graph (a subclassed or "
+                f"unbuilt model): the exporter cannot see its layers ({err})."
+            ) from None
+        if in_keys is not None:
+            for t, k in zip(m_inputs, in_keys):
+                alias[id(t)] = k
+
+        def key(t):
+            return alias.get(id(t), (prefix, id(t)))
+
+        for layer, node in model_nodes(m):
+            ins = [key(t) for t in node.input_tensors]
+            name = f"{path}{layer.name}"
+            if isinstance(layer, keras.Model):
+                out_keys = walk(layer, prefix + (id(node),), ins, name + "/")
+                for t, k in zip(node.outputs, out_keys):
+                    alias[id(t)] = k
+                continue
+            ops.append(_Op(len(ops), layer, node, ins, [key(t) for t in node.outputs], name))
+        return [key(t) for t in m_outputs]
+
+    out_keys = walk(model, (), None, "")
+    in_keys = [((), id(t)) for t in model.inputs]
+    return ops, in_keys, out_keys
+
+
+def activation_name(fn):
+    if fn is None:
+        return "linear"
+    return getattr(fn, "__name__", str(fn))
+
+
+def relu_kind(layer):
+    """``"relu"``, ``"relu6"``, ``"linear"``, ``"softmax"`` or None (unsupported)."""
+    if isinstance(layer, keras.layers.ReLU):
+        slope = float(layer.negative_slope or 0.0)
+        threshold = float(layer.threshold or 0.0)
+        if slope != 0.0 or threshold != 0.0:
+            return None
+        if layer.max_value is None:
+            return "relu"
+        if float(layer.max_value) == 6.0:
+            return "relu6"
+        return None
+    if isinstance(layer, keras.layers.Activation):
+        name = activation_name(layer.activation)
+        return name if name in ("relu", "relu6", "linear", "softmax") else None
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax" if layer.axis in (-1, [-1]) else None
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Planning: learned integers, scales, folding (numpy only)
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class KernelPlan:
+    op_index: int
+    layer_name: str
+    kind: str  # "conv", "depthwise", "dense"
+    family: str
+    quantizer: str
+    bits: int
+    step: float  # d (uniform) or q_min (power of two)
+    n_allowed: int  # largest |k| the learned grid allows
+    k: np.ndarray  # learned integers, Keras layout
+    bias: np.ndarray  # Q(bias) or None
+    bn_name: str = None
+    channel_factor: np.ndarray = None  # s_c, one per output channel, or None
+    storage: str = "int8"
+    fq_bits: int = 8
+
+    @property
+    def fq_max(self):
+        return INT4_MAX if self.fq_bits == 4 else INT8_MAX
+
+    @property
+    def per_channel(self):
+        return self.channel_factor is not None
+
+    @property
+    def count(self):
+        return int(self.k.size)
+
+    @property
+    def out_channels(self):
+        shape = self.k.shape
+        return int(shape[2] * shape[3]) if self.kind == "depthwise" else int(shape[-1])
+
+    def signs(self):
+        if self.channel_factor is None:
+            return np.ones(self.out_channels)
+        s = np.sign(self.channel_factor)
+        s[s == 0] = 1.0
+        return s
+
+    def scales(self):
+        """Per output channel scale: ``step * |s_c|`` (``step`` where s_c = 0)."""
+        if self.channel_factor is None:
+            return np.full(self.out_channels, self.step)
+        a = np.abs(self.channel_factor)
+        return self.step * np.where(a > 0, a, 1.0)
+
+    def exported_integers(self):
+        """Integers the file must hold, Keras layout (sign-flipped where s_c < 0)."""
+        k = self.k.astype(np.int64)
+        if self.channel_factor is None:
+            return k
+        sign = self.signs().astype(np.int64)
+        zero = self.channel_factor == 0
+        if self.kind == "depthwise":
+            h, w, c, m = k.shape
+            k2 = k.reshape(h, w, c * m) * sign
+            k2[..., zero] = 0
+            return k2.reshape(h, w, c, m)
+        k = k * sign
+        k[..., zero] = 0
+        return k
+
+    def tflite_layout(self, k):
+        """Keras layout -> the TFLite tensor layout of this kernel."""
+        if self.kind == "conv":
+            return np.transpose(k, (3, 0, 1, 2))
+        if self.kind == "depthwise":
+            h, w, c, m = k.shape
+            return k.reshape(1, h, w, c * m)
+        if self.per_channel:  # Dense exported as a 1x1 convolution
+            return np.transpose(k, (1, 0))[:, None, None, :]
+        return np.transpose(k, (1, 0))
+
+    def folded_kernel(self):
+        """``k_exported * scale_c`` as float32 in the TF layout used in the graph."""
+        k = self.exported_integers().astype(np.float64)
+        scales = self.scales()
+        if self.kind == "depthwise":
+            h, w, c, m = k.shape
+            return (k.reshape(h, w, 1, c * m) * scales).astype(np.float32)
+        return (k * scales).astype(np.float32)
+
+    def folded_bias(self, bn_weights):
+        if self.channel_factor is None:
+            return None if self.bias is None else self.bias.astype(np.float32)
+        b = np.zeros(self.out_channels) if self.bias is None else self.bias.astype(np.float64)
+        mean, beta = bn_weights["mean"], bn_weights["beta"]
+        return (self.channel_factor * (b - mean) + beta).astype(np.float32)
+
+
+@dataclasses.dataclass
+class ActPlan:
+    op_index: int
+    layer_name: str
+    quantizer: str
+    signed: bool
+    bits: int
+    step: float
+    n: int  # largest integer level: round(q_max / d)
+
+    @property
+    def zero_point(self):
+        return self.n - 128 if self.signed else 127 - self.n
+
+
+def _quantizer_params(q):
+    p = q.describe()
+    return {k: float(v) for k, v in p.items()}
+
+
+def round_half_away(x):
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def _plan_kernel(op, quantizer, int4_kernels, problems):
+    layer = op.layer
+    p = _quantizer_params(quantizer)
+    bits = int(round(p["bits"]))
+    if isinstance(layer, qlayers.QDepthwiseConv2D):
+        kind = "depthwise"
+    elif isinstance(layer, qlayers.QConv2D):
+        kind = "conv"
+    else:
+        kind = "dense"
+    qk, qb = layer.quantized_weights()
+    qk = np.asarray(qk, dtype=np.float64)
+    qb = None if qb is None else np.asarray(qb, dtype=np.float64)
+    family = quantizer.FAMILY
+    if family == "uniform":
+        step = p["d"]
+        n_allowed = 2 ** (bits - 1) - 1
+    else:
+        step = p["q_min"]
+        n_allowed = int(round(p["q_max"] / p["q_min"]))
+    if family == "uniform" and bits > 8:
+        problems["bits"].append(f"{op.path} ({bits} bits)")
+        return None
+    if family == "pow2" and n_allowed > INT8_MAX:
+        problems["pow2"].append(
+            f"{op.path} (q_max/q_min = {p['q_max']}/{p['q_min']} = 2^{int(round(math.log2(n_allowed)))})"
+        )
+        return None
+    k = qk / step
+    kb = None if qb is None else qb / step
+    for name, arr in (("kernel", k), ("bias", kb)):
+        if arr is not None and not np.array_equal(arr, np.round(arr)):
+            raise ExportError(
+                f"{op.path}: the quantized {name} is not on the grid of step "
+                f"{step} (max distance {np.max(np.abs(arr - np.round(arr)))} steps). "
+                "This is a bug in the quantizer, not in the model."
+            )
+    k = k.astype(np.int64)
+    if np.max(np.abs(k), initial=0) > n_allowed:
+        raise ExportError(
+            f"{op.path}: quantized kernel integers reach {np.max(np.abs(k))}, beyond the "
+            f"learned grid's {n_allowed}."
+        )
+    groups = getattr(layer, "groups", 1)
+    if groups != 1:
+        raise ExportError(f"{op.path}: grouped convolutions (groups={groups}) are not supported.")
+    plan = KernelPlan(
+        op_index=op.index,
+        layer_name=op.path,
+        kind=kind,
+        family=family,
+        quantizer=type(quantizer).__name__,
+        bits=bits,
+        step=step,
+        n_allowed=n_allowed,
+        k=k,
+        bias=qb,
+    )
+    if int4_kernels and n_allowed <= INT4_MAX:
+        plan.storage, plan.fq_bits = "int4", 4
+    return plan
+
+
+def _bn_weights(bn):
+    c = int(bn.moving_mean.shape[-1])
+    gamma = np.asarray(bn.gamma, np.float64) if bn.scale else np.ones(c)
+    beta = np.asarray(bn.beta, np.float64) if bn.center else np.zeros(c)
+    mean = np.asarray(bn.moving_mean, np.float64)
+    var = np.asarray(bn.moving_variance, np.float64)
+    # Keras: x * gamma / sqrt(var + eps) + (beta - mean * gamma / sqrt(var + eps))
+    factor = gamma / np.sqrt(var + float(bn.epsilon))
+    return {"factor": factor, "beta": beta, "mean": mean}
+
+
+class Plan:
+    """Everything the graph builder needs, decided up front from the model."""
+
+    def __init__(self, model, int4_kernels=True):
+        if not isinstance(model, keras.Model):
+            raise ExportError(f"to_tflite takes a keras.Model, got {type(model).__name__}.")
+        self.model = model
+        self.ops, self.input_keys, self.output_keys = _flatten_graph(model)
+        self.consumers = {}
+        for op in self.ops:
+            for k in op.inputs:
+                self.consumers.setdefault(k, []).append(op)
+        self.kernels = {}  # op index -> KernelPlan
+        self.acts = {}  # op index -> ActPlan
+        self.folded_bn = {}  # BN op index -> kernel op index
+        self.bn = {}  # kernel op index -> BN weights
+        problems = {"bits": [], "pow2": [], "pow2_act": [], "act_bits": [], "unsupported": [], "float": []}
+        n_quantizers = 0
+        for op in self.ops:
+            layer = op.layer
+            if isinstance(layer, qlayers.QuantizedWeightsMixin):
+                n_quantizers += 1
+                plan = _plan_kernel(op, layer.kernel_quantizer, int4_kernels, problems)
+                if plan is not None:
+                    self.kernels[op.index] = plan
+            elif isinstance(layer, qlayers.ActivationQuantizer):
+                n_quantizers += 1
+                self._plan_activation(op, problems)
+            elif isinstance(layer, quantizers_lib.Quantizer):
+                problems["unsupported"].append(f"{op.path} (a bare {type(layer).__name__} quantizer layer)")
+            elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                                    keras.layers.DepthwiseConv2D, keras.layers.Dense,
+                                    keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose,
+                                    keras.layers.EinsumDense, keras.layers.Embedding)):
+                problems["float"].append(f"{op.path} ({type(layer).__name__})")
+            elif isinstance(layer, keras.layers.BatchNormalization):
+                continue  # checked below
+            elif not self._supported(op):
+                problems["unsupported"].append(f"{op.path} ({type(layer).__name__})")
+        if n_quantizers == 0:
+            raise ExportError(
+                f"Model {model.name!r} has no tfdq quantizers (no QConv2D/QDepthwiseConv2D/"
+                "QDense or ActivationQuantizer layers): there are no learned integers to "
+                "export. Quantize it first: qmodel = tfdq.quantize_model(model), train, "
+                "then export qmodel."
+            )
+        # BatchNormalization folding: only right after a quantized layer with a
+        # linear activation whose output goes nowhere else.
+        for op in self.ops:
+            if not isinstance(op.layer, keras.layers.BatchNormalization):
+                continue
+            src = self._producer_op(op.inputs[0])
+            ok = (
+                src is not None
+                and src.index in self.kernels
+                and activation_name(src.layer.activation) == "linear"
+                and len(self.consumers.get(src.outputs[0], [])) == 1
+                and src.outputs[0] not in self.output_keys
+                and op.layer.axis in (-1, len(op.node.input_tensors[0].shape) - 1)
+            )
+            if src is not None and src.index not in self.kernels and isinstance(
+                src.layer, qlayers.QuantizedWeightsMixin
+            ):
+                continue  # its layer already has a bits/pow2 problem
+            if not ok:
+                problems["unsupported"].append(
+                    f"{op.path} (BatchNormalization that does not directly follow a "
+                    "quantized Conv2D/DepthwiseConv2D/Dense with a linear activation, "
+                    "so it cannot be folded)"
+                )
+                continue
+            plan = self.kernels[src.index]
+            w = _bn_weights(op.layer)
+            if w["factor"].shape[0] != plan.out_channels:
+                problems["unsupported"].append(f"{op.path} (channel count does not match {src.path})")
+                continue
+            rank = len(src.node.input_tensors[0].shape)
+            if plan.kind == "dense" and rank != 2:
+                problems["unsupported"].append(
+                    f"{op.path} (BatchNormalization after a Dense on a rank-{rank} input)"
+                )
+                continue
+            plan.bn_name = op.path
+            plan.channel_factor = w["factor"]
+            self.bn[src.index] = w
+            self.folded_bn[op.index] = src.index
+        messages = []
+        if problems["bits"]:
+            messages.append(
+                "Learned weight bitwidths above 8 cannot be stored in an int8 TFLite "
+                "kernel: " + ", ".join(problems["bits"]) + ". Retrain with max_bits=8 "
+                "(tfdq.quantize_model(..., weight_bits=(2, 8)))."
+            )
+        if problems["act_bits"]:
+            messages.append(
+                "Learned activation bitwidths above 8 cannot be int8 tensors: "
+                + ", ".join(problems["act_bits"])
+                + ". Retrain with activation_bits=(1, 8)."
+            )
+        if problems["pow2"]:
+            messages.append(
+                "These power-of-two weight grids do not fit an int8 grid of step q_min "
+                "(q_max/q_min must be at most 64): " + ", ".join(problems["pow2"]) + "."
+            )
+        if problems["pow2_act"]:
+            messages.append(
+                "Power-of-two activation quantizers cannot be exported exactly: their "
+                "rounding in the log domain has no integer TFLite kernel (a uniform int8 "
+                "tensor of step q_min holds the levels, but no op rounds onto them): "
+                + ", ".join(problems["pow2_act"])
+                + ". Use uniform activation quantizers (U1/U2/U3) for export."
+            )
+        if problems["float"]:
+            messages.append(
+                "These layers have float weights without a tfdq quantizer and would stay "
+                "float (or be quantized by the converter's guess): "
+                + ", ".join(problems["float"])
+                + ". Quantize them (tfdq.quantize_model(..., strict=True)) before export."
+            )
+        if problems["unsupported"]:
+            messages.append(
+                "Unsupported layers between quantized layers (no exact integer export): "
+                + ", ".join(problems["unsupported"])
+                + f". Supported: {SUPPORTED_TEXT}."
+            )
+        if messages:
+            raise ExportError("Cannot export to integer TFLite.\n- " + "\n- ".join(messages))
+
+    def _producer_op(self, key):
+        for op in self.ops:
+            if key in op.outputs:
+                return op
+        return None
+
+    def _plan_activation(self, op, problems):
+        q = op.layer.quantizer
+        p = _quantizer_params(q)
+        bits = int(round(p["bits"]))
+        if q.FAMILY != "uniform":
+            problems["pow2_act"].append(f"{op.path} ({type(q).__name__})")
+            return
+        n = int(round_half_away(p["q_max"] / p["d"]))
+        limit = INT8_MAX if q.signed else 255
+        if bits > 8 or n > limit:
+            problems["act_bits"].append(f"{op.path} ({bits} bits)")
+            return
+        self.acts[op.index] = ActPlan(op.index, op.path, type(q).__name__, q.signed, bits, p["d"], n)
+
+    def _supported(self, op):
+        layer = op.layer
+        if isinstance(layer, IDENTITY_LAYERS + SAME_SCALE_LAYERS + AVERAGE_LAYERS):
+            if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+                                  keras.layers.ZeroPadding2D, keras.layers.Cropping2D,
+                                  keras.layers.GlobalMaxPooling2D, keras.layers.GlobalAveragePooling2D)):
+                return getattr(layer, "data_format", "channels_last") == "channels_last"
+            return True
+        if isinstance(layer, keras.layers.Add):
+            return len(op.inputs) == 2
+        if isinstance(layer, keras.layers.Concatenate):
+            return True
+        if relu_kind(layer) is not None:
+            return True
+        if type(layer).__name__ == "ZeroPadShortcut":
+            return True
+        return False
+
+    def downstream_step(self, key):
+        """Step of the learned quantizer that quantizes ``key`` (through a ReLU), or None."""
+        for _ in range(2):
+            cons = self.consumers.get(key, [])
+            if len(cons) != 1 or key in self.output_keys:
+                return None
+            op = cons[0]
+            if op.index in self.acts:
+                return self.acts[op.index].step
+            if relu_kind(op.layer) in ("relu", "relu6"):
+                key = op.outputs[0]
+                continue
+            return None
+        return None

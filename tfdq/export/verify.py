@@ -1,0 +1,308 @@
+"""Verification: run the ``.tflite`` in LiteRT next to the Keras model."""
+
+import numpy as np
+import tensorflow as tf
+
+from tfdq.export.flatbuffer import find_kernel, float_ops, inspect_tflite, unpack_integers
+from tfdq.export.plan import INT4_MAX, ExportError, Plan, round_half_away
+
+# ---------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------
+
+
+class VerificationReport(dict):
+    """Result of :func:`verify` (a dict, JSON-serializable); ``format()`` prints it."""
+
+    def format(self):
+        return _format_verification(self)
+
+
+def _iter_batches(dataset, batch_size):
+    """Yield ``(x, y or None)`` numpy batches from arrays, a tuple or a tf.data.Dataset."""
+    if isinstance(dataset, tf.data.Dataset):
+        for item in dataset.as_numpy_iterator():
+            if isinstance(item, tuple):
+                yield np.asarray(item[0]), (np.asarray(item[1]) if len(item) > 1 else None)
+            else:
+                yield np.asarray(item), None
+        return
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and np.ndim(dataset[0]) > 1:
+        x, y = dataset
+    else:
+        x, y = dataset, None
+    x = np.asarray(x)
+    y = None if y is None else np.asarray(y)
+    for start in range(0, len(x), batch_size):
+        yield x[start : start + batch_size], (None if y is None else y[start : start + batch_size])
+
+
+class _LiteRTRunner:
+    """Runs a single-input ``.tflite`` on float batches; returns dequantized outputs."""
+
+    def __init__(self, tflite_bytes, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+        self.interpreter = Interpreter(model_content=tflite_bytes, num_threads=num_threads)
+        details = self.interpreter.get_input_details()
+        if len(details) != 1:
+            raise ExportError(f"verify supports single-input models; this file has {len(details)} inputs.")
+        self.shape = None
+        self._details()
+
+    def _details(self):
+        self.inp = self.interpreter.get_input_details()[0]
+        self.out = self.interpreter.get_output_details()[0]
+        self.in_scale, self.in_zp = self.inp["quantization"]
+        self.out_scale, self.out_zp = self.out["quantization"]
+
+    @property
+    def output_scale(self):
+        return float(self.out_scale) if self.out["dtype"] == np.int8 else None
+
+    def __call__(self, xb):
+        xb = np.asarray(xb, np.float32)
+        if self.shape != xb.shape:
+            self.interpreter.resize_tensor_input(self.inp["index"], list(xb.shape))
+            self.interpreter.allocate_tensors()
+            self._details()
+            self.shape = xb.shape
+        if self.inp["dtype"] == np.int8:
+            # TFLite's QUANTIZE: round half away from zero, saturate
+            xb = np.clip(round_half_away(xb / self.in_scale) + self.in_zp, -128, 127).astype(np.int8)
+        self.interpreter.set_tensor(self.inp["index"], xb)
+        self.interpreter.invoke()
+        y = np.array(self.interpreter.get_tensor(self.out["index"]))
+        if self.out["dtype"] == np.int8:
+            y = (y.astype(np.float64) - self.out_zp) * self.out_scale
+        return y
+
+
+def size_report(model, tflite_bytes):
+    """Sizes in bytes: the file, its kernels (by storage type), and references.
+
+    ``int8_kernel_bytes``: every kernel weight at 8 bits;
+    ``mixed_int4_int8_bytes``: ``sum n_l (4 if b_l <= 4 else 8) / 8``;
+    ``learned_packed_bytes``: ``sum n_l b_l / 8``.
+    """
+    plan = Plan(model, int4_kernels=True)
+    info = inspect_tflite(tflite_bytes)
+    file_kernel = {"int4": 0, "int8": 0, "other": 0}
+    for p in plan.kernels.values():
+        t = find_kernel(info, p.op_index)
+        if t is not None:
+            file_kernel[t["type"] if t["type"] in ("int4", "int8") else "other"] += t["bytes"]
+    count = sum(p.count for p in plan.kernels.values())
+    return {
+        "file_bytes": len(tflite_bytes),
+        "kernel_count": count,
+        "kernel_bytes_in_file": sum(file_kernel.values()),
+        "kernel_bytes_by_storage": file_kernel,
+        "int8_kernel_bytes": count,
+        "mixed_int4_int8_bytes": sum(p.count * (4 if p.n_allowed <= INT4_MAX else 8) / 8 for p in plan.kernels.values()),
+        "learned_packed_bytes": sum(p.count * p.bits / 8 for p in plan.kernels.values()),
+        "float32_kernel_bytes": 4 * count,
+    }
+
+
+def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
+    layers = []
+    for p in plan.kernels.values():
+        t = find_kernel(info, p.op_index)
+        entry = {
+            "layer": p.layer_name,
+            "quantizer": p.quantizer,
+            "bits": p.bits,
+            "allowed": [-p.n_allowed, p.n_allowed],
+            "count": p.count,
+            "folded_batchnorm": p.bn_name,
+        }
+        if t is None:
+            entry.update(found=False, ok=False)
+            layers.append(entry)
+            continue
+        # The interpreter unpacks int4 tensors into int8; the flatbuffer says how they are stored.
+        values = np.asarray(interpreter.get_tensor(t["index"])).astype(np.int64)
+        from_buffer = unpack_integers(t, tflite_bytes)
+        scales = t["scales"]
+        want = p.scales()
+        if scales.size == 1:
+            scales = np.full(want.size, scales[0])
+        scale_err = float(np.max(np.abs(scales / want - 1))) if scales.size == want.size else float("inf")
+        # round(w / scale) of the Keras model's quantized (BatchNorm-folded) weights
+        w = p.folded_kernel().astype(np.float64)
+        if p.kind == "depthwise":
+            expected = round_half_away(w / want).reshape(p.k.shape)
+        else:
+            expected = round_half_away(w / want)
+        expected = p.tflite_layout(expected.astype(np.int64))
+        mism = int(np.sum(values != expected)) if values.shape == expected.shape else -1
+        if int4_kernels is None:
+            storage_ok = t["type"] == "int8" or (t["type"] == "int4" and p.n_allowed <= INT4_MAX)
+            expected_storage = "int4" if p.n_allowed <= INT4_MAX else "int8"
+        else:
+            expected_storage = "int4" if (int4_kernels and p.n_allowed <= INT4_MAX) else "int8"
+            storage_ok = t["type"] == expected_storage
+        entry.update(
+            found=True,
+            tensor=t["name"],
+            storage=t["type"],
+            expected_storage=expected_storage,
+            bytes=t["bytes"],
+            file_range=[int(values.min()), int(values.max())],
+            within_range=bool(np.max(np.abs(values)) <= p.n_allowed),
+            integers_equal_learned=mism == 0,
+            mismatches=mism,
+            interpreter_matches_buffer=bool(np.array_equal(values, from_buffer)),
+            scale_max_rel_error=scale_err,
+        )
+        entry["ok"] = bool(
+            entry["within_range"] and entry["integers_equal_learned"] and storage_ok
+            and scale_err < 1e-5 and entry["interpreter_matches_buffer"]
+        )
+        layers.append(entry)
+    return layers
+
+
+def verify(model, tflite_bytes, dataset, *, batch_size=250, export_report=None, int4_kernels=None,
+           num_threads=None):
+    """Run the ``.tflite`` in LiteRT next to the Keras model and compare.
+
+    Args:
+        model: the tfdq Keras model the file was exported from.
+        tflite_bytes: the file's bytes (from :func:`to_tflite`).
+        dataset: ``(x, y)`` arrays, inputs only, or a ``tf.data.Dataset`` of
+            ``(x, y)`` batches (streamed).
+        export_report: optional :class:`ExportReport`; its calibrated tensors
+            are copied into the result and its options set the expected
+            kernel storage.
+        int4_kernels: the export option, for the expected storage
+            (``None``: from ``export_report``, else int4 or int8 accepted for
+            ``b <= 4``).
+
+    Returns a :class:`VerificationReport`: top-1 agreement, accuracy of both
+    (when labels are given), the max abs output difference in units of the
+    output scale, and per quantized layer: learned bits, allowed integer
+    range, the range found in the file, its storage (int4/int8), whether the
+    integers equal ``round(w / scale)`` of the Keras model's quantized
+    (BatchNorm-folded) weights, and the largest relative scale error.
+    LiteRT runs with its default op resolver (XNNPACK where it applies).
+    """
+    if int4_kernels is None and export_report is not None:
+        int4_kernels = export_report.get("options", {}).get("int4_kernels")
+    plan = Plan(model, int4_kernels=True)
+    info = inspect_tflite(tflite_bytes)
+    runner = _LiteRTRunner(tflite_bytes, num_threads)
+    runner.interpreter.allocate_tensors()
+    layers = _check_kernels(plan, info, tflite_bytes, runner.interpreter, int4_kernels)
+
+    n = agree = keras_correct = tfl_correct = 0
+    labelled = True
+    max_diff = 0.0
+    for xb, yb in _iter_batches(dataset, batch_size):
+        keras_out = np.asarray(model(xb, training=False), np.float64)
+        tfl_out = runner(xb)
+        kt, tt = np.argmax(keras_out, axis=-1), np.argmax(tfl_out, axis=-1)
+        n += len(xb)
+        agree += int(np.sum(kt == tt))
+        max_diff = max(max_diff, float(np.max(np.abs(tfl_out - keras_out))))
+        if yb is None:
+            labelled = False
+        else:
+            yb = np.asarray(yb).reshape(-1)
+            keras_correct += int(np.sum(kt == yb))
+            tfl_correct += int(np.sum(tt == yb))
+    if n == 0:
+        raise ValueError("verify: the dataset is empty.")
+    out_scale = runner.output_scale
+    if out_scale is None:  # float output: the scale of the int8 tensor its DEQUANTIZE reads
+        out_index = info["outputs"][0]
+        for o in info["ops"]:
+            if o["op"] == "DEQUANTIZE" and out_index in o["outputs"]:
+                scales = info["tensors"][o["inputs"][0]]["scales"]
+                out_scale = float(scales[0]) if scales.size else None
+    report = VerificationReport(
+        samples=n,
+        top1_agreement=agree / n,
+        disagreements=n - agree,
+        keras_accuracy=keras_correct / n if labelled else None,
+        tflite_accuracy=tfl_correct / n if labelled else None,
+        output_scale=out_scale,
+        max_abs_output_diff=max_diff,
+        max_abs_output_diff_in_output_steps=None if out_scale is None else max_diff / out_scale,
+        layers=layers,
+        float_ops=float_ops(info),
+        sizes=size_report(model, tflite_bytes),
+        calibrated=list(export_report.get("calibrated", [])) if export_report is not None else None,
+    )
+    report["all_kernels_exact"] = bool(all(entry.get("ok") for entry in layers))
+    report["notes"] = _runtime_notes(plan, info)
+    return report
+
+
+def _runtime_notes(plan, info):
+    """Known differences between LiteRT's integer kernels and the Keras model."""
+    notes = []
+    tensors = info["tensors"]
+    int4_convs = [
+        o for o in info["ops"]
+        if o["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(o["inputs"]) > 1
+        and tensors[o["inputs"][1]]["type"] == "int4"
+    ]
+    if int4_convs:
+        notes.append(
+            f"{len(int4_convs)} CONV_2D/DEPTHWISE_CONV_2D ops have int4 kernels. LiteRT 2.3 requantizes "
+            "their outputs with two roundings (SaturatingRoundingDoublingHighMul, then "
+            "RoundingDivideByPOT), not XNNPACK's one, so an output within 2^-(shift+1) steps of a "
+            "rounding boundary can come out one step off. The integers in the file are exact; "
+            "int4_kernels=False runs the same integers through XNNPACK with a single rounding."
+        )
+    if any(p.per_channel for p in plan.kernels.values()):
+        notes.append(
+            "Folded BatchNorm biases are int32 at scale s_in * d * |s_c| (TFLite's bias scale); "
+            "their rounding (at most half a unit) is the remaining difference to the float "
+            "BatchNorm of the Keras model."
+        )
+    return notes
+
+
+def _format_verification(r):
+    lines = []
+    lines.append(f"LiteRT vs Keras on {r['samples']} inputs")
+    lines.append(f"  top-1 agreement        {100 * r['top1_agreement']:.2f}% ({r['disagreements']} differ)")
+    if r.get("keras_accuracy") is not None:
+        lines.append(f"  accuracy Keras         {100 * r['keras_accuracy']:.2f}%")
+        lines.append(f"  accuracy TFLite        {100 * r['tflite_accuracy']:.2f}%")
+    if r.get("max_abs_output_diff_in_output_steps") is not None:
+        lines.append(
+            f"  max |output diff|      {r['max_abs_output_diff_in_output_steps']:.2f} output steps "
+            f"(scale {r['output_scale']:g})"
+        )
+    else:
+        lines.append(f"  max |output diff|      {r['max_abs_output_diff']:.4g}")
+    lines.append(f"  float operators        {r['float_ops'] or 'none'}")
+    lines.append("")
+    lines.append(f"  {'layer':<34} {'bits':>4} {'allowed':>11} {'in file':>11} {'storage':>7} {'exact':>5} {'bytes':>7}")
+    for l in r["layers"]:
+        if not l.get("found"):
+            lines.append(f"  {l['layer']:<34} {l['bits']:>4} kernel NOT FOUND in file")
+            continue
+        lines.append(
+            f"  {l['layer'][-34:]:<34} {l['bits']:>4} {str(l['allowed']):>11} {str(l['file_range']):>11} "
+            f"{l['storage']:>7} {'yes' if l['ok'] else 'NO':>5} {l['bytes']:>7}"
+        )
+    for note in r.get("notes") or []:
+        lines.append(f"  note: {note}")
+    for c in r.get("calibrated") or []:
+        lines.append(f"  calibrated scale {c['scale']:g} for {c['tensor']}: {c['reason']}")
+    s = r["sizes"]
+    lines.append("")
+    lines.append(f"  file size              {s['file_bytes']} bytes")
+    lines.append(
+        f"  kernel bytes in file   {s['kernel_bytes_in_file']} (int4 {s['kernel_bytes_by_storage']['int4']}, "
+        f"int8 {s['kernel_bytes_by_storage']['int8']})"
+    )
+    lines.append(f"  int8 weight bytes      {s['int8_kernel_bytes']} ({s['kernel_count']} kernel weights at 8 bits)")
+    lines.append(f"  int4/int8 nominal      {s['mixed_int4_int8_bytes']:.0f} (sum n (4 if b <= 4 else 8) / 8)")
+    lines.append(f"  learned packed size    {s['learned_packed_bytes']:.0f} bytes (sum b*count/8)")
+    return "\n".join(lines)
