@@ -1,0 +1,178 @@
+"""CIFAR-10 and ImageNet pipelines and models, on tfds.testing.mock_data (no network).
+
+The mock yields random images with the real feature specs (CIFAR 32x32x3,
+ImageNet of random sizes, encoded): the pipelines, the models built by the
+script and a few training steps run exactly as on the real data sets.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from train import data as data_lib
+from train import models as models_lib
+from train import train as train_lib
+
+
+def _run(tmp_path, **values):
+    values.setdefault("model_dir", str(tmp_path / "run"))
+    values.setdefault("verbose", 0)
+    values.setdefault("data_dir", str(tmp_path / "tfds"))
+    return train_lib.run(values, print_fn=lambda *a: None)
+
+
+def test_cifar10_pipeline_shapes_augmentation_and_determinism():
+    with tfds.testing.mock_data(num_examples=16):
+        d = data_lib.load("cifar10", 4, seed=3, calibration_examples=8)
+    assert d.input_shape == (32, 32, 3) and d.num_classes == 10
+    assert d.steps_per_epoch == 4 and d.calibration.shape == (8, 32, 32, 3)
+    x, y = next(iter(d.train))
+    assert x.shape == (4, 32, 32, 3) and x.dtype == tf.float32 and y.shape == (4,)
+    # per-channel normalization: values are (x/255 - mean) / std
+    lo = (0.0 - np.array(data_lib.CIFAR10_MEAN)) / np.array(data_lib.CIFAR10_STD)
+    hi = (1.0 - np.array(data_lib.CIFAR10_MEAN)) / np.array(data_lib.CIFAR10_STD)
+    assert np.all(x.numpy() >= lo - 1e-5) and np.all(x.numpy() <= hi + 1e-5)
+    # the stream is a function of the position: a new iterator, or one that
+    # starts at batch 5, gives the same batches
+    first = [b[0].numpy() for b in d.train.take(7)]
+    again = [b[0].numpy() for b in d.train.take(7)]
+    later = [b[0].numpy() for b in d.train_from(5).take(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert np.array_equal(first[5], later[0]) and np.array_equal(first[6], later[1])
+    # passes differ (new order and augmentation): batch 0 of pass 1 != of pass 0
+    assert not np.array_equal(first[0], first[4])
+
+
+def test_cifar_augmentation_is_pad_crop_flip():
+    image = tf.reshape(tf.range(32 * 32 * 3, dtype=tf.int32) % 251, (32, 32, 3))
+    image = tf.cast(image, tf.uint8)
+    outs = [data_lib.cifar_train_transform(image, 0, tf.constant([1, i], tf.int64))[0] for i in range(20)]
+    plain = data_lib.cifar_eval_transform(image, 0)[0]
+    assert all(o.shape == (32, 32, 3) for o in outs)
+    assert any(not np.allclose(o, plain) for o in outs)  # shifted and/or flipped
+    # some crops keep zero padding: a border row equal to the normalized 0
+    zero = (0.0 - np.array(data_lib.CIFAR10_MEAN)) / np.array(data_lib.CIFAR10_STD)
+    assert any(np.allclose(o.numpy()[0], zero, atol=1e-5) or np.allclose(o.numpy()[-1], zero, atol=1e-5) for o in outs)
+
+
+def test_imagenet_pipeline_random_resized_crop_and_center_crop():
+    with tfds.testing.mock_data(num_examples=8):
+        d = data_lib.load("imagenet2012", 4, image_size=64, calibration_examples=4)
+    assert d.input_shape == (64, 64, 3) and d.num_classes == 1000
+    x, y = next(iter(d.train))
+    assert x.shape == (4, 64, 64, 3) and x.dtype == tf.float32
+    xv, yv = next(iter(d.val))
+    assert xv.shape == (4, 64, 64, 3)
+    assert d.calibration.shape == (4, 64, 64, 3)
+    # center crop of a 100 x 50 image to 32: shorter side -> 37, crop 32 x 32
+    image = tf.cast(tf.random.uniform((100, 50, 3), 0, 255, seed=1), tf.uint8)
+    out, _ = data_lib.imagenet_eval_transform(32)(image, 0)
+    assert out.shape == (32, 32, 3)
+    out, _ = data_lib.imagenet_train_transform(32)(image, 0, tf.constant([0, 1], tf.int64))
+    assert out.shape == (32, 32, 3)
+
+
+def test_cifar10_resnet20_float_steps_on_mock_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=16):
+        s = _run(tmp_path, dataset="cifar10", batch_size=4, float_epochs=1, steps_per_epoch=2,
+                 val_examples=8, stages="float")
+    run = tmp_path / "run"
+    assert s["model"] == "resnet20" and 0.0 <= s["float_accuracy"] <= 1.0
+    assert (run / "float" / "final.keras").exists()
+    with open(run / "flags.json") as f:
+        flags = json.load(f)
+    assert flags["optimizer"] == "sgd" and flags["weight_decay"] == 2e-4  # the paper's recipe
+    with open(run / "float" / "history.json") as f:
+        assert [h["epoch"] for h in json.load(f)] == [1]
+
+
+@pytest.mark.slow
+def test_cifar10_resnet20_float_quant_export_on_mock_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=16):
+        s = _run(
+            tmp_path,
+            dataset="cifar10",
+            batch_size=4,
+            float_epochs=1,
+            quant_epochs=1,
+            steps_per_epoch=2,
+            val_examples=8,
+            calibration_examples=8,
+            export_examples=8,
+            target_weight_kb=200.0,
+            target_activation_kb=8.0,
+        )
+    run = tmp_path / "run"
+    assert s["model"] == "resnet20"
+    assert (run / "float" / "final.keras").exists() and (run / "quant" / "final.keras").exists()
+    assert 0.0 <= s["quant_accuracy"] <= 1.0
+    assert s["constraints_met"].keys() == {"weight", "activation"}
+    assert "tflite_accuracy" in s or s.get("export_note")
+
+
+def test_resnet20_built_by_the_script_has_the_papers_268346_weights():
+    import tfdq
+
+    model = models_lib.configure(models_lib.build("resnet20", (32, 32, 3), 10), weight_decay=2e-4)
+    assert models_lib.counted_weights(model) == 268_346
+    q = tfdq.quantize_model(model)
+    total = tfdq.summary(q, print_fn=None)[-1]
+    assert total["weight_count"] == 268_346
+    # the paper's sizes: 32-bit weights 1048 kB; 4-bit start 131 kB; 19 activation quantizers after ReLUs
+    assert 268_346 * 32 / 8 / 1024 == pytest.approx(1048.2, abs=0.1)
+    assert total["weight_kb"] == pytest.approx(268_346 * 4 / 8 / 1024)
+    assert total["activation_kb_sum"] == pytest.approx(188_416 * 4 / 8 / 1024)
+    assert total["activation_kb_max"] == pytest.approx(16 * 32 * 32 * 4 / 8 / 1024)
+    # weight decay reaches every kernel (as L2(wd / 2): gradient + wd * w)
+    regs = [l.kernel_regularizer for l in q.layers if hasattr(l, "kernel_regularizer")]
+    assert regs and all(r is not None and r.get_config()["l2"] == pytest.approx(1e-4) for r in regs)
+
+
+def test_imagenet_models_weight_counts():
+    # the paper's Table 4: ResNet-18 44.56 MB, MobileNetV2 13.23 MB of 32-bit weights
+    r18 = models_lib.build("resnet18", (224, 224, 3), 1000)
+    assert models_lib.counted_weights(r18) == 11_679_912
+    assert models_lib.counted_weights(r18) * 4 / 1024**2 == pytest.approx(44.56, abs=0.01)
+    assert not any(isinstance(l, tf.keras.layers.Lambda) for l in r18.layers)
+    mnv2 = models_lib.build("mobilenetv2", (224, 224, 3), 1000)
+    assert models_lib.counted_weights(mnv2) * 4 / 1024**2 == pytest.approx(13.23, abs=0.02)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "mobilenetv2"])
+def test_imagenet_models_train_on_mock_data(tmp_path, model):
+    with tfds.testing.mock_data(num_examples=8):
+        s = _run(tmp_path, dataset="imagenet2012", model=model, image_size=32, batch_size=4,
+                 float_epochs=1, steps_per_epoch=1, val_examples=4, stages="float")
+    assert s["model"] == model and (tmp_path / "run" / "float" / "final.keras").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet18", "mobilenetv2"])
+def test_imagenet_float_and_quant_steps_on_mock_data(tmp_path, model):
+    with tfds.testing.mock_data(num_examples=8):
+        s = _run(
+            tmp_path,
+            dataset="imagenet2012",
+            model=model,
+            image_size=32,
+            batch_size=4,
+            float_epochs=1,
+            quant_epochs=1,
+            steps_per_epoch=1,
+            val_examples=4,
+            calibration_examples=4,
+            stages="float,quant",
+            target_weight_kb=4000.0,
+        )
+    run = tmp_path / "run"
+    assert (run / "quant" / "bitwidths.png").exists()
+    assert s["constraints_met"].keys() == {"weight"}
+    # lambda follows the paper's ImageNet rule: 0.1 (1048 kB / float kB)^2
+    import keras
+
+    q = keras.models.load_model(run / "quant" / "final.keras", compile=False)
+    float_kb = models_lib.counted_weights(keras.models.load_model(run / "float" / "final.keras", compile=False)) / 256
+    assert q.memory_budget.weight_lambda == pytest.approx(0.1 * (1048 / float_kb) ** 2)

