@@ -81,12 +81,10 @@ class BestFeasibleCheckpoint(keras.callbacks.Callback):
                 f"the logs ({sorted(logs)}). Pass validation_data to fit or choose "
                 "another monitor."
             )
-        met = logs.get("budget_met")
-        if met is None:
-            met = 1.0 if getattr(self.model, "memory_budget", None) is None else None
-        if met is None:
-            budget = self.model.memory_budget
-            met = float(all(budget.satisfied(self.model).values()))
+        # Read the budget from the parameters as they are now: the step logs
+        # may predate the last update.
+        budget = getattr(self.model, "memory_budget", None)
+        met = 1.0 if budget is None else float(all(budget.satisfied(self.model).values()))
         value = float(logs[self.monitor])
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if met >= 1.0 and np.isfinite(value) and better:

@@ -129,6 +129,15 @@ class QuantizedModel(keras.Model):
         super().compile(*args, **kwargs)
         _install_gradient_clipping(self)
 
+    def compile_from_config(self, config):
+        """Compile from a saved model's compile config, as Keras does for a
+        model that does not override ``compile`` (Keras skips models that do,
+        and the optimizer state in a ``.keras`` file would be lost)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def train_step(self, data):
         logs = super().train_step(data)
         if self.memory_budget is not None:

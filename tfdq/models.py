@@ -65,8 +65,10 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10, weight_decay=0.0, name="re
     3 stages x 3 basic blocks with 16/32/64 channels; 19 bias-free 3x3
     convolutions each followed by BatchNormalization, 19 ReLUs, global
     average pooling and a Dense classifier: 268,346 counted weights.
-    ``weight_decay`` adds an L2 penalty on kernels (the paper: 2e-4; Keras'
-    L2 adds ``wd * sum(w^2)``).
+    ``weight_decay`` adds Keras' ``L2(weight_decay)`` on kernels, i.e. the
+    loss term ``wd * sum(w^2)`` whose gradient is ``2 wd w``. The paper's
+    decay of 2e-4 is in the gradient-``wd w`` convention (NNabla, PyTorch),
+    so pass half of it (1e-4) to match (train/ does).
     """
     inputs = keras.Input(shape=input_shape, name="image")
     x = _conv_bn(inputs, 16, 1, "stem", weight_decay)
