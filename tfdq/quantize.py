@@ -25,22 +25,13 @@ from keras import tree
 from keras.src.models.functional import Functional  # the class of Functional models
 
 from tfdq import layers as qlayers
-from tfdq.graph import model_nodes, producer
+from tfdq.graph import IDENTITY_AT_INFERENCE, model_nodes, producer
 from tfdq import quantizers as quantizers_lib
 from tfdq.model import QuantizedModel
 
 logger = logging.getLogger("tfdq")
 
-PASS_THROUGH = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-    keras.layers.ActivityRegularization,
-    keras.layers.Identity,
+PASS_THROUGH = IDENTITY_AT_INFERENCE + (
     keras.layers.Flatten,
     keras.layers.Reshape,
     keras.layers.Permute,

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from tfdq import layers as qlayers
-from tfdq.graph import model_nodes
+from tfdq.graph import IDENTITY_AT_INFERENCE, model_nodes
 from tfdq import quantizers as quantizers_lib
 
 INT4_MAX = 7
@@ -24,17 +24,7 @@ SOFTMAX_SCALE = 1.0 / 256.0  # TFLite's fixed int8 softmax output: scale 1/256, 
 KERNEL_TAG = "tfdq_k"  # kernel FakeQuant ops are named tfdq_k<op index>; the name survives conversion
 
 # Layers that only move or select values: the output keeps the input's scale.
-IDENTITY_LAYERS = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-    keras.layers.ActivityRegularization,
-    keras.layers.Identity,
-)
+IDENTITY_LAYERS = IDENTITY_AT_INFERENCE
 SAME_SCALE_LAYERS = (
     keras.layers.Flatten,
     keras.layers.Reshape,
