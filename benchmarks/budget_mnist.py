@@ -14,12 +14,12 @@ layer, to ``benchmarks/results/budget_mnist.json``::
     python -m benchmarks.budget_mnist --seeds=0 --quant_epochs=2
 """
 
-import json
 import os
-import platform
 import time
 
 from absl import app, flags
+
+from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
 
@@ -84,8 +84,6 @@ def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, lam=None, ve
 
 def main(argv):
     del argv
-    import tensorflow as tf  # noqa: PLC0415
-
     results = []
     for seed in FLAGS.seeds:
         r = run_seed(int(seed), FLAGS.float_epochs, FLAGS.quant_epochs, FLAGS.finish_epochs, FLAGS.lam, verbose=2)
@@ -97,19 +95,13 @@ def main(argv):
             f"bits {r['bits']}",
             flush=True,
         )
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    out = {
-        "experiment": "small MNIST CNN under (8a) 2-bit + 5% and (8c) 4-bit max activation budgets",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "tensorflow": tf.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python -m benchmarks.budget_mnist",
-        "results": results,
-    }
-    path = os.path.join(FLAGS.out_dir, "budget_mnist.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {path}")
+    write_result(
+        FLAGS.out_dir,
+        "budget_mnist",
+        "small MNIST CNN under (8a) 2-bit + 5% and (8c) 4-bit max activation budgets",
+        "python -m benchmarks.budget_mnist",
+        {"results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ tfdq / float measured in the same run; writes ``results/step_time.json``::
     python -m benchmarks.step_time --quick      # 2 rounds x 2 steps
 """
 
-import json
 import os
-import platform
 import time
 
 from absl import app, flags
+
+from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
 
@@ -70,28 +70,21 @@ def measure(rounds=5, steps=5, batch_size=128):
 
 def main(argv):
     del argv
-    import tensorflow as tf  # noqa: PLC0415
-
     rounds, steps, batch = (2, 2, 32) if FLAGS.quick else (FLAGS.rounds, FLAGS.steps, FLAGS.batch_size)
     result = measure(rounds, steps, batch)
-    result.update(
-        experiment="ResNet-20 training step, U3 weights+activations vs Keras float",
-        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
-        tensorflow=tf.__version__,
-        date=time.strftime("%Y-%m-%d"),
-        command="python -m benchmarks.step_time" + (" --quick" if FLAGS.quick else ""),
-        config={"rounds": rounds, "steps": steps, "batch_size": batch},
-    )
+    result["config"] = {"rounds": rounds, "steps": steps, "batch_size": batch}
     for name, t in result["median_step_seconds"].items():
         print(f"{name:14s} {1000 * t:8.1f} ms/step")
     for name, r in result["ratios"].items():
         print(f"{name:26s} {r:.2f}x")
     if not FLAGS.quick:
-        os.makedirs(FLAGS.out_dir, exist_ok=True)
-        path = os.path.join(FLAGS.out_dir, "step_time.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+        write_result(
+            FLAGS.out_dir,
+            "step_time",
+            "ResNet-20 training step, U3 weights+activations vs Keras float",
+            "python -m benchmarks.step_time",
+            result,
+        )
 
 
 if __name__ == "__main__":

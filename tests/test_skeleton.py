@@ -1,7 +1,6 @@
 import numpy as np
 import tensorflow as tf
 
-import tfdq
 from tfdq import ops
 
 
@@ -13,7 +12,3 @@ def test_uniform_forward_matches_float64_reference():
     c = np.clip(x.astype(np.float64), -q_max, q_max)
     want = d * np.sign(c) * np.floor(np.abs(c) / d + 0.5)
     np.testing.assert_array_equal(got, want.astype(np.float32))
-
-
-def test_package_exposes_quantize_model():
-    assert callable(tfdq.quantize_model)

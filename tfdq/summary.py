@@ -36,7 +36,6 @@ def summary(model, print_fn=print):
     entries = memory.size_entries(model)
     rows = [_row(e) for e in entries]
     weights = [r for r in rows if r["kind"] == "weight"]
-    acts = [r for r in rows if r["kind"] == "activation" and not r["input"]]
     n_weights = sum(r["count"] for r in weights)
     total = {
         "kind": "total",
@@ -44,7 +43,7 @@ def summary(model, print_fn=print):
         "weight_kb": float(memory.weight_kb(model, entries)),
         "activation_kb_sum": float(memory.activation_kb(model, "sum", entries=entries)),
         "activation_kb_max": float(memory.activation_kb(model, "max", entries=entries)),
-        "mean_weight_bits": (sum(r["count"] * r["bits"] for r in weights) / n_weights) if n_weights else 0.0,
+        "mean_weight_bits": float(memory.mean_weight_bits(entries)),
     }
     rows.append(total)
     if print_fn is not None:
