@@ -4,6 +4,11 @@
     python -m export.tflite --model=m.keras --dataset=cifar10 --output=m.tflite
     python -m export.tflite --model=m.keras --dataset=npz:data.npz --int8_kernels
 
+By default the BatchNorm betas are first aligned to the int32 bias grid
+(``tfdq.export.align_biases``; ``--noalign_biases`` skips it): the aligned
+model is written as ``<output>.aligned.keras`` and is the one verified, so
+the report compares the file with the model it computes exactly.
+
 The model is loaded with Keras' safe mode on (no code from the file runs).
 The command writes the ``.tflite`` (kernels hold the learned integers: int4
 where the learned bitwidth is at most 4, int8 otherwise), runs it in LiteRT
@@ -35,6 +40,12 @@ flags.DEFINE_integer("max_eval_samples", None, "Verify on at most this many held
 flags.DEFINE_enum("input_type", "int8", ["int8", "float32"], "Type of the .tflite input tensor.")
 flags.DEFINE_enum("output_type", "int8", ["int8", "float32"], "Type of the .tflite output tensor.")
 flags.DEFINE_bool("int8_kernels", False, "Store every kernel as int8 (no packed int4); the integers stay the learned ones.")
+flags.DEFINE_bool(
+    "align_biases", True,
+    "Move each folded BatchNorm's beta (by at most half an accumulator unit) so that the file's "
+    "int32 biases are exact and LiteRT computes what the Keras model computes; the aligned model "
+    "is written beside the .tflite (the input model file is never changed).",
+)
 flags.DEFINE_string("report_json", None, "Where to write the report (default: the output path with .json).")
 
 
@@ -118,15 +129,29 @@ def _jsonable(obj):
 
 def run(model_path, output=None, dataset="mnist_subset", calibration_samples=1000, max_eval_samples=None,
         input_type="int8", output_type="int8", int8_kernels=False, report_json=None, data_dir=None,
-        print_fn=print):
-    """Export and verify; returns the report dict (also written as JSON)."""
+        align_biases=True, print_fn=print):
+    """Export and verify; returns the report dict (also written as JSON).
+
+    With ``align_biases`` the model is aligned in memory
+    (:func:`tfdq.export.align_biases`), saved as ``<output>.aligned.keras``
+    and verified in that form; ``model_path`` itself is never written.
+    """
     from tfdq import export  # noqa: PLC0415
 
     model = load_model(model_path)
     output = output or os.path.splitext(model_path)[0] + ".tflite"
     report_json = report_json or os.path.splitext(output)[0] + ".json"
+    if os.path.abspath(output) == os.path.abspath(model_path):
+        raise CommandError(f"--output={output!r} would overwrite the model; choose a .tflite path.")
     calibration, evaluation = load_data(dataset, calibration_samples, max_eval_samples, data_dir)
+    alignment, aligned_path = None, None
     try:
+        if align_biases:
+            alignment = export.align_biases(
+                model, calibration, int4_kernels=not int8_kernels, calibration_samples=calibration_samples
+            )
+            aligned_path = os.path.splitext(output)[0] + ".aligned.keras"
+            model.save(aligned_path)
         export_report = export.save_tflite(
             model, output, calibration, input_type=input_type, output_type=output_type,
             int4_kernels=not int8_kernels, calibration_samples=calibration_samples,
@@ -140,6 +165,12 @@ def run(model_path, output=None, dataset="mnist_subset", calibration_samples=100
     float_bytes = len(export.float_tflite(model))
     result["sizes"]["float32_tflite_bytes"] = float_bytes
     print_fn(f"wrote {output}")
+    if aligned_path is not None:
+        moved = max((a["max_change_output_steps"] for a in alignment), default=0.0)
+        print_fn(
+            f"wrote {aligned_path} (BatchNorm betas of {len(alignment)} layers aligned to the int32 "
+            f"bias grid, at most {moved:.3f} output steps)"
+        )
     print_fn(result.format())
     print_fn(
         f"  float32 .tflite        {float_bytes} bytes (quantizers removed); this file is "
@@ -149,6 +180,8 @@ def run(model_path, output=None, dataset="mnist_subset", calibration_samples=100
         "model": model_path,
         "tflite": output,
         "dataset": dataset,
+        "aligned_model": aligned_path,
+        "bias_alignment": alignment,
         "export": dict(export_report),
         "verification": dict(result),
     }
@@ -165,6 +198,7 @@ def main(argv):
         run(
             FLAGS.model, FLAGS.output, FLAGS.dataset, FLAGS.calibration_samples, FLAGS.max_eval_samples,
             FLAGS.input_type, FLAGS.output_type, FLAGS.int8_kernels, FLAGS.report_json, FLAGS.data_dir,
+            FLAGS.align_biases,
         )
     except CommandError as err:
         print(f"error: {err}", file=sys.stderr)

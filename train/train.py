@@ -472,6 +472,7 @@ class Run:
         if not self.is_chief:
             return {"skipped": "export runs on the chief worker"}
         try:
+            from tfdq import callbacks as tfdq_callbacks  # noqa: PLC0415
             from tfdq import export as export_lib  # noqa: PLC0415
         except ImportError as e:
             note = f"export skipped: tfdq.export is not available in this installation ({e})"
@@ -481,6 +482,12 @@ class Run:
         model = keras.models.load_model(model_path, compile=False)
         result = {"source": model_path}
         try:
+            # Keras then computes what the integer file computes (int32 biases exact).
+            alignment = export_lib.align_biases(model, self.data.calibration)
+            aligned_path = os.path.join(stage_dir, "aligned.keras")
+            os.makedirs(stage_dir, exist_ok=True)
+            tfdq_callbacks.atomic_save(model, aligned_path)
+            result.update(aligned_model=aligned_path, bias_alignment=alignment)
             kwargs = _supported_kwargs(
                 export_lib.to_tflite, calibration_data=self.data.calibration, return_report=True
             )

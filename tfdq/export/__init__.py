@@ -39,16 +39,24 @@ may compute in float (only the QUANTIZE/DEQUANTIZE at a float input or
 output), or :class:`ExportError` is raised. :func:`verify` runs the file in
 LiteRT next to the Keras model.
 
-Fidelity: the integer graph differs from the Keras model in two places.
-The folded BatchNorm bias is an int32 at TFLite's bias scale ``s_in d |s_c|``
-(rounded, at most half a unit), and LiteRT 2.3 runs CONV_2D and
-DEPTHWISE_CONV_2D with int4 kernels through a requantization that rounds
-twice (int8 kernels go through XNNPACK, which rounds once; FULLY_CONNECTED
-rounds once either way). Both move an output that lies very close to a
-rounding boundary by one step; :func:`verify` measures the effect.
+Fidelity: TFLite adds an int32 bias to the integer accumulator (unit
+``s_in d |s_c|``), so a folded BatchNorm bias is rounded to that grid, and
+LiteRT 2.3 requantizes CONV_2D and DEPTHWISE_CONV_2D with int4 kernels with
+two roundings (int8 kernels run in XNNPACK, which rounds once;
+FULLY_CONNECTED rounds once either way), which for a non-negative output is
+one rounding with every threshold ``w_c = 2^30 / m_c`` accumulator units
+lower. The planned int32 bias is ``round(B_c - w_c)`` (``w_c = 0`` where
+the kernel rounds once), and :func:`align_biases` moves each folded beta by
+less than one accumulator unit so that ``B_c - w_c`` is an integer: the
+Keras model then computes, tensor for tensor, what the file computes (the
+export report lists each layer's residual). What remains is the rounding of
+tensors that only the file quantizes (calibrated logits, Add inputs) and,
+for int4 convolutions whose output stays signed, the two roundings on the
+negative side; :func:`verify` measures it.
 
 Use::
 
+    tfdq.export.align_biases(qmodel, x_train[:1000])     # once training is over
     tflite, report = tfdq.export.to_tflite(qmodel, x_train[:1000], return_report=True)
     print(tfdq.export.verify(qmodel, tflite, (x_test, y_test), export_report=report).format())
 
@@ -60,7 +68,7 @@ step ``q_min``), power-of-two *activation* quantizers (their log-domain
 rounding has no integer TFLite kernel), layers without an integer export.
 """
 
-from tfdq.export.convert import ExportReport, float_tflite, save_tflite, to_tflite
+from tfdq.export.convert import ExportReport, align_biases, float_tflite, save_tflite, to_tflite
 from tfdq.export.flatbuffer import inspect_tflite
 from tfdq.export.plan import ExportError
 from tfdq.export.verify import VerificationReport, size_report, verify
@@ -69,6 +77,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "VerificationReport",
+    "align_biases",
     "float_tflite",
     "inspect_tflite",
     "save_tflite",

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfdq.export.flatbuffer import find_kernel, float_ops, inspect_tflite, unpack_integers
+from tfdq.export.flatbuffer import find_bias, find_kernel, float_ops, inspect_tflite, unpack_integers
 from tfdq.export.plan import (
     AVERAGE_LAYERS,
     IDENTITY_LAYERS,
@@ -101,6 +101,7 @@ class Builder:
         self.calibrated_info = []
         self.fixed = []
         self.missing = []
+        self.biases = {}
 
     # -- quantization helpers -----------------------------------------------
 
@@ -170,6 +171,7 @@ class Builder:
     def run(self, inputs):
         plan = self.plan
         self.points, self.calibrated_info, self.fixed, self.missing = {}, [], [], []
+        self.biases = {}
         values = {}
         for k, t in zip(plan.input_keys, inputs):
             values[k] = _Val(t, None, False, False, "input")
@@ -341,7 +343,7 @@ class Builder:
             if plan.kind == "depthwise":
                 kernel = tf.reshape(kernel, layer.kernel.shape, name=name)
             y = self._apply_kernel(plan, layer, x.t, kernel, per_channel_dense=plan.per_channel)
-            bias = plan.folded_bias(self.plan.bn.get(op.index))
+            bias = self.bias(op, plan, x)
             if bias is not None:
                 y = tf.nn.bias_add(y, bias)
         val = _Val(y, None, True, False, op.path)
@@ -358,6 +360,23 @@ class Builder:
                 "linear, or softmax at the output)."
             )
         return val
+
+    def bias(self, op, plan, x):
+        """The float bias constant whose int32 quantization is the planned integer.
+
+        In export mode the converter quantizes it at ``s_in * scale_c`` to
+        exactly :meth:`KernelPlan.accumulator_bias`'s integers (recorded in
+        ``self.biases`` with the residual that :func:`align_biases` removes).
+        """
+        bn = self.plan.bn.get(op.index)
+        if self.mode != "export" or x.q is None or x.q is _CALIBRATING:
+            return plan.folded_bias(bn)
+        s_out, nonneg = self.plan.kernel_output(op.index)
+        acc = plan.accumulator_bias(bn, x.q.scale, s_out, nonneg)
+        if acc is None:
+            return None
+        self.biases[op.index] = dict(acc, layer=plan.layer_name, s_in=x.q.scale, s_out=s_out)
+        return (acc["integer"] * acc["unit"]).astype(np.float32)
 
     def _apply_kernel(self, plan, layer, x, kernel, per_channel_dense):
         if plan.kind == "conv":
@@ -476,6 +495,91 @@ def _convert(fn, specs, input_type, output_type):
 _TYPES = {"int8": tf.int8, "float32": tf.float32, "float": tf.float32}
 
 
+def _trace_export(model, calibration_data, int4_kernels, calibration_samples):
+    """Plan, calibrate and trace the export graph; ``(plan, builder, tf.function, specs)``."""
+    plan = Plan(model, int4_kernels=int4_kernels)
+    stats = _collect_stats(plan, calibration_data, calibration_samples)
+    builder = Builder(plan, "export", stats)
+    specs = _input_specs(model)
+
+    @tf.function(input_signature=specs, autograph=False)
+    def exported(*xs):
+        outs = builder.run(list(xs))
+        return outs[0] if len(outs) == 1 else outs
+
+    exported.get_concrete_function()
+    if builder.missing:
+        raise ExportError(f"Internal error: no statistics for {builder.missing}.")
+    return plan, builder, exported, specs
+
+
+def _bias_entry(b):
+    return {
+        "layer": b["layer"],
+        "input_scale": float(b["s_in"]),
+        "output_scale": None if b["s_out"] is None else float(b["s_out"]),
+        "max_abs_residual": float(np.max(np.abs(b["residual"]))),
+        "requantization_shift": [float(np.min(b["shift"])), float(np.max(b["shift"]))],
+        "exact": bool(np.all(np.abs(b["residual"]) < 1e-3)),
+    }
+
+
+def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration_samples=1000):
+    """Move each folded BatchNorm's beta so that the file's int32 bias is exact.
+
+    TFLite adds an integer bias to the accumulator (unit ``u_c = s_in d
+    |s_c|``); the Keras layer adds ``B_c = folded_bias_c / u_c`` units, in
+    general not an integer, so the file would round it (up to half a unit)
+    and outputs near a rounding threshold come out one step off. This sets
+    ``beta_c += (round(B_c - w_c) - (B_c - w_c)) u_c`` (``w_c``: the shift of
+    LiteRT's two-rounding int4 convolutions, see
+    :meth:`KernelPlan.accumulator_bias`), so that the Keras model itself
+    computes what the integer file computes. Each beta moves by at most half
+    an accumulator unit (the report gives it in output steps too).
+
+    Call it once training is over (BatchNorm statistics and quantizers fixed:
+    after :func:`tfdq.constraints.freeze_quantizers` and the last ``fit``),
+    with the same ``int4_kernels`` as the export; save the aligned model if
+    you want to reproduce the file. Layers without BatchNorm already have
+    exact biases (their ``Q(bias)`` lies on the step ``d`` grid).
+
+    Args:
+        model: a trained tfdq model; changed in place.
+        calibration_data: as for :func:`to_tflite` (needed when a layer's
+            input has no learned quantizer).
+        int4_kernels, calibration_samples: as for :func:`to_tflite`.
+
+    Returns:
+        A list of dicts, one per BatchNorm-folded layer: ``layer``,
+        ``batchnorm``, ``max_beta_change`` and ``max_change_output_steps``.
+    """
+    plan, builder, _, _ = _trace_export(model, calibration_data, int4_kernels, calibration_samples)
+    changes = []
+    layers_by_path = {op.path: op.layer for op in plan.ops}
+    for index, b in builder.biases.items():
+        kplan = plan.kernels[index]
+        if kplan.bn_name is None:
+            continue
+        bn = layers_by_path[kplan.bn_name]
+        delta = -b["residual"] * b["unit"]
+        if not bn.center:
+            raise ExportError(
+                f"{kplan.bn_name}: BatchNormalization(center=False) has no beta to align; "
+                "export without align_biases (its bias is rounded to the int32 grid)."
+            )
+        bn.beta.assign((np.asarray(bn.beta.numpy(), np.float64) + delta).astype(np.float32))
+        step = b["s_out"] if b["s_out"] is not None else float("nan")
+        changes.append(
+            {
+                "layer": kplan.layer_name,
+                "batchnorm": kplan.bn_name,
+                "max_beta_change": float(np.max(np.abs(delta))),
+                "max_change_output_steps": float(np.max(np.abs(delta)) / step),
+            }
+        )
+    return changes
+
+
 def to_tflite(
     model,
     calibration_data=None,
@@ -518,19 +622,7 @@ def to_tflite(
     """
     if input_type not in _TYPES or output_type not in _TYPES:
         raise ValueError(f"input_type/output_type must be 'int8' or 'float32', got {input_type!r}/{output_type!r}.")
-    plan = Plan(model, int4_kernels=int4_kernels)
-    stats = _collect_stats(plan, calibration_data, calibration_samples)
-    builder = Builder(plan, "export", stats)
-    specs = _input_specs(model)
-
-    @tf.function(input_signature=specs, autograph=False)
-    def exported(*xs):
-        outs = builder.run(list(xs))
-        return outs[0] if len(outs) == 1 else outs
-
-    exported.get_concrete_function()
-    if builder.missing:
-        raise ExportError(f"Internal error: no statistics for {builder.missing}.")
+    plan, builder, exported, specs = _trace_export(model, calibration_data, int4_kernels, calibration_samples)
     tflite = _convert(exported, specs, _TYPES[input_type], _TYPES[output_type])
     info = inspect_tflite(tflite)
     _check_file(plan, info, builder, tflite)
@@ -552,6 +644,7 @@ def to_tflite(
             for a in plan.acts.values()
         ],
         calibrated=list(builder.calibrated_info),
+        biases=[_bias_entry(b) for b in builder.biases.values()],
         fixed=list(builder.fixed),
         options={"input_type": input_type, "output_type": output_type, "int4_kernels": bool(int4_kernels)},
         file_bytes=len(tflite),
@@ -643,6 +736,14 @@ def _check_file(plan, info, builder, tflite_bytes):
                 f"{p.layer_name}: {int(np.sum(stored != expected))} stored integers differ from the "
                 f"learned ones (file range [{stored.min()}, {stored.max()}])"
             )
+        planned_bias = builder.biases.get(p.op_index)
+        if planned_bias is not None:
+            bt = find_bias(info, t)
+            stored_bias = None if bt is None else unpack_integers(bt, tflite_bytes).reshape(-1)
+            if stored_bias is None:  # the converter drops an all-zero bias
+                stored_bias = np.zeros(planned_bias["integer"].shape, np.int64)
+            if not np.array_equal(stored_bias, planned_bias["integer"].astype(np.int64)):
+                problems.append(f"{p.layer_name}: the int32 bias in the file is not the planned one")
         scales = t["scales"]
         want = p.scales()
         if scales.size not in (1, want.size) or not np.allclose(

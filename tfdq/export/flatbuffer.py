@@ -78,6 +78,15 @@ def find_kernel(info, op_index):
     return None
 
 
+def find_bias(info, kernel_tensor):
+    """The constant int32 bias of the operator that takes ``kernel_tensor``, or None."""
+    for o in info["ops"]:
+        if kernel_tensor["index"] in o["inputs"] and len(o["inputs"]) > 2 and o["inputs"][2] >= 0:
+            t = info["tensors"][o["inputs"][2]]
+            return t if t["type"] == "int32" and t["bytes"] else None
+    return None
+
+
 def float_ops(info):
     """Operators that compute in float (QUANTIZE at inputs / DEQUANTIZE at outputs allowed)."""
     bad = []
@@ -106,6 +115,8 @@ def unpack_integers(tensor, tflite_bytes):
     else:  # data stored after the flatbuffer (large models)
         raw = np.frombuffer(tflite_bytes, np.uint8, count=buf.Size(), offset=buf.Offset())
     n = int(np.prod(tensor["shape"]))
+    if tensor["type"] == "int32":
+        return raw.view(np.int32)[:n].reshape(tensor["shape"]).astype(np.int64)
     if tensor["type"] == "int4":
         lo = (raw & 0x0F).astype(np.int16)
         hi = (raw >> 4).astype(np.int16)

@@ -218,6 +218,48 @@ class KernelPlan:
             return (k.reshape(h, w, 1, c * m) * scales).astype(np.float32)
         return (k * scales).astype(np.float32)
 
+    @property
+    def rounds_twice(self):
+        """LiteRT 2.3 runs this layer with two roundings in its requantization.
+
+        CONV_2D and DEPTHWISE_CONV_2D with int4 kernels (a per-channel Dense
+        is exported as a 1x1 CONV_2D) go through the builtin kernel, whose
+        ``MultiplyByQuantizedMultiplier`` rounds the Q31 product and then the
+        right shift; int8 kernels run in XNNPACK and FULLY_CONNECTED rounds
+        once either way.
+        """
+        return self.storage == "int4" and (self.kind != "dense" or self.per_channel)
+
+    def accumulator_bias(self, bn_weights, s_in, s_out=None, nonneg=False):
+        """The int32 bias of this layer in the file, for input scale ``s_in``.
+
+        TFLite adds the bias to the integer accumulator, whose unit is
+        ``u_c = s_in * scale_c``. The Keras layer (BatchNorm folded) adds
+        the real bias ``B_c = folded_bias_c / u_c`` accumulator units. Where
+        LiteRT rounds twice (:attr:`rounds_twice`), requantizing to
+        ``s_out`` rounds ``acc * mu 2^-s`` first to an integer and then by
+        the shift ``s``: for a non-negative output that is single rounding
+        with every threshold moved down by ``w_c = 2^30 / m_c`` accumulator
+        units (``m_c`` the Q31 multiplier of ``M_c = u_c / s_out``), so the
+        file's bias is ``B_c - w_c``. Signed outputs move the thresholds
+        towards zero on both sides, which no bias can match (``w_c = 0``).
+
+        Returns a dict with ``unit``, ``real`` (B), ``shift`` (w), ``integer``
+        (``round(B - w)``, what the file holds) and ``residual``
+        (``B - w - integer``: zero when Keras and the file round alike; see
+        :func:`tfdq.export.align_biases`), or None for a layer without bias.
+        """
+        bias = self.folded_bias(bn_weights)
+        if bias is None:
+            return None
+        unit = np.float64(np.float32(s_in)) * self.scales().astype(np.float32).astype(np.float64)
+        real = bias.astype(np.float64) / unit
+        shift = np.zeros_like(real)
+        if self.rounds_twice and s_out is not None and nonneg:
+            shift = requantization_shift(unit, s_out)
+        integer = round_half_away(real - shift)
+        return {"unit": unit, "real": real, "shift": shift, "integer": integer, "residual": real - shift - integer}
+
     def folded_bias(self, bn_weights):
         if self.channel_factor is None:
             return None if self.bias is None else self.bias.astype(np.float32)
@@ -248,6 +290,26 @@ def _quantizer_params(q):
 
 def round_half_away(x):
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def requantization_shift(unit, s_out):
+    """How far LiteRT's two-rounding requantization moves a threshold, in accumulator units.
+
+    TFLite writes the real multiplier ``M = unit / s_out`` as ``m 2^(e-31)``
+    (``QuantizeMultiplier``: ``m`` a Q31 integer, ``frexp`` exponent ``e``).
+    With ``e <= -1`` the kernel computes ``r = round(acc m / 2^31)`` and
+    then ``round(r / 2^-e)``, half away from zero each time. A positive
+    accumulator then reaches level ``k + 1`` from ``acc >= (k + 1/2) / M -
+    2^30 / m``: every threshold sits ``2^30 / m`` (between 1/2 and 1) lower
+    than single rounding puts it. With ``e >= 0`` there is one rounding
+    (shift 0).
+    """
+    mult = np.asarray(unit, np.float64) / np.float64(np.float32(s_out))
+    mant, exp = np.frexp(mult)
+    m = np.round(mant * 2.0**31)
+    exp = np.where(m == 2.0**31, exp + 1, exp)
+    m = np.where(m == 2.0**31, 2.0**30, m)
+    return np.where(exp <= -1, 2.0**30 / m, 0.0)
 
 
 def _plan_kernel(op, quantizer, int4_kernels, problems):
@@ -333,6 +395,7 @@ class Plan:
         self.model = model
         self.ops, self.input_keys, self.output_keys = _flatten_graph(model)
         self.consumers = {}
+        self.ops_by_index = {op.index: op for op in self.ops}
         for op in self.ops:
             for k in op.inputs:
                 self.consumers.setdefault(k, []).append(op)
@@ -490,17 +553,45 @@ class Plan:
             return True
         return False
 
-    def downstream_step(self, key):
-        """Step of the learned quantizer that quantizes ``key`` (through a ReLU), or None."""
-        for _ in range(2):
+    def downstream_quantizer(self, key, folded=False):
+        """``(ActPlan, through_relu)`` of the learned quantizer that quantizes ``key``.
+
+        Follows single consumers through one ReLU/ReLU6 (and, with
+        ``folded``, through a folded BatchNormalization first); ``(None,
+        False)`` when no learned quantizer takes the tensor next.
+        """
+        relu = False
+        for _ in range(3):
             cons = self.consumers.get(key, [])
             if len(cons) != 1 or key in self.output_keys:
-                return None
+                break
             op = cons[0]
             if op.index in self.acts:
-                return self.acts[op.index].step
-            if relu_kind(op.layer) in ("relu", "relu6"):
-                key = op.outputs[0]
+                return self.acts[op.index], relu
+            if folded and op.index in self.folded_bn:
+                key, folded = op.outputs[0], False
                 continue
-            return None
-        return None
+            if not relu and relu_kind(op.layer) in ("relu", "relu6"):
+                key, relu = op.outputs[0], True
+                continue
+            break
+        return None, False
+
+    def downstream_step(self, key):
+        """Step of the learned quantizer that quantizes ``key`` (through a ReLU), or None."""
+        act, _ = self.downstream_quantizer(key)
+        return None if act is None else act.step
+
+    def kernel_output(self, index):
+        """``(s_out, nonneg)`` for a kernel layer's requantization, or ``(None, False)``.
+
+        ``s_out`` is the step of the learned activation quantizer its output
+        (BatchNorm folded) goes to; ``nonneg`` tells that only non-negative
+        values survive (a ReLU on the way, or an unsigned quantizer).
+        """
+        op = self.ops_by_index[index]
+        act, relu = self.downstream_quantizer(op.outputs[0], folded=True)
+        if act is None:
+            return None, False
+        own_relu = activation_name(op.layer.activation) in ("relu", "relu6")
+        return act.step, bool(relu or own_relu or not act.signed)

@@ -196,7 +196,7 @@ def verify(model, tflite_bytes, dataset, *, batch_size=250, export_report=None, 
     runner.interpreter.allocate_tensors()
     layers = _check_kernels(plan, info, tflite_bytes, runner.interpreter, int4_kernels)
 
-    n = agree = keras_correct = tfl_correct = 0
+    n = agree = keras_correct = tfl_correct = ties = 0
     labelled = True
     max_diff = 0.0
     for xb, yb in _iter_batches(dataset, batch_size):
@@ -205,6 +205,8 @@ def verify(model, tflite_bytes, dataset, *, batch_size=250, export_report=None, 
         kt, tt = np.argmax(keras_out, axis=-1), np.argmax(tfl_out, axis=-1)
         n += len(xb)
         agree += int(np.sum(kt == tt))
+        top = np.max(tfl_out, axis=-1, keepdims=True)
+        ties += int(np.sum(np.sum(tfl_out == top, axis=-1) > 1))
         max_diff = max(max_diff, float(np.max(np.abs(tfl_out - keras_out))))
         if yb is None:
             labelled = False
@@ -225,6 +227,7 @@ def verify(model, tflite_bytes, dataset, *, batch_size=250, export_report=None, 
         samples=n,
         top1_agreement=agree / n,
         disagreements=n - agree,
+        tied_top_outputs=ties,
         keras_accuracy=keras_correct / n if labelled else None,
         tflite_accuracy=tfl_correct / n if labelled else None,
         output_scale=out_scale,
@@ -236,32 +239,35 @@ def verify(model, tflite_bytes, dataset, *, batch_size=250, export_report=None, 
         calibrated=list(export_report.get("calibrated", [])) if export_report is not None else None,
     )
     report["all_kernels_exact"] = bool(all(entry.get("ok") for entry in layers))
-    report["notes"] = _runtime_notes(plan, info)
+    report["notes"] = _runtime_notes(plan, info, export_report)
     return report
 
 
-def _runtime_notes(plan, info):
+def _runtime_notes(plan, info, export_report=None):
     """Known differences between LiteRT's integer kernels and the Keras model."""
     notes = []
-    tensors = info["tensors"]
-    int4_convs = [
-        o for o in info["ops"]
-        if o["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(o["inputs"]) > 1
-        and tensors[o["inputs"][1]]["type"] == "int4"
-    ]
-    if int4_convs:
+    biases = (export_report or {}).get("biases")
+    if biases is None:
+        return notes
+    inexact = [b["layer"] for b in biases if not b["exact"]]
+    if inexact:
         notes.append(
-            f"{len(int4_convs)} CONV_2D/DEPTHWISE_CONV_2D ops have int4 kernels. LiteRT 2.3 requantizes "
-            "their outputs with two roundings (SaturatingRoundingDoublingHighMul, then "
-            "RoundingDivideByPOT), not XNNPACK's one, so an output within 2^-(shift+1) steps of a "
-            "rounding boundary can come out one step off. The integers in the file are exact; "
-            "int4_kernels=False runs the same integers through XNNPACK with a single rounding."
+            "The int32 biases of " + ", ".join(inexact) + " are rounded (up to half an "
+            "accumulator unit; an output near a rounding threshold can come out one step off). "
+            "tfdq.export.align_biases(model, calibration_data, int4_kernels=...) before the export "
+            "makes the Keras model compute what the file computes."
         )
-    if any(p.per_channel for p in plan.kernels.values()):
+    signed_int4 = []
+    for p in plan.kernels.values():
+        t = find_kernel(info, p.op_index)
+        if t is not None and t["type"] == "int4" and p.rounds_twice and not plan.kernel_output(p.op_index)[1]:
+            signed_int4.append(p.layer_name)
+    if signed_int4:
         notes.append(
-            "Folded BatchNorm biases are int32 at scale s_in * d * |s_c| (TFLite's bias scale); "
-            "their rounding (at most half a unit) is the remaining difference to the float "
-            "BatchNorm of the Keras model."
+            "LiteRT rounds the requantization of int4 CONV_2D/DEPTHWISE_CONV_2D twice; for outputs "
+            "that stay signed (" + ", ".join(signed_int4) + ") no bias matches that, so values "
+            "close to a rounding threshold can differ by one step. int4_kernels=False runs the "
+            "same integers through XNNPACK, which rounds once."
         )
     return notes
 
@@ -270,6 +276,7 @@ def _format_verification(r):
     lines = []
     lines.append(f"LiteRT vs Keras on {r['samples']} inputs")
     lines.append(f"  top-1 agreement        {100 * r['top1_agreement']:.2f}% ({r['disagreements']} differ)")
+    lines.append(f"  tied top outputs       {r['tied_top_outputs']} (the file's largest output occurs twice)")
     if r.get("keras_accuracy") is not None:
         lines.append(f"  accuracy Keras         {100 * r['keras_accuracy']:.2f}%")
         lines.append(f"  accuracy TFLite        {100 * r['tflite_accuracy']:.2f}%")
