@@ -2,10 +2,15 @@
 
 Times one ``train_on_batch`` step (batch 128, CIFAR-10 shapes, generated
 inputs: a timing, not an accuracy) of the float Keras ResNet-20 and of its
-tfdq version with U3 weights and activations, with and without XLA
-(``jit_compile``), alternating the models in rounds so that machine noise
-hits all of them alike. Reports the median step time of each and the ratios
-tfdq / float measured in the same run; writes ``results/step_time.json``::
+tfdq version with U3 weights and activations: with tfdq's fused quantizer
+kernels (the default: each quantizer's forward and backward pass is one
+XLA-compiled loop), with plain TensorFlow ops (``tfdq.ops.FUSED = False``),
+and both models with XLA on the whole step (``jit_compile``). The models
+alternate in rounds so that machine noise hits all of them alike. Each step
+records wall time and the process's CPU time (all threads; on a shared
+machine the CPU time is the steadier measure of work). Reports medians and
+the ratios tfdq / float measured in the same run; writes
+``results/step_time.json``::
 
     python -m benchmarks.step_time              # 5 rounds x 5 steps
     python -m benchmarks.step_time --quick      # 2 rounds x 2 steps
@@ -35,6 +40,7 @@ def measure(rounds=5, steps=5, batch_size=128):
     import numpy as np  # noqa: PLC0415
 
     import tfdq  # noqa: PLC0415
+    from tfdq import ops  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, 32, 32, 3)).astype("float32")
@@ -42,30 +48,48 @@ def measure(rounds=5, steps=5, batch_size=128):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     float_model = tfdq.models.resnet20()
     configs = {}
-    for jit in (False, True):
-        f = keras.models.clone_model(float_model)
-        f.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss, jit_compile=jit)
-        q = tfdq.quantize_model(float_model, calibration_data=x[:32])
-        q.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss, jit_compile=jit)
-        configs[f"float{'_xla' if jit else ''}"] = f
-        configs[f"tfdq_u3{'_xla' if jit else ''}"] = q
-    times = {name: [] for name in configs}
-    for model in configs.values():  # trace and warm up
+
+    def add(name, model, jit):
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss, jit_compile=jit)
+        model.train_on_batch(x, y)  # trace now: the fused/plain choice is made when tracing
         model.train_on_batch(x, y)
-        model.train_on_batch(x, y)
+        configs[name] = model
+
+    add("float", keras.models.clone_model(float_model), False)
+    add("tfdq_u3", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    ops.FUSED = False
+    add("tfdq_u3_plain_ops", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    ops.FUSED = True
+    add("float_xla", keras.models.clone_model(float_model), True)
+    add("tfdq_u3_xla", tfdq.quantize_model(float_model, calibration_data=x[:32]), True)
+    wall = {name: [] for name in configs}
+    cpu = {name: [] for name in configs}
     for _ in range(rounds):
         for name, model in configs.items():
             for _ in range(steps):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 model.train_on_batch(x, y)
-                times[name].append(time.perf_counter() - start)
-    median = {name: float(np.median(t)) for name, t in times.items()}
-    ratios = {
-        "tfdq_u3 / float": median["tfdq_u3"] / median["float"],
-        "tfdq_u3_xla / float_xla": median["tfdq_u3_xla"] / median["float_xla"],
-        "tfdq_u3_xla / float": median["tfdq_u3_xla"] / median["float"],
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    median = {name: float(np.median(t)) for name, t in wall.items()}
+    median_cpu = {name: float(np.median(t)) for name, t in cpu.items()}
+
+    def ratios(m):
+        return {
+            "tfdq_u3 / float": m["tfdq_u3"] / m["float"],
+            "tfdq_u3_plain_ops / float": m["tfdq_u3_plain_ops"] / m["float"],
+            "tfdq_u3_xla / float_xla": m["tfdq_u3_xla"] / m["float_xla"],
+            "tfdq_u3_xla / float": m["tfdq_u3_xla"] / m["float"],
+        }
+
+    return {
+        "median_step_seconds": median,
+        "median_step_cpu_seconds": median_cpu,
+        "ratios": ratios(median),
+        "cpu_ratios": ratios(median_cpu),
+        "target": {"tfdq_u3 / float": 1.10},
+        "samples": {k: len(v) for k, v in wall.items()},
     }
-    return {"median_step_seconds": median, "ratios": ratios, "samples": {k: len(v) for k, v in times.items()}}
 
 
 def main(argv):
@@ -74,9 +98,9 @@ def main(argv):
     result = measure(rounds, steps, batch)
     result["config"] = {"rounds": rounds, "steps": steps, "batch_size": batch}
     for name, t in result["median_step_seconds"].items():
-        print(f"{name:14s} {1000 * t:8.1f} ms/step")
+        print(f"{name:18s} {1000 * t:8.1f} ms/step   cpu {1000 * result['median_step_cpu_seconds'][name]:8.1f} ms")
     for name, r in result["ratios"].items():
-        print(f"{name:26s} {r:.2f}x")
+        print(f"{name:28s} wall {r:.2f}x   cpu {result['cpu_ratios'][name]:.2f}x")
     if not FLAGS.quick:
         write_result(
             FLAGS.out_dir,

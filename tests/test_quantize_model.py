@@ -265,3 +265,51 @@ def test_sgd_at_paper_learning_rates_stays_finite_on_resnet20():
             assert 2.0**-8 <= p["d"] <= 1.0 and p["d"] <= p["q_max"] and 2 <= p["bits"] <= 8
             d_var = float(layer.kernel_quantizer.param("d").numpy())
             assert 2.0**-8 <= d_var <= 1.0
+
+
+@pytest.mark.parametrize("weight_q,act_q", [("U3", "U3"), ("P3", "U2")])
+def test_fused_quantizer_kernels_train_exactly_like_plain_ops(weight_q, act_q):
+    """The XLA-fused quantizer passes (tfdq.ops.FUSED, the default) and the
+    plain TensorFlow ops give the same forward values bit for bit and the
+    same gradients (the parameter sums may differ in summation order)."""
+    from tfdq import ops  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 12, 12, 3)).astype("float32")
+    y = rng.integers(0, 10, size=16)
+    float_model = keras.Sequential(
+        [
+            keras.Input((12, 12, 3)),
+            keras.layers.Conv2D(8, 3, use_bias=False, name="c1"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.ReLU(name="r1"),
+            keras.layers.Conv2D(8, 3, name="c2"),  # linear: a signed quantizer follows
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10, name="head"),
+        ]
+    )
+    results = []
+    saved = ops.FUSED
+    try:
+        for fused in (True, False):
+            ops.FUSED = fused
+            q = tfdq.quantize_model(float_model, weight_quantizer=weight_q, activation_quantizer=act_q,
+                                    calibration_data=x)
+            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+            @tf.function
+            def step(q=q):
+                with tf.GradientTape() as tape:
+                    out = q(x, training=True)
+                    loss = loss_fn(y, out)
+                return out, tape.gradient(loss, q.trainable_variables)
+
+            out, grads = step()
+            results.append((out.numpy(), [g.numpy() for g in grads]))
+    finally:
+        ops.FUSED = saved
+    (out_f, grads_f), (out_p, grads_p) = results
+    np.testing.assert_array_equal(out_f, out_p)
+    assert len(grads_f) == len(grads_p)
+    for gf, gp in zip(grads_f, grads_p):
+        np.testing.assert_allclose(gf, gp, rtol=1e-4, atol=1e-6)

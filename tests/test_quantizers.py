@@ -271,6 +271,24 @@ def test_round_half_away_exact():
     np.testing.assert_array_equal(got, ref_round_half_away(_f64(v)).astype(np.float32))
 
 
+def test_round_half_away_exact_on_every_float_near_ties():
+    """Every float32 in [1/4, 2) and within 64 ulps of each tie up to 2^24, both signs.
+
+    The float32 path adds 1/2 - 2^-25 and floors; this checks it against
+    float64 round-half-away on all the values where an addition could round
+    the wrong way (ties, the binade steps at 1/2 and 1, large magnitudes).
+    """
+    dense = np.arange(
+        np.float32(0.25).view(np.int32), np.float32(2.0).view(np.int32), dtype=np.int32
+    ).view(np.float32)
+    ties = np.concatenate([np.arange(0, 300) + 0.5, 2.0 ** np.arange(1, 25) - 0.5, 2.0 ** np.arange(1, 25) + 0.5])
+    ulps = np.arange(-64, 65, dtype=np.int32)
+    near = (np.float32(ties).view(np.int32)[:, None] + ulps[None, :]).reshape(-1).view(np.float32)
+    for v in (dense, near, -dense, -near):
+        got = ops.round_half_away(tf.constant(v)).numpy()
+        np.testing.assert_array_equal(got, ref_round_half_away(_f64(v)).astype(np.float32))
+
+
 @pytest.mark.parametrize(
     "signed,with_zero", [(True, False), (False, True), (True, True), (False, False)]
 )

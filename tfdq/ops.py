@@ -12,10 +12,39 @@ METHOD.md).
 """
 
 import math
+import os
 
+import numpy as np
 import tensorflow as tf
 
 LN2 = math.log(2.0)
+
+# The largest float32 below 1/2. ``floor(a + _BELOW_HALF)`` is round-half-up
+# of ``a >= 0``, exact for every float32 (see round_half_away).
+_BELOW_HALF = float(np.float32(0.5) - np.float32(2.0**-25))
+
+# Elementwise quantizer passes (forward, and backward with its reductions)
+# run as XLA-compiled functions, each one fused loop over the tensor instead
+# of a dozen TensorFlow kernels. TFDQ_FUSED=0 runs the same formulas as
+# plain TensorFlow ops (identical results up to the summation order of the
+# parameter gradients).
+FUSED = os.environ.get("TFDQ_FUSED", "1") != "0"
+
+
+def _kernel(fn):
+    """``fn`` as one XLA-compiled function (a fused loop); plain ops while ``FUSED`` is off.
+
+    The choice is made when a model's step is traced, so ``tfdq.ops.FUSED``
+    can be switched between building models (benchmarks compare both).
+    """
+    fused = tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
+
+    def call(*args):
+        return (fused if FUSED else fn)(*args)
+
+    call.__name__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
 
 # Float32 bit layout: 1 sign bit, 8 exponent bits, 23 mantissa bits.
 _EXPONENT_MASK = 0x7F800000
@@ -30,14 +59,29 @@ def round_half_away(x):
     """Round to the nearest integer, ties away from zero.
 
     ``sign(x) * floor(|x| + 1/2)``, as METHOD.md writes the quantizer
-    (``tf.round`` rounds ties to even, which this is not). Computed without
-    ``|x| + 1/2``, which float32 rounds: 0.49999997 + 0.5 gives 1.0, and
-    ``2^23 + 1 + 0.5`` gives ``2^23 + 2``; ``|x| - floor(|x|)`` is exact.
+    (``tf.round`` rounds ties to even, which this is not).
+
+    ``|x| + 1/2`` is not exact in float32 (0.49999997 + 0.5 rounds to 1.0,
+    2^23 + 1 + 0.5 to 2^23 + 2). For float32 this adds ``h = 1/2 - 2^-25``
+    instead: a fraction below 1/2 is at least one ulp of ``|x|`` below it,
+    and the sum's ulp is at most twice that, so it never rounds up to the
+    next integer; a fraction of 1/2 or more gives a sum within ``2^-25`` of
+    it, which rounds up to it (ties to even included: 1 - 2^-25 -> 1.0).
+    Other float types use ``|x| - floor(|x|) >= 1/2``, exact as well.
     """
     a = tf.abs(x)
+    if x.dtype == tf.float32:
+        return tf.sign(x) * tf.floor(a + _BELOW_HALF)
     whole = tf.floor(a)
     up = tf.cast(a - whole >= 0.5, x.dtype)
     return tf.sign(x) * (whole + up)
+
+
+def _round_nonneg(a):
+    """:func:`round_half_away` of ``a >= 0`` (no sign to restore)."""
+    if a.dtype == tf.float32:
+        return tf.floor(a + _BELOW_HALF)
+    return round_half_away(a)
 
 
 @tf.custom_gradient
@@ -117,6 +161,23 @@ def exp2_int(n):
     """``2**n`` (exact for integer ``n``) with gradient ``2**n ln 2``."""
     y = exact_exp2(n)
     return y, lambda dy: dy * y * LN2
+
+
+def _finite(g):
+    return tf.clip_by_value(g, -g.dtype.max, g.dtype.max)
+
+
+@tf.custom_gradient
+def times_exp2(v, n):
+    """``v * 2**n`` for integer-valued ``n``, with gradients kept finite.
+
+    ``d/dv = 2^n`` and ``d/dn = v 2^n ln 2``, saturated at the largest float
+    instead of overflowing to inf (P2's ``q_max = q_min 2^(2^(b-1) - 1)``
+    has ``2^127`` in its chain rule at 8 bits).
+    """
+    p = exact_exp2(n)
+    # (dy v) p: zero where dy is, even where v 2^n overflowed (the caller clipped it)
+    return v * p, lambda dy: (_finite(dy * p), _finite(dy * v * p * LN2))
 
 
 def exact_log2_int(v):
@@ -214,25 +275,31 @@ def uniform_quantize(x, d, q_max, signed=True):
 
     @tf.custom_gradient
     def _quantize(x, d, q_max):
-        lo = -q_max if signed else tf.zeros_like(q_max)
-        c = tf.minimum(tf.maximum(x, lo), q_max)
-        q = d * round_half_away(c / d)
-
-        def grad(dy):
-            inside = tf.logical_and(x >= lo, x <= q_max)
-            gx = tf.where(inside, dy, tf.zeros_like(dy))
-            gd = tf.reduce_sum(dy * (q - c)) / d
-            above = tf.where(x > q_max, dy, tf.zeros_like(dy))
-            if signed:
-                below = tf.where(x < lo, dy, tf.zeros_like(dy))
-                gq = tf.reduce_sum(above) - tf.reduce_sum(below)
-            else:
-                gq = tf.reduce_sum(above)
-            return gx, gd, gq
-
-        return q, grad
+        q = _uniform_forward(x, d, q_max, signed)
+        return q, lambda dy: _uniform_backward(dy, x, q, d, q_max, signed)
 
     return _quantize(x, d, q_max)
+
+
+@_kernel
+def _uniform_forward(x, d, q_max, signed):
+    if signed:
+        return d * round_half_away(tf.clip_by_value(x, -q_max, q_max) / d)
+    return d * _round_nonneg(tf.clip_by_value(x, tf.zeros_like(q_max), q_max) / d)
+
+
+@_kernel
+def _uniform_backward(dy, x, q, d, q_max, signed):
+    zero = tf.zeros([], dy.dtype)
+    lo = -q_max if signed else tf.zeros_like(q_max)
+    c = tf.clip_by_value(x, lo, q_max)
+    inside = tf.logical_and(x >= lo, x <= q_max)
+    gx = tf.where(inside, dy, zero)
+    gd = tf.reduce_sum(dy * (q - c)) / d
+    gq = tf.reduce_sum(tf.where(x > q_max, dy, zero))
+    if signed:
+        gq -= tf.reduce_sum(tf.where(x < lo, dy, zero))
+    return gx, gd, gq
 
 
 # ---------------------------------------------------------------------------
@@ -300,30 +367,40 @@ def pow2_quantize(x, q_min, q_max, signed=True, with_zero=False):
 
     @tf.custom_gradient
     def _quantize(x, q_min, q_max):
-        s = tf.sign(x) if signed else tf.cast(x > 0, x.dtype)
-        a = tf.abs(x) if signed else tf.maximum(x, tf.zeros_like(x))
-        level = pow2_round_magnitude(tf.minimum(tf.maximum(a, q_min), q_max))
-        q = s * level
-        if with_zero:
-            zero = pow2_round_magnitude(a) < q_min
-            q = tf.where(zero, tf.zeros_like(q), q)
-        else:
-            zero = None
-
-        def grad(dy):
-            sdy = s * dy
-            zeros = tf.zeros_like(dy)
-            low = a <= q_min
-            if zero is not None:
-                low = tf.logical_and(low, tf.logical_not(zero))
-            high = a > q_max
-            middle = tf.logical_not(tf.logical_or(a <= q_min, high))
-            safe_a = tf.where(middle, a, tf.ones_like(a))
-            gx = tf.where(middle, dy * pow2_round_magnitude(safe_a) / safe_a, zeros)
-            g_min = tf.reduce_sum(tf.where(low, sdy, zeros))
-            g_max = tf.reduce_sum(tf.where(high, sdy, zeros))
-            return gx, g_min, g_max
-
-        return q, grad
+        q = _pow2_forward(x, q_min, q_max, signed, with_zero)
+        return q, lambda dy: _pow2_backward(dy, x, q_min, q_max, signed, with_zero)
 
     return _quantize(x, q_min, q_max)
+
+
+def _pow2_magnitude(x, signed):
+    """``(s, a)``: the sign (0/1 for unsigned) and magnitude the pow-2 grid sees."""
+    if signed:
+        return tf.sign(x), tf.abs(x)
+    return tf.cast(x > 0, x.dtype), tf.maximum(x, tf.zeros_like(x))
+
+
+@_kernel
+def _pow2_forward(x, q_min, q_max, signed, with_zero):
+    s, a = _pow2_magnitude(x, signed)
+    q = s * pow2_round_magnitude(tf.minimum(tf.maximum(a, q_min), q_max))
+    if with_zero:
+        q = tf.where(pow2_round_magnitude(a) < q_min, tf.zeros_like(q), q)
+    return q
+
+
+@_kernel
+def _pow2_backward(dy, x, q_min, q_max, signed, with_zero):
+    s, a = _pow2_magnitude(x, signed)
+    sdy = s * dy
+    zeros = tf.zeros_like(dy)
+    low = a <= q_min
+    if with_zero:
+        low = tf.logical_and(low, tf.logical_not(pow2_round_magnitude(a) < q_min))
+    high = a > q_max
+    middle = tf.logical_not(tf.logical_or(a <= q_min, high))
+    safe_a = tf.where(middle, a, tf.ones_like(a))
+    gx = tf.where(middle, dy * pow2_round_magnitude(safe_a) / safe_a, zeros)
+    g_min = tf.reduce_sum(tf.where(low, sdy, zeros))
+    g_max = tf.reduce_sum(tf.where(high, sdy, zeros))
+    return gx, g_min, g_max

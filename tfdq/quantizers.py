@@ -650,7 +650,7 @@ class P2(Pow2Quantizer):
         # depend on q_min or b. Straight through, the 2^m of the chain rule
         # (2^127 at 8 bits) overflows the q_min and b gradients to inf, and
         # no projection of q_min or b would repair the derived q_max.
-        raw = q_min * ops.exp2_int(m)
+        raw = ops.times_exp2(q_min, m)
         # tf.where, not tf.minimum: at a tie tf.minimum still sends the
         # gradient through the 2^m factor, which overflows at 8 bits.
         q_max = tf.where(raw >= hi, tf.constant(hi, raw.dtype), raw)
