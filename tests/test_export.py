@@ -136,11 +136,14 @@ def test_small_cnn_with_batchnorm_exports_learned_integers_and_folded_scales():
     conv1 = next(e for e in report["layers"] if e["layer"] == "conv1")
     assert conv1["file_range"] == [-3, 3] and conv1["storage"] == "int4"
     # activations: the learned step is the scale; the clamp at q_max is int8 saturation
+    # (the input image: zero point -128, saturation clamps at 0 and a MINIMUM at
+    # q_max, since no producer can fuse a ReLU; the ReLU maps: zero point 127 - n)
     for a in export_report["activations"]:
-        assert a["scale"] == a["d"] and a["zero_point"] == 127 - a["levels_max"]
+        want = -128 if a["layer"] == "image_aq" else 127 - a["levels_max"]
+        assert a["scale"] == a["d"] and a["zero_point"] == want, a
     # BatchNorm folded (no MUL/ADD left), nothing in float
     ops = [o["op"] for o in E.inspect_tflite(tflite)["ops"]]
-    assert ops.count("CONV_2D") == 3 and "MUL" not in ops and "ADD" not in ops
+    assert ops.count("CONV_2D") == 3 and "MUL" not in ops and "ADD" not in ops and "RELU" not in ops
     # only the logits needed a calibrated scale, and the report says so
     assert [c["tensor"] for c in export_report["calibrated"]] == ["output_0"]
     # (untrained weights: many near-ties; the trained-model tests measure fidelity)

@@ -23,7 +23,8 @@ an int8 model whose kernels hold exactly those integers:
   and ``n = round(q_max / d)`` levels becomes an int8 tensor of scale ``d``.
   Unsigned (after ReLU): zero point ``127 - n``, so that int8 saturation is
   the clamp at ``q_max`` (``n = 255``, 8 bits: zero point -128) and the
-  producer's fused ReLU/ReLU6 is the clamp at 0; signed: zero point
+  producer's fused ReLU/ReLU6 is the clamp at 0 (on the model input, which
+  has no producer, zero point -128 and one ``MINIMUM`` at ``n d``); signed: zero point
   ``n - 128`` plus one ``MINIMUM`` at ``n d``. The learned grid, range and
   rounding are those of the Keras model.
 * Tensors that no learned quantizer covers (logits, a linear bottleneck

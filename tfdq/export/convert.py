@@ -102,6 +102,7 @@ class Builder:
         self.fixed = []
         self.missing = []
         self.biases = {}
+        self.zero_points = {}
 
     # -- quantization helpers -----------------------------------------------
 
@@ -172,6 +173,7 @@ class Builder:
         plan = self.plan
         self.points, self.calibrated_info, self.fixed, self.missing = {}, [], [], []
         self.biases = {}
+        self.zero_points = {}
         values = {}
         for k, t in zip(plan.input_keys, inputs):
             values[k] = _Val(t, None, False, False, "input")
@@ -260,10 +262,20 @@ class Builder:
             # zero point n - 128: int8 saturation is the clamp at -n d; the
             # clamp at +n d is one MINIMUM.
             t = self.fq(tf.minimum(t, a.n * a.step), q)
-        elif not x.nonneg:
+        elif not x.nonneg and x.fusable:
             # zero point 127 - n: saturation clamps at n d; the clamp at 0
-            # is a ReLU (fused into the producer where there is one).
-            t = self.fq(tf.nn.relu(t), q)
+            # is a ReLU fused into the producer (conv, dense, add).
+            t = self.fq(tf.nn.relu(x.t), q)
+        elif not x.nonneg:
+            # No producer to fuse a ReLU into (the model input): zero point
+            # -128, so saturation is the clamp at 0 and one MINIMUM clamps at
+            # n d (none with 255 levels). A lone RELU would also leave
+            # XNNPACK's graph.
+            q = _Q(a.step, -128)
+            t = self.fq(x.t, q)
+            if a.n < 255:
+                t = self.fq(tf.minimum(t, a.n * a.step), q)
+        self.zero_points[op.index] = q.zero_point
         return _Val(t, q, False, not a.signed, op.path)
 
     def activation(self, op, values, kind):
@@ -513,6 +525,14 @@ def _trace_export(model, calibration_data, int4_kernels, calibration_samples):
     return plan, builder, exported, specs
 
 
+def _clamp_text(a, zero_point):
+    if a.signed:
+        return "MINIMUM at n*d, int8 saturation at -n*d"
+    if zero_point == -128:
+        return "int8 saturation at 0" + (", MINIMUM at n*d" if a.n < 255 else "")
+    return "int8 saturation at q_max, ReLU at 0"
+
+
 def _bias_entry(b):
     return {
         "layer": b["layer"],
@@ -637,9 +657,8 @@ def to_tflite(
                 "d": a.step,
                 "levels_max": a.n,
                 "scale": a.step,
-                "zero_point": a.zero_point,
-                "clamp": ("MINIMUM at n*d, int8 saturation at -n*d" if a.signed
-                          else "int8 saturation at q_max, ReLU at 0"),
+                "zero_point": builder.zero_points.get(a.op_index, a.zero_point),
+                "clamp": _clamp_text(a, builder.zero_points.get(a.op_index, a.zero_point)),
             }
             for a in plan.acts.values()
         ],
