@@ -17,6 +17,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tfdq import kernels
+
 LN2 = math.log(2.0)
 
 # The largest float32 below 1/2. ``floor(a + _BELOW_HALF)`` is round-half-up
@@ -24,10 +26,12 @@ LN2 = math.log(2.0)
 _BELOW_HALF = float(np.float32(0.5) - np.float32(2.0**-25))
 
 # Elementwise quantizer passes (forward, and backward with its reductions)
-# run as XLA-compiled functions, each one fused loop over the tensor instead
-# of a dozen TensorFlow kernels. TFDQ_FUSED=0 runs the same formulas as
-# plain TensorFlow ops (identical results up to the summation order of the
-# parameter gradients).
+# run fused: the uniform quantizer on float32 CPU tensors through tfdq's own
+# multi-threaded kernel (tfdq.kernels, compiled on first use; one pass
+# forward, one backward), everything else as XLA-compiled functions, each
+# one fused loop instead of a dozen TensorFlow kernels. TFDQ_FUSED=0 runs the
+# same formulas as plain TensorFlow ops (identical values; the parameter
+# gradients may differ in summation order); TFDQ_CUSTOM_KERNELS=0 keeps XLA.
 FUSED = os.environ.get("TFDQ_FUSED", "1") != "0"
 
 
@@ -272,6 +276,8 @@ def uniform_quantize(x, d, q_max, signed=True):
     x = tf.convert_to_tensor(x)
     d = tf.cast(d, x.dtype)
     q_max = tf.cast(q_max, x.dtype)
+    if FUSED and d.shape.rank == 0 and q_max.shape.rank == 0 and kernels.usable(x):
+        return kernels.uniform_quantize(x, d, q_max, signed)
 
     @tf.custom_gradient
     def _quantize(x, d, q_max):

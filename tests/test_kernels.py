@@ -1,0 +1,459 @@
+"""tfdq.kernels: the fused CPU uniform quantizer against float64 NumPy and tfdq.ops.
+
+The forward pass must be bit-identical to the TensorFlow formulas of
+``tfdq.ops`` (``ops.FUSED = False``) and equal in value to float64 NumPy
+round-half-away references; ``gx`` must be exact, ``gd`` and ``gq`` within
+1e-6 (relative) of float64 NumPy sums.
+
+Notes on float32 inputs: TensorFlow on CPU flushes subnormal float32 numbers
+to zero (FTZ/DAZ), and so do the kernels; the NumPy references flush them
+too (``_flush``). The XLA path of ``tfdq.ops`` returns -0.0 where the plain
+TensorFlow formulas (``tf.sign(-0.0) = +0``) and the kernels return +0.0,
+so against XLA the values are compared, not the bits.
+
+The first test to need the library compiles it (about 15-30 s on two cores)
+into the cache (``~/.cache/tfdq/kernels`` or ``$TFDQ_KERNEL_CACHE``); later
+runs load the cached build.
+"""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfdq import kernels, ops
+
+TINY32 = float(np.finfo(np.float32).tiny)
+RTOL = 1e-6
+SHAPE_LARGE = (128, 32, 32, 16)  # 2,097,152 elements: the multi-threaded path
+
+# (d, q_max): powers of two, steps that are not, and a coarse wide grid.
+GRIDS = [
+    (0.25, 31.75),
+    (2.0**-4, 127 * 2.0**-4),
+    (3.0, 381.0),  # (k + 1/2) d is exact: true ties
+    (0.75, 95.25),
+    (0.1, float(np.float32(127) * np.float32(0.1))),
+    (1.0 / 3.0, float(np.float32(127) * np.float32(1.0 / 3.0))),
+    (0.3, 38.1),
+    (1.0, 2.0**24),  # ties and odd integers near 2^22 .. 2^23
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Overrides the conftest fixture: these tests use no Keras state."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if not kernels._enabled():
+        pytest.skip(f"tfdq's custom kernels are disabled ({kernels.ENV_ENABLE}=0)")
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None and not os.path.exists(kernels.library_path()):
+        pytest.skip(f"no C++ compiler ({compiler!r}) to build tfdq's custom CPU kernels")
+    module = kernels.load()
+    assert module is not None, "kernels.load() failed although a compiler exists (see the log)"
+    return module
+
+
+@pytest.fixture
+def plain_ops():
+    """``tfdq.ops`` with its plain TensorFlow formulas (restored after the test)."""
+    saved = ops.FUSED
+    ops.FUSED = False
+    yield ops
+    ops.FUSED = saved
+
+
+# ---------------------------------------------------------------------------
+# float64 references
+# ---------------------------------------------------------------------------
+
+
+def _flush(x):
+    """Subnormal float32 values as the signed zero TensorFlow's CPU sees."""
+    x = np.asarray(x, np.float32)
+    return np.where(np.abs(x) < TINY32, np.copysign(np.float32(0), x), x).astype(np.float32)
+
+
+def _lo(q_max, signed):
+    return -np.float64(np.float32(q_max)) if signed else 0.0
+
+
+def ref_forward(x, d, q_max, signed):
+    """``d * round_half_away(clip(x) / d)``, the rounding exact in float64."""
+    x = _flush(x).astype(np.float64)
+    d = np.float64(np.float32(d))
+    q_max = np.float64(np.float32(q_max))
+    c = np.minimum(np.maximum(x, _lo(q_max, signed)), q_max)
+    # float64 quotient rounded to float32 = the float32 quotient (no double
+    # rounding issue for division); |v| + 1/2 is exact in float64
+    v = (c / d).astype(np.float32).astype(np.float64)
+    r = np.sign(v) * np.floor(np.abs(v) + 0.5)
+    return (d * r).astype(np.float32)  # d * r is exact in float64: one rounding
+
+
+def ref_backward(dy, x, q, d, q_max, signed):
+    x = _flush(x).astype(np.float64)
+    dy = np.asarray(dy, np.float32).astype(np.float64)
+    q = np.asarray(q, np.float32).astype(np.float64)
+    d = np.float64(np.float32(d))
+    q_max = np.float64(np.float32(q_max))
+    lo = _lo(q_max, signed)
+    c = np.minimum(np.maximum(x, lo), q_max)
+    inside = (x >= lo) & (x <= q_max)
+    gx = np.where(inside, dy, 0.0).astype(np.float32)
+    gd = np.sum(dy * (q - c)) / d
+    gq = np.sum(dy[x > q_max]) - (np.sum(dy[x < lo]) if signed else 0.0)
+    return gx, gd, gq
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+def _assert_bits_equal(actual, expected):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    bad = (_bits(actual) != _bits(expected)) & ~nan
+    assert not bad.any(), (
+        f"{bad.sum()} of {bad.size} differ, e.g. got {actual[bad][:5]} "
+        f"({_bits(actual)[bad][:5]}), want {expected[bad][:5]} ({_bits(expected)[bad][:5]})"
+    )
+
+
+def _test_values(d, q_max, signed):
+    """Ties, the floats either side of them, the range ends, values outside, random."""
+    with np.errstate(over="ignore"):
+        return _values(d, q_max, signed)
+
+
+def _values(d, q_max, signed):
+    d32, q32 = np.float32(d), np.float32(q_max)
+    levels = min(int(q32 / d32), 2000)
+    k = np.arange(-levels - 1, levels + 1, dtype=np.float64)
+    tie_v = (k + 0.5).astype(np.float32)
+    v = np.concatenate(
+        [
+            tie_v,
+            np.nextafter(tie_v, np.float32(0)),
+            np.nextafter(tie_v, np.float32(np.inf) * np.sign(tie_v)),
+            np.float32([0.49999997, -0.49999997, 0.5, -0.5, 1.5, 2.5, -2.5]),
+        ]
+    )
+    x = [v * d32]  # exact ties where d is a power of two (or 3, 0.75)
+    big = np.float32([2.0**22 + 0.5, 2.0**23 - 0.5, 2.0**23 + 1.0, 2.0**23 - 1.5, 2.0**22 + 1.5])
+    x.append(np.concatenate([big, -big]) * d32)
+    ends = np.float32([q32, -q32, 0.0, -0.0, d32, -d32, d32 / 2, -d32 / 2])
+    x.append(ends)
+    x.append(np.nextafter(ends, np.float32(np.inf)))
+    x.append(np.nextafter(ends, np.float32(-np.inf)))
+    x.append(np.float32([1.5, -1.5, 3.0, -3.0, 1e30, -1e30, np.inf, -np.inf]) * q32)
+    rng = np.random.default_rng(int(1000 * d) + signed)
+    x.append((rng.normal(size=4000) * q32 * 0.6).astype(np.float32))
+    x.append((rng.uniform(-1.2, 1.2, size=4000) * q32).astype(np.float32))
+    return np.concatenate(x).astype(np.float32)
+
+
+def _edge_values():
+    """Values only the TensorFlow comparison can take: NaN and subnormals."""
+    return np.float32([np.nan, -np.nan, 1e-40, -1e-40, 1e-45, -1e-45, 0.0, -0.0, np.inf, -np.inf])
+
+
+def _kernel_grads(x, d, q_max, signed, dy):
+    x, d, q_max = tf.constant(x), tf.constant(d, tf.float32), tf.constant(q_max, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([x, d, q_max])
+        q = kernels.uniform_quantize(x, d, q_max, signed)
+    dy = tf.constant(np.asarray(dy, np.float32))
+    gx, gd, gq = tape.gradient(q, [x, d, q_max], output_gradients=dy)
+    return q.numpy(), gx.numpy(), float(gd), float(gq)
+
+
+# ---------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("d,q_max", GRIDS)
+def test_forward_matches_numpy_and_plain_tf(lib, plain_ops, d, q_max, signed):
+    x = _test_values(d, q_max, signed)
+    q = lib.tfdq_uniform_quantize(x, d, q_max, signed=signed).numpy()
+    np.testing.assert_array_equal(q, ref_forward(x, d, q_max, signed))
+    plain = plain_ops._uniform_forward(
+        tf.constant(x), tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), signed
+    )
+    _assert_bits_equal(q, plain.numpy())
+    edges = _edge_values()
+    q_edges = lib.tfdq_uniform_quantize(edges, d, q_max, signed=signed).numpy()
+    plain_edges = plain_ops._uniform_forward(
+        tf.constant(edges), tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), signed
+    )
+    _assert_bits_equal(q_edges, plain_edges.numpy())
+
+
+def test_ties_are_exact_ties():
+    """The tie inputs above are ties in float32: x / d == k + 1/2 exactly."""
+    for d in (0.25, 3.0, 0.75):
+        x = _test_values(d, 100 * d, True)[:100]
+        v = x.astype(np.float64) / np.float64(d)
+        np.testing.assert_array_equal(v - np.floor(v), 0.5)
+
+
+def test_round_half_away_cases(lib):
+    x = np.float32([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999997, -0.49999997, 2.0**23 + 1])
+    q = lib.tfdq_uniform_quantize(x, 1.0, 2.0**24, signed=True).numpy()
+    np.testing.assert_array_equal(q, [1, -1, 2, -2, 3, -3, 0, 0, 2.0**23 + 1])
+    q = lib.tfdq_uniform_quantize(np.abs(x), 1.0, 2.0**24, signed=False).numpy()
+    np.testing.assert_array_equal(q, [1, 1, 2, 2, 3, 3, 0, 0, 2.0**23 + 1])
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_forward_matches_xla_path(lib, signed):
+    d, q_max = 0.1, float(np.float32(127) * np.float32(0.1))
+    x = _test_values(d, q_max, signed)
+    saved = ops.FUSED
+    ops.FUSED = True
+    try:
+        xla = ops._uniform_forward(
+            tf.constant(x), tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), signed
+        )
+    finally:
+        ops.FUSED = saved
+    q = kernels.uniform_quantize(x, d, q_max, signed).numpy()
+    np.testing.assert_array_equal(q, xla.numpy())  # values: XLA gives -0.0 for +0.0
+
+
+# ---------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("d,q_max", [GRIDS[1], GRIDS[2], GRIDS[4], GRIDS[5]])
+def test_gradients_match_numpy_and_plain_tf(lib, plain_ops, d, q_max, signed):
+    x = _test_values(d, q_max, signed)
+    dy = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
+    q, gx, gd, gq = _kernel_grads(x, d, q_max, signed, dy)
+    ref_gx, ref_gd, ref_gq = ref_backward(dy, x, q, d, q_max, signed)
+    _assert_bits_equal(gx, ref_gx)
+    np.testing.assert_allclose(gd, ref_gd, rtol=RTOL)
+    np.testing.assert_allclose(gq, ref_gq, rtol=RTOL)
+    plain_gx, _, _ = plain_ops._uniform_backward(
+        tf.constant(dy),
+        tf.constant(x),
+        tf.constant(q),
+        tf.constant(d, tf.float32),
+        tf.constant(q_max, tf.float32),
+        signed,
+    )
+    _assert_bits_equal(gx, plain_gx.numpy())
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_gradients_of_edge_values_match_plain_tf(lib, plain_ops, signed):
+    x = _edge_values()
+    x = x[~np.isnan(x)]  # a NaN x makes gd NaN, checked below
+    dy = np.arange(1, x.size + 1, dtype=np.float32)
+    q, gx, gd, gq = _kernel_grads(x, 0.25, 2.0, signed, dy)
+    args = [tf.constant(v) for v in (dy, x, q)] + [tf.constant(0.25), tf.constant(2.0)]
+    plain_gx, plain_gd, plain_gq = plain_ops._uniform_backward(*args, signed)
+    _assert_bits_equal(gx, plain_gx.numpy())
+    np.testing.assert_allclose([gd, gq], [float(plain_gd), float(plain_gq)], rtol=RTOL)
+    _, _, gd_nan, gq_nan = _kernel_grads(np.float32([np.nan, 1.0]), 0.25, 2.0, signed, [1, 1])
+    assert np.isnan(gd_nan) and gq_nan == 0.0
+
+
+def test_large_tensor_multithreaded(lib, plain_ops):
+    """2M elements: many blocks over the worker threads, eager and in a tf.function."""
+    rng = np.random.default_rng(3)
+    d, q_max = 0.1, float(np.float32(31) * np.float32(0.1))
+    x = (rng.normal(size=SHAPE_LARGE) * 2.5).astype(np.float32)
+    dy = rng.normal(size=SHAPE_LARGE).astype(np.float32)
+    for signed in (True, False):
+        q, gx, gd, gq = _kernel_grads(x, d, q_max, signed, dy)
+        np.testing.assert_array_equal(q, ref_forward(x, d, q_max, signed))
+        plain = plain_ops._uniform_forward(
+            tf.constant(x), tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), signed
+        )
+        _assert_bits_equal(q, plain.numpy())
+        ref_gx, ref_gd, ref_gq = ref_backward(dy, x, q, d, q_max, signed)
+        _assert_bits_equal(gx, ref_gx)
+        np.testing.assert_allclose(gd, ref_gd, rtol=RTOL)
+        np.testing.assert_allclose(gq, ref_gq, rtol=RTOL)
+        # the same sums again (the block sums are added in a fixed order)
+        _, _, gd2, gq2 = _kernel_grads(x, d, q_max, signed, dy)
+        assert (gd2, gq2) == (gd, gq)
+
+        # In a graph the ops may write into their input buffers (x * 1.0 and
+        # the upstream gradient are temporaries); the results stay the same.
+        @tf.function
+        def step(x, w, signed=signed):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                q = kernels.uniform_quantize(x * 1.0, d, q_max, signed)
+                loss = tf.reduce_sum(q * w)
+            return q, tape.gradient(loss, x)
+
+        q_graph, gx_graph = step(tf.constant(x), tf.constant(dy))
+        _assert_bits_equal(q_graph.numpy(), q)
+        _assert_bits_equal(gx_graph.numpy(), gx)
+
+
+# ---------------------------------------------------------------------------
+# shapes, dtypes, errors, XLA
+# ---------------------------------------------------------------------------
+
+
+def test_shape_functions(lib):
+    @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32)])
+    def f(x):
+        q = lib.tfdq_uniform_quantize(x, 0.5, 2.0, signed=True)
+        gx, gd, gq = lib.tfdq_uniform_quantize_grad(x, x, q, 0.5, 2.0, signed=True)
+        assert q.shape.as_list() == [None, 5] and gx.shape.as_list() == [None, 5]
+        assert gd.shape.rank == 0 and gq.shape.rank == 0
+        return q
+
+    assert f(tf.zeros([3, 5])).shape == (3, 5)
+    assert lib.tfdq_uniform_quantize(tf.zeros([0, 4]), 0.5, 2.0).shape == (0, 4)
+    gx, gd, gq = lib.tfdq_uniform_quantize_grad(
+        tf.zeros([0]), tf.zeros([0]), tf.zeros([0]), 0.5, 2.0
+    )
+    assert gx.shape == (0,) and float(gd) == 0.0 and float(gq) == 0.0
+
+
+def test_errors(lib):
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        lib.tfdq_uniform_quantize(tf.zeros([4]), tf.constant([0.5, 0.5]), 2.0)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        lib.tfdq_uniform_quantize_grad(tf.zeros([4]), tf.zeros([3]), tf.zeros([4]), 0.5, 2.0)
+    with pytest.raises(TypeError):
+        kernels.uniform_quantize(tf.zeros([4], tf.float64), 0.5, 2.0)
+
+
+def test_usable_only_for_float32_outside_xla(lib):
+    assert kernels.available()
+    assert kernels.usable(tf.zeros([2]))
+    assert not kernels.usable(tf.zeros([2], tf.float64))
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def f(x):
+        seen.append(kernels.usable(x))
+        with pytest.raises(RuntimeError, match="XLA"):
+            kernels.uniform_quantize(x, 0.5, 2.0)
+        return x
+
+    f(tf.zeros([2]))
+    assert seen == [False]
+
+
+# ---------------------------------------------------------------------------
+# build, cache, fallback
+# ---------------------------------------------------------------------------
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_ENABLE, "0")
+    assert kernels.load() is None
+    assert not kernels.available()
+    assert not kernels.usable(tf.zeros([2]))
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.uniform_quantize(tf.zeros([2]), 0.5, 2.0)
+
+
+def test_not_available_with_a_gpu(monkeypatch):
+    real = tf.config.list_physical_devices
+    monkeypatch.setitem(kernels._state, "gpu", None)
+    monkeypatch.setattr(
+        tf.config,
+        "list_physical_devices",
+        lambda kind=None: ["/physical_device:GPU:0"] if kind == "GPU" else real(kind),
+    )
+    assert not kernels.available()
+    assert not kernels.usable(tf.zeros([2]))
+
+
+def test_cache_location_and_key(monkeypatch, tmp_path):
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
+    path = kernels.library_path()
+    assert os.path.dirname(os.path.dirname(path)) == str(tmp_path)
+    key = os.path.basename(os.path.dirname(path))
+    assert key.startswith(f"tf{tf.__version__}-") and len(key.rsplit("-", 1)[1]) == 16
+    monkeypatch.delenv(kernels.ENV_CACHE)
+    default = os.path.join(os.path.expanduser("~"), ".cache", "tfdq", "kernels", key)
+    assert os.path.dirname(kernels.library_path()) == default
+
+
+def test_cached_library_is_not_rebuilt(lib):
+    path = kernels.library_path()
+    before = os.stat(path).st_mtime_ns
+    assert kernels.build() == path
+    assert os.stat(path).st_mtime_ns == before
+
+
+def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setitem(kernels._state, "tried", False)
+    monkeypatch.setitem(kernels._state, "module", None)
+    with caplog.at_level(logging.WARNING, logger="tfdq"):
+        assert kernels.load() is None
+        assert kernels.load() is None
+        assert not kernels.available()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+
+
+def test_compile_error_is_reported_and_leaves_no_files(monkeypatch, tmp_path):
+    if shutil.which(os.environ.get("CXX") or "g++") is None:
+        pytest.skip("no C++ compiler")
+    broken = tmp_path / "broken.cc"
+    broken.write_text('#error "deliberately broken"\n')
+    monkeypatch.setattr(kernels, "SOURCE", str(broken))
+    target = tmp_path / "out" / "lib.so"
+    with pytest.raises(kernels.KernelBuildError, match="deliberately broken"):
+        kernels.build(str(target))
+    assert sorted(os.listdir(target.parent)) == [".lock"]
+
+
+_CONCURRENT_BUILD = """
+import sys
+from tfdq import kernels
+module = kernels.load()
+assert module is not None
+print(module.tfdq_uniform_quantize([0.5, -1.25], 0.5, 1.0).numpy().tolist())
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_first_builds(tmp_path):
+    """Two processes building into an empty cache: one compiles, both load it."""
+    env = dict(os.environ, TFDQ_KERNEL_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONCURRENT_BUILD],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == "[0.5, -1.0]"
+    (key,) = os.listdir(tmp_path)
+    assert sorted(os.listdir(tmp_path / key)) == [".lock", kernels.LIBRARY_NAME]

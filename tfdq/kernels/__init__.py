@@ -1,0 +1,311 @@
+"""Fused CPU kernels for tfdq's quantizers, compiled on first use.
+
+``uniform_quantize.cc`` (next to this file) registers two TensorFlow ops,
+``TfdqUniformQuantize`` and ``TfdqUniformQuantizeGrad``: the forward pass and
+the straight-through backward pass of :func:`tfdq.ops.uniform_quantize`, each
+one multi-threaded loop over the tensor on TensorFlow's CPU worker threads
+(float32 only). The forward result is bit-identical to the TensorFlow
+formulas of :mod:`tfdq.ops`; the parameter gradients are summed in double.
+
+The library is built the first time :func:`load` is called, with ``g++``
+(or ``$CXX``) and TensorFlow's compile and link flags, into a cache folder
+keyed by the TensorFlow version, the Python ABI and a hash of the source
+and flags::
+
+    ~/.cache/tfdq/kernels/<key>/tfdq_kernels.so    ($TFDQ_KERNEL_CACHE/<key>/...)
+
+The compiler writes a temporary file that is renamed into place, under a
+file lock, so concurrent processes never load a half-written library and
+build it only once. Later processes load the cached file (no compiler
+needed). When there is no compiler or the build or load fails, :func:`load`
+logs one warning and returns None, and tfdq keeps using its XLA path.
+``TFDQ_CUSTOM_KERNELS=0`` turns the kernels off.
+
+Integration into :func:`tfdq.ops.uniform_quantize`::
+
+    if kernels.usable(x):
+        return kernels.uniform_quantize(x, d, q_max, signed)
+"""
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+
+import tensorflow as tf
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the atomic rename alone keeps loads safe
+    fcntl = None
+
+__all__ = ["available", "library_path", "load", "uniform_quantize", "usable"]
+
+logger = logging.getLogger("tfdq")
+
+ENV_ENABLE = "TFDQ_CUSTOM_KERNELS"
+ENV_CACHE = "TFDQ_KERNEL_CACHE"
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "uniform_quantize.cc")
+LIBRARY_NAME = "tfdq_kernels.so"
+
+# -ffp-contract=off: no fused multiply-adds, every float operation rounds as
+# TensorFlow's does (the forward result must be bit-identical).
+# -fno-trapping-math lets GCC vectorize the selects and floor (values are
+# unchanged); -fopenmp-simd enables the `omp simd` loop pragmas only (no
+# OpenMP runtime).
+CXXFLAGS = (
+    "-std=c++17",
+    "-O3",
+    "-shared",
+    "-fPIC",
+    "-ffp-contract=off",
+    "-fno-trapping-math",
+    "-fopenmp-simd",
+    "-Wno-deprecated-declarations",
+)
+BUILD_TIMEOUT_S = 600
+
+_lock = threading.Lock()
+_state = {"tried": False, "module": None, "gpu": None}
+
+
+class KernelBuildError(RuntimeError):
+    """The kernel library could not be compiled or loaded."""
+
+
+def _enabled():
+    return os.environ.get(ENV_ENABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _tf_flags():
+    return list(tf.sysconfig.get_compile_flags()), list(tf.sysconfig.get_link_flags())
+
+
+def _cache_key():
+    """``tf<version>-<python ABI>-<hash of source and flags>``."""
+    compile_flags, link_flags = _tf_flags()
+    digest = hashlib.sha256()
+    with open(SOURCE, "rb") as f:
+        digest.update(f.read())
+    # Flags without the install paths (-I, -L): another environment with the
+    # same TensorFlow version shares the build.
+    for flag in (*CXXFLAGS, *compile_flags, *link_flags):
+        if not flag.startswith(("-I", "-L")):
+            digest.update(b"\0" + flag.encode())
+    abi = sysconfig.get_config_var("SOABI") or (
+        f"{sys.implementation.cache_tag}-{platform.machine()}"
+    )
+    return f"tf{tf.__version__}-{abi}-{digest.hexdigest()[:16]}"
+
+
+def cache_dir():
+    """The folder of this build: ``$TFDQ_KERNEL_CACHE/<key>``, default ``~/.cache/tfdq/kernels``."""
+    root = os.environ.get(ENV_CACHE) or os.path.join(
+        os.path.expanduser("~"), ".cache", "tfdq", "kernels"
+    )
+    return os.path.join(root, _cache_key())
+
+
+def library_path():
+    """Where the compiled library is (or will be) for this TensorFlow and source."""
+    return os.path.join(cache_dir(), LIBRARY_NAME)
+
+
+class _FileLock:
+    """An exclusive ``flock`` on ``path`` (no-op where fcntl is missing)."""
+
+    def __init__(self, path):
+        self._path = path
+        self._file = None
+
+    def __enter__(self):
+        if fcntl is not None:
+            self._file = open(self._path, "a+")
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+
+
+def _compiler():
+    name = os.environ.get("CXX") or "g++"
+    found = shutil.which(name)
+    if found is None:
+        raise KernelBuildError(f"no C++ compiler found ({name!r} is not on PATH)")
+    return found
+
+
+def build(path=None, force=False):
+    """Compile the library to ``path`` (default :func:`library_path`) unless it exists.
+
+    Returns the path. Raises :class:`KernelBuildError` with the compiler's
+    message when it fails.
+    """
+    path = path or library_path()
+    if os.path.exists(path) and not force:
+        return path
+    cxx = _compiler()
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise KernelBuildError(f"cannot create the cache folder {folder}: {e}") from e
+    with _FileLock(os.path.join(folder, ".lock")):
+        if os.path.exists(path) and not force:  # another process built it meanwhile
+            return path
+        fd, tmp = tempfile.mkstemp(prefix=".tfdq_kernels.", suffix=".so.tmp", dir=folder)
+        os.close(fd)
+        compile_flags, link_flags = _tf_flags()
+        command = [cxx, *CXXFLAGS, SOURCE, "-o", tmp, *compile_flags, *link_flags]
+        logger.info("tfdq: compiling the CPU kernels (first use): %s", " ".join(command))
+        try:
+            try:
+                proc = subprocess.run(
+                    command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+                )
+            except (OSError, subprocess.SubprocessError) as e:
+                raise KernelBuildError(f"running {cxx} failed: {e}") from e
+            if proc.returncode != 0:
+                errors = [line for line in proc.stderr.splitlines() if "error" in line]
+                tail = "\n".join((errors or proc.stderr.splitlines())[-5:])
+                raise KernelBuildError(f"{cxx} exited with {proc.returncode}:\n{tail}")
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)  # atomic: readers see the old state or the whole file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def _build_and_load():
+    path = library_path()
+    built_now = not os.path.exists(path)
+    build(path)
+    try:
+        return tf.load_op_library(path)
+    except Exception as e:  # noqa: BLE001  (TF raises NotFoundError, OSError, ...)
+        if built_now:
+            raise KernelBuildError(f"loading {path} failed: {e}") from e
+        first = e
+    # A cached file that does not load (damaged, or built against another
+    # TensorFlow build of the same version): rebuild it once.
+    build(path, force=True)
+    try:
+        return tf.load_op_library(path)
+    except Exception as e:  # noqa: BLE001
+        raise KernelBuildError(f"loading {path} failed: {e} (before rebuilding: {first})") from e
+
+
+@tf.autograph.experimental.do_not_convert
+def load():
+    """The loaded op library (a module with the two ops), or None.
+
+    None when ``TFDQ_CUSTOM_KERNELS=0`` or when building or loading failed
+    (one warning, with the reason, per process). Thread-safe; the build
+    runs at most once per process.
+    """
+    if not _enabled():
+        return None
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                _state["module"] = _build_and_load()
+            except Exception as e:  # noqa: BLE001  (any failure means: use the XLA path)
+                logger.warning("tfdq: custom CPU kernels unavailable, using the XLA path: %s", e)
+                _state["module"] = None
+        return _state["module"]
+
+
+def _has_gpu():
+    if _state["gpu"] is None:
+        _state["gpu"] = bool(tf.config.list_physical_devices("GPU"))
+    return _state["gpu"]
+
+
+@tf.autograph.experimental.do_not_convert
+def available():
+    """Whether the kernels can be used: enabled, no GPU visible, and loaded.
+
+    The ops are CPU-only; on a machine with a GPU they would pull every
+    quantizer of a GPU graph onto the CPU, so they are not used there.
+    """
+    return _enabled() and not _has_gpu() and load() is not None
+
+
+def _in_xla_context():
+    """Whether the current trace is inside an XLA-compiled function (TF internals)."""
+    try:
+        from tensorflow.python.framework import ops as tf_ops  # noqa: PLC0415
+        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
+    except ImportError:  # moved in a later TensorFlow: assume not
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
+
+
+@tf.autograph.experimental.do_not_convert
+def usable(x):
+    """Whether :func:`uniform_quantize` can run on ``x`` here.
+
+    True for a float32 ``x`` when :func:`available`, outside an XLA-compiled
+    function (``jit_compile=True``, which cannot compile custom ops).
+    """
+    dtype = getattr(x, "dtype", None)
+    return (
+        dtype is not None
+        and tf.as_dtype(dtype) == tf.float32
+        and available()
+        and not _in_xla_context()
+    )
+
+
+@tf.autograph.experimental.do_not_convert
+def uniform_quantize(x, d, q_max, signed=True):
+    """:func:`tfdq.ops.uniform_quantize` with the fused CPU kernels.
+
+    Same forward values (bit for bit) and straight-through gradients:
+    ``dx = dy`` inside the range, ``dd = sum(dy (Q - clip(x))) / d``,
+    ``dq_max = sum(dy where x > q_max) - sum(dy where x < -q_max)`` (the
+    second sum for signed only). ``x`` must be float32, ``d`` and ``q_max``
+    scalars. Raises RuntimeError where the kernels are not available
+    (see :func:`usable`).
+    """
+    x = tf.convert_to_tensor(x)
+    if x.dtype != tf.float32:
+        raise TypeError(f"tfdq.kernels.uniform_quantize supports float32 only, got {x.dtype.name}")
+    if not available():
+        raise RuntimeError(
+            "tfdq's custom CPU kernels are not available (disabled, GPU present, or the build "
+            "failed; see the log); use tfdq.ops.uniform_quantize"
+        )
+    if _in_xla_context():
+        raise RuntimeError(
+            "tfdq's custom CPU kernels cannot run inside an XLA-compiled function "
+            "(jit_compile=True); use tfdq.ops.uniform_quantize there"
+        )
+    module = load()
+    d = tf.cast(d, tf.float32)
+    q_max = tf.cast(q_max, tf.float32)
+    signed = bool(signed)
+
+    @tf.custom_gradient
+    def _quantize(x, d, q_max):
+        q = module.tfdq_uniform_quantize(x, d, q_max, signed=signed)
+
+        def grad(dy):
+            gx, gd, gq = module.tfdq_uniform_quantize_grad(dy, x, q, d, q_max, signed=signed)
+            return gx, gd, gq
+
+        return q, grad
+
+    return _quantize(x, d, q_max)

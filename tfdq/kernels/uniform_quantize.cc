@@ -1,0 +1,337 @@
+// Fused CPU kernels for tfdq's uniform quantizer (tfdq.ops.uniform_quantize).
+//
+//   TfdqUniformQuantize(x, d, q_max; signed) -> q
+//     c = clip(x, lo, q_max)            lo = -q_max (signed) or 0
+//     q = d * round_half_away(c / d)
+//
+//   TfdqUniformQuantizeGrad(dy, x, q, d, q_max; signed) -> (gx, gd, gq)
+//     gx = (lo <= x <= q_max) ? dy : 0
+//     gd = sum(dy * (q - c)) / d
+//     gq = sum(dy where x > q_max) - (signed ? sum(dy where x < lo) : 0)
+//
+// The forward pass performs the same float32 operations as the TensorFlow
+// formulas of tfdq.ops (min, max, divide, abs, add, floor, sign, multiply),
+// so its result is bit-identical to them. (The XLA-compiled path of tfdq.ops
+// differs from both in the sign of zero: it returns -0.0 for a negative zero
+// or subnormal x, where tf.sign makes it +0.0.) Rounding half away from zero
+// is floor(|v| + h) with h the largest float32 below 1/2 (see the docstring
+// of tfdq.ops.round_half_away). The backward pass is one loop over the tensor;
+// its three sums are accumulated in double per block of kBlock elements, the
+// block sums added in block order (so the parameter gradients do not depend
+// on how the blocks were spread over threads) and rounded to float last.
+//
+// Both ops run on TensorFlow's CPU worker thread pool, float32 only. They
+// are built on first use by tfdq/kernels/__init__.py.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/platform/denormal.h"
+#include "tensorflow/core/platform/threadpool.h"
+
+namespace tfdq {
+namespace {
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::TensorShapeUtils;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+#if defined(__GNUC__)
+#define TFDQ_INLINE inline __attribute__((always_inline))
+#else
+#define TFDQ_INLINE inline
+#endif
+
+// Elements per block: the unit of work handed to the thread pool and the
+// unit of the (double) partial sums of the backward pass.
+constexpr int64_t kBlock = 8192;
+// Rough cycles per element, for the thread pool's cost model.
+constexpr int64_t kForwardCycles = 3;
+constexpr int64_t kBackwardCycles = 5;
+
+// 1/2 - 2^-25, the largest float32 below 1/2.
+constexpr float kBelowHalf = 0x1.fffffep-2f;
+
+// tf.clip_by_value(x, lo, hi) = maximum(minimum(x, hi), lo), where
+// TensorFlow's Minimum and Maximum return NaN if either operand is NaN:
+// a NaN x stays NaN (last select), a NaN hi makes every c NaN (first select
+// gives NaN, the second keeps it); lo is NaN only when hi is (lo = -q_max).
+// Written as plain selects so that the loops vectorize.
+TFDQ_INLINE float Clip(float x, float lo, float hi) {
+  float t = x < hi ? x : hi;
+  t = t < lo ? lo : t;
+  return x != x ? x : t;
+}
+
+// d * round_half_away(clip(x) / d), as tfdq.ops._uniform_forward computes it
+// with TensorFlow ops: signed, sign(v) * floor(|v| + h) where tf.sign gives
+// +0 for a zero v (then floor(|v| + h) is +0 as well, so selecting -r only
+// for v < 0 is the same product); unsigned, floor(v + h).
+template <bool kSigned>
+TFDQ_INLINE float QuantizeOne(float x, float d, float lo, float q_max) {
+  const float v = Clip(x, lo, q_max) / d;
+  float r;
+  if (kSigned) {
+    r = std::floor(std::fabs(v) + kBelowHalf);
+    r = v < 0.0f ? -r : r;
+  } else {
+    r = std::floor(v + kBelowHalf);
+  }
+  return d * r;
+}
+
+// The loops. The output may be the same buffer as the first input
+// (TensorFlow forwarded it); each element is read before it is written, so `omp simd`
+// (which ignores aliasing) stays correct for that exact overlap.
+template <bool kSigned>
+TFDQ_INLINE void ForwardImpl(const float* x, float* q, int64_t n, float d, float lo,
+                             float q_max) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) q[i] = QuantizeOne<kSigned>(x[i], d, lo, q_max);
+}
+
+struct Sums {
+  double step = 0.0;   // sum dy * (q - c)
+  double above = 0.0;  // sum dy where x > q_max
+  double below = 0.0;  // sum dy where x < lo
+};
+
+template <bool kSigned>
+TFDQ_INLINE Sums BackwardImpl(const float* dy, const float* x, const float* q, float* gx,
+                              int64_t n, float lo, float q_max) {
+  double step = 0.0, above = 0.0, below = 0.0;
+#pragma omp simd reduction(+ : step, above, below)
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i];
+    const float g = dy[i];
+    const float c = Clip(xi, lo, q_max);
+    const bool inside = (xi >= lo) & (xi <= q_max);
+    step += static_cast<double>(g) * (static_cast<double>(q[i]) - static_cast<double>(c));
+    above += xi > q_max ? static_cast<double>(g) : 0.0;
+    if (kSigned) below += xi < lo ? static_cast<double>(g) : 0.0;
+    gx[i] = inside ? g : 0.0f;
+  }
+  Sums s;
+  s.step = step;
+  s.above = above;
+  s.below = below;
+  return s;
+}
+
+// Entry points compiled for several instruction sets where GCC can dispatch
+// at load time (ifunc); the body is the same portable C++ for all of them.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TFDQ_CLONES \
+  __attribute__((target_clones("avx512f", "avx2", "sse4.1", "default")))
+#else
+#define TFDQ_CLONES
+#endif
+
+TFDQ_CLONES void ForwardSigned(const float* x, float* q, int64_t n, float d, float lo,
+                               float q_max) {
+  ForwardImpl<true>(x, q, n, d, lo, q_max);
+}
+TFDQ_CLONES void ForwardUnsigned(const float* x, float* q, int64_t n, float d, float lo,
+                                 float q_max) {
+  ForwardImpl<false>(x, q, n, d, lo, q_max);
+}
+TFDQ_CLONES Sums BackwardSigned(const float* dy, const float* x, const float* q, float* gx,
+                                int64_t n, float lo, float q_max) {
+  return BackwardImpl<true>(dy, x, q, gx, n, lo, q_max);
+}
+TFDQ_CLONES Sums BackwardUnsigned(const float* dy, const float* x, const float* q,
+                                  float* gx, int64_t n, float lo, float q_max) {
+  return BackwardImpl<false>(dy, x, q, gx, n, lo, q_max);
+}
+
+// Runs fn(first_block, end_block) over ceil(n / kBlock) blocks on the CPU
+// worker threads (inline when there is one block).
+template <typename Fn>
+void ForBlocks(OpKernelContext* ctx, int64_t n, int64_t cycles_per_element, const Fn& fn) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  const auto* threads = ctx->device()->tensorflow_cpu_worker_threads();
+  if (blocks <= 1 || threads == nullptr || threads->workers == nullptr) {
+    tensorflow::port::ScopedFlushDenormal flush;
+    fn(0, blocks);
+    return;
+  }
+  threads->workers->ParallelFor(
+      blocks,
+      tsl::thread::ThreadPool::SchedulingParams::Adaptive(kBlock * cycles_per_element),
+      [&fn](int64_t begin, int64_t end) {
+        // TensorFlow's own kernels run with denormals flushed to zero;
+        // so do these, on whichever thread a shard lands.
+        tensorflow::port::ScopedFlushDenormal flush;
+        fn(begin, end);
+      });
+}
+
+absl::Status CheckScalar(const Tensor& t, const char* name) {
+  if (!TensorShapeUtils::IsScalar(t.shape())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " must be a scalar, got shape ", t.shape().DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+class UniformQuantizeOp : public OpKernel {
+ public:
+  explicit UniformQuantizeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("signed", &signed_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    OP_REQUIRES_OK(ctx, CheckScalar(ctx->input(1), "d"));
+    OP_REQUIRES_OK(ctx, CheckScalar(ctx->input(2), "q_max"));
+    const float d = ctx->input(1).scalar<float>()();
+    const float q_max = ctx->input(2).scalar<float>()();
+    const float lo = signed_ ? -q_max : 0.0f;
+
+    Tensor* q = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &q));
+    const int64_t n = x.NumElements();
+    if (n == 0) return;
+    const float* px = x.flat<float>().data();
+    float* pq = q->flat<float>().data();
+    const bool is_signed = signed_;
+    ForBlocks(ctx, n, kForwardCycles, [=](int64_t begin, int64_t end) {
+      const int64_t start = begin * kBlock;
+      const int64_t count = std::min(end * kBlock, n) - start;
+      if (is_signed) {
+        ForwardSigned(px + start, pq + start, count, d, lo, q_max);
+      } else {
+        ForwardUnsigned(px + start, pq + start, count, d, lo, q_max);
+      }
+    });
+  }
+
+ private:
+  bool signed_;
+};
+
+class UniformQuantizeGradOp : public OpKernel {
+ public:
+  explicit UniformQuantizeGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("signed", &signed_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& q = ctx->input(2);
+    OP_REQUIRES(ctx, dy.shape() == x.shape() && q.shape() == x.shape(),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "dy, x and q must have the same shape, got ", dy.shape().DebugString(),
+                    ", ", x.shape().DebugString(), " and ", q.shape().DebugString())));
+    OP_REQUIRES_OK(ctx, CheckScalar(ctx->input(3), "d"));
+    OP_REQUIRES_OK(ctx, CheckScalar(ctx->input(4), "q_max"));
+    const float d = ctx->input(3).scalar<float>()();
+    const float q_max = ctx->input(4).scalar<float>()();
+    const float lo = signed_ ? -q_max : 0.0f;
+
+    Tensor* gx = nullptr;
+    Tensor* gd = nullptr;
+    Tensor* gq = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &gx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &gd));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({}), &gq));
+
+    const int64_t n = x.NumElements();
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    std::vector<Sums> partial(blocks);
+    const float* pdy = dy.flat<float>().data();
+    const float* px = x.flat<float>().data();
+    const float* pq = q.flat<float>().data();
+    float* pgx = gx->flat<float>().data();
+    const bool is_signed = signed_;
+    Sums* out = partial.data();
+    ForBlocks(ctx, n, kBackwardCycles, [=](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t start = b * kBlock;
+        const int64_t count = std::min(start + kBlock, n) - start;
+        out[b] = is_signed
+                     ? BackwardSigned(pdy + start, px + start, pq + start, pgx + start,
+                                      count, lo, q_max)
+                     : BackwardUnsigned(pdy + start, px + start, pq + start, pgx + start,
+                                        count, lo, q_max);
+      }
+    });
+    Sums total;
+    for (const Sums& s : partial) {
+      total.step += s.step;
+      total.above += s.above;
+      total.below += s.below;
+    }
+    gd->scalar<float>()() = static_cast<float>(total.step / static_cast<double>(d));
+    gq->scalar<float>()() =
+        static_cast<float>(is_signed ? total.above - total.below : total.above);
+  }
+
+ private:
+  bool signed_;
+};
+
+absl::Status ScalarInput(InferenceContext* c, int index) {
+  ShapeHandle unused;
+  return c->WithRank(c->input(index), 0, &unused);
+}
+
+}  // namespace
+
+REGISTER_OP("TfdqUniformQuantize")
+    .Input("x: float")
+    .Input("d: float")
+    .Input("q_max: float")
+    .Output("q: float")
+    .Attr("signed: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(ScalarInput(c, 1));
+      TF_RETURN_IF_ERROR(ScalarInput(c, 2));
+      c->set_output(0, c->input(0));
+      return absl::OkStatus();
+    })
+    .Doc("tfdq uniform quantizer: d * round_half_away(clip(x, lo, q_max) / d).");
+
+REGISTER_OP("TfdqUniformQuantizeGrad")
+    .Input("dy: float")
+    .Input("x: float")
+    .Input("q: float")
+    .Input("d: float")
+    .Input("q_max: float")
+    .Output("gx: float")
+    .Output("gd: float")
+    .Output("gq: float")
+    .Attr("signed: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle shape;
+      TF_RETURN_IF_ERROR(c->Merge(c->input(0), c->input(1), &shape));
+      TF_RETURN_IF_ERROR(c->Merge(shape, c->input(2), &shape));
+      TF_RETURN_IF_ERROR(ScalarInput(c, 3));
+      TF_RETURN_IF_ERROR(ScalarInput(c, 4));
+      c->set_output(0, shape);
+      c->set_output(1, c->Scalar());
+      c->set_output(2, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc("Straight-through gradients of TfdqUniformQuantize (gx, gd, gq).");
+
+REGISTER_KERNEL_BUILDER(Name("TfdqUniformQuantize").Device(DEVICE_CPU), UniformQuantizeOp);
+REGISTER_KERNEL_BUILDER(Name("TfdqUniformQuantizeGrad").Device(DEVICE_CPU),
+                        UniformQuantizeGradOp);
+
+}  // namespace tfdq
