@@ -313,3 +313,39 @@ def test_fused_quantizer_kernels_train_exactly_like_plain_ops(weight_q, act_q):
     assert len(grads_f) == len(grads_p)
     for gf, gp in zip(grads_f, grads_p):
         np.testing.assert_allclose(gf, gp, rtol=1e-4, atol=1e-6)
+
+
+def test_unsigned_quantizer_absorbs_the_relu_it_follows(monkeypatch):
+    """Q(relu(x)) = Q(x) for a quantizer that clips at 0: the ReLU leaves the
+    quantized graph, and outputs and gradients are those of the graph that
+    keeps it."""
+    float_model = tfdq.models.resnet20()
+    x = np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype("float32")
+    y = np.arange(8) % 10
+    q = tfdq.quantize_model(float_model, calibration_data=x)
+    relus = [l for l in q.layers if isinstance(l, keras.layers.ReLU)]
+    assert relus == []
+    for layer in q.layers:  # each feature-map quantizer reads a BatchNorm or an Add
+        if isinstance(layer, qlayers.ActivationQuantizer) and layer.name != "image_aq":
+            src = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
+            assert isinstance(src, (keras.layers.BatchNormalization, keras.layers.Add)), (layer.name, src)
+    monkeypatch.setattr(tfdq.quantize, "_relu_input", lambda t: t)
+    kept = tfdq.quantize_model(float_model, calibration_data=x)
+    relus = [l for l in kept.layers if isinstance(l, keras.layers.ReLU)]
+    assert len(relus) == 19
+    # The gradients can differ only where a ReLU input is exactly 0 (ReLU's
+    # gradient there is 0, the quantizer's 1); this batch has no such value.
+    relu_inputs = keras.Model(kept.input, [l.input for l in relus])(x, training=True)
+    assert sum(int(np.sum(np.asarray(t) == 0)) for t in relu_inputs) == 0
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    outs = []
+    for model in (q, kept):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = loss_fn(y, out)
+        grads = tape.gradient(loss, model.trainable_variables)
+        outs.append((out.numpy(), {v.path: g.numpy() for v, g in zip(model.trainable_variables, grads)}))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for name, g in outs[0][1].items():
+        np.testing.assert_allclose(g, outs[1][1][name], rtol=1e-4, atol=1e-6, err_msg=name)

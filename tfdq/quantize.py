@@ -7,6 +7,11 @@ passes an :class:`~tfdq.layers.ActivationQuantizer` (the input image
 included). Float weights are copied and the quantizers are initialized as the
 paper does (METHOD.md section 4).
 
+An unsigned quantizer placed on the output of a plain ReLU takes the ReLU's
+input instead (``Q(relu(x)) = Q(x)`` for a quantizer that clips at 0), so
+the ReLU drops out of the quantized graph: one elementwise pass less per
+feature map, forward and backward.
+
 Placement of activation quantizers: a feature map that reaches a quantized
 layer only through shape or pooling operations (Flatten, Dropout, pooling,
 padding, ...) is quantized where it is produced, so that, as in the paper's
@@ -149,6 +154,33 @@ def _as_functional(model):
             "before quantizing."
         )
     return model
+
+
+def _is_plain_relu(layer):
+    """``max(x, 0)`` exactly: ReLU() with default arguments or Activation("relu")."""
+    if isinstance(layer, keras.layers.ReLU):
+        cfg = layer.get_config()
+        return cfg.get("max_value") is None and not cfg.get("negative_slope") and not cfg.get("threshold")
+    if isinstance(layer, keras.layers.Activation):
+        return getattr(layer.activation, "__name__", "") == "relu"
+    return False
+
+
+def _relu_input(tensor):
+    """The input of the plain ReLU that produced ``tensor``, else ``tensor``.
+
+    An unsigned quantizer clips to ``[0, q_max]``, so ``Q(relu(x)) = Q(x)``
+    and its straight-through gradient is that of ReLU then quantizer
+    everywhere but at x = 0 exactly (ReLU's gradient there is 0, the
+    quantizer's 1): the quantizer takes the ReLU's input and the
+    ReLU drops out of the quantized graph, which saves its forward and
+    backward pass over the feature map in every training step. Export
+    fuses the clamp at 0 into the producer as before.
+    """
+    layer, node = producer(tensor)
+    if layer is None or not _is_plain_relu(layer) or len(node.input_tensors) != 1:
+        return tensor
+    return node.input_tensors[0]
 
 
 def _template(identifier, role, signed, bits_bounds, init_bits):
@@ -359,6 +391,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
         if orig is None or id(orig) not in targets:
             return new_tensor
         if id(orig) not in quantized_cache:
+            if not signed[id(orig)]:
+                new_tensor = _relu_input(new_tensor)
             cls, kwargs = _template(
                 options["activation_quantizer"],
                 "activation",
