@@ -11,7 +11,7 @@ the targets, whether every constraint holds, and the learned bitwidths per
 layer, to ``benchmarks/results/budget_mnist.json``::
 
     python -m benchmarks.budget_mnist                  # 3 seeds, about 2 minutes each on 2 cores
-    python -m benchmarks.budget_mnist --seeds=0 --quant_epochs=2
+    python -m benchmarks.budget_mnist --seeds=0 --quant_epochs=2 --threads=1
 """
 
 import os
@@ -19,6 +19,7 @@ import time
 
 from absl import app, flags
 
+from benchmarks import mnist_runs
 from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
@@ -31,59 +32,53 @@ def _define_flags():
     flags.DEFINE_integer("finish_epochs", 2, "Weight fine-tuning epochs after the budget is enforced.")
     flags.DEFINE_float("lam", None, "Penalty weight (default: tfdq's auto scaling of the paper's 0.1).")
     flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
 
 
 def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, lam=None, verbose=0):
     """One float -> constrained -> finished run; returns a dict of figures."""
     import keras  # noqa: PLC0415
 
-    import tfdq  # noqa: PLC0415
-    from tfdq import memory  # noqa: PLC0415
-    from tfdq.data import mnist_subset  # noqa: PLC0415
-
+    counts = mnist_runs.feature_counts()  # before seeding: it builds a model
     keras.utils.set_random_seed(seed)
-    (xt, yt), (xv, yv) = mnist_subset(0)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    data = mnist_runs.load_data()
     start = time.time()
-    model = tfdq.models.small_cnn()
-    model.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
-    model.fit(xt, yt, batch_size=64, epochs=float_epochs, verbose=verbose)
-    float_acc = float(model.evaluate(xv, yv, verbose=0)[1])
-
-    q = tfdq.quantize_model(model, calibration_data=xt[:512])
-    entries = memory.size_entries(q)
-    n_weights = sum(e.count for e in entries if e.kind == "weight")
-    biggest = max(e.count for e in entries if e.kind == "activation" and not e.is_input)
-    weight_target = 1.05 * n_weights * 2 / 8192
-    act_target = biggest * 4 / 8192
-    q = tfdq.constrain(q, weight_kb=weight_target, activation_kb=act_target, activation="max", lam=lam)
-    q.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
-    hist = q.fit(xt, yt, batch_size=64, epochs=quant_epochs, validation_data=(xv, yv), verbose=verbose)
-    steps = tfdq.constraints.enforce_budget(q)
-    tfdq.constraints.freeze_quantizers(q)
-    q.compile(keras.optimizers.Adam(5e-4), loss, metrics=["accuracy"])
-    q.fit(xt, yt, batch_size=64, epochs=finish_epochs, verbose=verbose)
-    rows = tfdq.summary(q, print_fn=None)
-    total = rows[-1]
+    model, float_error, _ = mnist_runs.train_float(seed, data, float_epochs, verbose=verbose, reseed=False)
+    config = {
+        "name": "U3 W+A (8a)+(8c)",
+        "weight": "U3",
+        "activation": "U3",
+        "weight_budget_bits": 2.0,
+        "weight_budget_margin": 1.05,
+        "activation_budget": ("max", 4),
+        "lam": lam,
+    }
+    r = mnist_runs.quantized_run(
+        config, seed, data, float_model=model, counts=counts, epochs=quant_epochs, finish_epochs=finish_epochs,
+        validation=True, verbose=verbose, reseed=False,
+    )
+    if "failed" in r:
+        raise RuntimeError(r["failed"])
     return {
         "seed": seed,
-        "lambda": {"weight": q.memory_budget.weight_lambda, "activation": q.memory_budget.activation_lambda},
-        "float_accuracy": float_acc,
-        "final_accuracy": float(q.evaluate(xv, yv, verbose=0)[1]),
-        "weight_kb": total["weight_kb"],
-        "weight_target_kb": weight_target,
-        "activation_kb_max": total["activation_kb_max"],
-        "activation_target_kb": act_target,
-        "constraints_met": q.memory_budget.satisfied(q),
-        "enforce_steps": steps,
-        "constrained_epochs": {k: [float(v) for v in vals] for k, vals in hist.history.items()},
-        "bits": {r["name"]: r["bits"] for r in rows if r["kind"] != "total"},
+        "lambda": r["lambda"],
+        "float_accuracy": 1.0 - float_error,
+        "final_accuracy": 1.0 - r["error"],
+        "weight_kb": r["weight_kb"],
+        "weight_target_kb": r["targets"]["weight_kb"],
+        "activation_kb_max": r["activation_kb_max"],
+        "activation_target_kb": r["targets"]["activation_kb"],
+        "constraints_met": r["constraints_met"],
+        "enforce_steps": r["enforce_steps"],
+        "constrained_epochs": r["history"],
+        "bits": {**r["weight_bits"], **r["activation_bits"]},
         "seconds": time.time() - start,
     }
 
 
 def main(argv):
     del argv
+    mnist_runs.set_threads(FLAGS.threads)
     results = []
     for seed in FLAGS.seeds:
         r = run_seed(int(seed), FLAGS.float_epochs, FLAGS.quant_epochs, FLAGS.finish_epochs, FLAGS.lam, verbose=2)

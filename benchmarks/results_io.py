@@ -24,3 +24,16 @@ def write_result(out_dir, name, experiment, command, payload):
         json.dump(out, f, indent=1)
     print(f"wrote {path}")
     return path
+
+
+def save_report(out_dir, name, experiment, command, payload, complete=True):
+    """Write ``payload``: the final result with provenance, or, while runs are
+    still missing, a partial ``<name>.json`` marked as such. Returns the
+    payload as JSON would read it back."""
+    if complete:
+        write_result(out_dir, name, experiment, command, payload)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump(dict(payload, experiment="partial: run in progress"), f, indent=1)
+    return json.loads(json.dumps(payload))

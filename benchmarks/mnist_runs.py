@@ -1,0 +1,378 @@
+"""Shared pieces of the MNIST-subset benchmarks (small CNN, real digits).
+
+Used by ``benchmarks.budget_mnist``, ``benchmarks.parametrizations`` (the
+paper's Table 1) and ``benchmarks.homogeneous`` (Table 3 and the
+accuracy-vs-size curve):
+
+* :func:`set_threads`: one TensorFlow thread pool size for every op;
+* :func:`load_data`: the 4,000 / 1,000 split of ``tfdq.data.mnist_subset``
+  (optionally fewer training images, for smoke runs);
+* :func:`train_float`: the float model of one seed (Adam, batch 64), trained
+  once and reused by every configuration of that seed;
+* :func:`quantized_run`: one quantized training run described by a config
+  dict (parametrizations, fixed / TQT baselines, random or float init,
+  memory budgets, the finish), returning a JSON-ready record;
+* :func:`sizes`, :func:`feature_counts`: memory in kB as ``tfdq.memory``
+  counts it (Table 2 of the paper);
+* :func:`aggregate`: mean, std, min and max over seeds.
+
+A config (all keys but ``name`` optional)::
+
+    {"name": "U3 W+A",
+     "weight": "U3",                  # U1..P3, or fixed / tqt / fixed_pow2 / tqt_pow2
+     "weight_bits": 2,                # bitwidth of the fixed / TQT weight quantizer
+     "activation": "U3",              # same choices; None: weights only
+     "activation_bits": 4,
+     "init": "float",                 # or "random": train the quantized net from scratch
+     "weight_budget_bits": 2.0,       # (8a) target = margin * N * bits / 8192 kB
+     "weight_budget_margin": 1.07,
+     "activation_budget": ("max", 4)  # (8b) "sum" / (8c) "max" at this many bits per value
+    }
+
+Random initialization (METHOD.md section 4, ``d = 2^-3``): ``quantize_model``
+always initializes the weight quantizers from the kernels it copies, which
+for an untrained network gives a data-dependent step (``2^floor(log2(max|W|
+/ 7))``, here 2^-6 to 2^-7) rather than the paper's 2^-3. A random-init run
+therefore quantizes a freshly initialized (untrained) network, resets every
+weight quantizer to tfdq's own default start (uniform ``d = 2^-3``,
+``q_max = 7 d``; power of two ``q_max = 1``, ``q_min = 2^-7``; ``b = 4``)
+and passes no calibration data, so the activation quantizers start at the
+same defaults.
+"""
+
+import math
+import time
+
+import numpy as np
+
+BATCH = 64
+FLOAT_LR = 1e-3
+QUANT_LR = 1e-3
+FINISH_LR = 5e-4
+BITS_PER_KB = 8192.0
+
+
+def set_threads(threads):
+    """Use ``threads`` TensorFlow threads (intra- and inter-op); 0 keeps TF's
+    default. Must run before the first TensorFlow op."""
+    if not threads:
+        return
+    import tensorflow as tf  # noqa: PLC0415
+
+    tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+    tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+
+
+def load_data(n_train=None, n_test=None):
+    """``(x_train, y_train), (x_test, y_test)`` of the MNIST subset (split seed 0)."""
+    from tfdq.data import mnist_subset  # noqa: PLC0415
+
+    (xt, yt), (xv, yv) = mnist_subset(0)
+    if n_train:
+        xt, yt = xt[:n_train], yt[:n_train]
+    if n_test:
+        xv, yv = xv[:n_test], yv[:n_test]
+    return (xt, yt), (xv, yv)
+
+
+def _loss():
+    import keras  # noqa: PLC0415
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def make_optimizer(name, lr):
+    import keras  # noqa: PLC0415
+
+    if name == "adam":
+        return keras.optimizers.Adam(lr)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9)
+    raise ValueError(f"Unknown optimizer {name!r}: use 'adam' or 'sgd'.")
+
+
+def error(model, data, batch=500):
+    """Held-out top-1 error in [0, 1] (inference mode; eager calls, which
+    skip the tracing of ``predict`` that would dominate a short run)."""
+    x, y = data
+    wrong = 0
+    for i in range(0, len(x), batch):
+        logits = np.asarray(model(x[i : i + batch], training=False))
+        wrong += int(np.sum(np.argmax(logits, axis=-1) != y[i : i + batch]))
+    return wrong / len(x)
+
+
+def train_float(seed, data, epochs=8, lr=FLOAT_LR, verbose=0, reseed=True):
+    """Float small CNN of one seed; returns ``(model, held-out error, seconds)``.
+
+    ``reseed=False`` leaves the global random state as the caller set it.
+    """
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    (xt, yt), test = data
+    if reseed:
+        keras.utils.set_random_seed(seed)
+    start = time.time()
+    model = tfdq.models.small_cnn()
+    model.compile(keras.optimizers.Adam(lr), _loss(), metrics=["accuracy"])
+    if epochs:
+        model.fit(xt, yt, batch_size=BATCH, epochs=epochs, verbose=verbose)
+    return model, error(model, test), time.time() - start
+
+
+def random_model(seed):
+    """Untrained small CNN with the initial weights of ``seed``'s float model."""
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    keras.utils.set_random_seed(seed)
+    return tfdq.models.small_cnn()
+
+
+# -- sizes --------------------------------------------------------------------
+
+
+def feature_counts():
+    """Element counts of the small CNN: weights per layer and the quantized
+    feature maps (per sample, without the input image), as tfdq counts them."""
+    import tfdq  # noqa: PLC0415
+    from tfdq import memory  # noqa: PLC0415
+
+    q = tfdq.quantize_model(tfdq.models.small_cnn())
+    entries = memory.size_entries(q)
+    return {
+        "weights": {e.name: e.count for e in entries if e.kind == "weight"},
+        "activations": {e.name: e.count for e in entries if e.kind == "activation" and not e.is_input},
+    }
+
+
+def float_sizes(counts):
+    """Sizes of the float model: everything at 32 bits (kB of 1024 bytes)."""
+    acts = list(counts["activations"].values())
+    return {
+        "weight_kb": 32 * sum(counts["weights"].values()) / BITS_PER_KB,
+        "activation_kb_sum": 32 * sum(acts) / BITS_PER_KB,
+        "activation_kb_max": 32 * max(acts) / BITS_PER_KB,
+        "mean_weight_bits": 32.0,
+    }
+
+
+def sizes(qmodel, counts):
+    """Weight kB (8a), activation kB sum (8b) and max (8c), mean weight bits.
+
+    ``tfdq.memory`` on the quantized model; feature maps without an
+    activation quantizer (weights-only runs) count at 32 bits, as the paper's
+    Table 3 lists them.
+    """
+    import tfdq  # noqa: PLC0415
+
+    rows = tfdq.summary(qmodel, print_fn=None)
+    total = rows[-1]
+    out = {
+        "weight_kb": total["weight_kb"],
+        "mean_weight_bits": total["mean_weight_bits"],
+        "weight_bits": {r["name"]: r["bits"] for r in rows if r["kind"] == "weight"},
+        "activation_bits": {r["name"]: r["bits"] for r in rows if r["kind"] == "activation"},
+    }
+    if any(r["kind"] == "activation" for r in rows[:-1]):
+        out["activation_kb_sum"] = total["activation_kb_sum"]
+        out["activation_kb_max"] = total["activation_kb_max"]
+    else:
+        out.update({k: v for k, v in float_sizes(counts).items() if k.startswith("activation")})
+    return out
+
+
+def budget_targets(config, counts):
+    """``(weight_kb, activation_kb, activation_kind)`` of a config (None: none)."""
+    weight_kb = act_kb = kind = None
+    if config.get("weight_budget_bits") is not None:
+        n = sum(counts["weights"].values())
+        weight_kb = config.get("weight_budget_margin", 1.0) * n * config["weight_budget_bits"] / BITS_PER_KB
+    if config.get("activation_budget") is not None:
+        kind, bits = config["activation_budget"]
+        acts = list(counts["activations"].values())
+        act_kb = bits * (sum(acts) if kind == "sum" else max(acts)) / BITS_PER_KB
+    return weight_kb, act_kb, kind
+
+
+# -- one quantized run ----------------------------------------------------------
+
+
+def reset_to_random_init(qmodel):
+    """Weight quantizers back to tfdq's default start (uniform d = 2^-3,
+    power of two q_max = 1; b as initialized), ignoring the kernels."""
+    for layer_q in qmodel.quantizers():
+        if layer_q.role != "weight":
+            continue
+        bits = layer_q.init["bits"]
+        layer_q.init.update({"d": None, "q_max": None, "q_min": None, "bits": bits})
+        layer_q._assign_initial()
+
+
+def build_quantized(config, source_model, calibration):
+    """``quantize_model`` (+ ``constrain``) as ``config`` says; returns
+    ``(qmodel, targets)``."""
+    import tfdq  # noqa: PLC0415
+    from train.train import quantizer_arg  # noqa: PLC0415
+
+    act = config.get("activation")
+    random_init = config.get("init", "float") == "random"
+    qmodel = tfdq.quantize_model(
+        source_model,
+        weight_quantizer=quantizer_arg(config["weight"], config.get("weight_bits", 4)),
+        activation_quantizer=quantizer_arg(act, config.get("activation_bits", 4)) if act else "U3",
+        quantize_activations=act is not None,
+        calibration_data=None if random_init else calibration,
+    )
+    if random_init:
+        reset_to_random_init(qmodel)
+    targets = {}
+    weight_kb, act_kb, kind = config.get("_targets") or (None, None, None)
+    if weight_kb is not None or act_kb is not None:
+        qmodel = tfdq.constrain(
+            qmodel, weight_kb=weight_kb, activation_kb=act_kb, activation=kind or "max", lam=config.get("lam")
+        )
+        targets = {"weight_kb": weight_kb, "activation_kb": act_kb, "activation": kind}
+    return qmodel, targets
+
+
+def _finite_history(history):
+    losses = history.get("loss", [])
+    return bool(losses) and all(math.isfinite(v) for v in losses)
+
+
+def quantized_run(
+    config,
+    seed,
+    data,
+    float_model=None,
+    counts=None,
+    epochs=4,
+    finish_epochs=2,
+    lr=QUANT_LR,
+    finish_lr=FINISH_LR,
+    optimizer="adam",
+    validation=False,
+    verbose=0,
+    reseed=True,
+):
+    """Quantize, train and evaluate one configuration; returns a record dict.
+
+    ``init="float"`` starts from ``float_model`` (calibrated activations);
+    ``"random"`` from the untrained network of ``seed``. Training: ``epochs``
+    epochs (``optimizer``, ``lr``, batch 64); with a budget, then the finish
+    (``enforce_budget``, ``freeze_quantizers``); with ``finish_epochs`` > 0
+    the quantizers are frozen and the weights fine-tuned (Adam ``finish_lr``).
+    Never raises for a failed configuration: the record then has ``failed``
+    (the exception) and no error figure. A run whose training loss became
+    NaN or Inf is stopped there and marked ``diverged``.
+    """
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    counts = counts or feature_counts()
+    (xt, yt), test = data
+    start = time.time()
+    record = {"name": config["name"], "seed": seed, "config": _public(config)}
+    config = dict(config)
+    config["_targets"] = budget_targets(config, counts)
+    try:
+        if reseed:
+            keras.utils.set_random_seed(seed)
+        if config.get("init", "float") == "random":
+            source = random_model(seed)
+        else:
+            if float_model is None:
+                raise ValueError("init='float' needs the float model")
+            source = float_model
+        qmodel, targets = build_quantized(config, source, xt[:512])
+        if targets:
+            record["targets"] = targets
+            record["lambda"] = {
+                "weight": qmodel.memory_budget.weight_lambda,
+                "activation": qmodel.memory_budget.activation_lambda,
+            }
+        record["initial_params"] = {q.name: q.describe() for q in qmodel.quantizers()}
+        qmodel.compile(make_optimizer(optimizer, lr), _loss(), metrics=["accuracy"])
+        fit_kwargs = {"batch_size": BATCH, "verbose": verbose, "callbacks": [keras.callbacks.TerminateOnNaN()]}
+        if validation:
+            fit_kwargs["validation_data"] = test
+        hist = qmodel.fit(xt, yt, epochs=epochs, **fit_kwargs).history
+        record["history"] = {k: [float(v) for v in vals] for k, vals in hist.items()}
+        diverged = not _finite_history(hist)
+        if targets and not diverged:
+            record["enforce_steps"] = tfdq.constraints.enforce_budget(qmodel)
+        if finish_epochs and not diverged:
+            tfdq.constraints.freeze_quantizers(qmodel)
+            qmodel.compile(keras.optimizers.Adam(finish_lr), _loss(), metrics=["accuracy"])
+            fin = qmodel.fit(xt, yt, epochs=finish_epochs, **fit_kwargs).history
+            record["finish_history"] = {k: [float(v) for v in vals] for k, vals in fin.items()}
+            diverged = not _finite_history(fin)
+        record["diverged"] = diverged
+        record["error"] = error(qmodel, test)
+        record["final_params"] = {q.name: q.describe() for q in qmodel.quantizers()}
+        record.update(sizes(qmodel, counts))
+        if targets:
+            record["constraints_met"] = qmodel.memory_budget.satisfied(qmodel)
+    except Exception as exc:  # recorded, not hidden: the benchmark reports it
+        record["failed"] = f"{type(exc).__name__}: {exc}"
+    record["seconds"] = time.time() - start
+    return record
+
+
+def _public(config):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+
+
+def describe(record):
+    """One progress line for a record."""
+    if "failed" in record:
+        return f"{record['name']} seed {record['seed']}: FAILED {record['failed']} ({record['seconds']:.0f} s)"
+    text = (
+        f"{record['name']} seed {record['seed']}: error {100 * record['error']:.2f}%  "
+        f"weights {record['weight_kb']:.2f} kB ({record['mean_weight_bits']:.2f} bits)  "
+        f"act sum/max {record['activation_kb_sum']:.2f}/{record['activation_kb_max']:.2f} kB"
+    )
+    if record.get("targets"):
+        text += f"  met {record['constraints_met']}"
+    if record.get("diverged"):
+        text += "  DIVERGED"
+    return text + f"  ({record['seconds']:.0f} s)"
+
+
+# -- statistics ----------------------------------------------------------------
+
+
+def aggregate(values):
+    """Mean, std (population), min, max and n of a list of numbers (None if empty)."""
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    arr = np.asarray(values)
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std()),
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "n": len(values),
+    }
+
+
+def summarize_records(records):
+    """Across seeds of one configuration: error, sizes, bits, divergences."""
+    ok = [r for r in records if "failed" not in r]
+    out = {
+        "runs": len(records),
+        "failed": [r["failed"] for r in records if "failed" in r],
+        "diverged": sum(bool(r.get("diverged")) for r in ok),
+    }
+    for key in ("error", "weight_kb", "mean_weight_bits", "activation_kb_sum", "activation_kb_max"):
+        out[key] = aggregate([r[key] for r in ok])
+    if ok and ok[0].get("targets"):
+        out["all_constraints_met"] = all(all(r["constraints_met"].values()) for r in ok)
+        out["targets"] = ok[0]["targets"]
+    return out
