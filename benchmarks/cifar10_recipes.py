@@ -1,0 +1,604 @@
+"""The paper's four ResNet-20 / CIFAR-10 runs as ``python -m train.train`` commands.
+
+:data:`RUNS` is the one table of this module: for each of the Table 3 rows
+that the training script reproduces (METHOD.md section 7; the schedule of
+section 6 comes from ``train.config.RECIPES["cifar10"]``), the exact flag set
+and the validation error the paper reports:
+
+============  =========================================  ============
+run           quantization                               paper error
+============  =========================================  ============
+float         none (32/32)                               7.29%
+fixed24       fixed 2-bit weights / 4-bit activations    11.30%
+tqt24         TQT (learned q_max) 2 / 4 bits             9.62%
+learned8a8c   learned U3, 70 kB weights (8a),            8.58%
+              8 kB largest activation (8c)
+============  =========================================  ============
+
+The three quantized runs fine-tune the float run's ``float/final.keras``
+(``--init_checkpoint``) with ``--stages=quant,export``. CIFAR-10 itself
+cannot be fetched on this machine, so the module never trains on it; it has
+three modes:
+
+* ``--print_commands``: the four shell commands (what the docs show);
+* ``--mock``: every run for a few steps, end to end, on
+  ``tfds.testing.mock_data`` (random images with CIFAR-10's feature specs),
+  in temporary folders: which stages finished, the summary numbers (of
+  generated data: they say that the pipeline works, nothing about accuracy),
+  the per-layer bitwidths and budgets of the quantized model, and whether
+  the export wrote a ``.tflite``;
+* ``--time``: the cost of one CIFAR-10 epoch of each run on this machine
+  (batch 128, 391 steps, CIFAR-shaped generated inputs; 50,000 training and
+  10,000 held-out examples): each training stage runs twice, with
+  ``--steps_per_epoch`` of ``--small_steps`` and of ``--steps``; the
+  difference of the stage's own ``seconds`` (``result.json`` of the stage,
+  written by ``train/train.py``) divided by the difference in steps is the
+  cost of a step, the rest the fixed cost of the stage (building, tracing,
+  saving). The held-out pass over 10,000 examples that ends every epoch is
+  timed separately (a timer around ``train.train.evaluate``). From these:
+  the one-epoch time (measured where ``--steps`` is 391, else extrapolated
+  and labelled so) and the paper's full schedule (160 epochs each) in hours.
+
+Results (both modes) go to ``results/cifar10_recipes.json`` and the chart of
+the epoch times to ``results/cifar10_recipes.png``::
+
+    python -m benchmarks.cifar10_recipes --print_commands
+    python -m benchmarks.cifar10_recipes --mock --time     # --steps=391 (a full epoch)
+    python -m benchmarks.cifar10_recipes --quick           # smoke run of both modes (to a temp folder)
+
+``--mock`` and ``--time`` may run in separate invocations: each replaces its
+own section of the JSON (with its command and date) and keeps the other.
+"""
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import tempfile
+import time
+
+from absl import app, flags
+
+from benchmarks.results_io import write_result
+
+FLAGS = flags.FLAGS
+NAME = "cifar10_recipes"
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+FLOAT_DIR = "runs/r20_float"
+FLOAT_CHECKPOINT = f"{FLOAT_DIR}/float/final.keras"
+_COMMON = {"dataset": "cifar10", "model": "resnet20"}
+_QUANT = dict(_COMMON, stages="quant,export", init_checkpoint=FLOAT_CHECKPOINT)
+
+# The paper's runs (Table 3, uniform column). Every other option (SGD 0.9,
+# weight decay 2e-4, batch 128, 160 + 160 epochs, lr 0.1 / 0.01, lr / 10 at
+# 50% and 75% of a stage, lambda 0.1) is the cifar10 recipe of train/config.py.
+RUNS = (
+    {
+        "name": "float",
+        "label": "float 32/32",
+        "paper_error": 7.29,
+        "flags": dict(_COMMON, stages="float", model_dir=FLOAT_DIR),
+    },
+    {
+        "name": "fixed24",
+        "label": "fixed 2/4",
+        "paper_error": 11.30,
+        "flags": dict(
+            _QUANT,
+            weight_quantizer="fixed",
+            activation_quantizer="fixed",
+            weight_bits=2,
+            activation_bits=4,
+            target_weight_kb=0.0,
+            target_activation_kb=0.0,
+            model_dir="runs/r20_fixed24",
+        ),
+    },
+    {
+        "name": "tqt24",
+        "label": "TQT 2/4",
+        "paper_error": 9.62,
+        "flags": dict(
+            _QUANT,
+            weight_quantizer="tqt",
+            activation_quantizer="tqt",
+            weight_bits=2,
+            activation_bits=4,
+            target_weight_kb=0.0,
+            target_activation_kb=0.0,
+            model_dir="runs/r20_tqt24",
+        ),
+    },
+    {
+        "name": "learned8a8c",
+        "label": "learned (8a)+(8c)",
+        "paper_error": 8.58,
+        "flags": dict(
+            _QUANT,
+            weight_quantizer="U3",
+            activation_quantizer="U3",
+            target_weight_kb=70.0,
+            target_activation_kb=8.0,
+            activation_constraint="max",
+            model_dir="runs/r20_8a8c",
+        ),
+    },
+)
+PAPER_EPOCHS = {"float": 160, "quant": 160}  # METHOD.md section 6
+CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
+EPOCH_STEPS = -(-CIFAR10_TRAIN // 128)  # 391 steps of batch 128
+
+MOCK = {"steps": 3, "batch_size": 8, "num_examples": 48, "epochs": 1}
+TIME = {"steps": 391, "small_steps": 5, "batch_size": 128}
+QUICK = {
+    "mock": {"steps": 1, "batch_size": 4, "num_examples": 12, "epochs": 1},
+    # the cheapest quantized run (fixed 2/4) stands for the three in the smoke timing
+    "time": {"steps": 2, "small_steps": 1, "batch_size": 4, "n_train": 16, "n_val": 8, "runs": ("float", "fixed24")},
+}
+
+
+def run_by_name(name):
+    for run in RUNS:
+        if run["name"] == name:
+            return run
+    raise KeyError(name)
+
+
+def stage_names(run):
+    return [s for s in run["flags"]["stages"].split(",") if s]
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+def _flag(name, value):
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, float):
+        value = f"{value:g}"
+    return f"--{name}={shlex.quote(str(value))}"
+
+
+def command(run, **overrides):
+    """The shell command of ``run`` (flags of the table, then ``overrides``)."""
+    values = dict(run["flags"], **overrides)
+    return " ".join(["python", "-m", "train.train"] + [_flag(k, v) for k, v in values.items()])
+
+
+def commands_text():
+    """The four commands with their paper errors, as the docs show them."""
+    lines = []
+    for run in RUNS:
+        lines.append(f"# {run['label']} (paper: {run['paper_error']:.2f}% validation error)")
+        lines.append(command(run))
+    return "\n".join(lines)
+
+
+# -- running the training script in-process -------------------------------------------
+
+
+def _train(values, echo):
+    """``train.train.run(values)``: (summary, wall seconds, CPU seconds of this process)."""
+    from train import train as train_lib  # noqa: PLC0415
+
+    import keras  # noqa: PLC0415
+
+    def print_fn(*args):
+        if echo:
+            print(" ".join(str(a) for a in args), flush=True)
+
+    keras.backend.clear_session()  # each run traces its own graphs; drop the previous run's
+    start, cpu = time.perf_counter(), time.process_time()
+    summary = train_lib.run(values, print_fn=print_fn)
+    return summary, time.perf_counter() - start, time.process_time() - cpu
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def quantized_model_facts(path):
+    """Per-layer bitwidths and the memory budget recorded in a saved tfdq model."""
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    model = keras.models.load_model(path, compile=False)
+    rows = tfdq.summary(model, print_fn=None)
+    layers, total = rows[:-1], rows[-1]
+    acts = [r for r in layers if r["kind"] == "activation"]
+    budget = getattr(model, "memory_budget", None)
+    return {
+        "weight_bits": {r["name"]: float(r["bits"]) for r in layers if r["kind"] == "weight"},
+        "activation_bits": {r["name"]: float(r["bits"]) for r in acts if not r["input"]},
+        "input_bits": {r["name"]: float(r["bits"]) for r in acts if r["input"]},
+        "weight_quantizers": sorted({str(r["quantizer"]) for r in layers if r["kind"] == "weight"}),
+        "activation_quantizers": sorted({str(r["quantizer"]) for r in acts}),
+        "weight_count": int(total["weight_count"]),
+        "weight_kb": float(total["weight_kb"]),
+        "activation_kb_sum": float(total["activation_kb_sum"]),
+        "activation_kb_max": float(total["activation_kb_max"]),
+        "budget": None
+        if budget is None
+        else {"weight_kb": budget.weight_kb, "activation_kb": budget.activation_kb, "activation": budget.activation,
+              "weight_lambda": float(budget.weight_lambda), "activation_lambda": float(budget.activation_lambda)},
+    }
+
+
+SUMMARY_KEYS = (
+    "float_accuracy", "quant_accuracy", "tflite_accuracy", "weight_kb", "float_weight_kb", "activation_kb_sum",
+    "activation_kb_max", "mean_weight_bits", "mean_activation_bits", "constraints_met", "target_weight_kb",
+    "target_activation_kb", "activation_constraint", "tflite_kb", "export_note", "val_examples", "times",
+)
+
+
+def mock(steps=3, batch_size=8, num_examples=48, epochs=1, echo=False, work_dir=None):
+    """Each run of :data:`RUNS` for ``steps`` steps on ``tfds.testing.mock_data``.
+
+    The float run (``--stages=float``) comes first; the quantized runs start
+    from its ``float/final.keras``. Returns one record per run.
+    """
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    own = work_dir is None
+    work_dir = work_dir or tempfile.mkdtemp(prefix="cifar10_recipes_mock_")
+    small = {
+        "batch_size": batch_size, "steps_per_epoch": steps, "float_epochs": epochs, "quant_epochs": epochs,
+        "val_examples": num_examples, "calibration_examples": min(num_examples, 32),
+        "export_examples": min(num_examples, 16), "verbose": 0, "data_dir": os.path.join(work_dir, "tfds"),
+    }
+    records = []
+    float_ckpt = os.path.join(work_dir, "float", "float", "final.keras")
+    try:
+        with tfds.testing.mock_data(num_examples=num_examples):
+            for run in RUNS:
+                model_dir = os.path.join(work_dir, run["name"])
+                paths = {"model_dir": model_dir}
+                if "init_checkpoint" in run["flags"]:
+                    paths["init_checkpoint"] = float_ckpt
+                values = dict(run["flags"], **paths, **small)
+                record = {"name": run["name"], "label": run["label"], "stages": stage_names(run),
+                          "command": command(run, **paths, **{k: v for k, v in small.items() if k != "data_dir"})}
+                try:
+                    summary, seconds, cpu = _train(values, echo)
+                except Exception as e:  # noqa: BLE001 (record the failure, go on with the next run)
+                    record["failed"] = f"{type(e).__name__}: {e}"
+                    records.append(record)
+                    continue
+                record["wall_seconds"] = seconds
+                record["cpu_seconds"] = cpu
+                record["finished_stages"] = [
+                    s for s in record["stages"] if os.path.exists(os.path.join(model_dir, s, "result.json"))
+                ]
+                record["flags_json"] = _read_json(os.path.join(model_dir, "flags.json"))
+                record["mock_data_numbers"] = {k: summary.get(k) for k in SUMMARY_KEYS if k in summary}
+                if summary.get("quant_checkpoint"):
+                    record["quantized_model"] = quantized_model_facts(summary["quant_checkpoint"])
+                if "export" in record["stages"]:
+                    tflite = os.path.join(model_dir, "export", "model.tflite")
+                    record["tflite_written"] = os.path.exists(tflite) and os.path.getsize(tflite) > 0
+                    record["tflite_bytes"] = os.path.getsize(tflite) if os.path.exists(tflite) else 0
+                    export = _read_json(os.path.join(model_dir, "export", "result.json")) or {}
+                    record["export_seconds"] = export.get("seconds")
+                    record["export_error"] = summary.get("export_note")
+                    # LiteRT against Keras on the same mock examples (tfdq.export.verify)
+                    record["export_check"] = {k: export.get(k) for k in ("top1_agreement", "all_kernels_exact",
+                                                                          "keras_accuracy", "tflite_accuracy")}
+                records.append(record)
+    finally:
+        if own:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return {
+        "data": "tfds.testing.mock_data: generated random images with CIFAR-10's feature specs. "
+                "Every accuracy and size here is of generated data after a few steps: a check that the "
+                "pipeline runs, never a CIFAR-10 result.",
+        "settings": {"steps_per_epoch": steps, "batch_size": batch_size, "num_examples": num_examples,
+                     "epochs": epochs},
+        "runs": records,
+    }
+
+
+# -- timing -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cifar_shaped_mock(n_train=CIFAR10_TRAIN, n_val=CIFAR10_TEST):
+    """``tfds.testing.mock_data`` with CIFAR-10's split sizes and an in-graph generator.
+
+    The default mock builds every example in Python (about 0.3 ms each on
+    this machine, under the GIL: a 15 s stall per 50,000-example pass and a
+    share of the CPU the real pipeline does not spend); here the random
+    uint8 images and labels come from stateless TensorFlow ops, so the
+    timing sees the training script's own pipeline (shuffle, pad-crop-flip,
+    normalization, batching) and the model.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False, **kwargs):
+        del self, decoders, read_config, shuffle_files, kwargs
+        test = "test" in str(split)
+        n = n_val if test else n_train
+        salt = tf.constant(1 if test else 0, tf.int64)
+
+        def example(i):
+            seed = tf.stack([i, salt])
+            image = tf.random.stateless_uniform((32, 32, 3), seed, minval=0, maxval=256, dtype=tf.int32)
+            label = tf.random.stateless_uniform([], seed + 7, minval=0, maxval=10, dtype=tf.int64)
+            return {"image": tf.cast(image, tf.uint8), "label": label}
+
+        ds = tf.data.Dataset.range(n).map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.apply(tf.data.experimental.assert_cardinality(n))
+
+    with tfds.testing.mock_data(num_examples=n_train, as_dataset_fn=as_dataset):
+        yield
+
+
+def _stage_seconds(model_dir, stage):
+    result = _read_json(os.path.join(model_dir, stage, "result.json"))
+    if result is None or "seconds" not in result:
+        raise RuntimeError(f"{model_dir}: stage {stage} wrote no result.json with seconds")
+    return float(result["seconds"])
+
+
+def _validation_seconds(model_path, batch_size, n_val, data_dir):
+    """Seconds of one held-out pass over ``n_val`` examples (after a traced warm-up pass)."""
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415, F401  (registers the quantized layers for load_model)
+
+    del tfdq
+    from train import data as data_lib  # noqa: PLC0415
+    from train import train as train_lib  # noqa: PLC0415
+
+    data = data_lib.load("cifar10", batch_size, data_dir=data_dir, val_examples=n_val, calibration_examples=8)
+    model = keras.models.load_model(model_path, compile=False)
+    train_lib.evaluate(model, data.val.take(2))  # trace
+    start = time.perf_counter()
+    train_lib.evaluate(model, data.val)
+    return time.perf_counter() - start
+
+
+def timing(steps=391, small_steps=5, batch_size=128, n_train=CIFAR10_TRAIN, n_val=CIFAR10_TEST, runs=None,
+           echo=False, work_dir=None):
+    """Per-step and fixed cost of each run's training stage; one-epoch and full-schedule estimates.
+
+    ``runs``: names of :data:`RUNS` to time (default all; a quantized run
+    needs the float run, which is then timed as well).
+    """
+    if not 0 < small_steps < steps:
+        raise ValueError(f"need 0 < small_steps < steps, got {small_steps}, {steps}")
+    names = [r["name"] for r in RUNS if runs is None or r["name"] in runs or r["name"] == "float"]
+    own = work_dir is None
+    work_dir = work_dir or tempfile.mkdtemp(prefix="cifar10_recipes_time_")
+    data_dir = os.path.join(work_dir, "tfds")
+    base = {
+        "batch_size": batch_size, "float_epochs": 1, "quant_epochs": 1, "val_examples": batch_size,
+        "verbose": 2 if echo else 0, "data_dir": data_dir,
+    }
+    records = []
+    float_ckpt = None
+    try:
+        with cifar_shaped_mock(n_train, n_val):
+            for name in names:
+                run = run_by_name(name)
+                stage = "float" if run["flags"]["stages"] == "float" else "quant"
+                record = {"name": name, "label": run["label"], "stage": stage, "steps": {}}
+                for s in (small_steps, steps):
+                    model_dir = os.path.join(work_dir, f"{name}_{s}")
+                    over = {"model_dir": model_dir, "steps_per_epoch": s, "stages": stage}
+                    if stage == "quant":
+                        over["init_checkpoint"] = float_ckpt
+                    _, wall, cpu = _train(dict(run["flags"], **base, **over), echo)
+                    record["steps"][str(s)] = {
+                        "stage_seconds": _stage_seconds(model_dir, stage),
+                        "run_wall_seconds": wall,
+                        "run_cpu_seconds": cpu,
+                        "command": command(run, **over, **{k: v for k, v in base.items() if k != "data_dir"}),
+                    }
+                    if stage == "float" and float_ckpt is None:
+                        float_ckpt = os.path.join(model_dir, "float", "final.keras")
+                    final = os.path.join(model_dir, stage, "final.keras")
+                    if echo:
+                        print(f"[time] {name} S={s}: stage {record['steps'][str(s)]['stage_seconds']:.1f} s, "
+                              f"run {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+                small, big = record["steps"][str(small_steps)], record["steps"][str(steps)]
+                per_step = (big["stage_seconds"] - small["stage_seconds"]) / (steps - small_steps)
+                fixed = small["stage_seconds"] - small_steps * per_step
+                val = _validation_seconds(final, batch_size, n_val, data_dir)
+                epochs = PAPER_EPOCHS[stage]
+                measured = steps == EPOCH_STEPS
+                record.update(
+                    seconds_per_step=per_step,
+                    cpu_seconds_per_step=(big["run_cpu_seconds"] - small["run_cpu_seconds"]) / (steps - small_steps),
+                    fixed_seconds=fixed,
+                    validation_seconds_per_epoch=val,
+                    epoch_train_seconds=EPOCH_STEPS * per_step,
+                    # one epoch of the paper's schedule: the measured stage (fixed cost included) + a held-out pass
+                    epoch_seconds=(big["stage_seconds"] if measured else fixed + EPOCH_STEPS * per_step) + val,
+                    epoch_seconds_kind="measured" if measured else f"extrapolated from {small_steps} and {steps} steps",
+                    paper_epochs=epochs,
+                    full_schedule_hours=(fixed + epochs * (EPOCH_STEPS * per_step + val)) / 3600.0,
+                )
+                if echo:
+                    print(f"[time] {name}: {per_step:.3f} s/step, fixed {fixed:.1f} s, validation {val:.1f} s, "
+                          f"epoch {record['epoch_seconds']:.0f} s ({record['epoch_seconds_kind']}), "
+                          f"{epochs} epochs {record['full_schedule_hours']:.1f} h", flush=True)
+                records.append(record)
+    finally:
+        if own:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return {
+        "data": f"tfds.testing.mock_data with an in-graph generator: random CIFAR-10-shaped uint8 images, "
+                f"{n_train} training and {n_val} held-out examples (a timing; no accuracy is meaningful)",
+        "method": (
+            "Each run's training stage (float: --stages=float; quantized: --stages=quant from this benchmark's "
+            f"float checkpoint) runs one epoch of --steps_per_epoch={small_steps} and one of {steps}, batch "
+            f"{batch_size}, one held-out batch per epoch, in a fresh model_dir. Times are wall seconds: the stage's "
+            "own 'seconds' from <model_dir>/<stage>/result.json (train/train.py: build, or load + quantize + "
+            "calibrate; compile; fit with its tracing; the epoch checkpoint; final save; the quantized stage's "
+            "reports). seconds_per_step = difference of the two / difference of the steps; fixed_seconds = the "
+            "rest (cpu_seconds_per_step: the same from this process's CPU time, all threads). "
+            f"validation_seconds_per_epoch: a timer around train.train.evaluate over {n_val} held-out examples "
+            f"(after a warm-up). epoch_seconds: the {steps}-step stage + validation when {steps} = {EPOCH_STEPS} "
+            f"(measured), else fixed + {EPOCH_STEPS} x seconds_per_step + validation (extrapolated). "
+            "full_schedule_hours: fixed once + paper_epochs x "
+            f"({EPOCH_STEPS} x seconds_per_step + validation); the per-epoch checkpoint writes after the first "
+            f"are not counted. The script's own default epoch is {CIFAR10_TRAIN // 128} steps "
+            "(50,000 // 128, drop_remainder); 391 = ceil(50,000 / 128) is used here."
+        ),
+        "settings": {"steps": steps, "small_steps": small_steps, "batch_size": batch_size, "n_train": n_train,
+                     "n_val": n_val, "epoch_steps": EPOCH_STEPS},
+        "runs": records,
+        "total_full_schedule_hours": sum(r["full_schedule_hours"] for r in records),
+    }
+
+
+# -- outputs ------------------------------------------------------------------------
+
+
+def plot(timing_result, path):
+    """Bar chart of one epoch per run: training steps, validation, fixed cost."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    runs = timing_result["runs"]
+    labels = [r["label"] for r in runs]
+    train_s = [r["epoch_train_seconds"] for r in runs]
+    val_s = [r["validation_seconds_per_epoch"] for r in runs]
+    fixed_s = [max(0.0, r["fixed_seconds"]) for r in runs]
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    x = range(len(runs))
+    ax.bar(x, train_s, color="tab:blue", label=f"{timing_result['settings']['epoch_steps']} training steps")
+    ax.bar(x, val_s, bottom=train_s, color="tab:orange",
+           label=f"held-out pass ({timing_result['settings']['n_val']:,} examples)")
+    bottom = [a + b for a, b in zip(train_s, val_s)]
+    ax.bar(x, fixed_s, bottom=bottom, color="tab:gray", alpha=0.6, label="fixed cost (build, trace, save)")
+    for i, r in enumerate(runs):
+        ax.text(i, bottom[i] + fixed_s[i], f"{r['epoch_seconds']:.0f} s\n{r['seconds_per_step'] * 1000:.0f} ms/step",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("seconds")
+    kinds = {r["epoch_seconds_kind"] for r in runs}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    ax.set_title(f"ResNet-20 CIFAR-10: one epoch, batch {timing_result['settings']['batch_size']} ({kind})",
+                 fontsize=10)
+    ax.set_ylim(0, max(b + f for b, f in zip(bottom, fixed_s)) * 1.25)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_report(report):
+    t = report.get("timing")
+    if t:
+        print(f"\nOne CIFAR-10 epoch per run ({t['data']}):")
+        print(f"  {'run':<20} {'s/step':>7} {'fixed s':>8} {'val s':>6} {'epoch s':>8}  {'kind':<34} {'160 ep. h':>9}")
+        for r in t["runs"]:
+            print(f"  {r['label']:<20} {r['seconds_per_step']:7.3f} {r['fixed_seconds']:8.1f} "
+                  f"{r['validation_seconds_per_epoch']:6.1f} {r['epoch_seconds']:8.0f}  {r['epoch_seconds_kind']:<34} "
+                  f"{r['full_schedule_hours']:9.1f}")
+        print(f"  all four runs, paper schedule: {t['total_full_schedule_hours']:.1f} h")
+    m = report.get("mock")
+    if m:
+        print(f"\nMock runs ({m['data']}):")
+        for r in m["runs"]:
+            if "failed" in r:
+                print(f"  {r['label']:<20} FAILED: {r['failed']}")
+                continue
+            n = r["mock_data_numbers"]
+            q = r.get("quantized_model") or {}
+            bits = ""
+            if q:
+                w = sorted(set(q["weight_bits"].values()))
+                a = sorted(set(q["activation_bits"].values()))
+                bits = f" weight bits {w}, activation bits {a}, input {sorted(set(q['input_bits'].values()))}"
+            print(f"  {r['label']:<20} stages {r['finished_stages']}/{r['stages']}"
+                  + (f", tflite {r['tflite_written']}" if "tflite_written" in r else "") + bits)
+            if n.get("weight_kb") is not None:
+                print(f"  {'':<20} mock-data sizes: weights {n['weight_kb']:.1f} kB, largest activation "
+                      f"{n['activation_kb_max']:.1f} kB, constraints {n.get('constraints_met')}")
+
+
+def run(modes=("mock", "time"), mock_settings=None, time_settings=None, out_dir=RESULTS_DIR, command_line=None,
+        echo=False, chart=True):
+    """Run the chosen modes, write ``<out_dir>/cifar10_recipes.json`` (merging
+    sections of earlier invocations) and the chart; return the report."""
+    path = os.path.join(out_dir, f"{NAME}.json")
+    old = _read_json(path) or {}
+    report = {k: old[k] for k in ("mock", "timing") if k in old}
+    date = time.strftime("%Y-%m-%d")
+    cmd = command_line or "python -m benchmarks.cifar10_recipes"
+    if "mock" in modes:
+        report["mock"] = dict(mock(**(mock_settings or MOCK), echo=echo), command=cmd, date=date)
+    if "time" in modes:
+        report["timing"] = dict(timing(**(time_settings or TIME), echo=echo), command=cmd, date=date)
+    payload = {
+        "paper_runs": [
+            {"name": r["name"], "label": r["label"], "paper_error_percent": r["paper_error"], "flags": r["flags"],
+             "command": command(r)}
+            for r in RUNS
+        ],
+        "recipe": _recipe(),
+    }
+    payload.update(report)
+    if chart and "timing" in report:
+        payload["chart"] = plot(report["timing"], os.path.join(out_dir, f"{NAME}.png"))
+    write_result(out_dir, NAME, "The paper's ResNet-20 CIFAR-10 runs (Table 3): commands, mock runs, epoch timing",
+                 cmd, payload)
+    return payload
+
+
+def _recipe():
+    from train import config as cfg  # noqa: PLC0415
+
+    return dict(cfg.RECIPES["cifar10"])
+
+
+def define_flags():
+    flags.DEFINE_bool("print_commands", False, "Print the four paper commands and exit.")
+    flags.DEFINE_bool("mock", False, "Run every configuration for a few steps on tfds mock data.")
+    flags.DEFINE_bool("time", False, "Time one epoch of every configuration (CIFAR-shaped generated inputs).")
+    flags.DEFINE_bool("quick", False, "Smoke run of both modes (1-2 steps, tiny timing).")
+    flags.DEFINE_integer("steps", TIME["steps"], "Steps of the long timing run (391: one CIFAR-10 epoch, measured).")
+    flags.DEFINE_integer("small_steps", TIME["small_steps"], "Steps of the short timing run.")
+    flags.DEFINE_integer("batch_size", TIME["batch_size"], "Batch size of the timing runs (the paper's 128).")
+    flags.DEFINE_integer("mock_steps", MOCK["steps"], "Steps per epoch of the mock runs.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
+
+
+def main(argv):
+    import sys  # noqa: PLC0415
+
+    del argv
+    if FLAGS.print_commands:
+        print(commands_text())
+        return
+    modes = [m for m in ("mock", "time") if getattr(FLAGS, m)] or ["mock", "time"]
+    mock_settings = dict(MOCK, steps=FLAGS.mock_steps)
+    time_settings = dict(TIME, steps=FLAGS.steps, small_steps=FLAGS.small_steps, batch_size=FLAGS.batch_size)
+    out_dir = FLAGS.out_dir
+    if FLAGS.quick:
+        mock_settings, time_settings = dict(QUICK["mock"]), dict(QUICK["time"])
+        if out_dir == RESULTS_DIR:  # smoke numbers never replace the measured ones
+            out_dir = tempfile.mkdtemp(prefix="cifar10_recipes_quick_")
+    command_line = "python -m benchmarks.cifar10_recipes " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = run(modes, mock_settings, time_settings, out_dir, command_line.strip(), echo=True)
+    print_report(report)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
