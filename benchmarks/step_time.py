@@ -3,9 +3,11 @@
 Times one ``train_on_batch`` step (batch 128, CIFAR-10 shapes, generated
 inputs: a timing, not an accuracy) of the float Keras ResNet-20 and of its
 tfdq version with U3 weights and activations: with tfdq's fused quantizer
-kernels (the default: each quantizer's forward and backward pass is one
-XLA-compiled loop), with plain TensorFlow ops (``tfdq.ops.FUSED = False``),
-and both models with XLA on the whole step (``jit_compile``). The models
+kernels (the default: the uniform quantizer's forward and backward pass are
+one multi-threaded loop each, ``tfdq.kernels``), with the XLA-compiled
+quantizer passes instead (``TFDQ_CUSTOM_KERNELS=0``), with plain TensorFlow
+ops (``tfdq.ops.FUSED = False``), and both models with XLA on the whole
+step (``jit_compile``). The models
 alternate in rounds so that machine noise hits all of them alike. Each step
 records wall time and the process's CPU time (all threads; on a shared
 machine the CPU time is the steadier measure of work). Reports medians and
@@ -57,6 +59,13 @@ def measure(rounds=5, steps=5, batch_size=128):
 
     add("float", keras.models.clone_model(float_model), False)
     add("tfdq_u3", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    saved = os.environ.get("TFDQ_CUSTOM_KERNELS")
+    os.environ["TFDQ_CUSTOM_KERNELS"] = "0"
+    add("tfdq_u3_xla_quantizers", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    if saved is None:
+        del os.environ["TFDQ_CUSTOM_KERNELS"]
+    else:
+        os.environ["TFDQ_CUSTOM_KERNELS"] = saved
     ops.FUSED = False
     add("tfdq_u3_plain_ops", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
     ops.FUSED = True
@@ -77,6 +86,7 @@ def measure(rounds=5, steps=5, batch_size=128):
     def ratios(m):
         return {
             "tfdq_u3 / float": m["tfdq_u3"] / m["float"],
+            "tfdq_u3_xla_quantizers / float": m["tfdq_u3_xla_quantizers"] / m["float"],
             "tfdq_u3_plain_ops / float": m["tfdq_u3_plain_ops"] / m["float"],
             "tfdq_u3_xla / float_xla": m["tfdq_u3_xla"] / m["float_xla"],
             "tfdq_u3_xla / float": m["tfdq_u3_xla"] / m["float"],
@@ -88,6 +98,7 @@ def measure(rounds=5, steps=5, batch_size=128):
         "ratios": ratios(median),
         "cpu_ratios": ratios(median_cpu),
         "target": {"tfdq_u3 / float": 1.10},
+        "custom_kernels": bool(tfdq.kernels.available()),
         "samples": {k: len(v) for k, v in wall.items()},
     }
 
