@@ -167,9 +167,11 @@ def run(model_path, output=None, dataset="mnist_subset", calibration_samples=100
     print_fn(f"wrote {output}")
     if aligned_path is not None:
         moved = max((a["max_change_output_steps"] for a in alignment), default=0.0)
+        skipped = [a["layer"] for a in alignment if not a["aligned"]]
         print_fn(
-            f"wrote {aligned_path} (BatchNorm betas of {len(alignment)} layers aligned to the int32 "
-            f"bias grid, at most {moved:.3f} output steps)"
+            f"wrote {aligned_path} (BatchNorm betas of {len(alignment) - len(skipped)} layers aligned "
+            f"to the int32 bias grid, at most {moved:.3f} output steps"
+            + (f"; not aligned, no beta: {', '.join(skipped)})" if skipped else ")")
         )
     print_fn(result.format())
     print_fn(

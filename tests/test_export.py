@@ -217,6 +217,23 @@ def test_aligned_biases_make_the_integer_feature_map_equal_keras(bits, int4):
     assert off_before > 0  # what the alignment removed
 
 
+def test_align_biases_skips_a_batchnorm_without_beta_and_reports_it():
+    rng = np.random.default_rng(3)
+    inputs = keras.Input((8, 8, 2))
+    y = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inputs)
+    y = keras.layers.BatchNormalization(center=False, name="bn")(y)
+    y = keras.layers.ReLU()(y)
+    outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(y))
+    x = rng.uniform(0, 1, (32, 8, 8, 2)).astype("float32")
+    qmodel = tfdq.quantize_model(keras.Model(inputs, outputs), calibration_data=x)
+    changes = E.align_biases(qmodel, x)
+    assert changes == [{"layer": "conv", "batchnorm": "bn", "aligned": False,
+                        "reason": "BatchNormalization(center=False) has no beta",
+                        "max_beta_change": 0.0, "max_change_output_steps": 0.0}]
+    _, report = E.to_tflite(qmodel, x, return_report=True)  # still exports
+    assert [b["exact"] for b in report["biases"] if b["layer"] == "conv"] == [False]
+
+
 def test_int8_kernel_option_stores_the_same_integers_as_int8():
     rng = np.random.default_rng(1)
     model = tfdq.models.small_cnn()

@@ -571,7 +571,9 @@ def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration
 
     Returns:
         A list of dicts, one per BatchNorm-folded layer: ``layer``,
-        ``batchnorm``, ``max_beta_change`` and ``max_change_output_steps``.
+        ``batchnorm``, ``aligned`` (False, with a ``reason``, for a
+        BatchNormalization without beta: its bias stays rounded),
+        ``max_beta_change`` and ``max_change_output_steps``.
     """
     plan, builder, _, _ = _trace_export(model, calibration_data, int4_kernels, calibration_samples)
     changes = []
@@ -582,17 +584,19 @@ def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration
             continue
         bn = layers_by_path[kplan.bn_name]
         delta = -b["residual"] * b["unit"]
-        if not bn.center:
-            raise ExportError(
-                f"{kplan.bn_name}: BatchNormalization(center=False) has no beta to align; "
-                "export without align_biases (its bias is rounded to the int32 grid)."
-            )
-        bn.beta.assign((np.asarray(bn.beta.numpy(), np.float64) + delta).astype(np.float32))
         step = b["s_out"] if b["s_out"] is not None else float("nan")
+        if not bn.center:
+            # no beta to move: this layer's bias stays rounded (the report says so)
+            changes.append({"layer": kplan.layer_name, "batchnorm": kplan.bn_name, "aligned": False,
+                            "reason": "BatchNormalization(center=False) has no beta",
+                            "max_beta_change": 0.0, "max_change_output_steps": 0.0})
+            continue
+        bn.beta.assign((np.asarray(bn.beta.numpy(), np.float64) + delta).astype(np.float32))
         changes.append(
             {
                 "layer": kplan.layer_name,
                 "batchnorm": kplan.bn_name,
+                "aligned": True,
                 "max_beta_change": float(np.max(np.abs(delta))),
                 "max_change_output_steps": float(np.max(np.abs(delta)) / step),
             }
