@@ -10,6 +10,7 @@ the rounding) and can enter a training loss.
 
 import dataclasses
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -61,7 +62,7 @@ def _feature_count(layer):
 def _is_model_input(layer):
     node = layer._inbound_nodes[0]
     source = node.input_tensors[0]._keras_history.operation
-    return type(source).__name__ == "InputLayer"
+    return isinstance(source, keras.layers.InputLayer)
 
 
 def size_entries(model):

@@ -30,60 +30,45 @@ from keras import tree
 from keras.src.models.functional import Functional  # the class of Functional models
 
 from tfdq import layers as qlayers
-from tfdq.graph import IDENTITY_AT_INFERENCE, model_nodes, producer
+from tfdq import registry
+from tfdq.graph import model_nodes, producer
 from tfdq import quantizers as quantizers_lib
 from tfdq.model import QuantizedModel
 
 logger = logging.getLogger("tfdq")
-
-PASS_THROUGH = IDENTITY_AT_INFERENCE + (
-    keras.layers.Flatten,
-    keras.layers.Reshape,
-    keras.layers.Permute,
-    keras.layers.ZeroPadding1D,
-    keras.layers.ZeroPadding2D,
-    keras.layers.ZeroPadding3D,
-    keras.layers.Cropping1D,
-    keras.layers.Cropping2D,
-    keras.layers.Cropping3D,
-    keras.layers.MaxPooling1D,
-    keras.layers.MaxPooling2D,
-    keras.layers.MaxPooling3D,
-    keras.layers.AveragePooling1D,
-    keras.layers.AveragePooling2D,
-    keras.layers.AveragePooling3D,
-    keras.layers.GlobalMaxPooling1D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.GlobalMaxPooling3D,
-    keras.layers.GlobalAveragePooling1D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalAveragePooling3D,
-)
-# Merges whose output is non-negative when every input is.
-NONNEG_MERGES = (
-    keras.layers.Add,
-    keras.layers.Concatenate,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-    keras.layers.Average,
-    keras.layers.Multiply,
-)
-NONNEG_ACTIVATIONS = {"relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "exponential", "softplus"}
-# Layers with weights that are handled without a quantizer of their own
-# (BatchNormalization is folded into the preceding kernel at export).
-WEIGHTED_BUT_SUPPORTED = (keras.layers.BatchNormalization,)
-
 
 class QuantizationReport(dict):
     """What ``quantize_model`` did: quantized layers, activation quantizers
     and the layers that stay float (``report["float_layers"]``)."""
 
 
-def _activation_name(layer):
-    act = getattr(layer, "activation", None)
-    if act is None:
-        return None
-    return getattr(act, "__name__", str(act))
+def _constants_nonneg(node):
+    """True when every non-tensor number among a node's arguments is >= 0."""
+    for value in tree.flatten((node.arguments.args, node.arguments.kwargs)):
+        if isinstance(value, keras.KerasTensor) or value is None:
+            continue
+        try:
+            if np.any(np.asarray(value, dtype=np.float64) < 0):
+                return False
+        except (TypeError, ValueError):
+            return False
+    return True
+
+
+def _output_nonneg(layer):
+    """An activation-like node's output is >= 0 by construction."""
+    if isinstance(layer, keras.layers.ReLU):
+        slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
+        threshold = float(getattr(layer, "threshold", 0.0) or 0.0)
+        return slope == 0.0 and threshold >= 0.0
+    x_min = getattr(layer, "x_min", None)  # keras.ops.clip
+    if x_min is not None:
+        try:
+            return float(x_min) >= 0.0
+        except (TypeError, ValueError):
+            return False
+    act = registry.activation(registry.activation_function_name(layer))
+    return act is not None and act.nonneg
 
 
 def _is_nonneg(tensor, input_signs, cache):
@@ -92,12 +77,10 @@ def _is_nonneg(tensor, input_signs, cache):
     if key in cache:
         return cache[key]
     layer, node = producer(tensor)
+    entry = None if layer is None else registry.lookup(layer)
+    role = None if entry is None else entry.role
     if layer is None:
         result = input_signs.get(id(tensor), False)
-    elif isinstance(layer, keras.layers.ReLU):
-        slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
-        threshold = float(getattr(layer, "threshold", 0.0) or 0.0)
-        result = slope == 0.0 and threshold >= 0.0
     elif isinstance(layer, keras.Model):
         position = [id(o) for o in node.outputs].index(id(tensor))
         inner_signs = {
@@ -105,10 +88,16 @@ def _is_nonneg(tensor, input_signs, cache):
             for inner, outer in zip(layer.inputs, node.input_tensors)
         }
         result = _is_nonneg(layer.outputs[position], inner_signs, {})
-    elif isinstance(layer, PASS_THROUGH + NONNEG_MERGES):
-        result = all(_is_nonneg(t, input_signs, cache) for t in node.input_tensors)
+    elif isinstance(layer, qlayers.ActivationQuantizer):
+        result = not layer.signed
+    elif role in (registry.PASS_THROUGH, registry.MERGE):
+        result = _constants_nonneg(node) and all(_is_nonneg(t, input_signs, cache) for t in node.input_tensors)
+    elif role == registry.NONNEG:
+        result = True
+    elif role in (registry.ACTIVATION, registry.WEIGHTED):
+        result = _output_nonneg(layer)
     else:
-        result = _activation_name(layer) in NONNEG_ACTIVATIONS
+        result = False
     cache[key] = result
     return result
 
@@ -117,9 +106,10 @@ def _placement(tensor):
     """Walk up through pass-through layers to where the value is produced."""
     while True:
         layer, node = producer(tensor)
-        if layer is None or not isinstance(layer, PASS_THROUGH):
+        if layer is None or isinstance(layer, keras.Model):
             return tensor
-        if len(node.input_tensors) != 1:
+        entry = registry.lookup(layer)
+        if entry is None or entry.role != registry.PASS_THROUGH or len(node.input_tensors) != 1:
             return tensor
         tensor = node.input_tensors[0]
 
@@ -157,13 +147,9 @@ def _as_functional(model):
 
 
 def _is_plain_relu(layer):
-    """``max(x, 0)`` exactly: ReLU() with default arguments or Activation("relu")."""
-    if isinstance(layer, keras.layers.ReLU):
-        cfg = layer.get_config()
-        return cfg.get("max_value") is None and not cfg.get("negative_slope") and not cfg.get("threshold")
-    if isinstance(layer, keras.layers.Activation):
-        return getattr(layer.activation, "__name__", "") == "relu"
-    return False
+    """``max(x, 0)`` exactly: ReLU() with default arguments, Activation("relu"), keras.ops.relu."""
+    entry = registry.lookup(layer)
+    return entry is not None and entry.role == registry.ACTIVATION and registry.activation_function_name(layer) == "relu"
 
 
 def _relu_input(tensor):
@@ -227,6 +213,23 @@ def _template(identifier, role, signed, bits_bounds, init_bits):
         f"Quantizer must be a name such as 'U3' or a tfdq quantizer object, "
         f"got {identifier!r}."
     )
+
+
+def _clone_operation(op, report):
+    """A fresh copy of a Keras 3 operation node (``x + 3.0``, ``keras.ops.relu``).
+
+    Operations have no weights; they are rebuilt from their config as Keras'
+    own cloning does, or shared when their config cannot rebuild them (an
+    operation computes only from its arguments, so sharing it is safe).
+    Operations the registry does not know are kept and listed in
+    ``report["unknown_operations"]``.
+    """
+    if registry.lookup(op) is None:
+        report["unknown_operations"].append({"name": op.name, "class": type(op).__name__})
+    try:
+        return op.__class__.from_config(op.get_config())
+    except Exception:  # noqa: BLE001 (any failure: keep the stateless original)
+        return op
 
 
 def _check_finite(layer):
@@ -298,7 +301,9 @@ def quantize_model(
         _template(activation_quantizer, "activation", False, activation_bits, init_bits)
     if calibration_data is not None and not isinstance(calibration_data, np.ndarray):
         calibration_data = np.asarray(calibration_data) if isinstance(calibration_data, list) else calibration_data
-    report = QuantizationReport(quantized_layers=[], activation_quantizers=[], float_layers=[])
+    report = QuantizationReport(
+        quantized_layers=[], activation_quantizers=[], float_layers=[], unknown_operations=[]
+    )
     quantized = _quantize_graph(
         model,
         dict(
@@ -341,7 +346,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
     targets = {}  # id(original tensor) -> original tensor
     if options["quantize_activations"]:
         for layer, node in nodes:
-            if type(layer) in qlayers.QUANTIZED_LAYERS:
+            if registry.is_quantizable(layer):
                 for t in node.input_tensors:
                     placed = _placement(t)
                     targets[id(placed)] = placed
@@ -369,18 +374,20 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
         if isinstance(layer, keras.Model):
             inner_signs = None
             clone = _quantize_graph(layer, options, None, report, inner_signs)
-        elif type(layer) in qlayers.QUANTIZED_LAYERS:
+        elif registry.is_quantizable(layer):
             config = layer.get_config()
             cls, kwargs = _template(
                 options["weight_quantizer"], "weight", True, options["weight_bits"], options["init_bits"]
             )
             kwargs = dict(kwargs, name=f"{layer.name}_wq")
             config["kernel_quantizer"] = cls(**kwargs)
-            clone = qlayers.QUANTIZED_LAYERS[type(layer)].from_config(config)
+            clone = registry.lookup(layer).quantized.from_config(config)
             report["quantized_layers"].append({"name": layer.name, "class": type(layer).__name__})
+        elif registry.is_operation(layer):
+            clone = _clone_operation(layer, report)
         else:
             clone = layer.__class__.from_config(layer.get_config())
-            if layer.weights and not isinstance(layer, WEIGHTED_BUT_SUPPORTED):
+            if registry.has_float_weights(layer):
                 report["float_layers"].append({"name": layer.name, "class": type(layer).__name__})
         new_to_orig_layer[id(clone)] = layer
         pairs.append((layer, clone))
@@ -440,8 +447,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
 
     # 3. Copy float weights, initialize weight quantizers.
     for orig, new in pairs:
-        if isinstance(orig, keras.Model):
-            continue  # copied by the recursive call
+        if isinstance(orig, keras.Model) or registry.is_operation(orig):
+            continue  # copied by the recursive call; operations have no weights
         _check_finite(orig)
         if isinstance(new, qlayers.QuantizedWeightsMixin):
             new.kernel.assign(orig.kernel)

@@ -1,0 +1,299 @@
+"""One table of the Keras layers and operations tfdq knows.
+
+Every supported Keras layer, Keras 3 operation node (``x + 3.0``,
+``keras.ops.relu``, ...) and activation function has one :class:`Entry`
+here, saying
+
+* how :func:`tfdq.quantize_model` clones it (``clone``: replaced by a tfdq
+  layer with a weight quantizer, kept as it is, or quantized through as a
+  nested model) and how it decides where activation quantizers go and
+  whether they are signed (``role``);
+* how its memory is counted (``memory``: quantized weights at ``b_w`` bits,
+  float weights at 32 bits, folded into the kernel before it, or nothing);
+* how :func:`tfdq.export.to_tflite` exports it (``export``: ``exact`` on
+  the learned grid, ``calibrated`` with a scale calibrated on data and
+  listed in the export report, ``folded`` into the kernel before it, or
+  ``refused``, with the fix), and which builder rule computes it
+  (``rule``).
+
+Cloning, memory accounting, export planning, the early exportability check
+and the README's supported-layers table all read this table; adding a layer
+means adding one entry. Lookups go by class (the most specific registered
+base class wins), never by class name.
+"""
+
+import dataclasses
+
+import keras
+from keras.src.ops import nn as _nn_ops
+from keras.src.ops import numpy as _np_ops
+
+from tfdq import layers as qlayers
+from tfdq import models as _models
+
+EXACT, CALIBRATED, FOLDED, REFUSED = "exact", "calibrated", "folded", "refused"
+
+# roles: what a node means for quantizer placement and signs
+PASS_THROUGH = "pass_through"  # moves or selects values: quantize where the input is produced
+MERGE = "merge"  # >= 0 when all inputs (and constants) are
+NONNEG = "nonneg"  # >= 0 whatever the input
+ACTIVATION = "activation"  # decided by its activation function (see ACTIVATIONS)
+SIGNED = "signed"  # may be negative
+WEIGHTED = "weighted"  # a kernel layer (quantized or float)
+NESTED = "nested"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """How tfdq treats one Keras layer or operation (see module docstring)."""
+
+    classes: tuple
+    name: str
+    clone: str = "keep"  # "quantize", "keep", "nested"
+    role: str = SIGNED
+    memory: str = "none"  # "quantized", "float", "folded", "none"
+    export: str = EXACT
+    rule: str = None  # the export builder's rule for it
+    quantized: type = None  # the tfdq layer it becomes (clone == "quantize")
+    check: object = None  # callable(layer, n_inputs) -> None or why this configuration is refused
+    fix: str = ""  # what to do when it is refused
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """An activation function (``Activation(...)``, ``activation=`` or an op)."""
+
+    names: tuple
+    nonneg: bool
+    export: str
+    rule: str = None
+    fix: str = ""
+
+
+def _cls(module, name):
+    """A Keras class that may be missing in other Keras versions (then skipped)."""
+    return getattr(module, name, None)
+
+
+def _channels_last(layer, n_inputs):
+    fmt = getattr(layer, "data_format", "channels_last")
+    if fmt != "channels_last":
+        return f"data_format={fmt!r} (the exporter takes channels_last)"
+    return None
+
+
+def _two_inputs(layer, n_inputs):
+    if n_inputs != 2:
+        return f"{n_inputs} inputs (the exporter adds two tensors at a time)"
+    return None
+
+
+def _relu_config(layer, n_inputs):
+    slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
+    threshold = float(getattr(layer, "threshold", 0.0) or 0.0)
+    max_value = getattr(layer, "max_value", None)
+    if slope or threshold or (max_value is not None and float(max_value) != 6.0):
+        return (
+            f"ReLU(max_value={max_value}, negative_slope={slope}, threshold={threshold}) "
+            "(the exporter takes ReLU() and ReLU(6.0))"
+        )
+    return None
+
+
+def _softmax_axis(layer, n_inputs):
+    return None if layer.axis in (-1, [-1], (-1,)) else f"axis={layer.axis} (the exporter takes the last axis)"
+
+
+_L = keras.layers
+_RESHAPE_HELP = "a Flatten/Reshape layer"
+
+ENTRIES = [
+    # kernels with a learned weight quantizer
+    Entry((_L.Conv2D,), "Conv2D", "quantize", WEIGHTED, "quantized", EXACT, "kernel", qlayers.QConv2D,
+          check=_channels_last, note="learned integers k, scale d (BatchNorm folded: d|s_c| per channel)"),
+    Entry((_L.DepthwiseConv2D,), "DepthwiseConv2D", "quantize", WEIGHTED, "quantized", EXACT, "kernel",
+          qlayers.QDepthwiseConv2D, check=_channels_last, note="as Conv2D"),
+    Entry((_L.Dense,), "Dense", "quantize", WEIGHTED, "quantized", EXACT, "kernel", qlayers.QDense, note="as Conv2D"),
+    Entry((qlayers.QuantizedWeightsMixin,), "QConv2D / QDepthwiseConv2D / QDense", "keep", WEIGHTED, "quantized",
+          EXACT, "kernel"),
+    Entry((qlayers.ActivationQuantizer,), "ActivationQuantizer", "keep", SIGNED, "none", EXACT, "act_quantizer",
+          note="int8 tensor of scale d, clamped at q_max"),
+    Entry((_L.BatchNormalization,), "BatchNormalization", "keep", SIGNED, "folded", FOLDED, "batchnorm",
+          note="right after a quantized kernel with a linear activation"),
+    # kernels tfdq does not quantize (yet): kept float, counted at 32 bits, refused by the exporter
+    Entry(tuple(c for c in (_L.SeparableConv2D, _L.Conv2DTranspose, _L.Conv1D, _L.Conv3D, _L.EinsumDense,
+                            _L.Embedding, _L.SeparableConv1D, _L.Conv1DTranspose, _L.Conv3DTranspose) if c),
+          "SeparableConv2D, Conv2DTranspose, Conv1D, Conv3D, EinsumDense, Embedding", "keep", WEIGHTED,
+          "float", REFUSED, fix="no tfdq quantized version: replace it by quantizable layers "
+          "(a SeparableConv2D is a DepthwiseConv2D followed by a 1x1 Conv2D) or remove it"),
+    # shape and selection: same scale as the input
+    Entry(tuple(c for c in (_L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
+                            _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
+                            _L.Identity) if c),
+          "Dropout, SpatialDropout, GaussianNoise, GaussianDropout, AlphaDropout, ActivityRegularization, Identity",
+          "keep", PASS_THROUGH, "none", EXACT, "identity", note="identity at inference"),
+    Entry((_L.Flatten, _L.Reshape), "Flatten, Reshape", "keep", PASS_THROUGH, "none", EXACT, "same_scale"),
+    Entry((_L.ZeroPadding2D, _L.Cropping2D, _L.MaxPooling2D, _L.GlobalMaxPooling2D),
+          "ZeroPadding2D, Cropping2D, MaxPooling2D, GlobalMaxPooling2D", "keep", PASS_THROUGH, "none", EXACT,
+          "same_scale", check=_channels_last),
+    Entry((_models.ZeroPadShortcut,), "tfdq.models.ZeroPadShortcut", "keep", PASS_THROUGH, "none", EXACT,
+          "same_scale"),
+    Entry((_L.AveragePooling2D, _L.GlobalAveragePooling2D), "AveragePooling2D, GlobalAveragePooling2D", "keep",
+          PASS_THROUGH, "none", CALIBRATED, "average", check=_channels_last,
+          note="the mean is off the input grid: calibrated scale"),
+    Entry((_L.Permute, _L.ZeroPadding1D, _L.ZeroPadding3D, _L.Cropping1D, _L.Cropping3D, _L.MaxPooling1D,
+           _L.MaxPooling3D, _L.GlobalMaxPooling1D, _L.GlobalMaxPooling3D),
+          "Permute, 1D/3D padding, cropping and max pooling", "keep", PASS_THROUGH, "none", REFUSED,
+          fix="the exporter takes the 2D versions"),
+    Entry((_L.AveragePooling1D, _L.AveragePooling3D, _L.GlobalAveragePooling1D, _L.GlobalAveragePooling3D),
+          "1D/3D average pooling", "keep", PASS_THROUGH, "none", REFUSED, fix="the exporter takes the 2D versions"),
+    # merges
+    Entry((_L.Add,), "Add", "keep", MERGE, "none", CALIBRATED, "add", check=_two_inputs,
+          note="inputs without a learned quantizer get calibrated scales (the sum's step where it fits)"),
+    Entry((_L.Concatenate,), "Concatenate", "keep", MERGE, "none", CALIBRATED, "concat",
+          note="inputs without a learned quantizer get calibrated scales"),
+    Entry((_L.Maximum, _L.Minimum, _L.Average, _L.Multiply, _L.Subtract),
+          "Maximum, Minimum, Average, Multiply, Subtract", "keep", MERGE, "none", REFUSED,
+          fix="no integer export yet"),
+    # activations
+    Entry((_L.ReLU,), "ReLU", "keep", ACTIVATION, "none", EXACT, "activation", check=_relu_config,
+          note="ReLU() and ReLU(6.0): fused clamp"),
+    Entry((_L.Activation,), "Activation", "keep", ACTIVATION, "none", EXACT, "activation",
+          note="per activation function, see the table of activations"),
+    Entry((_L.Softmax,), "Softmax", "keep", NONNEG, "none", EXACT, "softmax", check=_softmax_axis,
+          note="TFLite's fixed int8 output scale 1/256"),
+    Entry((_L.LeakyReLU, _L.PReLU, _L.ELU), "LeakyReLU, PReLU, ELU", "keep", SIGNED, "none", REFUSED,
+          fix="no integer export yet: use ReLU"),
+    Entry((_L.Rescaling, _L.Normalization), "Rescaling, Normalization", "keep", SIGNED, "none", REFUSED,
+          fix="no integer export yet: scale the data before the model (include_preprocessing=False for "
+          "keras.applications)"),
+    Entry((keras.Model,), "nested Functional / Sequential model", "nested", NESTED, "none", EXACT, "nested",
+          note="quantized and exported through the nesting"),
+]
+
+# Keras 3 operation nodes (keras.ops calls and tensor arithmetic in a Functional graph)
+_OPS = [
+    Entry(tuple(c for c in (_cls(_np_ops, "Reshape"), _cls(_np_ops, "Transpose"), _cls(_np_ops, "Squeeze"),
+                            _cls(_np_ops, "ExpandDims")) if c),
+          "ops.reshape, ops.transpose, ops.squeeze, ops.expand_dims", "keep", PASS_THROUGH, "none", REFUSED,
+          fix=f"use {_RESHAPE_HELP}"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Add"),) if c), "ops.add, x + y", "keep", MERGE, "none", REFUSED,
+          fix="use a keras.layers.Add of two tensors"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Multiply"), _cls(_np_ops, "Maximum"), _cls(_np_ops, "Minimum"),
+                            _cls(_np_ops, "Concatenate")) if c),
+          "ops.multiply, ops.maximum, ops.minimum, ops.concatenate, x * y", "keep", MERGE, "none", REFUSED,
+          fix="no integer export yet"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Subtract"), _cls(_np_ops, "Divide"), _cls(_np_ops, "TrueDivide"),
+                            _cls(_np_ops, "Mean")) if c),
+          "ops.subtract, ops.divide, ops.mean, x - y, x / y", "keep", SIGNED, "none", REFUSED,
+          fix="no integer export yet"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Clip"),) if c), "ops.clip", "keep", ACTIVATION, "none", REFUSED,
+          fix="use ReLU(6.0) for clip(x, 0, 6)"),
+    Entry(tuple(c for c in (_cls(_nn_ops, "Relu"), _cls(_nn_ops, "Relu6"), _cls(_nn_ops, "Sigmoid"),
+                            _cls(_nn_ops, "HardSigmoid"), _cls(_nn_ops, "HardSilu"), _cls(_nn_ops, "Silu"),
+                            _cls(_nn_ops, "LeakyRelu"), _cls(_nn_ops, "Softmax")) if c),
+          "ops.relu, relu6, sigmoid, hard_sigmoid, hard_silu, silu, leaky_relu, softmax", "keep", ACTIVATION,
+          "none", REFUSED, fix="use the keras.layers.Activation of the same name"),
+]
+ENTRIES += [e for e in _OPS if e.classes]
+
+# op classes -> the activation function they compute
+_OP_ACTIVATION = {
+    c: name
+    for c, name in (
+        (_cls(_nn_ops, "Relu"), "relu"),
+        (_cls(_nn_ops, "Relu6"), "relu6"),
+        (_cls(_nn_ops, "Sigmoid"), "sigmoid"),
+        (_cls(_nn_ops, "HardSigmoid"), "hard_sigmoid"),
+        (_cls(_nn_ops, "HardSilu"), "hard_silu"),
+        (_cls(_nn_ops, "Silu"), "silu"),
+        (_cls(_nn_ops, "LeakyRelu"), "leaky_relu"),
+        (_cls(_nn_ops, "Softmax"), "softmax"),
+    )
+    if c is not None
+}
+
+ACTIVATIONS = [
+    Activation(("linear", None), False, EXACT, "linear"),
+    Activation(("relu",), True, EXACT, "relu"),
+    Activation(("relu6",), True, EXACT, "relu6"),
+    Activation(("softmax",), True, EXACT, "softmax"),
+    Activation(("sigmoid",), True, REFUSED, fix="no integer export yet"),
+    Activation(("hard_sigmoid",), True, REFUSED, fix="no integer export yet"),
+    Activation(("hard_swish", "hard_silu"), False, REFUSED, fix="no integer export yet"),
+    Activation(("swish", "silu"), False, REFUSED, fix="no integer export yet"),
+    Activation(("exponential", "softplus"), True, REFUSED, fix="no integer export"),
+]
+
+_BY_CLASS = {}
+for _e in ENTRIES:
+    for _c in _e.classes:
+        _BY_CLASS.setdefault(_c, _e)
+_ACT_BY_NAME = {n: a for a in ACTIVATIONS for n in a.names}
+
+
+def lookup(op):
+    """The :class:`Entry` of a layer or operation (most specific class first), or None."""
+    for cls in type(op).__mro__:
+        entry = _BY_CLASS.get(cls)
+        if entry is not None:
+            return entry
+    return None
+
+
+def activation_function_name(op):
+    """Name of the activation function ``op`` applies (``"linear"`` for none), or None.
+
+    For an ``Activation`` layer, a kernel layer's ``activation=`` argument,
+    a ``ReLU`` layer (``"relu"`` or ``"relu6"``; None for other settings) or
+    an activation operation such as ``keras.ops.relu``.
+    """
+    op_name = _OP_ACTIVATION.get(type(op))
+    if op_name is not None:
+        return op_name
+    if isinstance(op, _L.ReLU):
+        if _relu_config(op, 1) is not None:
+            return None
+        return "relu" if op.max_value is None else "relu6"
+    fn = getattr(op, "activation", None)
+    if fn is None:
+        return "linear"
+    return getattr(fn, "__name__", str(fn))
+
+
+def activation(name):
+    """The :class:`Activation` entry of an activation function name, or None."""
+    return _ACT_BY_NAME.get(name)
+
+
+def is_operation(op):
+    """True for a Keras 3 operation node that is not a layer (``x + 3.0``, ``keras.ops.relu``)."""
+    return not isinstance(op, _L.Layer)
+
+
+def is_quantizable(layer):
+    """True when ``quantize_model`` replaces ``layer`` by a tfdq layer with a weight quantizer."""
+    entry = lookup(layer)
+    # the exact class only: a subclass may compute something else in its call()
+    return entry is not None and entry.clone == "quantize" and type(layer) in entry.classes
+
+
+def has_float_weights(layer):
+    """A layer whose weights tfdq neither quantizes nor folds (kept float)."""
+    if is_operation(layer) or not layer.weights:
+        return False
+    if is_quantizable(layer) or isinstance(layer, (qlayers.QuantizedWeightsMixin, keras.Model)):
+        return False
+    entry = lookup(layer)
+    return entry is None or entry.memory != "folded"
+
+
+def counts_kernel(layer):
+    """Memory accounting: ``"quantized"`` (kernel + bias at b_w bits), ``"float"`` (at 32 bits) or None."""
+    if is_operation(layer):
+        return None
+    entry = lookup(layer)
+    if entry is not None and entry.memory in ("quantized", "folded", "none"):
+        return entry.memory if entry.memory == "quantized" else None
+    return "float" if getattr(layer, "kernel", None) is not None else None
