@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdq import layers as qlayers
+from tfdq import registry
 
 BITS_PER_KB = 8.0 * 1024.0
 FLOAT_BITS = 32.0
@@ -76,9 +77,10 @@ def size_entries(model):
     """
     entries = []
     for layer in qlayers._walk(model):
-        if isinstance(layer, qlayers.QuantizedWeightsMixin):
+        counted = registry.counts_kernel(layer)
+        if counted == "quantized":
             entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, layer.kernel_quantizer))
-        elif getattr(layer, "kernel", None) is not None and not isinstance(layer, qlayers.ActivationQuantizer):
+        elif counted == "float":
             entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, None))
     for layer in qlayers.activation_quantizer_layers(model):
         entries.append(

@@ -16,18 +16,17 @@ import numpy as np
 import tensorflow as tf
 
 from tfdq.export.flatbuffer import find_bias, find_kernel, float_ops, inspect_tflite, unpack_integers
+from tfdq import registry
+from tfdq.models import ZeroPadShortcut
 from tfdq.export.plan import (
-    AVERAGE_LAYERS,
-    IDENTITY_LAYERS,
     INT8_MAX,
     KERNEL_TAG,
     OUTPUT_HEADROOM,
-    SAME_SCALE_LAYERS,
     SOFTMAX_SCALE,
     ExportError,
     Plan,
     activation_name,
-    relu_kind,
+    activation_rule,
 )
 
 class ExportReport(dict):
@@ -201,16 +200,19 @@ class Builder:
             return [self.weighted(op, x)]
         if op.index in plan.folded_bn:
             return [values[op.inputs[0]]]
-        kind = relu_kind(layer)
-        if kind is not None:
-            return [self.activation(op, values, kind)]
-        if isinstance(layer, IDENTITY_LAYERS):
+        entry = registry.lookup(layer)
+        rule = None if entry is None else entry.rule
+        if rule == "activation":
+            return [self.activation(op, values, activation_rule(layer))]
+        if rule == "softmax":
+            return [self.activation(op, values, "softmax")]
+        if rule == "identity":
             return [values[op.inputs[0]]]
-        if isinstance(layer, SAME_SCALE_LAYERS) or type(layer).__name__ == "ZeroPadShortcut":
+        if rule == "same_scale":
             x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
             y = self.same_scale(layer, x.t)
             return [_Val(self.fq(y, x.q), x.q, False, x.nonneg, label)]
-        if isinstance(layer, AVERAGE_LAYERS):
+        if rule == "average":
             x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
             if isinstance(layer, keras.layers.GlobalAveragePooling2D):
                 y = tf.reduce_mean(x.t, axis=[1, 2], keepdims=bool(layer.keepdims))
@@ -218,9 +220,9 @@ class Builder:
                 y = tf.nn.avg_pool2d(x.t, layer.pool_size, layer.strides, layer.padding.upper())
             out = _Val(y, None, False, x.nonneg, label)
             return [self.calibrated(out, label, "average of quantized values (not on the input grid)")]
-        if isinstance(layer, keras.layers.Add):
+        if rule == "add":
             return [self.add(op, values)]
-        if isinstance(layer, keras.layers.Concatenate):
+        if rule == "concat":
             xs = [
                 self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
                 for i, k in enumerate(op.inputs)
@@ -246,7 +248,8 @@ class Builder:
             return tf.nn.max_pool2d(t, layer.pool_size, layer.strides, layer.padding.upper())
         if isinstance(layer, keras.layers.GlobalMaxPooling2D):
             return tf.reduce_max(t, axis=[1, 2], keepdims=bool(layer.keepdims))
-        # tfdq.models.ZeroPadShortcut
+        if not isinstance(layer, ZeroPadShortcut):
+            raise ExportError(f"No same-scale export rule for {type(layer).__name__}.")
         y = t[:, :: layer.stride, :: layer.stride, :]
         if layer.extra_channels:
             y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, layer.extra_channels]])
