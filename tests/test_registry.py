@@ -49,3 +49,42 @@ def test_every_entry_is_complete(entry):
         assert entry.rule, "an exported entry names its export rule"
     if entry.clone == "quantize":
         assert issubclass(entry.quantized, qlayers.QuantizedWeightsMixin)
+
+
+def _leaky_model():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="c1")(inp)
+    x = keras.layers.ELU(name="leaky")(x)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inp, keras.layers.Dense(3, name="head")(x))
+
+
+def test_unexportable_layer_is_reported_before_training_and_strict_refuses():
+    import tfdq  # noqa: PLC0415
+
+    model = _leaky_model()
+    with pytest.warns(UserWarning, match=r"(?s)cannot take.*ELU.*\(leaky\).*Fix: "):
+        _, report = tfdq.quantize_model(model, return_report=True)
+    assert [(p["layer"], p["class"]) for p in report["export_problems"]] == [("leaky", "ELU")]
+    with pytest.raises(ValueError, match=r"(?s)ELU.*leaky.*target=None"):
+        tfdq.quantize_model(model, strict=True)
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = tfdq.quantize_model(model, strict=True, target=None, return_report=True)
+    assert report["export_problems"] == []
+
+
+def test_early_check_agrees_with_the_exporter():
+    import numpy as np  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    with pytest.warns(UserWarning):
+        qmodel = tfdq.quantize_model(_leaky_model())
+    with pytest.raises(tfdq.export.ExportError, match="leaky"):
+        tfdq.export.to_tflite(qmodel, np.zeros((4, 8, 8, 3), "float32"))
+    # an exportable model: no problems, no warning
+    _, report = tfdq.quantize_model(tfdq.models.small_cnn(), return_report=True)
+    assert report["export_problems"] == []

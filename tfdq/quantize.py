@@ -263,6 +263,7 @@ def quantize_model(
     activation_bits=None,
     strict=False,
     return_report=False,
+    target="tflite",
 ):
     """Clone ``model`` into a learned-quantization model.
 
@@ -281,8 +282,16 @@ def quantize_model(
         init_bits: starting bitwidth b (METHOD.md section 4: 4).
         weight_bits, activation_bits: ``(min_bits, max_bits)`` bounds;
             defaults (2, 8) and (1, 8) as the reference code.
-        strict: raise instead of leaving unsupported weighted layers float.
+        strict: raise instead of leaving unsupported weighted layers float,
+            and, with ``target="tflite"``, instead of warning about layers
+            the exporter cannot take.
         return_report: also return a :class:`QuantizationReport`.
+        target: ``"tflite"`` (default): check, before any training, that
+            :func:`tfdq.export.to_tflite` can take every layer and operation
+            of the quantized model; each one it cannot is named with the fix
+            in a warning (an error with ``strict=True``) and in
+            ``report["export_problems"]``. ``None``: no check (a model
+            trained for Keras only).
 
     Returns:
         The quantized model, a :class:`tfdq.model.QuantizedModel` (a
@@ -325,6 +334,18 @@ def quantize_model(
         if strict:
             raise ValueError(message + ". Remove strict=True to keep them float.")
         warnings.warn(message, stacklevel=2)
+    if target not in ("tflite", None):
+        raise ValueError(f"target must be 'tflite' or None, got {target!r}.")
+    report["export_problems"] = export_problems(quantized) if target == "tflite" else []
+    if report["export_problems"]:
+        message = (
+            "tfdq.export.to_tflite cannot take these layers of the quantized model (found before "
+            "training):\n" + format_problems(report["export_problems"])
+        )
+        if strict:
+            raise ValueError(message + "\nFix them, or pass target=None to train for Keras only.")
+        warnings.warn(message + "\n(strict=True refuses such a model; target=None skips this check.)",
+                      stacklevel=2)
     logger.info(
         "tfdq.quantize_model: %d quantized layers, %d activation quantizers, %d float layers",
         len(report["quantized_layers"]),
@@ -332,6 +353,33 @@ def quantize_model(
         len(report["float_layers"]),
     )
     return (quantized, report) if return_report else quantized
+
+
+def export_problems(qmodel):
+    """What :func:`tfdq.export.to_tflite` would refuse in a quantized model, before training.
+
+    Runs the exporter's own planning (no conversion, no data) and returns one
+    dict per node it cannot take: ``layer``, ``class``, ``problem``, ``fix``.
+    Learned bitwidths above 8 are not among them (they depend on training).
+    """
+    from tfdq.export.plan import ExportError, Plan  # noqa: PLC0415 (export builds on this module)
+
+    try:
+        return list(Plan(qmodel, raise_errors=False).problems)
+    except ExportError as e:
+        return [{"layer": qmodel.name, "class": type(qmodel).__name__, "problem": str(e), "fix": "", "kind": "model"}]
+
+
+def format_problems(problems, limit=6):
+    """One line per kind of export problem, naming the nodes: ``- Class: problem (a, b, ...). Fix: ...``."""
+    groups = {}
+    for p in problems:
+        groups.setdefault((p["class"], p["problem"], p["fix"]), []).append(p["layer"])
+    lines = []
+    for (cls, problem, fix), names in groups.items():
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        lines.append(f"- {cls}: {problem} ({shown})" + (f". Fix: {fix}" if fix else ""))
+    return "\n".join(lines)
 
 
 def _quantize_graph(model, options, calibration_data, report, input_signs=None):

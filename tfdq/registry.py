@@ -25,6 +25,7 @@ base class wins), never by class name.
 import dataclasses
 
 import keras
+import numpy as np
 from keras.src.ops import nn as _nn_ops
 from keras.src.ops import numpy as _np_ops
 
@@ -55,7 +56,7 @@ class Entry:
     export: str = EXACT
     rule: str = None  # the export builder's rule for it
     quantized: type = None  # the tfdq layer it becomes (clone == "quantize")
-    check: object = None  # callable(layer, n_inputs) -> None or why this configuration is refused
+    check: object = None  # callable(layer, node) -> None or why this configuration is refused
     fix: str = ""  # what to do when it is refused
     note: str = ""
 
@@ -76,20 +77,56 @@ def _cls(module, name):
     return getattr(module, name, None)
 
 
-def _channels_last(layer, n_inputs):
+def _channels_last(layer, node):
     fmt = getattr(layer, "data_format", "channels_last")
     if fmt != "channels_last":
         return f"data_format={fmt!r} (the exporter takes channels_last)"
     return None
 
 
-def _two_inputs(layer, n_inputs):
+def _kernel_config(layer, node):
+    groups = getattr(layer, "groups", 1)
+    if groups != 1:
+        return f"groups={groups} (the exporter takes ungrouped convolutions)"
+    return _channels_last(layer, node)
+
+
+def _two_inputs(layer, node):
+    n_inputs = len(node.input_tensors)
     if n_inputs != 2:
-        return f"{n_inputs} inputs (the exporter adds two tensors at a time)"
+        return f"{n_inputs} inputs (the exporter combines two tensors at a time)"
     return None
 
 
-def _relu_config(layer, n_inputs):
+def _numbers(node):
+    return [a for a in node.arguments.args if not isinstance(a, keras.KerasTensor)]
+
+
+def _binary_op(layer, node):
+    """``x (op) y`` or ``x (op) c`` with a scalar constant c."""
+    args = node.arguments.args
+    if len(args) != 2 or node.arguments.kwargs:
+        return "not a two-operand call"
+    for a in _numbers(node):
+        try:
+            if np.ndim(a) != 0:
+                return "a constant operand that is not a scalar"
+        except (TypeError, ValueError):
+            return f"an operand of type {type(a).__name__}"
+    return None
+
+
+def _divide_by_constant(layer, node):
+    args = node.arguments.args
+    reason = _binary_op(layer, node)
+    if reason:
+        return reason
+    if isinstance(args[1], keras.KerasTensor) or float(args[1]) == 0.0:
+        return "a division by a tensor (the exporter divides by nonzero constants)"
+    return None
+
+
+def _relu_config(layer, node):
     slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
     threshold = float(getattr(layer, "threshold", 0.0) or 0.0)
     max_value = getattr(layer, "max_value", None)
@@ -101,7 +138,7 @@ def _relu_config(layer, n_inputs):
     return None
 
 
-def _softmax_axis(layer, n_inputs):
+def _softmax_axis(layer, node):
     return None if layer.axis in (-1, [-1], (-1,)) else f"axis={layer.axis} (the exporter takes the last axis)"
 
 
@@ -111,12 +148,12 @@ _RESHAPE_HELP = "a Flatten/Reshape layer"
 ENTRIES = [
     # kernels with a learned weight quantizer
     Entry((_L.Conv2D,), "Conv2D", "quantize", WEIGHTED, "float", EXACT, "kernel", qlayers.QConv2D,
-          check=_channels_last, note="learned integers k, scale d (a folded BatchNorm: d times abs(s_c) per channel)"),
+          check=_kernel_config, note="learned integers k, scale d (a folded BatchNorm: d times abs(s_c) per channel)"),
     Entry((_L.DepthwiseConv2D,), "DepthwiseConv2D", "quantize", WEIGHTED, "float", EXACT, "kernel",
           qlayers.QDepthwiseConv2D, check=_channels_last, note="as Conv2D"),
     Entry((_L.Dense,), "Dense", "quantize", WEIGHTED, "float", EXACT, "kernel", qlayers.QDense, note="as Conv2D"),
     Entry((qlayers.QuantizedWeightsMixin,), "QConv2D / QDepthwiseConv2D / QDense", "keep", WEIGHTED, "quantized",
-          EXACT, "kernel"),
+          EXACT, "kernel", check=_kernel_config),
     Entry((qlayers.ActivationQuantizer,), "ActivationQuantizer", "keep", SIGNED, "activation", EXACT, "act_quantizer",
           note="int8 tensor of scale d, clamped at q_max"),
     Entry((_L.BatchNormalization,), "BatchNormalization", "keep", SIGNED, "folded", FOLDED, "batchnorm",
@@ -153,9 +190,12 @@ ENTRIES = [
           note="inputs without a learned quantizer get calibrated scales (the sum's step where it fits)"),
     Entry((_L.Concatenate,), "Concatenate", "keep", MERGE, "none", CALIBRATED, "concat",
           note="inputs without a learned quantizer get calibrated scales"),
-    Entry((_L.Maximum, _L.Minimum, _L.Average, _L.Multiply, _L.Subtract),
-          "Maximum, Minimum, Average, Multiply, Subtract", "keep", MERGE, "none", REFUSED,
-          fix="no integer export yet"),
+    Entry((_L.Multiply, _L.Maximum, _L.Minimum), "Multiply, Maximum, Minimum", "keep", MERGE, "none",
+          CALIBRATED, "elementwise", check=_two_inputs,
+          note="MUL / MAXIMUM / MINIMUM (a squeeze-and-excite gate), output scale calibrated"),
+    Entry((_L.Subtract,), "Subtract", "keep", SIGNED, "none", CALIBRATED, "elementwise", check=_two_inputs,
+          note="SUB, output scale calibrated"),
+    Entry((_L.Average,), "Average", "keep", MERGE, "none", REFUSED, fix="use Add and a Rescaling-free scale"),
     # activations
     Entry((_L.ReLU,), "ReLU", "keep", ACTIVATION, "none", EXACT, "activation", check=_relu_config,
           note="ReLU() and ReLU(6.0): fused clamp"),
@@ -163,8 +203,10 @@ ENTRIES = [
           note="per activation function, see the table of activations"),
     Entry((_L.Softmax,), "Softmax", "keep", NONNEG, "none", EXACT, "softmax", check=_softmax_axis,
           note="TFLite's fixed int8 output scale 1/256"),
-    Entry((_L.LeakyReLU, _L.PReLU, _L.ELU), "LeakyReLU, PReLU, ELU", "keep", SIGNED, "none", REFUSED,
-          fix="no integer export yet: use ReLU"),
+    Entry((_L.LeakyReLU,), "LeakyReLU", "keep", ACTIVATION, "none", CALIBRATED, "activation",
+          note="LEAKY_RELU, output scale calibrated"),
+    Entry((_L.PReLU, _L.ELU), "PReLU, ELU", "keep", SIGNED, "none", REFUSED,
+          fix="no integer export yet: use ReLU or LeakyReLU"),
     Entry((_L.Rescaling, _L.Normalization), "Rescaling, Normalization", "keep", SIGNED, "none", REFUSED,
           fix="no integer export yet: scale the data before the model (include_preprocessing=False for "
           "keras.applications)"),
@@ -173,28 +215,34 @@ ENTRIES = [
 ]
 
 # Keras 3 operation nodes (keras.ops calls and tensor arithmetic in a Functional graph)
+DIVIDE_OPS = tuple(c for c in (_cls(_np_ops, "Divide"), _cls(_np_ops, "TrueDivide")) if c)
 _OPS = [
     Entry(tuple(c for c in (_cls(_np_ops, "Reshape"), _cls(_np_ops, "Transpose"), _cls(_np_ops, "Squeeze"),
                             _cls(_np_ops, "ExpandDims")) if c),
-          "ops.reshape, ops.transpose, ops.squeeze, ops.expand_dims", "keep", PASS_THROUGH, "none", REFUSED,
-          fix=f"use {_RESHAPE_HELP}"),
-    Entry(tuple(c for c in (_cls(_np_ops, "Add"),) if c), "ops.add, x + y", "keep", MERGE, "none", REFUSED,
-          fix="use a keras.layers.Add of two tensors"),
-    Entry(tuple(c for c in (_cls(_np_ops, "Multiply"), _cls(_np_ops, "Maximum"), _cls(_np_ops, "Minimum"),
-                            _cls(_np_ops, "Concatenate")) if c),
-          "ops.multiply, ops.maximum, ops.minimum, ops.concatenate, x * y", "keep", MERGE, "none", REFUSED,
-          fix="no integer export yet"),
-    Entry(tuple(c for c in (_cls(_np_ops, "Subtract"), _cls(_np_ops, "Divide"), _cls(_np_ops, "TrueDivide"),
-                            _cls(_np_ops, "Mean")) if c),
-          "ops.subtract, ops.divide, ops.mean, x - y, x / y", "keep", SIGNED, "none", REFUSED,
-          fix="no integer export yet"),
+          "ops.reshape, ops.transpose, ops.squeeze, ops.expand_dims", "keep", PASS_THROUGH, "none", EXACT,
+          "same_scale_op", note="values move, the scale stays"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Add"), _cls(_np_ops, "Multiply"), _cls(_np_ops, "Maximum"),
+                            _cls(_np_ops, "Minimum")) if c),
+          "ops.add, ops.multiply, ops.maximum, ops.minimum, x + y, x * y", "keep", MERGE, "none", CALIBRATED,
+          "elementwise", check=_binary_op, fix="write it with two operands (a tensor and a tensor or a scalar)",
+          note="ADD / MUL / MAXIMUM / MINIMUM; a scalar operand is an exact int8 constant; output calibrated"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Subtract"),) if c), "ops.subtract, x - y", "keep", SIGNED, "none",
+          CALIBRATED, "elementwise", check=_binary_op, fix="write it with two operands",
+          note="SUB, output calibrated"),
+    Entry(DIVIDE_OPS, "ops.divide, x / c", "keep", SIGNED, "none", CALIBRATED, "elementwise",
+          check=_divide_by_constant, fix="divide by a nonzero constant (exported as a MUL by 1/c)",
+          note="MUL by the int8 constant 1/c, output calibrated"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Concatenate"),) if c), "ops.concatenate", "keep", MERGE, "none",
+          CALIBRATED, "concat", note="as Concatenate"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Mean"),) if c), "ops.mean", "keep", PASS_THROUGH, "none", CALIBRATED,
+          "mean", note="MEAN (the squeeze of squeeze-and-excite), output calibrated"),
     Entry(tuple(c for c in (_cls(_np_ops, "Clip"),) if c), "ops.clip", "keep", ACTIVATION, "none", REFUSED,
           fix="use ReLU(6.0) for clip(x, 0, 6)"),
     Entry(tuple(c for c in (_cls(_nn_ops, "Relu"), _cls(_nn_ops, "Relu6"), _cls(_nn_ops, "Sigmoid"),
                             _cls(_nn_ops, "HardSigmoid"), _cls(_nn_ops, "HardSilu"), _cls(_nn_ops, "Silu"),
                             _cls(_nn_ops, "LeakyRelu"), _cls(_nn_ops, "Softmax")) if c),
           "ops.relu, relu6, sigmoid, hard_sigmoid, hard_silu, silu, leaky_relu, softmax", "keep", ACTIVATION,
-          "none", REFUSED, fix="use the keras.layers.Activation of the same name"),
+          "none", CALIBRATED, "activation", note="as the activation function of the same name"),
 ]
 ENTRIES += [e for e in _OPS if e.classes]
 
@@ -219,11 +267,12 @@ ACTIVATIONS = [
     Activation(("relu",), True, EXACT, "relu"),
     Activation(("relu6",), True, EXACT, "relu6"),
     Activation(("softmax",), True, EXACT, "softmax"),
-    Activation(("sigmoid",), True, REFUSED, fix="no integer export yet"),
-    Activation(("hard_sigmoid",), True, REFUSED, fix="no integer export yet"),
-    Activation(("hard_swish", "hard_silu"), False, REFUSED, fix="no integer export yet"),
-    Activation(("swish", "silu"), False, REFUSED, fix="no integer export yet"),
-    Activation(("exponential", "softplus"), True, REFUSED, fix="no integer export"),
+    Activation(("sigmoid",), True, CALIBRATED, "sigmoid"),
+    Activation(("hard_sigmoid",), True, CALIBRATED, "hard_sigmoid"),
+    Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish"),
+    Activation(("swish", "silu"), False, CALIBRATED, "swish"),
+    Activation(("leaky_relu",), False, CALIBRATED, "leaky_relu"),
+    Activation(("exponential", "softplus"), True, REFUSED, fix="use relu, relu6, sigmoid or swish"),
 ]
 
 _BY_CLASS = {}
@@ -252,8 +301,10 @@ def activation_function_name(op):
     op_name = _OP_ACTIVATION.get(type(op))
     if op_name is not None:
         return op_name
+    if isinstance(op, _L.LeakyReLU):
+        return "leaky_relu"
     if isinstance(op, _L.ReLU):
-        if _relu_config(op, 1) is not None:
+        if _relu_config(op, None) is not None:
             return None
         return "relu" if op.max_value is None else "relu6"
     fn = getattr(op, "activation", None)

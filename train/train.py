@@ -132,6 +132,7 @@ def quantize(config, float_model, calibration):
         init_bits=config["init_bits"],
         weight_bits=cfg._bit_range(config["weight_bit_range"], "weight_bit_range") if learned_w else None,
         activation_bits=cfg._bit_range(config["activation_bit_range"], "activation_bit_range") if learned_a else None,
+        strict="export" in cfg.stages(config),  # refuse before training what the export stage would refuse
     )
     weight_kb = config["target_weight_kb"] or None
     act_kb = config["target_activation_kb"] or None

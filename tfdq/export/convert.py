@@ -29,6 +29,17 @@ from tfdq.export.plan import (
     activation_rule,
 )
 
+CALIBRATED_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_swish", "swish", "leaky_relu")
+
+
+def _scalar_operands_nonneg(node):
+    """Every number among a node's first two arguments is >= 0."""
+    for a in node.arguments.args[:2]:
+        if not isinstance(a, keras.KerasTensor) and float(np.min(a)) < 0:
+            return False
+    return True
+
+
 class ExportReport(dict):
     """What :func:`to_tflite` did (a dict, JSON-serializable).
 
@@ -222,6 +233,12 @@ class Builder:
             return [self.calibrated(out, label, "average of quantized values (not on the input grid)")]
         if rule == "add":
             return [self.add(op, values)]
+        if rule == "elementwise":
+            return [self.elementwise(op, values)]
+        if rule == "mean":
+            return [self.reduce_mean(op, values)]
+        if rule == "same_scale_op":
+            return [self.same_scale_op(op, values)]
         if rule == "concat":
             xs = [
                 self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
@@ -290,6 +307,9 @@ class Builder:
             if x.q is None:
                 x = self.calibrated(x, f"{op.path}:logits", f"logits entering {op.path}", tight=True)
             return self.softmax(x, op.path)
+        if kind in CALIBRATED_ACTIVATIONS:
+            x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}")
+            return self.calibrated_activation(kind, x, op.path, getattr(op.layer, "negative_slope", 0.2))
         fn = tf.nn.relu if kind == "relu" else tf.nn.relu6
         if x.q is None and x.fusable:
             # fused into the producer: its output scale comes from the next FakeQuant
@@ -298,9 +318,92 @@ class Builder:
         return _Val(self.fq(fn(x.t), x.q), x.q, False, True, op.path)
 
     def softmax(self, x, label):
+        return self.fixed_range(tf.nn.softmax(x.t), label, "TFLite int8 softmax output")
+
+    def fixed_range(self, t, label, why):
+        """Output of SOFTMAX / LOGISTIC: TFLite fixes its int8 scale at 1/256, zero point -128."""
         q = _Q(SOFTMAX_SCALE, -128)
-        self.fixed.append({"tensor": label, "scale": SOFTMAX_SCALE, "zero_point": -128, "why": "TFLite int8 softmax output"})
-        return _Val(self.fq(tf.nn.softmax(x.t), q), q, False, True, label)
+        self.fixed.append({"tensor": label, "scale": SOFTMAX_SCALE, "zero_point": -128, "why": why})
+        return _Val(self.fq(t, q), q, False, True, label)
+
+    def const(self, c):
+        """A scalar operand as an int8 constant that holds it exactly (level +127 or -128, zero point 0)."""
+        c = float(c)
+        if self.mode == "float":
+            return tf.constant(c)
+        lo, hi = (-128.0 * c / 127.0, c) if c > 0 else ((c, -127.0 * c / 128.0) if c < 0 else (-1.0, 127.0 / 128.0))
+        return tf.quantization.fake_quant_with_min_max_vars(tf.constant(c), lo, hi, num_bits=8)
+
+    def calibrated_activation(self, kind, x, label, slope=0.2):
+        """sigmoid, hard_sigmoid, hard_swish, swish, leaky_relu on a quantized input, as int8 TFLite ops.
+
+        Every intermediate tensor gets its own scale: LOGISTIC's fixed 1/256,
+        the others calibrated (listed in the report). ``hard_sigmoid(x) =
+        relu6(x + 3) / 6`` (Keras' definition), ``hard_swish(x) = x
+        hard_sigmoid(x)``, ``swish(x) = x sigmoid(x)``.
+        """
+        reason = f"{kind} in {label} (no learned quantizer)"
+        if kind == "sigmoid":
+            return self.fixed_range(tf.math.sigmoid(x.t), label, "TFLite int8 LOGISTIC output")
+        # The final output stays open (q None): a learned quantizer right after it sets its
+        # scale, any other consumer calibrates it (Builder.quantized).
+        if kind == "leaky_relu":
+            return _Val(tf.nn.leaky_relu(x.t, alpha=float(slope)), None, False, False, label)
+        if kind == "swish":
+            gate = self.fixed_range(tf.math.sigmoid(x.t), f"{label}:sigmoid", "TFLite int8 LOGISTIC output")
+            return _Val(x.t * gate.t, None, False, False, label)
+        shifted = self.calibrated(
+            _Val(x.t + self.const(3.0), None, False, False, label), f"{label}:x+3", reason
+        )
+        clamped = self.fq(tf.nn.relu6(shifted.t), shifted.q)  # RELU6 keeps its input's scale
+        gate = _Val(clamped * self.const(1.0 / 6.0), None, False, True, label)
+        if kind == "hard_sigmoid":
+            return gate
+        gate = self.calibrated(gate, f"{label}:hard_sigmoid", reason)
+        return _Val(x.t * gate.t, None, False, False, label)
+
+    def elementwise(self, op, values):
+        """Two-operand arithmetic (layers Multiply/Subtract/Maximum/Minimum, ``x + 3.0``,
+        ``keras.ops.multiply``, ``x / 6.0``): inputs quantized, scalar operands exact int8
+        constants, the output calibrated."""
+        label = op.path
+        feed = {}
+        for i, (k, kt) in enumerate(zip(op.inputs, op.node.input_tensors)):
+            feed[id(kt)] = self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
+        nonneg = (
+            registry.lookup(op.layer).role == registry.MERGE
+            and all(v.nonneg for v in feed.values())
+            and (not registry.is_operation(op.layer) or _scalar_operands_nonneg(op.node))
+        )
+        args, _ = op.node.arguments.fill_in({k: v.t for k, v in feed.items()})
+        if not registry.is_operation(op.layer):  # a merge layer: one list of tensors
+            operands = list(args[0])
+        else:
+            operands = [a if isinstance(a, tf.Tensor) else self.const(a) for a in args[:2]]
+        if isinstance(op.layer, registry.DIVIDE_OPS):  # by a constant (the registry refuses a tensor)
+            operands[1] = self.const(1.0 / float(args[1]))
+            y = operands[0] * operands[1]
+        elif registry.is_operation(op.layer):
+            y = op.layer(*operands)
+        else:
+            y = op.layer(operands)
+        return _Val(y, None, False, nonneg, label)  # quantized by its consumer (learned or calibrated)
+
+    def reduce_mean(self, op, values):
+        """``keras.ops.mean`` over axes (the squeeze of squeeze-and-excite): MEAN, output calibrated."""
+        label = op.path
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        y = tf.reduce_mean(x.t, axis=op.layer.axis, keepdims=bool(op.layer.keepdims))
+        out = _Val(y, None, False, x.nonneg, label)
+        return self.calibrated(out, label, "average of quantized values (not on the input grid)")
+
+    def same_scale_op(self, op, values):
+        """``keras.ops.reshape`` / ``transpose`` / ``squeeze`` / ``expand_dims``: values move, scale kept."""
+        label = op.path
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        args, kwargs = op.node.arguments.fill_in({id(op.node.input_tensors[0]): x.t})
+        y = op.layer(*args, **kwargs)
+        return _Val(self.fq(y, x.q), x.q, False, x.nonneg, label)
 
     def add(self, op, values):
         label = op.path
@@ -369,6 +472,10 @@ class Builder:
         if act == "softmax":
             val = self.calibrated(val, f"{op.path}:logits", f"logits of {op.path} entering its softmax", tight=True)
             return self.softmax(val, op.path)
+        rule = activation_rule(layer)
+        if rule in CALIBRATED_ACTIVATIONS:
+            val = self.calibrated(val, f"{op.path}:preactivation", f"output of {op.path} before its {act}")
+            return self.calibrated_activation(rule, val, op.path)
         if act != "linear":
             raise ExportError(
                 f"{op.path}: activation {act!r} has no exact integer export (use relu, relu6, "

@@ -107,7 +107,7 @@ def _refusal(op):
     if entry.export == registry.REFUSED:
         return "no integer export", entry.fix
     if entry.check is not None:
-        reason = entry.check(layer, len(op.inputs))
+        reason = entry.check(layer, op.node)
         if reason:
             return reason, entry.fix or "use a supported configuration (README, 'Supported layers')"
     if entry.role in (registry.ACTIVATION, registry.WEIGHTED) and activation_rule(layer) is None:
@@ -403,6 +403,7 @@ class Plan:
                 refusal = _refusal(op)
                 if refusal is not None:
                     self._refuse(problems, "unsupported", op, *refusal)
+                    continue
                 plan = _plan_kernel(op, layer.kernel_quantizer, int4_kernels, problems)
                 if plan is not None:
                     self.kernels[op.index] = plan
@@ -525,6 +526,9 @@ class Plan:
         bits = int(round(p["bits"]))
         if q.FAMILY != "uniform":
             problems["pow2_act"].append(f"{op.path} ({type(q).__name__})")
+            self.problems.append({"layer": op.path, "class": type(q).__name__, "kind": "pow2_act",
+                                  "problem": "a power-of-two activation quantizer has no integer kernel",
+                                  "fix": "use a uniform activation quantizer (U1/U2/U3)"})
             return
         n = int(round_half_away(p["q_max"] / p["d"]))
         limit = INT8_MAX if q.signed else 255
@@ -535,7 +539,7 @@ class Plan:
 
     def _refuse(self, problems, category, op, detail, fix):
         """Record one node the exporter cannot take (``self.problems``) and its message part."""
-        cls = type(op.layer).__name__
+        cls = ("keras.ops." if registry.is_operation(op.layer) else "") + type(op.layer).__name__
         problems[category].append(f"{op.path} ({cls})" + (f": {detail}" if category == "unsupported" else ""))
         self.problems.append({"layer": op.path, "class": cls, "problem": detail, "fix": fix, "kind": category})
 
