@@ -40,14 +40,14 @@ def test_subclass_of_a_quantizable_layer_is_not_quantized():
 
 @pytest.mark.parametrize("entry", registry.ENTRIES, ids=lambda e: e.name[:30])
 def test_every_entry_is_complete(entry):
-    assert entry.clone in ("quantize", "keep", "nested")
+    assert entry.clone in ("quantize", "split", "keep", "nested")
     assert entry.memory in ("quantized", "float", "folded", "activation", "none")
     assert entry.export in (registry.EXACT, registry.CALIBRATED, registry.FOLDED, registry.REFUSED)
     if entry.export == registry.REFUSED:
         assert entry.fix, "a refused entry says what to do instead"
     else:
         assert entry.rule, "an exported entry names its export rule"
-    if entry.clone == "quantize":
+    if entry.clone in ("quantize", "split"):
         assert issubclass(entry.quantized, qlayers.QuantizedWeightsMixin)
 
 

@@ -232,6 +232,64 @@ def _clone_operation(op, report):
         return op
 
 
+class _Split:
+    """A SeparableConv2D cloned as QDepthwiseConv2D -> signed ActivationQuantizer -> 1x1 QConv2D.
+
+    Keras computes a SeparableConv2D as exactly that depthwise then pointwise
+    pair (strides and dilation on the depthwise step); split, each kernel has
+    its own learned quantizer and the feature map between them a learned
+    quantizer too, so the exported DEPTHWISE_CONV_2D and CONV_2D hold learned
+    integers on both sides.
+    """
+
+    def __init__(self, layer, options, report):
+        if layer.data_format != "channels_last":
+            raise ValueError(f"{layer.name}: SeparableConv2D with data_format={layer.data_format!r} is not supported.")
+        cls, kwargs = _template(
+            options["weight_quantizer"], "weight", True, options["weight_bits"], options["init_bits"]
+        )
+        self.depthwise = qlayers.QDepthwiseConv2D(
+            layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=layer.depth_multiplier,
+            dilation_rate=layer.dilation_rate, use_bias=False, name=f"{layer.name}_depthwise",
+            kernel_quantizer=cls(**dict(kwargs, name=f"{layer.name}_depthwise_wq")),
+        )
+        self.quantizer = None
+        if options["quantize_activations"]:
+            a_cls, a_kwargs = _template(
+                options["activation_quantizer"], "activation", True, options["activation_bits"], options["init_bits"]
+            )
+            self.quantizer = qlayers.ActivationQuantizer(
+                quantizer=a_cls(**a_kwargs, name=f"{layer.name}_depthwise_aq_q"), name=f"{layer.name}_depthwise_aq"
+            )
+            report["activation_quantizers"].append({"name": self.quantizer.name, "signed": True, "calibrated": False})
+        self.pointwise = qlayers.QConv2D(
+            layer.filters, 1, use_bias=layer.use_bias, activation=layer.activation, name=layer.name,
+            kernel_quantizer=cls(**dict(kwargs, name=f"{layer.name}_wq")),
+        )
+        for part in ("depthwise", "pointwise"):
+            report["quantized_layers"].append({"name": f"{layer.name}/{part}", "class": type(layer).__name__})
+
+    def call(self, x):
+        h = self.depthwise(x)
+        return self.pointwise(self.quantizer(h) if self.quantizer is not None else h)
+
+    def copy_weights(self, orig, model, clone, calibration_data):
+        for new, kernel in ((self.depthwise, orig.depthwise_kernel), (self.pointwise, orig.pointwise_kernel)):
+            new.kernel.assign(kernel)
+            new.kernel_quantizer.initialize_from(kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
+        if orig.use_bias:
+            self.pointwise.bias.assign(orig.bias)
+        if self.quantizer is not None and calibration_data is not None:
+            probe = keras.Model(clone.inputs, self.depthwise.output)
+            max_abs = float(np.max(np.abs(probe.predict(calibration_data, verbose=0))))
+            q = self.quantizer.quantizer
+            q.initialize_from(np.array([max_abs]), bits=q.init["bits"])
+
+
+def _split_separable(layer, options, report):
+    return _Split(layer, options, report)
+
+
 def _check_finite(layer):
     for w in layer.weights:
         value = np.asarray(w.numpy())
@@ -422,6 +480,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
         if isinstance(layer, keras.Model):
             inner_signs = None
             clone = _quantize_graph(layer, options, None, report, inner_signs)
+        elif registry.is_quantizable(layer) and registry.lookup(layer).clone == "split":
+            clone = _split_separable(layer, options, report)
         elif registry.is_quantizable(layer):
             config = layer.get_config()
             cls, kwargs = _template(
@@ -476,7 +536,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             lambda t: quantized_input(t) if isinstance(t, keras.KerasTensor) else t,
             (args, kwargs),
         )
-        outputs = layer(*args, **kwargs)
+        outputs = layer(*args, **kwargs) if not isinstance(layer, _Split) else layer.call(*args, **kwargs)
         orig_layer = new_to_orig_layer[id(layer)]
         for node in graph_nodes.get(id(orig_layer), ()):
             if [id(t) for t in node.input_tensors] == orig_inputs:
@@ -498,7 +558,9 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
         if isinstance(orig, keras.Model) or registry.is_operation(orig):
             continue  # copied by the recursive call; operations have no weights
         _check_finite(orig)
-        if isinstance(new, qlayers.QuantizedWeightsMixin):
+        if isinstance(new, _Split):
+            new.copy_weights(orig, model if calibration_data is not None else None, clone, calibration_data)
+        elif isinstance(new, qlayers.QuantizedWeightsMixin):
             new.kernel.assign(orig.kernel)
             if orig.use_bias:
                 new.bias.assign(orig.bias)

@@ -159,11 +159,14 @@ ENTRIES = [
     Entry((_L.BatchNormalization,), "BatchNormalization", "keep", SIGNED, "folded", FOLDED, "batchnorm",
           note="right after a quantized kernel with a linear activation"),
     # kernels tfdq does not quantize (yet): kept float, counted at 32 bits, refused by the exporter
-    Entry(tuple(c for c in (_L.SeparableConv2D, _L.Conv2DTranspose, _L.Conv1D, _L.Conv3D, _L.EinsumDense,
+    Entry((_L.SeparableConv2D,), "SeparableConv2D", "split", WEIGHTED, "float", EXACT, "kernel",
+          qlayers.QConv2D, check=_channels_last,
+          note="split into QDepthwiseConv2D, a signed ActivationQuantizer and a 1x1 QConv2D (learned integers in "
+          "both kernels)"),
+    Entry(tuple(c for c in (_L.Conv2DTranspose, _L.Conv1D, _L.Conv3D, _L.EinsumDense,
                             _L.Embedding, _L.SeparableConv1D, _L.Conv1DTranspose, _L.Conv3DTranspose) if c),
-          "SeparableConv2D, Conv2DTranspose, Conv1D, Conv3D, EinsumDense, Embedding", "keep", WEIGHTED,
-          "float", REFUSED, fix="no tfdq quantized version: replace it by quantizable layers "
-          "(a SeparableConv2D is a DepthwiseConv2D followed by a 1x1 Conv2D) or remove it"),
+          "Conv2DTranspose, Conv1D, Conv3D, EinsumDense, Embedding", "keep", WEIGHTED,
+          "float", REFUSED, fix="no tfdq quantized version: replace it by quantizable layers or remove it"),
     # shape and selection: same scale as the input
     Entry(tuple(c for c in (_L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
                             _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
@@ -207,9 +210,11 @@ ENTRIES = [
           note="LEAKY_RELU, output scale calibrated"),
     Entry((_L.PReLU, _L.ELU), "PReLU, ELU", "keep", SIGNED, "none", REFUSED,
           fix="no integer export yet: use ReLU or LeakyReLU"),
-    Entry((_L.Rescaling, _L.Normalization), "Rescaling, Normalization", "keep", SIGNED, "none", REFUSED,
-          fix="no integer export yet: scale the data before the model (include_preprocessing=False for "
-          "keras.applications)"),
+    Entry((_L.Rescaling, _L.Normalization), "Rescaling, Normalization", "keep", SIGNED, "none", CALIBRATED,
+          "affine", check=lambda layer, node: scalar_affine(layer)[2],
+          fix="scale the data before the model (include_preprocessing=False for keras.applications)",
+          note="x a + b with one a, b for all channels: MUL/ADD by exact int8 constants, the raw input's "
+          "scale calibrated (integer pixels stay exact)"),
     Entry((keras.Model,), "nested Functional / Sequential model", "nested", NESTED, "none", EXACT, "nested",
           note="quantized and exported through the nesting"),
 ]
@@ -282,6 +287,21 @@ for _e in ENTRIES:
 _ACT_BY_NAME = {n: a for a in ACTIVATIONS for n in a.names}
 
 
+def scalar_affine(layer):
+    """``(a, b, None)`` when ``layer`` computes ``x a + b`` with scalars a, b, else ``(None, None, why not)``."""
+    if isinstance(layer, _L.Rescaling):
+        a, b = np.asarray(layer.scale, np.float64), np.asarray(layer.offset, np.float64)
+    else:
+        if getattr(layer, "invert", False) or getattr(layer, "mean", None) is None:
+            return None, None, "an inverted or unbuilt Normalization"
+        mean = np.asarray(layer.mean, np.float64)
+        std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), keras.backend.epsilon())
+        a, b = 1.0 / std, -mean / std
+    if np.ptp(a) > 0 or np.ptp(b) > 0:
+        return None, None, "a different scale or offset per channel (the exporter takes one for all channels)"
+    return float(a.reshape(-1)[0]), float(b.reshape(-1)[0]), None
+
+
 def lookup(op):
     """The :class:`Entry` of a layer or operation (most specific class first), or None."""
     for cls in type(op).__mro__:
@@ -327,7 +347,7 @@ def is_quantizable(layer):
     """True when ``quantize_model`` replaces ``layer`` by a tfdq layer with a weight quantizer."""
     entry = lookup(layer)
     # the exact class only: a subclass may compute something else in its call()
-    return entry is not None and entry.clone == "quantize" and type(layer) in entry.classes
+    return entry is not None and entry.clone in ("quantize", "split") and type(layer) in entry.classes
 
 
 def has_float_weights(layer):
@@ -337,7 +357,7 @@ def has_float_weights(layer):
     if is_quantizable(layer) or isinstance(layer, (qlayers.QuantizedWeightsMixin, keras.Model)):
         return False
     entry = lookup(layer)
-    return entry is None or entry.memory != "folded"
+    return entry is None or entry.role == WEIGHTED
 
 
 def counts_kernel(layer):
@@ -354,7 +374,8 @@ def counts_kernel(layer):
     return None
 
 
-_CLONE_TEXT = {"keep": "kept", "nested": "quantized through"}
+_CLONE_TEXT = {"keep": "kept", "nested": "quantized through",
+               "split": "-> `QDepthwiseConv2D`, `ActivationQuantizer`, `QConv2D` 1x1"}
 _MEMORY_TEXT = {
     "quantized": "(kernel + bias) x b_w",
     "float": "kernel + bias at 32 bits",
@@ -371,7 +392,9 @@ def markdown_table():
         "|---|---|---|---|---|",
     ]
     for e in ENTRIES:
-        if e.clone == "quantize":
+        if e.clone == "split":
+            clone, memory = _CLONE_TEXT["split"], _MEMORY_TEXT["quantized"] + " each"
+        elif e.clone == "quantize":
             clone, memory = f"-> `{e.quantized.__name__}`", _MEMORY_TEXT["quantized"]
         else:
             clone, memory = _CLONE_TEXT[e.clone], _MEMORY_TEXT[e.memory]

@@ -141,6 +141,8 @@ class Builder:
             self.missing.append((name, reason))
             st = {"max_abs": 1.0, "min": -1.0, "samples": 0}
         max_abs = st["max_abs"]
+        if val.label == "input" and st["min"] >= 0:
+            val = dataclasses.replace(val, nonneg=True)  # a model input that is never negative
         levels = 255 if val.nonneg else INT8_MAX
         needed = _pow2_ceil(max_abs / levels) if max_abs > 0 else 2.0**-8
         scale = needed
@@ -235,6 +237,8 @@ class Builder:
             return [self.add(op, values)]
         if rule == "elementwise":
             return [self.elementwise(op, values)]
+        if rule == "affine":
+            return [self.affine(op, values)]
         if rule == "mean":
             return [self.reduce_mean(op, values)]
         if rule == "same_scale_op":
@@ -388,6 +392,27 @@ class Builder:
         else:
             y = op.layer(operands)
         return _Val(y, None, False, nonneg, label)  # quantized by its consumer (learned or calibrated)
+
+    def affine(self, op, values):
+        """Rescaling / Normalization ``x a + b`` (scalars): MUL and ADD by exact int8 constants.
+
+        The raw input gets a calibrated scale (a power of two: integer pixel
+        values in [0, 255] stay exact at scale 1); the result is quantized by
+        the learned quantizer that follows (or calibrated).
+        """
+        label = op.path
+        a, b, _ = registry.scalar_affine(op.layer)
+        if a == 1.0 and b == 0.0:
+            return values[op.inputs[0]]
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        y = _Val(x.t, x.q, False, x.nonneg, label)
+        if a != 1.0:
+            y = _Val(x.t * self.const(a), None, False, x.nonneg and a > 0, label)
+        if b != 0.0:
+            if y.q is None:
+                y = self.calibrated(y, f"{label}:scaled", f"x * scale in {label}")
+            y = _Val(y.t + self.const(b), None, False, y.nonneg and b > 0, label)
+        return y
 
     def reduce_mean(self, op, values):
         """``keras.ops.mean`` over axes (the squeeze of squeeze-and-excite): MEAN, output calibrated."""
