@@ -82,6 +82,7 @@ class _Val:
     fusable: bool = False  # produced by conv/dense/add with no activation yet
     nonneg: bool = False
     label: str = ""
+    tight: bool = False  # a calibrated scale may be tight (not a power of two): nothing adds it to a grid
 
 
 def _pow2_ceil(v):
@@ -175,7 +176,7 @@ class Builder:
     def quantized(self, values, key, name, reason, prefer_step=None):
         val = values[key]
         if val.q is None:
-            val = self.calibrated(val, name, reason, prefer_step)
+            val = self.calibrated(val, name, reason, prefer_step, tight=val.tight and prefer_step is None)
             values[key] = val
         return val
 
@@ -352,19 +353,19 @@ class Builder:
         # The final output stays open (q None): a learned quantizer right after it sets its
         # scale, any other consumer calibrates it (Builder.quantized).
         if kind == "leaky_relu":
-            return _Val(tf.nn.leaky_relu(x.t, alpha=float(slope)), None, False, False, label)
+            return _Val(tf.nn.leaky_relu(x.t, alpha=float(slope)), None, False, False, label, tight=True)
         if kind == "swish":
             gate = self.fixed_range(tf.math.sigmoid(x.t), f"{label}:sigmoid", "TFLite int8 LOGISTIC output")
-            return _Val(x.t * gate.t, None, False, False, label)
+            return _Val(x.t * gate.t, None, False, False, label, tight=True)
         shifted = self.calibrated(
-            _Val(x.t + self.const(3.0), None, False, False, label), f"{label}:x+3", reason
+            _Val(x.t + self.const(3.0), None, False, False, label, tight=True), f"{label}:x+3", reason, tight=True
         )
         clamped = self.fq(tf.nn.relu6(shifted.t), shifted.q)  # RELU6 keeps its input's scale
-        gate = _Val(clamped * self.const(1.0 / 6.0), None, False, True, label)
+        gate = _Val(clamped * self.const(1.0 / 6.0), None, False, True, label, tight=True)
         if kind == "hard_sigmoid":
             return gate
-        gate = self.calibrated(gate, f"{label}:hard_sigmoid", reason)
-        return _Val(x.t * gate.t, None, False, False, label)
+        gate = self.calibrated(gate, f"{label}:hard_sigmoid", reason, tight=True)
+        return _Val(x.t * gate.t, None, False, False, label, tight=True)
 
     def elementwise(self, op, values):
         """Two-operand arithmetic (layers Multiply/Subtract/Maximum/Minimum, ``x + 3.0``,
@@ -391,7 +392,7 @@ class Builder:
             y = op.layer(*operands)
         else:
             y = op.layer(operands)
-        return _Val(y, None, False, nonneg, label)  # quantized by its consumer (learned or calibrated)
+        return _Val(y, None, False, nonneg, label, tight=True)  # quantized by its consumer (learned or calibrated)
 
     def affine(self, op, values):
         """Rescaling / Normalization ``x a + b`` (scalars): MUL and ADD by exact int8 constants.
@@ -407,11 +408,11 @@ class Builder:
         x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
         y = _Val(x.t, x.q, False, x.nonneg, label)
         if a != 1.0:
-            y = _Val(x.t * self.const(a), None, False, x.nonneg and a > 0, label)
+            y = _Val(x.t * self.const(a), None, False, x.nonneg and a > 0, label, tight=True)
         if b != 0.0:
             if y.q is None:
-                y = self.calibrated(y, f"{label}:scaled", f"x * scale in {label}")
-            y = _Val(y.t + self.const(b), None, False, y.nonneg and b > 0, label)
+                y = self.calibrated(y, f"{label}:scaled", f"x * scale in {label}", tight=True)
+            y = _Val(y.t + self.const(b), None, False, y.nonneg and b > 0, label, tight=True)
         return y
 
     def reduce_mean(self, op, values):
@@ -480,7 +481,7 @@ class Builder:
                 )
             else:
                 kernel = tf.quantization.fake_quant_with_min_max_vars(
-                    tf.constant(folded), -n * plan.step, n * plan.step, num_bits=plan.fq_bits,
+                    tf.constant(folded), -n * plan.scales()[0], n * plan.scales()[0], num_bits=plan.fq_bits,
                     narrow_range=True, name=name if plan.kind != "depthwise" else None,
                 )
             if plan.kind == "depthwise":
@@ -499,7 +500,8 @@ class Builder:
             return self.softmax(val, op.path)
         rule = activation_rule(layer)
         if rule in CALIBRATED_ACTIVATIONS:
-            val = self.calibrated(val, f"{op.path}:preactivation", f"output of {op.path} before its {act}")
+            val = self.calibrated(val, f"{op.path}:preactivation", f"output of {op.path} before its {act}",
+                                  tight=True)
             return self.calibrated_activation(rule, val, op.path)
         if act != "linear":
             raise ExportError(

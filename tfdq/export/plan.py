@@ -22,6 +22,7 @@ INT4_MAX = 7
 INT8_MAX = 127
 OUTPUT_HEADROOM = 1.25  # calibrated output range / largest observed |output|
 SOFTMAX_SCALE = 1.0 / 256.0  # TFLite's fixed int8 softmax output: scale 1/256, zero point -128
+TIE_BREAK = 1.0 + 2.0**-22  # per-tensor kernel scale factor (KernelPlan.scales)
 KERNEL_TAG = "tfdq_k"  # kernel FakeQuant ops are named tfdq_k<op index>; the name survives conversion
 
 class ExportError(ValueError):
@@ -165,9 +166,21 @@ class KernelPlan:
         return s
 
     def scales(self):
-        """Per output channel scale: ``step * |s_c|`` (``step`` where s_c = 0)."""
+        """Per output channel scale: ``step * |s_c|`` (``step`` where s_c = 0).
+
+        A per-tensor scale is ``step * TIE_BREAK``: with power-of-two steps on
+        both sides the requantized accumulator often lands exactly on a
+        half-way point, which the learned quantizer rounds away from zero and
+        XNNPACK's fp32 requantization (round half to even) would round to
+        the even level, one output step off (the "Dense -> Dense" chains:
+        4-8 output steps at the logits). A scale larger by one part in 2^22
+        moves every tie away from zero in both of LiteRT's kernels and no
+        other value across a rounding threshold (the requantized values
+        are multiples of at least 2^-14 below 256); the integers are the
+        same.
+        """
         if self.channel_factor is None:
-            return np.full(self.out_channels, self.step)
+            return np.full(self.out_channels, self.step * TIE_BREAK)
         a = np.abs(self.channel_factor)
         return self.step * np.where(a > 0, a, 1.0)
 
