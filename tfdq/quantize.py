@@ -1,8 +1,10 @@
 """``quantize_model``: turn a float Keras model into a learned-quantization one.
 
 The model is cloned with ``keras.models.clone_model``: supported layers
-(``Conv2D``, ``DepthwiseConv2D``, ``Dense``) become their quantized versions
-with a weight quantizer, and every feature map that feeds a quantized layer
+(``Conv2D``, ``DepthwiseConv2D``, ``Dense``; ``SeparableConv2D`` split into
+depthwise and pointwise) become their quantized versions with a weight
+quantizer, Keras 3 operation nodes (``x + 3.0``, ``keras.ops.*``) are rebuilt
+as they are, and every feature map that feeds a quantized layer
 passes an :class:`~tfdq.layers.ActivationQuantizer` (the input image
 included). Float weights are copied and the quantizers are initialized as the
 paper does (METHOD.md section 4).
@@ -18,7 +20,9 @@ padding, ...) is quantized where it is produced, so that, as in the paper's
 ResNet-20, the quantizer sits right after the ReLU and the identity shortcut
 sees the quantized value too. A quantizer is unsigned when its input is
 non-negative by construction (ReLU, ReLU6, a fused ``activation="relu"``,
-sums and poolings of such) and signed otherwise.
+sums and poolings of such) and signed otherwise. What each layer or
+operation means for this (pass-through, merge, activation) comes from
+:mod:`tfdq.registry`, as does whether it is quantized.
 """
 
 import logging

@@ -198,7 +198,7 @@ ENTRIES = [
           note="MUL / MAXIMUM / MINIMUM (a squeeze-and-excite gate), output scale calibrated"),
     Entry((_L.Subtract,), "Subtract", "keep", SIGNED, "none", CALIBRATED, "elementwise", check=_two_inputs,
           note="SUB, output scale calibrated"),
-    Entry((_L.Average,), "Average", "keep", MERGE, "none", REFUSED, fix="use Add and a Rescaling-free scale"),
+    Entry((_L.Average,), "Average", "keep", MERGE, "none", REFUSED, fix="use Add, then Rescaling(1 / n)"),
     # activations
     Entry((_L.ReLU,), "ReLU", "keep", ACTIVATION, "none", EXACT, "activation", check=_relu_config,
           note="ReLU() and ReLU(6.0): fused clamp"),
@@ -367,9 +367,9 @@ def counts_kernel(layer):
     if is_operation(layer) or isinstance(layer, keras.Model):
         return None
     entry = lookup(layer)
-    if entry is not None and entry.memory in ("quantized", "float"):
-        return entry.memory
-    if entry is None and getattr(layer, "kernel", None) is not None:
+    if entry is not None and entry.memory == "quantized":
+        return "quantized"
+    if (entry is None or entry.memory == "float") and getattr(layer, "kernel", None) is not None:
         return "float"
     return None
 

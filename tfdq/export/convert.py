@@ -173,10 +173,10 @@ class Builder:
         )
         return dataclasses.replace(val, t=self.fq(val.t, q), q=q, fusable=False)
 
-    def quantized(self, values, key, name, reason, prefer_step=None):
+    def quantized(self, values, key, name, reason, prefer_step=None, tight=False):
         val = values[key]
         if val.q is None:
-            val = self.calibrated(val, name, reason, prefer_step, tight=val.tight and prefer_step is None)
+            val = self.calibrated(val, name, reason, prefer_step, tight=(val.tight or tight))
             values[key] = val
         return val
 
@@ -313,7 +313,9 @@ class Builder:
                 x = self.calibrated(x, f"{op.path}:logits", f"logits entering {op.path}", tight=True)
             return self.softmax(x, op.path)
         if kind in CALIBRATED_ACTIVATIONS:
-            x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}")
+            # the step of the learned quantizer after it where the range fits, else a tight scale
+            x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}",
+                               prefer_step=self.plan.downstream_step(op.outputs[0]), tight=True)
             return self.calibrated_activation(kind, x, op.path, getattr(op.layer, "negative_slope", 0.2))
         fn = tf.nn.relu if kind == "relu" else tf.nn.relu6
         if x.q is None and x.fusable:
