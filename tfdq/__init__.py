@@ -12,7 +12,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfdq import callbacks, constraints, layers, memory, models, ops, quantizers  # noqa: E402
+from tfdq import callbacks, constraints, layers, memory, models, nonfinite, ops, quantizers  # noqa: E402
 from tfdq.constraints import MemoryBudget, constrain  # noqa: E402
 from tfdq.model import QuantizedModel  # noqa: E402
 from tfdq.quantize import quantize_model  # noqa: E402
