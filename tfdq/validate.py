@@ -99,10 +99,10 @@ def calibration_inputs(model, data, argument="calibration_data"):
     if isinstance(data, (list, tuple)):
         items = list(data)
         if n_inputs > 1:
-            if len(items) == n_inputs and all(np.ndim(a) >= 1 for a in items):
-                data = [np.asarray(a) for a in items]
-            elif len(items) in (2, 3) and isinstance(items[0], (list, tuple)):
+            if len(items) in (2, 3) and isinstance(items[0], (list, tuple)):
                 data = [np.asarray(a) for a in items[0]]  # (x, y): the inputs
+            elif len(items) == n_inputs:
+                data = [np.asarray(a) for a in items]
             else:
                 raise ValueError(
                     f"{argument}: the model has {n_inputs} inputs; pass a list or tuple of "
