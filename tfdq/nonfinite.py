@@ -24,6 +24,7 @@ model that hold NaN or infinity (checkpoints and exports refuse them).
 """
 
 import contextlib
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 PATIENCE = 10
+# TFDQ_NONFINITE_GUARD=0 traces training steps without the guard (read when a
+# step is traced, like tfdq.ops.FUSED; benchmarks/step_time.py measures its cost).
+ENABLED = os.environ.get("TFDQ_NONFINITE_GUARD", "1") != "0"
 _ATTR = "_tfdq_nonfinite"
 MESSAGE = (
     "tfdq: {n} training steps in a row had a non-finite loss or gradient (NaN or Inf); none "
@@ -131,6 +135,9 @@ def snapshot(model):
 def guarding(model):
     """While active (one traced training step), ``model``'s wrapped optimizer
     applies gradients only through :func:`apply_if_finite`."""
+    if not ENABLED:
+        yield None
+        return
     state = attach(model)
     state["step"] = {"snapshot": snapshot(model), "loss": None}
     try:
