@@ -190,7 +190,7 @@ def run(model_path, output=None, dataset=None, calibration_samples=1000, max_eva
     and verified in that form; ``model_path`` itself is never written.
     """
     from tfdq import export  # noqa: PLC0415
-    from tfdq.callbacks import atomic_save  # noqa: PLC0415
+    from tfdq.callbacks import atomic_save, atomic_write_bytes  # noqa: PLC0415
 
     output, aligned_path, report_json = output_paths(model_path, output, report_json, align_biases)
     model = load_model(model_path)
@@ -209,7 +209,7 @@ def run(model_path, output=None, dataset=None, calibration_samples=1000, max_eva
         )
     except (export.ExportError, ValueError) as err:
         raise CommandError(f"cannot export {model_path!r}: {err}") from None
-    _atomic_write_bytes(output, tflite)
+    atomic_write_bytes(output, tflite)
     result = export.verify(model, tflite, evaluation, export_report=export_report,
                            int4_kernels=not int8_kernels)
     float_bytes = len(export.float_tflite(model))
@@ -237,28 +237,9 @@ def run(model_path, output=None, dataset=None, calibration_samples=1000, max_eva
         "export": dict(export_report),
         "verification": dict(result),
     }
-    _atomic_write_bytes(report_json, (json.dumps(_jsonable(report), indent=2) + "\n").encode())
+    atomic_write_bytes(report_json, (json.dumps(_jsonable(report), indent=2) + "\n").encode())
     print_fn(f"wrote {report_json}")
     return report
-
-
-def _atomic_write_bytes(path, data):
-    """Write through a hidden temporary file and a rename (a kill leaves the old file or the new one)."""
-    import tempfile  # noqa: PLC0415
-
-    from tfdq.callbacks import respect_umask  # noqa: PLC0415
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        respect_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv):

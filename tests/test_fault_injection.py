@@ -155,22 +155,12 @@ def test_same_run_folder_spelled_otherwise_and_a_copied_run(clean_run, tmp_path)
         assert json.load(f)["final"] == os.path.join("float", "final.keras")
 
 
-def _free_ports(n):
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_multi_worker_run_killed_then_resumed(tmp_path):
     """Both workers of a MultiWorkerMirroredStrategy run killed at the same
     checkpoint; restarted, each resumes from its own checkpoints and they end
     with identical weights and the whole history."""
+    from test_train_distributed import _free_ports
+
     model_dir = str(tmp_path / "mw")
     flags = ["--stages=float", "--float_epochs=2", "--steps_per_epoch=4", "--checkpoint_every_steps=2",
              "--val_examples=64", "--verbose=2", "--strategy=multi_worker"]

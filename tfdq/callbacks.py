@@ -45,6 +45,25 @@ class MemoryLogger(keras.callbacks.Callback):
                     logs[f"bits/{e.name}"] = float(e.bits())
 
 
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` through a hidden temporary file, ``fsync``
+    and a rename: a kill leaves the old file or the new one, never a part
+    (the file gets the mode the umask gives)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        respect_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_save(model, filepath):
     """Save ``model`` to ``filepath`` through a temporary file and a rename,
     so an interrupted save never leaves a truncated file behind (a kill

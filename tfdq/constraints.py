@@ -143,15 +143,16 @@ class MemoryBudget:
         return {k: bool(g <= 0.0) for k, g in self.excess(model).items()}
 
 
+def _positive_finite(value):
+    try:
+        return 0 < float(value) < float("inf")
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_targets(weight_kb, activation_kb):
     for name, value in (("weight_kb", weight_kb), ("activation_kb", activation_kb)):
-        if value is None:
-            continue
-        try:
-            ok = 0 < float(value) < float("inf")
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+        if value is not None and not _positive_finite(value):
             raise ValueError(
                 f"{name} must be a positive, finite size in kB, got {value!r}; "
                 f"for no {name.split('_')[0]} constraint pass {name}=None."
@@ -159,11 +160,7 @@ def _check_targets(weight_kb, activation_kb):
 
 
 def _check_lambda(name, value):
-    try:
-        ok = 0 < float(value) < float("inf")
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    if not _positive_finite(value):
         raise ValueError(
             f"{name} must be a positive, finite penalty weight, got {value!r}: an infinite or NaN "
             "lambda makes the loss non-finite at the first step over the budget. Leave it None "

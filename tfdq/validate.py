@@ -71,7 +71,7 @@ def bit_bounds(name, bounds):
         raise ValueError(f"{name} must be a pair (min_bits, max_bits), got {bounds!r}.") from None
     if not (lo_f == int(lo_f) and hi_f == int(hi_f) and 1 <= lo_f <= hi_f <= 32):
         raise ValueError(
-            f"{name}={tuple(bounds)!r}: give integers with 1 <= min_bits <= max_bits <= 32, e.g. "
+            f"{name}={tuple(bounds)!r}: give integers in [1, 32] with min_bits <= max_bits, e.g. "
             f"{(2, 8) if name.startswith('weight') else (1, 8)} (signed weights use at least 2 bits)."
         )
     return bounds

@@ -36,7 +36,7 @@ import tempfile
 import keras
 import numpy as np
 
-from tfdq.callbacks import respect_umask
+from tfdq.callbacks import atomic_write_bytes, respect_umask
 
 CONFIG_FILE = "flags.json"
 LOCK_FILE = ".lock"
@@ -53,19 +53,7 @@ def fault_point(name):
 
 def atomic_write_text(path, text):
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        respect_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path, obj):

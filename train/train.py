@@ -497,11 +497,7 @@ class Run:
             out = export_lib.to_tflite(model, **kwargs)
             tflite, export_report = out if isinstance(out, tuple) else (out, None)
             path = os.path.join(stage_dir, "model.tflite")
-            os.makedirs(stage_dir, exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(tflite)
-            os.replace(tmp, path)
+            tfdq_callbacks.atomic_write_bytes(path, tflite)
             result.update(tflite=path, tflite_kb=len(tflite) / 1024.0)
             limit = self.config["export_examples"] or None
             dataset = self.data.val
