@@ -32,9 +32,10 @@ def _float_model(inputs=6, batchnorm=True):
     return keras.Model(x_in, keras.layers.Dense(3)(h))
 
 
-def _compiled(model, lr=1e-2):
+def _compiled(model, lr=1e-2, jit_compile="auto"):
     model.compile(
-        keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+        keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+        jit_compile=jit_compile,
     )
     return model
 
@@ -67,8 +68,9 @@ def test_nonfinite_step_changes_no_variable_and_is_counted():
     assert nonfinite.nonfinite_variables(model) == []
 
 
-def test_repeated_nonfinite_steps_stop_training_with_a_clear_error():
-    model = _compiled(tfdq.quantize_model(_float_model(), "U3"))
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_repeated_nonfinite_steps_stop_training_with_a_clear_error(jit_compile):
+    model = _compiled(tfdq.quantize_model(_float_model(), "U3"), jit_compile=jit_compile)
     x, y = _data(16)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     weights = [w.numpy().copy() for w in model.weights]

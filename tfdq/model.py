@@ -146,6 +146,9 @@ class QuantizedModel(keras.Model):
         state = getattr(self, "_tfdq_nonfinite", None)
         if state is not None:
             state["streak"].assign(0)  # a new fit starts a new count
+        if state is not None and len(args) < 6:  # callbacks not given by position
+            callbacks = kwargs.get("callbacks")
+            kwargs["callbacks"] = [*(callbacks or []), nonfinite.StopOnNonFinite()]
         try:
             return super().fit(*args, **kwargs)
         except tf.errors.InvalidArgumentError as e:

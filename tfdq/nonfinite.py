@@ -26,6 +26,7 @@ model that hold NaN or infinity (checkpoints and exports refuse them).
 import contextlib
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -154,6 +155,25 @@ def step_logs(model, logs):
     logs = dict(logs)
     logs["nonfinite_steps"] = tf.cast(state["total"].read_value(), tf.float32)
     return logs
+
+
+def check_streak(model):
+    """Raise :class:`NonFiniteTrainingError` when ``model`` has had its
+    patience of non-finite steps in a row (a host-side check, for steps
+    compiled with XLA, which drops the in-graph assertion)."""
+    state = getattr(model, _ATTR, None)
+    if state is None:
+        return
+    patience = int(state.get("patience", PATIENCE))
+    if int(state["streak"].numpy()) >= patience:
+        raise NonFiniteTrainingError(MESSAGE.format(n=patience))
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Runs :func:`check_streak` after every batch (``QuantizedModel.fit`` adds it)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        check_streak(self.model)
 
 
 def _finite(loss, grads):
