@@ -115,7 +115,7 @@ def test_concurrent_starts_on_one_run_folder(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert 0 in [p.returncode for p in procs], outs
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0 or (p.returncode == 2 and "is in use by process" in err), err[-3000:]
     with open(os.path.join(model_dir, "float", "history.json")) as f:
         assert [h["epoch"] for h in json.load(f)] == [1, 2]

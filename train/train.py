@@ -299,7 +299,6 @@ class Run:
         return models_lib.configure(model, self.config["weight_decay"], self.sync_bn)
 
     def build_quant(self):
-        import keras  # noqa: PLC0415
 
         from train import models as models_lib  # noqa: PLC0415
 
@@ -311,7 +310,7 @@ class Run:
         import keras  # noqa: PLC0415
 
         import tfdq  # noqa: PLC0415
-        from train.checkpoint import Checkpointer, ResumableCheckpoint, atomic_write_json  # noqa: PLC0415
+        from train.checkpoint import Checkpointer, ResumableCheckpoint  # noqa: PLC0415
         from train.loop import CustomLoop  # noqa: PLC0415
 
         config, data, strategy = self.config, self.data, self.strategy
@@ -464,7 +463,6 @@ class Run:
             self.print(sizes["table"])
 
     def export_stage(self, model_path):
-        import keras  # noqa: PLC0415
 
         from train.checkpoint import atomic_write_json, atomic_write_text  # noqa: PLC0415
 
