@@ -26,20 +26,26 @@ def pyplot():
 
 
 def save_figure(fig, path, dpi=120):
-    """Write ``fig`` to ``path`` atomically (a partial file never replaces a good one) and close it."""
+    """Write ``fig`` to ``path`` atomically and close it.
+
+    The image is rendered in memory and written through
+    :func:`tfdq.callbacks.atomic_write_bytes` (hidden ``.tmp-*`` file,
+    ``fsync``, rename), so a kill never leaves a partial image in place of a
+    good one. The format follows the suffix (PNG without one).
+    """
+    import io  # noqa: PLC0415
+
+    from tfdq.callbacks import atomic_write_bytes  # noqa: PLC0415
+
     plt = pyplot()
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp-{os.getpid()}{ext or '.png'}"
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=dpi, format=(ext[1:] or "png"))
-        os.replace(tmp, path)
+        fig.savefig(buffer, dpi=dpi, format=fmt)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
