@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from tfdq import layers as qlayers
+from tfdq import nonfinite
 from tfdq import quantizers as quantizers_lib
 
 
@@ -127,6 +128,7 @@ class QuantizedModel(keras.Model):
         ``apply_gradients`` through :meth:`clip_quantizer_gradients` (a no-op
         while no budget is set)."""
         super().compile(*args, **kwargs)
+        nonfinite.attach(self)
         _install_gradient_clipping(self)
 
     def compile_from_config(self, config):
@@ -138,8 +140,25 @@ class QuantizedModel(keras.Model):
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def fit(self, *args, **kwargs):
+        """``keras.Model.fit``; too many non-finite steps in a row raise
+        :class:`tfdq.nonfinite.NonFiniteTrainingError` (see :mod:`tfdq.nonfinite`)."""
+        state = getattr(self, "_tfdq_nonfinite", None)
+        if state is not None:
+            state["streak"].assign(0)  # a new fit starts a new count
+        if state is not None and len(args) < 6:  # callbacks not given by position
+            callbacks = kwargs.get("callbacks")
+            kwargs["callbacks"] = [*(callbacks or []), nonfinite.StopOnNonFinite()]
+        try:
+            return super().fit(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as e:
+            nonfinite.raise_clear(e)
+
     def train_step(self, data):
-        logs = super().train_step(data)
+        # a step with a non-finite loss or gradient changes nothing (tfdq.nonfinite)
+        with nonfinite.guarding(self):
+            logs = super().train_step(data)
+        logs = nonfinite.step_logs(self, logs)
         if self.memory_budget is not None:
             logs = dict(logs)
             logs.update(self.memory_budget.logs(self))
@@ -152,6 +171,7 @@ def _install_gradient_clipping(model):
         return
     apply_gradients = optimizer.apply_gradients
     model_ref = weakref.ref(model)
+    nonfinite.record_loss(model, optimizer)
 
     def apply_gradients_with_clipping(grads_and_vars):
         grads_and_vars = list(grads_and_vars)
@@ -160,6 +180,9 @@ def _install_gradient_clipping(model):
             variables = [v for _, v in grads_and_vars]
             grads = target.clip_quantizer_gradients([g for g, _ in grads_and_vars], variables)
             grads_and_vars = list(zip(grads, variables))
+        step = nonfinite.active_step(target) if target is not None else None
+        if step is not None:
+            return nonfinite.apply_if_finite(target, apply_gradients, grads_and_vars, step["loss"], step["snapshot"])
         return apply_gradients(grads_and_vars)
 
     # An instance attribute: this optimizer only, set once, read at trace time.
