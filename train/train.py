@@ -89,7 +89,9 @@ def make_optimizer(config, lr, epochs, steps_per_epoch):
     import keras  # noqa: PLC0415
 
     fractions = cfg.decay_fractions(config["lr_decay_at"])
-    if fractions and epochs:
+    if config.get("lr_schedule") == "cosine" and epochs:
+        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, int(epochs * steps_per_epoch)))
+    elif fractions and epochs:
         boundaries = [max(1, int(round(f * epochs * steps_per_epoch))) for f in fractions]
         values = [lr * config["lr_decay"] ** i for i in range(len(boundaries) + 1)]
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
@@ -118,7 +120,8 @@ def float_weight_kb(model):
 
 
 def quantize(config, float_model, calibration):
-    """quantize_model + constrain as the flags say."""
+    """quantize_model + constrain as the flags say (``calibration`` None: a
+    trial build, activations at their default start)."""
     import tfdq  # noqa: PLC0415
 
     learned_w = config["weight_quantizer"] in cfg.LEARNED
@@ -128,6 +131,8 @@ def quantize(config, float_model, calibration):
         weight_quantizer=quantizer_arg(config["weight_quantizer"], config["weight_bits"]),
         activation_quantizer=quantizer_arg(config["activation_quantizer"], config["activation_bits"]),
         quantize_activations=config["quantize_activations"],
+        quantize_input=bool(config["quantize_input"]),
+        activation_init=config["activation_init"] if calibration is not None else "default",
         calibration_data=calibration,
         init_bits=config["init_bits"],
         weight_bits=cfg._bit_range(config["weight_bit_range"], "weight_bit_range") if learned_w else None,
@@ -285,27 +290,36 @@ class Run:
         return os.path.join(self.work_dir, stage)
 
     def float_checkpoint(self):
-        return self.config.get("init_checkpoint") or os.path.join(self.stage_dir("float"), "final.keras")
+        """The float model the quant stage starts from: --init_checkpoint, or
+        the float stage's chosen model (``--selection``)."""
+        from train.report import load_json  # noqa: PLC0415
+
+        if self.config.get("init_checkpoint"):
+            return self.config["init_checkpoint"]
+        done = load_json(os.path.join(self.stage_dir("float"), "result.json"), {})
+        return done.get("chosen") or os.path.join(self.stage_dir("float"), "final.keras")
 
     def build_float(self):
         from train import models as models_lib  # noqa: PLC0415
 
-        model = models_lib.build(self.config["model"], self.data.input_shape, self.data.num_classes)
-        return models_lib.configure(model, self.config["weight_decay"], self.sync_bn)
+        c = self.config
+        model = models_lib.build(c["model"], self.data.input_shape, self.data.num_classes)
+        return models_lib.configure(model, self.sync_bn, c["bn_momentum"], c["bn_epsilon"])
 
     def build_quant(self):
-        import keras  # noqa: PLC0415
-
         from train import models as models_lib  # noqa: PLC0415
 
-        float_model = keras.models.load_model(self.float_checkpoint(), compile=False)
-        float_model = models_lib.configure(float_model, self.config["weight_decay"], self.sync_bn)
+        float_model = load_float(self.float_checkpoint(), self.print)
+        # epsilon is part of the trained function: a loaded model keeps its own
+        float_model = models_lib.configure(float_model, self.sync_bn, self.config["bn_momentum"])
         return quantize(self.config, float_model, self.data.calibration)
 
     def train_stage(self, stage, build, lr, epochs, quantized):
         import keras  # noqa: PLC0415
 
         import tfdq  # noqa: PLC0415
+        from train import models as models_lib  # noqa: PLC0415
+        from train import selection  # noqa: PLC0415
         from train.checkpoint import Checkpointer, ResumableCheckpoint, atomic_write_json  # noqa: PLC0415
         from train.loop import CustomLoop  # noqa: PLC0415
 
@@ -338,6 +352,7 @@ class Run:
                 model = clone_into_scope(built)  # variables of the strategy
             else:
                 model = built
+            models_lib.apply_weight_decay(model, config["weight_decay"], config["weight_decay_on"])
             optimizer = make_optimizer(config, lr, epochs, steps)
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             if not self.custom_loop:
@@ -346,16 +361,19 @@ class Run:
                 Checkpointer.restore_optimizer(latest, optimizer, model.trainable_variables)
 
         callbacks = []
-        best = None
         if quantized:
             # totals in the logs (progress bar, history); per-layer bits only in
             # history and TensorBoard (a line per layer would flood the bar)
             callbacks += [_budget_logs_callback(), tfdq.callbacks.MemoryLogger(per_layer=False)]
-            best = tfdq.callbacks.BestFeasibleCheckpoint(
-                os.path.join(stage_dir, "best_feasible.keras"), monitor="val_accuracy", verbose=int(config["verbose"] != 0)
-            )
-            best.best, best.best_epoch = state.get("best"), state.get("best_epoch")
-            callbacks.append(best)
+        # the paper's selection rule (train/selection.py), float and quantized
+        best = selection.BestCheckpoint(
+            os.path.join(stage_dir, "best_feasible.keras" if quantized else "best.keras"),
+            evaluate=lambda m: evaluate(m, data.val)["accuracy"],
+            every_steps=config["select_every_steps"],
+            verbose=int(config["verbose"] != 0),
+        )
+        best.restore(state)
+        callbacks.append(best)
         from train.report import layer_bits  # noqa: PLC0415
 
         callbacks.append(_summary_writer_callback(os.path.join(stage_dir, "logs"), layer_bits))
@@ -367,7 +385,7 @@ class Run:
             every_steps=config["checkpoint_every_steps"],
             step_offset=state["step"],
             history_dir=stage_dir,
-            extra_state=(lambda: {"best": best.best, "best_epoch": best.best_epoch}) if best else None,
+            extra_state=best.state,
             extra_logs=layer_bits,
         )
         callbacks.append(checkpoint)
@@ -376,6 +394,8 @@ class Run:
             runner = CustomLoop(model, optimizer, strategy, config["batch_size"])
 
             def fit(first_step, **kwargs):
+                if config["strategy"] == "multi_worker":  # each worker reads and decodes its own share
+                    return runner.fit(lambda ctx: data.train_from(first_step, ctx), data.val, **kwargs)
                 return runner.fit(data.train_from(first_step), data.val, **kwargs)
         else:
 
@@ -418,23 +438,36 @@ class Run:
             "history_len": len(history),
             "seconds": time.time() - start,
         }
-        if quantized:
-            best_path = os.path.join(stage_dir, "best_feasible.keras")
-            if best is not None and best.best is not None and os.path.exists(best_path):
-                if int(best.best_epoch) + 1 == epochs and last.get("epoch") == epochs:
-                    chosen = model  # the last epoch is the best feasible one
-                else:
-                    chosen = keras.models.load_model(best_path, compile=False)
-                # its validation accuracy is the monitored value of that epoch
-                result.update(chosen=best_path, best_epoch=int(best.best_epoch) + 1, val_accuracy=float(best.best))
-            else:
-                if getattr(model, "memory_budget", None) is not None:
-                    self.print(f"[{stage}] WARNING: no epoch met every memory constraint; keeping the last epoch.")
-                chosen = model
-                result.update(chosen=final, best_epoch=None, val_accuracy=val["accuracy"])
-            self._quant_outputs(chosen, stage_dir, result)
+        # both numbers, labelled: the paper's rule and the final model
+        budget = getattr(model, "memory_budget", None)
+        final_feasible = budget is None or all(budget.satisfied(model).values())
+        result.update(
+            selection=config["selection"],
+            paper_rule=selection.describe(config["select_every_steps"]),
+            final_feasible=bool(final_feasible),
+        )
+        have_best = best.best is not None and os.path.exists(best.filepath)
+        if have_best:
+            result.update(
+                best_val_accuracy=float(best.best),
+                best_epoch=int(best.best_epoch) + 1,
+                best_step=best.best_step,
+                best_checkpoint=best.filepath,
+            )
         else:
-            result["val_accuracy"] = val["accuracy"]
+            result.update(best_val_accuracy=None, best_epoch=None, best_step=None)
+            if budget is not None:
+                self.print(f"[{stage}] WARNING: no epoch met every memory constraint; keeping the last epoch.")
+        chosen = model
+        if config["selection"] == "paper" and have_best:
+            if not (int(best.best_epoch) + 1 == epochs and best.best_step is None and last.get("epoch") == epochs):
+                chosen = keras.models.load_model(best.filepath, compile=False)
+            # its validation accuracy is the monitored value of that epoch / step
+            result.update(chosen=best.filepath, val_accuracy=float(best.best))
+        else:
+            result.update(chosen=final, val_accuracy=val["accuracy"])
+        if quantized:
+            self._quant_outputs(chosen, stage_dir, result)
         atomic_write_json(result_path, result)
         return result
 
@@ -535,6 +568,19 @@ class Run:
         return result
 
 
+def load_float(path, print_fn=None):
+    """A float .keras model, rebuilt to end in logits if it ends in softmax
+    (a keras.applications classifier saved with its pretrained weights)."""
+    import keras  # noqa: PLC0415
+
+    from train import models as models_lib  # noqa: PLC0415
+
+    model, note = models_lib.to_logits(keras.models.load_model(path, compile=False))
+    if note and print_fn is not None:
+        print_fn(f"{path}: {note}")
+    return model
+
+
 def _supported_kwargs(fn, **kwargs):
     """The keyword arguments that ``fn`` accepts (tfdq.export is young)."""
     import inspect  # noqa: PLC0415
@@ -556,7 +602,7 @@ def preflight(config, data):
     from train import models as models_lib  # noqa: PLC0415
 
     if config.get("init_checkpoint"):
-        float_model = keras.models.load_model(config["init_checkpoint"], compile=False)
+        float_model = load_float(config["init_checkpoint"])
     else:
         float_model = models_lib.build(config["model"], data.input_shape, data.num_classes)
     try:
@@ -602,14 +648,16 @@ def run(values, print_fn=print):
             val_examples=config["val_examples"],
             seed=config["seed"],
             calibration_examples=config["calibration_examples"],
+            input_range=config["input_range"],
         )
     except data_lib.DataUnavailableError:
         raise
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from e
     if config["strategy"] == "multi_worker":
+        # train_from(step, input_context) shards the stream itself, before decoding
         options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         data.options = options
     if data.batch_size % strategy.num_replicas_in_sync:
         raise cfg.ConfigError(
@@ -656,15 +704,29 @@ def run(values, print_fn=print):
         "target_activation_kb": config["target_activation_kb"] or None,
         "activation_constraint": config["activation_constraint"],
     }
+    summary["selection"] = config["selection"]
     if "float" in results:
-        summary["float_accuracy"] = results["float"]["val_accuracy"]
+        f = results["float"]
+        summary.update(
+            float_accuracy=f["val_accuracy"],
+            float_accuracy_final=f.get("final_val_accuracy"),
+            float_accuracy_best=f.get("best_val_accuracy"),
+            float_best_epoch=f.get("best_epoch"),
+            paper_rule=f.get("paper_rule"),
+        )
     elif "quant" in stages and is_chief:
-        float_model = keras.models.load_model(r.float_checkpoint(), compile=False)
+        float_model = load_float(r.float_checkpoint())
         summary["float_accuracy"] = evaluate(float_model, data.val)["accuracy"]
     if "quant" in results:
         q = results["quant"]
         summary.update(
             quant_accuracy=q["val_accuracy"],
+            quant_accuracy_final=q.get("final_val_accuracy"),
+            quant_final_feasible=q.get("final_feasible"),
+            quant_accuracy_best=q.get("best_val_accuracy"),
+            quant_best_epoch=q.get("best_epoch"),
+            quant_best_step=q.get("best_step"),
+            paper_rule=q.get("paper_rule"),
             quant_checkpoint=q["chosen"],
             weight_kb=q["weight_kb"],
             activation_kb_sum=q["activation_kb_sum"],
@@ -676,7 +738,7 @@ def run(values, print_fn=print):
         )
         float_ckpt = r.float_checkpoint()
         if os.path.exists(float_ckpt):
-            summary["float_weight_kb"] = float_weight_kb(keras.models.load_model(float_ckpt, compile=False))
+            summary["float_weight_kb"] = float_weight_kb(load_float(float_ckpt))
     if "export" in results and "quant" not in results and export_source and os.path.exists(export_source):
         # export of a given quantized model: its sizes and Keras accuracy
         qmodel = keras.models.load_model(export_source, compile=False)
