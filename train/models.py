@@ -195,9 +195,10 @@ def to_logits(model):
     """
     config = model.get_config()
     outputs = config.get("output_layers")
-    if not outputs or len(outputs) != 1 or len(model.outputs) != 1:
+    if not outputs or len(model.outputs) != 1:
         return model, None
-    name = outputs[0][0]
+    flat = isinstance(outputs[0], str)  # one output: ["name", 0, 0]; else [["name", 0, 0], ...]
+    name = outputs[0] if flat else outputs[0][0]
     layers = {l["config"]["name"]: l for l in config["layers"]}
     last = layers.get(name)
     if last is None:
@@ -212,7 +213,8 @@ def to_logits(model):
         history = args[0]["config"]["keras_history"] if args and isinstance(args[0], dict) else None
         if history is None:
             return model, None
-        config["output_layers"] = [[history[0], history[1], history[2]]]
+        entry = [history[0], history[1], history[2]]
+        config["output_layers"] = entry if flat else [entry]
         config["layers"] = [l for l in config["layers"] if l["config"]["name"] != name]
         note = f"its last layer {name!r} is a softmax; dropped to return logits"
     else:
