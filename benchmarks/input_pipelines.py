@@ -8,8 +8,9 @@ one process (``before``: the module as it was at commit ``BASE``, read with
   once (tensorflow-datasets stores CIFAR-10 as PNGs and decodes them on
   every read), served by ``tfds.testing.mock_data`` with CIFAR-10's feature
   specs. The training stream of ``data.load("cifar10", 128)`` is iterated
-  alone (no model) for one pass and the first batch of the next: the time
-  of each batch is recorded. ``stall_seconds`` is the time of the batch
+  for one pass and the first batch of the next by a consumer that sleeps
+  ``--step_seconds`` after each batch in place of a training step (0: the
+  pipeline alone, its worst case): the time of each ``next()`` is recorded. ``stall_seconds`` is the time of the batch
   that crosses into the second pass minus the median batch time: before,
   the second pass decodes all 50,000 PNGs again before its first batch;
   after, the decoded set is cached.
@@ -97,7 +98,7 @@ def mock_pool(encoded, labels, n_by_split):
         yield
 
 
-def cifar_stall(modules, n_train, batch_size, repeats, data_dir):
+def cifar_stall(modules, n_train, batch_size, repeats, data_dir, step_seconds=0.0):
     """Per version: batch times over one pass and the first batch of the next."""
     import tensorflow as tf  # noqa: PLC0415
 
@@ -116,6 +117,8 @@ def cifar_stall(modules, n_train, batch_size, repeats, data_dir):
                     t = time.perf_counter()
                     next(it)
                     times.append(time.perf_counter() - t)
+                    if step_seconds:
+                        time.sleep(step_seconds)
                 median = float(np.median(times[1:boundary]))
                 out[name].append({
                     "first_batch_seconds": times[0],
@@ -164,7 +167,7 @@ def _medians(rows):
 
 
 def run(n_train=50_000, cifar_batch=128, imagenet_batch=256, imagenet_batches=40, pool=64, repeats=3,
-        out_dir=RESULTS_DIR, command_line=None):
+        out_dir=RESULTS_DIR, command_line=None, step_seconds=(0.0,), imagenet=True):
     import tensorflow as tf  # noqa: PLC0415
 
     sys.path.insert(0, ROOT)
@@ -179,19 +182,23 @@ def run(n_train=50_000, cifar_batch=128, imagenet_batch=256, imagenet_batches=40
                 "alternately in one process, are the reliable part",
         "before": f"train/data.py at commit {BASE}",
         "after": "train/data.py of this tree",
-        "cifar10": {"settings": {"n_train": n_train, "batch_size": cifar_batch, "repeats": repeats}},
+        "cifar10": {"settings": {"n_train": n_train, "batch_size": cifar_batch, "repeats": repeats,
+                                 "step_seconds": list(step_seconds)}},
         "imagenet2012": {"settings": {"batch_size": imagenet_batch, "batches": imagenet_batches,
                                       "image_size": 224, "pool": pool, "repeats": repeats}},
     }
-    result["cifar10"].update(cifar_stall(modules, n_train, cifar_batch, repeats, data_dir))
-    result["imagenet2012"].update(imagenet_rate(modules, pool, imagenet_batch, imagenet_batches, repeats, data_dir))
-    c, i = result["cifar10"], result["imagenet2012"]
-    result["summary"] = {
-        "cifar10_stall_seconds": {"before": c["before"]["stall_seconds"], "after": c["after"]["stall_seconds"]},
-        "imagenet_images_per_second": {"before": i["before"]["images_per_second"],
-                                       "after": i["after"]["images_per_second"],
-                                       "ratio": i["after"]["images_per_second"] / i["before"]["images_per_second"]},
-    }
+    result["summary"] = {"cifar10_stall_seconds": {}}
+    for step in step_seconds:
+        c = cifar_stall(modules, n_train, cifar_batch, repeats, data_dir, step)
+        result["cifar10"][f"step_seconds={step:g}"] = c
+        result["summary"]["cifar10_stall_seconds"][f"step_seconds={step:g}"] = {
+            "before": c["before"]["stall_seconds"], "after": c["after"]["stall_seconds"]}
+    if imagenet:
+        i = imagenet_rate(modules, pool, imagenet_batch, imagenet_batches, repeats, data_dir)
+        result["imagenet2012"].update(i)
+        result["summary"]["imagenet_images_per_second"] = {
+            "before": i["before"]["images_per_second"], "after": i["after"]["images_per_second"],
+            "ratio": i["after"]["images_per_second"] / i["before"]["images_per_second"]}
     write_result(out_dir, NAME, "input pipelines before/after issue 16", command_line, result)
     print(result["summary"], flush=True)
     return result
@@ -202,6 +209,8 @@ def define_flags():
     flags.DEFINE_integer("repeats", 3, "Alternating repeats of each version.")
     flags.DEFINE_integer("n_train", 50_000, "CIFAR-10-shaped training images.")
     flags.DEFINE_integer("imagenet_batches", 40, "Timed ImageNet batches (of 256).")
+    flags.DEFINE_list("step_seconds", ["0", "0.05"], "Consumer sleep per batch (a training step's stand-in), each measured.")
+    flags.DEFINE_boolean("imagenet", True, "Also measure the ImageNet pipeline.")
 
 
 def main(argv):
@@ -211,7 +220,8 @@ def main(argv):
             out_dir=tempfile.mkdtemp(prefix="tfdq_pipelines_quick_"), command_line=" ".join(sys.argv))
     else:
         run(n_train=FLAGS.n_train, imagenet_batches=FLAGS.imagenet_batches, repeats=FLAGS.repeats,
-            command_line=" ".join(sys.argv))
+            command_line=" ".join(sys.argv), step_seconds=[float(v) for v in FLAGS.step_seconds],
+            imagenet=FLAGS.imagenet)
 
 
 if __name__ == "__main__":
