@@ -97,11 +97,9 @@ def _both_numbers(s, stage):
     if s.get(f"{stage}_best_step"):
         where += f", step {s[f'{stage}_best_step']}"
     feasible = s.get(f"{stage}_final_feasible")
-    return [
-        f"      paper's rule (best held-out, {where if best is not None else 'none feasible'}) {_pct(best)}",
-        f"      final model (last epoch{'' if feasible in (None, True) else ', constraints NOT met'})"
-        f"{' ' * (8 if feasible in (None, True) else 0)}{_pct(final)}",
-    ]
+    final_label = "final model (last epoch" + ("" if feasible in (None, True) else ", constraints NOT met") + ")"
+    best_label = f"paper's rule (best held-out, {where if best is not None else 'none feasible'})"
+    return [f"      {best_label:<48} {_pct(best)}", f"      {final_label:<48} {_pct(final)}"]
 
 
 def format_summary(summary):
