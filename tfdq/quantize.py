@@ -34,10 +34,9 @@ from keras import tree
 from keras.src.models.functional import Functional  # the class of Functional models
 
 from tfdq import layers as qlayers
-from tfdq import registry
-from tfdq.graph import model_nodes, producer
 from tfdq import quantizers as quantizers_lib
-from tfdq import validate
+from tfdq import registry, validate
+from tfdq.graph import model_nodes, producer
 from tfdq.model import QuantizedModel
 
 logger = logging.getLogger("tfdq")
@@ -327,6 +326,9 @@ def quantize_model(
     strict=False,
     return_report=False,
     target="tflite",
+    quantize_input=True,
+    init="float",
+    activation_init=None,
 ):
     """Clone ``model`` into a learned-quantization model.
 
@@ -355,6 +357,28 @@ def quantize_model(
             in a warning (an error with ``strict=True``) and in
             ``report["export_problems"]``. ``None``: no check (a model
             trained for Keras only).
+        quantize_input: also quantize the model input where it feeds a
+            quantized layer (default True). The paper's reference code
+            quantizes only the feature maps after the ReLUs and feeds the
+            first convolution the float image: ``quantize_input=False``. An
+            unquantized input gets an 8-bit scale calibrated on data at
+            export, as any tensor without a learned quantizer.
+        init: ``"float"`` (default): weight quantizers start from the
+            kernels they quantize (the paper's initialization from a trained
+            float network, section 4). ``"random"``: every quantizer starts
+            at its defaults, ``d = 2^-3`` and ``b = init_bits`` (power of two:
+            ``q_max = 1``), whatever the weights are: the paper's
+            initialization for training from scratch (pass an untrained
+            model); activations then start at their defaults too unless
+            ``activation_init="calibrate"``.
+        activation_init: how activation quantizers start. ``"calibrate"``:
+            from the largest value over ``calibration_data``
+            (``d = 2^floor(log2(max / (2^b - 1)))``, unsigned); ``"default"``:
+            at ``d = 2^-3``, ``b = init_bits`` (``q_max = 1.875`` for an
+            unsigned 4-bit quantizer), as the reference code starts every
+            activation quantizer, the fixed ones included; ``None``
+            (default): ``"calibrate"`` when ``calibration_data`` is given and
+            ``init="float"``, else ``"default"``.
 
     Returns:
         The quantized model, a :class:`tfdq.model.QuantizedModel` (a
@@ -373,6 +397,20 @@ def quantize_model(
     weight_bits = validate.bit_bounds("weight_bits", weight_bits)
     activation_bits = validate.bit_bounds("activation_bits", activation_bits)
     calibration_data = validate.calibration_inputs(model, calibration_data)
+    if init not in ("float", "random"):
+        raise ValueError(f"init={init!r}: use 'float' (from the model's weights) or 'random' (quantizer defaults).")
+    if activation_init is None:
+        activation_init = "calibrate" if calibration_data is not None and init == "float" else "default"
+    if activation_init not in ("calibrate", "default"):
+        raise ValueError(
+            f"activation_init={activation_init!r}: use 'calibrate' (from calibration_data) or "
+            "'default' (d = 2^-3, b = init_bits, as the paper's reference code)."
+        )
+    if activation_init == "calibrate" and calibration_data is None and quantize_activations:
+        raise ValueError(
+            "activation_init='calibrate' needs calibration_data (a few hundred training inputs); "
+            "pass it, or use activation_init='default'."
+        )
     # Validate the parametrization names and bounds up front.
     w_cls, w_kwargs = _template(weight_quantizer, "weight", True, weight_bits, init_bits)
     w_cls(**w_kwargs)
@@ -390,6 +428,9 @@ def quantize_model(
             init_bits=float(init_bits),
             weight_bits=weight_bits,
             activation_bits=activation_bits,
+            quantize_input=bool(quantize_input),
+            weights_from_kernels=init == "float",
+            calibrate_activations=activation_init == "calibrate",
         ),
         calibration_data,
         report,
@@ -450,13 +491,21 @@ def format_problems(problems, limit=6):
     return "\n".join(lines)
 
 
-def _quantize_graph(model, options, calibration_data, report, input_signs=None):
-    """Clone one Functional graph (recursing into nested models)."""
+def _quantize_graph(model, options, calibration_data, report, input_signs=None, raw_inputs=None):
+    """Clone one Functional graph (recursing into nested models).
+
+    ``raw_inputs``: positions of ``model.inputs`` that carry the outermost
+    model's input (all of them at the top level), left unquantized when
+    ``options["quantize_input"]`` is False.
+    """
     model = _as_functional(model)
     nodes = model_nodes(model)
     graph_nodes = {}  # id(layer) -> its nodes in this graph (a loaded model has extra ones)
     for layer, node in nodes:
         graph_nodes.setdefault(id(layer), []).append(node)
+    if raw_inputs is None:
+        raw_inputs = range(len(model.inputs))
+    raw = {id(model.inputs[i]) for i in raw_inputs}
 
     # 1. Where do activation quantizers go, and are they signed?
     targets = {}  # id(original tensor) -> original tensor
@@ -465,7 +514,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             if registry.is_quantizable(layer):
                 for t in node.input_tensors:
                     placed = _placement(t)
-                    targets[id(placed)] = placed
+                    if options["quantize_input"] or id(placed) not in raw:
+                        targets[id(placed)] = placed
     target_list = list(targets.values())
     stats = {}
     if target_list and calibration_data is not None and input_signs is None:
@@ -489,7 +539,12 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
     def clone_function(layer):
         if isinstance(layer, keras.Model):
             inner_signs = None
-            clone = _quantize_graph(layer, options, None, report, inner_signs)
+            feeds = graph_nodes.get(id(layer), [None])[0]
+            inner_raw = [
+                i for i, t in enumerate(feeds.input_tensors if feeds is not None else ())
+                if id(_placement(t)) in raw
+            ]
+            clone = _quantize_graph(layer, options, None, report, inner_signs, inner_raw)
         elif registry.is_quantizable(layer) and registry.lookup(layer).clone == "split":
             clone = _split_separable(layer, options, report)
         elif registry.is_quantizable(layer):
@@ -527,7 +582,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             )
             base = orig._keras_history.operation.name
             quantizer = cls(**kwargs, name=f"{base}_aq_q")
-            if id(orig) in stats:
+            if id(orig) in stats and options["calibrate_activations"]:
                 max_abs, _ = stats[id(orig)]
                 quantizer.initialize_from(np.array([max_abs]), bits=quantizer.init["bits"])
             aq = qlayers.ActivationQuantizer(quantizer=quantizer, name=f"{base}_aq")
@@ -535,7 +590,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             new_to_orig_tensor[id(out)] = orig
             quantized_cache[id(orig)] = out
             report["activation_quantizers"].append(
-                {"name": aq.name, "signed": signed[id(orig)], "calibrated": id(orig) in stats}
+                {"name": aq.name, "signed": signed[id(orig)], "calibrated": id(orig) in stats and options["calibrate_activations"]}
             )
         return quantized_cache[id(orig)]
 
@@ -574,7 +629,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             new.kernel.assign(orig.kernel)
             if orig.use_bias:
                 new.bias.assign(orig.bias)
-            new.kernel_quantizer.initialize_from(orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
+            if options["weights_from_kernels"]:
+                new.kernel_quantizer.initialize_from(orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
         elif orig.weights:
             new.set_weights(orig.get_weights())
     return clone

@@ -111,7 +111,11 @@ class CustomLoop:
         return {"loss": total[0] / max(total[2], 1.0), "accuracy": total[1] / max(total[2], 1.0)}
 
     def fit(self, train, validation_data, epochs, steps_per_epoch, initial_epoch=0, callbacks=(), verbose=1):
-        """Like ``keras.Model.fit`` on a repeated data set; returns the History."""
+        """Like ``keras.Model.fit`` on a repeated data set; returns the History.
+
+        ``train``: the global-batch data set, or a function ``input_context ->
+        data set`` of this worker's per-replica batches
+        (``strategy.distribute_datasets_from_function``)."""
         if self._train_step is None:
             self._train_step = self._make_train_step()
         if getattr(self.model, "optimizer", None) is None:
@@ -125,7 +129,10 @@ class CustomLoop:
             epochs=epochs,
             steps=steps_per_epoch,
         )
-        iterator = iter(self.strategy.experimental_distribute_dataset(train))
+        if callable(train):  # input_context -> this worker's share, in per-replica batches
+            iterator = iter(self.strategy.distribute_datasets_from_function(train))
+        else:
+            iterator = iter(self.strategy.experimental_distribute_dataset(train))
         cbl.on_train_begin()
         logs = {}
         for epoch in range(initial_epoch, epochs):
