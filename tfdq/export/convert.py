@@ -313,9 +313,11 @@ class Builder:
                 x = self.calibrated(x, f"{op.path}:logits", f"logits entering {op.path}", tight=True)
             return self.softmax(x, op.path)
         if kind in CALIBRATED_ACTIVATIONS:
-            # the step of the learned quantizer after it where the range fits, else a tight scale
+            # LeakyReLU (linear on each side) takes the step of the learned quantizer after it where
+            # the range fits; the curved ones a tight scale
+            prefer = self.plan.downstream_step(op.outputs[0]) if kind == "leaky_relu" else None
             x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}",
-                               prefer_step=self.plan.downstream_step(op.outputs[0]), tight=True)
+                               prefer_step=prefer, tight=True)
             return self.calibrated_activation(kind, x, op.path, getattr(op.layer, "negative_slope", 0.2))
         fn = tf.nn.relu if kind == "relu" else tf.nn.relu6
         if x.q is None and x.fusable:
