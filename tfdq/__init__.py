@@ -12,7 +12,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfdq import callbacks, constraints, layers, memory, models, ops, quantizers  # noqa: E402
+from tfdq import batchnorm, callbacks, constraints, layers, memory, models, ops, quantizers  # noqa: E402
+from tfdq.batchnorm import recalibrate_batchnorm  # noqa: E402
 from tfdq.constraints import MemoryBudget, constrain  # noqa: E402
 from tfdq.model import QuantizedModel  # noqa: E402
 from tfdq.quantize import quantize_model  # noqa: E402
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MemoryBudget",
+    "batchnorm",
     "QuantizedModel",
     "callbacks",
     "constrain",
@@ -34,5 +36,6 @@ __all__ = [
     "ops",
     "quantize_model",
     "quantizers",
+    "recalibrate_batchnorm",
     "summary",
 ]
