@@ -19,6 +19,15 @@ ResNet-20, the quantizer sits right after the ReLU and the identity shortcut
 sees the quantized value too. A quantizer is unsigned when its input is
 non-negative by construction (ReLU, ReLU6, a fused ``activation="relu"``,
 sums and poolings of such) and signed otherwise.
+
+So that every tensor inside the network lies on a learned grid (and the
+integer export calibrates nothing but the logits), two more kinds of
+quantizer are placed, starting at 8 bits (the upper bound) and left out of
+memory sizes (``counted=False``: they are parts of feature maps that are
+counted already): one on every operand of an ``Add`` / ``Concatenate`` that
+has none yet (a residual branch ending in BatchNorm: signed), and one on the
+output of an average pooling whose result reaches a quantized layer (the mean
+of quantized values is not on their grid).
 """
 
 import logging
@@ -30,6 +39,7 @@ from keras import tree
 from keras.src.models.functional import Functional  # the class of Functional models
 
 from tfdq import layers as qlayers
+from tfdq.models import ZeroPadShortcut
 from tfdq.graph import IDENTITY_AT_INFERENCE, model_nodes, producer
 from tfdq import quantizers as quantizers_lib
 from tfdq.model import QuantizedModel
@@ -58,7 +68,19 @@ PASS_THROUGH = IDENTITY_AT_INFERENCE + (
     keras.layers.GlobalAveragePooling1D,
     keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalAveragePooling3D,
+    ZeroPadShortcut,  # ResNet-20's identity shortcut: subsampling and zero channels
 )
+AVERAGING = (
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+)
+# Merges whose operands get a learned quantizer (the sum / concatenation of
+# tensors on learned grids is exact in the integer file).
+GRID_MERGES = (keras.layers.Add, keras.layers.Concatenate)
 # Merges whose output is non-negative when every input is.
 NONNEG_MERGES = (
     keras.layers.Add,
@@ -113,14 +135,20 @@ def _is_nonneg(tensor, input_signs, cache):
     return result
 
 
-def _placement(tensor):
-    """Walk up through pass-through layers to where the value is produced."""
+def _placement(tensor, averages=None):
+    """Walk up through pass-through layers to where the value is produced.
+
+    The outputs of average poolings passed on the way are appended to
+    ``averages`` (a list), when given.
+    """
     while True:
         layer, node = producer(tensor)
         if layer is None or not isinstance(layer, PASS_THROUGH):
             return tensor
         if len(node.input_tensors) != 1:
             return tensor
+        if averages is not None and isinstance(layer, AVERAGING):
+            averages.append(tensor)
         tensor = node.input_tensors[0]
 
 
@@ -339,12 +367,19 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
 
     # 1. Where do activation quantizers go, and are they signed?
     targets = {}  # id(original tensor) -> original tensor
+    internal = set()  # ids of targets that complete the grid (not counted as feature maps)
     if options["quantize_activations"]:
+        averages = []
         for layer, node in nodes:
             if type(layer) in qlayers.QUANTIZED_LAYERS:
                 for t in node.input_tensors:
-                    placed = _placement(t)
+                    placed = _placement(t, averages)
                     targets[id(placed)] = placed
+        operands = [t for layer, node in nodes if isinstance(layer, GRID_MERGES) for t in node.input_tensors]
+        for t in averages + [_placement(t) for t in operands]:
+            if id(t) not in targets:
+                targets[id(t)] = t
+                internal.add(id(t))
     target_list = list(targets.values())
     stats = {}
     if target_list and calibration_data is not None and input_signs is None:
@@ -393,24 +428,28 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
         if id(orig) not in quantized_cache:
             if not signed[id(orig)]:
                 new_tensor = _relu_input(new_tensor)
+            init_bits = options["init_bits"]
+            if id(orig) in internal:  # not counted: start at full precision
+                init_bits = float((options["activation_bits"] or (1, 8))[1])
             cls, kwargs = _template(
                 options["activation_quantizer"],
                 "activation",
                 signed[id(orig)],
                 options["activation_bits"],
-                options["init_bits"],
+                init_bits,
             )
             base = orig._keras_history.operation.name
             quantizer = cls(**kwargs, name=f"{base}_aq_q")
             if id(orig) in stats:
                 max_abs, _ = stats[id(orig)]
                 quantizer.initialize_from(np.array([max_abs]), bits=quantizer.init["bits"])
-            aq = qlayers.ActivationQuantizer(quantizer=quantizer, name=f"{base}_aq")
+            aq = qlayers.ActivationQuantizer(quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal)
             out = aq(new_tensor)
             new_to_orig_tensor[id(out)] = orig
             quantized_cache[id(orig)] = out
             report["activation_quantizers"].append(
-                {"name": aq.name, "signed": signed[id(orig)], "calibrated": id(orig) in stats}
+                {"name": aq.name, "signed": signed[id(orig)], "calibrated": id(orig) in stats,
+                 "counted": id(orig) not in internal}
             )
         return quantized_cache[id(orig)]
 
