@@ -356,6 +356,8 @@ class Run:
             )
             best.best, best.best_epoch = state.get("best"), state.get("best_epoch")
             callbacks.append(best)
+            if self.custom_loop:  # model.fit adds it by itself (tfdq.batchnorm)
+                callbacks.insert(0, tfdq.callbacks.BatchNormRecalibration(data.train_from(0)))
         from train.report import layer_bits  # noqa: PLC0415
 
         callbacks.append(_summary_writer_callback(os.path.join(stage_dir, "logs"), layer_bits))
