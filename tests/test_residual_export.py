@@ -5,42 +5,10 @@ of a trained residual CNN with BatchNorm (the README's budget recipe)."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tfdq
 import tfdq.export as E
-
-
-def residual_cnn(width=16, input_shape=(16, 16, 1), classes=10):
-    """conv-BN-ReLU, a residual block (conv-BN-ReLU-conv-BN + identity, Add,
-    ReLU), a strided conv-BN-ReLU, global average pooling, Dense."""
-    inputs = keras.Input(input_shape)
-    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem")(inputs)
-    x = keras.layers.BatchNormalization(name="stem_bn")(x)
-    x = keras.layers.ReLU(name="stem_relu")(x)
-    y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="a")(x)
-    y = keras.layers.BatchNormalization(name="a_bn")(y)
-    y = keras.layers.ReLU(name="a_relu")(y)
-    y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="b")(y)
-    y = keras.layers.BatchNormalization(name="b_bn")(y)
-    x = keras.layers.Add(name="add")([x, y])
-    x = keras.layers.ReLU(name="add_relu")(x)
-    x = keras.layers.Conv2D(2 * width, 3, strides=2, padding="same", use_bias=False, name="down")(x)
-    x = keras.layers.BatchNormalization(name="down_bn")(x)
-    x = keras.layers.ReLU(name="down_relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x))
-
-
-def digits(size=16):
-    """sklearn's 8x8 digits upscaled to ``size`` (1,400 training / 397 held-out)."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-
-    d = load_digits()
-    x = tf.image.resize(d.images.astype(np.float32)[..., None] / 16.0, (size, size)).numpy()
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], d.target.astype(np.int32)[order]
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+from benchmarks.batchnorm_residual import accuracy, budget_recipe, digits, residual_cnn
 
 
 def test_add_operands_and_pooled_maps_get_uncounted_learned_quantizers():
@@ -125,26 +93,6 @@ def _hidden_maps_equal(qmodel, tflite, x):
     return worst
 
 
-def _budget_recipe(model, train, epochs=(5, 2), seed=0):
-    """The README's Memory budgets recipe: 2-bit average weights + 5%, 4-bit
-    largest activation map, constrained fit, enforce_budget, freeze, fit."""
-    (x, y) = train
-    keras.utils.set_random_seed(seed)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    qmodel = tfdq.quantize_model(model, calibration_data=x[:512])
-    entries = tfdq.memory.size_entries(qmodel)
-    n = sum(e.count for e in entries if e.kind == "weight")
-    largest = max(e.count for e in entries if e.kind == "activation" and not e.is_input)
-    qmodel = tfdq.constrain(qmodel, weight_kb=1.05 * n * 2 / 8192, activation_kb=4 * largest / 8192)
-    qmodel.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
-    qmodel.fit(x, y, batch_size=64, epochs=epochs[0], verbose=0)
-    tfdq.constraints.enforce_budget(qmodel)
-    tfdq.constraints.freeze_quantizers(qmodel)
-    qmodel.compile(keras.optimizers.Adam(5e-4), loss, metrics=["accuracy"])
-    qmodel.fit(x, y, batch_size=64, epochs=epochs[1], verbose=0)
-    return qmodel
-
-
 def test_trained_residual_cnn_exports_exactly():
     """The cheap default check: a residual CNN with BatchNorm, briefly trained
     on the digits, exported with int4 and int8 kernels: every hidden map of
@@ -185,17 +133,10 @@ def test_budget_recipe_on_a_residual_cnn_inference_matches_training_mode():
     model.fit(*train, batch_size=64, epochs=20, verbose=0)
     tfdq.recalibrate_batchnorm(model, train[0])  # the float reference at its best
 
-    def accuracy(m, training=False):
-        state = [v.numpy() for v in m.non_trainable_variables]
-        out = float(np.mean(np.argmax(np.asarray(m(xv, training=training)), -1) == yv))
-        for v, s in zip(m.non_trainable_variables, state):
-            v.assign(s)
-        return out
-
-    float_acc = accuracy(model)
-    qmodel = _budget_recipe(model, train)
+    float_acc = accuracy(model, (xv, yv))
+    qmodel = budget_recipe(model, train)
     assert all(qmodel.memory_budget.satisfied(qmodel).values())
-    inference, training = accuracy(qmodel), accuracy(qmodel, training=True)
+    inference, training = accuracy(qmodel, (xv, yv)), accuracy(qmodel, (xv, yv), training=True)
     assert inference >= float_acc - 0.015, (inference, float_acc)
     assert abs(inference - training) <= 0.005, (inference, training)
     for int4 in (True, False):
