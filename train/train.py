@@ -356,8 +356,11 @@ class Run:
             )
             best.best, best.best_epoch = state.get("best"), state.get("best_epoch")
             callbacks.append(best)
-            if self.custom_loop:  # model.fit adds it by itself (tfdq.batchnorm)
-                callbacks.insert(0, tfdq.callbacks.BatchNormRecalibration(data.train_from(0)))
+            # BatchNorm statistics re-estimated before validation and at epoch ends
+            # (what model.fit adds by itself), always on the same stream, so that a
+            # resumed run re-estimates on the same inputs as an uninterrupted one
+            callbacks.insert(0, tfdq.callbacks.BatchNormRecalibration(
+                data.train_from(0), max_samples=min(2048, steps * config["batch_size"])))
         from train.report import layer_bits  # noqa: PLC0415
 
         callbacks.append(_summary_writer_callback(os.path.join(stage_dir, "logs"), layer_bits))
