@@ -92,6 +92,13 @@ def test_frozen_batchnorm_is_left_alone_and_nonfinite_inputs_change_nothing():
     np.testing.assert_array_equal(bn2.moving_mean.numpy(), stats)
     with pytest.raises(ValueError, match="no inputs"):
         tfdq.recalibrate_batchnorm(model, x[:0])
+    # inside fit, the callback warns instead of failing the whole fit
+    callback = batchnorm.BatchNormRecalibration(x)
+    callback.set_model(model)
+    callback.on_epoch_begin(0)
+    callback.on_train_end()
+    assert "non-finite" in callback.last["error"]
+    np.testing.assert_array_equal(bn2.moving_mean.numpy(), stats)
 
 
 def _quantized_mlp():

@@ -235,10 +235,14 @@ class BatchNormRecalibration(keras.callbacks.Callback):
 
     def _recalibrate(self):
         if self._stale:
-            self.last = recalibrate_batchnorm(
-                self.model, self.data, self.batch_size, self.max_samples, verbose=self.verbose
-            )
             self._stale = False
+            try:
+                self.last = recalibrate_batchnorm(
+                    self.model, self.data, self.batch_size, self.max_samples, verbose=self.verbose
+                )
+            except ValueError as err:  # a diverged model: say so, keep training's own result
+                logger.warning("tfdq: BatchNorm statistics not re-estimated: %s", err)
+                self.last = {"error": str(err)}
 
     def on_epoch_begin(self, epoch, logs=None):
         self._stale = True
