@@ -93,8 +93,13 @@ def test_placement_follows_relu_through_pooling():
 
 def test_resnet20_has_paper_layout():
     q, report = tfdq.quantize_model(tfdq.models.resnet20(), return_report=True)
-    feature_maps = [a for a in report["activation_quantizers"] if a["name"] != "image_aq"]
+    feature_maps = [a for a in report["activation_quantizers"] if a["name"] != "image_aq" and a["counted"]]
     assert len(feature_maps) == 19 and not any(a["signed"] for a in feature_maps)
+    # plus one learned (uncounted) quantizer per residual branch and one on the pooled map
+    extra = [a for a in report["activation_quantizers"] if not a["counted"]]
+    assert sorted(a["name"] for a in extra if a["signed"]) == sorted(
+        f"s{s}b{b}b_bn_aq" for s in (1, 2, 3) for b in (1, 2, 3)
+    ) and [a["name"] for a in extra if not a["signed"]] == ["pool_aq"]
     assert len(report["quantized_layers"]) == 20
     rows = tfdq.summary(q, print_fn=None)
     total = rows[-1]
