@@ -10,7 +10,9 @@ paper does (METHOD.md section 4).
 An unsigned quantizer placed on the output of a plain ReLU takes the ReLU's
 input instead (``Q(relu(x)) = Q(x)`` for a quantizer that clips at 0), so
 the ReLU drops out of the quantized graph: one elementwise pass less per
-feature map, forward and backward.
+feature map, forward and backward. A ReLU after an ``Add`` / ``Concatenate``
+stays: its input, a sum of values on learned grids, is often exactly 0,
+where the ReLU's gradient and the quantizer's differ.
 
 Placement of activation quantizers: a feature map that reaches a quantized
 layer only through shape or pooling operations (Flatten, Dropout, pooling,
@@ -207,6 +209,11 @@ def _relu_input(tensor):
     """
     layer, node = producer(tensor)
     if layer is None or not _is_plain_relu(layer) or len(node.input_tensors) != 1:
+        return tensor
+    source, _ = producer(node.input_tensors[0])
+    if isinstance(source, GRID_MERGES):
+        # a sum of values on learned grids is often exactly 0, where the
+        # ReLU's gradient (0) and the quantizer's (1) differ: keep the ReLU
         return tensor
     return node.input_tensors[0]
 
