@@ -29,15 +29,12 @@ A config (all keys but ``name`` optional)::
      "activation_budget": ("max", 4)  # (8b) "sum" / (8c) "max" at this many bits per value
     }
 
-Random initialization (METHOD.md section 4, ``d = 2^-3``): ``quantize_model``
-always initializes the weight quantizers from the kernels it copies, which
-for an untrained network gives a data-dependent step (``2^floor(log2(max|W|
-/ 7))``, here 2^-6 to 2^-7) rather than the paper's 2^-3. A random-init run
-therefore quantizes a freshly initialized (untrained) network, resets every
-weight quantizer to tfdq's own default start (uniform ``d = 2^-3``,
-``q_max = 7 d``; power of two ``q_max = 1``, ``q_min = 2^-7``; ``b = 4``)
-and passes no calibration data, so the activation quantizers start at the
-same defaults.
+Random initialization (METHOD.md section 4, ``d = 2^-3``): a random-init
+run quantizes a freshly initialized (untrained) network with
+``quantize_model(..., init="random")``: every quantizer starts at tfdq's
+default (uniform ``d = 2^-3``, ``q_max = 7 d``; power of two ``q_max = 1``,
+``q_min = 2^-7``; ``b = 4``) instead of from the kernels, and no calibration
+data is passed, so the activation quantizers start at the same defaults.
 """
 
 import math
@@ -201,17 +198,6 @@ def budget_targets(config, counts):
 # -- one quantized run ----------------------------------------------------------
 
 
-def reset_to_random_init(qmodel):
-    """Weight quantizers back to tfdq's default start (uniform d = 2^-3,
-    power of two q_max = 1; b as initialized), ignoring the kernels."""
-    for layer_q in qmodel.quantizers():
-        if layer_q.role != "weight":
-            continue
-        bits = layer_q.init["bits"]
-        layer_q.init.update({"d": None, "q_max": None, "q_min": None, "bits": bits})
-        layer_q._assign_initial()
-
-
 def build_quantized(config, source_model, calibration):
     """``quantize_model`` (+ ``constrain``) as ``config`` says; returns
     ``(qmodel, targets)``."""
@@ -226,9 +212,8 @@ def build_quantized(config, source_model, calibration):
         activation_quantizer=quantizer_arg(act, config.get("activation_bits", 4)) if act else "U3",
         quantize_activations=act is not None,
         calibration_data=None if random_init else calibration,
+        init="random" if random_init else "float",
     )
-    if random_init:
-        reset_to_random_init(qmodel)
     targets = {}
     weight_kb, act_kb, kind = config.get("_targets") or (None, None, None)
     if weight_kb is not None or act_kb is not None:

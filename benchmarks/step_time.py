@@ -2,7 +2,8 @@
 
 Times one ``train_on_batch`` step (batch 128, CIFAR-10 shapes, generated
 inputs: a timing, not an accuracy) of the float Keras ResNet-20 and of its
-tfdq version with U3 weights and activations: with tfdq's fused quantizer
+tfdq version with U3 weights and activations (with and without the guard
+that skips non-finite steps, ``tfdq.nonfinite``): with tfdq's fused quantizer
 kernels (the default: the uniform quantizer's forward and backward pass are
 one multi-threaded loop each, ``tfdq.kernels``), with the XLA-compiled
 quantizer passes instead (``TFDQ_CUSTOM_KERNELS=0``), with plain TensorFlow
@@ -59,6 +60,9 @@ def measure(rounds=5, steps=5, batch_size=128):
 
     add("float", keras.models.clone_model(float_model), False)
     add("tfdq_u3", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    tfdq.nonfinite.ENABLED = False  # the same step without the non-finite-step guard
+    add("tfdq_u3_unguarded", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    tfdq.nonfinite.ENABLED = True
     saved = os.environ.get("TFDQ_CUSTOM_KERNELS")
     os.environ["TFDQ_CUSTOM_KERNELS"] = "0"
     add("tfdq_u3_xla_quantizers", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
@@ -86,6 +90,7 @@ def measure(rounds=5, steps=5, batch_size=128):
     def ratios(m):
         return {
             "tfdq_u3 / float": m["tfdq_u3"] / m["float"],
+            "tfdq_u3 / tfdq_u3_unguarded": m["tfdq_u3"] / m["tfdq_u3_unguarded"],
             "tfdq_u3_xla_quantizers / float": m["tfdq_u3_xla_quantizers"] / m["float"],
             "tfdq_u3_plain_ops / float": m["tfdq_u3_plain_ops"] / m["float"],
             "tfdq_u3_xla / float_xla": m["tfdq_u3_xla"] / m["float_xla"],

@@ -46,16 +46,31 @@ def test_cifar10_pipeline_shapes_augmentation_and_determinism():
     assert not np.array_equal(first[0], first[4])
 
 
-def test_cifar_augmentation_is_pad_crop_flip():
+@pytest.mark.parametrize("input_range", ["normalized", "minus1_1"])
+def test_cifar_augmentation_is_scale_then_pad_crop_flip(input_range):
     image = tf.reshape(tf.range(32 * 32 * 3, dtype=tf.int32) % 251, (32, 32, 3))
     image = tf.cast(image, tf.uint8)
-    outs = [data_lib.cifar_train_transform(image, 0, tf.constant([1, i], tf.int64))[0] for i in range(20)]
-    plain = data_lib.cifar_eval_transform(image, 0)[0]
+    outs = [
+        data_lib.cifar_train_transform(image, 0, tf.constant([1, i], tf.int64), input_range=input_range)[0]
+        for i in range(20)
+    ]
+    plain = data_lib.cifar_eval_transform(image, 0, input_range=input_range)[0].numpy()
+    pixels = image.numpy().astype(np.float64) / 255.0
+    if input_range == "minus1_1":  # the reference code's (x/255 - 0.5) * 2
+        expected = (pixels - 0.5) * 2.0
+    else:
+        expected = (pixels - np.array(data_lib.CIFAR10_MEAN)) / np.array(data_lib.CIFAR10_STD)
+    np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-5)
     assert all(o.shape == (32, 32, 3) for o in outs)
     assert any(not np.allclose(o, plain) for o in outs)  # shifted and/or flipped
-    # some crops keep zero padding: a border row equal to the normalized 0
-    zero = (0.0 - np.array(data_lib.CIFAR10_MEAN)) / np.array(data_lib.CIFAR10_STD)
-    assert any(np.allclose(o.numpy()[0], zero, atol=1e-5) or np.allclose(o.numpy()[-1], zero, atol=1e-5) for o in outs)
+    # padding comes after scaling, as in the reference code: zeros of the scaled image
+    assert any(np.allclose(o.numpy()[0], 0.0) or np.allclose(o.numpy()[-1], 0.0) for o in outs)
+    # every output is a window of the padded, scaled image, possibly mirrored
+    padded = np.pad(plain, ((4, 4), (4, 4), (0, 0)))
+    windows = [padded[r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
+    for o in outs:
+        o = o.numpy()
+        assert any(np.allclose(o, w, atol=1e-6) or np.allclose(o[:, ::-1], w, atol=1e-6) for w in windows)
 
 
 def test_imagenet_pipeline_random_resized_crop_and_center_crop():
@@ -116,9 +131,11 @@ def test_cifar10_resnet20_float_quant_export_on_mock_data(tmp_path):
 def test_resnet20_built_by_the_script_has_the_papers_268346_weights():
     import tfdq
 
-    model = models_lib.configure(models_lib.build("resnet20", (32, 32, 3), 10), weight_decay=2e-4)
+    model = models_lib.configure(models_lib.build("resnet20", (32, 32, 3), 10), bn_momentum=0.9, bn_epsilon=1e-5)
     assert models_lib.counted_weights(model) == 268_346
-    q = tfdq.quantize_model(model)
+    bns = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
+    assert len(bns) == 19 and all(l.momentum == 0.9 and l.epsilon == 1e-5 for l in bns)  # the reference's BN
+    q = tfdq.quantize_model(model, quantize_input=False)
     total = tfdq.summary(q, print_fn=None)[-1]
     assert total["weight_count"] == 268_346
     # the paper's sizes: 32-bit weights 1048 kB; 4-bit start 131 kB; 19 activation quantizers after ReLUs
@@ -126,9 +143,40 @@ def test_resnet20_built_by_the_script_has_the_papers_268346_weights():
     assert total["weight_kb"] == pytest.approx(268_346 * 4 / 8 / 1024)
     assert total["activation_kb_sum"] == pytest.approx(188_416 * 4 / 8 / 1024)
     assert total["activation_kb_max"] == pytest.approx(16 * 32 * 32 * 4 / 8 / 1024)
-    # weight decay reaches every kernel (as L2(wd / 2): gradient + wd * w)
-    regs = [l.kernel_regularizer for l in q.layers if hasattr(l, "kernel_regularizer")]
-    assert regs and all(r is not None and r.get_config()["l2"] == pytest.approx(1e-4) for r in regs)
+    assert len(tfdq.layers.activation_quantizer_layers(q)) == 19
+
+
+@pytest.mark.parametrize("on", ["all", "kernels", "kernels_except_depthwise"])
+def test_weight_decay_reaches_the_variables_of_its_scope_as_the_reference_solver(on):
+    import tfdq
+
+    model = tf.keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
+    q = tfdq.quantize_model(models_lib.configure(model), quantize_input=False)
+    n = models_lib.apply_weight_decay(q, 2e-4, on)
+    decayed = {id(v) for v in models_lib.decayed_variables(q, on)}
+    assert n == len(decayed) > 0
+    names = {v.path for v in q.trainable_variables if id(v) in decayed}
+    depthwise = {l.kernel.path for l in q.layers if isinstance(l, tfdq.layers.QDepthwiseConv2D)}
+    quantizer_params = {v.path for l in q.quantizers() for v in l.trainable_variables}
+    bn = {v.path for v in q.trainable_variables if v.path.endswith(("gamma", "beta"))}
+    if on == "all":
+        assert names == {v.path for v in q.trainable_variables}
+        assert quantizer_params and quantizer_params <= names and bn <= names
+    else:
+        assert not (quantizer_params & names) and not (bn & names)
+        assert depthwise and (depthwise <= names) == (on == "kernels")
+        assert not (depthwise & names) or on == "kernels"
+    # the solver's rule: the gradient gets + wd * w (coupled L2 of wd / 2), no more
+    with tf.GradientTape() as tape:
+        reg = tf.add_n(q.losses)
+    grads = tape.gradient(reg, q.trainable_variables)
+    for v, g in zip(q.trainable_variables, grads):
+        if id(v) in decayed:
+            np.testing.assert_allclose(g.numpy(), 2e-4 * v.numpy(), rtol=1e-5, atol=1e-12)
+        else:
+            assert g is None or not np.any(g.numpy())
+    # nothing is saved into the layers' configs
+    assert all(l.get_config().get("kernel_regularizer") is None for l in q.layers)
 
 
 def test_imagenet_models_weight_counts():

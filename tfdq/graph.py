@@ -1,20 +1,5 @@
 """Walking the graph of a Keras Functional model (shared by cloning and export)."""
 
-import keras
-
-# Layers that are the identity at inference (regularizers, noise, dropout).
-IDENTITY_AT_INFERENCE = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-    keras.layers.ActivityRegularization,
-    keras.layers.Identity,
-)
-
 
 def producer(tensor):
     """``(layer, node)`` that produced a KerasTensor, or ``(None, None)`` for inputs."""

@@ -167,13 +167,6 @@ class ActivationQuantizer(keras.layers.Layer):
         return config
 
 
-QUANTIZED_LAYERS = {
-    keras.layers.Conv2D: QConv2D,
-    keras.layers.DepthwiseConv2D: QDepthwiseConv2D,
-    keras.layers.Dense: QDense,
-}
-
-
 def weight_quantized_layers(model):
     """All layers of ``model`` (nested models included) with a weight quantizer."""
     return [l for l in _walk(model) if isinstance(l, QuantizedWeightsMixin)]

@@ -10,10 +10,12 @@ the rounding) and can enter a training loss.
 
 import dataclasses
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tfdq import layers as qlayers
+from tfdq import registry
 
 BITS_PER_KB = 8.0 * 1024.0
 FLOAT_BITS = 32.0
@@ -61,7 +63,7 @@ def _feature_count(layer):
 def _is_model_input(layer):
     node = layer._inbound_nodes[0]
     source = node.input_tensors[0]._keras_history.operation
-    return type(source).__name__ == "InputLayer"
+    return isinstance(source, keras.layers.InputLayer)
 
 
 def size_entries(model):
@@ -77,9 +79,10 @@ def size_entries(model):
     """
     entries = []
     for layer in qlayers._walk(model):
-        if isinstance(layer, qlayers.QuantizedWeightsMixin):
+        counted = registry.counts_kernel(layer)
+        if counted == "quantized":
             entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, layer.kernel_quantizer))
-        elif getattr(layer, "kernel", None) is not None and not isinstance(layer, qlayers.ActivationQuantizer):
+        elif counted == "float":
             entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, None))
     for layer in qlayers.activation_quantizer_layers(model):
         if not getattr(layer, "counted", True):

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from tfdq import batchnorm
 from tfdq import layers as qlayers
+from tfdq import nonfinite
 from tfdq import quantizers as quantizers_lib
 
 
@@ -129,6 +130,7 @@ class QuantizedModel(keras.Model):
         ``apply_gradients`` through :meth:`clip_quantizer_gradients` (a no-op
         while no budget is set)."""
         super().compile(*args, **kwargs)
+        nonfinite.attach(self)
         _install_gradient_clipping(self)
 
     def compile_from_config(self, config):
@@ -141,7 +143,10 @@ class QuantizedModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, recalibrate_batchnorm=True, **kwargs):
-        """``keras.Model.fit``; a model with BatchNormalization layers gets a
+        """``keras.Model.fit``; too many non-finite steps in a row raise
+        :class:`tfdq.nonfinite.NonFiniteTrainingError` (see :mod:`tfdq.nonfinite`).
+
+        A model with BatchNormalization layers gets a
         :class:`tfdq.batchnorm.BatchNormRecalibration` first among the
         callbacks, so that validation, checkpoints and the model after ``fit``
         use BatchNorm statistics of the current quantizers (re-estimated on
@@ -149,10 +154,22 @@ class QuantizedModel(keras.Model):
         Keras' moving averages."""
         if recalibrate_batchnorm:
             args, kwargs = batchnorm.fit_with_recalibration(self, args, kwargs)
-        return super().fit(*args, **kwargs)
+        state = getattr(self, "_tfdq_nonfinite", None)
+        if state is not None:
+            state["streak"].assign(0)  # a new fit starts a new count
+        if state is not None and len(args) < 6:  # callbacks not given by position
+            callbacks = kwargs.get("callbacks")
+            kwargs["callbacks"] = [*(callbacks or []), nonfinite.StopOnNonFinite()]
+        try:
+            return super().fit(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as e:
+            nonfinite.raise_clear(e)
 
     def train_step(self, data):
-        logs = super().train_step(data)
+        # a step with a non-finite loss or gradient changes nothing (tfdq.nonfinite)
+        with nonfinite.guarding(self):
+            logs = super().train_step(data)
+        logs = nonfinite.step_logs(self, logs)
         if self.memory_budget is not None:
             logs = dict(logs)
             logs.update(self.memory_budget.logs(self))
@@ -165,6 +182,7 @@ def _install_gradient_clipping(model):
         return
     apply_gradients = optimizer.apply_gradients
     model_ref = weakref.ref(model)
+    nonfinite.record_loss(model, optimizer)
 
     def apply_gradients_with_clipping(grads_and_vars):
         grads_and_vars = list(grads_and_vars)
@@ -173,6 +191,9 @@ def _install_gradient_clipping(model):
             variables = [v for _, v in grads_and_vars]
             grads = target.clip_quantizer_gradients([g for g, _ in grads_and_vars], variables)
             grads_and_vars = list(zip(grads, variables))
+        step = nonfinite.active_step(target) if target is not None else None
+        if step is not None:
+            return nonfinite.apply_if_finite(target, apply_gradients, grads_and_vars, step["loss"], step["snapshot"])
         return apply_gradients(grads_and_vars)
 
     # An instance attribute: this optimizer only, set once, read at trace time.

@@ -1,8 +1,10 @@
 """``quantize_model``: turn a float Keras model into a learned-quantization one.
 
 The model is cloned with ``keras.models.clone_model``: supported layers
-(``Conv2D``, ``DepthwiseConv2D``, ``Dense``) become their quantized versions
-with a weight quantizer, and every feature map that feeds a quantized layer
+(``Conv2D``, ``DepthwiseConv2D``, ``Dense``; ``SeparableConv2D`` split into
+depthwise and pointwise) become their quantized versions with a weight
+quantizer, Keras 3 operation nodes (``x + 3.0``, ``keras.ops.*``) are rebuilt
+as they are, and every feature map that feeds a quantized layer
 passes an :class:`~tfdq.layers.ActivationQuantizer` (the input image
 included). Float weights are copied and the quantizers are initialized as the
 paper does (METHOD.md section 4).
@@ -20,7 +22,9 @@ padding, ...) is quantized where it is produced, so that, as in the paper's
 ResNet-20, the quantizer sits right after the ReLU and the identity shortcut
 sees the quantized value too. A quantizer is unsigned when its input is
 non-negative by construction (ReLU, ReLU6, a fused ``activation="relu"``,
-sums and poolings of such) and signed otherwise.
+sums and poolings of such) and signed otherwise. What each layer or
+operation means for this (pass-through, merge, activation) comes from
+:mod:`tfdq.registry`, as does whether it is quantized.
 
 So that every tensor inside the network lies on a learned grid (and the
 integer export calibrates nothing but the logits), two more kinds of
@@ -41,37 +45,13 @@ from keras import tree
 from keras.src.models.functional import Functional  # the class of Functional models
 
 from tfdq import layers as qlayers
-from tfdq.models import ZeroPadShortcut
-from tfdq.graph import IDENTITY_AT_INFERENCE, model_nodes, producer
 from tfdq import quantizers as quantizers_lib
+from tfdq import registry, validate
+from tfdq.graph import model_nodes, producer
 from tfdq.model import QuantizedModel
 
 logger = logging.getLogger("tfdq")
 
-PASS_THROUGH = IDENTITY_AT_INFERENCE + (
-    keras.layers.Flatten,
-    keras.layers.Reshape,
-    keras.layers.Permute,
-    keras.layers.ZeroPadding1D,
-    keras.layers.ZeroPadding2D,
-    keras.layers.ZeroPadding3D,
-    keras.layers.Cropping1D,
-    keras.layers.Cropping2D,
-    keras.layers.Cropping3D,
-    keras.layers.MaxPooling1D,
-    keras.layers.MaxPooling2D,
-    keras.layers.MaxPooling3D,
-    keras.layers.AveragePooling1D,
-    keras.layers.AveragePooling2D,
-    keras.layers.AveragePooling3D,
-    keras.layers.GlobalMaxPooling1D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.GlobalMaxPooling3D,
-    keras.layers.GlobalAveragePooling1D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalAveragePooling3D,
-    ZeroPadShortcut,  # ResNet-20's identity shortcut: subsampling and zero channels
-)
 AVERAGING = (
     keras.layers.AveragePooling1D,
     keras.layers.AveragePooling2D,
@@ -83,19 +63,6 @@ AVERAGING = (
 # Merges whose operands get a learned quantizer (the sum / concatenation of
 # tensors on learned grids is exact in the integer file).
 GRID_MERGES = (keras.layers.Add, keras.layers.Concatenate)
-# Merges whose output is non-negative when every input is.
-NONNEG_MERGES = (
-    keras.layers.Add,
-    keras.layers.Concatenate,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-    keras.layers.Average,
-    keras.layers.Multiply,
-)
-NONNEG_ACTIVATIONS = {"relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "exponential", "softplus"}
-# Layers with weights that are handled without a quantizer of their own
-# (BatchNormalization is folded into the preceding kernel at export).
-WEIGHTED_BUT_SUPPORTED = (keras.layers.BatchNormalization,)
 
 
 class QuantizationReport(dict):
@@ -103,11 +70,33 @@ class QuantizationReport(dict):
     and the layers that stay float (``report["float_layers"]``)."""
 
 
-def _activation_name(layer):
-    act = getattr(layer, "activation", None)
-    if act is None:
-        return None
-    return getattr(act, "__name__", str(act))
+def _constants_nonneg(node):
+    """True when every non-tensor number among a node's arguments is >= 0."""
+    for value in tree.flatten((node.arguments.args, node.arguments.kwargs)):
+        if isinstance(value, keras.KerasTensor) or value is None:
+            continue
+        try:
+            if np.any(np.asarray(value, dtype=np.float64) < 0):
+                return False
+        except (TypeError, ValueError):
+            return False
+    return True
+
+
+def _output_nonneg(layer):
+    """An activation-like node's output is >= 0 by construction."""
+    if isinstance(layer, keras.layers.ReLU):
+        slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
+        threshold = float(getattr(layer, "threshold", 0.0) or 0.0)
+        return slope == 0.0 and threshold >= 0.0
+    x_min = getattr(layer, "x_min", None)  # keras.ops.clip
+    if x_min is not None:
+        try:
+            return float(x_min) >= 0.0
+        except (TypeError, ValueError):
+            return False
+    act = registry.activation(registry.activation_function_name(layer))
+    return act is not None and act.nonneg
 
 
 def _is_nonneg(tensor, input_signs, cache):
@@ -116,12 +105,10 @@ def _is_nonneg(tensor, input_signs, cache):
     if key in cache:
         return cache[key]
     layer, node = producer(tensor)
+    entry = None if layer is None else registry.lookup(layer)
+    role = None if entry is None else entry.role
     if layer is None:
         result = input_signs.get(id(tensor), False)
-    elif isinstance(layer, keras.layers.ReLU):
-        slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
-        threshold = float(getattr(layer, "threshold", 0.0) or 0.0)
-        result = slope == 0.0 and threshold >= 0.0
     elif isinstance(layer, keras.Model):
         position = [id(o) for o in node.outputs].index(id(tensor))
         inner_signs = {
@@ -129,10 +116,16 @@ def _is_nonneg(tensor, input_signs, cache):
             for inner, outer in zip(layer.inputs, node.input_tensors)
         }
         result = _is_nonneg(layer.outputs[position], inner_signs, {})
-    elif isinstance(layer, PASS_THROUGH + NONNEG_MERGES):
-        result = all(_is_nonneg(t, input_signs, cache) for t in node.input_tensors)
+    elif isinstance(layer, qlayers.ActivationQuantizer):
+        result = not layer.signed
+    elif role in (registry.PASS_THROUGH, registry.MERGE):
+        result = _constants_nonneg(node) and all(_is_nonneg(t, input_signs, cache) for t in node.input_tensors)
+    elif role == registry.NONNEG:
+        result = True
+    elif role in (registry.ACTIVATION, registry.WEIGHTED):
+        result = _output_nonneg(layer)
     else:
-        result = _activation_name(layer) in NONNEG_ACTIVATIONS
+        result = False
     cache[key] = result
     return result
 
@@ -145,9 +138,10 @@ def _placement(tensor, averages=None):
     """
     while True:
         layer, node = producer(tensor)
-        if layer is None or not isinstance(layer, PASS_THROUGH):
+        if layer is None or isinstance(layer, keras.Model):
             return tensor
-        if len(node.input_tensors) != 1:
+        entry = registry.lookup(layer)
+        if entry is None or entry.role != registry.PASS_THROUGH or len(node.input_tensors) != 1:
             return tensor
         if averages is not None and isinstance(layer, AVERAGING):
             averages.append(tensor)
@@ -187,13 +181,9 @@ def _as_functional(model):
 
 
 def _is_plain_relu(layer):
-    """``max(x, 0)`` exactly: ReLU() with default arguments or Activation("relu")."""
-    if isinstance(layer, keras.layers.ReLU):
-        cfg = layer.get_config()
-        return cfg.get("max_value") is None and not cfg.get("negative_slope") and not cfg.get("threshold")
-    if isinstance(layer, keras.layers.Activation):
-        return getattr(layer.activation, "__name__", "") == "relu"
-    return False
+    """``max(x, 0)`` exactly: ReLU() with default arguments, Activation("relu"), keras.ops.relu."""
+    entry = registry.lookup(layer)
+    return entry is not None and entry.role == registry.ACTIVATION and registry.activation_function_name(layer) == "relu"
 
 
 def _relu_input(tensor):
@@ -264,6 +254,81 @@ def _template(identifier, role, signed, bits_bounds, init_bits):
     )
 
 
+def _clone_operation(op, report):
+    """A fresh copy of a Keras 3 operation node (``x + 3.0``, ``keras.ops.relu``).
+
+    Operations have no weights; they are rebuilt from their config as Keras'
+    own cloning does, or shared when their config cannot rebuild them (an
+    operation computes only from its arguments, so sharing it is safe).
+    Operations the registry does not know are kept and listed in
+    ``report["unknown_operations"]``.
+    """
+    if registry.lookup(op) is None:
+        report["unknown_operations"].append({"name": op.name, "class": type(op).__name__})
+    try:
+        return op.__class__.from_config(op.get_config())
+    except Exception:  # noqa: BLE001 (any failure: keep the stateless original)
+        return op
+
+
+class _Split:
+    """A SeparableConv2D cloned as QDepthwiseConv2D -> signed ActivationQuantizer -> 1x1 QConv2D.
+
+    Keras computes a SeparableConv2D as exactly that depthwise then pointwise
+    pair (strides and dilation on the depthwise step); split, each kernel has
+    its own learned quantizer and the feature map between them a learned
+    quantizer too, so the exported DEPTHWISE_CONV_2D and CONV_2D hold learned
+    integers on both sides.
+    """
+
+    def __init__(self, layer, options, report):
+        if layer.data_format != "channels_last":
+            raise ValueError(f"{layer.name}: SeparableConv2D with data_format={layer.data_format!r} is not supported.")
+        cls, kwargs = _template(
+            options["weight_quantizer"], "weight", True, options["weight_bits"], options["init_bits"]
+        )
+        self.depthwise = qlayers.QDepthwiseConv2D(
+            layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=layer.depth_multiplier,
+            dilation_rate=layer.dilation_rate, use_bias=False, name=f"{layer.name}_depthwise",
+            kernel_quantizer=cls(**dict(kwargs, name=f"{layer.name}_depthwise_wq")),
+        )
+        self.quantizer = None
+        if options["quantize_activations"]:
+            a_cls, a_kwargs = _template(
+                options["activation_quantizer"], "activation", True, options["activation_bits"], options["init_bits"]
+            )
+            self.quantizer = qlayers.ActivationQuantizer(
+                quantizer=a_cls(**a_kwargs, name=f"{layer.name}_depthwise_aq_q"), name=f"{layer.name}_depthwise_aq"
+            )
+            report["activation_quantizers"].append({"name": self.quantizer.name, "signed": True, "calibrated": False})
+        self.pointwise = qlayers.QConv2D(
+            layer.filters, 1, use_bias=layer.use_bias, activation=layer.activation, name=layer.name,
+            kernel_quantizer=cls(**dict(kwargs, name=f"{layer.name}_wq")),
+        )
+        for part in ("depthwise", "pointwise"):
+            report["quantized_layers"].append({"name": f"{layer.name}/{part}", "class": type(layer).__name__})
+
+    def call(self, x):
+        h = self.depthwise(x)
+        return self.pointwise(self.quantizer(h) if self.quantizer is not None else h)
+
+    def copy_weights(self, orig, model, clone, calibration_data):
+        for new, kernel in ((self.depthwise, orig.depthwise_kernel), (self.pointwise, orig.pointwise_kernel)):
+            new.kernel.assign(kernel)
+            new.kernel_quantizer.initialize_from(kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
+        if orig.use_bias:
+            self.pointwise.bias.assign(orig.bias)
+        if self.quantizer is not None and calibration_data is not None:
+            probe = keras.Model(clone.inputs, self.depthwise.output)
+            max_abs = float(np.max(np.abs(probe.predict(calibration_data, verbose=0))))
+            q = self.quantizer.quantizer
+            q.initialize_from(np.array([max_abs]), bits=q.init["bits"])
+
+
+def _split_separable(layer, options, report):
+    return _Split(layer, options, report)
+
+
 def _check_finite(layer):
     for w in layer.weights:
         value = np.asarray(w.numpy())
@@ -295,6 +360,10 @@ def quantize_model(
     activation_bits=None,
     strict=False,
     return_report=False,
+    target="tflite",
+    quantize_input=True,
+    init="float",
+    activation_init=None,
 ):
     """Clone ``model`` into a learned-quantization model.
 
@@ -313,8 +382,38 @@ def quantize_model(
         init_bits: starting bitwidth b (METHOD.md section 4: 4).
         weight_bits, activation_bits: ``(min_bits, max_bits)`` bounds;
             defaults (2, 8) and (1, 8) as the reference code.
-        strict: raise instead of leaving unsupported weighted layers float.
+        strict: raise instead of leaving unsupported weighted layers float,
+            and, with ``target="tflite"``, instead of warning about layers
+            the exporter cannot take.
         return_report: also return a :class:`QuantizationReport`.
+        target: ``"tflite"`` (default): check, before any training, that
+            :func:`tfdq.export.to_tflite` can take every layer and operation
+            of the quantized model; each one it cannot is named with the fix
+            in a warning (an error with ``strict=True``) and in
+            ``report["export_problems"]``. ``None``: no check (a model
+            trained for Keras only).
+        quantize_input: also quantize the model input where it feeds a
+            quantized layer (default True). The paper's reference code
+            quantizes only the feature maps after the ReLUs and feeds the
+            first convolution the float image: ``quantize_input=False``. An
+            unquantized input gets an 8-bit scale calibrated on data at
+            export, as any tensor without a learned quantizer.
+        init: ``"float"`` (default): weight quantizers start from the
+            kernels they quantize (the paper's initialization from a trained
+            float network, section 4). ``"random"``: every quantizer starts
+            at its defaults, ``d = 2^-3`` and ``b = init_bits`` (power of two:
+            ``q_max = 1``), whatever the weights are: the paper's
+            initialization for training from scratch (pass an untrained
+            model); activations then start at their defaults too unless
+            ``activation_init="calibrate"``.
+        activation_init: how activation quantizers start. ``"calibrate"``:
+            from the largest value over ``calibration_data``
+            (``d = 2^floor(log2(max / (2^b - 1)))``, unsigned); ``"default"``:
+            at ``d = 2^-3``, ``b = init_bits`` (``q_max = 1.875`` for an
+            unsigned 4-bit quantizer), as the reference code starts every
+            activation quantizer, the fixed ones included; ``None``
+            (default): ``"calibrate"`` when ``calibration_data`` is given and
+            ``init="float"``, else ``"default"``.
 
     Returns:
         The quantized model, a :class:`tfdq.model.QuantizedModel` (a
@@ -326,14 +425,35 @@ def quantize_model(
         raise TypeError(
             f"tfdq.quantize_model takes a keras.Model, got {type(model).__name__}."
         )
+    # Validate the request before any work (tfdq.validate).
+    validate.refuse_mixed_precision(model, "quantize a model")
+    validate.refuse_quantized(model)
+    init_bits = validate.init_bits(init_bits)
+    weight_bits = validate.bit_bounds("weight_bits", weight_bits)
+    activation_bits = validate.bit_bounds("activation_bits", activation_bits)
+    calibration_data = validate.calibration_inputs(model, calibration_data)
+    if init not in ("float", "random"):
+        raise ValueError(f"init={init!r}: use 'float' (from the model's weights) or 'random' (quantizer defaults).")
+    if activation_init is None:
+        activation_init = "calibrate" if calibration_data is not None and init == "float" else "default"
+    if activation_init not in ("calibrate", "default"):
+        raise ValueError(
+            f"activation_init={activation_init!r}: use 'calibrate' (from calibration_data) or "
+            "'default' (d = 2^-3, b = init_bits, as the paper's reference code)."
+        )
+    if activation_init == "calibrate" and calibration_data is None and quantize_activations:
+        raise ValueError(
+            "activation_init='calibrate' needs calibration_data (a few hundred training inputs); "
+            "pass it, or use activation_init='default'."
+        )
     # Validate the parametrization names and bounds up front.
     w_cls, w_kwargs = _template(weight_quantizer, "weight", True, weight_bits, init_bits)
     w_cls(**w_kwargs)
     if quantize_activations:
         _template(activation_quantizer, "activation", False, activation_bits, init_bits)
-    if calibration_data is not None and not isinstance(calibration_data, np.ndarray):
-        calibration_data = np.asarray(calibration_data) if isinstance(calibration_data, list) else calibration_data
-    report = QuantizationReport(quantized_layers=[], activation_quantizers=[], float_layers=[])
+    report = QuantizationReport(
+        quantized_layers=[], activation_quantizers=[], float_layers=[], unknown_operations=[]
+    )
     quantized = _quantize_graph(
         model,
         dict(
@@ -343,6 +463,9 @@ def quantize_model(
             init_bits=float(init_bits),
             weight_bits=weight_bits,
             activation_bits=activation_bits,
+            quantize_input=bool(quantize_input),
+            weights_from_kernels=init == "float",
+            calibrate_activations=activation_init == "calibrate",
         ),
         calibration_data,
         report,
@@ -355,6 +478,18 @@ def quantize_model(
         if strict:
             raise ValueError(message + ". Remove strict=True to keep them float.")
         warnings.warn(message, stacklevel=2)
+    if target not in ("tflite", None):
+        raise ValueError(f"target must be 'tflite' or None, got {target!r}.")
+    report["export_problems"] = export_problems(quantized) if target == "tflite" else []
+    if report["export_problems"]:
+        message = (
+            "tfdq.export.to_tflite cannot take these layers of the quantized model (found before "
+            "training):\n" + format_problems(report["export_problems"])
+        )
+        if strict:
+            raise ValueError(message + "\nFix them, or pass target=None to train for Keras only.")
+        warnings.warn(message + "\n(strict=True refuses such a model; target=None skips this check.)",
+                      stacklevel=2)
     logger.info(
         "tfdq.quantize_model: %d quantized layers, %d activation quantizers, %d float layers",
         len(report["quantized_layers"]),
@@ -364,13 +499,48 @@ def quantize_model(
     return (quantized, report) if return_report else quantized
 
 
-def _quantize_graph(model, options, calibration_data, report, input_signs=None):
-    """Clone one Functional graph (recursing into nested models)."""
+def export_problems(qmodel):
+    """What :func:`tfdq.export.to_tflite` would refuse in a quantized model, before training.
+
+    Runs the exporter's own planning (no conversion, no data) and returns one
+    dict per node it cannot take: ``layer``, ``class``, ``problem``, ``fix``.
+    Learned bitwidths above 8 are not among them (they depend on training).
+    """
+    from tfdq.export.plan import ExportError, Plan  # noqa: PLC0415 (export builds on this module)
+
+    try:
+        return list(Plan(qmodel, raise_errors=False).problems)
+    except ExportError as e:
+        return [{"layer": qmodel.name, "class": type(qmodel).__name__, "problem": str(e), "fix": "", "kind": "model"}]
+
+
+def format_problems(problems, limit=6):
+    """One line per kind of export problem, naming the nodes: ``- Class: problem (a, b, ...). Fix: ...``."""
+    groups = {}
+    for p in problems:
+        groups.setdefault((p["class"], p["problem"], p["fix"]), []).append(p["layer"])
+    lines = []
+    for (cls, problem, fix), names in groups.items():
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        lines.append(f"- {cls}: {problem} ({shown})" + (f". Fix: {fix}" if fix else ""))
+    return "\n".join(lines)
+
+
+def _quantize_graph(model, options, calibration_data, report, input_signs=None, raw_inputs=None):
+    """Clone one Functional graph (recursing into nested models).
+
+    ``raw_inputs``: positions of ``model.inputs`` that carry the outermost
+    model's input (all of them at the top level), left unquantized when
+    ``options["quantize_input"]`` is False.
+    """
     model = _as_functional(model)
     nodes = model_nodes(model)
     graph_nodes = {}  # id(layer) -> its nodes in this graph (a loaded model has extra ones)
     for layer, node in nodes:
         graph_nodes.setdefault(id(layer), []).append(node)
+    if raw_inputs is None:
+        raw_inputs = range(len(model.inputs))
+    raw = {id(model.inputs[i]) for i in raw_inputs}
 
     # 1. Where do activation quantizers go, and are they signed?
     targets = {}  # id(original tensor) -> original tensor
@@ -378,13 +548,14 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
     if options["quantize_activations"]:
         averages = []
         for layer, node in nodes:
-            if type(layer) in qlayers.QUANTIZED_LAYERS:
+            if registry.is_quantizable(layer):
                 for t in node.input_tensors:
                     placed = _placement(t, averages)
-                    targets[id(placed)] = placed
+                    if options["quantize_input"] or id(placed) not in raw:
+                        targets[id(placed)] = placed
         operands = [t for layer, node in nodes if isinstance(layer, GRID_MERGES) for t in node.input_tensors]
         for t in averages + [_placement(t) for t in operands]:
-            if id(t) not in targets:
+            if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t
                 internal.add(id(t))
     target_list = list(targets.values())
@@ -410,19 +581,28 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
     def clone_function(layer):
         if isinstance(layer, keras.Model):
             inner_signs = None
-            clone = _quantize_graph(layer, options, None, report, inner_signs)
-        elif type(layer) in qlayers.QUANTIZED_LAYERS:
+            feeds = graph_nodes.get(id(layer), [None])[0]
+            inner_raw = [
+                i for i, t in enumerate(feeds.input_tensors if feeds is not None else ())
+                if id(_placement(t)) in raw
+            ]
+            clone = _quantize_graph(layer, options, None, report, inner_signs, inner_raw)
+        elif registry.is_quantizable(layer) and registry.lookup(layer).clone == "split":
+            clone = _split_separable(layer, options, report)
+        elif registry.is_quantizable(layer):
             config = layer.get_config()
             cls, kwargs = _template(
                 options["weight_quantizer"], "weight", True, options["weight_bits"], options["init_bits"]
             )
             kwargs = dict(kwargs, name=f"{layer.name}_wq")
             config["kernel_quantizer"] = cls(**kwargs)
-            clone = qlayers.QUANTIZED_LAYERS[type(layer)].from_config(config)
+            clone = registry.lookup(layer).quantized.from_config(config)
             report["quantized_layers"].append({"name": layer.name, "class": type(layer).__name__})
+        elif registry.is_operation(layer):
+            clone = _clone_operation(layer, report)
         else:
             clone = layer.__class__.from_config(layer.get_config())
-            if layer.weights and not isinstance(layer, WEIGHTED_BUT_SUPPORTED):
+            if registry.has_float_weights(layer):
                 report["float_layers"].append({"name": layer.name, "class": type(layer).__name__})
         new_to_orig_layer[id(clone)] = layer
         pairs.append((layer, clone))
@@ -447,7 +627,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             )
             base = orig._keras_history.operation.name
             quantizer = cls(**kwargs, name=f"{base}_aq_q")
-            if id(orig) in stats:
+            if id(orig) in stats and options["calibrate_activations"]:
                 max_abs, _ = stats[id(orig)]
                 quantizer.initialize_from(np.array([max_abs]), bits=quantizer.init["bits"])
             aq = qlayers.ActivationQuantizer(quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal)
@@ -455,7 +635,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             new_to_orig_tensor[id(out)] = orig
             quantized_cache[id(orig)] = out
             report["activation_quantizers"].append(
-                {"name": aq.name, "signed": signed[id(orig)], "calibrated": id(orig) in stats,
+                {"name": aq.name, "signed": signed[id(orig)],
+                 "calibrated": id(orig) in stats and options["calibrate_activations"],
                  "counted": id(orig) not in internal}
             )
         return quantized_cache[id(orig)]
@@ -467,7 +648,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
             lambda t: quantized_input(t) if isinstance(t, keras.KerasTensor) else t,
             (args, kwargs),
         )
-        outputs = layer(*args, **kwargs)
+        outputs = layer(*args, **kwargs) if not isinstance(layer, _Split) else layer.call(*args, **kwargs)
         orig_layer = new_to_orig_layer[id(layer)]
         for node in graph_nodes.get(id(orig_layer), ()):
             if [id(t) for t in node.input_tensors] == orig_inputs:
@@ -486,14 +667,17 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None):
 
     # 3. Copy float weights, initialize weight quantizers.
     for orig, new in pairs:
-        if isinstance(orig, keras.Model):
-            continue  # copied by the recursive call
+        if isinstance(orig, keras.Model) or registry.is_operation(orig):
+            continue  # copied by the recursive call; operations have no weights
         _check_finite(orig)
-        if isinstance(new, qlayers.QuantizedWeightsMixin):
+        if isinstance(new, _Split):
+            new.copy_weights(orig, model if calibration_data is not None else None, clone, calibration_data)
+        elif isinstance(new, qlayers.QuantizedWeightsMixin):
             new.kernel.assign(orig.kernel)
             if orig.use_bias:
                 new.bias.assign(orig.bias)
-            new.kernel_quantizer.initialize_from(orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
+            if options["weights_from_kernels"]:
+                new.kernel_quantizer.initialize_from(orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
         elif orig.weights:
             new.set_weights(orig.get_weights())
     return clone

@@ -2,13 +2,16 @@
 
 Every option is a field of :data:`FIELDS` (name, default, help). ``None``
 defaults are filled from the recipe of the chosen data set
-(:data:`RECIPES`): the paper's schedule for CIFAR-10 (METHOD.md section 6),
-a standard schedule for ImageNet, and a fast Adam recipe for the MNIST
-default. :func:`resolve` fills them in and :func:`validate` checks every
+(:data:`RECIPES`, adjusted per model by :data:`MODEL_RECIPES`): the paper's
+CIFAR-10 recipe as its reference code runs it, a standard schedule for
+ImageNet, and a fast Adam recipe for the MNIST default. Every choice that
+differs from the reference code is listed, with its reason, in the README
+("The paper's recipes"). :func:`resolve` fills them in and :func:`validate` checks every
 combination before anything is built or trained, so bad input fails in
 seconds with a message that says what to do.
 """
 
+import math
 import os
 
 from train import data as data_lib
@@ -43,13 +46,22 @@ FIELDS = {
     "float_lr": (None, "Initial learning rate of float training."),
     "quant_lr": (None, "Initial learning rate of quantized fine-tuning."),
     "momentum": (0.9, "SGD momentum."),
-    "weight_decay": (None, "Weight decay of the kernels (gradient + wd * w)."),
+    "weight_decay": (None, "Weight decay, SGD style: the gradient gets + wd * w (see --weight_decay_on)."),
+    "weight_decay_on": (None, "Which trainable variables decay: all (kernels, biases, BatchNorm gamma/beta, learned quantizer parameters: the paper's reference code), kernels, or kernels_except_depthwise."),
+    "lr_schedule": (None, "step (x lr_decay at each --lr_decay_at fraction) or cosine (to 0 over the stage)."),
     "lr_decay_at": (None, "Comma-separated fractions of a stage's epochs where the learning rate is multiplied by lr_decay ('' for none)."),
     "lr_decay": (0.1, "Learning-rate factor at each lr_decay_at boundary."),
+    "bn_momentum": (None, "BatchNormalization momentum of the trained model (Keras convention: 0.9 is the reference code's decay rate; default: the recipe's, else the model's own)."),
+    "bn_epsilon": (None, "BatchNormalization epsilon of a model built here (a loaded --init_checkpoint keeps its own: it is part of the trained function)."),
+    "input_range": (None, "Image scaling: minus1_1 ((x/255 - 0.5) * 2, the reference code's CIFAR-10 input and keras.applications MobileNetV2's) or normalized ((x/255 - mean) / std)."),
+    "selection": ("paper", "Which model a stage hands on: paper (the reference's rule: best held-out accuracy over the epochs, for quantized runs only among those that meet every memory constraint) or final (the last epoch). Both numbers are always reported."),
+    "select_every_steps": (0, "Also check the held-out accuracy every N training steps while every memory constraint holds (the reference code checks after every step of a budgeted run: 1); 0: at epoch ends only."),
     # quantization
     "weight_quantizer": ("U3", "Weight parametrization: U1, U2, U3, P1, P2, P3 (learned), fixed or tqt (uniform baselines), fixed_pow2 or tqt_pow2."),
     "activation_quantizer": ("U3", "Activation parametrization (same names)."),
     "quantize_activations": (True, "Quantize the activations (else weights only)."),
+    "quantize_input": (None, "Also quantize the input image (the paper's reference code does not: false in the cifar10 and imagenet2012 recipes)."),
+    "activation_init": (None, "Start of the activation quantizers: default (d = 2^-3, b = --init_bits: q_max = 1.875 at 4 bits unsigned, the reference code's) or calibrate (from the largest value over --calibration_examples training images)."),
     "init_bits": (4, "Initial bitwidth of learned quantizers."),
     "weight_bits": (2, "Bitwidth of the fixed / tqt weight quantizers."),
     "activation_bits": (4, "Bitwidth of the fixed / tqt activation quantizers."),
@@ -89,6 +101,13 @@ TYPES = {
     "float_lr": float,
     "quant_lr": float,
     "weight_decay": float,
+    "weight_decay_on": str,
+    "lr_schedule": str,
+    "bn_momentum": float,
+    "bn_epsilon": float,
+    "input_range": str,
+    "quantize_input": bool,
+    "activation_init": str,
     "lr_decay_at": str,
     "target_weight_kb": float,
     "target_activation_kb": float,
@@ -129,9 +148,19 @@ RECIPES = {
         target_weight_kb=8.0,
         target_activation_kb=4.6,
         activation_constraint="max",
+        weight_decay_on="kernels",
+        lr_schedule="step",
+        quantize_input=True,
+        activation_init="calibrate",
     ),
-    # The paper (METHOD.md section 6): SGD 0.9, wd 2e-4, batch 128, 160
-    # epochs, lr / 10 after 80 and 120; lr 0.1 float, 0.01 quantized.
+    # The paper (section 6 of its appendix) as its reference code runs it
+    # (sony/ai-research-code, mixed-precision-dnns/train_resnet.py): SGD 0.9,
+    # batch 128, 160 epochs, lr / 10 after 80 and 120; lr 0.1 float, 0.01
+    # quantized; weight decay 2e-4 on every trainable variable (NNabla's
+    # solver.weight_decay); BatchNormalization decay 0.9, epsilon 1e-5
+    # (NNabla's defaults); images scaled to [-1, 1]; the image itself not
+    # quantized; every activation quantizer starting at d = 2^-3, q_max =
+    # 1.875.
     "cifar10": dict(
         batch_size=128,
         float_epochs=160,
@@ -145,6 +174,13 @@ RECIPES = {
         target_weight_kb=0.0,
         target_activation_kb=0.0,
         activation_constraint="max",
+        weight_decay_on="all",
+        lr_schedule="step",
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        input_range="minus1_1",
+        quantize_input=False,
+        activation_init="default",
     ),
     # The standard ResNet schedule (90 epochs, lr / 10 after 30, 60, 80);
     # quantized fine-tuning 30 epochs from lr 0.01. lam=None: 0.1 scaled by
@@ -162,8 +198,41 @@ RECIPES = {
         target_weight_kb=0.0,
         target_activation_kb=0.0,
         activation_constraint="max",
+        weight_decay_on="all",
+        lr_schedule="step",
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        input_range="normalized",
+        quantize_input=False,
+        # no reference code for ImageNet; calibrated ranges because
+        # MobileNetV2's linear bottlenecks are signed maps that d = 2^-3
+        # (q_max = 0.875 at 4 signed bits) would clip hard
+        activation_init="calibrate",
     ),
 }
+
+# Per-model changes of a data set's recipe (options the user did not set).
+MODEL_RECIPES = {
+    # MobileNetV2 (Sandler et al. 2018) trains differently from ResNets: weight
+    # decay 4e-5 without the depthwise kernels, a long cosine schedule, its
+    # own BatchNormalization settings (Keras': momentum 0.999, epsilon 1e-3)
+    # and inputs in [-1, 1], which is also what keras.applications'
+    # pretrained MobileNetV2 expects, so a float model saved from
+    # keras.applications.MobileNetV2(weights="imagenet") can be passed as
+    # --init_checkpoint (the paper fine-tuned from a pretrained float net).
+    ("imagenet2012", "mobilenetv2"): dict(
+        float_epochs=150,
+        float_lr=0.05,
+        lr_schedule="cosine",
+        weight_decay=4e-5,
+        weight_decay_on="kernels_except_depthwise",
+        bn_momentum=None,
+        bn_epsilon=None,
+        input_range="minus1_1",
+    ),
+}
+DECAY_SCOPES = ("all", "kernels", "kernels_except_depthwise")
+INPUT_RANGES = ("minus1_1", "normalized")
 
 
 class ConfigError(ValueError):
@@ -207,11 +276,13 @@ def resolve(values):
     dataset = config["dataset"]
     if dataset not in data_lib.DATASETS:
         raise ConfigError(f"Unknown --dataset={dataset!r}; choose one of {', '.join(data_lib.DATASETS)}.")
-    for key, value in RECIPES[dataset].items():
-        if config.get(key) is None:
-            config[key] = value
     if config["model"] is None:
         config["model"] = models_lib.DEFAULT_MODEL[dataset]
+    given = {k for k, v in values.items() if v is not None}
+    recipe = dict(RECIPES[dataset], **MODEL_RECIPES.get((dataset, config["model"]), {}))
+    for key, value in recipe.items():
+        if key not in given:
+            config[key] = value
     if config["image_size"] is None:
         config["image_size"] = data_lib.DEFAULT_IMAGE_SIZE[dataset]
     for key in ("weight_quantizer", "activation_quantizer"):
@@ -247,6 +318,21 @@ def validate(config):
                 f"Unknown --{key}={config[key]!r}; choose one of {', '.join(PARAMETRIZATIONS)} "
                 "(U3 and P3 are the paper's recommendation)."
             )
+    for key, allowed in (
+        ("weight_decay_on", DECAY_SCOPES),
+        ("input_range", INPUT_RANGES),
+        ("lr_schedule", ("step", "cosine")),
+        ("activation_init", ("default", "calibrate")),
+        ("selection", ("paper", "final")),
+    ):
+        if config[key] not in allowed and not (key == "input_range" and config[key] is None):
+            raise ConfigError(f"Unknown --{key}={config[key]!r}; choose one of {', '.join(allowed)}.")
+    if config["bn_momentum"] is not None and not 0.0 <= config["bn_momentum"] < 1.0:
+        raise ConfigError(f"--bn_momentum={config['bn_momentum']}: use a value in [0, 1), e.g. 0.9.")
+    if config["bn_epsilon"] is not None and not config["bn_epsilon"] > 0:
+        raise ConfigError(f"--bn_epsilon={config['bn_epsilon']}: use a positive value, e.g. 1e-5.")
+    if int(config["select_every_steps"]) < 0:
+        raise ConfigError(f"--select_every_steps must be 0 or more, got {config['select_every_steps']}.")
     if config["optimizer"] not in ("sgd", "adam"):
         raise ConfigError(f"Unknown --optimizer={config['optimizer']!r}; choose sgd or adam.")
     if config["strategy"] not in STRATEGIES:
@@ -295,6 +381,17 @@ def validate(config):
                 "--stages=export needs a quantized model: run 'quant' first in this "
                 "--model_dir or pass --init_checkpoint=QUANTIZED.keras."
             )
+    for key in ("float_lr", "quant_lr", "lam", "lr_decay", "momentum", "weight_decay",
+                "target_weight_kb", "target_activation_kb"):
+        value = config.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            raise ConfigError(
+                f"--{key}={value} is not a finite number: training would produce NaN "
+                "parameters. Give a finite value."
+            )
+    for key in ("float_lr", "quant_lr"):
+        if config.get(key) is not None and not float(config[key]) > 0:
+            raise ConfigError(f"--{key} must be positive, got {config[key]}.")
     weight_kb = config["target_weight_kb"] or 0.0
     act_kb = config["target_activation_kb"] or 0.0
     if weight_kb < 0 or act_kb < 0:

