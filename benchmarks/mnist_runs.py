@@ -243,8 +243,10 @@ def quantized_run(
     validation=False,
     verbose=0,
     reseed=True,
+    keep_model=False,
 ):
-    """Quantize, train and evaluate one configuration; returns a record dict.
+    """Quantize, train and evaluate one configuration; returns a record dict
+    (with ``keep_model``, the trained model too, under ``"model"``).
 
     ``init="float"`` starts from ``float_model`` (calibrated activations);
     ``"random"`` from the untrained network of ``seed``. Training: ``epochs``
@@ -303,6 +305,8 @@ def quantized_run(
         record.update(sizes(qmodel, counts))
         if targets:
             record["constraints_met"] = qmodel.memory_budget.satisfied(qmodel)
+        if keep_model:
+            record["model"] = qmodel
     except Exception as exc:  # recorded, not hidden: the benchmark reports it
         record["failed"] = f"{type(exc).__name__}: {exc}"
     record["seconds"] = time.time() - start

@@ -216,7 +216,7 @@ def run(model_path, output=None, dataset=None, calibration_samples=1000, max_eva
     result["sizes"]["float32_tflite_bytes"] = float_bytes
     print_fn(f"wrote {output}")
     if aligned_path is not None:
-        moved = max((a["max_change_output_steps"] for a in alignment), default=0.0)
+        moved = max((a["max_change_output_steps"] or 0.0 for a in alignment), default=0.0)
         skipped = [a["layer"] for a in alignment if not a["aligned"]]
         print_fn(
             f"wrote {aligned_path} (BatchNorm betas of {len(alignment) - len(skipped)} layers aligned "

@@ -12,7 +12,8 @@ Importing tfdq changes no global setting (environment, Keras policy, TF
 logging); the command-line scripts quiet TensorFlow's C++ log themselves.
 """
 
-from tfdq import callbacks, constraints, layers, memory, models, nonfinite, ops, quantizers
+from tfdq import batchnorm, callbacks, constraints, layers, memory, models, nonfinite, ops, quantizers
+from tfdq.batchnorm import recalibrate_batchnorm
 from tfdq.constraints import MemoryBudget, constrain
 from tfdq.model import QuantizedModel
 from tfdq.plot import plot_bitwidths
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MemoryBudget",
+    "batchnorm",
     "QuantizedModel",
     "callbacks",
     "constrain",
@@ -37,5 +39,6 @@ __all__ = [
     "plot_bitwidths",
     "quantize_model",
     "quantizers",
+    "recalibrate_batchnorm",
     "summary",
 ]

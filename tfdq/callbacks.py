@@ -128,3 +128,6 @@ class BestFeasibleCheckpoint(keras.callbacks.Callback):
             if self.verbose:
                 print(f"\nEpoch {epoch + 1}: constraints met, {self.monitor} {value:.4f}: saved {self.filepath}")
             self.best, self.best_epoch = value, epoch
+
+
+from tfdq.batchnorm import BatchNormRecalibration  # noqa: E402,F401  (also tfdq.callbacks.BatchNormRecalibration)

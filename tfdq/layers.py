@@ -133,12 +133,16 @@ class ActivationQuantizer(keras.layers.Layer):
 
     ``signed=False`` (activations after ReLU/ReLU6) clips to ``[0, q_max]``;
     ``signed=True`` to ``[-q_max, q_max]``. ``quantizer`` is a name (default
-    ``"U3"``), a quantizer object or its config.
+    ``"U3"``), a quantizer object or its config. ``counted=False`` marks a
+    quantizer that puts an operand of a sum or concatenation (or an average
+    pooling's output) on a learned grid for the integer export: it is not a
+    feature map of its own, so memory budgets and sizes leave it out.
     """
 
-    def __init__(self, quantizer="U3", signed=False, **kwargs):
+    def __init__(self, quantizer="U3", signed=False, counted=True, **kwargs):
         super().__init__(**kwargs)
         self.quantizer = _make_quantizer(quantizer, "activation", signed)
+        self.counted = bool(counted)
 
     @property
     def signed(self):
@@ -158,6 +162,8 @@ class ActivationQuantizer(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
+        if not self.counted:
+            config["counted"] = False
         return config
 
 

@@ -72,8 +72,10 @@ def size_entries(model):
     Weights: every layer with a weight quantizer, and every other layer with
     a kernel (kept float: counted at 32 bits). BatchNormalization is not
     counted (it is folded into the kernel). Activations: every
-    :class:`~tfdq.layers.ActivationQuantizer`; ``is_input`` marks the one on
-    the model's input image.
+    :class:`~tfdq.layers.ActivationQuantizer` but those with ``counted=False``
+    (operands of a residual sum or concatenation, pooled maps: see
+    :func:`tfdq.quantize_model`); ``is_input`` marks the one on the model's
+    input image.
     """
     entries = []
     for layer in qlayers._walk(model):
@@ -83,6 +85,8 @@ def size_entries(model):
         elif counted == "float":
             entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, None))
     for layer in qlayers.activation_quantizer_layers(model):
+        if not getattr(layer, "counted", True):
+            continue  # an operand of a sum/concatenation or a pooled map: not a feature map of its own
         entries.append(
             SizeEntry(
                 layer.name,

@@ -15,6 +15,7 @@ all as usual) with three additions for learned quantization:
   same for a model without a budget).
 * :meth:`memory_penalty` and :meth:`clip_quantizer_gradients` for custom
   training loops.
+* ``fit`` keeps BatchNorm statistics current (:mod:`tfdq.batchnorm`).
 
 The budget is part of the model's config: a saved model keeps it.
 """
@@ -24,6 +25,7 @@ import weakref
 import keras
 import tensorflow as tf
 
+from tfdq import batchnorm
 from tfdq import layers as qlayers
 from tfdq import nonfinite
 from tfdq import quantizers as quantizers_lib
@@ -140,9 +142,18 @@ class QuantizedModel(keras.Model):
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
-    def fit(self, *args, **kwargs):
+    def fit(self, *args, recalibrate_batchnorm=True, **kwargs):
         """``keras.Model.fit``; too many non-finite steps in a row raise
-        :class:`tfdq.nonfinite.NonFiniteTrainingError` (see :mod:`tfdq.nonfinite`)."""
+        :class:`tfdq.nonfinite.NonFiniteTrainingError` (see :mod:`tfdq.nonfinite`).
+
+        A model with BatchNormalization layers gets a
+        :class:`tfdq.batchnorm.BatchNormRecalibration` first among the
+        callbacks, so that validation, checkpoints and the model after ``fit``
+        use BatchNorm statistics of the current quantizers (re-estimated on
+        the training inputs). ``recalibrate_batchnorm=False`` leaves them as
+        Keras' moving averages."""
+        if recalibrate_batchnorm:
+            args, kwargs = batchnorm.fit_with_recalibration(self, args, kwargs)
         state = getattr(self, "_tfdq_nonfinite", None)
         if state is not None:
             state["streak"].assign(0)  # a new fit starts a new count

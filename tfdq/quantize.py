@@ -12,7 +12,9 @@ paper does (METHOD.md section 4).
 An unsigned quantizer placed on the output of a plain ReLU takes the ReLU's
 input instead (``Q(relu(x)) = Q(x)`` for a quantizer that clips at 0), so
 the ReLU drops out of the quantized graph: one elementwise pass less per
-feature map, forward and backward.
+feature map, forward and backward. A ReLU after an ``Add`` / ``Concatenate``
+stays: its input, a sum of values on learned grids, is often exactly 0,
+where the ReLU's gradient and the quantizer's differ.
 
 Placement of activation quantizers: a feature map that reaches a quantized
 layer only through shape or pooling operations (Flatten, Dropout, pooling,
@@ -23,6 +25,15 @@ non-negative by construction (ReLU, ReLU6, a fused ``activation="relu"``,
 sums and poolings of such) and signed otherwise. What each layer or
 operation means for this (pass-through, merge, activation) comes from
 :mod:`tfdq.registry`, as does whether it is quantized.
+
+So that every tensor inside the network lies on a learned grid (and the
+integer export calibrates nothing but the logits), two more kinds of
+quantizer are placed, starting at 8 bits (the upper bound) and left out of
+memory sizes (``counted=False``: they are parts of feature maps that are
+counted already): one on every operand of an ``Add`` / ``Concatenate`` that
+has none yet (a residual branch ending in BatchNorm: signed), and one on the
+output of an average pooling whose result reaches a quantized layer (the mean
+of quantized values is not on their grid).
 """
 
 import logging
@@ -40,6 +51,19 @@ from tfdq.graph import model_nodes, producer
 from tfdq.model import QuantizedModel
 
 logger = logging.getLogger("tfdq")
+
+AVERAGING = (
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+)
+# Merges whose operands get a learned quantizer (the sum / concatenation of
+# tensors on learned grids is exact in the integer file).
+GRID_MERGES = (keras.layers.Add, keras.layers.Concatenate)
+
 
 class QuantizationReport(dict):
     """What ``quantize_model`` did: quantized layers, activation quantizers
@@ -106,8 +130,12 @@ def _is_nonneg(tensor, input_signs, cache):
     return result
 
 
-def _placement(tensor):
-    """Walk up through pass-through layers to where the value is produced."""
+def _placement(tensor, averages=None):
+    """Walk up through pass-through layers to where the value is produced.
+
+    The outputs of average poolings passed on the way are appended to
+    ``averages`` (a list), when given.
+    """
     while True:
         layer, node = producer(tensor)
         if layer is None or isinstance(layer, keras.Model):
@@ -115,6 +143,8 @@ def _placement(tensor):
         entry = registry.lookup(layer)
         if entry is None or entry.role != registry.PASS_THROUGH or len(node.input_tensors) != 1:
             return tensor
+        if averages is not None and isinstance(layer, AVERAGING):
+            averages.append(tensor)
         tensor = node.input_tensors[0]
 
 
@@ -169,6 +199,11 @@ def _relu_input(tensor):
     """
     layer, node = producer(tensor)
     if layer is None or not _is_plain_relu(layer) or len(node.input_tensors) != 1:
+        return tensor
+    source, _ = producer(node.input_tensors[0])
+    if isinstance(source, GRID_MERGES):
+        # a sum of values on learned grids is often exactly 0, where the
+        # ReLU's gradient (0) and the quantizer's (1) differ: keep the ReLU
         return tensor
     return node.input_tensors[0]
 
@@ -509,13 +544,20 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
 
     # 1. Where do activation quantizers go, and are they signed?
     targets = {}  # id(original tensor) -> original tensor
+    internal = set()  # ids of targets that complete the grid (not counted as feature maps)
     if options["quantize_activations"]:
+        averages = []
         for layer, node in nodes:
             if registry.is_quantizable(layer):
                 for t in node.input_tensors:
-                    placed = _placement(t)
+                    placed = _placement(t, averages)
                     if options["quantize_input"] or id(placed) not in raw:
                         targets[id(placed)] = placed
+        operands = [t for layer, node in nodes if isinstance(layer, GRID_MERGES) for t in node.input_tensors]
+        for t in averages + [_placement(t) for t in operands]:
+            if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
+                targets[id(t)] = t
+                internal.add(id(t))
     target_list = list(targets.values())
     stats = {}
     if target_list and calibration_data is not None and input_signs is None:
@@ -573,24 +615,29 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         if id(orig) not in quantized_cache:
             if not signed[id(orig)]:
                 new_tensor = _relu_input(new_tensor)
+            init_bits = options["init_bits"]
+            if id(orig) in internal:  # not counted: start at full precision
+                init_bits = float((options["activation_bits"] or (1, 8))[1])
             cls, kwargs = _template(
                 options["activation_quantizer"],
                 "activation",
                 signed[id(orig)],
                 options["activation_bits"],
-                options["init_bits"],
+                init_bits,
             )
             base = orig._keras_history.operation.name
             quantizer = cls(**kwargs, name=f"{base}_aq_q")
             if id(orig) in stats and options["calibrate_activations"]:
                 max_abs, _ = stats[id(orig)]
                 quantizer.initialize_from(np.array([max_abs]), bits=quantizer.init["bits"])
-            aq = qlayers.ActivationQuantizer(quantizer=quantizer, name=f"{base}_aq")
+            aq = qlayers.ActivationQuantizer(quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal)
             out = aq(new_tensor)
             new_to_orig_tensor[id(out)] = orig
             quantized_cache[id(orig)] = out
             report["activation_quantizers"].append(
-                {"name": aq.name, "signed": signed[id(orig)], "calibrated": id(orig) in stats and options["calibrate_activations"]}
+                {"name": aq.name, "signed": signed[id(orig)],
+                 "calibrated": id(orig) in stats and options["calibrate_activations"],
+                 "counted": id(orig) not in internal}
             )
         return quantized_cache[id(orig)]
 

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdq import nonfinite
+from tfdq.batchnorm import BatchNormRecalibration
 
 
 def replica_step(model, optimizer, loss_fn, x, y, global_batch_size):
@@ -149,6 +150,9 @@ class CustomLoop:
                 cbl.on_train_batch_end(step, logs)
             logs = dict(logs)  # "loss": mean cross-entropy (the penalty is logged apart)
             if validation_data is not None:
+                for c in callbacks:  # BatchNorm re-estimation before validation, as in fit
+                    if isinstance(c, BatchNormRecalibration):
+                        c.on_test_begin()
                 val = self.evaluate(validation_data)
                 logs.update({f"val_{k}": v for k, v in val.items()})
             cbl.on_epoch_end(epoch, logs)

@@ -377,6 +377,11 @@ class Run:
             # totals in the logs (progress bar, history); per-layer bits only in
             # history and TensorBoard (a line per layer would flood the bar)
             callbacks += [_budget_logs_callback(), tfdq.callbacks.MemoryLogger(per_layer=False)]
+            # BatchNorm statistics re-estimated before validation and at epoch ends
+            # (what model.fit adds by itself), always on the same stream, so that a
+            # resumed run re-estimates on the same inputs as an uninterrupted one
+            callbacks.insert(0, tfdq.callbacks.BatchNormRecalibration(
+                data.train_from(0), max_samples=min(2048, steps * config["batch_size"])))
         # the paper's selection rule (train/selection.py), float and quantized
         best = selection.BestCheckpoint(
             os.path.join(stage_dir, "best_feasible.keras" if quantized else "best.keras"),

@@ -27,12 +27,21 @@ an int8 model whose kernels hold exactly those integers:
   has no producer, zero point -128 and one ``MINIMUM`` at ``n d``); signed: zero point
   ``n - 128`` plus one ``MINIMUM`` at ``n d``. The learned grid, range and
   rounding are those of the Keras model.
-* Tensors that no learned quantizer covers (logits, a linear bottleneck
-  entering an ``Add``, a global average) get a power-of-two scale calibrated
-  on ``calibration_data`` (an ``Add`` input takes the step of the learned
-  quantizer after the sum when its range fits, which keeps the sum exact);
-  every such tensor is listed in the export report with its scale and
-  observed range.
+* Tensors that no learned quantizer covers get a power-of-two scale
+  calibrated on ``calibration_data`` (an ``Add`` input takes the step of the
+  learned quantizer after the sum when its range fits, which keeps the sum
+  exact); every such tensor is listed in the export report with its scale
+  and observed range. ``quantize_model`` puts learned quantizers on ``Add``
+  / ``Concatenate`` operands and pooled maps, so in its models only the
+  logits are calibrated.
+* A global average pooling followed by a learned quantizer is a
+  DEPTHWISE_CONV_2D with a constant kernel (``1 / (H W)``, or the integer 2
+  at half that scale and an int32 bias of 1 for a non-negative map), whose
+  requantization rounds ties like the quantizer (LiteRT's MEAN rounds ties
+  to even).
+* A convolution with ``b <= 4`` whose output stays signed is stored int8:
+  LiteRT's int4 CONV_2D / DEPTHWISE_CONV_2D rounds twice, which no bias
+  can undo for negative outputs (the report's ``storage_note``).
 
 After the conversion the file is read back: every kernel must hold the
 planned integers with the planned scale and storage type, and no operation
@@ -51,9 +60,8 @@ the kernel rounds once), and :func:`align_biases` moves each folded beta by
 less than one accumulator unit so that ``B_c - w_c`` is an integer: the
 Keras model then computes, tensor for tensor, what the file computes (the
 export report lists each layer's residual). What remains is the rounding of
-tensors that only the file quantizes (calibrated logits, Add inputs) and,
-for int4 convolutions whose output stays signed, the two roundings on the
-negative side; :func:`verify` measures it.
+tensors that only the file quantizes (the calibrated logits); :func:`verify`
+measures it.
 
 Use::
 

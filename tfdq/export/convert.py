@@ -228,11 +228,18 @@ class Builder:
             return [_Val(self.fq(y, x.q), x.q, False, x.nonneg, label)]
         if rule == "average":
             x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+            learned_next = self.plan.downstream_step(op.outputs[0]) is not None
             if isinstance(layer, keras.layers.GlobalAveragePooling2D):
-                y = tf.reduce_mean(x.t, axis=[1, 2], keepdims=bool(layer.keepdims))
+                if learned_next and self.mode == "export" and x.q is not None:
+                    s_out = self.plan.downstream_step(op.outputs[0])
+                    y = self.global_mean_as_conv(x, s_out, bool(layer.keepdims))
+                else:
+                    y = tf.reduce_mean(x.t, axis=[1, 2], keepdims=bool(layer.keepdims))
             else:
                 y = tf.nn.avg_pool2d(x.t, layer.pool_size, layer.strides, layer.padding.upper())
             out = _Val(y, None, False, x.nonneg, label)
+            if learned_next:
+                return [out]  # the learned quantizer that follows sets its scale
             return [self.calibrated(out, label, "average of quantized values (not on the input grid)")]
         if rule == "add":
             return [self.add(op, values)]
@@ -252,6 +259,35 @@ class Builder:
             y = tf.concat([x.t for x in xs], axis=layer.axis)
             return [_Val(y, None, False, all(x.nonneg for x in xs), label)]
         raise ExportError(f"No integer export for {op.path} ({type(layer).__name__}).")
+
+    def global_mean_as_conv(self, x, s_out, keepdims):
+        """The global average as a DEPTHWISE_CONV_2D with a constant int8 kernel.
+
+        LiteRT (XNNPACK) rounds the requantization of MEAN and of its
+        convolutions half to even; the learned quantizer after the pooling
+        rounds half away from zero. With power-of-two scales the mean of
+        ``N = H W`` values often lands exactly on a tie, so for a
+        non-negative map (a pooled ReLU output) with ``N`` a power of two
+        and ``s_in / (N s_out) <= 1/2`` the kernel holds the integer 2 with
+        scale ``1 / (2 N)`` and the int32 bias is 1: every value moves by a
+        quarter of its own spacing, which decides the ties upwards and
+        crosses no other threshold. The pooled map is then the Keras one
+        element for element.
+        """
+        t = x.t
+        h, w, c = (int(v) for v in t.shape[1:])
+        n = h * w
+        ratio = x.q.scale / (n * s_out)
+        nudge = x.nonneg and n & (n - 1) == 0 and ratio <= 0.5
+        level = 2 if nudge else 1
+        unit = 1.0 / (level * n)  # kernel scale: the integer `level` times it is 1 / N
+        ones = tf.constant(np.full((h, w, c, 1), 1.0 / n, np.float32))
+        kernel = tf.quantization.fake_quant_with_min_max_vars(ones, -INT8_MAX * unit, INT8_MAX * unit, num_bits=8,
+                                                             narrow_range=True)
+        y = tf.nn.depthwise_conv2d(t, kernel, strides=[1, 1, 1, 1], padding="VALID")
+        if nudge:  # one accumulator unit (s_in / (2 N)): the int32 bias 1
+            y = tf.nn.bias_add(y, np.full(c, x.q.scale * unit, np.float32))
+        return y if keepdims else tf.reshape(y, [-1, c])
 
     def same_scale(self, layer, t):
         shape = t.shape
@@ -728,7 +764,9 @@ def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration
         A list of dicts, one per BatchNorm-folded layer: ``layer``,
         ``batchnorm``, ``aligned`` (False, with a ``reason``, for a
         BatchNormalization without beta: its bias stays rounded),
-        ``max_beta_change`` and ``max_change_output_steps``.
+        ``max_beta_change``, ``max_change_output_steps`` (None where no
+        learned quantizer takes the layer's output, so there is no output
+        step; never NaN) and ``max_change_accumulator_units``.
     """
     plan, builder, _, _ = _trace_export(model, calibration_data, int4_kernels, calibration_samples)
     changes = []
@@ -739,7 +777,7 @@ def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration
             continue
         bn = layers_by_path[kplan.bn_name]
         delta = -b["residual"] * b["unit"]
-        step = b["s_out"] if b["s_out"] is not None else float("nan")
+        step = b["s_out"]  # None: no learned quantizer takes the output (then in accumulator units only)
         if not bn.center:
             # no beta to move: this layer's bias stays rounded (the report says so)
             changes.append({"layer": kplan.layer_name, "batchnorm": kplan.bn_name, "aligned": False,
@@ -753,7 +791,8 @@ def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration
                 "batchnorm": kplan.bn_name,
                 "aligned": True,
                 "max_beta_change": float(np.max(np.abs(delta))),
-                "max_change_output_steps": float(np.max(np.abs(delta)) / step),
+                "max_change_output_steps": None if step is None else float(np.max(np.abs(delta)) / step),
+                "max_change_accumulator_units": float(np.max(np.abs(b["residual"]))),
             }
         )
     return changes
@@ -871,6 +910,7 @@ def _kernel_entry(p):
         "allowed": [-p.n_allowed, p.n_allowed],
         "range": [int(k.min()), int(k.max())],
         "storage": p.storage,
+        "storage_note": p.storage_note,
         "fake_quant_num_bits": p.fq_bits,
         "scale": "per-channel d*|s_c|" if p.per_channel else "per-tensor d",
         "folded_batchnorm": p.bn_name,

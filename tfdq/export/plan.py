@@ -140,6 +140,7 @@ class KernelPlan:
     channel_factor: np.ndarray = None  # s_c, one per output channel, or None
     storage: str = "int8"
     fq_bits: int = 8
+    storage_note: str = None  # why a b <= 4 kernel is stored int8
 
     @property
     def fq_max(self):
@@ -484,6 +485,7 @@ class Plan:
             plan.channel_factor = w["factor"]
             self.bn[src.index] = w
             self.folded_bn[op.index] = src.index
+        self._int8_where_int4_rounds_signed()
         messages = []
         if problems["bits"]:
             messages.append(
@@ -526,6 +528,28 @@ class Plan:
         self.error = "Cannot export to integer TFLite.\n- " + "\n- ".join(messages) if messages else None
         if messages and raise_errors:
             raise ExportError(self.error)
+
+    def _int8_where_int4_rounds_signed(self):
+        """Store int8 where an int4 kernel could not be exact.
+
+        LiteRT runs CONV_2D / DEPTHWISE_CONV_2D with int4 kernels through a
+        requantization that rounds twice; for outputs that stay signed (no
+        ReLU, a signed quantizer next: a residual branch, a linear
+        bottleneck) this moves both sides of zero towards it, which no bias
+        can undo. Such layers keep their learned integers but are stored as
+        int8 (XNNPACK, one rounding); :attr:`KernelPlan.storage_note` says why.
+        """
+        for index, kplan in self.kernels.items():
+            if not kplan.rounds_twice:
+                continue
+            _, nonneg = self.kernel_output(index)
+            if nonneg or activation_name(self.ops_by_index[index].layer.activation) in ("relu", "relu6"):
+                continue
+            kplan.storage, kplan.fq_bits = "int8", 8
+            kplan.storage_note = (
+                f"int8, not int4 ({kplan.bits}-bit integers): its output is signed, and LiteRT's int4 "
+                "convolution rounds twice, which moves negative outputs towards zero"
+            )
 
     def _producer_op(self, key):
         for op in self.ops:

@@ -78,11 +78,12 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
             expected = round_half_away(w / want)
         expected = p.tflite_layout(expected.astype(np.int64))
         mism = int(np.sum(values != expected)) if values.shape == expected.shape else -1
+        # p.storage: int4 for b <= 4 unless the plan keeps int8 (signed output, see storage_note)
         if int4_kernels is None:
-            storage_ok = t["type"] == "int8" or (t["type"] == "int4" and p.n_allowed <= INT4_MAX)
-            expected_storage = "int4" if p.n_allowed <= INT4_MAX else "int8"
+            storage_ok = t["type"] == "int8" or (t["type"] == "int4" and p.storage == "int4")
+            expected_storage = p.storage
         else:
-            expected_storage = "int4" if (int4_kernels and p.n_allowed <= INT4_MAX) else "int8"
+            expected_storage = p.storage if int4_kernels else "int8"
             storage_ok = t["type"] == expected_storage
         entry.update(
             found=True,
@@ -198,17 +199,13 @@ def _runtime_notes(plan, info, export_report=None):
             "tfdq.export.align_biases(model, calibration_data, int4_kernels=...) before the export "
             "makes the Keras model compute what the file computes."
         )
-    signed_int4 = []
-    for p in plan.kernels.values():
-        t = find_kernel(info, p.op_index)
-        if t is not None and t["type"] == "int4" and p.rounds_twice and not plan.kernel_output(p.op_index)[1]:
-            signed_int4.append(p.layer_name)
-    if signed_int4:
+    kept_int8 = [p.layer_name for p in plan.kernels.values() if p.storage_note]
+    if kept_int8:
         notes.append(
-            "LiteRT rounds the requantization of int4 CONV_2D/DEPTHWISE_CONV_2D twice; for outputs "
-            "that stay signed (" + ", ".join(signed_int4) + ") no bias matches that, so values "
-            "close to a rounding threshold can differ by one step. int4_kernels=False runs the "
-            "same integers through XNNPACK, which rounds once."
+            "Stored int8 although their learned bits fit int4: " + ", ".join(kept_int8) + ". Their "
+            "outputs stay signed, and LiteRT's int4 CONV_2D/DEPTHWISE_CONV_2D rounds the "
+            "requantization twice, which moves negative outputs towards zero (no bias can undo it); "
+            "int8 kernels run in XNNPACK, which rounds once, so these layers stay exact."
         )
     return notes
 
