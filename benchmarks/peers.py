@@ -135,41 +135,11 @@ def describe_tflite(tflite_bytes):
     }
 
 
-def litert_predict(tflite_bytes, x, batch_size=250, num_threads=None):
-    """Float outputs of the file on ``x`` in LiteRT (int8 input/output quantized/dequantized)."""
-    import numpy as np  # noqa: PLC0415
-    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
-
-    interp = Interpreter(model_content=tflite_bytes, num_threads=num_threads)
-    inp = interp.get_input_details()[0]
-    shape = None
-    outs = []
-    for start in range(0, len(x), batch_size):
-        xb = np.asarray(x[start : start + batch_size], np.float32)
-        if xb.shape != shape:
-            interp.resize_tensor_input(inp["index"], list(xb.shape))
-            interp.allocate_tensors()
-            inp = interp.get_input_details()[0]
-            shape = xb.shape
-        out = interp.get_output_details()[0]
-        if inp["dtype"] == np.int8:
-            scale, zp = inp["quantization"]
-            v = xb / scale
-            xb = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5) + zp, -128, 127).astype(np.int8)
-        interp.set_tensor(inp["index"], xb)
-        interp.invoke()
-        y = np.array(interp.get_tensor(out["index"]))
-        if out["dtype"] == np.int8:
-            scale, zp = out["quantization"]
-            y = (y.astype(np.float64) - zp) * scale
-        outs.append(y)
-    return np.concatenate(outs)
-
-
 def litert_accuracy(tflite_bytes, x, y):
-    import numpy as np  # noqa: PLC0415
+    """Top-1 accuracy of a file in LiteRT (tfdq's runner: TFLite's input quantization)."""
+    from tfdq.export import runtime  # noqa: PLC0415
 
-    return float(np.mean(np.argmax(litert_predict(tflite_bytes, x), axis=-1) == np.asarray(y).reshape(-1)))
+    return float(runtime.accuracy(tflite_bytes, (x, y)))
 
 
 def _error_text(err, limit=1500):

@@ -2,10 +2,11 @@
 
 Times one ``train_on_batch`` step (batch 128, CIFAR-10 shapes, generated
 inputs: a timing, not an accuracy) of the float Keras ResNet-20 and of its
-tfdq version with U3 weights and activations: under the paper's memory
-budget (70 kB of weights, 8 kB largest activation, automatic multipliers:
-the budget's loss term, multiplier step, size logs and gradient clip all in
-the step), with tfdq's fused quantizer
+tfdq version with U3 weights and activations (with and without the guard
+that skips non-finite steps, ``tfdq.nonfinite``; and under the paper's
+memory budget, 70 kB of weights and 8 kB largest activation with automatic
+multipliers: the budget's loss term, multiplier step, size logs and
+gradient clip all in the step): with tfdq's fused quantizer
 kernels (the default: the uniform quantizer's forward and backward pass are
 one multi-threaded loop each, ``tfdq.kernels``), with the XLA-compiled
 quantizer passes instead (``TFDQ_CUSTOM_KERNELS=0``), with plain TensorFlow
@@ -70,6 +71,9 @@ def measure(rounds=5, steps=5, batch_size=128):
         tfdq.quantize_model(float_model, calibration_data=x[:32]), weight_kb=70.0, activation_kb=8.0, activation="max"
     )
     add("tfdq_u3_budget", budgeted, False)
+    tfdq.nonfinite.ENABLED = False  # the same step without the non-finite-step guard
+    add("tfdq_u3_unguarded", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    tfdq.nonfinite.ENABLED = True
     saved = os.environ.get("TFDQ_CUSTOM_KERNELS")
     os.environ["TFDQ_CUSTOM_KERNELS"] = "0"
     add("tfdq_u3_xla_quantizers", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
@@ -98,6 +102,8 @@ def measure(rounds=5, steps=5, batch_size=128):
         return {
             "tfdq_u3 / float": m["tfdq_u3"] / m["float"],
             "tfdq_u3_budget / float": m["tfdq_u3_budget"] / m["float"],
+            "tfdq_u3_budget / tfdq_u3": m["tfdq_u3_budget"] / m["tfdq_u3"],
+            "tfdq_u3 / tfdq_u3_unguarded": m["tfdq_u3"] / m["tfdq_u3_unguarded"],
             "tfdq_u3_xla_quantizers / float": m["tfdq_u3_xla_quantizers"] / m["float"],
             "tfdq_u3_plain_ops / float": m["tfdq_u3_plain_ops"] / m["float"],
             "tfdq_u3_xla / float_xla": m["tfdq_u3_xla"] / m["float_xla"],

@@ -17,8 +17,10 @@ verification report and the sizes (file, kernel bytes, int8 bytes, the
 packed size ``sum b * count / 8`` of the learned bitwidths) and writes the
 report as JSON.
 
-Data sets: ``mnist_subset`` (default: the 1,000 held-out images of
-:func:`tfdq.data.mnist_subset`, calibration on training images),
+Data sets: ``mnist_subset`` (the 1,000 held-out images of
+:func:`tfdq.data.mnist_subset`, calibration on training images; the
+default, said so in the output, for a model with MNIST's 28x28x1 input
+only: any other model needs ``--dataset``),
 ``cifar10`` / ``imagenet2012`` (tensorflow-datasets, with the evaluation
 preprocessing of ``train/data.py``), or ``npz:PATH`` (arrays ``x`` and ``y``,
 optional ``x_calibration``; without it the first inputs of ``x`` calibrate).
@@ -33,7 +35,11 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Path of the trained tfdq model (.keras).")
 flags.DEFINE_string("output", None, "Output .tflite path (default: the model path with .tflite).")
-flags.DEFINE_string("dataset", "mnist_subset", "mnist_subset, cifar10, imagenet2012 or npz:PATH.")
+flags.DEFINE_string(
+    "dataset", None,
+    "mnist_subset, cifar10, imagenet2012 or npz:PATH (arrays x, y, optional x_calibration). Default: "
+    "mnist_subset, for a model with MNIST's 28x28x1 input only.",
+)
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (cifar10, imagenet2012).")
 flags.DEFINE_integer("calibration_samples", 1000, "Training inputs used to calibrate the scales no learned quantizer covers.")
 flags.DEFINE_integer("max_eval_samples", None, "Verify on at most this many held-out inputs (default: all).")
@@ -127,7 +133,54 @@ def _jsonable(obj):
     return obj
 
 
-def run(model_path, output=None, dataset="mnist_subset", calibration_samples=1000, max_eval_samples=None,
+MNIST_SHAPE = (28, 28, 1)
+
+
+def choose_dataset(model, dataset, print_fn=print):
+    """``dataset``, or ``mnist_subset`` (said so) for a model with MNIST's input."""
+    if dataset:
+        return dataset
+    shapes = [tuple(t.shape[1:]) for t in model.inputs]
+    if shapes == [MNIST_SHAPE]:
+        print_fn("note: --dataset not given: calibrating and verifying on mnist_subset (the model takes 28x28x1 inputs)")
+        return "mnist_subset"
+    raise CommandError(
+        f"--dataset is required for this model (its input shape is {shapes[0] if len(shapes) == 1 else shapes}, "
+        "not MNIST's 28x28x1): pass --dataset=cifar10, imagenet2012 or npz:PATH (arrays x and y, "
+        "optional x_calibration)."
+    )
+
+
+def output_paths(model_path, output, report_json, align_biases):
+    """``(output, aligned model path or None, report path)``; refused before
+    any work when one would overwrite the input model or another output, or
+    lies in a folder that does not exist."""
+    output = output or os.path.splitext(model_path)[0] + ".tflite"
+    stem = os.path.splitext(output)[0]
+    report_json = report_json or stem + ".json"
+    aligned = stem + ".aligned.keras" if align_biases else None
+    model_abs = os.path.abspath(model_path)
+    named = {"--output": output, "--report_json": report_json}
+    if aligned:
+        named["the aligned model"] = aligned
+    for what, path in named.items():
+        if os.path.abspath(path) == model_abs:
+            raise CommandError(
+                f"{what} would be written to {path!r}, which is the input model; it is never "
+                "overwritten. Choose another --output (e.g. one not named like the model)"
+                + (", or pass --noalign_biases." if what == "the aligned model" else ".")
+            )
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise CommandError(f"{what} {path!r}: the folder {folder} does not exist; create it first.")
+        if not os.access(folder, os.W_OK):
+            raise CommandError(f"{what} {path!r}: the folder {folder} is not writable.")
+    if len({os.path.abspath(p) for p in named.values()}) < len(named):
+        raise CommandError(f"the outputs {named} would overwrite each other; choose another --output or --report_json.")
+    return output, aligned, report_json
+
+
+def run(model_path, output=None, dataset=None, calibration_samples=1000, max_eval_samples=None,
         input_type="int8", output_type="int8", int8_kernels=False, report_json=None, data_dir=None,
         align_biases=True, print_fn=print):
     """Export and verify; returns the report dict (also written as JSON).
@@ -137,29 +190,26 @@ def run(model_path, output=None, dataset="mnist_subset", calibration_samples=100
     and verified in that form; ``model_path`` itself is never written.
     """
     from tfdq import export  # noqa: PLC0415
+    from tfdq.callbacks import atomic_save, atomic_write_bytes  # noqa: PLC0415
 
+    output, aligned_path, report_json = output_paths(model_path, output, report_json, align_biases)
     model = load_model(model_path)
-    output = output or os.path.splitext(model_path)[0] + ".tflite"
-    report_json = report_json or os.path.splitext(output)[0] + ".json"
-    if os.path.abspath(output) == os.path.abspath(model_path):
-        raise CommandError(f"--output={output!r} would overwrite the model; choose a .tflite path.")
+    dataset = choose_dataset(model, dataset, print_fn)
     calibration, evaluation = load_data(dataset, calibration_samples, max_eval_samples, data_dir)
-    alignment, aligned_path = None, None
+    alignment = None
     try:
         if align_biases:
             alignment = export.align_biases(
                 model, calibration, int4_kernels=not int8_kernels, calibration_samples=calibration_samples
             )
-            aligned_path = os.path.splitext(output)[0] + ".aligned.keras"
-            model.save(aligned_path)
-        export_report = export.save_tflite(
-            model, output, calibration, input_type=input_type, output_type=output_type,
-            int4_kernels=not int8_kernels, calibration_samples=calibration_samples,
+            atomic_save(model, aligned_path)
+        tflite, export_report = export.to_tflite(
+            model, calibration, input_type=input_type, output_type=output_type,
+            int4_kernels=not int8_kernels, calibration_samples=calibration_samples, return_report=True,
         )
-    except export.ExportError as err:
+    except (export.ExportError, ValueError) as err:
         raise CommandError(f"cannot export {model_path!r}: {err}") from None
-    with open(output, "rb") as f:
-        tflite = f.read()
+    atomic_write_bytes(output, tflite)
     result = export.verify(model, tflite, evaluation, export_report=export_report,
                            int4_kernels=not int8_kernels)
     float_bytes = len(export.float_tflite(model))
@@ -187,8 +237,7 @@ def run(model_path, output=None, dataset="mnist_subset", calibration_samples=100
         "export": dict(export_report),
         "verification": dict(result),
     }
-    with open(report_json, "w") as f:
-        json.dump(_jsonable(report), f, indent=2)
+    atomic_write_bytes(report_json, (json.dumps(_jsonable(report), indent=2) + "\n").encode())
     print_fn(f"wrote {report_json}")
     return report
 
@@ -205,6 +254,11 @@ def main(argv):
     except CommandError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; the input model is unchanged. Fix the cause "
+              "(free disk space, permissions) and run the command again.", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -340,15 +340,18 @@ def test_errors(lib):
         kernels.uniform_quantize(tf.zeros([4], tf.float64), 0.5, 2.0)
 
 
-def test_usable_only_for_float32_outside_xla(lib):
+def test_usable_only_for_float32_outside_xla_under_a_tape(lib):
     assert kernels.available()
-    assert kernels.usable(tf.zeros([2]))
-    assert not kernels.usable(tf.zeros([2], tf.float64))
+    assert not kernels.usable(tf.zeros([2]))  # no tape: an inference graph
+    with tf.GradientTape():
+        assert kernels.usable(tf.zeros([2]))
+        assert not kernels.usable(tf.zeros([2], tf.float64))
     seen = []
 
     @tf.function(jit_compile=True)
     def f(x):
-        seen.append(kernels.usable(x))
+        with tf.GradientTape():
+            seen.append(kernels.usable(x))
         with pytest.raises(RuntimeError, match="XLA"):
             kernels.uniform_quantize(x, 0.5, 2.0)
         return x
@@ -456,4 +459,123 @@ def test_concurrent_first_builds(tmp_path):
         assert p.returncode == 0, err[-2000:]
         assert out.strip().splitlines()[-1] == "[0.5, -1.0]"
     (key,) = os.listdir(tmp_path)
-    assert sorted(os.listdir(tmp_path / key)) == [".lock", kernels.LIBRARY_NAME]
+    assert sorted(os.listdir(tmp_path / key)) == [
+        ".lock", kernels.LIBRARY_NAME, kernels.LIBRARY_NAME + kernels.SIDECAR_SUFFIX
+    ]
+
+
+# ---------------------------------------------------------------------------
+# damaged caches (each test in a temporary TFDQ_KERNEL_CACHE)
+# ---------------------------------------------------------------------------
+
+_LOAD_AND_RUN = """
+from tfdq import kernels
+module = kernels.load()
+assert module is not None
+print(module.tfdq_uniform_quantize([0.5, -1.25], 0.5, 1.0).numpy().tolist())
+"""
+
+
+def _load_in_subprocess(cache):
+    env = dict(os.environ, TFDQ_KERNEL_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_RUN], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _copy_built_library(lib, cache, monkeypatch):
+    """This build's library and sidecar, copied into the temporary cache ``cache``."""
+    source = kernels.library_path()
+    monkeypatch.setenv(kernels.ENV_CACHE, str(cache))
+    target = kernels.library_path()
+    os.makedirs(os.path.dirname(target))
+    shutil.copy2(source, target)
+    shutil.copy2(source + kernels.SIDECAR_SUFFIX, target + kernels.SIDECAR_SUFFIX)
+    assert kernels.verified(target)
+    return target
+
+
+def test_sidecar_records_size_and_hash(lib, tmp_path, monkeypatch):
+    path = _copy_built_library(lib, tmp_path, monkeypatch)
+    size, digest = open(path + kernels.SIDECAR_SUFFIX).read().split()
+    assert int(size) == os.path.getsize(path) and len(digest) == 64
+    with open(path, "r+b") as f:  # same size, one byte changed
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert not kernels.verified(path)
+    os.remove(path + kernels.SIDECAR_SUFFIX)
+    assert not kernels.verified(path)
+
+
+@pytest.mark.slow
+def test_truncated_cached_library_is_rebuilt_not_loaded(lib, tmp_path, monkeypatch):
+    """A library cut to 4 kB (a kill or a full disk mid-write) would make
+    tf.load_op_library die with SIGBUS in every later process; it fails its
+    sidecar check and is rebuilt, and stale build temporaries are removed."""
+    path = _copy_built_library(lib, tmp_path, monkeypatch)
+    with open(path, "r+b") as f:
+        f.truncate(4096)
+    stale = os.path.join(os.path.dirname(path), ".tfdq_kernels.abc123.so.tmp")
+    open(stale, "wb").close()  # left by a build killed before its rename
+    proc = _load_in_subprocess(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[0.5, -1.0]"
+    assert "rebuilding" in proc.stderr
+    assert kernels.verified(path) and os.path.getsize(path) > 4096
+    assert not os.path.exists(stale)
+
+
+@pytest.mark.slow
+def test_another_valid_library_at_the_path_is_rebuilt(lib, tmp_path, monkeypatch):
+    """A different, valid ELF library under the cached name (no ops of ours)
+    is replaced by a real build instead of failing at the first op."""
+    path = _copy_built_library(lib, tmp_path, monkeypatch)
+    import ctypes.util
+
+    other = ctypes.util.find_library("m") or "libm.so.6"
+    for folder in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64"):
+        if os.path.exists(os.path.join(folder, other)):
+            shutil.copy(os.path.join(folder, other), path)
+            break
+    else:
+        pytest.skip("no libm found to stand in as another library")
+    proc = _load_in_subprocess(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[0.5, -1.0]"
+    assert kernels.verified(path)
+
+
+def test_inference_graphs_hold_no_tfdq_op(lib):
+    """A concrete function of a tfdq model's forward pass uses no tfdq op (it
+    runs with plain TensorFlow); under a tape the training step uses them."""
+    import keras
+
+    import tfdq
+
+    inputs = keras.Input((6,))
+    model = tfdq.quantize_model(keras.Model(inputs, keras.layers.Dense(3)(inputs)), "U3")
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32))
+
+    def op_types(fn):
+        graph = fn.get_concrete_function(tf.TensorSpec((None, 6), tf.float32)).graph
+        found = set()
+        for f in [graph, *graph._functions.values()]:
+            g = getattr(f, "graph", f)
+            found |= {op.type for op in g.get_operations()}
+        for f in graph.as_graph_def().library.function:
+            found |= {n.op for n in f.node_def}
+        return found
+
+    infer = op_types(tf.function(lambda t: model(t, training=False)))
+    assert not {t for t in infer if t.startswith("Tfdq")}
+
+    def train(t):
+        with tf.GradientTape() as tape:
+            y = model(t, training=True)
+        return tape.gradient(y, model.trainable_variables)
+
+    assert {"TfdqUniformQuantize", "TfdqUniformQuantizeGrad"} <= op_types(tf.function(train))
+    np.testing.assert_array_equal(tf.function(lambda t: model(t))(x).numpy(), model(x).numpy())

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,40 +19,20 @@ def _args(model_dir, extra=()):
     return [sys.executable, "-m", "train.train", f"--model_dir={model_dir}", *extra]
 
 
-def kill_when(model_dir, args, ready, timeout=240):
-    """Start the command and SIGKILL it as soon as ``ready(model_dir)``."""
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError("the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:])
-            if ready(model_dir):
-                proc.kill()  # SIGKILL: no cleanup, no atexit
-                proc.wait()
-                return proc.returncode
-            time.sleep(0.05)
-        raise AssertionError("timed out waiting for the kill point")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+def run_until_killed(args, point, timeout=300):
+    """Run the command with ``TFDQ_FAULT_INJECT=point``: the process kills
+    itself (SIGKILL, no cleanup) at that deterministic point of its
+    checkpoint writer. Returns the exit code (-9)."""
+    env = dict(_env(), TFDQ_FAULT_INJECT=point)
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != -9:
+        raise AssertionError(f"the run was not killed at {point}:\n" + (proc.stdout + proc.stderr)[-3000:])
+    return proc.returncode
 
 
 def checkpoints(model_dir, stage):
     d = os.path.join(model_dir, stage, "checkpoints")
     return sorted(n for n in os.listdir(d) if n.startswith("ckpt-")) if os.path.isdir(d) else []
-
-
-def mid_epoch(stage, epoch):
-    """Ready once a mid-epoch checkpoint inside epoch ``epoch`` (1-based) exists."""
-    prefix = f"ckpt-e{epoch - 1:06d}-s"
-
-    def ready(model_dir):
-        return any(n.startswith(prefix) and not n.endswith("s000000") for n in checkpoints(model_dir, stage))
-
-    return ready
 
 
 FLOAT = ["--stages=float", "--float_epochs=3", "--steps_per_epoch=40", "--checkpoint_every_steps=10",
@@ -62,8 +41,10 @@ FLOAT = ["--stages=float", "--float_epochs=3", "--steps_per_epoch=40", "--checkp
 
 def test_sigkill_mid_epoch_then_same_command_finishes(tmp_path):
     model_dir = str(tmp_path / "run")
-    rc = kill_when(model_dir, _args(model_dir, FLOAT), mid_epoch("float", 2))
+    # killed right after the checkpoint 20 steps into epoch 2 is in place
+    rc = run_until_killed(_args(model_dir, FLOAT), "saved:ckpt-e000001-s000020")
     assert rc == -9
+    assert checkpoints(model_dir, "float")[-1] == "ckpt-e000001-s000020"
     assert os.path.exists(os.path.join(model_dir, "flags.json"))
     assert not os.path.exists(os.path.join(model_dir, "float", "result.json"))
     with open(os.path.join(model_dir, "float", "history.json")) as f:
@@ -75,7 +56,7 @@ def test_sigkill_mid_epoch_then_same_command_finishes(tmp_path):
     with open(os.path.join(model_dir, "float", "history.json")) as f:
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert history[1]["resumed_at_step"] in (10, 20, 30)
+    assert history[1]["resumed_at_step"] == 20
     # the final checkpoint loads; the last step checkpoint says 3 epochs
     import keras
 
@@ -110,7 +91,7 @@ def test_resumed_quantized_run_equals_the_uninterrupted_one(tmp_path):
     proc = subprocess.run(_args(clean, extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = str(tmp_path / "killed")
-    kill_when(killed, _args(killed, extra), mid_epoch("quant", 2))
+    run_until_killed(_args(killed, extra), "saved:ckpt-e000001-s000010")
     proc = subprocess.run(_args(killed, extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("final.keras",):

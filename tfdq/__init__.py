@@ -6,18 +6,19 @@ parametrization", ICLR 2020, on TensorFlow / Keras 3::
     qmodel = tfdq.quantize_model(model)     # U3 weights and activations
     qmodel.compile(...); qmodel.fit(...)    # ordinary Keras training
     tfdq.summary(qmodel)                    # per-layer bits and sizes
+    tfdq.plot_bitwidths(qmodel, "bits.png") # the same, drawn with the budgets
+
+Importing tfdq changes no global setting (environment, Keras policy, TF
+logging); the command-line scripts quiet TensorFlow's C++ log themselves.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tfdq import callbacks, constraints, layers, memory, models, ops, quantizers  # noqa: E402
-from tfdq.constraints import MemoryBudget, constrain  # noqa: E402
-from tfdq.model import QuantizedModel  # noqa: E402
-from tfdq.quantize import quantize_model  # noqa: E402
-from tfdq.summary import summary  # noqa: E402
-from tfdq import export  # noqa: E402  (after the modules it builds on)
+from tfdq import callbacks, constraints, layers, memory, models, nonfinite, ops, quantizers
+from tfdq.constraints import MemoryBudget, constrain
+from tfdq.model import QuantizedModel
+from tfdq.plot import plot_bitwidths
+from tfdq.quantize import quantize_model
+from tfdq.summary import summary
+from tfdq import export  # (after the modules it builds on)
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,9 @@ __all__ = [
     "layers",
     "memory",
     "models",
+    "nonfinite",
     "ops",
+    "plot_bitwidths",
     "quantize_model",
     "quantizers",
     "summary",

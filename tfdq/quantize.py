@@ -32,6 +32,7 @@ from keras.src.models.functional import Functional  # the class of Functional mo
 from tfdq import layers as qlayers
 from tfdq.graph import IDENTITY_AT_INFERENCE, model_nodes, producer
 from tfdq import quantizers as quantizers_lib
+from tfdq import validate
 from tfdq.model import QuantizedModel
 
 logger = logging.getLogger("tfdq")
@@ -291,13 +292,18 @@ def quantize_model(
         raise TypeError(
             f"tfdq.quantize_model takes a keras.Model, got {type(model).__name__}."
         )
+    # Validate the request before any work (tfdq.validate).
+    validate.refuse_mixed_precision(model, "quantize a model")
+    validate.refuse_quantized(model)
+    init_bits = validate.init_bits(init_bits)
+    weight_bits = validate.bit_bounds("weight_bits", weight_bits)
+    activation_bits = validate.bit_bounds("activation_bits", activation_bits)
+    calibration_data = validate.calibration_inputs(model, calibration_data)
     # Validate the parametrization names and bounds up front.
     w_cls, w_kwargs = _template(weight_quantizer, "weight", True, weight_bits, init_bits)
     w_cls(**w_kwargs)
     if quantize_activations:
         _template(activation_quantizer, "activation", False, activation_bits, init_bits)
-    if calibration_data is not None and not isinstance(calibration_data, np.ndarray):
-        calibration_data = np.asarray(calibration_data) if isinstance(calibration_data, list) else calibration_data
     report = QuantizationReport(quantized_layers=[], activation_quantizers=[], float_layers=[])
     quantized = _quantize_graph(
         model,

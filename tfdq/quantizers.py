@@ -365,14 +365,22 @@ class Quantizer(keras.layers.Layer):
 
 
 class _Projection:
-    """Variable constraint: the quantizer's joint projection for one name."""
+    """Variable constraint: the quantizer's joint projection for one name.
+
+    A NaN (which no bound can clip) is replaced by the parameter's initial
+    value, so one poisoned update cannot keep the quantizer NaN for good
+    (``QuantizedModel.fit`` skips non-finite steps before they get here;
+    this covers custom loops). +-Inf is clipped to the bound like any value.
+    """
 
     def __init__(self, quantizer, name):
         self.quantizer = quantizer
         self.name = name
 
     def __call__(self, value):
-        return tf.cast(self.quantizer.project()[self.name], value.dtype)
+        projected = tf.cast(self.quantizer.project()[self.name], value.dtype)
+        initial = tf.cast(self.quantizer._initial_values()[self.name], value.dtype)
+        return tf.where(tf.math.is_nan(projected), initial, projected)
 
 
 def _clip(v, bounds):

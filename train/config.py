@@ -9,6 +9,7 @@ combination before anything is built or trained, so bad input fails in
 seconds with a message that says what to do.
 """
 
+import math
 import os
 
 from train import data as data_lib
@@ -295,6 +296,17 @@ def validate(config):
                 "--stages=export needs a quantized model: run 'quant' first in this "
                 "--model_dir or pass --init_checkpoint=QUANTIZED.keras."
             )
+    for key in ("float_lr", "quant_lr", "lam", "lr_decay", "momentum", "weight_decay",
+                "target_weight_kb", "target_activation_kb"):
+        value = config.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            raise ConfigError(
+                f"--{key}={value} is not a finite number: training would produce NaN "
+                "parameters. Give a finite value."
+            )
+    for key in ("float_lr", "quant_lr"):
+        if config.get(key) is not None and not float(config[key]) > 0:
+            raise ConfigError(f"--{key} must be positive, got {config[key]}.")
     weight_kb = config["target_weight_kb"] or 0.0
     act_kb = config["target_activation_kb"] or 0.0
     if weight_kb < 0 or act_kb < 0:

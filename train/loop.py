@@ -23,6 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdq import nonfinite
+
 
 def replica_step(model, optimizer, loss_fn, x, y, global_batch_size):
     """One training step on one replica; returns (loss sum, correct, count).
@@ -31,8 +33,10 @@ def replica_step(model, optimizer, loss_fn, x, y, global_batch_size):
     and divided by the global batch size, and the model's regularization
     losses and memory penalty by the number of replicas, so that the
     gradients all-reduced (summed) by the optimizer equal those of one
-    device with the whole batch.
+    device with the whole batch. A step with a non-finite loss or gradient
+    changes nothing and counts zero examples (:mod:`tfdq.nonfinite`).
     """
+    saved = nonfinite.snapshot(model)
     with tf.GradientTape() as tape:
         logits = model(x, training=True)
         per_example = loss_fn(y, logits)
@@ -46,12 +50,13 @@ def replica_step(model, optimizer, loss_fn, x, y, global_batch_size):
     grads = tape.gradient(loss, variables)
     if hasattr(model, "clip_quantizer_gradients"):
         grads = model.clip_quantizer_gradients(grads, variables)
-    optimizer.apply_gradients(zip(grads, variables))
+    applied = nonfinite.apply_if_finite(model, optimizer.apply_gradients, zip(grads, variables), loss, saved)
     correct = tf.reduce_sum(
         tf.cast(tf.equal(tf.cast(tf.argmax(logits, -1), tf.int64), tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.float32)
     )
     count = tf.cast(tf.shape(y)[0], tf.float32)
-    return tf.reduce_sum(per_example), correct, count
+    applied = tf.cast(applied, tf.float32)
+    return tf.where(applied > 0, tf.reduce_sum(per_example), 0.0), correct * applied, count * applied
 
 
 class CustomLoop:
@@ -65,6 +70,8 @@ class CustomLoop:
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
         self._train_step = None
         self._eval_step = None
+        with strategy.scope():
+            self._guard = nonfinite.attach(model)
 
     def _make_train_step(self):
         model, optimizer, loss_fn, gbs = self.model, self.optimizer, self.loss_fn, self.global_batch_size
@@ -126,8 +133,12 @@ class CustomLoop:
             total = np.zeros(3)
             for step in range(steps_per_epoch):
                 cbl.on_train_batch_begin(step)
-                total += [float(v) for v in self._train_step(iterator)]
-                logs = {"loss": total[0] / total[2], "accuracy": total[1] / total[2]}
+                try:
+                    total += [float(v) for v in self._train_step(iterator)]
+                except tf.errors.InvalidArgumentError as e:
+                    nonfinite.raise_clear(e)
+                logs = {"loss": total[0] / max(total[2], 1.0), "accuracy": total[1] / max(total[2], 1.0),
+                        "nonfinite_steps": float(self._guard["total"].numpy())}
                 cbl.on_train_batch_end(step, logs)
             logs = dict(logs)  # "loss": mean cross-entropy (the penalty is logged apart)
             if validation_data is not None:

@@ -284,6 +284,11 @@ class Run:
     def stage_dir(self, stage):
         return os.path.join(self.work_dir, stage)
 
+    def _owner_stage(self, path):
+        """The stage folder of this run that wrote ``path`` (None: a given file)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        return folder if os.path.dirname(folder) == os.path.abspath(self.work_dir) else None
+
     def float_checkpoint(self):
         return self.config.get("init_checkpoint") or os.path.join(self.stage_dir("float"), "final.keras")
 
@@ -294,11 +299,10 @@ class Run:
         return models_lib.configure(model, self.config["weight_decay"], self.sync_bn)
 
     def build_quant(self):
-        import keras  # noqa: PLC0415
 
         from train import models as models_lib  # noqa: PLC0415
 
-        float_model = keras.models.load_model(self.float_checkpoint(), compile=False)
+        float_model = load_model_file(self.float_checkpoint(), self._owner_stage(self.float_checkpoint()))
         float_model = models_lib.configure(float_model, self.config["weight_decay"], self.sync_bn)
         return quantize(self.config, float_model, self.data.calibration)
 
@@ -306,34 +310,33 @@ class Run:
         import keras  # noqa: PLC0415
 
         import tfdq  # noqa: PLC0415
-        from train.checkpoint import Checkpointer, ResumableCheckpoint, atomic_write_json  # noqa: PLC0415
+        from train.checkpoint import Checkpointer, ResumableCheckpoint  # noqa: PLC0415
         from train.loop import CustomLoop  # noqa: PLC0415
 
         config, data, strategy = self.config, self.data, self.strategy
         stage_dir = self.stage_dir(stage)
         result_path = os.path.join(stage_dir, "result.json")
         if os.path.exists(result_path):
-            with open(result_path) as f:
-                result = json.load(f)
+            result = read_result(result_path, self.work_dir)
             self.print(f"[{stage}] already finished in {stage_dir}: skipped")
             return result
         start = time.time()
         steps = data.steps_per_epoch
         checkpoints = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=config["keep_checkpoints"])
-        latest = checkpoints.latest()
-        if latest:
-            state = Checkpointer.read_state(latest)
+        with strategy.scope():  # the newest intact checkpoint; damaged ones are set aside
+            restored = checkpoints.restore_latest(warn=lambda m: self.print(f"[{stage}] {m}"))
+        if restored:
+            latest, state, model, store = restored
             self.print(
                 f"[{stage}] resuming from {latest}: {state['epoch']} epoch(s) done"
                 + (f", {state['step']} step(s) into epoch {state['epoch'] + 1}" if state["step"] else "")
             )
-            built = None
         else:
             state = {"stage": stage, "epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None}
             built = build()
         with strategy.scope():
-            if latest:
-                model = Checkpointer.load_model(latest)
+            if restored:
+                pass
             elif config["strategy"] != "default":
                 model = clone_into_scope(built)  # variables of the strategy
             else:
@@ -342,8 +345,8 @@ class Run:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             if not self.custom_loop:
                 model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-            if latest:
-                Checkpointer.restore_optimizer(latest, optimizer, model.trainable_variables)
+            if restored:
+                Checkpointer.restore_optimizer_store(store, optimizer, model.trainable_variables)
 
         callbacks = []
         best = None
@@ -424,7 +427,7 @@ class Run:
                 if int(best.best_epoch) + 1 == epochs and last.get("epoch") == epochs:
                     chosen = model  # the last epoch is the best feasible one
                 else:
-                    chosen = keras.models.load_model(best_path, compile=False)
+                    chosen = load_model_file(best_path, stage_dir)
                 # its validation accuracy is the monitored value of that epoch
                 result.update(chosen=best_path, best_epoch=int(best.best_epoch) + 1, val_accuracy=float(best.best))
             else:
@@ -435,7 +438,7 @@ class Run:
             self._quant_outputs(chosen, stage_dir, result)
         else:
             result["val_accuracy"] = val["accuracy"]
-        atomic_write_json(result_path, result)
+        write_result(result_path, result, self.work_dir)
         return result
 
     def _quant_outputs(self, model, stage_dir, result):
@@ -460,15 +463,13 @@ class Run:
             self.print(sizes["table"])
 
     def export_stage(self, model_path):
-        import keras  # noqa: PLC0415
 
         from train.checkpoint import atomic_write_json, atomic_write_text  # noqa: PLC0415
 
         stage_dir = self.stage_dir("export")
         result_path = os.path.join(stage_dir, "result.json")
         if os.path.exists(result_path):
-            with open(result_path) as f:
-                return json.load(f)
+            return read_result(result_path, self.work_dir)
         if not self.is_chief:
             return {"skipped": "export runs on the chief worker"}
         try:
@@ -479,7 +480,7 @@ class Run:
             self.print(f"[export] {note}")
             return {"skipped": note}
         start = time.time()
-        model = keras.models.load_model(model_path, compile=False)
+        model = load_model_file(model_path, self._owner_stage(model_path))
         result = {"source": model_path}
         try:
             # Keras then computes what the integer file computes (int32 biases exact).
@@ -494,11 +495,7 @@ class Run:
             out = export_lib.to_tflite(model, **kwargs)
             tflite, export_report = out if isinstance(out, tuple) else (out, None)
             path = os.path.join(stage_dir, "model.tflite")
-            os.makedirs(stage_dir, exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(tflite)
-            os.replace(tmp, path)
+            tfdq_callbacks.atomic_write_bytes(path, tflite)
             result.update(tflite=path, tflite_kb=len(tflite) / 1024.0)
             limit = self.config["export_examples"] or None
             dataset = self.data.val
@@ -531,8 +528,64 @@ class Run:
             self.print(f"[export] FAILED: {result['error']}")
             return result
         result["seconds"] = time.time() - start
-        atomic_write_json(result_path, result)
+        write_result(result_path, result, self.work_dir)
         return result
+
+
+# paths in result.json are stored relative to the run folder, so a copied or
+# moved run folder refers to its own files
+_RESULT_PATHS = ("final", "chosen", "aligned_model", "tflite", "export_report", "bitwidth_chart", "source")
+
+
+def write_result(path, result, work_dir):
+    """``result`` as JSON at ``path`` (atomically), its file paths relative to ``work_dir``."""
+    from train.checkpoint import atomic_write_json  # noqa: PLC0415
+
+    stored = dict(result)
+    for key in _RESULT_PATHS:
+        value = stored.get(key)
+        if isinstance(value, str) and os.path.isabs(value):
+            rel = os.path.relpath(value, work_dir)
+            if not rel.startswith(os.pardir):
+                stored[key] = rel
+    atomic_write_json(path, stored)
+
+
+def read_result(path, work_dir):
+    """A stage's ``result.json``, its relative paths resolved against ``work_dir``."""
+    from train.checkpoint import RunDirError  # noqa: PLC0415
+
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except ValueError as e:
+        raise RunDirError(
+            f"{path} is damaged ({e}). Delete it and re-run the same command: the stage is "
+            "finished again from its last checkpoint."
+        ) from None
+    for key in _RESULT_PATHS:
+        value = result.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            result[key] = os.path.join(work_dir, value)
+    return result
+
+
+def load_model_file(path, stage_dir=None):
+    """``keras.models.load_model(path, compile=False)``; a damaged file is
+    refused with :class:`RunDirError` naming how to recreate it."""
+    import keras  # noqa: PLC0415
+
+    from train.checkpoint import RunDirError  # noqa: PLC0415
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 (any unreadable file)
+        fix = (
+            f"Delete {os.path.join(stage_dir, 'result.json')} and re-run the same command: the "
+            "stage is finished again from its last checkpoint."
+            if stage_dir else "Pass an intact model file."
+        )
+        raise RunDirError(f"cannot load {path}: it is missing or damaged ({type(e).__name__}: {e}). {fix}") from None
 
 
 def _supported_kwargs(fn, **kwargs):
@@ -565,6 +618,9 @@ def preflight(config, data):
         raise cfg.ConfigError(f"Quantization flags cannot work: {e}") from e
 
 
+_RUN_LOCKS = {}  # run folder -> the RunLock this process holds on it (until exit)
+
+
 def run(values, print_fn=print):
     """Run the stages for the options in ``values`` (names of :data:`cfg.FIELDS`).
 
@@ -581,14 +637,17 @@ def run(values, print_fn=print):
 
     from train import data as data_lib  # noqa: PLC0415
     from train import report  # noqa: PLC0415
-    from train.checkpoint import claim_model_dir  # noqa: PLC0415
+    from train.checkpoint import RunLock, claim_model_dir, remove_stale_temporaries  # noqa: PLC0415
 
     keras.utils.set_random_seed(config["seed"])
     strategy = make_strategy(config)
     is_chief, task_id = worker_role(strategy)
     model_dir = os.path.abspath(config["model_dir"])
     work_dir = model_dir if is_chief else os.path.join(model_dir, "workers", f"worker{task_id}")
-    claim_model_dir(work_dir, config, cfg.RESUME_IGNORE, write=False)
+    # the folder is the run: the same folder spelled otherwise, or a copied
+    # run folder, is the same run
+    ignore = (*cfg.RESUME_IGNORE, "model_dir")
+    claim_model_dir(work_dir, config, ignore, write=False)
 
     try:
         data = data_lib.load(
@@ -624,7 +683,11 @@ def run(values, print_fn=print):
         # the quantized model is built only after float training: try the
         # quantization flags and memory targets on the untrained model now
         preflight(config, data)
-    resumed = claim_model_dir(work_dir, config, cfg.RESUME_IGNORE)
+    # one process per run folder, from here (after the checks that create nothing) to the end of the process
+    if work_dir not in _RUN_LOCKS:
+        _RUN_LOCKS[work_dir] = RunLock(work_dir).acquire()
+    remove_stale_temporaries(work_dir)  # hidden temporaries of a killed run
+    resumed = claim_model_dir(work_dir, config, ignore)
     print_fn(f"tfdq: {'resuming' if resumed else 'starting'} run in {work_dir} (stages: {', '.join(stages)})")
 
     r = Run(config, strategy, data, work_dir, is_chief, print_fn)
@@ -659,7 +722,7 @@ def run(values, print_fn=print):
     if "float" in results:
         summary["float_accuracy"] = results["float"]["val_accuracy"]
     elif "quant" in stages and is_chief:
-        float_model = keras.models.load_model(r.float_checkpoint(), compile=False)
+        float_model = load_model_file(r.float_checkpoint(), r._owner_stage(r.float_checkpoint()))
         summary["float_accuracy"] = evaluate(float_model, data.val)["accuracy"]
     if "quant" in results:
         q = results["quant"]
@@ -676,10 +739,10 @@ def run(values, print_fn=print):
         )
         float_ckpt = r.float_checkpoint()
         if os.path.exists(float_ckpt):
-            summary["float_weight_kb"] = float_weight_kb(keras.models.load_model(float_ckpt, compile=False))
+            summary["float_weight_kb"] = float_weight_kb(load_model_file(float_ckpt, r._owner_stage(float_ckpt)))
     if "export" in results and "quant" not in results and export_source and os.path.exists(export_source):
         # export of a given quantized model: its sizes and Keras accuracy
-        qmodel = keras.models.load_model(export_source, compile=False)
+        qmodel = load_model_file(export_source, r._owner_stage(export_source))
         if hasattr(qmodel, "quantizers"):
             sizes = report.size_report(qmodel)
             budget = getattr(qmodel, "memory_budget", None)
@@ -727,6 +790,26 @@ def define_flags():
             flags.DEFINE_string(name, default, help_text)
 
 
+def os_error_message(error):
+    """What a file-system failure means for the run and what to do."""
+    import errno  # noqa: PLC0415
+
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"the disk is full{where}"
+        fix = "free some space"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = f"permission denied{where}"
+        fix = "make the run folder writable"
+    else:
+        what = f"{error.strerror or error}{where}"
+        fix = "fix the cause"
+    return (
+        f"{what}. Every checkpoint is written atomically, so the run folder holds the last "
+        f"complete one: {fix} and re-run the same command to resume from it."
+    )
+
+
 def main(argv):
     from absl import flags  # noqa: PLC0415
 
@@ -737,11 +820,19 @@ def main(argv):
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
     values = {name: getattr(flags.FLAGS, name) for name in cfg.FIELDS}
+    from tfdq.nonfinite import NonFiniteError, NonFiniteTrainingError  # noqa: PLC0415
+
     try:
         summary = run(values)
     except (cfg.ConfigError, DataUnavailableError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, NonFiniteTrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     if summary.get("export_note", "") and "FAILED" in str(summary.get("export_note")):
         return 1
     return 0

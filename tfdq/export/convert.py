@@ -509,6 +509,20 @@ _TYPES = {"int8": tf.int8, "float32": tf.float32, "float": tf.float32}
 
 def _trace_export(model, calibration_data, int4_kernels, calibration_samples):
     """Plan, calibrate and trace the export graph; ``(plan, builder, tf.function, specs)``."""
+    from tfdq import nonfinite, validate  # noqa: PLC0415
+
+    validate.refuse_mixed_precision(model, "export a model")
+    bad = nonfinite.nonfinite_variables(model)
+    if bad:
+        raise ExportError(
+            "the model holds NaN or Inf values in " + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else "")
+            + ": a non-finite training step poisoned them. Export an earlier checkpoint, or retrain "
+            "(tfdq's fit skips non-finite steps)."
+        )
+    try:
+        calibration_data = validate.calibration_inputs(model, calibration_data)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     plan = Plan(model, int4_kernels=int4_kernels)
     stats = _collect_stats(plan, calibration_data, calibration_samples)
     builder = Builder(plan, "export", stats)

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tfdq.export.flatbuffer import find_kernel, float_ops, inspect_tflite, unpack_integers
 from tfdq.export.plan import INT4_MAX, ExportError, Plan, round_half_away
+from tfdq.export.runtime import LiteRTRunner, iter_batches
 
 # ---------------------------------------------------------------------------
 # Verification
@@ -16,66 +17,6 @@ class VerificationReport(dict):
 
     def format(self):
         return _format_verification(self)
-
-
-def _iter_batches(dataset, batch_size):
-    """Yield ``(x, y or None)`` numpy batches from arrays, a tuple or a tf.data.Dataset."""
-    if isinstance(dataset, tf.data.Dataset):
-        for item in dataset.as_numpy_iterator():
-            if isinstance(item, tuple):
-                yield np.asarray(item[0]), (np.asarray(item[1]) if len(item) > 1 else None)
-            else:
-                yield np.asarray(item), None
-        return
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and np.ndim(dataset[0]) > 1:
-        x, y = dataset
-    else:
-        x, y = dataset, None
-    x = np.asarray(x)
-    y = None if y is None else np.asarray(y)
-    for start in range(0, len(x), batch_size):
-        yield x[start : start + batch_size], (None if y is None else y[start : start + batch_size])
-
-
-class _LiteRTRunner:
-    """Runs a single-input ``.tflite`` on float batches; returns dequantized outputs."""
-
-    def __init__(self, tflite_bytes, num_threads=None):
-        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
-
-        self.interpreter = Interpreter(model_content=tflite_bytes, num_threads=num_threads)
-        details = self.interpreter.get_input_details()
-        if len(details) != 1:
-            raise ExportError(f"verify supports single-input models; this file has {len(details)} inputs.")
-        self.shape = None
-        self._details()
-
-    def _details(self):
-        self.inp = self.interpreter.get_input_details()[0]
-        self.out = self.interpreter.get_output_details()[0]
-        self.in_scale, self.in_zp = self.inp["quantization"]
-        self.out_scale, self.out_zp = self.out["quantization"]
-
-    @property
-    def output_scale(self):
-        return float(self.out_scale) if self.out["dtype"] == np.int8 else None
-
-    def __call__(self, xb):
-        xb = np.asarray(xb, np.float32)
-        if self.shape != xb.shape:
-            self.interpreter.resize_tensor_input(self.inp["index"], list(xb.shape))
-            self.interpreter.allocate_tensors()
-            self._details()
-            self.shape = xb.shape
-        if self.inp["dtype"] == np.int8:
-            # TFLite's QUANTIZE: round half away from zero, saturate
-            xb = np.clip(round_half_away(xb / self.in_scale) + self.in_zp, -128, 127).astype(np.int8)
-        self.interpreter.set_tensor(self.inp["index"], xb)
-        self.interpreter.invoke()
-        y = np.array(self.interpreter.get_tensor(self.out["index"]))
-        if self.out["dtype"] == np.int8:
-            y = (y.astype(np.float64) - self.out_zp) * self.out_scale
-        return y
 
 
 def size_report(model, tflite_bytes):
@@ -192,14 +133,14 @@ def verify(model, tflite_bytes, dataset, *, batch_size=250, export_report=None, 
         int4_kernels = export_report.get("options", {}).get("int4_kernels")
     plan = Plan(model, int4_kernels=True)
     info = inspect_tflite(tflite_bytes)
-    runner = _LiteRTRunner(tflite_bytes, num_threads)
+    runner = LiteRTRunner(tflite_bytes, num_threads)
     runner.interpreter.allocate_tensors()
     layers = _check_kernels(plan, info, tflite_bytes, runner.interpreter, int4_kernels)
 
     n = agree = keras_correct = tfl_correct = ties = 0
     labelled = True
     max_diff = 0.0
-    for xb, yb in _iter_batches(dataset, batch_size):
+    for xb, yb in iter_batches(dataset, batch_size):
         keras_out = np.asarray(model(xb, training=False), np.float64)
         tfl_out = runner(xb)
         kt, tt = np.argmax(keras_out, axis=-1), np.argmax(tfl_out, axis=-1)

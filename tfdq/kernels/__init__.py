@@ -16,15 +16,26 @@ and flags::
 
 The compiler writes a temporary file that is renamed into place, under a
 file lock, so concurrent processes never load a half-written library and
-build it only once. Later processes load the cached file (no compiler
-needed). When there is no compiler or the build or load fails, :func:`load`
-logs one warning and returns None, and tfdq keeps using its XLA path.
-``TFDQ_CUSTOM_KERNELS=0`` turns the kernels off.
+build it only once; then a sidecar ``tfdq_kernels.so.sha256`` records the
+library's size and SHA-256. Later processes load the cached file (no
+compiler needed) only when it matches its sidecar: a library truncated by a
+kill or a full disk, or another file at that path, is rebuilt instead of
+being handed to ``tf.load_op_library`` (which can die with a bus error on a
+truncated file, beyond any Python ``except``). Temporary files of killed
+builds are removed by the next build. When there is no compiler or the
+build or load fails, :func:`load` logs one warning and returns None, and
+tfdq keeps using its XLA path. ``TFDQ_CUSTOM_KERNELS=0`` turns the kernels
+off.
 
 Integration into :func:`tfdq.ops.uniform_quantize`::
 
     if kernels.usable(x):
         return kernels.uniform_quantize(x, d, q_max, signed)
+
+:func:`usable` is true only while a gradient tape records (a training
+step): graphs traced for inference (``model.export``, a concrete function
+of ``model(x)``, TF Serving, the TFLite converter) use the XLA path and run
+with plain TensorFlow, without this library.
 """
 
 import hashlib
@@ -54,6 +65,7 @@ ENV_CACHE = "TFDQ_KERNEL_CACHE"
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "uniform_quantize.cc")
 LIBRARY_NAME = "tfdq_kernels.so"
+SIDECAR_SUFFIX = ".sha256"
 
 # -ffp-contract=off: no fused multiply-adds, every float operation rounds as
 # TensorFlow's does (the forward result must be bit-identical).
@@ -145,14 +157,64 @@ def _compiler():
     return found
 
 
+def _fingerprint(path):
+    """``"<size> <sha256>"`` of the file at ``path``."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return f"{size} {digest.hexdigest()}"
+
+
+def verified(path=None):
+    """Whether the library at ``path`` is complete: it matches the size and
+    SHA-256 that its sidecar recorded after a finished build."""
+    path = path or library_path()
+    try:
+        with open(path + SIDECAR_SUFFIX) as f:
+            recorded = f.read().strip()
+        return recorded == _fingerprint(path)
+    except OSError:
+        return False
+
+
+def _write_sidecar(path):
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tfdq_kernels.", suffix=".sha256.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(_fingerprint(path) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path + SIDECAR_SUFFIX)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _remove_stale_temporaries(folder):
+    """Temporary files of builds killed before their rename (called under the
+    build lock, so no build is running)."""
+    for name in os.listdir(folder):
+        if name.startswith(".tfdq_kernels.") and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def build(path=None, force=False):
-    """Compile the library to ``path`` (default :func:`library_path`) unless it exists.
+    """Compile the library to ``path`` (default :func:`library_path`) unless a
+    complete one is there (see :func:`verified`).
 
     Returns the path. Raises :class:`KernelBuildError` with the compiler's
     message when it fails.
     """
     path = path or library_path()
-    if os.path.exists(path) and not force:
+    if not force and verified(path):
         return path
     cxx = _compiler()
     folder = os.path.dirname(path)
@@ -161,8 +223,14 @@ def build(path=None, force=False):
     except OSError as e:
         raise KernelBuildError(f"cannot create the cache folder {folder}: {e}") from e
     with _FileLock(os.path.join(folder, ".lock")):
-        if os.path.exists(path) and not force:  # another process built it meanwhile
+        if not force and verified(path):  # another process built it meanwhile
             return path
+        _remove_stale_temporaries(folder)
+        if os.path.exists(path):
+            logger.warning(
+                "tfdq: the cached kernel library %s does not match its recorded size and "
+                "hash (damaged, or an older build): rebuilding it", path,
+            )
         fd, tmp = tempfile.mkstemp(prefix=".tfdq_kernels.", suffix=".so.tmp", dir=folder)
         os.close(fd)
         compile_flags, link_flags = _tf_flags()
@@ -180,7 +248,12 @@ def build(path=None, force=False):
                 tail = "\n".join((errors or proc.stderr.splitlines())[-5:])
                 raise KernelBuildError(f"{cxx} exited with {proc.returncode}:\n{tail}")
             os.chmod(tmp, 0o755)
+            try:
+                os.unlink(path + SIDECAR_SUFFIX)  # no sidecar while the library changes
+            except FileNotFoundError:
+                pass
             os.replace(tmp, path)  # atomic: readers see the old state or the whole file
+            _write_sidecar(path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -189,7 +262,7 @@ def build(path=None, force=False):
 
 def _build_and_load():
     path = library_path()
-    built_now = not os.path.exists(path)
+    built_now = not verified(path)
     build(path)
     try:
         return tf.load_op_library(path)
@@ -258,15 +331,29 @@ def usable(x):
     """Whether :func:`uniform_quantize` can run on ``x`` here.
 
     True for a float32 ``x`` when :func:`available`, outside an XLA-compiled
-    function (``jit_compile=True``, which cannot compile custom ops).
+    function (``jit_compile=True``, which cannot compile custom ops), and
+    while a gradient tape records (a training step). Inference graphs
+    therefore never hold tfdq's ops: a SavedModel or concrete function
+    traced from a tfdq model runs with plain TensorFlow (the XLA path gives
+    the same values bit for bit).
     """
     dtype = getattr(x, "dtype", None)
     return (
         dtype is not None
         and tf.as_dtype(dtype) == tf.float32
+        and _gradients_recorded()
         and available()
         and not _in_xla_context()
     )
+
+
+def _gradients_recorded():
+    """Whether a gradient tape (or forward accumulator) may record here (TF internals)."""
+    try:
+        from tensorflow.python.eager import record  # noqa: PLC0415
+    except ImportError:  # moved in a later TensorFlow: assume a training step
+        return True
+    return bool(record.could_possibly_record())
 
 
 @tf.autograph.experimental.do_not_convert

@@ -1,0 +1,116 @@
+"""Running ``.tflite`` files in LiteRT: the one runner that verification, the
+training script and the benchmarks share.
+
+Inputs are quantized the way TFLite's QUANTIZE op does it (round half away
+from zero, then saturate), so a float batch gives the same integers here as
+it would inside the file.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tfdq.export.plan import round_half_away
+
+
+def iter_batches(dataset, batch_size):
+    """Yield ``(x, y or None)`` NumPy batches.
+
+    ``dataset`` is an array of inputs, a pair ``(x, y)`` of arrays, or a
+    ``tf.data.Dataset`` of ``x`` or ``(x, y)`` elements (its own batching is
+    kept).
+    """
+    if isinstance(dataset, tf.data.Dataset):
+        for item in dataset.as_numpy_iterator():
+            if isinstance(item, tuple):
+                yield np.asarray(item[0]), (np.asarray(item[1]) if len(item) > 1 else None)
+            else:
+                yield np.asarray(item), None
+        return
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and np.ndim(dataset[0]) > 1:
+        x, y = dataset
+    else:
+        x, y = dataset, None
+    x = np.asarray(x)
+    y = None if y is None else np.asarray(y)
+    for start in range(0, len(x), batch_size):
+        yield x[start : start + batch_size], (None if y is None else y[start : start + batch_size])
+
+
+class LiteRTRunner:
+    """A single-input ``.tflite`` model in LiteRT, called on float batches.
+
+    ``runner(x)`` quantizes ``x`` when the file's input is int8/uint8,
+    resizes the batch dimension when it changes, and returns the first
+    output dequantized to float64 (float outputs as they are).
+
+    Args:
+        tflite_bytes: the file's contents.
+        num_threads: LiteRT's thread count (None: its default).
+    """
+
+    def __init__(self, tflite_bytes, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415 (optional at import time)
+
+        self.interpreter = Interpreter(model_content=tflite_bytes, num_threads=num_threads)
+        inputs = self.interpreter.get_input_details()
+        if len(inputs) != 1:
+            raise ValueError(
+                f"LiteRTRunner runs single-input models; this file has {len(inputs)} inputs "
+                "(call ai_edge_litert's Interpreter directly for several)."
+            )
+        self.shape = None
+        self._details()
+
+    def _details(self):
+        self.inp = self.interpreter.get_input_details()[0]
+        self.out = self.interpreter.get_output_details()[0]
+        self.in_scale, self.in_zp = self.inp["quantization"]
+        self.out_scale, self.out_zp = self.out["quantization"]
+
+    @property
+    def output_scale(self):
+        """The output's quantization step (None for a float output)."""
+        return float(self.out_scale) if self.out["dtype"] in (np.int8, np.uint8) else None
+
+    def quantize_input(self, x):
+        """``x`` as the file's input type (TFLite's QUANTIZE: round half away, saturate)."""
+        x = np.asarray(x, np.float32)
+        dtype = self.inp["dtype"]
+        if dtype not in (np.int8, np.uint8):
+            return x.astype(dtype)
+        info = np.iinfo(dtype)
+        q = round_half_away(x.astype(np.float64) / self.in_scale) + self.in_zp
+        return np.clip(q, info.min, info.max).astype(dtype)
+
+    def __call__(self, x):
+        x = np.asarray(x, np.float32)
+        if self.shape != x.shape:
+            self.interpreter.resize_tensor_input(self.inp["index"], list(x.shape))
+            self.interpreter.allocate_tensors()
+            self._details()
+            self.shape = x.shape
+        self.interpreter.set_tensor(self.inp["index"], self.quantize_input(x))
+        self.interpreter.invoke()
+        y = np.array(self.interpreter.get_tensor(self.out["index"]))
+        if self.out["dtype"] in (np.int8, np.uint8):
+            y = (y.astype(np.float64) - self.out_zp) * self.out_scale
+        return y
+
+
+def predict(tflite_bytes, x, batch_size=250, num_threads=None):
+    """The file's (dequantized) outputs on the inputs ``x``, in batches."""
+    runner = LiteRTRunner(tflite_bytes, num_threads)
+    return np.concatenate([runner(xb) for xb, _ in iter_batches(np.asarray(x), batch_size)])
+
+
+def accuracy(tflite_bytes, dataset, batch_size=250, num_threads=None):
+    """Top-1 accuracy of the file on ``(x, y)`` arrays or a dataset of ``(x, y)`` batches."""
+    runner = LiteRTRunner(tflite_bytes, num_threads)
+    correct = total = 0
+    for xb, yb in iter_batches(dataset, batch_size):
+        if yb is None:
+            raise ValueError("accuracy needs labels: pass (x, y) or a dataset of (x, y) batches.")
+        pred = np.argmax(runner(xb).reshape(len(xb), -1), axis=-1)
+        correct += int(np.sum(pred == np.asarray(yb).reshape(-1)))
+        total += len(xb)
+    return correct / max(total, 1)
