@@ -200,9 +200,7 @@ class FinishInsideBudget(keras.callbacks.Callback):
                 "FinishInsideBudget needs a model with a memory budget: "
                 "call tfdq.constrain(model, weight_kb=..., ...) first."
             )
-        total = int(self.params.get("epochs") or 1)
-        n = self.epochs if self.epochs is not None else max(1, round(self.fraction * total))
-        self.start_epoch = max(total - n, 1) if total >= 2 and n > 0 else None
+        self.start_epoch = None  # set at the first epoch (fit may start at initial_epoch)
         self.changes = None
 
     def _fix_allocation(self):
@@ -213,7 +211,13 @@ class FinishInsideBudget(keras.callbacks.Callback):
             self.reestimate_batchnorm(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self.start_epoch is None or epoch < self.start_epoch or self.model.quantizers_frozen:
+        if self.start_epoch is None:
+            total = int(self.params.get("epochs") or 1)
+            span = total - epoch  # epochs of this fit
+            n = self.epochs if self.epochs is not None else max(1, round(self.fraction * span))
+            # a fit of one epoch has no final phase (fixed at its end if needed)
+            self.start_epoch = max(total - n, epoch + 1) if span >= 2 and n > 0 else total
+        if epoch < self.start_epoch or self.model.quantizers_frozen:
             return
         if self.verbose:
             print(f"\nEpoch {epoch + 1}: final phase: allocation fixed inside the budget, weights adapting")

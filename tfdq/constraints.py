@@ -8,11 +8,21 @@ Constraints of the paper, with sizes in kB (1024 bytes):
 * (8c) largest activation ``max_l S_x,l <= activation_kb``
   (``activation="max"``).
 
-They enter the loss as the penalty ``sum_j lambda_j max(0, g_j)^2`` with
-``g_j = size_j - target_j``; the bitwidths inside the sizes are the inferred
-``b(d, q_max)`` with a straight-through ceiling, so the penalty pushes d up
-and q_max down (fewer bits) exactly while a constraint is violated. While a
-budget is set the quantizer step/range gradients are clipped to ``[-d, d]``.
+With ``g_j = size_j - target_j``, the user gives only the targets: each
+constraint gets a Lagrange multiplier that training learns (the loss term
+``sum_j lambda_j g_j / target_j``; after every step ``lambda_j`` grows while
+``g_j > 0`` and decays while the constraint holds). The paper's penalty
+``sum_j lambda_j max(0, g_j)^2`` with fixed ``lambda_j`` stays available
+(``multipliers="fixed"``, or by giving a lambda). The bitwidths inside the
+sizes are differentiable in the quantizer parameters (straight-through), so
+the term pushes d up and q_max down (fewer bits). While a budget is set the
+quantizer step/range gradients are clipped to ``[-d, d]``.
+
+The last part of ``fit`` is the final phase
+(:class:`tfdq.callbacks.FinishInsideBudget`): :func:`enforce_budget` moves
+the allocation inside every constraint bit by bit and fills the slack, the
+quantizers stop training and the weights adapt, so ``fit`` ends with every
+constraint met and each size just under its target.
 
 Use::
 
@@ -309,7 +319,7 @@ def constrain(
     weight_lambda=None,
     activation_lambda=None,
     multipliers=None,
-    finish=0.2,
+    finish="auto",
     include_input=False,
     clip_gradients=True,
     kp=DEFAULT_KP,
@@ -330,7 +340,10 @@ def constrain(
     a weight is given (``lam`` for both constraints, or ``weight_lambda`` /
     ``activation_lambda``) or with ``multipliers="fixed"``; a weight not
     given is then the paper's 0.1 scaled by the square of the budget ratio
-    to the paper's ResNet-20 budgets (:func:`auto_lambda`). Training with
+    to the paper's ResNet-20 budgets (:func:`auto_lambda`), and ``finish``
+    defaults to None (the paper's recipe: keep the best feasible epoch with
+    :class:`tfdq.callbacks.BestFeasibleCheckpoint`; pass ``finish=0.2`` to
+    end inside the budget as with learned multipliers). Training with
     ``fit`` adds the budget's term to the loss, clips the quantizer
     gradients to [-d, d] and logs the sizes and ``budget_met``. ``kp`` /
     ``ki``: gains of the multiplier controller (:class:`MemoryBudget`).
@@ -361,6 +374,8 @@ def constrain(
     given = any(v is not None for v in (lam, weight_lambda, activation_lambda))
     if multipliers is None:
         multipliers = "fixed" if given else "auto"
+    if finish == "auto":
+        finish = 0.2 if multipliers == "auto" else None
     if weight_lambda is None:
         weight_lambda = lam
     if weight_lambda is None and weight_kb is not None and weight_kb > 0:
