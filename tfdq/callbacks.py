@@ -164,10 +164,11 @@ class FinishInsideBudget(keras.callbacks.Callback):
     bitwidths inside every constraint and fills the slack (the sizes land
     just under the targets), ``reestimate_batchnorm(model)`` runs if given,
     and the quantizer parameters stop training (the optimizer skips them)
-    while the weights adapt to the fixed grids. At the end of training the
-    budget is checked once more (and enforced if a one-epoch ``fit`` had no
-    final phase), so ``fit`` always returns a model that meets every
-    constraint; the quantizers are then released for any later ``fit``.
+    while the weights adapt to the fixed grids. If no final phase ran (a
+    one-epoch ``fit``, or training stopped early) the allocation is fixed at
+    the end of training instead, so ``fit`` always returns a model that
+    meets every constraint with its slack used; the quantizers are then
+    released for any later ``fit``.
     ``QuantizedModel.fit`` adds one by itself when the budget's ``finish``
     is set (the default).
 
@@ -227,9 +228,11 @@ class FinishInsideBudget(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         budget = self.model.memory_budget
-        if not all(budget.satisfied(self.model).values()):
+        if self.changes is None or not all(budget.satisfied(self.model).values()):
+            # no final phase ran (a one-epoch fit, or training stopped early): fix the
+            # allocation now, inside the budget and with its slack used
             if self.verbose:
-                print("tfdq: the budget did not hold at the end of training; fixing the allocation now")
+                print("tfdq: fixing the allocation inside the budget at the end of training")
             self._fix_allocation()
         if self.model.quantizers_frozen:
             self.model.quantizers_frozen = False

@@ -31,8 +31,7 @@ import keras
 import tensorflow as tf
 
 from tfdq import layers as qlayers
-from tfdq import memory
-from tfdq import nonfinite
+from tfdq import memory, nonfinite
 from tfdq import quantizers as quantizers_lib
 
 
