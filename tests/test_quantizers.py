@@ -348,19 +348,30 @@ def _ref_forward_params(name, signed, with_zero, bounds, v):
         r = {"bits": ref_uniform_bits(d, qm, signed), "d": d, "q_max": qm}
     else:
         extra = ref_pow2_extra(signed, with_zero)
+
+        def inside(name):  # the powers of two inside a bound: 127 gives 64
+            lo, hi = bounds[name]
+            return 2.0 ** np.ceil(np.log2(lo)), 2.0 ** np.floor(np.log2(hi))
+
+        lo_max, hi_max = inside("q_max")
+        lo_min, hi_min = inside("q_min")
         if name == "P1":
             m = 2.0 ** (b - extra) - 1
-            qmax = ref_pow2_round(np.clip(v["q_max"], *bounds["q_max"]))
-            qmin = max(qmax * 2.0**-m, ref_pow2_round(bounds["q_min"][0]))
+            qmax = np.clip(ref_pow2_round(np.clip(v["q_max"], *bounds["q_max"])), lo_max, hi_max)
+            qmin = min(max(qmax * 2.0**-m, lo_min), qmax)
             r = {"bits": b, "q_min": qmin, "q_max": qmax}
         elif name == "P2":
             m = 2.0 ** (b - extra) - 1
-            qmin = ref_pow2_round(np.clip(v["q_min"], *bounds["q_min"]))
-            qmax = min(qmin * 2.0**m, ref_pow2_round(bounds["q_max"][1]))
+            # q_min within [lo 2^-m, hi 2^-m] so that q_max = q_min 2^m stays in bounds
+            # (2^-m as float32 makes it: exponents below -126 clamp there)
+            floor = max(2.0 ** max(np.log2(lo_max) - m, -126), lo_min)
+            ceiling = max(min(2.0 ** max(np.log2(hi_max) - m, -126), hi_min), lo_min)
+            qmin = float(np.clip(ref_pow2_round(np.clip(v["q_min"], *bounds["q_min"])), floor, ceiling))
+            qmax = min(qmin * 2.0**m, hi_max)
             r = {"bits": b, "q_min": qmin, "q_max": qmax}
         else:
             qmin = ref_pow2_round(np.clip(v["q_min"], *bounds["q_min"]))
-            qmax = ref_pow2_round(np.clip(v["q_max"], *bounds["q_max"]))
+            qmax = np.clip(ref_pow2_round(np.clip(v["q_max"], *bounds["q_max"])), lo_max, hi_max)
             r = {"bits": ref_pow2_bits(qmin, qmax, signed, with_zero), "q_min": qmin, "q_max": qmax}
     return {k: float(val) for k, val in r.items()}
 
