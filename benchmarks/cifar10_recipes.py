@@ -188,9 +188,9 @@ def commands_text():
 
 def _train(values, echo):
     """``train.train.run(values)``: (summary, wall seconds, CPU seconds of this process)."""
-    from train import train as train_lib  # noqa: PLC0415
-
     import keras  # noqa: PLC0415
+
+    from train import train as train_lib  # noqa: PLC0415
 
     def print_fn(*args):
         if echo:

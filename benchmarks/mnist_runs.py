@@ -217,8 +217,9 @@ def build_quantized(config, source_model, calibration):
     targets = {}
     weight_kb, act_kb, kind = config.get("_targets") or (None, None, None)
     if weight_kb is not None or act_kb is not None:
+        gains = {k: config[k] for k in ("kp", "ki") if config.get(k) is not None}
         qmodel = tfdq.constrain(
-            qmodel, weight_kb=weight_kb, activation_kb=act_kb, activation=kind or "max", lam=config.get("lam")
+            qmodel, weight_kb=weight_kb, activation_kb=act_kb, activation=kind or "max", lam=config.get("lam"), **gains
         )
         targets = {"weight_kb": weight_kb, "activation_kb": act_kb, "activation": kind}
     return qmodel, targets
@@ -250,9 +251,13 @@ def quantized_run(
 
     ``init="float"`` starts from ``float_model`` (calibrated activations);
     ``"random"`` from the untrained network of ``seed``. Training: ``epochs``
-    epochs (``optimizer``, ``lr``, batch 64); with a budget, then the finish
-    (``enforce_budget``, ``freeze_quantizers``); with ``finish_epochs`` > 0
-    the quantizers are frozen and the weights fine-tuned (Adam ``finish_lr``).
+    epochs (``optimizer``, ``lr``, batch 64), then ``finish_epochs`` with the
+    quantizers frozen and the weights fine-tuned at ``finish_lr``: with a
+    budget, one ``fit`` whose final phase
+    (:class:`tfdq.callbacks.FinishInsideBudget`) first fixes the allocation
+    inside the budget; without, ``freeze_quantizers`` and a second ``fit``
+    (Adam ``finish_lr``). A config's ``lam`` selects the paper's fixed
+    penalty; without it the multipliers are learned.
     Never raises for a failed configuration: the record then has ``failed``
     (the exception) and no error figure. A run whose training loss became
     NaN or Inf is stopped there and marked ``diverged``.
@@ -279,26 +284,38 @@ def quantized_run(
         qmodel, targets = build_quantized(config, source, xt[:512])
         if targets:
             record["targets"] = targets
-            record["lambda"] = {
-                "weight": qmodel.memory_budget.weight_lambda,
-                "activation": qmodel.memory_budget.activation_lambda,
-            }
+            budget = qmodel.memory_budget
+            record["multipliers"] = budget.multipliers
+            if budget.multipliers == "fixed":
+                record["lambda"] = {"weight": budget.weight_lambda, "activation": budget.activation_lambda}
         record["initial_params"] = {q.name: q.describe() for q in qmodel.quantizers()}
         qmodel.compile(make_optimizer(optimizer, lr), _loss(), metrics=["accuracy"])
         fit_kwargs = {"batch_size": BATCH, "verbose": verbose, "callbacks": [keras.callbacks.TerminateOnNaN()]}
         if validation:
             fit_kwargs["validation_data"] = test
-        hist = qmodel.fit(xt, yt, epochs=epochs, **fit_kwargs).history
-        record["history"] = {k: [float(v) for v in vals] for k, vals in hist.items()}
-        diverged = not _finite_history(hist)
-        if targets and not diverged:
-            record["enforce_steps"] = tfdq.constraints.enforce_budget(qmodel)
-        if finish_epochs and not diverged:
-            tfdq.constraints.freeze_quantizers(qmodel)
-            qmodel.compile(keras.optimizers.Adam(finish_lr), _loss(), metrics=["accuracy"])
-            fin = qmodel.fit(xt, yt, epochs=finish_epochs, **fit_kwargs).history
-            record["finish_history"] = {k: [float(v) for v in vals] for k, vals in fin.items()}
-            diverged = not _finite_history(fin)
+        if targets:
+            # one fit: `epochs` with the quantizers learning under the budget, then
+            # the final phase (allocation fixed inside the budget, weights adapting
+            # at finish_lr), scheduled by tfdq's callback
+            total = epochs + finish_epochs
+            fit_kwargs["callbacks"] = fit_kwargs["callbacks"] + [
+                tfdq.callbacks.FinishInsideBudget(epochs=finish_epochs, verbose=verbose),
+                keras.callbacks.LearningRateScheduler(lambda e, cur: finish_lr if e >= epochs else cur),
+            ]
+            hist = qmodel.fit(xt, yt, epochs=total, **fit_kwargs).history
+            record["history"] = {k: [float(v) for v in vals] for k, vals in hist.items()}
+            record["enforce_steps"] = fit_kwargs["callbacks"][1].changes
+            diverged = not _finite_history(hist)
+        else:
+            hist = qmodel.fit(xt, yt, epochs=epochs, **fit_kwargs).history
+            record["history"] = {k: [float(v) for v in vals] for k, vals in hist.items()}
+            diverged = not _finite_history(hist)
+            if finish_epochs and not diverged:
+                tfdq.constraints.freeze_quantizers(qmodel)
+                qmodel.compile(keras.optimizers.Adam(finish_lr), _loss(), metrics=["accuracy"])
+                fin = qmodel.fit(xt, yt, epochs=finish_epochs, **fit_kwargs).history
+                record["finish_history"] = {k: [float(v) for v in vals] for k, vals in fin.items()}
+                diverged = not _finite_history(fin)
         record["diverged"] = diverged
         record["error"] = error(qmodel, test)
         record["final_params"] = {q.name: q.describe() for q in qmodel.quantizers()}

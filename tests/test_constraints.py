@@ -16,11 +16,13 @@ from tfdq import memory
 
 
 def _fixed_bits_resnet20():
-    """ResNet-20 whose quantizers have their bits set directly (U2, nothing learned)."""
+    """ResNet-20 whose quantizers have their bits set directly (U2, nothing
+    learned; steps down to 2^-60 so that a 32-bit grid really stores 32 bits:
+    the charged bits are those of the stored integer range)."""
     return tfdq.quantize_model(
         tfdq.models.resnet20(),
-        weight_quantizer=tfdq.quantizers.U2(learn=()),
-        activation_quantizer=tfdq.quantizers.U2(learn=()),
+        weight_quantizer=tfdq.quantizers.U2(learn=(), min_d=2.0**-60),
+        activation_quantizer=tfdq.quantizers.U2(learn=(), min_d=2.0**-60),
         weight_bits=(2, 32),
         activation_bits=(1, 32),
     )
@@ -69,7 +71,7 @@ def test_penalty_gradient_is_the_analytic_one_and_points_to_fewer_bits(target_bi
     q, quant = _one_layer()  # d = 1/16, q_max = 0.9: ratio 14.4, b = ceil(log2 15.4 + 1) = 5
     count = 16 * 8 + 8
     target = count * target_bits / 8192
-    budget = tfdq.MemoryBudget(weight_kb=target, weight_lambda=0.1)
+    budget = tfdq.MemoryBudget(weight_kb=target, multipliers="fixed", weight_lambda=0.1)
     d_var, q_var = quant.param("d"), quant.param("q_max")
     with tf.GradientTape() as tape:
         p = budget.penalty(q)
@@ -92,7 +94,7 @@ def test_penalty_gradient_is_the_analytic_one_and_points_to_fewer_bits(target_bi
 
 def test_gradients_of_d_and_q_max_are_clipped_to_step_size_in_fit():
     q, quant = _one_layer()
-    q = tfdq.constrain(q, weight_kb=0.035, weight_lambda=1e3)
+    q = tfdq.constrain(q, weight_kb=0.035, weight_lambda=1e3, finish=None)  # one step: no final phase
     x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
     y = np.zeros((32, 8), np.float32)
     before = {n: float(quant.param(n).numpy()) for n in ("d", "q_max")}
@@ -124,7 +126,7 @@ def test_custom_training_loop_uses_penalty_and_clipping():
     assert float(quant.param("d").numpy()) == pytest.approx(d0 + 1 / 16, rel=1e-6)
 
 
-def test_best_feasible_checkpoint_keeps_only_epochs_that_meet_the_budget(tmp_path):
+def test_best_feasible_checkpoint_keeps_only_epochs_that_meet_the_budget(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 16)).astype(np.float32)
     y = rng.integers(0, 8, size=64)
@@ -141,22 +143,33 @@ def test_best_feasible_checkpoint_keeps_only_epochs_that_meet_the_budget(tmp_pat
     best = keras.models.load_model(path)
     assert best.memory_budget.weight_kb == 1.0  # the budget is saved with the model
     assert all(best.memory_budget.satisfied(best).values())
-    # a budget that one SGD step cannot reach: nothing is kept
+    # a budget that training alone cannot reach (a tiny fixed penalty): with
+    # the final phase off nothing is kept, and the run says why
     q2, _ = _one_layer()
-    q2 = tfdq.constrain(q2, weight_kb=0.034, weight_lambda=1e-6)
+    q2 = tfdq.constrain(q2, weight_kb=0.034, weight_lambda=1e-6, finish=None)
     q2.compile(keras.optimizers.SGD(1e-6), loss, metrics=["accuracy"])
     path2 = os.path.join(tmp_path, "never.keras")
     keep2 = tfdq.callbacks.BestFeasibleCheckpoint(path2, monitor="accuracy", verbose=0)
     hist2 = q2.fit(x, y, batch_size=64, epochs=2, callbacks=[keep2], verbose=0).history
     assert hist2["budget_met"] == [0.0, 0.0] and hist2["penalty"][0] > 0
     assert keep2.best_epoch is None and not os.path.exists(path2)
+    assert "no epoch met every constraint" in capsys.readouterr().out
+    # with the final phase (the default with learned multipliers; asked for
+    # here with the paper's penalty) the last epoch is inside the budget and kept
+    q3, _ = _one_layer()
+    q3 = tfdq.constrain(q3, weight_kb=0.034, weight_lambda=1e-6, finish=0.2)
+    q3.compile(keras.optimizers.SGD(1e-6), loss, metrics=["accuracy"])
+    keep3 = tfdq.callbacks.BestFeasibleCheckpoint(path2, monitor="accuracy", verbose=0)
+    hist3 = q3.fit(x, y, batch_size=64, epochs=2, callbacks=[keep3], verbose=0).history
+    assert hist3["budget_met"][-1] == 1.0 and keep3.best_epoch == 1 and os.path.exists(path2)
 
 
 def test_constrained_mnist_finetune_ends_within_budget_and_accuracy():
     """Real data: 2-bit-average weights + 5% and 4-bit max activations.
 
-    The recipe: constrained fine-tuning, then ``enforce_budget`` (penalty
-    steps only) and ``freeze_quantizers``, then a short weight fine-tune.
+    One ``fit`` with the targets only: the multipliers pull the sizes in,
+    the final phase fixes the allocation inside the budget (slack used) and
+    fine-tunes the weights.
     """
     from tfdq.data import mnist_subset
 
@@ -171,15 +184,14 @@ def test_constrained_mnist_finetune_ends_within_budget_and_accuracy():
     n_w = sum(e.count for e in entries if e.kind == "weight")
     biggest = max(e.count for e in entries if e.kind == "activation" and not e.is_input)
     assert (n_w, biggest) == (29658, 12544)
-    q = tfdq.constrain(q, weight_kb=1.05 * n_w * 2 / 8192, activation_kb=biggest * 4 / 8192, activation="max")
+    w_kb, a_kb = 1.05 * n_w * 2 / 8192, biggest * 4 / 8192
+    q = tfdq.constrain(q, weight_kb=w_kb, activation_kb=a_kb, activation="max")  # targets only
     q.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
-    hist = q.fit(xt, yt, batch_size=64, epochs=2, verbose=0).history
-    assert hist["weight_kb"][0] < 14.48  # the penalty has pulled the 4-bit start down
-    tfdq.constraints.enforce_budget(q)
-    tfdq.constraints.freeze_quantizers(q)
-    q.compile(keras.optimizers.Adam(5e-4), loss, metrics=["accuracy"])
-    q.fit(xt, yt, batch_size=64, epochs=2, verbose=0)
+    hist = q.fit(xt, yt, batch_size=64, epochs=3, verbose=0).history  # the last epoch is the final phase
+    assert hist["weight_kb"][0] < 14.48  # the multiplier has pulled the 4-bit start down
     assert all(q.memory_budget.satisfied(q).values())
+    sizes = q.memory_budget.sizes(q)
+    assert 0.95 * w_kb <= float(sizes["weight_kb"]) <= w_kb and float(sizes["activation_kb"]) == a_kb
     acc = q.evaluate(xv, yv, verbose=0)[1]
     assert acc >= float_acc - 0.015, (acc, float_acc)
     bits = [r["bits"] for r in tfdq.summary(q, print_fn=None) if r["kind"] != "total" and not r["input"]]
@@ -252,3 +264,120 @@ def test_mirrored_strategy_matches_single_device_with_budget():
 
     diff = json.loads(out.stdout.strip().splitlines()[-1])["max_diff"]
     assert diff < 1e-5
+
+
+def _digits_model(seed=0):
+    """Small float CNN trained briefly on sklearn digits (8x8), and the data."""
+    from sklearn.datasets import load_digits
+
+    keras.utils.set_random_seed(seed)
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).reshape(-1, 8, 8, 1).astype(np.float32)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, activation="relu", name="c1")(inp)
+    h = keras.layers.Conv2D(16, 3, activation="relu", name="c2")(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(32, activation="relu", name="d1")(h)
+    out = keras.layers.Dense(10, name="d2")(h)
+    m = keras.Model(inp, out)
+    m.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m.fit(x, y, batch_size=64, epochs=3, verbose=0)
+    return m, x, y
+
+
+def _counts(q):
+    entries = memory.size_entries(q)
+    w = sum(e.count for e in entries if e.kind == "weight")
+    acts = [e.count for e in entries if e.kind == "activation" and not e.is_input]
+    return w, acts
+
+
+def test_automatic_multipliers_meet_a_budget_without_a_lambda():
+    m, x, y = _digits_model()
+    q = tfdq.quantize_model(m, calibration_data=x[:256])
+    n_w, _ = _counts(q)
+    target = n_w * 2.6 / 8192  # from the 4-bit start: the multiplier must pull 35% off
+    q = tfdq.constrain(q, weight_kb=target, finish=None)  # the multiplier alone, no final phase
+    assert q.memory_budget.multipliers == "auto"
+    q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    hist = q.fit(x, y, batch_size=64, epochs=4, verbose=0).history
+    assert hist["weight_kb"][0] > target or hist["lambda_weight"][0] > 0
+    assert max(hist["lambda_weight"]) > 0  # learned, not given
+    # the multiplier grows until the budget holds (dual ascent then oscillates
+    # around it: the final phase, off here, is what ends inside it for sure)
+    assert 1.0 in hist["budget_met"]
+    met = hist["budget_met"].index(1.0)
+    assert hist["lambda_weight"][met] > 0 and hist["weight_kb"][met] <= target
+    # the saved model keeps its targets and its learned multiplier
+    config = q.memory_budget.get_config()
+    assert config["multiplier_state"]["weight"][1] == pytest.approx(hist["lambda_weight"][-1], rel=1e-5)
+    assert keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(q.memory_budget)
+    ).multiplier_values()["weight"] == pytest.approx(config["multiplier_state"]["weight"])
+
+
+@pytest.mark.parametrize(
+    "weight_bits, act_bits, kind, epochs, reachable",
+    [(2.3, 3, "max", 3, True), (4.5, None, "max", 1, False), (2.2, 2.5, "sum", 2, True), (None, 2, "max", 3, True)],
+)
+def test_fit_ends_with_every_constraint_met_and_the_slack_used(weight_bits, act_bits, kind, epochs, reachable):
+    m, x, y = _digits_model(1)
+    q = tfdq.quantize_model(m, calibration_data=x[:256])
+    n_w, acts = _counts(q)
+    w_kb = None if weight_bits is None else n_w * weight_bits / 8192
+    a_kb = None if act_bits is None else act_bits * (max(acts) if kind == "max" else sum(acts)) / 8192
+    q = tfdq.constrain(q, weight_kb=w_kb, activation_kb=a_kb, activation=kind)
+    q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, y, batch_size=128, epochs=epochs, verbose=0)  # epochs=1: no final phase, fixed at the end
+    budget = q.memory_budget
+    assert all(budget.satisfied(q).values())
+    assert not q.quantizers_frozen  # released for a later fit
+    # the slack is used: no constrained tensor can gain a bit inside the budget
+    sizes = memory.Sizes(q)
+    for _, e, _ in tfdq.constraints._constrained_entries(budget, sizes):
+        b = float(e.bits())
+        if b < e.quantizer.bounds["bits"][1]:
+            assert not tfdq.constraints._try_bits(budget, q, e, b + 1, keep_feasible=True), e.name
+    # and where the grids can reach it (4.5 bits cannot: the step bound 2^-8
+    # caps small-weight layers at 7 bits), 95-100% of each target
+    if reachable:
+        sizes = budget.sizes(q)
+        if w_kb is not None:
+            assert 0.95 * w_kb <= float(sizes["weight_kb"]) <= w_kb
+        if a_kb is not None:
+            assert 0.95 * a_kb <= float(sizes["activation_kb"]) <= a_kb
+
+
+def _bits_for(n, signed):
+    """Bits a signed / unsigned integer range [-n, n] / [0, n] needs."""
+    return max(1, math.ceil(math.log2(n + 1)) + (1 if signed else 0))
+
+
+def test_bits_charged_equal_the_integer_range_in_the_exported_file():
+    from tfdq.export import flatbuffer
+    from tfdq.export.plan import Plan
+
+    m, x, y = _digits_model(2)
+    q = tfdq.quantize_model(m, calibration_data=x[:256])
+    # ranges that the paper's formula over-charges: q_max just above d, and
+    # above the largest weight
+    c1 = q.get_layer("c1").kernel_quantizer
+    c1.param("d").assign(float(c1.describe()["d"]) * 8)
+    c1.param("q_max").assign(float(c1.describe()["d"]) * 1.4)
+    d1 = q.get_layer("d1").kernel_quantizer
+    d1.param("q_max").assign(10 * float(np.max(np.abs(q.get_layer("d1").kernel.numpy()))))
+    assert c1.bits() == 3  # the paper's b = ceil(log2(2.4) + 1) for a {-1, 0, 1} grid
+    tflite = tfdq.export.to_tflite(q, x[:64])
+    info = flatbuffer.inspect_tflite(tflite)
+    plan = Plan(q, int4_kernels=True)
+    charged = {e.name: float(e.bits()) for e in memory.size_entries(q) if e.quantizer is not None}
+    seen = 0
+    for p in plan.kernels.values():
+        ints = flatbuffer.unpack_integers(flatbuffer.find_kernel(info, p.op_index), tflite)
+        want = max(_bits_for(int(np.max(np.abs(ints))), True), 2)
+        assert charged[p.layer_name] == want, p.layer_name
+        seen += 1
+    assert seen == 4 and charged["c1"] == 2
+    _, report = tfdq.export.to_tflite(q, x[:64], return_report=True)
+    for a in report["activations"]:
+        assert charged[a["layer"]] == max(_bits_for(a["levels_max"], a["signed"]), 1), a

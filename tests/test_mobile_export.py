@@ -8,12 +8,11 @@ import keras
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from test_operations import standardize_batchnorms
 
 import tfdq
 from tfdq import layers as qlayers
 from tfdq.export import inspect_tflite
-
-from test_operations import standardize_batchnorms
 
 
 def _digits(size=8, channels=1, scale=1.0):

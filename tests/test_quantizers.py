@@ -348,19 +348,30 @@ def _ref_forward_params(name, signed, with_zero, bounds, v):
         r = {"bits": ref_uniform_bits(d, qm, signed), "d": d, "q_max": qm}
     else:
         extra = ref_pow2_extra(signed, with_zero)
+
+        def inside(name):  # the powers of two inside a bound: 127 gives 64
+            lo, hi = bounds[name]
+            return 2.0 ** np.ceil(np.log2(lo)), 2.0 ** np.floor(np.log2(hi))
+
+        lo_max, hi_max = inside("q_max")
+        lo_min, hi_min = inside("q_min")
         if name == "P1":
             m = 2.0 ** (b - extra) - 1
-            qmax = ref_pow2_round(np.clip(v["q_max"], *bounds["q_max"]))
-            qmin = max(qmax * 2.0**-m, ref_pow2_round(bounds["q_min"][0]))
+            qmax = np.clip(ref_pow2_round(np.clip(v["q_max"], *bounds["q_max"])), lo_max, hi_max)
+            qmin = min(max(qmax * 2.0**-m, lo_min), qmax)
             r = {"bits": b, "q_min": qmin, "q_max": qmax}
         elif name == "P2":
             m = 2.0 ** (b - extra) - 1
-            qmin = ref_pow2_round(np.clip(v["q_min"], *bounds["q_min"]))
-            qmax = min(qmin * 2.0**m, ref_pow2_round(bounds["q_max"][1]))
+            # q_min within [lo 2^-m, hi 2^-m] so that q_max = q_min 2^m stays in bounds
+            # (2^-m as float32 makes it: exponents below -126 clamp there)
+            floor = max(2.0 ** max(np.log2(lo_max) - m, -126), lo_min)
+            ceiling = max(min(2.0 ** max(np.log2(hi_max) - m, -126), hi_min), lo_min)
+            qmin = float(np.clip(ref_pow2_round(np.clip(v["q_min"], *bounds["q_min"])), floor, ceiling))
+            qmax = min(qmin * 2.0**m, hi_max)
             r = {"bits": b, "q_min": qmin, "q_max": qmax}
         else:
             qmin = ref_pow2_round(np.clip(v["q_min"], *bounds["q_min"]))
-            qmax = ref_pow2_round(np.clip(v["q_max"], *bounds["q_max"]))
+            qmax = np.clip(ref_pow2_round(np.clip(v["q_max"], *bounds["q_max"])), lo_max, hi_max)
             r = {"bits": ref_pow2_bits(qmin, qmax, signed, with_zero), "q_min": qmin, "q_max": qmax}
     return {k: float(val) for k, val in r.items()}
 
@@ -1165,3 +1176,60 @@ def test_clip_gradients_to_step_size():
     got = [None if g is None else float(g) for g, _ in out]
     assert got == [0.125, -0.125, pytest.approx(0.01), 9.0, -0.25, 7.0, None]
     assert all(a is b for (_, a), (_, b) in zip(out, pairs))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_u3_step_gradient_stays_bounded_at_the_bit_cap(signed):
+    """At 8 bits the range is capped at (2^7 - 1) d (unsigned 255 d); the
+    range's gradient reaches d with unit factor, not the chain rule's 127,
+    so |dQ/dd| <= 1/2 + 1 per element, as U3 promises."""
+    role = "weight" if signed else "activation"
+    q = U3(signed=signed, role=role)
+    q.build()
+    d = 2.0**-6
+    n = 127 if signed else 255
+    q.param("d").assign(d)
+    q.param("q_max").assign(4 * n * d)  # far above the cap
+    p = _fwd(q)
+    assert p["bits"] == 8 and p["q_max"] == pytest.approx(n * d)
+    rng = np.random.default_rng(0)
+    x = tf.constant((rng.normal(size=4096) * 4).astype(np.float32))
+    for w in (tf.ones_like(x), tf.constant(np.sign(x.numpy())), tf.constant(rng.normal(size=4096).astype(np.float32))):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(w * q.quantize_tensor(x))
+        g_d = float(tape.gradient(loss, q.param("d")))
+        bound = 1.5 * float(tf.reduce_sum(tf.abs(w)))
+        assert abs(g_d) <= bound, (g_d, bound)
+    # every element outside the cap pulls d with weight 1 (the range's direction)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(q.quantize_tensor(tf.fill([10], 1e3)))
+    assert float(tape.gradient(loss, q.param("d"))) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("name", ["P1", "P2", "P3"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_pow2_forward_range_stays_in_bounds_under_sgd_lr_1(name, signed):
+    """q_max (and q_min) of every power-of-two parametrization stay inside
+    their bounds in the forward pass, whatever SGD with lr 1.0 does."""
+    role = "weight" if signed else "activation"
+    rng = np.random.default_rng(1)
+    for start in (1e-3, 1.0, 100.0):
+        q = _make(name, signed=signed, role=role)
+        q.initialize_from(np.array([start]), bits=4)
+        opt = keras.optimizers.SGD(learning_rate=1.0)
+        lo_max, hi_max = q.bounds["q_max"]
+        lo_min, hi_min = q.bounds["q_min"]
+        for step in range(30):
+            scale = 10 ** rng.uniform(-4, 4)
+            x = tf.constant((rng.normal(size=128) * scale).astype(np.float32))
+            with tf.GradientTape() as tape:
+                if step % 3 == 0:  # MSE: the task pulls both ways
+                    loss = tf.reduce_mean(tf.square(q.quantize_tensor(x) - x))
+                else:
+                    sign = 1.0 if step % 3 == 1 else -1.0
+                    loss = sign * tf.reduce_sum(tf.abs(q.quantize_tensor(x)))
+            grads = tape.gradient(loss, q.trainable_variables)
+            opt.apply(grads, q.trainable_variables)
+            p = _fwd(q)
+            assert lo_max <= p["q_max"] <= hi_max, (start, step, p)
+            assert lo_min <= p["q_min"] <= min(hi_min, p["q_max"]), (start, step, p)

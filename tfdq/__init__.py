@@ -12,14 +12,24 @@ Importing tfdq changes no global setting (environment, Keras policy, TF
 logging); the command-line scripts quiet TensorFlow's C++ log themselves.
 """
 
-from tfdq import batchnorm, callbacks, constraints, layers, memory, models, nonfinite, ops, quantizers
+from tfdq import (
+    batchnorm,
+    callbacks,
+    constraints,
+    export,  # (after the modules it builds on)
+    layers,
+    memory,
+    models,
+    nonfinite,
+    ops,
+    quantizers,
+)
 from tfdq.batchnorm import recalibrate_batchnorm
 from tfdq.constraints import MemoryBudget, constrain
 from tfdq.model import QuantizedModel
 from tfdq.plot import plot_bitwidths
 from tfdq.quantize import quantize_model
 from tfdq.summary import summary
-from tfdq import export  # (after the modules it builds on)
 
 __version__ = "0.1.0"
 

@@ -244,6 +244,10 @@ class BatchNormRecalibration(keras.callbacks.Callback):
                 logger.warning("tfdq: BatchNorm statistics not re-estimated: %s", err)
                 self.last = {"error": str(err)}
 
+    def mark_stale(self, model=None):
+        """Re-estimate at the next occasion (the quantizers changed outside a training step)."""
+        self._stale = True
+
     def on_epoch_begin(self, epoch, logs=None):
         self._stale = True
 

@@ -128,6 +128,115 @@ class BestFeasibleCheckpoint(keras.callbacks.Callback):
             if self.verbose:
                 print(f"\nEpoch {epoch + 1}: constraints met, {self.monitor} {value:.4f}: saved {self.filepath}")
             self.best, self.best_epoch = value, epoch
+        self._last_excess = None if budget is None else {k: float(g) for k, g in budget.excess(self.model).items()}
+
+    def on_train_end(self, logs=None):
+        """Never end silently without a file: if no epoch met the budget,
+        save the final model if it meets it now (the end-of-training phase
+        brings it inside), else say which constraint was missed by how much."""
+        if self.best_epoch is not None:
+            return
+        budget = getattr(self.model, "memory_budget", None)
+        if budget is not None and all(budget.satisfied(self.model).values()):
+            atomic_save(self.model, self.filepath)
+            print(
+                f"BestFeasibleCheckpoint: no epoch ended inside the budget; the final model meets it "
+                f"(the allocation was fixed at the end of training): saved {self.filepath} "
+                f"({self.monitor} not evaluated for it)."
+            )
+            return
+        excess = getattr(self, "_last_excess", None) or (
+            {} if budget is None else {k: float(g) for k, g in budget.excess(self.model).items()}
+        )
+        print(
+            f"BestFeasibleCheckpoint: no epoch met every constraint, so {self.filepath} was not written. "
+            f"Over the targets by (kB): {excess}. Let fit end inside the budget "
+            "(tfdq.constrain(..., finish=0.2), the default, or tfdq.callbacks.FinishInsideBudget), "
+            "or call tfdq.constraints.enforce_budget(model) and train the weights again."
+        )
+
+
+class FinishInsideBudget(keras.callbacks.Callback):
+    """The final phase of constrained training: allocation fixed, weights adapting.
+
+    At the start of the last ``epochs`` epochs (or the last ``fraction`` of
+    them) of ``fit``, :func:`tfdq.constraints.enforce_budget` moves the
+    bitwidths inside every constraint and fills the slack (the sizes land
+    just under the targets), ``reestimate_batchnorm(model)`` runs if given,
+    and the quantizer parameters stop training (the optimizer skips them)
+    while the weights adapt to the fixed grids. If no final phase ran (a
+    one-epoch ``fit``, or training stopped early) the allocation is fixed at
+    the end of training instead, so ``fit`` always returns a model that
+    meets every constraint with its slack used; the quantizers are then
+    released for any later ``fit``.
+    ``QuantizedModel.fit`` adds one by itself when the budget's ``finish``
+    is set (the default).
+
+    Args:
+        epochs: epochs of the final phase (overrides ``fraction``).
+        fraction: fraction of the ``fit``'s epochs (default 0.2, at least 1
+            epoch when the run has 2 or more).
+        reestimate_batchnorm: optional callable ``f(model)`` run once the
+            allocation is fixed, e.g. a BatchNorm statistics re-estimation
+            on training data (bit changes shift the activations).
+        verbose: print what was done.
+    """
+
+    def __init__(self, epochs=None, fraction=0.2, reestimate_batchnorm=None, verbose=1):
+        super().__init__()
+        if epochs is not None and epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}.")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must lie in (0, 1), got {fraction}.")
+        self.epochs = epochs
+        self.fraction = fraction
+        self.reestimate_batchnorm = reestimate_batchnorm
+        self.verbose = verbose
+        self.start_epoch = None
+        self.changes = None
+
+    def on_train_begin(self, logs=None):
+        if getattr(self.model, "memory_budget", None) is None:
+            raise ValueError(
+                "FinishInsideBudget needs a model with a memory budget: "
+                "call tfdq.constrain(model, weight_kb=..., ...) first."
+            )
+        self.start_epoch = None  # set at the first epoch (fit may start at initial_epoch)
+        self.changes = None
+
+    def _fix_allocation(self):
+        from tfdq import constraints  # noqa: PLC0415
+
+        self.changes = constraints.enforce_budget(self.model, fill=True, verbose=self.verbose)
+        if self.reestimate_batchnorm is not None:
+            self.reestimate_batchnorm(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.start_epoch is None:
+            total = int(self.params.get("epochs") or 1)
+            span = total - epoch  # epochs of this fit
+            n = self.epochs if self.epochs is not None else max(1, round(self.fraction * span))
+            # a fit of one epoch has no final phase (fixed at its end if needed)
+            self.start_epoch = max(total - n, epoch + 1) if span >= 2 and n > 0 else total
+        if epoch < self.start_epoch or self.model.quantizers_frozen:
+            return
+        if self.verbose:
+            print(f"\nEpoch {epoch + 1}: final phase: allocation fixed inside the budget, weights adapting")
+        self._fix_allocation()
+        self.model.quantizers_frozen = True
+        self.model.make_train_function(force=True)
+
+    def on_train_end(self, logs=None):
+        budget = self.model.memory_budget
+        if self.changes is None or not all(budget.satisfied(self.model).values()):
+            # no final phase ran (a one-epoch fit, or training stopped early): fix the
+            # allocation now, inside the budget and with its slack used
+            if self.verbose:
+                print("tfdq: fixing the allocation inside the budget at the end of training")
+            self._fix_allocation()
+        if self.model.quantizers_frozen:
+            self.model.quantizers_frozen = False
+            self.model.train_function = None
 
 
 from tfdq.batchnorm import BatchNormRecalibration  # noqa: E402,F401  (also tfdq.callbacks.BatchNormRecalibration)

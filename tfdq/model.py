@@ -5,16 +5,22 @@ all as usual) with three additions for learned quantization:
 
 * ``memory_budget``: an optional :class:`tfdq.constraints.MemoryBudget` (set
   with :func:`tfdq.constrain`). While one is set the training loss gets the
-  penalty ``sum_j lambda_j max(0, size_j - target_j)^2`` and the gradients of
-  the quantizers' step and range parameters are clipped to ``[-d, d]``
-  before the optimizer step (METHOD.md sections 3 and 5).
+  budget's term (learned multipliers times the relative violations, or the
+  paper's fixed penalty ``sum_j lambda_j max(0, size_j - target_j)^2``),
+  the gradients of the quantizers' step and range parameters are clipped
+  to ``[-d, d]`` before the optimizer step (section 3 of the paper), the
+  multipliers take one controller step after each optimizer step, and
+  ``fit`` ends with the final phase that fixes the allocation inside the
+  budget (:class:`tfdq.callbacks.FinishInsideBudget`).
 * with a budget, every training step logs the current sizes
   (``weight_kb``, ``act_kb_sum``, ``act_kb_max``, ``mean_bits``,
-  ``penalty``, ``budget_met``), so they show in the progress bar,
-  ``History`` and TensorBoard (``tfdq.callbacks.MemoryLogger`` does the
-  same for a model without a budget).
-* :meth:`memory_penalty` and :meth:`clip_quantizer_gradients` for custom
-  training loops.
+  ``penalty``, ``budget_met``, ``lambda_*``), so they show in the progress
+  bar, ``History`` and TensorBoard (``tfdq.callbacks.MemoryLogger`` does the
+  same for a model without a budget). The sizes are computed once per step
+  (:class:`tfdq.memory.Sizes`) and shared by the loss term, the logs and
+  the clip bounds.
+* :meth:`memory_penalty`, :meth:`clip_quantizer_gradients` and
+  :meth:`update_memory_multipliers` for custom training loops.
 * ``fit`` keeps BatchNorm statistics current (:mod:`tfdq.batchnorm`).
 
 The budget is part of the model's config: a saved model keeps it.
@@ -25,9 +31,8 @@ import weakref
 import keras
 import tensorflow as tf
 
-from tfdq import batchnorm
+from tfdq import batchnorm, memory, nonfinite
 from tfdq import layers as qlayers
-from tfdq import nonfinite
 from tfdq import quantizers as quantizers_lib
 
 
@@ -40,6 +45,7 @@ class QuantizedModel(keras.Model):
         if isinstance(memory_budget, dict):
             memory_budget = keras.saving.deserialize_keras_object(memory_budget)
         self.memory_budget = memory_budget
+        self.quantizers_frozen = False
 
     # -- configuration -----------------------------------------------------
 
@@ -75,11 +81,28 @@ class QuantizedModel(keras.Model):
         found += [l.quantizer for l in qlayers.activation_quantizer_layers(self)]
         return found
 
+    def _sizes(self):
+        """This step's :class:`tfdq.memory.Sizes`: built once per traced step
+        (the loss term builds it; the logs and the clip bounds reuse it)."""
+        sizes = getattr(self, "_tfdq_step_sizes", None)
+        graph = tf.compat.v1.get_default_graph() if not tf.executing_eagerly() else None
+        if sizes is None or sizes[0] is not graph or graph is None:
+            sizes = (graph, memory.Sizes(self))
+            object.__setattr__(self, "_tfdq_step_sizes", sizes)
+        return sizes[1]
+
     def memory_penalty(self):
-        """The budget's penalty term (0 without a budget), differentiable."""
+        """The budget's loss term (0 without a budget), differentiable."""
         if self.memory_budget is None:
             return tf.constant(0.0)
-        return self.memory_budget.penalty(self)
+        return self.memory_budget.penalty(self, self._sizes())
+
+    def update_memory_multipliers(self):
+        """One step of the budget's multiplier controller (automatic
+        multipliers only); ``fit`` calls it after every optimizer step, a
+        custom loop should too."""
+        if self.memory_budget is not None and not self.quantizers_frozen:
+            self.memory_budget.update_multipliers(self, self._sizes())
 
     def clip_quantizer_gradients(self, grads, variables):
         """Clip the step/range gradients to ``[-d, d]`` while a budget is active.
@@ -110,7 +133,7 @@ class QuantizedModel(keras.Model):
         if replicas > 1 and context is not None:
             selected = context.all_reduce(tf.distribute.ReduceOp.SUM, selected)
         pairs = quantizers_lib.clip_gradients(
-            [(g, variables[i]) for g, i in zip(selected, chosen)], self.quantizers()
+            [(g, variables[i]) for g, i in zip(selected, chosen)], self.quantizers(), self._sizes().params
         )
         for (g, _), i in zip(pairs, chosen):
             grads[i] = g / replicas if (replicas > 1 and context is not None) else g
@@ -128,10 +151,16 @@ class QuantizedModel(keras.Model):
     def compile(self, *args, **kwargs):
         """``keras.Model.compile``, then route the optimizer's
         ``apply_gradients`` through :meth:`clip_quantizer_gradients` (a no-op
-        while no budget is set)."""
+        while no budget is set) and build the budget's multipliers (under
+        the current ``tf.distribute`` scope)."""
+        return self._compile(*args, **kwargs)
+
+    def _compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         nonfinite.attach(self)
         _install_gradient_clipping(self)
+        if self.memory_budget is not None:
+            self.memory_budget.build_multipliers()
 
     def compile_from_config(self, config):
         """Compile from a saved model's compile config, as Keras does for a
@@ -147,32 +176,61 @@ class QuantizedModel(keras.Model):
         :class:`tfdq.nonfinite.NonFiniteTrainingError` (see :mod:`tfdq.nonfinite`).
 
         A model with BatchNormalization layers gets a
-        :class:`tfdq.batchnorm.BatchNormRecalibration` first among the
-        callbacks, so that validation, checkpoints and the model after ``fit``
-        use BatchNorm statistics of the current quantizers (re-estimated on
-        the training inputs). ``recalibrate_batchnorm=False`` leaves them as
-        Keras' moving averages."""
+        :class:`tfdq.batchnorm.BatchNormRecalibration` among the callbacks,
+        so that validation, checkpoints and the model after ``fit`` use
+        BatchNorm statistics of the current quantizers (re-estimated on the
+        training inputs). ``recalibrate_batchnorm=False`` leaves them as
+        Keras' moving averages.
+
+        With a memory budget whose ``finish`` is set and no
+        :class:`tfdq.callbacks.FinishInsideBudget` among the callbacks, one is
+        added first, so the run ends inside the budget; it runs before the
+        BatchNorm re-estimation, whose statistics then follow the final
+        allocation."""
+        from tfdq import callbacks as callbacks_lib  # noqa: PLC0415
+
         if recalibrate_batchnorm:
             args, kwargs = batchnorm.fit_with_recalibration(self, args, kwargs)
         state = getattr(self, "_tfdq_nonfinite", None)
         if state is not None:
             state["streak"].assign(0)  # a new fit starts a new count
-        if state is not None and len(args) < 6:  # callbacks not given by position
-            callbacks = kwargs.get("callbacks")
-            kwargs["callbacks"] = [*(callbacks or []), nonfinite.StopOnNonFinite()]
+        budget = self.memory_budget
+        if len(args) < 6:  # callbacks not given by position
+            callbacks = list(kwargs.get("callbacks") or [])
+            if (
+                budget is not None
+                and budget.finish is not None
+                and not any(isinstance(c, callbacks_lib.FinishInsideBudget) for c in callbacks)
+            ):
+                # the allocation fixed outside a step makes the BatchNorm statistics stale
+                recal = [c for c in callbacks if isinstance(c, batchnorm.BatchNormRecalibration)]
+                callbacks.insert(
+                    0,
+                    callbacks_lib.FinishInsideBudget(
+                        fraction=budget.finish, reestimate_batchnorm=recal[0].mark_stale if recal else None
+                    ),
+                )
+            if state is not None:
+                callbacks.append(nonfinite.StopOnNonFinite())
+            kwargs["callbacks"] = callbacks
         try:
             return super().fit(*args, **kwargs)
         except tf.errors.InvalidArgumentError as e:
             nonfinite.raise_clear(e)
 
     def train_step(self, data):
-        # a step with a non-finite loss or gradient changes nothing (tfdq.nonfinite)
-        with nonfinite.guarding(self):
-            logs = super().train_step(data)
-        logs = nonfinite.step_logs(self, logs)
-        if self.memory_budget is not None:
-            logs = dict(logs)
-            logs.update(self.memory_budget.logs(self))
+        # one forward computation of every quantizer's parameters per step:
+        # the layers, the sizes, the clip bounds and the logs share it
+        with quantizers_lib.shared_forward_params():
+            # a step with a non-finite loss or gradient changes nothing (tfdq.nonfinite)
+            with nonfinite.guarding(self):
+                logs = super().train_step(data)
+            logs = nonfinite.step_logs(self, logs)
+            if self.memory_budget is not None:
+                self.update_memory_multipliers()
+                logs = dict(logs)
+                logs.update(self.memory_budget.logs(self, self._sizes()))
+        object.__setattr__(self, "_tfdq_step_sizes", None)
         return logs
 
 
@@ -187,6 +245,10 @@ def _install_gradient_clipping(model):
     def apply_gradients_with_clipping(grads_and_vars):
         grads_and_vars = list(grads_and_vars)
         target = model_ref()
+        if target is not None and target.quantizers_frozen:
+            # the final phase of a budget: the allocation stays, the weights adapt
+            frozen = {id(v) for q in target.quantizers() for v in q.trainable_weights}
+            grads_and_vars = [(g, v) for g, v in grads_and_vars if id(v) not in frozen]
         if target is not None and target.memory_budget is not None:
             variables = [v for _, v in grads_and_vars]
             grads = target.clip_quantizer_gradients([g for g, _ in grads_and_vars], variables)

@@ -28,7 +28,10 @@ variable unchanged. After every optimizer step Keras applies each variable's
 Reference: Uhlich et al., ICLR 2020, sections 2-3.
 """
 
+import contextlib
+import functools
 import math
+import threading
 
 import keras
 import numpy as np
@@ -77,6 +80,40 @@ def _check_pair(name, lo, hi):
         )
 
 
+_SHARED = threading.local()
+
+
+@contextlib.contextmanager
+def shared_forward_params():
+    """Within this context every quantizer computes its forward parameters
+    once per graph: the layer that quantizes with it, the memory sizes and
+    the gradient-clip bounds of one training step read the same tensors
+    (``QuantizedModel.train_step`` enters it). Outside, every
+    ``forward_params`` call builds its own."""
+    outer = getattr(_SHARED, "cache", None)
+    _SHARED.cache = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED.cache = outer
+
+
+def _shared(forward_params):
+    @functools.wraps(forward_params)
+    def wrapper(self):
+        cache = getattr(_SHARED, "cache", None)
+        if cache is None or tf.executing_eagerly():
+            return forward_params(self)
+        key = (id(self), id(tf.compat.v1.get_default_graph()))
+        hit = cache.get(key)
+        if hit is None or hit[0] is not self:
+            hit = (self, forward_params(self))
+            cache[key] = hit
+        return hit[1]
+
+    return wrapper
+
+
 class Quantizer(keras.layers.Layer):
     """Base class: parameter storage, bounds, projection, (de)serialization.
 
@@ -101,6 +138,11 @@ class Quantizer(keras.layers.Layer):
 
     PARAMS = ()
     FAMILY = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward_params" in cls.__dict__:
+            cls.forward_params = _shared(cls.__dict__["forward_params"])
 
     def __init__(
         self,
@@ -280,11 +322,25 @@ class Quantizer(keras.layers.Layer):
         """Current (integer) bitwidth as a Python float."""
         return float(self.forward_params()["bits"])
 
-    def gradient_clip_bound(self):
+    def set_bits(self, bits, kernel=None):
+        """Move the parameters so that the stored grid has ``bits`` bits.
+
+        Used to fix an allocation inside a memory budget
+        (:func:`tfdq.constraints.enforce_budget`). Quantizers that learn
+        ``b`` set it; U3 changes its step (keeping its range) and P3 its
+        q_min (keeping q_max). ``kernel``: the weights this quantizer
+        stores (their largest magnitude is the range in use). The caller
+        checks the charged bits afterwards (bounds may stop the move).
+        """
+        if "bits" not in self._param_vars:
+            raise NotImplementedError(f"{type(self).__name__} cannot set its bitwidth.")
+        self._param_vars["bits"].assign(float(bits))
+
+    def gradient_clip_bound(self, params=None):
         """``d`` (uniform) or ``q_min`` (power of two): the [-d, d] clip bound
         that constrained training uses for the gradients of these parameters
         (METHOD.md section 3)."""
-        p = self.forward_params()
+        p = self.forward_params() if params is None else params
         return p["d"] if "d" in p else p["q_min"]
 
     def get_config(self):
@@ -509,6 +565,27 @@ class U3(UniformQuantizer):
         del hi
         return {"d": d, "q_max": q_max}
 
+    def set_bits(self, bits, kernel=None):
+        """New step ``d`` so that the largest stored integer needs ``bits``
+        bits: ``d = 2^ceil(log2(r / (2^(b-1) - 1)))`` for the range ``r`` in
+        use (``min(q_max, max|W|)`` for weights), so ``r/d`` lies in
+        ``((2^(b-1) - 1)/2, 2^(b-1) - 1]``; then ``q_max`` is capped at
+        ``(2^(b-1) - 1) d``, so that no later weight can need more bits.
+        (Unsigned: ``2^b - 1``.)"""
+        p = self.forward_params()
+        q_max, d = float(p["q_max"]), float(p["d"])
+        top = q_max if kernel is None else min(q_max, float(np.max(np.abs(np.asarray(kernel)))))
+        top = max(top, d)
+        n = _levels(bits, self.signed)
+        need = math.ceil(math.log2(math.floor(top / d + 0.5) + 1)) + (1 if self.signed else 0)
+        if max(need, self.bounds["bits"][0]) != bits:
+            d = top / n
+            if self.round_step:
+                d = 2.0 ** math.ceil(math.log2(d) - 1e-12)
+            d = min(max(d, self.bounds["d"][0]), self.bounds["d"][1])
+        self._param_vars["d"].assign(d)
+        self._param_vars["q_max"].assign(max(min(q_max, n * d), d))
+
 
 # ---------------------------------------------------------------------------
 # Power of two
@@ -559,6 +636,13 @@ class Pow2Quantizer(Quantizer):
     def _extra(self):
         return ops.pow2_extra_bits(self.signed, self.with_zero)
 
+    def _pow2_bounds(self, name):
+        """The powers of two inside the bounds of ``name`` (``q_min`` or
+        ``q_max``): ``[2^ceil(log2 lo), 2^floor(log2 hi)]``, so that the
+        rounded forward values never leave the bounds (127 gives 64)."""
+        lo, hi = self.bounds[name]
+        return 2.0 ** math.ceil(math.log2(lo)), 2.0 ** math.floor(math.log2(hi))
+
     def _ratio_exponent(self, bits):
         """Python float ``log2(q_max/q_min)`` of a b-bit grid."""
         return 2.0 ** (bits - self._extra) - 1
@@ -575,8 +659,8 @@ class Pow2Quantizer(Quantizer):
 
     def _values_for(self, max_abs, bits):
         q_max = _pow2_float(max_abs) if max_abs > 0 else 1.0
-        lo, hi = self.bounds["q_max"]
-        q_max = min(max(q_max, _pow2_float(lo)), _pow2_float(hi))
+        lo, hi = self._pow2_bounds("q_max")
+        q_max = min(max(q_max, lo), hi)
         return {"bits": bits, "q_max": q_max, "q_min": q_max / 2.0 ** self._ratio_exponent(bits)}
 
     def _initial_values(self):
@@ -621,12 +705,13 @@ class P1(Pow2Quantizer):
     def forward_params(self):
         bits = self._bits_forward(self._param_vars["bits"])
         q_max = ops.ste_pow2(ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"]))
+        q_max = ops.ste_clip(q_max, *self._pow2_bounds("q_max"))
         m = ops.pow2_ratio_exponent(bits, self.signed, self.with_zero)
         # q_max 2^-m, with 2^-m as 2^(1-m) / 2: exp2_int stops at 2^-126 and
         # m reaches 127 at 8 bits. Clipped (straight-through) to the lower
         # q_min bound so that q_min never underflows to a subnormal or zero.
         q_min = q_max * ops.exp2_int(1.0 - m) * 0.5
-        q_min = ops.ste_clip(q_min, _pow2_float(self.bounds["q_min"][0]), q_max)
+        q_min = ops.ste_clip(q_min, self._pow2_bounds("q_min")[0], q_max)
         return {"bits": bits, "q_min": q_min, "q_max": q_max}
 
     def project(self):
@@ -653,7 +738,14 @@ class P2(Pow2Quantizer):
         bits = self._bits_forward(self._param_vars["bits"])
         q_min = ops.ste_pow2(ops.ste_clip(self._param_vars["q_min"], *self.bounds["q_min"]))
         m = ops.pow2_ratio_exponent(bits, self.signed, self.with_zero)
-        hi = _pow2_float(self.bounds["q_max"][1])
+        lo, hi = self._pow2_bounds("q_max")
+        # q_min inside [lo 2^-m, hi 2^-m] (straight through), so that the
+        # derived q_max = q_min 2^m never leaves its bounds (the lower bound
+        # kept when lo 2^-m underflows).
+        lo_min, hi_min = self._pow2_bounds("q_min")
+        floor = ops.exact_exp2(tf.stop_gradient(math.log2(lo) - m))
+        ceiling = ops.exact_exp2(tf.stop_gradient(math.log2(hi) - m))
+        q_min = ops.ste_clip(q_min, tf.maximum(floor, lo_min), tf.maximum(tf.minimum(ceiling, hi_min), lo_min))
         # A plain (not straight-through) clip: where it binds, q_max does not
         # depend on q_min or b. Straight through, the 2^m of the chain rule
         # (2^127 at 8 bits) overflows the q_min and b gradients to inf, and
@@ -685,7 +777,12 @@ class P3(Pow2Quantizer):
     def forward_params(self):
         q_min = ops.ste_pow2(ops.ste_clip(self._param_vars["q_min"], *self.bounds["q_min"]))
         q_max = ops.ste_pow2(ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"]))
+        q_max = ops.ste_clip(q_max, *self._pow2_bounds("q_max"))
         lo, hi = self._exponent_bounds()
+        # The range wins (as in project()): q_min lies in
+        # [q_max 2^-hi, q_max 2^-lo] (straight through), so the ratio bounds
+        # never push q_max out of its own bounds.
+        q_min = ops.ste_clip(q_min, q_max * 2.0**-hi, q_max * 2.0**-lo)
         q_max = ops.ratio_clip(q_max, q_min, 2.0**lo, 2.0**hi)
         bits = ops.pow2_bits(q_min, q_max, self.signed, self.with_zero)
         return {"bits": bits, "q_min": q_min, "q_max": q_max}
@@ -704,6 +801,14 @@ class P3(Pow2Quantizer):
         q_min = _clip(q_min, self.bounds["q_min"])
         q_max = tf.maximum(q_max, ops.pow2_round_magnitude(q_min) * 2.0**lo)
         return {"q_min": q_min, "q_max": q_max}
+
+    def set_bits(self, bits, kernel=None):
+        """New ``q_min = q_max / 2^(2^(b - extra) - 1)`` (q_max kept), so the
+        grid spans exactly the octaves of ``bits`` bits."""
+        del kernel
+        q_max = float(self.forward_params()["q_max"])
+        q_min = q_max / 2.0 ** self._ratio_exponent(bits)
+        self._param_vars["q_min"].assign(min(max(q_min, self.bounds["q_min"][0]), self.bounds["q_min"][1]))
 
 
 PARAMETRIZATIONS = {"U1": U1, "U2": U2, "U3": U3, "P1": P1, "P2": P2, "P3": P3}
@@ -734,14 +839,17 @@ def get(identifier, **kwargs):
     )
 
 
-def clip_gradients(grads_and_vars, quantizers):
+def clip_gradients(grads_and_vars, quantizers, params=None):
     """Clip the gradients of the quantizers' step/range parameters to [-d, d].
 
     METHOD.md section 3: while a memory constraint is active the reference
     training clips the gradients of d and q_max (q_min and q_max for power of
     two) to ``[-d, d]`` (``[-q_min, q_min]``). Other gradients pass unchanged.
+    ``params``: ``{id(quantizer): forward values}`` already computed this
+    step (:class:`tfdq.memory.Sizes`), so the bounds reuse them.
     Returns a new list of ``(grad, var)`` pairs.
     """
+    params = params or {}
     bounds = {}
     for q in quantizers:
         bound = None
@@ -749,7 +857,7 @@ def clip_gradients(grads_and_vars, quantizers):
             if name == "bits" or not var.trainable:
                 continue
             if bound is None:
-                bound = tf.stop_gradient(q.gradient_clip_bound())
+                bound = tf.stop_gradient(q.gradient_clip_bound(params.get(id(q))))
             bounds[id(var)] = bound
     out = []
     for g, v in grads_and_vars:

@@ -33,17 +33,18 @@ def summary(model, print_fn=print):
     Float tensors count at 32 bits. Pass ``print_fn=None`` to only get the
     rows (a list of dicts; the last one, ``kind == "total"``, has the totals).
     """
-    entries = memory.size_entries(model)
+    sizes = memory.Sizes(model)
+    entries = sizes.entries
     rows = [_row(e) for e in entries]
     weights = [r for r in rows if r["kind"] == "weight"]
     n_weights = sum(r["count"] for r in weights)
     total = {
         "kind": "total",
         "weight_count": n_weights,
-        "weight_kb": float(memory.weight_kb(model, entries)),
-        "activation_kb_sum": float(memory.activation_kb(model, "sum", entries=entries)),
-        "activation_kb_max": float(memory.activation_kb(model, "max", entries=entries)),
-        "mean_weight_bits": float(memory.mean_weight_bits(entries)),
+        "weight_kb": float(sizes.weight_kb()),
+        "activation_kb_sum": float(sizes.activation_kb("sum")),
+        "activation_kb_max": float(sizes.activation_kb("max")),
+        "mean_weight_bits": float(sizes.mean_weight_bits()),
     }
     rows.append(total)
     if print_fn is not None:

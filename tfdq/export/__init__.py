@@ -80,7 +80,8 @@ rounding has no integer TFLite kernel), layers without an integer export.
 from tfdq.export.convert import ExportReport, align_biases, float_tflite, save_tflite, to_tflite
 from tfdq.export.flatbuffer import inspect_tflite
 from tfdq.export.plan import ExportError
-from tfdq.export.runtime import LiteRTRunner, predict as litert_predict
+from tfdq.export.runtime import LiteRTRunner
+from tfdq.export.runtime import predict as litert_predict
 from tfdq.export.verify import VerificationReport, size_report, verify
 
 __all__ = [

@@ -15,9 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfdq.export.flatbuffer import find_bias, find_kernel, float_ops, inspect_tflite, unpack_integers
 from tfdq import registry
-from tfdq.models import ZeroPadShortcut
+from tfdq.export.flatbuffer import find_bias, find_kernel, float_ops, inspect_tflite, unpack_integers
 from tfdq.export.plan import (
     INT8_MAX,
     KERNEL_TAG,
@@ -28,6 +27,7 @@ from tfdq.export.plan import (
     activation_name,
     activation_rule,
 )
+from tfdq.models import ZeroPadShortcut
 
 CALIBRATED_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_swish", "swish", "leaky_relu")
 

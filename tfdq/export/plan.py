@@ -14,9 +14,9 @@ import keras
 import numpy as np
 
 from tfdq import layers as qlayers
+from tfdq import quantizers as quantizers_lib
 from tfdq import registry
 from tfdq.graph import model_nodes
-from tfdq import quantizers as quantizers_lib
 
 INT4_MAX = 7
 INT8_MAX = 127

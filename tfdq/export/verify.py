@@ -1,10 +1,9 @@
 """Verification: run the ``.tflite`` in LiteRT next to the Keras model."""
 
 import numpy as np
-import tensorflow as tf
 
 from tfdq.export.flatbuffer import find_kernel, float_ops, inspect_tflite, unpack_integers
-from tfdq.export.plan import INT4_MAX, ExportError, Plan, round_half_away
+from tfdq.export.plan import INT4_MAX, Plan, round_half_away
 from tfdq.export.runtime import LiteRTRunner, iter_batches
 
 # ---------------------------------------------------------------------------
