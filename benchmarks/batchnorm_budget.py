@@ -58,7 +58,9 @@ def training_mode_accuracy(model, data, batch=mnist_runs.BATCH):
     state = [v.numpy() for v in model.non_trainable_variables]
     right = 0
     for i in range(0, len(x), batch):
-        right += int(np.sum(np.argmax(np.asarray(model(x[i : i + batch], training=True)), -1) == y[i : i + batch]))
+        right += int(
+            np.sum(np.argmax(np.asarray(model(x[i : i + batch], training=True)), -1) == y[i : i + batch])
+        )
     for v, s in zip(model.non_trainable_variables, state):
         v.assign(s)
     return right / len(x)
@@ -76,9 +78,16 @@ def short_finetune(float_model, data, steps, recalibrate, seed):
     keras.utils.set_random_seed(seed)
     qmodel = tfdq.quantize_model(float_model, calibration_data=xt[:512])
     qmodel.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    stream = tf.data.Dataset.from_tensor_slices((xt, yt)).shuffle(len(xt), seed=seed).batch(mnist_runs.BATCH).repeat()
+    stream = (
+        tf.data.Dataset.from_tensor_slices((xt, yt))
+        .shuffle(len(xt), seed=seed)
+        .batch(mnist_runs.BATCH)
+        .repeat()
+    )
     epochs = 5  # the steps split into 5 fit epochs, as a user watching progress would run them
-    qmodel.fit(stream, epochs=epochs, steps_per_epoch=steps // epochs, verbose=0, recalibrate_batchnorm=recalibrate)
+    qmodel.fit(
+        stream, epochs=epochs, steps_per_epoch=steps // epochs, verbose=0, recalibrate_batchnorm=recalibrate
+    )
     return {
         "steps": steps // epochs * epochs,
         "inference_accuracy": 1.0 - mnist_runs.error(qmodel, test),
@@ -105,8 +114,17 @@ def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, lam=None, ve
         "lam": lam,
     }
     r = mnist_runs.quantized_run(
-        config, seed, data, float_model=model, counts=counts, epochs=quant_epochs, finish_epochs=finish_epochs,
-        validation=True, verbose=verbose, reseed=False, keep_model=True,
+        config,
+        seed,
+        data,
+        float_model=model,
+        counts=counts,
+        epochs=quant_epochs,
+        finish_epochs=finish_epochs,
+        validation=True,
+        verbose=verbose,
+        reseed=False,
+        keep_model=True,
     )
     if "failed" in r:
         raise RuntimeError(r["failed"])
@@ -140,8 +158,15 @@ def main(argv):
     mnist_runs.set_threads(FLAGS.threads)
     results = []
     for seed in FLAGS.seeds:
-        r = run_seed(int(seed), FLAGS.float_epochs, FLAGS.quant_epochs, FLAGS.finish_epochs, FLAGS.lam, verbose=2,
-                     short_steps=FLAGS.short_steps)
+        r = run_seed(
+            int(seed),
+            FLAGS.float_epochs,
+            FLAGS.quant_epochs,
+            FLAGS.finish_epochs,
+            FLAGS.lam,
+            verbose=2,
+            short_steps=FLAGS.short_steps,
+        )
         results.append(r)
         print(
             f"seed {seed}: float {100 * r['float_accuracy']:.1f}%  final {100 * r['final_accuracy']:.1f}%  "
@@ -151,9 +176,11 @@ def main(argv):
             flush=True,
         )
         for kind, row in r["short_finetune"].items():
-            print(f"  short fine-tune ({row['steps']} steps, {kind}): inference "
-                  f"{100 * row['inference_accuracy']:.1f}%  training mode {100 * row['training_mode_accuracy']:.1f}%",
-                  flush=True)
+            print(
+                f"  short fine-tune ({row['steps']} steps, {kind}): inference "
+                f"{100 * row['inference_accuracy']:.1f}%  training mode {100 * row['training_mode_accuracy']:.1f}%",
+                flush=True,
+            )
     write_result(
         FLAGS.out_dir,
         "batchnorm_budget",

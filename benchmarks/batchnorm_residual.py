@@ -148,7 +148,10 @@ def run(float_model, train, test, flow, mode, seed, short_steps=250):
     keras.utils.set_random_seed(100 + seed)
     if flow == "budget":
         qmodel = budget_recipe(
-            float_model, train, seed=100 + seed, recalibrate=reestimate,
+            float_model,
+            train,
+            seed=100 + seed,
+            recalibrate=reestimate,
             before_finish=(lambda m: _freeze_batchnorm(m, x)) if mode == "freeze" else None,
         )
         met = all(qmodel.memory_budget.satisfied(qmodel).values())
@@ -158,7 +161,9 @@ def run(float_model, train, test, flow, mode, seed, short_steps=250):
             _freeze_batchnorm(qmodel, x)
         qmodel.compile(keras.optimizers.Adam(1e-3), loss)
         stream = tf.data.Dataset.from_tensor_slices(train).shuffle(len(x), seed=seed).batch(64).repeat()
-        qmodel.fit(stream, epochs=10, steps_per_epoch=short_steps // 10, verbose=0, recalibrate_batchnorm=reestimate)
+        qmodel.fit(
+            stream, epochs=10, steps_per_epoch=short_steps // 10, verbose=0, recalibrate_batchnorm=reestimate
+        )
         met = None
     return {
         "seed": seed,
@@ -185,28 +190,46 @@ def main(argv):
     for seed in (int(s) for s in FLAGS.seeds):
         keras.utils.set_random_seed(seed)
         model = residual_cnn(width=FLAGS.width)
-        model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
         model.fit(*train, batch_size=64, epochs=FLAGS.float_epochs, verbose=0)
         moving = accuracy(model, test)
         tfdq.recalibrate_batchnorm(model, train[0])
-        floats.append({"seed": seed, "moving_averages": moving, "reestimated": accuracy(model, test),
-                       "training_mode": accuracy(model, test, training=True)})
-        print(f"seed {seed} float: moving averages {100 * moving:.1f}%, re-estimated "
-              f"{100 * floats[-1]['reestimated']:.1f}%", flush=True)
+        floats.append(
+            {
+                "seed": seed,
+                "moving_averages": moving,
+                "reestimated": accuracy(model, test),
+                "training_mode": accuracy(model, test, training=True),
+            }
+        )
+        print(
+            f"seed {seed} float: moving averages {100 * moving:.1f}%, re-estimated "
+            f"{100 * floats[-1]['reestimated']:.1f}%",
+            flush=True,
+        )
         for flow in ("budget", "short"):
             for mode in FLAGS.modes:
                 r = run(model, train, test, flow, mode, seed, FLAGS.short_steps)
                 records.append(r)
-                print(f"seed {seed} {flow} {mode}: inference {100 * r['inference_accuracy']:.1f}%  training mode "
-                      f"{100 * r['training_mode_accuracy']:.1f}%  met {r['constraints_met']}  ({r['seconds']:.0f} s)",
-                      flush=True)
+                print(
+                    f"seed {seed} {flow} {mode}: inference {100 * r['inference_accuracy']:.1f}%  training mode "
+                    f"{100 * r['training_mode_accuracy']:.1f}%  met {r['constraints_met']}  ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
     write_result(
         FLAGS.out_dir,
         "batchnorm_residual",
         "BatchNorm handling under learned quantization: residual CNN on the digits, inference vs training mode",
         "python -m benchmarks.batchnorm_residual",
-        {"width": FLAGS.width, "float_epochs": FLAGS.float_epochs, "short_steps": FLAGS.short_steps,
-         "float": floats, "runs": records},
+        {
+            "width": FLAGS.width,
+            "float_epochs": FLAGS.float_epochs,
+            "short_steps": FLAGS.short_steps,
+            "float": floats,
+            "runs": records,
+        },
     )
 
 

@@ -44,13 +44,22 @@ def budgets():
     """``name -> config`` of every budget of the table."""
     out = {}
     for b in WEIGHT_BITS:
-        out[f"w{b:g}"] = {"name": f"(8a) {b:g} bits", "weight": "U3", "weight_budget_bits": b,
-                          "weight_budget_margin": 1.0}
+        out[f"w{b:g}"] = {
+            "name": f"(8a) {b:g} bits",
+            "weight": "U3",
+            "weight_budget_bits": b,
+            "weight_budget_margin": 1.0,
+        }
     for kind, b in ACTIVATION_BUDGETS:
         tag = "8b" if kind == "sum" else "8c"
-        out[f"a{tag}{b:g}"] = {"name": f"({tag}) {b:g} bits + (8a) {ACT_WEIGHT_BITS:g} bits", "weight": "U3",
-                               "activation": "U3", "activation_budget": (kind, b),
-                               "weight_budget_bits": ACT_WEIGHT_BITS, "weight_budget_margin": 1.0}
+        out[f"a{tag}{b:g}"] = {
+            "name": f"({tag}) {b:g} bits + (8a) {ACT_WEIGHT_BITS:g} bits",
+            "weight": "U3",
+            "activation": "U3",
+            "activation_budget": (kind, b),
+            "weight_budget_bits": ACT_WEIGHT_BITS,
+            "weight_budget_margin": 1.0,
+        }
     return out
 
 
@@ -59,10 +68,14 @@ def _define_flags():
     flags.DEFINE_list("budgets", list(budgets()), "Budgets to run (names: w<bits>, a8b<bits>, a8c<bits>).")
     flags.DEFINE_integer("float_epochs", 8, "Float training epochs.")
     flags.DEFINE_integer("quant_epochs", 4, "Epochs with the quantizers learning under the budget.")
-    flags.DEFINE_integer("finish_epochs", 2, "Epochs of the final phase (allocation fixed, weights adapting).")
+    flags.DEFINE_integer(
+        "finish_epochs", 2, "Epochs of the final phase (allocation fixed, weights adapting)."
+    )
     flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
     flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
-    flags.DEFINE_list("gains", [], "Multiplier controller gains to compare, as kp:ki (empty: tfdq's defaults).")
+    flags.DEFINE_list(
+        "gains", [], "Multiplier controller gains to compare, as kp:ki (empty: tfdq's defaults)."
+    )
 
 
 def achieved(record):
@@ -100,20 +113,37 @@ def run(seeds, names, float_epochs, quant_epochs, finish_epochs, gains=(None,), 
             config = dict(table[name])
             if gain is not None:
                 config.update(kp=gain[0], ki=gain[1], name=f"{config['name']} kp={gain[0]:g} ki={gain[1]:g}")
-            r = mnist_runs.quantized_run(config, seed, data, float_model=float_model, counts=counts,
-                                         epochs=quant_epochs, finish_epochs=finish_epochs, verbose=verbose)
+            r = mnist_runs.quantized_run(
+                config,
+                seed,
+                data,
+                float_model=float_model,
+                counts=counts,
+                epochs=quant_epochs,
+                finish_epochs=finish_epochs,
+                verbose=verbose,
+            )
             if "failed" in r:
                 print(f"{name} seed {seed}: FAILED {r['failed']}", flush=True)
                 rows.append({"budget": name, "seed": seed, "failed": r["failed"]})
                 continue
             pairs = achieved(r)
             row = {
-                "budget": name, "label": config["name"], "seed": seed,
-                "float_accuracy": 1 - ferr, "accuracy": 1 - r["error"],
-                "constraints": {k: {"target_kb": t, "achieved_kb": a, "ratio": a / t} for k, (t, a) in pairs.items()},
-                "constraints_met": r["constraints_met"], "mean_weight_bits": r["mean_weight_bits"],
-                "bits": {**r["weight_bits"], **r["activation_bits"]}, "bit_changes_at_finish": r.get("enforce_steps"),
-                "lambda_final": {k[len("lambda_"):]: v[-1] for k, v in r["history"].items() if k.startswith("lambda_")},
+                "budget": name,
+                "label": config["name"],
+                "seed": seed,
+                "float_accuracy": 1 - ferr,
+                "accuracy": 1 - r["error"],
+                "constraints": {
+                    k: {"target_kb": t, "achieved_kb": a, "ratio": a / t} for k, (t, a) in pairs.items()
+                },
+                "constraints_met": r["constraints_met"],
+                "mean_weight_bits": r["mean_weight_bits"],
+                "bits": {**r["weight_bits"], **r["activation_bits"]},
+                "bit_changes_at_finish": r.get("enforce_steps"),
+                "lambda_final": {
+                    k[len("lambda_") :]: v[-1] for k, v in r["history"].items() if k.startswith("lambda_")
+                },
                 "gains": None if gain is None else {"kp": gain[0], "ki": gain[1]},
                 "met_before_final_phase": [v for v in r["history"]["budget_met"][:quant_epochs]],
                 "ratio_before_final_phase": _before_final(r["history"], r["targets"], quant_epochs),
@@ -121,8 +151,11 @@ def run(seeds, names, float_epochs, quant_epochs, finish_epochs, gains=(None,), 
             }
             rows.append(row)
             text = "  ".join(f"{k} {a:.3f}/{t:.3f} kB ({100 * a / t:.1f}%)" for k, (t, a) in pairs.items())
-            print(f"{config['name']:28s} seed {seed}: {text}  met {all(r['constraints_met'].values())}  "
-                  f"acc {100 * row['accuracy']:.2f}%  ({r['seconds']:.0f} s)", flush=True)
+            print(
+                f"{config['name']:28s} seed {seed}: {text}  met {all(r['constraints_met'].values())}  "
+                f"acc {100 * row['accuracy']:.2f}%  ({r['seconds']:.0f} s)",
+                flush=True,
+            )
     return rows
 
 
@@ -144,8 +177,14 @@ def main(argv):
     mnist_runs.set_threads(FLAGS.threads)
     start = time.time()
     gains = [tuple(float(v) for v in g.split(":")) for g in FLAGS.gains] or [None]
-    rows = run([int(s) for s in FLAGS.seeds], FLAGS.budgets, FLAGS.float_epochs, FLAGS.quant_epochs,
-               FLAGS.finish_epochs, gains)
+    rows = run(
+        [int(s) for s in FLAGS.seeds],
+        FLAGS.budgets,
+        FLAGS.float_epochs,
+        FLAGS.quant_epochs,
+        FLAGS.finish_epochs,
+        gains,
+    )
     summary = summarize(rows)
     print(f"\n{summary}")
     write_result(
@@ -153,9 +192,18 @@ def main(argv):
         "budget_mnist",
         "target vs achieved memory, small MNIST CNN, automatic multipliers (no lambda given)",
         "python -m benchmarks.budget_mnist --threads=1",
-        {"settings": {"seeds": FLAGS.seeds, "budgets": FLAGS.budgets, "float_epochs": FLAGS.float_epochs,
-                      "quant_epochs": FLAGS.quant_epochs, "finish_epochs": FLAGS.finish_epochs},
-         "summary": summary, "results": rows, "seconds": time.time() - start},
+        {
+            "settings": {
+                "seeds": FLAGS.seeds,
+                "budgets": FLAGS.budgets,
+                "float_epochs": FLAGS.float_epochs,
+                "quant_epochs": FLAGS.quant_epochs,
+                "finish_epochs": FLAGS.finish_epochs,
+            },
+            "summary": summary,
+            "results": rows,
+            "seconds": time.time() - start,
+        },
     )
 
 

@@ -142,7 +142,14 @@ TIME = {"steps": 391, "small_steps": 5, "batch_size": 128}
 QUICK = {
     "mock": {"steps": 1, "batch_size": 4, "num_examples": 12, "epochs": 1},
     # the cheapest quantized run (fixed 2/4) stands for the three in the smoke timing
-    "time": {"steps": 2, "small_steps": 1, "batch_size": 4, "n_train": 16, "n_val": 8, "runs": ("float", "fixed24")},
+    "time": {
+        "steps": 2,
+        "small_steps": 1,
+        "batch_size": 4,
+        "n_train": 16,
+        "n_val": 8,
+        "runs": ("float", "fixed24"),
+    },
 }
 
 
@@ -232,17 +239,41 @@ def quantized_model_facts(path):
         "activation_kb_max": float(total["activation_kb_max"]),
         "budget": None
         if budget is None
-        else {"weight_kb": budget.weight_kb, "activation_kb": budget.activation_kb, "activation": budget.activation,
-              "weight_lambda": float(budget.weight_lambda), "activation_lambda": float(budget.activation_lambda)},
+        else {
+            "weight_kb": budget.weight_kb,
+            "activation_kb": budget.activation_kb,
+            "activation": budget.activation,
+            "weight_lambda": float(budget.weight_lambda),
+            "activation_lambda": float(budget.activation_lambda),
+        },
     }
 
 
 SUMMARY_KEYS = (
-    "float_accuracy", "quant_accuracy", "tflite_accuracy", "weight_kb", "float_weight_kb", "activation_kb_sum",
-    "activation_kb_max", "mean_weight_bits", "mean_activation_bits", "constraints_met", "target_weight_kb",
-    "target_activation_kb", "activation_constraint", "tflite_kb", "export_note", "val_examples", "times",
-    "selection", "paper_rule", "float_accuracy_best", "float_accuracy_final", "quant_accuracy_best",
-    "quant_accuracy_final", "quant_final_feasible",
+    "float_accuracy",
+    "quant_accuracy",
+    "tflite_accuracy",
+    "weight_kb",
+    "float_weight_kb",
+    "activation_kb_sum",
+    "activation_kb_max",
+    "mean_weight_bits",
+    "mean_activation_bits",
+    "constraints_met",
+    "target_weight_kb",
+    "target_activation_kb",
+    "activation_constraint",
+    "tflite_kb",
+    "export_note",
+    "val_examples",
+    "times",
+    "selection",
+    "paper_rule",
+    "float_accuracy_best",
+    "float_accuracy_final",
+    "quant_accuracy_best",
+    "quant_accuracy_final",
+    "quant_final_feasible",
 )
 
 
@@ -257,9 +288,15 @@ def mock(steps=3, batch_size=8, num_examples=48, epochs=1, echo=False, work_dir=
     own = work_dir is None
     work_dir = work_dir or tempfile.mkdtemp(prefix="cifar10_recipes_mock_")
     small = {
-        "batch_size": batch_size, "steps_per_epoch": steps, "float_epochs": epochs, "quant_epochs": epochs,
-        "val_examples": num_examples, "calibration_examples": min(num_examples, 32),
-        "export_examples": min(num_examples, 16), "verbose": 0, "data_dir": os.path.join(work_dir, "tfds"),
+        "batch_size": batch_size,
+        "steps_per_epoch": steps,
+        "float_epochs": epochs,
+        "quant_epochs": epochs,
+        "val_examples": num_examples,
+        "calibration_examples": min(num_examples, 32),
+        "export_examples": min(num_examples, 16),
+        "verbose": 0,
+        "data_dir": os.path.join(work_dir, "tfds"),
     }
     records = []
     float_ckpt = os.path.join(work_dir, "float", "float", "best.keras")
@@ -271,8 +308,12 @@ def mock(steps=3, batch_size=8, num_examples=48, epochs=1, echo=False, work_dir=
                 if "init_checkpoint" in run["flags"]:
                     paths["init_checkpoint"] = float_ckpt
                 values = dict(run["flags"], **paths, **small)
-                record = {"name": run["name"], "label": run["label"], "stages": stage_names(run),
-                          "command": command(run, **paths, **{k: v for k, v in small.items() if k != "data_dir"})}
+                record = {
+                    "name": run["name"],
+                    "label": run["label"],
+                    "stages": stage_names(run),
+                    "command": command(run, **paths, **{k: v for k, v in small.items() if k != "data_dir"}),
+                }
                 try:
                     summary, seconds, cpu = _train(values, echo)
                 except Exception as e:  # noqa: BLE001 (record the failure, go on with the next run)
@@ -296,18 +337,24 @@ def mock(steps=3, batch_size=8, num_examples=48, epochs=1, echo=False, work_dir=
                     record["export_seconds"] = export.get("seconds")
                     record["export_error"] = summary.get("export_note")
                     # LiteRT against Keras on the same mock examples (tfdq.export.verify)
-                    record["export_check"] = {k: export.get(k) for k in ("top1_agreement", "all_kernels_exact",
-                                                                          "keras_accuracy", "tflite_accuracy")}
+                    record["export_check"] = {
+                        k: export.get(k)
+                        for k in ("top1_agreement", "all_kernels_exact", "keras_accuracy", "tflite_accuracy")
+                    }
                 records.append(record)
     finally:
         if own:
             shutil.rmtree(work_dir, ignore_errors=True)
     return {
         "data": "tfds.testing.mock_data: generated random images with CIFAR-10's feature specs. "
-                "Every accuracy and size here is of generated data after a few steps: a check that the "
-                "pipeline runs, never a CIFAR-10 result.",
-        "settings": {"steps_per_epoch": steps, "batch_size": batch_size, "num_examples": num_examples,
-                     "epochs": epochs},
+        "Every accuracy and size here is of generated data after a few steps: a check that the "
+        "pipeline runs, never a CIFAR-10 result.",
+        "settings": {
+            "steps_per_epoch": steps,
+            "batch_size": batch_size,
+            "num_examples": num_examples,
+            "epochs": epochs,
+        },
         "runs": records,
     }
 
@@ -373,8 +420,16 @@ def _validation_seconds(model_path, batch_size, n_val, data_dir):
     return time.perf_counter() - start
 
 
-def timing(steps=391, small_steps=5, batch_size=128, n_train=CIFAR10_TRAIN, n_val=CIFAR10_TEST, runs=None,
-           echo=False, work_dir=None):
+def timing(
+    steps=391,
+    small_steps=5,
+    batch_size=128,
+    n_train=CIFAR10_TRAIN,
+    n_val=CIFAR10_TEST,
+    runs=None,
+    echo=False,
+    work_dir=None,
+):
     """Per-step and fixed cost of each run's training stage; one-epoch and full-schedule estimates.
 
     ``runs``: names of :data:`RUNS` to time (default all; a quantized run
@@ -387,8 +442,12 @@ def timing(steps=391, small_steps=5, batch_size=128, n_train=CIFAR10_TRAIN, n_va
     work_dir = work_dir or tempfile.mkdtemp(prefix="cifar10_recipes_time_")
     data_dir = os.path.join(work_dir, "tfds")
     base = {
-        "batch_size": batch_size, "float_epochs": 1, "quant_epochs": 1, "val_examples": batch_size,
-        "verbose": 2 if echo else 0, "data_dir": data_dir,
+        "batch_size": batch_size,
+        "float_epochs": 1,
+        "quant_epochs": 1,
+        "val_examples": batch_size,
+        "verbose": 2 if echo else 0,
+        "data_dir": data_dir,
     }
     records = []
     float_ckpt = None
@@ -414,8 +473,11 @@ def timing(steps=391, small_steps=5, batch_size=128, n_train=CIFAR10_TRAIN, n_va
                         float_ckpt = os.path.join(model_dir, "float", "final.keras")
                     final = os.path.join(model_dir, stage, "final.keras")
                     if echo:
-                        print(f"[time] {name} S={s}: stage {record['steps'][str(s)]['stage_seconds']:.1f} s, "
-                              f"run {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+                        print(
+                            f"[time] {name} S={s}: stage {record['steps'][str(s)]['stage_seconds']:.1f} s, "
+                            f"run {wall:.1f} s wall, {cpu:.1f} s CPU",
+                            flush=True,
+                        )
                 small, big = record["steps"][str(small_steps)], record["steps"][str(steps)]
                 per_step = (big["stage_seconds"] - small["stage_seconds"]) / (steps - small_steps)
                 fixed = small["stage_seconds"] - small_steps * per_step
@@ -424,27 +486,34 @@ def timing(steps=391, small_steps=5, batch_size=128, n_train=CIFAR10_TRAIN, n_va
                 measured = steps == EPOCH_STEPS
                 record.update(
                     seconds_per_step=per_step,
-                    cpu_seconds_per_step=(big["run_cpu_seconds"] - small["run_cpu_seconds"]) / (steps - small_steps),
+                    cpu_seconds_per_step=(big["run_cpu_seconds"] - small["run_cpu_seconds"])
+                    / (steps - small_steps),
                     fixed_seconds=fixed,
                     validation_seconds_per_epoch=val,
                     epoch_train_seconds=EPOCH_STEPS * per_step,
                     # one epoch of the paper's schedule: the measured stage (fixed cost included) + a held-out pass
-                    epoch_seconds=(big["stage_seconds"] if measured else fixed + EPOCH_STEPS * per_step) + val,
-                    epoch_seconds_kind="measured" if measured else f"extrapolated from {small_steps} and {steps} steps",
+                    epoch_seconds=(big["stage_seconds"] if measured else fixed + EPOCH_STEPS * per_step)
+                    + val,
+                    epoch_seconds_kind="measured"
+                    if measured
+                    else f"extrapolated from {small_steps} and {steps} steps",
                     paper_epochs=epochs,
                     full_schedule_hours=(fixed + epochs * (EPOCH_STEPS * per_step + val)) / 3600.0,
                 )
                 if echo:
-                    print(f"[time] {name}: {per_step:.3f} s/step, fixed {fixed:.1f} s, validation {val:.1f} s, "
-                          f"epoch {record['epoch_seconds']:.0f} s ({record['epoch_seconds_kind']}), "
-                          f"{epochs} epochs {record['full_schedule_hours']:.1f} h", flush=True)
+                    print(
+                        f"[time] {name}: {per_step:.3f} s/step, fixed {fixed:.1f} s, validation {val:.1f} s, "
+                        f"epoch {record['epoch_seconds']:.0f} s ({record['epoch_seconds_kind']}), "
+                        f"{epochs} epochs {record['full_schedule_hours']:.1f} h",
+                        flush=True,
+                    )
                 records.append(record)
     finally:
         if own:
             shutil.rmtree(work_dir, ignore_errors=True)
     return {
         "data": f"tfds.testing.mock_data with an in-graph generator: random CIFAR-10-shaped uint8 images, "
-                f"{n_train} training and {n_val} held-out examples (a timing; no accuracy is meaningful)",
+        f"{n_train} training and {n_val} held-out examples (a timing; no accuracy is meaningful)",
         "method": (
             "Each run's training stage (float: --stages=float; quantized: --stages=quant from this benchmark's "
             f"float checkpoint) runs one epoch of --steps_per_epoch={small_steps} and one of {steps}, batch "
@@ -461,8 +530,14 @@ def timing(steps=391, small_steps=5, batch_size=128, n_train=CIFAR10_TRAIN, n_va
             f"are not counted. The script's own default epoch is {CIFAR10_TRAIN // 128} steps "
             "(50,000 // 128, drop_remainder); 391 = ceil(50,000 / 128) is used here."
         ),
-        "settings": {"steps": steps, "small_steps": small_steps, "batch_size": batch_size, "n_train": n_train,
-                     "n_val": n_val, "epoch_steps": EPOCH_STEPS},
+        "settings": {
+            "steps": steps,
+            "small_steps": small_steps,
+            "batch_size": batch_size,
+            "n_train": n_train,
+            "n_val": n_val,
+            "epoch_steps": EPOCH_STEPS,
+        },
         "runs": records,
         "total_full_schedule_hours": sum(r["full_schedule_hours"] for r in records),
     }
@@ -486,20 +561,33 @@ def plot(timing_result, path):
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
     x = range(len(runs))
     ax.bar(x, train_s, color="tab:blue", label=f"{timing_result['settings']['epoch_steps']} training steps")
-    ax.bar(x, val_s, bottom=train_s, color="tab:orange",
-           label=f"held-out pass ({timing_result['settings']['n_val']:,} examples)")
+    ax.bar(
+        x,
+        val_s,
+        bottom=train_s,
+        color="tab:orange",
+        label=f"held-out pass ({timing_result['settings']['n_val']:,} examples)",
+    )
     bottom = [a + b for a, b in zip(train_s, val_s)]
     ax.bar(x, fixed_s, bottom=bottom, color="tab:gray", alpha=0.6, label="fixed cost (build, trace, save)")
     for i, r in enumerate(runs):
-        ax.text(i, bottom[i] + fixed_s[i], f"{r['epoch_seconds']:.0f} s\n{r['seconds_per_step'] * 1000:.0f} ms/step",
-                ha="center", va="bottom", fontsize=8)
+        ax.text(
+            i,
+            bottom[i] + fixed_s[i],
+            f"{r['epoch_seconds']:.0f} s\n{r['seconds_per_step'] * 1000:.0f} ms/step",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(list(x))
     ax.set_xticklabels(labels)
     ax.set_ylabel("seconds")
     kinds = {r["epoch_seconds_kind"] for r in runs}
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
-    ax.set_title(f"ResNet-20 CIFAR-10: one epoch, batch {timing_result['settings']['batch_size']} ({kind})",
-                 fontsize=10)
+    ax.set_title(
+        f"ResNet-20 CIFAR-10: one epoch, batch {timing_result['settings']['batch_size']} ({kind})",
+        fontsize=10,
+    )
     ax.set_ylim(0, max(b + f for b, f in zip(bottom, fixed_s)) * 1.25)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
@@ -514,11 +602,15 @@ def print_report(report):
     t = report.get("timing")
     if t:
         print(f"\nOne CIFAR-10 epoch per run ({t['data']}):")
-        print(f"  {'run':<20} {'s/step':>7} {'fixed s':>8} {'val s':>6} {'epoch s':>8}  {'kind':<34} {'160 ep. h':>9}")
+        print(
+            f"  {'run':<20} {'s/step':>7} {'fixed s':>8} {'val s':>6} {'epoch s':>8}  {'kind':<34} {'160 ep. h':>9}"
+        )
         for r in t["runs"]:
-            print(f"  {r['label']:<20} {r['seconds_per_step']:7.3f} {r['fixed_seconds']:8.1f} "
-                  f"{r['validation_seconds_per_epoch']:6.1f} {r['epoch_seconds']:8.0f}  {r['epoch_seconds_kind']:<34} "
-                  f"{r['full_schedule_hours']:9.1f}")
+            print(
+                f"  {r['label']:<20} {r['seconds_per_step']:7.3f} {r['fixed_seconds']:8.1f} "
+                f"{r['validation_seconds_per_epoch']:6.1f} {r['epoch_seconds']:8.0f}  {r['epoch_seconds_kind']:<34} "
+                f"{r['full_schedule_hours']:9.1f}"
+            )
         print(f"  all four runs, paper schedule: {t['total_full_schedule_hours']:.1f} h")
     m = report.get("mock")
     if m:
@@ -534,15 +626,27 @@ def print_report(report):
                 w = sorted(set(q["weight_bits"].values()))
                 a = sorted(set(q["activation_bits"].values()))
                 bits = f" weight bits {w}, activation bits {a}, input {sorted(set(q['input_bits'].values()))}"
-            print(f"  {r['label']:<20} stages {r['finished_stages']}/{r['stages']}"
-                  + (f", tflite {r['tflite_written']}" if "tflite_written" in r else "") + bits)
+            print(
+                f"  {r['label']:<20} stages {r['finished_stages']}/{r['stages']}"
+                + (f", tflite {r['tflite_written']}" if "tflite_written" in r else "")
+                + bits
+            )
             if n.get("weight_kb") is not None:
-                print(f"  {'':<20} mock-data sizes: weights {n['weight_kb']:.1f} kB, largest activation "
-                      f"{n['activation_kb_max']:.1f} kB, constraints {n.get('constraints_met')}")
+                print(
+                    f"  {'':<20} mock-data sizes: weights {n['weight_kb']:.1f} kB, largest activation "
+                    f"{n['activation_kb_max']:.1f} kB, constraints {n.get('constraints_met')}"
+                )
 
 
-def run(modes=("mock", "time"), mock_settings=None, time_settings=None, out_dir=RESULTS_DIR, command_line=None,
-        echo=False, chart=True):
+def run(
+    modes=("mock", "time"),
+    mock_settings=None,
+    time_settings=None,
+    out_dir=RESULTS_DIR,
+    command_line=None,
+    echo=False,
+    chart=True,
+):
     """Run the chosen modes, write ``<out_dir>/cifar10_recipes.json`` (merging
     sections of earlier invocations) and the chart; return the report."""
     path = os.path.join(out_dir, f"{NAME}.json")
@@ -556,8 +660,13 @@ def run(modes=("mock", "time"), mock_settings=None, time_settings=None, out_dir=
         report["timing"] = dict(timing(**(time_settings or TIME), echo=echo), command=cmd, date=date)
     payload = {
         "paper_runs": [
-            {"name": r["name"], "label": r["label"], "paper_error_percent": r["paper_error"], "flags": r["flags"],
-             "command": command(r)}
+            {
+                "name": r["name"],
+                "label": r["label"],
+                "paper_error_percent": r["paper_error"],
+                "flags": r["flags"],
+                "command": command(r),
+            }
             for r in RUNS
         ],
         "recipe": _recipe(),
@@ -565,8 +674,13 @@ def run(modes=("mock", "time"), mock_settings=None, time_settings=None, out_dir=
     payload.update(report)
     if chart and "timing" in report:
         payload["chart"] = plot(report["timing"], os.path.join(out_dir, f"{NAME}.png"))
-    write_result(out_dir, NAME, "The paper's ResNet-20 CIFAR-10 runs (Table 3): commands, mock runs, epoch timing",
-                 cmd, payload)
+    write_result(
+        out_dir,
+        NAME,
+        "The paper's ResNet-20 CIFAR-10 runs (Table 3): commands, mock runs, epoch timing",
+        cmd,
+        payload,
+    )
     return payload
 
 
@@ -581,7 +695,9 @@ def define_flags():
     flags.DEFINE_bool("mock", False, "Run every configuration for a few steps on tfds mock data.")
     flags.DEFINE_bool("time", False, "Time one epoch of every configuration (CIFAR-shaped generated inputs).")
     flags.DEFINE_bool("quick", False, "Smoke run of both modes (1-2 steps, tiny timing).")
-    flags.DEFINE_integer("steps", TIME["steps"], "Steps of the long timing run (391: one CIFAR-10 epoch, measured).")
+    flags.DEFINE_integer(
+        "steps", TIME["steps"], "Steps of the long timing run (391: one CIFAR-10 epoch, measured)."
+    )
     flags.DEFINE_integer("small_steps", TIME["small_steps"], "Steps of the short timing run.")
     flags.DEFINE_integer("batch_size", TIME["batch_size"], "Batch size of the timing runs (the paper's 128).")
     flags.DEFINE_integer("mock_steps", MOCK["steps"], "Steps per epoch of the mock runs.")

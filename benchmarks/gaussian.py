@@ -1,4 +1,4 @@
-"""Gaussian toy experiment of Uhlich et al., ICLR 2020 (Fig. 3; METHOD.md section 7).
+"""Gaussian toy experiment of Uhlich et al., ICLR 2020 (Fig. 3; docs/method.md section 7).
 
 Quantize 10^4 samples of N(0, 1) with each of the six parametrizations
 (U1 = (b, d), U2 = (b, q_max), U3 = (d, q_max), P1 = (b, q_max),
@@ -14,7 +14,7 @@ Setup (all flags, defaults in brackets):
 * Data: ``--n_samples`` [10^4] draws of N(0, 1), ``np.random.default_rng(seed)``
   for each seed in ``--seeds`` [0,1,2]; the same samples for all six.
 * Initialization, identical for all six: ``q.initialize_from(init_scale * x,
-  bits=init_bits)``, i.e. METHOD.md section 4 (start at b = 4, uniform
+  bits=init_bits)``, i.e. docs/method.md section 4 (start at b = 4, uniform
   ``d = 2^floor(log2(max|x| / 7))``, ``q_max = 7 d``; power of two
   ``q_max = 2^round(log2 max|x|)``, ``q_min = q_max / 2^7``). With
   ``--init_scale`` [1] below 1 every quantizer starts with a range that is
@@ -26,7 +26,7 @@ Setup (all flags, defaults in brackets):
   U3/P3 the bound limits ``q_max/d`` resp. ``q_max/q_min``). The table and the
   JSON report the final bitwidth and the largest bitwidth seen during the
   run, so the budget can be checked. ``--max_bits 8`` gives tfdq's default
-  bounds (METHOD.md section 3).
+  bounds (docs/method.md section 3).
 * Learning rate ``--lr`` [0.1]: the power-of-two parameters have small
   gradients (only the samples beyond q_max or below q_min contribute), and
   0.1 is where they move within a few thousand steps and P2's coupled
@@ -49,7 +49,7 @@ configuration.
 
 Uniform step sizes are left unrounded here (``round_step=False``): the
 power-of-two rounding of d is a hardware constraint of the DNN experiments
-(METHOD.md section 3), not part of this experiment, and with it every
+(docs/method.md section 3), not part of this experiment, and with it every
 uniform parametrization can only sit on octaves of d.
 
 Observed with tfdq at the time of writing (see the JSON ``checks``): the
@@ -92,10 +92,10 @@ def define_flags():
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Data seeds (one run per seed).")
     flags.DEFINE_integer("n_samples", 10_000, "Number of N(0, 1) samples.")
     flags.DEFINE_integer("max_bits", 4, "Common bit budget: upper bit bound of every quantizer.")
-    flags.DEFINE_float("init_bits", 4.0, "Initial bitwidth (METHOD.md section 4).")
+    flags.DEFINE_float("init_bits", 4.0, "Initial bitwidth (docs/method.md section 4).")
     flags.DEFINE_float(
-        "init_scale", 1.0,
-        "Initialize from init_scale * x (1: from the data; < 1: range too small).")
+        "init_scale", 1.0, "Initialize from init_scale * x (1: from the data; < 1: range too small)."
+    )
     flags.DEFINE_integer("osc_window", 100, "Oscillation = std of the MSE over this many last steps.")
     flags.DEFINE_list("names", ["U1", "U2", "U3", "P1", "P2", "P3"], "Parametrizations to run.")
     flags.DEFINE_string("out_dir", os.path.join("benchmarks", "results"), "Output folder.")
@@ -107,8 +107,12 @@ NAMES = ("U1", "U2", "U3", "P1", "P2", "P3")
 FAMILIES = {"uniform": ("U1", "U2", "U3"), "pow2": ("P1", "P2", "P3")}
 PAPER_CHOICE = {"uniform": "U3", "pow2": "P3"}
 LEARNED = {
-    "U1": "b, d", "U2": "b, q_max", "U3": "d, q_max",
-    "P1": "b, q_max", "P2": "b, q_min", "P3": "q_min, q_max",
+    "U1": "b, d",
+    "U2": "b, q_max",
+    "U3": "d, q_max",
+    "P1": "b, q_max",
+    "P2": "b, q_min",
+    "P3": "q_min, q_max",
 }
 # Reduced run used by --quick and by tests/test_gaussian.py.
 QUICK = {"steps": 1000, "seeds": (0,)}
@@ -230,9 +234,20 @@ def check_ordering(results, rtol=0.02, osc_atol=1e-6):
     return failures
 
 
-def run(steps=3000, lr=0.1, seeds=(0, 1, 2), n_samples=10_000, max_bits=4,
-        init_bits=4.0, init_scale=1.0, osc_window=100, names=NAMES,
-        out_dir=os.path.join("benchmarks", "results"), plot=True, verbose=True):
+def run(
+    steps=3000,
+    lr=0.1,
+    seeds=(0, 1, 2),
+    n_samples=10_000,
+    max_bits=4,
+    init_bits=4.0,
+    init_scale=1.0,
+    osc_window=100,
+    names=NAMES,
+    out_dir=os.path.join("benchmarks", "results"),
+    plot=True,
+    verbose=True,
+):
     """Run the experiment, write ``gaussian.json`` (and ``.png``); return the dict."""
     import keras  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -279,9 +294,12 @@ def run(steps=3000, lr=0.1, seeds=(0, 1, 2), n_samples=10_000, max_bits=4,
             "per_seed": per_seed,
         }
         if verbose:
-            print(f"{name}: final MSE {results[name]['final_mse']:.5g}, "
-                  f"oscillation {results[name]['oscillation']:.3g} "
-                  f"({sum(s['seconds'] for s in per_seed):.1f} s)", flush=True)
+            print(
+                f"{name}: final MSE {results[name]['final_mse']:.5g}, "
+                f"oscillation {results[name]['oscillation']:.3g} "
+                f"({sum(s['seconds'] for s in per_seed):.1f} s)",
+                flush=True,
+            )
     tf.get_logger().setLevel(tf_logger_level)
     failures = check_ordering(results)
     checks = {}
@@ -298,17 +316,23 @@ def run(steps=3000, lr=0.1, seeds=(0, 1, 2), n_samples=10_000, max_bits=4,
     report = {
         "experiment": "Gaussian data, Uhlich et al. ICLR 2020 Fig. 3",
         "config": {
-            "steps": steps, "lr": lr, "seeds": seeds, "n_samples": n_samples,
-            "max_bits": max_bits, "init_bits": init_bits, "init_scale": init_scale,
+            "steps": steps,
+            "lr": lr,
+            "seeds": seeds,
+            "n_samples": n_samples,
+            "max_bits": max_bits,
+            "init_bits": init_bits,
+            "init_scale": init_scale,
             "uniform_step": "float (round_step=False); power-of-two levels are exact powers of two",
-            "osc_window": osc_window, "optimizer": "keras.optimizers.SGD(momentum=0)",
+            "osc_window": osc_window,
+            "optimizer": "keras.optimizers.SGD(momentum=0)",
             "objective": "mean((Q(x) - x)^2), full batch",
-            "init": "q.initialize_from(init_scale * x, bits=init_bits) (METHOD.md section 4)",
+            "init": "q.initialize_from(init_scale * x, bits=init_bits) (docs/method.md section 4)",
             "bit_budget": "hard bound max_bits for all parametrizations (tfdq projection)",
             "mse_curve": "mse[k] = MSE after k updates, first seed",
             "summary": "final_mse, oscillation, min_mse, last_mean_mse (mean over the "
-                       "oscillation window): median over seeds; "
-                       "final_bits, final_params: first seed",
+            "oscillation window): median over seeds; "
+            "final_bits, final_params: first seed",
         },
         "results": results,
         "checks": checks,
@@ -345,9 +369,14 @@ def plot_curves(curves, report, path):
             r, res = curves[name], report["results"][name]
             it = np.arange(len(r["mse"]))
             c = colors[name[1]]
-            ax.plot(it, r["mse"], color=c, lw=1.2,
-                    label=f"{name} ({res['learned']}): final {r['mse'][-1]:.4f}, "
-                          f"{r['final_params']['bits']:.0f} bits")
+            ax.plot(
+                it,
+                r["mse"],
+                color=c,
+                lw=1.2,
+                label=f"{name} ({res['learned']}): final {r['mse'][-1]:.4f}, "
+                f"{r['final_params']['bits']:.0f} bits",
+            )
             ax_r.plot(it, r["q_max"], color=c, lw=1.2, label=f"{name} q_max")
             ax_r.plot(it, r[small], color=c, lw=1.0, ls="--", label=f"{name} {small}")
         ax.set_yscale("log")
@@ -364,7 +393,9 @@ def plot_curves(curves, report, path):
     fig.suptitle(
         f"N(0,1), {cfg['n_samples']} samples: SGD lr={cfg['lr']} (shared), "
         f"bits <= {cfg['max_bits']}, init b={cfg['init_bits']:g} from {start}, "
-        f"seed {cfg['seeds'][0]}", fontsize=11)
+        f"seed {cfg['seeds'][0]}",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -373,17 +404,23 @@ def plot_curves(curves, report, path):
 def print_table(report):
     res = report["results"]
     print()
-    print(f"{'name':4} {'learned':13} {'final MSE':>10} {'last mean':>10} {'min MSE':>10} "
-          f"{'oscill.':>9} {'bits':>4} {'max b':>5}  final parameters")
+    print(
+        f"{'name':4} {'learned':13} {'final MSE':>10} {'last mean':>10} {'min MSE':>10} "
+        f"{'oscill.':>9} {'bits':>4} {'max b':>5}  final parameters"
+    )
     for name, r in res.items():
         params = ", ".join(f"{k}={v:.4g}" for k, v in r["final_params"].items() if k != "bits")
-        print(f"{name:4} {r['learned']:13} {r['final_mse']:10.5f} {r['last_mean_mse']:10.5f} "
-              f"{r['min_mse']:10.5f} "
-              f"{r['oscillation']:9.2e} {r['final_bits']:4.0f} {r['max_bits_seen']:5.0f}  {params}")
+        print(
+            f"{name:4} {r['learned']:13} {r['final_mse']:10.5f} {r['last_mean_mse']:10.5f} "
+            f"{r['min_mse']:10.5f} "
+            f"{r['oscillation']:9.2e} {r['final_bits']:4.0f} {r['max_bits_seen']:5.0f}  {params}"
+        )
     checks = report["checks"]
     print()
-    print("paper ordering (U3, P3 lowest final MSE and least oscillation):",
-          "holds" if checks["paper_ordering_holds"] else "DOES NOT HOLD")
+    print(
+        "paper ordering (U3, P3 lowest final MSE and least oscillation):",
+        "holds" if checks["paper_ordering_holds"] else "DOES NOT HOLD",
+    )
     for f in checks["failures"]:
         print("  -", f)
     print(f"({report['seconds']} s)")
@@ -392,11 +429,17 @@ def print_table(report):
 def main(argv):
     del argv
     kwargs = {
-        "steps": FLAGS.steps, "lr": FLAGS.lr, "seeds": FLAGS.seeds,
-        "n_samples": FLAGS.n_samples, "max_bits": FLAGS.max_bits,
-        "init_bits": FLAGS.init_bits, "init_scale": FLAGS.init_scale,
-        "osc_window": FLAGS.osc_window, "names": FLAGS.names,
-        "out_dir": FLAGS.out_dir, "plot": FLAGS.plot,
+        "steps": FLAGS.steps,
+        "lr": FLAGS.lr,
+        "seeds": FLAGS.seeds,
+        "n_samples": FLAGS.n_samples,
+        "max_bits": FLAGS.max_bits,
+        "init_bits": FLAGS.init_bits,
+        "init_scale": FLAGS.init_scale,
+        "osc_window": FLAGS.osc_window,
+        "names": FLAGS.names,
+        "out_dir": FLAGS.out_dir,
+        "plot": FLAGS.plot,
     }
     if FLAGS.quick:
         kwargs.update(QUICK)

@@ -84,10 +84,15 @@ QUICK = {
     "curve_bits": (1.5, 3.0),
     "fixed_bits": (),
 }
-PAPER = {  # METHOD.md section 7, Table 3 (ResNet-20, CIFAR-10), error in %: uniform, pow-2
-    "float": (7.29, None), "fixed 2/32": (10.81, 8.99), "TQT 2/32": (9.47, 8.79),
-    "learned (8a)": (8.59, 8.53), "fixed 2/4": (11.30, 11.62), "TQT 2/4": (9.62, 11.29),
-    "learned (8a)+(8b)": (9.38, 11.29), "learned (8a)+(8c)": (8.58, 11.23),
+PAPER = {  # docs/method.md section 7, Table 3 (ResNet-20, CIFAR-10), error in %: uniform, pow-2
+    "float": (7.29, None),
+    "fixed 2/32": (10.81, 8.99),
+    "TQT 2/32": (9.47, 8.79),
+    "learned (8a)": (8.59, 8.53),
+    "fixed 2/4": (11.30, 11.62),
+    "TQT 2/4": (9.62, 11.29),
+    "learned (8a)+(8b)": (9.38, 11.29),
+    "learned (8a)+(8c)": (8.58, 11.23),
 }
 
 
@@ -98,7 +103,9 @@ def define_flags():
     flags.DEFINE_integer("finish_epochs", 2, "Weight fine-tuning epochs with frozen quantizers (Adam 5e-4).")
     flags.DEFINE_list("families", list(FAMILIES), "uniform and/or pow2.")
     flags.DEFINE_list("rows", list(ROWS), "Table 3 rows to run.")
-    flags.DEFINE_list("curve_bits", [str(b) for b in CURVE_BITS], "Average weight bits of the learned (8a) curve.")
+    flags.DEFINE_list(
+        "curve_bits", [str(b) for b in CURVE_BITS], "Average weight bits of the learned (8a) curve."
+    )
     flags.DEFINE_list("fixed_bits", [str(b) for b in FIXED_BITS], "Bits of the fixed curve.")
     flags.DEFINE_integer("n_train", 0, "Training images (0: all 4,000).")
     flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
@@ -128,18 +135,40 @@ def table_config(row, family):
 def curve_configs(curve_bits, fixed_bits):
     out = []
     for b in curve_bits:
-        out.append({"name": f"curve learned (8a) {b:g} bits", "curve": "learned", "bits": float(b),
-                    "weight": "U3", "weight_budget_bits": float(b), "weight_budget_margin": 1.0})
+        out.append(
+            {
+                "name": f"curve learned (8a) {b:g} bits",
+                "curve": "learned",
+                "bits": float(b),
+                "weight": "U3",
+                "weight_budget_bits": float(b),
+                "weight_budget_margin": 1.0,
+            }
+        )
     for b in fixed_bits:
-        out.append({"name": f"curve fixed {int(b)} bits", "curve": "fixed", "bits": float(b),
-                    "weight": "fixed", "weight_bits": int(b)})
+        out.append(
+            {
+                "name": f"curve fixed {int(b)} bits",
+                "curve": "fixed",
+                "bits": float(b),
+                "weight": "fixed",
+                "weight_bits": int(b),
+            }
+        )
     return out
 
 
 def _same_run_key(config):
     """What makes two configs the same training run (labels aside)."""
-    keys = ("weight", "weight_bits", "activation", "activation_bits", "weight_budget_bits",
-            "weight_budget_margin", "activation_budget")
+    keys = (
+        "weight",
+        "weight_bits",
+        "activation",
+        "activation_bits",
+        "weight_budget_bits",
+        "weight_budget_margin",
+        "activation_budget",
+    )
     return json.dumps({k: config.get(k) for k in keys}, default=list)
 
 
@@ -166,11 +195,20 @@ def run(
     counts = mnist_runs.feature_counts()
     data = mnist_runs.load_data(n_train or None)
     settings = {
-        "seeds": seeds, "float_epochs": float_epochs, "quant_epochs": quant_epochs,
-        "finish_epochs": finish_epochs, "optimizer": "adam", "quant_lr": mnist_runs.QUANT_LR,
-        "finish_lr": mnist_runs.FINISH_LR, "float_lr": mnist_runs.FLOAT_LR, "batch_size": mnist_runs.BATCH,
-        "n_train": len(data[0][0]), "n_test": len(data[1][0]), "weight_budget_margin": MARGIN,
-        "weight_count": sum(counts["weights"].values()), "counts": counts,
+        "seeds": seeds,
+        "float_epochs": float_epochs,
+        "quant_epochs": quant_epochs,
+        "finish_epochs": finish_epochs,
+        "optimizer": "adam",
+        "quant_lr": mnist_runs.QUANT_LR,
+        "finish_lr": mnist_runs.FINISH_LR,
+        "float_lr": mnist_runs.FLOAT_LR,
+        "batch_size": mnist_runs.BATCH,
+        "n_train": len(data[0][0]),
+        "n_test": len(data[1][0]),
+        "weight_budget_margin": MARGIN,
+        "weight_count": sum(counts["weights"].values()),
+        "counts": counts,
         "configurations": [c["name"] for c in todo],
     }
     floats, records = [], []
@@ -186,8 +224,14 @@ def run(
                 r = dict(done[key], name=config["name"], same_run_as=done[key]["name"])
             else:
                 r = mnist_runs.quantized_run(
-                    config, seed, data, float_model=float_model, counts=counts,
-                    epochs=quant_epochs, finish_epochs=finish_epochs, verbose=verbose,
+                    config,
+                    seed,
+                    data,
+                    float_model=float_model,
+                    counts=counts,
+                    epochs=quant_epochs,
+                    finish_epochs=finish_epochs,
+                    verbose=verbose,
                 )
                 done[key] = r
             records.append(r)
@@ -200,6 +244,7 @@ def run(
 
 def check_targets(summary, float_error):
     """Learned beats fixed 2-bit and TQT at the same budget; (8a)+(8c) uniform within 1 point of float."""
+
     def mean(name):
         s = summary.get(name)
         return None if s is None or s["error"] is None else s["error"]["mean"]
@@ -216,8 +261,16 @@ def check_targets(summary, float_error):
                 bm = mean(f"{base} {family}")
                 if lm is None or bm is None:
                     continue
-                comparisons.append({"family": family, "learned": learned, "baseline": base,
-                                    "learned_error": lm, "baseline_error": bm, "beats": lm < bm})
+                comparisons.append(
+                    {
+                        "family": family,
+                        "learned": learned,
+                        "baseline": base,
+                        "learned_error": lm,
+                        "baseline_error": bm,
+                        "beats": lm < bm,
+                    }
+                )
     out = {"learned_beats_baselines": comparisons}
     for family in FAMILIES:
         fam = [c["beats"] for c in comparisons if c["family"] == family]
@@ -229,9 +282,13 @@ def check_targets(summary, float_error):
             if m is not None:
                 gap = m - float_error["mean"]
                 out[f"8a8c_{family}_vs_float"] = {
-                    "learned_error": m, "float_error": float_error["mean"], "gap_points": 100 * gap,
+                    "learned_error": m,
+                    "float_error": float_error["mean"],
+                    "gap_points": 100 * gap,
                     "within_1_point": bool(100 * gap <= 1.0),
-                    "constraints_met_all_seeds": summary[f"learned (8a)+(8c) {family}"].get("all_constraints_met"),
+                    "constraints_met_all_seeds": summary[f"learned (8a)+(8c) {family}"].get(
+                        "all_constraints_met"
+                    ),
                 }
     return out
 
@@ -294,8 +351,14 @@ def plot_table(report, path):
             x = i + (k - 0.5) * width
             ax.bar(x, m, width, color=color, alpha=0.8, label=family if i == 0 else None)
             ax.errorbar(x, m, yerr=[[m - 100 * e["min"]], [100 * e["max"] - m]], color="k", capsize=3, lw=1)
-            ax.annotate(f"{m:.2f}", (x, 100 * e["max"]), textcoords="offset points", xytext=(0, 3),
-                        ha="center", fontsize=7)
+            ax.annotate(
+                f"{m:.2f}",
+                (x, 100 * e["max"]),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize=7,
+            )
     ferr = report["float"]["error"]
     if ferr:
         ax.axhline(100 * ferr["mean"], color="gray", ls="--", lw=1, label="float")
@@ -304,8 +367,10 @@ def plot_table(report, path):
     ax.set_ylabel("held-out error (%), mean and min-max")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"Table 3 rows, small CNN on the MNIST subset, {len(report['settings']['seeds'])} seed(s)",
-                 fontsize=10)
+    ax.set_title(
+        f"Table 3 rows, small CNN on the MNIST subset, {len(report['settings']['seeds'])} seed(s)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -315,7 +380,7 @@ def plot_table(report, path):
 def curve_points(report, kind):
     """(bits, weight kB summary, error summary, infeasible message) of one curve."""
     pts = []
-    for name, s in report["summary"].items():
+    for s in report["summary"].values():
         c = s["config"]
         if c.get("curve") != kind:
             continue
@@ -333,22 +398,44 @@ def plot_curve(report, path):
             continue
         xs = [p[1]["mean"] for p in pts]
         ys = [100 * p[2]["mean"] for p in pts]
-        yerr = [[y - 100 * p[2]["min"] for y, p in zip(ys, pts)], [100 * p[2]["max"] - y for y, p in zip(ys, pts)]]
+        yerr = [
+            [y - 100 * p[2]["min"] for y, p in zip(ys, pts)],
+            [100 * p[2]["max"] - y for y, p in zip(ys, pts)],
+        ]
         xerr = [[x - p[1]["min"] for x, p in zip(xs, pts)], [p[1]["max"] - x for x, p in zip(xs, pts)]]
         label = "learned U3, (8a) budget" if kind == "learned" else "fixed (U2, q_max fixed)"
         ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, color=color, marker=marker, capsize=3, label=label)
         for p, x, y in zip(pts, xs, ys):
-            ax.annotate(f"{p[0]:g}b", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            ax.annotate(
+                f"{p[0]:g}b", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color
+            )
     infeasible = [p for p in curve_points(report, "learned") if p[2] is None]
     if infeasible:
-        ax.text(0.02, 0.02, "infeasible: " + ", ".join(f"{p[0]:g} bits" for p in infeasible)
-                + " (below every layer at 2 bits)", transform=ax.transAxes, fontsize=7)
+        ax.text(
+            0.02,
+            0.02,
+            "infeasible: "
+            + ", ".join(f"{p[0]:g} bits" for p in infeasible)
+            + " (below every layer at 2 bits)",
+            transform=ax.transAxes,
+            fontsize=7,
+        )
     fl = report["float"]
     if fl["error"]:
-        ax.errorbar([fl["weight_kb"]], [100 * fl["error"]["mean"]],
-                    yerr=[[100 * (fl["error"]["mean"] - fl["error"]["min"])],
-                          [100 * (fl["error"]["max"] - fl["error"]["mean"])]],
-                    color="k", marker="*", ms=10, capsize=3, ls="none", label="float (32 bits)")
+        ax.errorbar(
+            [fl["weight_kb"]],
+            [100 * fl["error"]["mean"]],
+            yerr=[
+                [100 * (fl["error"]["mean"] - fl["error"]["min"])],
+                [100 * (fl["error"]["max"] - fl["error"]["mean"])],
+            ],
+            color="k",
+            marker="*",
+            ms=10,
+            capsize=3,
+            ls="none",
+            label="float (32 bits)",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("weight memory (kB), mean and min-max over seeds")
     ax.set_ylabel("held-out error (%), mean and min-max")
@@ -376,37 +463,47 @@ def print_report(report):
     print("\nTable 3 (held-out error %, mean +- std over seeds; sizes in kB, mean)")
     print(f"{'row':20s} {'W kB':>7s} {'A max':>7s} {'A sum':>7s} {'uniform':>13s} {'pow2':>13s}  met (u/p)")
     if fl["error"]:
-        print(f"{'float':20s} {fl['weight_kb']:7.2f} {fl['activation_kb_max']:7.2f} {fl['activation_kb_sum']:7.2f} "
-              f"{_cell({'error': fl['error']}):>13s}")
+        print(
+            f"{'float':20s} {fl['weight_kb']:7.2f} {fl['activation_kb_max']:7.2f} {fl['activation_kb_sum']:7.2f} "
+            f"{_cell({'error': fl['error']}):>13s}"
+        )
     for row in ROWS:
         su, sp = summary.get(f"{row} uniform"), summary.get(f"{row} pow2")
         ref = su or sp
         if ref is None or ref["weight_kb"] is None:
             continue
         met = "/".join(str(s.get("all_constraints_met", "-")) if s else "-" for s in (su, sp))
-        print(f"{row:20s} {ref['weight_kb']['mean']:7.2f} {ref['activation_kb_max']['mean']:7.2f} "
-              f"{ref['activation_kb_sum']['mean']:7.2f} {_cell(su):>13s} {_cell(sp):>13s}  {met}")
+        print(
+            f"{row:20s} {ref['weight_kb']['mean']:7.2f} {ref['activation_kb_max']['mean']:7.2f} "
+            f"{ref['activation_kb_sum']['mean']:7.2f} {_cell(su):>13s} {_cell(sp):>13s}  {met}"
+        )
     print("\nerror vs weight size (weights only)")
     for kind in ("learned", "fixed"):
         for bits, wkb, err, failed in curve_points(report, kind):
             if err is None:
                 print(f"  {kind:8s} {bits:4g} bits: {failed}")
             else:
-                print(f"  {kind:8s} {bits:4g} bits: {wkb['mean']:7.2f} kB  error {100 * err['mean']:.2f}"
-                      f"+-{100 * err['std']:.2f}%")
+                print(
+                    f"  {kind:8s} {bits:4g} bits: {wkb['mean']:7.2f} kB  error {100 * err['mean']:.2f}"
+                    f"+-{100 * err['std']:.2f}%"
+                )
     t = report["targets"]
     print("\ntargets")
     for c in t["learned_beats_baselines"]:
-        print(f"  {c['family']:7s} {c['learned']:18s} {100 * c['learned_error']:.2f}% vs {c['baseline']:10s} "
-              f"{100 * c['baseline_error']:.2f}%: {'beats' if c['beats'] else 'does NOT beat'}")
+        print(
+            f"  {c['family']:7s} {c['learned']:18s} {100 * c['learned_error']:.2f}% vs {c['baseline']:10s} "
+            f"{100 * c['baseline_error']:.2f}%: {'beats' if c['beats'] else 'does NOT beat'}"
+        )
     for family in FAMILIES:
         if f"learned_beats_all_{family}" in t:
             print(f"  learned beats every baseline ({family}): {t[f'learned_beats_all_{family}']}")
         v = t.get(f"8a8c_{family}_vs_float")
         if v:
-            print(f"  (8a)+(8c) {family}: {100 * v['learned_error']:.2f}% vs float {100 * v['float_error']:.2f}%, "
-                  f"gap {v['gap_points']:+.2f} points: within 1.0 point {v['within_1_point']}"
-                  f" (constraints met on every seed: {v['constraints_met_all_seeds']})")
+            print(
+                f"  (8a)+(8c) {family}: {100 * v['learned_error']:.2f}% vs float {100 * v['float_error']:.2f}%, "
+                f"gap {v['gap_points']:+.2f} points: within 1.0 point {v['within_1_point']}"
+                f" (constraints met on every seed: {v['constraints_met_all_seeds']})"
+            )
 
 
 def main(argv):
@@ -420,10 +517,17 @@ def main(argv):
         return
     mnist_runs.set_threads(FLAGS.threads)
     kwargs = {
-        "seeds": FLAGS.seeds, "float_epochs": FLAGS.float_epochs, "quant_epochs": FLAGS.quant_epochs,
-        "finish_epochs": FLAGS.finish_epochs, "families": FLAGS.families, "rows": FLAGS.rows,
-        "curve_bits": FLAGS.curve_bits, "fixed_bits": FLAGS.fixed_bits, "n_train": FLAGS.n_train,
-        "out_dir": FLAGS.out_dir, "plot": FLAGS.plot,
+        "seeds": FLAGS.seeds,
+        "float_epochs": FLAGS.float_epochs,
+        "quant_epochs": FLAGS.quant_epochs,
+        "finish_epochs": FLAGS.finish_epochs,
+        "families": FLAGS.families,
+        "rows": FLAGS.rows,
+        "curve_bits": FLAGS.curve_bits,
+        "fixed_bits": FLAGS.fixed_bits,
+        "n_train": FLAGS.n_train,
+        "out_dir": FLAGS.out_dir,
+        "plot": FLAGS.plot,
     }
     if FLAGS.quick:
         kwargs.update(QUICK)

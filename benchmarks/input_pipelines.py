@@ -81,7 +81,9 @@ def mock_pool(encoded, labels, n_by_split):
 
     def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False, **kwargs):
         del self, read_config, shuffle_files, kwargs
-        n = n_by_split["test" if "test" in str(split) else "validation" if "validation" in str(split) else "train"]
+        n = n_by_split[
+            "test" if "test" in str(split) else "validation" if "validation" in str(split) else "train"
+        ]
         skip = decoders is not None and "image" in decoders
 
         def example(i):
@@ -120,15 +122,20 @@ def cifar_stall(modules, n_train, batch_size, repeats, data_dir, step_seconds=0.
                     if step_seconds:
                         time.sleep(step_seconds)
                 median = float(np.median(times[1:boundary]))
-                out[name].append({
-                    "first_batch_seconds": times[0],
-                    "median_batch_seconds": median,
-                    "boundary_batch_seconds": times[boundary],
-                    "stall_seconds": times[boundary] - median,
-                    "pass_seconds": float(np.sum(times[:boundary])),
-                })
-                print(f"[cifar10 {name} #{r}] first {times[0]:.2f} s, median {median * 1e3:.1f} ms, "
-                      f"boundary {times[boundary]:.2f} s", flush=True)
+                out[name].append(
+                    {
+                        "first_batch_seconds": times[0],
+                        "median_batch_seconds": median,
+                        "boundary_batch_seconds": times[boundary],
+                        "stall_seconds": times[boundary] - median,
+                        "pass_seconds": float(np.sum(times[:boundary])),
+                    }
+                )
+                print(
+                    f"[cifar10 {name} #{r}] first {times[0]:.2f} s, median {median * 1e3:.1f} ms, "
+                    f"boundary {times[boundary]:.2f} s",
+                    flush=True,
+                )
     return {name: _medians(rows) | {"repeats": rows} for name, rows in out.items()}
 
 
@@ -148,8 +155,14 @@ def imagenet_rate(modules, pool, batch_size, batches, repeats, data_dir):
     with mock_pool(encoded, labels, {"train": max(20_000, 4 * batch_size * batches), "validation": 1000}):
         for r in range(repeats):
             for name, module in modules.items():
-                d = module.load("imagenet2012", batch_size, data_dir=data_dir, image_size=224,
-                                calibration_examples=8, seed=r)
+                d = module.load(
+                    "imagenet2012",
+                    batch_size,
+                    data_dir=data_dir,
+                    image_size=224,
+                    calibration_examples=8,
+                    seed=r,
+                )
                 it = iter(d.train)
                 for _ in range(2):  # warm-up: tracing, first shuffle block
                     next(it)
@@ -166,8 +179,18 @@ def _medians(rows):
     return {k: float(np.median([row[k] for row in rows])) for k in rows[0]}
 
 
-def run(n_train=50_000, cifar_batch=128, imagenet_batch=256, imagenet_batches=40, pool=64, repeats=3,
-        out_dir=RESULTS_DIR, command_line=None, step_seconds=(0.0,), imagenet=True):
+def run(
+    n_train=50_000,
+    cifar_batch=128,
+    imagenet_batch=256,
+    imagenet_batches=40,
+    pool=64,
+    repeats=3,
+    out_dir=RESULTS_DIR,
+    command_line=None,
+    step_seconds=(0.0,),
+    imagenet=True,
+):
     import tensorflow as tf  # noqa: PLC0415
 
     sys.path.insert(0, ROOT)
@@ -179,26 +202,43 @@ def run(n_train=50_000, cifar_batch=128, imagenet_batch=256, imagenet_batches=40
     result = {
         "data": "generated images through tfds.testing.mock_data (timings of the pipelines; no accuracy)",
         "note": "machine shared with other work while measured: the ratios of the two versions, measured "
-                "alternately in one process, are the reliable part",
+        "alternately in one process, are the reliable part",
         "before": f"train/data.py at commit {BASE}",
         "after": "train/data.py of this tree",
-        "cifar10": {"settings": {"n_train": n_train, "batch_size": cifar_batch, "repeats": repeats,
-                                 "step_seconds": list(step_seconds)}},
-        "imagenet2012": {"settings": {"batch_size": imagenet_batch, "batches": imagenet_batches,
-                                      "image_size": 224, "pool": pool, "repeats": repeats}},
+        "cifar10": {
+            "settings": {
+                "n_train": n_train,
+                "batch_size": cifar_batch,
+                "repeats": repeats,
+                "step_seconds": list(step_seconds),
+            }
+        },
+        "imagenet2012": {
+            "settings": {
+                "batch_size": imagenet_batch,
+                "batches": imagenet_batches,
+                "image_size": 224,
+                "pool": pool,
+                "repeats": repeats,
+            }
+        },
     }
     result["summary"] = {"cifar10_stall_seconds": {}}
     for step in step_seconds:
         c = cifar_stall(modules, n_train, cifar_batch, repeats, data_dir, step)
         result["cifar10"][f"step_seconds={step:g}"] = c
         result["summary"]["cifar10_stall_seconds"][f"step_seconds={step:g}"] = {
-            "before": c["before"]["stall_seconds"], "after": c["after"]["stall_seconds"]}
+            "before": c["before"]["stall_seconds"],
+            "after": c["after"]["stall_seconds"],
+        }
     if imagenet:
         i = imagenet_rate(modules, pool, imagenet_batch, imagenet_batches, repeats, data_dir)
         result["imagenet2012"].update(i)
         result["summary"]["imagenet_images_per_second"] = {
-            "before": i["before"]["images_per_second"], "after": i["after"]["images_per_second"],
-            "ratio": i["after"]["images_per_second"] / i["before"]["images_per_second"]}
+            "before": i["before"]["images_per_second"],
+            "after": i["after"]["images_per_second"],
+            "ratio": i["after"]["images_per_second"] / i["before"]["images_per_second"],
+        }
     write_result(out_dir, NAME, "input pipelines before/after issue 16", command_line, result)
     print(result["summary"], flush=True)
     return result
@@ -209,19 +249,33 @@ def define_flags():
     flags.DEFINE_integer("repeats", 3, "Alternating repeats of each version.")
     flags.DEFINE_integer("n_train", 50_000, "CIFAR-10-shaped training images.")
     flags.DEFINE_integer("imagenet_batches", 40, "Timed ImageNet batches (of 256).")
-    flags.DEFINE_list("step_seconds", ["0", "0.05"], "Consumer sleep per batch (a training step's stand-in), each measured.")
+    flags.DEFINE_list(
+        "step_seconds", ["0", "0.05"], "Consumer sleep per batch (a training step's stand-in), each measured."
+    )
     flags.DEFINE_boolean("imagenet", True, "Also measure the ImageNet pipeline.")
 
 
 def main(argv):
     del argv
     if FLAGS.quick:
-        run(n_train=2_000, imagenet_batch=16, imagenet_batches=4, pool=8, repeats=1,
-            out_dir=tempfile.mkdtemp(prefix="tfdq_pipelines_quick_"), command_line=" ".join(sys.argv))
+        run(
+            n_train=2_000,
+            imagenet_batch=16,
+            imagenet_batches=4,
+            pool=8,
+            repeats=1,
+            out_dir=tempfile.mkdtemp(prefix="tfdq_pipelines_quick_"),
+            command_line=" ".join(sys.argv),
+        )
     else:
-        run(n_train=FLAGS.n_train, imagenet_batches=FLAGS.imagenet_batches, repeats=FLAGS.repeats,
-            command_line=" ".join(sys.argv), step_seconds=[float(v) for v in FLAGS.step_seconds],
-            imagenet=FLAGS.imagenet)
+        run(
+            n_train=FLAGS.n_train,
+            imagenet_batches=FLAGS.imagenet_batches,
+            repeats=FLAGS.repeats,
+            command_line=" ".join(sys.argv),
+            step_seconds=[float(v) for v in FLAGS.step_seconds],
+            imagenet=FLAGS.imagenet,
+        )
 
 
 if __name__ == "__main__":

@@ -64,15 +64,26 @@ def _define_flags():
     flags.DEFINE_integer("float_steps", 16, "Float training steps (batch 64) on generated inputs.")
     flags.DEFINE_integer("quant_steps", 32, "Constrained tfdq steps (batch 128) on generated inputs.")
     flags.DEFINE_float("weight_bits", 4.0, "Average weight bits of tfdq's budget.")
-    flags.DEFINE_bool("tfmot", True, "Build the tfmot file in .venv-peers (with --quick: only when given explicitly).")
+    flags.DEFINE_bool(
+        "tfmot", True, "Build the tfmot file in .venv-peers (with --quick: only when given explicitly)."
+    )
     flags.DEFINE_string("peers_python", PEERS_PYTHON, "Interpreter of the tf_keras/tfmot environment.")
     flags.DEFINE_string("save_files", "", "Folder to keep the .tflite files in (default: not kept).")
-    flags.DEFINE_bool("quick", False, "Smoke run: no training (all tfdq layers stay at 4 bits), 2 rounds x 5 invokes.")
+    flags.DEFINE_bool(
+        "quick", False, "Smoke run: no training (all tfdq layers stay at 4 bits), 2 rounds x 5 invokes."
+    )
     flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
 
 
-def build_files(float_steps=16, quant_steps=32, weight_bits=4.0, tfmot=True, peers_python=PEERS_PYTHON,
-                tfmot_steps=20, verbose=0):
+def build_files(
+    float_steps=16,
+    quant_steps=32,
+    weight_bits=4.0,
+    tfmot=True,
+    peers_python=PEERS_PYTHON,
+    tfmot_steps=20,
+    verbose=0,
+):
     """The .tflite files (bytes by name), how they were made, and tfdq's learned bits."""
     import keras  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -110,8 +121,9 @@ def build_files(float_steps=16, quant_steps=32, weight_bits=4.0, tfmot=True, pee
     counts = {r["name"]: r["count"] for r in rows if r["kind"] == "weight"}
     exports = {}
     for name, int4 in (("tfdq_int8", False), ("tfdq_mixed", True)):
-        tflite, report = tfdq.export.to_tflite(q, x[:256], input_type="float32", output_type="float32",
-                                               int4_kernels=int4, return_report=True)
+        tflite, report = tfdq.export.to_tflite(
+            q, x[:256], input_type="float32", output_type="float32", int4_kernels=int4, return_report=True
+        )
         check = tfdq.export.verify(q, tflite, x[:200], export_report=report)
         files[name] = tflite
         exports[name] = {
@@ -132,7 +144,9 @@ def build_files(float_steps=16, quant_steps=32, weight_bits=4.0, tfmot=True, pee
         "quant_steps": quant_steps,
         "enforce_steps": enforce_steps,
         "weight_bits": bits,
-        "weights_at_bits": {str(b): int(sum(c for n, c in counts.items() if bits[n] == b)) for b in sorted(set(bits.values()))},
+        "weights_at_bits": {
+            str(b): int(sum(c for n, c in counts.items() if bits[n] == b)) for b in sorted(set(bits.values()))
+        },
         "activation_bits": {r["name"]: r["bits"] for r in rows if r["kind"] == "activation"},
         "exports": exports,
     }
@@ -147,8 +161,20 @@ def build_files(float_steps=16, quant_steps=32, weight_bits=4.0, tfmot=True, pee
             with tempfile.TemporaryDirectory() as tmp:
                 weights = save_weights(model, os.path.join(tmp, "float.npz"))
                 result, error = run_peers_worker(
-                    ["--task", "resnet20_qat", "--weights", weights, "--out_dir", tmp,
-                     "--steps", str(tfmot_steps), "--batch_size", "32"], peers_python)
+                    [
+                        "--task",
+                        "resnet20_qat",
+                        "--weights",
+                        weights,
+                        "--out_dir",
+                        tmp,
+                        "--steps",
+                        str(tfmot_steps),
+                        "--batch_size",
+                        "32",
+                    ],
+                    peers_python,
+                )
                 if error:
                     info["tfmot_error"] = error
                 else:
@@ -200,7 +226,10 @@ def time_files(files, threads=(1, 2), rounds=15, invokes=40, warmup=20):
             "median_ms": 1000 * float(np.median(values)),
             "p10_ms": 1000 * float(np.percentile(values, 10)),
             "p90_ms": 1000 * float(np.percentile(values, 90)),
-            "round_median_range_ms": [1000 * min(round_medians[(name, t)]), 1000 * max(round_medians[(name, t)])],
+            "round_median_range_ms": [
+                1000 * min(round_medians[(name, t)]),
+                1000 * max(round_medians[(name, t)]),
+            ],
             "samples": len(values),
         }
     return out
@@ -228,8 +257,12 @@ def ratios(latency, sizes, threads):
         for label, (a, b) in pairs.items():
             la, lb = lat(a, t), lat(b, t)
             out[label] = None if la is None or lb is None else la / lb
-    for a, b in (("tfdq_mixed", "tfmot_int8"), ("tfdq_int8", "tfmot_int8"), ("tfdq_mixed", "float32"),
-                 ("tfmot_int8", "float32")):
+    for a, b in (
+        ("tfdq_mixed", "tfmot_int8"),
+        ("tfdq_int8", "tfmot_int8"),
+        ("tfdq_mixed", "float32"),
+        ("tfmot_int8", "float32"),
+    ):
         out[f"{a} / {b} file size"] = sizes[a] / sizes[b] if a in sizes and b in sizes else None
     return out
 
@@ -267,13 +300,27 @@ def plot(latency, sizes, threads, path):
         p10 = [latency[n][_key(t)]["p10_ms"] for n in names]
         p90 = [latency[n][_key(t)]["p90_ms"] for n in names]
         xs = np.arange(len(names)) + (j - (len(threads) - 1) / 2) * width
-        ax1.bar(xs, vals, width, yerr=[[v - lo for v, lo in zip(vals, p10)], [min(hi, top) - v for v, hi in zip(vals, p90)]],
-                capsize=3, label=f"num_threads={t}")
+        ax1.bar(
+            xs,
+            vals,
+            width,
+            yerr=[[v - lo for v, lo in zip(vals, p10)], [min(hi, top) - v for v, hi in zip(vals, p90)]],
+            capsize=3,
+            label=f"num_threads={t}",
+        )
         for x_, v, hi in zip(xs, vals, p90):
             ax1.text(x_, v / 2, f"{v:.2f}", ha="center", va="center", fontsize=7, rotation=90, color="white")
             if hi > top:
-                ax1.text(x_, top * 0.97, f"p90 {hi:.0f} ms", ha="center", va="top", fontsize=7, rotation=90,
-                         bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+                ax1.text(
+                    x_,
+                    top * 0.97,
+                    f"p90 {hi:.0f} ms",
+                    ha="center",
+                    va="top",
+                    fontsize=7,
+                    rotation=90,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+                )
     ax1.set_ylim(0, top)
     ax1.set_xticks(np.arange(len(names)), names)
     ax1.set_ylabel("ms per image (batch 1): median, p10-p90")
@@ -291,15 +338,26 @@ def plot(latency, sizes, threads, path):
     return path
 
 
-def run(quick=False, rounds=30, invokes=50, threads=(1, 2), float_steps=16, quant_steps=32, weight_bits=4.0,
-        tfmot=True, peers_python=PEERS_PYTHON, save_files=""):
+def run(
+    quick=False,
+    rounds=30,
+    invokes=50,
+    threads=(1, 2),
+    float_steps=16,
+    quant_steps=32,
+    weight_bits=4.0,
+    tfmot=True,
+    peers_python=PEERS_PYTHON,
+    save_files="",
+):
     """Build the files, time them; returns the result dict (JSON-ready)."""
     start = time.time()
     warmup = 20
     if quick:
         rounds, invokes, float_steps, quant_steps, warmup = 2, 5, 0, 0, 3
-    files, info = build_files(float_steps, quant_steps, weight_bits, tfmot, peers_python,
-                              tfmot_steps=2 if quick else 20)
+    files, info = build_files(
+        float_steps, quant_steps, weight_bits, tfmot, peers_python, tfmot_steps=2 if quick else 20
+    )
     if save_files:
         os.makedirs(save_files, exist_ok=True)
         for name, b in files.items():
@@ -309,17 +367,38 @@ def run(quick=False, rounds=30, invokes=50, threads=(1, 2), float_steps=16, quan
     contents = {}
     for name, b in files.items():
         d = describe_tflite(b)
-        contents[name] = {k: d[k] for k in ("integer", "float_ops", "ops", "constant_bytes", "constant_bytes_by_type",
-                                             "weight_bytes", "weight_bytes_by_type", "input_type", "output_type")}
+        contents[name] = {
+            k: d[k]
+            for k in (
+                "integer",
+                "float_ops",
+                "ops",
+                "constant_bytes",
+                "constant_bytes_by_type",
+                "weight_bytes",
+                "weight_bytes_by_type",
+                "input_type",
+                "output_type",
+            )
+        }
     t_start = time.time()
     load_before = os.getloadavg()
     latency = time_files(files, threads, rounds, invokes, warmup)
     load_after = os.getloadavg()
     r = ratios(latency, sizes, threads)
     return {
-        "config": {"quick": quick, "rounds": rounds, "invokes": invokes, "warmup": warmup, "threads": list(threads),
-                   "batch": 1, "n_weights": N_WEIGHTS, "float_steps": float_steps, "quant_steps": quant_steps,
-                   "weight_bits": weight_bits},
+        "config": {
+            "quick": quick,
+            "rounds": rounds,
+            "invokes": invokes,
+            "warmup": warmup,
+            "threads": list(threads),
+            "batch": 1,
+            "n_weights": N_WEIGHTS,
+            "float_steps": float_steps,
+            "quant_steps": quant_steps,
+            "weight_bits": weight_bits,
+        },
         "file_bytes": sizes,
         "contents": contents,
         "latency": latency,
@@ -327,8 +406,11 @@ def run(quick=False, rounds=30, invokes=50, threads=(1, 2), float_steps=16, quan
         "targets": judge(r),
         "build": info,
         "timing_seconds": time.time() - t_start,
-        "load_average_1_5_15min": {"before_timing": list(load_before), "after_timing": list(load_after),
-                                   "cpus": os.cpu_count()},
+        "load_average_1_5_15min": {
+            "before_timing": list(load_before),
+            "after_timing": list(load_after),
+            "cpus": os.cpu_count(),
+        },
         "seconds": time.time() - start,
     }
 
@@ -340,8 +422,10 @@ def format_table(result):
         if name not in result["latency"]:
             continue
         lat = result["latency"][name]
-        lines.append(f"{name:12s} {result['file_bytes'][name] / 1024:8.1f} "
-                     + " ".join(f"{lat[_key(t)]['median_ms']:9.3f}" for t in threads))
+        lines.append(
+            f"{name:12s} {result['file_bytes'][name] / 1024:8.1f} "
+            + " ".join(f"{lat[_key(t)]['median_ms']:9.3f}" for t in threads)
+        )
     if "tfmot_error" in result["build"]:
         lines.append(f"tfmot_int8: not built: {result['build']['tfmot_error'][:300]}")
     lines.append("")
@@ -350,10 +434,14 @@ def format_table(result):
     lines.append("")
     for label, t in result["targets"].items():
         m = t["measured"]
-        lines.append(f"target {label:50s} {t['target']:>7s}  measured {'-' if m is None else f'{m:.3f}'}  {t['status']}")
+        lines.append(
+            f"target {label:50s} {t['target']:>7s}  measured {'-' if m is None else f'{m:.3f}'}  {t['status']}"
+        )
     b = result["build"]["tfdq"]
-    lines.append(f"tfdq bits: {b['weight_bits']} ({b['weight_kb']:.2f} / {b['weight_target_kb']:.2f} kB, "
-                 f"mean {b['mean_weight_bits']:.2f}); weights at each bitwidth {b['weights_at_bits']}")
+    lines.append(
+        f"tfdq bits: {b['weight_bits']} ({b['weight_kb']:.2f} / {b['weight_target_kb']:.2f} kB, "
+        f"mean {b['mean_weight_bits']:.2f}); weights at each bitwidth {b['weights_at_bits']}"
+    )
     return "\n".join(lines)
 
 
@@ -362,9 +450,13 @@ def write(out_dir, result):
     threads = result["config"]["threads"]
     name = "latency_quick" if result["config"]["quick"] else "latency"
     json_path = write_result(
-        out_dir, name, "LiteRT batch-1 latency and file size of ResNet-20: float32, tfdq int8 and mixed int4/int8, "
+        out_dir,
+        name,
+        "LiteRT batch-1 latency and file size of ResNet-20: float32, tfdq int8 and mixed int4/int8, "
         "tfmot int8 QAT (generated inputs: timing and size only)",
-        "python -m benchmarks.latency" + (" --quick" if result["config"]["quick"] else ""), result)
+        "python -m benchmarks.latency" + (" --quick" if result["config"]["quick"] else ""),
+        result,
+    )
     png_path = plot(result["latency"], result["file_bytes"], threads, os.path.join(out_dir, name + ".png"))
     print(f"wrote {png_path}")
     return json_path, png_path
@@ -378,13 +470,25 @@ def main(argv):
         name = "latency_quick" if FLAGS.quick else "latency"
         with open(os.path.join(FLAGS.out_dir, name + ".json")) as f:
             saved = json.load(f)
-        print(f"wrote {plot(saved['latency'], saved['file_bytes'], saved['config']['threads'], os.path.join(FLAGS.out_dir, name + '.png'))}")
+        print(
+            f"wrote {plot(saved['latency'], saved['file_bytes'], saved['config']['threads'], os.path.join(FLAGS.out_dir, name + '.png'))}"
+        )
         return
     logging.set_verbosity(logging.WARNING)
     threads = tuple(int(t) for t in FLAGS.threads)
     tfmot = FLAGS.tfmot and (not FLAGS.quick or FLAGS["tfmot"].present)
-    result = run(FLAGS.quick, FLAGS.rounds, FLAGS.invokes, threads, FLAGS.float_steps, FLAGS.quant_steps,
-                 FLAGS.weight_bits, tfmot, FLAGS.peers_python, FLAGS.save_files)
+    result = run(
+        FLAGS.quick,
+        FLAGS.rounds,
+        FLAGS.invokes,
+        threads,
+        FLAGS.float_steps,
+        FLAGS.quant_steps,
+        FLAGS.weight_bits,
+        tfmot,
+        FLAGS.peers_python,
+        FLAGS.save_files,
+    )
     print(format_table(result))
     write(FLAGS.out_dir, result)
 

@@ -29,7 +29,7 @@ A config (all keys but ``name`` optional)::
      "activation_budget": ("max", 4)  # (8b) "sum" / (8c) "max" at this many bits per value
     }
 
-Random initialization (METHOD.md section 4, ``d = 2^-3``): a random-init
+Random initialization (docs/method.md section 4, ``d = 2^-3``): a random-init
 run quantizes a freshly initialized (untrained) network with
 ``quantize_model(..., init="random")``: every quantizer starts at tfdq's
 default (uniform ``d = 2^-3``, ``q_max = 7 d``; power of two ``q_max = 1``,
@@ -219,7 +219,12 @@ def build_quantized(config, source_model, calibration):
     if weight_kb is not None or act_kb is not None:
         gains = {k: config[k] for k in ("kp", "ki") if config.get(k) is not None}
         qmodel = tfdq.constrain(
-            qmodel, weight_kb=weight_kb, activation_kb=act_kb, activation=kind or "max", lam=config.get("lam"), **gains
+            qmodel,
+            weight_kb=weight_kb,
+            activation_kb=act_kb,
+            activation=kind or "max",
+            lam=config.get("lam"),
+            **gains,
         )
         targets = {"weight_kb": weight_kb, "activation_kb": act_kb, "activation": kind}
     return qmodel, targets
@@ -290,7 +295,11 @@ def quantized_run(
                 record["lambda"] = {"weight": budget.weight_lambda, "activation": budget.activation_lambda}
         record["initial_params"] = {q.name: q.describe() for q in qmodel.quantizers()}
         qmodel.compile(make_optimizer(optimizer, lr), _loss(), metrics=["accuracy"])
-        fit_kwargs = {"batch_size": BATCH, "verbose": verbose, "callbacks": [keras.callbacks.TerminateOnNaN()]}
+        fit_kwargs = {
+            "batch_size": BATCH,
+            "verbose": verbose,
+            "callbacks": [keras.callbacks.TerminateOnNaN()],
+        }
         if validation:
             fit_kwargs["validation_data"] = test
         if targets:
@@ -337,7 +346,9 @@ def _public(config):
 def describe(record):
     """One progress line for a record."""
     if "failed" in record:
-        return f"{record['name']} seed {record['seed']}: FAILED {record['failed']} ({record['seconds']:.0f} s)"
+        return (
+            f"{record['name']} seed {record['seed']}: FAILED {record['failed']} ({record['seconds']:.0f} s)"
+        )
     text = (
         f"{record['name']} seed {record['seed']}: error {100 * record['error']:.2f}%  "
         f"weights {record['weight_kb']:.2f} kB ({record['mean_weight_bits']:.2f} bits)  "

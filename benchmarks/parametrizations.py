@@ -14,7 +14,7 @@ and two starts:
 
 * ``random``: the quantized network trained from scratch: an untrained
   small CNN, every quantizer at tfdq's default start (uniform d = 2^-3,
-  METHOD.md section 4; power of two q_max = 1, q_min = 2^-7; b = 4), no
+  docs/method.md section 4; power of two q_max = 1, q_min = 2^-7; b = 4), no
   calibration (see ``benchmarks.mnist_runs``);
 * ``float``: from the float model of the same seed (trained once per seed,
   Adam 1e-3, batch 64), quantizers initialized from the weights and from
@@ -53,7 +53,7 @@ from benchmarks.results_io import save_report
 
 FLAGS = flags.FLAGS
 
-SGD_LR = 0.01  # the paper's learning rate for quantized nets (METHOD.md section 6)
+SGD_LR = 0.01  # the paper's learning rate for quantized nets (docs/method.md section 6)
 
 NAMES = ("U1", "U2", "U3", "P1", "P2", "P3")
 SETTINGS = ("W", "W+A")
@@ -67,11 +67,23 @@ QUICK = {
     "n_train": 512,
     "only": (("U3", "W+A", "random"), ("P3", "W+A", "float")),
 }
-PAPER = {  # METHOD.md section 7, Table 1: validation error in %, random / float init
-    "W": {"U1": (17.8, 8.18), "U2": (8.80, 7.44), "U3": (8.50, 7.32),
-          "P1": (11.70, 7.90), "P2": (53.07, 23.01), "P3": (10.61, 7.56)},
-    "W+A": {"U1": (28.9, 9.03), "U2": (9.43, 7.74), "U3": (9.23, 7.40),
-            "P1": (22.91, 11.68), "P2": (None, 35.68), "P3": (15.10, 9.86)},
+PAPER = {  # docs/method.md section 7, Table 1: validation error in %, random / float init
+    "W": {
+        "U1": (17.8, 8.18),
+        "U2": (8.80, 7.44),
+        "U3": (8.50, 7.32),
+        "P1": (11.70, 7.90),
+        "P2": (53.07, 23.01),
+        "P3": (10.61, 7.56),
+    },
+    "W+A": {
+        "U1": (28.9, 9.03),
+        "U2": (9.43, 7.74),
+        "U3": (9.23, 7.40),
+        "P1": (22.91, 11.68),
+        "P2": (None, 35.68),
+        "P3": (15.10, 9.86),
+    },
 }
 
 
@@ -80,7 +92,9 @@ def define_flags():
     flags.DEFINE_integer("float_epochs", 8, "Float training epochs.")
     flags.DEFINE_integer("epochs", 4, "Quantized training epochs from the float model.")
     flags.DEFINE_integer("random_epochs", 8, "Quantized training epochs from random initialization.")
-    flags.DEFINE_enum("optimizer", "sgd", ["adam", "sgd"], "Optimizer of every quantized run (sgd: momentum 0.9).")
+    flags.DEFINE_enum(
+        "optimizer", "sgd", ["adam", "sgd"], "Optimizer of every quantized run (sgd: momentum 0.9)."
+    )
     flags.DEFINE_float("lr", SGD_LR, "Learning rate of every quantized run.")
     flags.DEFINE_list("names", list(NAMES), "Parametrizations.")
     flags.DEFINE_list("settings", list(SETTINGS), "W and/or W+A.")
@@ -133,15 +147,22 @@ def check_finding(summary, float_error=None):
                     "lowest": ranked[0],
                     "holds": ranked[0] == best or means[ranked[0]] == means[best],
                     "margin_to_next": (
-                        None if means[best] is None
+                        None
+                        if means[best] is None
                         else min(
-                            (means[n] for n in names if n != best and means[n] is not None), default=float("inf")
-                        ) - means[best]
+                            (means[n] for n in names if n != best and means[n] is not None),
+                            default=float("inf"),
+                        )
+                        - means[best]
                     ),
                 }
     checked = [v["holds"] for per in out.values() for v in per.values()]
-    return {"per_setting": out, "all_hold": bool(checked) and all(checked), "checked": len(checked),
-            "holding": sum(checked)}
+    return {
+        "per_setting": out,
+        "all_hold": bool(checked) and all(checked),
+        "checked": len(checked),
+        "holding": sum(checked),
+    }
 
 
 def run(
@@ -167,12 +188,19 @@ def run(
     counts = mnist_runs.feature_counts()
     data = mnist_runs.load_data(n_train or None)
     settings_used = {
-        "seeds": seeds, "float_epochs": float_epochs, "epochs_from_float": epochs,
-        "epochs_from_random": random_epochs, "optimizer": optimizer, "lr": lr,
-        "batch_size": mnist_runs.BATCH, "float_lr": mnist_runs.FLOAT_LR,
-        "n_train": len(data[0][0]), "n_test": len(data[1][0]),
+        "seeds": seeds,
+        "float_epochs": float_epochs,
+        "epochs_from_float": epochs,
+        "epochs_from_random": random_epochs,
+        "optimizer": optimizer,
+        "lr": lr,
+        "batch_size": mnist_runs.BATCH,
+        "float_lr": mnist_runs.FLOAT_LR,
+        "n_train": len(data[0][0]),
+        "n_test": len(data[1][0]),
         "configurations": [c["name"] for c in todo],
-        "weight_count": sum(counts["weights"].values()), "counts": counts,
+        "weight_count": sum(counts["weights"].values()),
+        "counts": counts,
     }
     floats, records = [], []
     print(f"parametrizations: {len(todo)} configurations x {len(seeds)} seeds", flush=True)
@@ -184,9 +212,16 @@ def run(
             print(f"float seed {seed}: error {100 * ferr:.2f}% ({fsec:.0f} s)", flush=True)
         for config in todo:
             r = mnist_runs.quantized_run(
-                config, seed, data, float_model=float_model, counts=counts,
+                config,
+                seed,
+                data,
+                float_model=float_model,
+                counts=counts,
                 epochs=random_epochs if config["init"] == "random" else epochs,
-                finish_epochs=0, lr=lr, optimizer=optimizer, verbose=verbose,
+                finish_epochs=0,
+                lr=lr,
+                optimizer=optimizer,
+                verbose=verbose,
             )
             records.append(r)
             print(f"[{len(records)}/{len(todo) * len(seeds)}] " + mnist_runs.describe(r), flush=True)
@@ -254,13 +289,28 @@ def plot_errors(report, path):
                     continue
                 e = s["error"]
                 m = 100 * e["mean"]
-                ax.errorbar(x, m, yerr=[[m - 100 * e["min"]], [100 * e["max"] - m]], color=color, marker=marker,
-                            capsize=3, lw=1.2, ls="none", label=None if labelled else setting)
+                ax.errorbar(
+                    x,
+                    m,
+                    yerr=[[m - 100 * e["min"]], [100 * e["max"] - m]],
+                    color=color,
+                    marker=marker,
+                    capsize=3,
+                    lw=1.2,
+                    ls="none",
+                    label=None if labelled else setting,
+                )
                 labelled = True
                 ax.annotate(f"{m:.1f}", (x, m), textcoords="offset points", xytext=(4, -3), fontsize=6)
                 if s["diverged"]:
-                    ax.annotate(f"{s['diverged']} NaN", (x, 100 * e["max"]), textcoords="offset points",
-                                xytext=(0, 5), ha="center", fontsize=6)
+                    ax.annotate(
+                        f"{s['diverged']} NaN",
+                        (x, 100 * e["max"]),
+                        textcoords="offset points",
+                        xytext=(0, 5),
+                        ha="center",
+                        fontsize=6,
+                    )
         ferr = report["float"]["error"]
         if ferr:
             ax.axhline(100 * ferr["mean"], color="gray", ls="--", lw=1, label="float")
@@ -273,8 +323,10 @@ def plot_errors(report, path):
     axes[0].set_ylabel("held-out error (%): mean, min-max over seeds")
     axes[1].legend(loc="center", fontsize=8)
     n = len(report["settings"]["seeds"])
-    fig.suptitle(f"Small CNN on the MNIST subset, {n} seed(s), no memory constraint, "
-                 f"{report['settings']['optimizer']} lr {report['settings']['lr']:g}")
+    fig.suptitle(
+        f"Small CNN on the MNIST subset, {n} seed(s), no memory constraint, "
+        f"{report['settings']['optimizer']} lr {report['settings']['lr']:g}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -308,9 +360,13 @@ def print_table(report):
     finding = report["paper_finding"]
     for key, per in finding["per_setting"].items():
         for family, v in per.items():
-            means = ", ".join(f"{n} {100 * m:.2f}" if m is not None else f"{n} -" for n, m in v["mean_error"].items())
-            print(f"{key:12s} {family:7s}: lowest {v['lowest']} ({means}) -> paper's finding "
-                  f"{'holds' if v['holds'] else 'does not hold'}")
+            means = ", ".join(
+                f"{n} {100 * m:.2f}" if m is not None else f"{n} -" for n, m in v["mean_error"].items()
+            )
+            print(
+                f"{key:12s} {family:7s}: lowest {v['lowest']} ({means}) -> paper's finding "
+                f"{'holds' if v['holds'] else 'does not hold'}"
+            )
     print(f"paper's finding holds in {finding['holding']} of {finding['checked']} comparisons")
 
 
@@ -324,10 +380,18 @@ def main(argv):
         return
     mnist_runs.set_threads(FLAGS.threads)
     kwargs = {
-        "seeds": FLAGS.seeds, "float_epochs": FLAGS.float_epochs, "epochs": FLAGS.epochs,
-        "random_epochs": FLAGS.random_epochs, "optimizer": FLAGS.optimizer, "lr": FLAGS.lr,
-        "names": FLAGS.names, "settings": FLAGS.settings, "inits": FLAGS.inits,
-        "n_train": FLAGS.n_train, "out_dir": FLAGS.out_dir, "plot": FLAGS.plot,
+        "seeds": FLAGS.seeds,
+        "float_epochs": FLAGS.float_epochs,
+        "epochs": FLAGS.epochs,
+        "random_epochs": FLAGS.random_epochs,
+        "optimizer": FLAGS.optimizer,
+        "lr": FLAGS.lr,
+        "names": FLAGS.names,
+        "settings": FLAGS.settings,
+        "inits": FLAGS.inits,
+        "n_train": FLAGS.n_train,
+        "out_dir": FLAGS.out_dir,
+        "plot": FLAGS.plot,
     }
     if FLAGS.quick:
         kwargs.update(QUICK)

@@ -76,10 +76,16 @@ def _define_flags():
     flags.DEFINE_integer("float_epochs", 8, "Float training epochs.")
     flags.DEFINE_integer("quant_epochs", 4, "Fine-tuning epochs with the penalty (tfmot: at the same lr).")
     flags.DEFINE_integer("finish_epochs", 2, "Weight fine-tuning epochs after enforce_budget (tfmot: same).")
-    flags.DEFINE_integer("activation_init_bits", 8, "Initial bits of tfdq's (unconstrained) activation quantizers.")
-    flags.DEFINE_bool("tfmot", True, "Run tfmot's QAT in .venv-peers (with --quick: only when given explicitly).")
+    flags.DEFINE_integer(
+        "activation_init_bits", 8, "Initial bits of tfdq's (unconstrained) activation quantizers."
+    )
+    flags.DEFINE_bool(
+        "tfmot", True, "Run tfmot's QAT in .venv-peers (with --quick: only when given explicitly)."
+    )
     flags.DEFINE_string("peers_python", PEERS_PYTHON, "Interpreter of the tf_keras/tfmot environment.")
-    flags.DEFINE_bool("quick", False, "Smoke run: 1 seed, 1,000 training images, 2 float epochs + 1, tfdq 4-bit only.")
+    flags.DEFINE_bool(
+        "quick", False, "Smoke run: 1 seed, 1,000 training images, 2 float epochs + 1, tfdq 4-bit only."
+    )
     flags.DEFINE_bool("replot", False, "Only redraw the PNG from the JSON in --out_dir.")
     flags.DEFINE_string("keep_files", "", "Folder to keep tfdq's .tflite files in (default: not kept).")
     flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
@@ -163,7 +169,9 @@ def keras_held_bytes(model):
     for layer in model.layers:
         if not layer.weights:
             continue
-        nbytes = {w.path.split("/")[-1]: int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in layer.weights}
+        nbytes = {
+            w.path.split("/")[-1]: int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in layer.weights
+        }
         if isinstance(layer, keras.layers.BatchNormalization):
             bn += sum(nbytes.values())
             continue
@@ -227,7 +235,9 @@ def keras_ptq(float_model, mode, x_val, y_val):
     result["real_integer_tflite"] = any(a["integer"] for a in ok)
     if ok:  # the plain conversion is what Keras' own quantization gives; Optimize.DEFAULT adds TFLite's own
         best = ok[0]
-        result["tflite_representative"] = "plain" if attempts["plain"].get("converted") else "optimize_default"
+        result["tflite_representative"] = (
+            "plain" if attempts["plain"].get("converted") else "optimize_default"
+        )
         result["file_bytes"] = best["file_bytes"]
         result["constant_bytes"] = best["constant_bytes"]
         result["tflite_accuracy"] = best.get("litert_accuracy")
@@ -239,7 +249,9 @@ def keras_ptq(float_model, mode, x_val, y_val):
 # ---------------------------------------------------------------------------
 
 
-def tfdq_run(float_model, data, avg_bits, factor, init_bits, quant_epochs, finish_epochs, act_init_bits, verbose=0):
+def tfdq_run(
+    float_model, data, avg_bits, factor, init_bits, quant_epochs, finish_epochs, act_init_bits, verbose=0
+):
     """quantize_model + constrain at ``factor * avg_bits`` bits per weight, fine-tune, export, verify."""
     import keras  # noqa: PLC0415
 
@@ -249,7 +261,9 @@ def tfdq_run(float_model, data, avg_bits, factor, init_bits, quant_epochs, finis
     start = time.time()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     act = tfdq.quantizers.U3(signed=False, role="activation", init_bits=act_init_bits)
-    q = tfdq.quantize_model(float_model, calibration_data=xt[:512], init_bits=init_bits, activation_quantizer=act)
+    q = tfdq.quantize_model(
+        float_model, calibration_data=xt[:512], init_bits=init_bits, activation_quantizer=act
+    )
     n_weights = sum(e.count for e in tfdq.memory.size_entries(q) if e.kind == "weight")
     target = factor * avg_bits * n_weights / 8192
     q = tfdq.constrain(q, weight_kb=target)
@@ -267,8 +281,11 @@ def tfdq_run(float_model, data, avg_bits, factor, init_bits, quant_epochs, finis
     check = tfdq.export.verify(q, tflite, (xv, yv), export_report=report)
     kernels = {
         layer["layer"]: {
-            "bits": layer["bits"], "allowed": layer["allowed"], "file_range": layer.get("file_range"),
-            "storage": layer.get("storage"), "exact": layer.get("ok"),
+            "bits": layer["bits"],
+            "allowed": layer["allowed"],
+            "file_range": layer.get("file_range"),
+            "storage": layer.get("storage"),
+            "exact": layer.get("ok"),
         }
         for layer in check["layers"]
     }
@@ -308,12 +325,19 @@ def tfdq_run(float_model, data, avg_bits, factor, init_bits, quant_epochs, finis
 def peers_env_problem(python=PEERS_PYTHON):
     """Why tfmot cannot run (None when it can): a missing interpreter or a failing import."""
     if not os.path.exists(python):
-        return (f"{python} not found; create it with: python3 -m venv .venv-peers && .venv-peers/bin/pip "
-                "install -e . 'tf-keras==2.21.*' 'dm-tree~=0.1.1' scipy mock six && .venv-peers/bin/pip "
-                "install --no-deps tensorflow-model-optimization==0.8.1")
+        return (
+            f"{python} not found; create it with: python3 -m venv .venv-peers && .venv-peers/bin/pip "
+            "install -e . 'tf-keras==2.21.*' 'dm-tree~=0.1.1' scipy mock six && .venv-peers/bin/pip "
+            "install --no-deps tensorflow-model-optimization==0.8.1"
+        )
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([python, "-c", "import tf_keras, tensorflow_model_optimization"],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [python, "-c", "import tf_keras, tensorflow_model_optimization"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     if proc.returncode:
         return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
     return None
@@ -322,8 +346,14 @@ def peers_env_problem(python=PEERS_PYTHON):
 def run_peers_worker(args, python=PEERS_PYTHON, timeout=1800):
     """Run ``benchmarks.tfkeras_models`` in the peers venv; return (json dict, None) or (None, error text)."""
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([python, "-m", "benchmarks.tfkeras_models", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout)
+    proc = subprocess.run(
+        [python, "-m", "benchmarks.tfkeras_models", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
     out_dir = args[args.index("--out_dir") + 1]
     task = args[args.index("--task") + 1]
     path = os.path.join(out_dir, f"{task}.json")
@@ -340,8 +370,20 @@ def tfmot_run(float_model, data, seed, quant_epochs, finish_epochs, tmp, python,
     (_, _), (xv, yv) = data
     weights = save_weights(float_model, os.path.join(tmp, f"float_{seed}.npz"))
     out_dir = os.path.join(tmp, f"tfmot_{seed}")
-    args = ["--task", "mnist_qat", "--weights", weights, "--out_dir", out_dir,
-            "--seed", str(seed), "--epochs", f"{quant_epochs},{finish_epochs}", "--lrs", "1e-3,5e-4"]
+    args = [
+        "--task",
+        "mnist_qat",
+        "--weights",
+        weights,
+        "--out_dir",
+        out_dir,
+        "--seed",
+        str(seed),
+        "--epochs",
+        f"{quant_epochs},{finish_epochs}",
+        "--lrs",
+        "1e-3,5e-4",
+    ]
     if train_limit:
         args += ["--train_limit", str(train_limit)]
     result, error = run_peers_worker(args, python)
@@ -371,8 +413,19 @@ def tfmot_run(float_model, data, seed, quant_epochs, finish_epochs, tmp, python,
 # ---------------------------------------------------------------------------
 
 
-def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, act_init_bits=8, tfmot=True,
-             peers_python=PEERS_PYTHON, configs=None, train_limit=None, out_files=None, verbose=0):
+def run_seed(
+    seed,
+    float_epochs=8,
+    quant_epochs=4,
+    finish_epochs=2,
+    act_init_bits=8,
+    tfmot=True,
+    peers_python=PEERS_PYTHON,
+    configs=None,
+    train_limit=None,
+    out_files=None,
+    verbose=0,
+):
     """Train the float model once and run every method from it; returns {method: figures}."""
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
@@ -414,12 +467,15 @@ def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, act_init_bit
             results["tfmot_int8"] = {"error": problem}
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                results["tfmot_int8"] = tfmot_run(model, data, seed, quant_epochs, finish_epochs, tmp,
-                                                  peers_python, train_limit)
+                results["tfmot_int8"] = tfmot_run(
+                    model, data, seed, quant_epochs, finish_epochs, tmp, peers_python, train_limit
+                )
         _log(seed, "tfmot_int8", results["tfmot_int8"])
     for name in configs or TFDQ_CONFIGS:
         avg_bits, factor, init_bits = TFDQ_CONFIGS[name]
-        r = tfdq_run(model, data, avg_bits, factor, init_bits, quant_epochs, finish_epochs, act_init_bits, verbose)
+        r = tfdq_run(
+            model, data, avg_bits, factor, init_bits, quant_epochs, finish_epochs, act_init_bits, verbose
+        )
         tflite = r.pop("_tflite")
         if out_files:
             os.makedirs(out_files, exist_ok=True)
@@ -438,18 +494,29 @@ def _log(seed, name, r):
     if "error" in r and "keras_accuracy" not in r:
         print(f"seed {seed} {name}: FAILED: {r['error'][:300]}", flush=True)
         return
-    print(f"seed {seed} {name:11s} keras {_pct(r.get('keras_accuracy'))} tflite {_pct(r.get('tflite_accuracy'))} "
-          f"weights {r.get('weight_bytes', 0) / 1024:6.2f} kB file "
-          f"{'   -  ' if 'file_bytes' not in r else format(r['file_bytes'] / 1024, '6.1f')} kB",
-          flush=True)
+    print(
+        f"seed {seed} {name:11s} keras {_pct(r.get('keras_accuracy'))} tflite {_pct(r.get('tflite_accuracy'))} "
+        f"weights {r.get('weight_bytes', 0) / 1024:6.2f} kB file "
+        f"{'   -  ' if 'file_bytes' not in r else format(r['file_bytes'] / 1024, '6.1f')} kB",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------
 # Summary, table, plot
 # ---------------------------------------------------------------------------
 
-SUMMARY_KEYS = ("keras_accuracy", "tflite_accuracy", "weight_bytes", "file_bytes", "constant_bytes",
-                "mean_weight_bits", "kernel_bytes_in_file", "top1_agreement", "float_accuracy_tf_keras")
+SUMMARY_KEYS = (
+    "keras_accuracy",
+    "tflite_accuracy",
+    "weight_bytes",
+    "file_bytes",
+    "constant_bytes",
+    "mean_weight_bits",
+    "kernel_bytes_in_file",
+    "top1_agreement",
+    "float_accuracy_tf_keras",
+)
 
 
 def summarize(per_seed):
@@ -470,7 +537,11 @@ def summarize(per_seed):
             if vals:
                 entry[key] = float(np.median(vals))
                 entry[f"{key}_range"] = [float(min(vals)), float(max(vals))]
-        ints = [r.get("real_integer_tflite", r.get("integer")) for r in runs if "error" not in r or "keras_accuracy" in r]
+        ints = [
+            r.get("real_integer_tflite", r.get("integer"))
+            for r in runs
+            if "error" not in r or "keras_accuracy" in r
+        ]
         if ints:
             entry["real_integer_tflite"] = bool(all(ints))
         out[method] = entry
@@ -478,8 +549,10 @@ def summarize(per_seed):
 
 
 def format_table(summary):
-    head = (f"{'method':12s} {'Keras acc':>9s} {'TFLite acc':>10s} {'weights kB':>10s} {'bits/w':>6s} "
-            f"{'file kB':>8s} {'integer':>7s}")
+    head = (
+        f"{'method':12s} {'Keras acc':>9s} {'TFLite acc':>10s} {'weights kB':>10s} {'bits/w':>6s} "
+        f"{'file kB':>8s} {'integer':>7s}"
+    )
     lines = [head, "-" * len(head)]
     for method, s in summary.items():
         if "keras_accuracy" not in s:
@@ -502,11 +575,20 @@ def plot(summary, path):
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
 
-    markers = {"float": ("k", "s"), "keras_int8": ("tab:orange", "^"), "keras_int4": ("tab:orange", "v"),
-               "tfmot_int8": ("tab:green", "D"), "tfdq_8bit": ("tab:blue", "o"), "tfdq_4bit": ("tab:blue", "P"),
-               "tfdq_2bit": ("tab:blue", "X")}
+    markers = {
+        "float": ("k", "s"),
+        "keras_int8": ("tab:orange", "^"),
+        "keras_int4": ("tab:orange", "v"),
+        "tfmot_int8": ("tab:green", "D"),
+        "tfdq_8bit": ("tab:blue", "o"),
+        "tfdq_4bit": ("tab:blue", "P"),
+        "tfdq_2bit": ("tab:blue", "X"),
+    }
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, key, label in ((axes[0], "weight_bytes", "weight memory (kB)"), (axes[1], "file_bytes", ".tflite file (kB)")):
+    for ax, key, label in (
+        (axes[0], "weight_bytes", "weight memory (kB)"),
+        (axes[1], "file_bytes", ".tflite file (kB)"),
+    ):
         for method, s in summary.items():
             if "keras_accuracy" not in s or key not in s:
                 continue
@@ -515,11 +597,21 @@ def plot(summary, path):
             filled = acc is not None
             acc = acc if filled else s["keras_accuracy"]
             lo, hi = s.get("tflite_accuracy_range" if filled else "keras_accuracy_range", [acc, acc])
-            ax.errorbar(s[key] / 1024, 100 * acc, yerr=[[100 * (acc - lo)], [100 * (hi - acc)]], color=color,
-                        marker=marker, markersize=9, capsize=3, linestyle="none",
-                        markerfacecolor=color if filled else "white",
-                        label=method + ("" if filled else " (Keras only, no .tflite)"))
-            ax.annotate(method, (s[key] / 1024, 100 * acc), textcoords="offset points", xytext=(6, -12), fontsize=7)
+            ax.errorbar(
+                s[key] / 1024,
+                100 * acc,
+                yerr=[[100 * (acc - lo)], [100 * (hi - acc)]],
+                color=color,
+                marker=marker,
+                markersize=9,
+                capsize=3,
+                linestyle="none",
+                markerfacecolor=color if filled else "white",
+                label=method + ("" if filled else " (Keras only, no .tflite)"),
+            )
+            ax.annotate(
+                method, (s[key] / 1024, 100 * acc), textcoords="offset points", xytext=(6, -12), fontsize=7
+            )
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(ScalarFormatter())
@@ -546,8 +638,18 @@ def replot(json_path):
 QUICK = dict(float_epochs=2, quant_epochs=1, finish_epochs=0, configs=["tfdq_4bit"], train_limit=1000)
 
 
-def run(out_dir, seeds=(0, 1, 2), quick=False, tfmot=True, peers_python=PEERS_PYTHON, act_init_bits=8,
-        float_epochs=8, quant_epochs=4, finish_epochs=2, keep_files=""):
+def run(
+    out_dir,
+    seeds=(0, 1, 2),
+    quick=False,
+    tfmot=True,
+    peers_python=PEERS_PYTHON,
+    act_init_bits=8,
+    float_epochs=8,
+    quant_epochs=4,
+    finish_epochs=2,
+    keep_files="",
+):
     """Every method for every seed, medians, table; writes ``peers[_quick].{json,png}``; returns the payload."""
     start = time.time()
     if quick:
@@ -556,24 +658,44 @@ def run(out_dir, seeds=(0, 1, 2), quick=False, tfmot=True, peers_python=PEERS_PY
         kw = dict(float_epochs=float_epochs, quant_epochs=quant_epochs, finish_epochs=finish_epochs)
     per_seed = []
     for seed in seeds:
-        per_seed.append(run_seed(int(seed), act_init_bits=act_init_bits, tfmot=tfmot, peers_python=peers_python,
-                                 out_files=keep_files or None, verbose=0, **kw))
+        per_seed.append(
+            run_seed(
+                int(seed),
+                act_init_bits=act_init_bits,
+                tfmot=tfmot,
+                peers_python=peers_python,
+                out_files=keep_files or None,
+                verbose=0,
+                **kw,
+            )
+        )
     summary = summarize(per_seed)
     print(format_table(summary))
     name = "peers_quick" if quick else "peers"
     payload = {
-        "config": {"seeds": [int(s) for s in seeds], "n_weights": N_WEIGHTS, "quick": quick, "tfmot": tfmot,
-                   "activation_init_bits": act_init_bits, "batch_size": 64,
-                   "float_optimizer": "Adam(1e-3)", "finetune_optimizers": ["Adam(1e-3)", "Adam(5e-4)"],
-                   **{k: v for k, v in kw.items() if k != "configs"},
-                   "tfdq_configs": {k: TFDQ_CONFIGS[k] for k in kw.get("configs") or TFDQ_CONFIGS}},
+        "config": {
+            "seeds": [int(s) for s in seeds],
+            "n_weights": N_WEIGHTS,
+            "quick": quick,
+            "tfmot": tfmot,
+            "activation_init_bits": act_init_bits,
+            "batch_size": 64,
+            "float_optimizer": "Adam(1e-3)",
+            "finetune_optimizers": ["Adam(1e-3)", "Adam(5e-4)"],
+            **{k: v for k, v in kw.items() if k != "configs"},
+            "tfdq_configs": {k: TFDQ_CONFIGS[k] for k in kw.get("configs") or TFDQ_CONFIGS},
+        },
         "summary": summary,
         "per_seed": per_seed,
         "seconds": time.time() - start,
     }
     payload["json_path"] = write_result(
-        out_dir, name, "tfdq vs Keras 3 PTQ (int8, int4) and tfmot 8-bit QAT, MNIST subset small CNN",
-        "python -m benchmarks.peers" + (" --quick" if quick else ""), payload)
+        out_dir,
+        name,
+        "tfdq vs Keras 3 PTQ (int8, int4) and tfmot 8-bit QAT, MNIST subset small CNN",
+        "python -m benchmarks.peers" + (" --quick" if quick else ""),
+        payload,
+    )
     payload["png_path"] = plot(summary, os.path.join(out_dir, f"{name}.png"))
     print(f"wrote {payload['png_path']}")
     return payload
@@ -582,13 +704,25 @@ def run(out_dir, seeds=(0, 1, 2), quick=False, tfmot=True, peers_python=PEERS_PY
 def main(argv):
     del argv
     if FLAGS.replot:
-        print(f"wrote {replot(os.path.join(FLAGS.out_dir, 'peers_quick.json' if FLAGS.quick else 'peers.json'))}")
+        print(
+            f"wrote {replot(os.path.join(FLAGS.out_dir, 'peers_quick.json' if FLAGS.quick else 'peers.json'))}"
+        )
         return
     logging.set_verbosity(logging.WARNING)
     warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize` method")
     tfmot = FLAGS.tfmot and (not FLAGS.quick or FLAGS["tfmot"].present)
-    run(FLAGS.out_dir, FLAGS.seeds, FLAGS.quick, tfmot, FLAGS.peers_python, FLAGS.activation_init_bits,
-        FLAGS.float_epochs, FLAGS.quant_epochs, FLAGS.finish_epochs, FLAGS.keep_files)
+    run(
+        FLAGS.out_dir,
+        FLAGS.seeds,
+        FLAGS.quick,
+        tfmot,
+        FLAGS.peers_python,
+        FLAGS.activation_init_bits,
+        FLAGS.float_epochs,
+        FLAGS.quant_epochs,
+        FLAGS.finish_epochs,
+        FLAGS.keep_files,
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ def _define_flags():
 
 
 def tfmot_available():
-    return importlib.util.find_spec("tf_keras") is not None and \
-        importlib.util.find_spec("tensorflow_model_optimization") is not None
+    return (
+        importlib.util.find_spec("tf_keras") is not None
+        and importlib.util.find_spec("tensorflow_model_optimization") is not None
+    )
 
 
 def measure(rounds=5, steps=5, batch_size=128, with_tfmot=True):
@@ -121,16 +123,22 @@ def measure(rounds=5, steps=5, batch_size=128, with_tfmot=True):
         "median_step_cpu_seconds": median_cpu,
         "cpu_ratios": ratios_of(median_cpu),
         "samples": {k: len(v) for k, v in times.items()},
-        "round_medians_seconds": {k: [float(np.median(v[i * steps:(i + 1) * steps])) for i in range(rounds)]
-                                  for k, v in times.items()},
+        "round_medians_seconds": {
+            k: [float(np.median(v[i * steps : (i + 1) * steps])) for i in range(rounds)]
+            for k, v in times.items()
+        },
         "all_step_seconds": {k: [float(v) for v in vals] for k, vals in times.items()},
     }
 
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
-    if not tfmot_available() and FLAGS.reexec and os.path.exists(PEERS_PYTHON) \
-            and os.path.realpath(sys.prefix) != os.path.realpath(os.path.dirname(os.path.dirname(PEERS_PYTHON))):
+    if (
+        not tfmot_available()
+        and FLAGS.reexec
+        and os.path.exists(PEERS_PYTHON)
+        and os.path.realpath(sys.prefix) != os.path.realpath(os.path.dirname(os.path.dirname(PEERS_PYTHON)))
+    ):
         env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
         cmd = [PEERS_PYTHON, "-m", "benchmarks.qat_step_time", *sys.argv[1:], "--noreexec"]
         print(f"tf_keras/tfmot not importable here; running {' '.join(cmd)}", flush=True)
@@ -138,25 +146,40 @@ def main(argv):
     rounds, steps, batch = (2, 2, 32) if FLAGS.quick else (FLAGS.rounds, FLAGS.steps, FLAGS.batch_size)
     with_tfmot = tfmot_available()
     result = measure(rounds, steps, batch, with_tfmot)
-    result["config"] = {"rounds": rounds, "steps": steps, "batch_size": batch, "xla": False,
-                        "optimizer": "SGD(0.01, momentum=0.9)"}
+    result["config"] = {
+        "rounds": rounds,
+        "steps": steps,
+        "batch_size": batch,
+        "xla": False,
+        "optimizer": "SGD(0.01, momentum=0.9)",
+    }
     if with_tfmot:
         from benchmarks.tfkeras_models import versions  # noqa: PLC0415
 
         result["versions"] = versions()
     else:
-        result["tfmot_error"] = ("tf_keras / tensorflow_model_optimization not importable in "
-                                 f"{sys.executable} and no .venv-peers (setup: benchmarks/tfkeras_models.py)")
+        result["tfmot_error"] = (
+            "tf_keras / tensorflow_model_optimization not importable in "
+            f"{sys.executable} and no .venv-peers (setup: benchmarks/tfkeras_models.py)"
+        )
     for name, t in result["median_step_seconds"].items():
-        print(f"{name:16s} {1000 * t:8.1f} ms/step wall, {1000 * result['median_step_cpu_seconds'][name]:8.1f} ms CPU")
+        print(
+            f"{name:16s} {1000 * t:8.1f} ms/step wall, {1000 * result['median_step_cpu_seconds'][name]:8.1f} ms CPU"
+        )
     for name, r in result["ratios"].items():
         print(f"{name:30s} {r:.2f}x wall, {result['cpu_ratios'][name]:.2f}x CPU time")
-    write_result(FLAGS.out_dir, "qat_step_time_quick" if FLAGS.quick else "qat_step_time",
-                 "ResNet-20 training step: tfmot 8-bit QAT / tf_keras float beside tfdq U3 / Keras 3 float",
-                 "python -m benchmarks.qat_step_time" + (" --quick" if FLAGS.quick else ""), result)
+    write_result(
+        FLAGS.out_dir,
+        "qat_step_time_quick" if FLAGS.quick else "qat_step_time",
+        "ResNet-20 training step: tfmot 8-bit QAT / tf_keras float beside tfdq U3 / Keras 3 float",
+        "python -m benchmarks.qat_step_time" + (" --quick" if FLAGS.quick else ""),
+        result,
+    )
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before TensorFlow: tfmot needs tf.keras to be tf_keras
+    os.environ.setdefault(
+        "TF_USE_LEGACY_KERAS", "1"
+    )  # before TensorFlow: tfmot needs tf.keras to be tf_keras
     _define_flags()
     app.run(main)

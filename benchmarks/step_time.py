@@ -68,7 +68,10 @@ def measure(rounds=5, steps=5, batch_size=128):
     add("float", keras.models.clone_model(float_model), False)
     add("tfdq_u3", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
     budgeted = tfdq.constrain(
-        tfdq.quantize_model(float_model, calibration_data=x[:32]), weight_kb=70.0, activation_kb=8.0, activation="max"
+        tfdq.quantize_model(float_model, calibration_data=x[:32]),
+        weight_kb=70.0,
+        activation_kb=8.0,
+        activation="max",
     )
     add("tfdq_u3_budget", budgeted, False)
     tfdq.nonfinite.ENABLED = False  # the same step without the non-finite-step guard
@@ -116,7 +119,11 @@ def measure(rounds=5, steps=5, batch_size=128):
         "ratios": ratios(median),
         "cpu_ratios": ratios(median_cpu),
         "first_call_seconds": first_call,
-        "target": {"tfdq_u3 / float": 1.10, "tfdq_u3_budget / float": 1.10, "tfdq_u3_budget first call": 15.0},
+        "target": {
+            "tfdq_u3 / float": 1.10,
+            "tfdq_u3_budget / float": 1.10,
+            "tfdq_u3_budget first call": 15.0,
+        },
         "custom_kernels": bool(tfdq.kernels.available()),
         "samples": {k: len(v) for k, v in wall.items()},
     }
@@ -128,7 +135,9 @@ def main(argv):
     result = measure(rounds, steps, batch)
     result["config"] = {"rounds": rounds, "steps": steps, "batch_size": batch}
     for name, t in result["median_step_seconds"].items():
-        print(f"{name:18s} {1000 * t:8.1f} ms/step   cpu {1000 * result['median_step_cpu_seconds'][name]:8.1f} ms")
+        print(
+            f"{name:18s} {1000 * t:8.1f} ms/step   cpu {1000 * result['median_step_cpu_seconds'][name]:8.1f} ms"
+        )
     for name, t in result["first_call_seconds"].items():
         print(f"first call {name:18s} {t:6.1f} s")
     for name, r in result["ratios"].items():

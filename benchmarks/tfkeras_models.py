@@ -106,8 +106,15 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10):
     shortcut_cls = _zero_pad_shortcut_class()
 
     def conv_bn(x, filters, stride, name):
-        x = tfk.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                              kernel_initializer="he_normal", name=f"{name}_conv")(x)
+        x = tfk.layers.Conv2D(
+            filters,
+            3,
+            strides=stride,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            name=f"{name}_conv",
+        )(x)
         return tfk.layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name=f"{name}_bn")(x)
 
     inputs = tfk.Input(shape=input_shape, name="image")
@@ -158,7 +165,9 @@ def load_weights(model, path):
             continue
         got = by_layer.pop(layer.name, None)
         if got is None or len(got) != want:
-            raise ValueError(f"weights for layer {layer.name!r}: expected {want} arrays, found {0 if got is None else len(got)}")
+            raise ValueError(
+                f"weights for layer {layer.name!r}: expected {want} arrays, found {0 if got is None else len(got)}"
+            )
         layer.set_weights([got[i] for i in range(want)])
     if by_layer:
         raise ValueError(f"weights for unknown layers: {sorted(by_layer)}")
@@ -292,8 +301,13 @@ def resnet20_qat(weights, steps, batch_size, out_dir):
     path = os.path.join(out_dir, "tfmot_resnet20_int8.tflite")
     with open(path, "wb") as f:
         f.write(tflite)
-    return {"tflite_path": path, "file_bytes": len(tflite), "qat_steps": steps,
-            "seconds": time.time() - start, "versions": versions()}
+    return {
+        "tflite_path": path,
+        "file_bytes": len(tflite),
+        "qat_steps": steps,
+        "seconds": time.time() - start,
+        "versions": versions(),
+    }
 
 
 def main(argv):
@@ -312,9 +326,15 @@ def main(argv):
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.task == "mnist_qat":
-        result = mnist_qat(args.weights, args.seed, [int(e) for e in args.epochs.split(",")],
-                           [float(v) for v in args.lrs.split(",")], args.batch_size, args.out_dir,
-                           args.train_limit or None)
+        result = mnist_qat(
+            args.weights,
+            args.seed,
+            [int(e) for e in args.epochs.split(",")],
+            [float(v) for v in args.lrs.split(",")],
+            args.batch_size,
+            args.out_dir,
+            args.train_limit or None,
+        )
     else:
         result = resnet20_qat(args.weights, args.steps, args.batch_size, args.out_dir)
     with open(os.path.join(args.out_dir, f"{args.task}.json"), "w") as f:

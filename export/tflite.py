@@ -36,18 +36,24 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Path of the trained tfdq model (.keras).")
 flags.DEFINE_string("output", None, "Output .tflite path (default: the model path with .tflite).")
 flags.DEFINE_string(
-    "dataset", None,
+    "dataset",
+    None,
     "mnist_subset, cifar10, imagenet2012 or npz:PATH (arrays x, y, optional x_calibration). Default: "
     "mnist_subset, for a model with MNIST's 28x28x1 input only.",
 )
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (cifar10, imagenet2012).")
-flags.DEFINE_integer("calibration_samples", 1000, "Training inputs used to calibrate the scales no learned quantizer covers.")
+flags.DEFINE_integer(
+    "calibration_samples", 1000, "Training inputs used to calibrate the scales no learned quantizer covers."
+)
 flags.DEFINE_integer("max_eval_samples", None, "Verify on at most this many held-out inputs (default: all).")
 flags.DEFINE_enum("input_type", "int8", ["int8", "float32"], "Type of the .tflite input tensor.")
 flags.DEFINE_enum("output_type", "int8", ["int8", "float32"], "Type of the .tflite output tensor.")
-flags.DEFINE_bool("int8_kernels", False, "Store every kernel as int8 (no packed int4); the integers stay the learned ones.")
 flags.DEFINE_bool(
-    "align_biases", True,
+    "int8_kernels", False, "Store every kernel as int8 (no packed int4); the integers stay the learned ones."
+)
+flags.DEFINE_bool(
+    "align_biases",
+    True,
     "Move each folded BatchNorm's beta (by at most half an accumulator unit) so that the file's "
     "int32 biases are exact and LiteRT computes what the Keras model computes; the aligned model "
     "is written beside the .tflite (the input model file is never changed).",
@@ -110,7 +116,11 @@ def load_data(name, calibration_samples, max_eval_samples=None, data_dir=None):
 
         try:
             d = train_data.load(
-                name, 100, data_dir=data_dir, download=False, val_examples=max_eval_samples,
+                name,
+                100,
+                data_dir=data_dir,
+                download=False,
+                val_examples=max_eval_samples,
                 calibration_examples=calibration_samples,
             )
         except Exception as err:  # noqa: BLE001
@@ -142,7 +152,9 @@ def choose_dataset(model, dataset, print_fn=print):
         return dataset
     shapes = [tuple(t.shape[1:]) for t in model.inputs]
     if shapes == [MNIST_SHAPE]:
-        print_fn("note: --dataset not given: calibrating and verifying on mnist_subset (the model takes 28x28x1 inputs)")
+        print_fn(
+            "note: --dataset not given: calibrating and verifying on mnist_subset (the model takes 28x28x1 inputs)"
+        )
         return "mnist_subset"
     raise CommandError(
         f"--dataset is required for this model (its input shape is {shapes[0] if len(shapes) == 1 else shapes}, "
@@ -176,13 +188,26 @@ def output_paths(model_path, output, report_json, align_biases):
         if not os.access(folder, os.W_OK):
             raise CommandError(f"{what} {path!r}: the folder {folder} is not writable.")
     if len({os.path.abspath(p) for p in named.values()}) < len(named):
-        raise CommandError(f"the outputs {named} would overwrite each other; choose another --output or --report_json.")
+        raise CommandError(
+            f"the outputs {named} would overwrite each other; choose another --output or --report_json."
+        )
     return output, aligned, report_json
 
 
-def run(model_path, output=None, dataset=None, calibration_samples=1000, max_eval_samples=None,
-        input_type="int8", output_type="int8", int8_kernels=False, report_json=None, data_dir=None,
-        align_biases=True, print_fn=print):
+def run(
+    model_path,
+    output=None,
+    dataset=None,
+    calibration_samples=1000,
+    max_eval_samples=None,
+    input_type="int8",
+    output_type="int8",
+    int8_kernels=False,
+    report_json=None,
+    data_dir=None,
+    align_biases=True,
+    print_fn=print,
+):
     """Export and verify; returns the report dict (also written as JSON).
 
     With ``align_biases`` the model is aligned in memory
@@ -204,14 +229,20 @@ def run(model_path, output=None, dataset=None, calibration_samples=1000, max_eva
             )
             atomic_save(model, aligned_path)
         tflite, export_report = export.to_tflite(
-            model, calibration, input_type=input_type, output_type=output_type,
-            int4_kernels=not int8_kernels, calibration_samples=calibration_samples, return_report=True,
+            model,
+            calibration,
+            input_type=input_type,
+            output_type=output_type,
+            int4_kernels=not int8_kernels,
+            calibration_samples=calibration_samples,
+            return_report=True,
         )
     except (export.ExportError, ValueError) as err:
         raise CommandError(f"cannot export {model_path!r}: {err}") from None
     atomic_write_bytes(output, tflite)
-    result = export.verify(model, tflite, evaluation, export_report=export_report,
-                           int4_kernels=not int8_kernels)
+    result = export.verify(
+        model, tflite, evaluation, export_report=export_report, int4_kernels=not int8_kernels
+    )
     float_bytes = len(export.float_tflite(model))
     result["sizes"]["float32_tflite_bytes"] = float_bytes
     print_fn(f"wrote {output}")
@@ -247,8 +278,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         run(
-            FLAGS.model, FLAGS.output, FLAGS.dataset, FLAGS.calibration_samples, FLAGS.max_eval_samples,
-            FLAGS.input_type, FLAGS.output_type, FLAGS.int8_kernels, FLAGS.report_json, FLAGS.data_dir,
+            FLAGS.model,
+            FLAGS.output,
+            FLAGS.dataset,
+            FLAGS.calibration_samples,
+            FLAGS.max_eval_samples,
+            FLAGS.input_type,
+            FLAGS.output_type,
+            FLAGS.int8_kernels,
+            FLAGS.report_json,
+            FLAGS.data_dir,
             FLAGS.align_biases,
         )
     except CommandError as err:
@@ -256,8 +295,11 @@ def main(argv):
         sys.exit(2)
     except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}; the input model is unchanged. Fix the cause "
-              "(free disk space, permissions) and run the command again.", file=sys.stderr)
+        print(
+            f"error: {err.strerror or err}{where}; the input model is unchanged. Fix the cause "
+            "(free disk space, permissions) and run the command again.",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

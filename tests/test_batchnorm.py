@@ -123,8 +123,10 @@ def test_fit_reestimates_statistics_on_its_training_inputs():
     q.fit(x, y, batch_size=32, epochs=1, verbose=0, recalibrate_batchnorm=False)
     lagging = [bn.moving_variance.numpy().copy() for bn in batchnorm.batchnorm_layers(q)]
     tfdq.recalibrate_batchnorm(q, x[:192], batch_size=32)  # fit's batch size
-    assert any(not np.allclose(a, bn.moving_variance.numpy(), rtol=1e-3)
-               for a, bn in zip(lagging, batchnorm.batchnorm_layers(q)))
+    assert any(
+        not np.allclose(a, bn.moving_variance.numpy(), rtol=1e-3)
+        for a, bn in zip(lagging, batchnorm.batchnorm_layers(q))
+    )
 
 
 def test_fit_callback_runs_before_validation_and_checkpoints(tmp_path):

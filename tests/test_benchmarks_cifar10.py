@@ -51,12 +51,19 @@ def test_commands_parse_back_to_the_table_and_pass_validation(tmp_path):
         config = cfg.resolve({k: values[k] for k in given})
         # the paper's schedule comes from the cifar10 recipe
         assert (config["batch_size"], config["optimizer"], config["weight_decay"]) == (128, "sgd", 2e-4)
-        assert (config["float_epochs"], config["quant_epochs"], config["lr_decay_at"]) == (160, 160, "0.5,0.75")
+        assert (config["float_epochs"], config["quant_epochs"], config["lr_decay_at"]) == (
+            160,
+            160,
+            "0.5,0.75",
+        )
         if run["name"] == "float":
             assert values["stages"] == "float" and not values["init_checkpoint"]
         else:
             assert values["stages"] == "quant,export"
-            assert values["init_checkpoint"] == bench.run_by_name("float")["flags"]["model_dir"] + "/float/best.keras"
+            assert (
+                values["init_checkpoint"]
+                == bench.run_by_name("float")["flags"]["model_dir"] + "/float/best.keras"
+            )
             ckpt = tmp_path / "final.keras"
             ckpt.write_bytes(b"")
             config["init_checkpoint"] = str(ckpt)
@@ -64,17 +71,29 @@ def test_commands_parse_back_to_the_table_and_pass_validation(tmp_path):
     fixed, tqt, learned = (bench.run_by_name(n)["flags"] for n in ("fixed24", "tqt24", "learned8a8c"))
     for f, kind in ((fixed, "fixed"), (tqt, "tqt")):
         assert (f["weight_quantizer"], f["activation_quantizer"], f["weight_bits"], f["activation_bits"]) == (
-            kind, kind, 2, 4)
+            kind,
+            kind,
+            2,
+            4,
+        )
         assert f["target_weight_kb"] == f["target_activation_kb"] == 0
-    assert (learned["target_weight_kb"], learned["target_activation_kb"], learned["activation_constraint"]) == (
-        70.1, 8.1, "max")
+    assert (
+        learned["target_weight_kb"],
+        learned["target_activation_kb"],
+        learned["activation_constraint"],
+    ) == (70.1, 8.1, "max")
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("cifar10_recipes")
-    bench.run(("mock", "time"), bench.QUICK["mock"], bench.QUICK["time"], out_dir=str(out),
-              command_line="python -m benchmarks.cifar10_recipes --quick")
+    bench.run(
+        ("mock", "time"),
+        bench.QUICK["mock"],
+        bench.QUICK["time"],
+        out_dir=str(out),
+        command_line="python -m benchmarks.cifar10_recipes --quick",
+    )
     with open(out / "cifar10_recipes.json") as f:
         report = json.load(f)
     assert report["command"] == "python -m benchmarks.cifar10_recipes --quick"
@@ -121,7 +140,11 @@ def test_quick_mock_runs(quick):
     assert learned["quantized_model"]["budget"]["activation_kb"] == 8.1
     assert learned["quantized_model"]["budget"]["activation"] == "max"
     n = learned["mock_data_numbers"]
-    assert (n["target_weight_kb"], n["target_activation_kb"], n["activation_constraint"]) == (70.1, 8.1, "max")
+    assert (n["target_weight_kb"], n["target_activation_kb"], n["activation_constraint"]) == (
+        70.1,
+        8.1,
+        "max",
+    )
     assert set(n["constraints_met"]) == {"weight", "activation"}
     assert learned["quantized_model"]["weight_quantizers"] == ["U3"]
     assert all(2.0 <= b <= 8.0 for b in learned["quantized_model"]["weight_bits"].values())
@@ -137,7 +160,11 @@ def test_quick_timing(quick):
     for r in t["runs"]:
         assert set(r["steps"]) == {str(q["small_steps"]), str(q["steps"])}
         for s in r["steps"].values():
-            assert s["stage_seconds"] > 0 and s["run_wall_seconds"] >= s["stage_seconds"] and s["run_cpu_seconds"] > 0
+            assert (
+                s["stage_seconds"] > 0
+                and s["run_wall_seconds"] >= s["stage_seconds"]
+                and s["run_cpu_seconds"] > 0
+            )
             values, _ = parse_command(s["command"])
             assert values["stages"] == r["stage"] and values["batch_size"] == q["batch_size"]
         assert r["validation_seconds_per_epoch"] > 0
@@ -153,5 +180,6 @@ def test_quick_timing(quick):
         assert r["epoch_seconds_kind"].startswith("extrapolated")  # 2 steps, not a real epoch
         assert r["paper_epochs"] == 160
         assert r["full_schedule_hours"] * 3600 == pytest.approx(
-            r["fixed_seconds"] + 160 * (391 * per_step + val))
+            r["fixed_seconds"] + 160 * (391 * per_step + val)
+        )
     assert (out / "cifar10_recipes.png").stat().st_size > 5_000

@@ -18,10 +18,14 @@ import pytest
 from benchmarks import latency, peers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_TFMOT = importlib.util.find_spec("tf_keras") is not None and \
-    importlib.util.find_spec("tensorflow_model_optimization") is not None
-NO_TFMOT = ("tf_keras / tensorflow-model-optimization are not installed in this environment (they need "
-            "their own venv, .venv-peers; see benchmarks/tfkeras_models.py)")
+HAVE_TFMOT = (
+    importlib.util.find_spec("tf_keras") is not None
+    and importlib.util.find_spec("tensorflow_model_optimization") is not None
+)
+NO_TFMOT = (
+    "tf_keras / tensorflow-model-optimization are not installed in this environment (they need "
+    "their own venv, .venv-peers; see benchmarks/tfkeras_models.py)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +78,13 @@ def test_tfdq_export_holds_integers_within_learned_bits(peers_quick):
     r = payload["per_seed"][0]["tfdq_4bit"]
     assert r["budget_met"] and r["weight_kb"] <= r["weight_target_kb"] + 1e-9
     assert r["integer"] and r["all_kernels_exact"]
-    assert r["weight_bytes"] == pytest.approx(sum(
-        {"conv1": 144, "conv2": 4608, "conv3": 9216, "logits": 15690}[n] * b for n, b in r["weight_bits"].items()
-    ) / 8)
+    assert r["weight_bytes"] == pytest.approx(
+        sum(
+            {"conv1": 144, "conv2": 4608, "conv3": 9216, "logits": 15690}[n] * b
+            for n, b in r["weight_bits"].items()
+        )
+        / 8
+    )
     for name, k in r["kernels"].items():
         limit = 2 ** (int(k["bits"]) - 1) - 1
         assert k["allowed"] == [-limit, limit]
@@ -89,7 +97,9 @@ def test_tfdq_export_holds_integers_within_learned_bits(peers_quick):
         tflite = f.read()
     info = inspect_tflite(tflite)
     largest = max(2 ** (int(b) - 1) - 1 for b in r["weight_bits"].values())
-    kernels = [t for t in info["tensors"] if t["bytes"] and t["type"] in ("int4", "int8") and len(t["shape"]) >= 2]
+    kernels = [
+        t for t in info["tensors"] if t["bytes"] and t["type"] in ("int4", "int8") and len(t["shape"]) >= 2
+    ]
     assert len(kernels) == 4
     for t in kernels:
         values = unpack_integers(t, tflite)
@@ -142,8 +152,20 @@ def test_tfmot_qat_worker_writes_an_integer_tflite(tmp_path):
 
     weights = save_weights(tfdq.models.small_cnn(), str(tmp_path / "w.npz"))
     result, error = peers.run_peers_worker(
-        ["--task", "mnist_qat", "--weights", weights, "--out_dir", str(tmp_path), "--epochs", "1,0",
-         "--train_limit", "256"], python=sys.executable)
+        [
+            "--task",
+            "mnist_qat",
+            "--weights",
+            weights,
+            "--out_dir",
+            str(tmp_path),
+            "--epochs",
+            "1,0",
+            "--train_limit",
+            "256",
+        ],
+        python=sys.executable,
+    )
     assert error is None, error
     with open(result["tflite_path"], "rb") as f:
         desc = peers.describe_tflite(f.read())

@@ -53,7 +53,9 @@ def test_resnet20_sizes_match_the_paper():
         assert float(memory.activation_kb(q, "sum")) == pytest.approx(want_sum)
         assert float(memory.activation_kb(q, "max")) == pytest.approx(want_max)
     # the input image quantizer is reported but only counted on request
-    assert float(memory.activation_kb(q, "sum", include_input=True)) == pytest.approx(92 + 32 * 32 * 3 * 4 / 8192)
+    assert float(memory.activation_kb(q, "sum", include_input=True)) == pytest.approx(
+        92 + 32 * 32 * 3 * 4 / 8192
+    )
 
 
 def _one_layer(bits_d=2.0**-4, q_max=0.9):
@@ -318,9 +320,16 @@ def test_automatic_multipliers_meet_a_budget_without_a_lambda():
 
 @pytest.mark.parametrize(
     "weight_bits, act_bits, kind, epochs, reachable",
-    [(2.3, 3, "max", 3, True), (4.5, None, "max", 1, False), (2.2, 2.5, "sum", 2, True), (None, 2, "max", 3, True)],
+    [
+        (2.3, 3, "max", 3, True),
+        (4.5, None, "max", 1, False),
+        (2.2, 2.5, "sum", 2, True),
+        (None, 2, "max", 3, True),
+    ],
 )
-def test_fit_ends_with_every_constraint_met_and_the_slack_used(weight_bits, act_bits, kind, epochs, reachable):
+def test_fit_ends_with_every_constraint_met_and_the_slack_used(
+    weight_bits, act_bits, kind, epochs, reachable
+):
     m, x, y = _digits_model(1)
     q = tfdq.quantize_model(m, calibration_data=x[:256])
     n_w, acts = _counts(q)

@@ -35,7 +35,7 @@ def _randomize_batchnorm(model, rng):
 
 
 def _set_bits(qmodel, cycle):
-    """Give the weight quantizers varied learned bitwidths (METHOD.md section 4 init)."""
+    """Give the weight quantizers varied learned bitwidths (docs/method.md section 4 init)."""
     layers = tfdq.layers.weight_quantized_layers(qmodel)
     for i, layer in enumerate(layers):
         layer.kernel_quantizer.initialize_from(layer.kernel.numpy(), bits=cycle[i % len(cycle)])
@@ -183,7 +183,9 @@ def _conv_bn_relu_model(rng, bits, pow2_output_ratio=False):
     x = rng.uniform(0, 1, (256, 12, 12, 3)).astype("float32")
     qmodel = tfdq.quantize_model(model, calibration_data=x)
     _set_bits(qmodel, [bits, 8])
-    relu_aq = next(l for l in qmodel.layers if isinstance(l, tfdq.layers.ActivationQuantizer) and "relu" in l.name)
+    relu_aq = next(
+        l for l in qmodel.layers if isinstance(l, tfdq.layers.ActivationQuantizer) and "relu" in l.name
+    )
     probe = keras.Model(qmodel.input, relu_aq.output)
     return qmodel, probe, x
 
@@ -247,9 +249,16 @@ def test_align_biases_skips_a_batchnorm_without_beta_and_reports_it():
     x = rng.uniform(0, 1, (32, 8, 8, 2)).astype("float32")
     qmodel = tfdq.quantize_model(keras.Model(inputs, outputs), calibration_data=x)
     changes = E.align_biases(qmodel, x)
-    assert changes == [{"layer": "conv", "batchnorm": "bn", "aligned": False,
-                        "reason": "BatchNormalization(center=False) has no beta",
-                        "max_beta_change": 0.0, "max_change_output_steps": 0.0}]
+    assert changes == [
+        {
+            "layer": "conv",
+            "batchnorm": "bn",
+            "aligned": False,
+            "reason": "BatchNormalization(center=False) has no beta",
+            "max_beta_change": 0.0,
+            "max_change_output_steps": 0.0,
+        }
+    ]
     _, report = E.to_tflite(qmodel, x, return_report=True)  # still exports
     assert [b["exact"] for b in report["biases"] if b["layer"] == "conv"] == [False]
 
@@ -495,7 +504,10 @@ def _check_exact(r):
 def _check_file_sizes(report, tflite, float_size):
     sizes = report["sizes"]
     assert len(tflite) <= 0.30 * float_size, (len(tflite), float_size)
-    assert abs(sizes["kernel_bytes_in_file"] - sizes["mixed_int4_int8_bytes"]) <= 0.10 * sizes["mixed_int4_int8_bytes"]
+    assert (
+        abs(sizes["kernel_bytes_in_file"] - sizes["mixed_int4_int8_bytes"])
+        <= 0.10 * sizes["mixed_int4_int8_bytes"]
+    )
     four_bit = [e for e in report["layers"] if e["bits"] == 4]
     assert four_bit, "no 4-bit layer learned"
     for e in four_bit:  # the case tfmot gets wrong: 4-bit weights stay in [-7, 7]

@@ -17,8 +17,15 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOAT = ["--stages=float", "--float_epochs=2", "--steps_per_epoch=10", "--checkpoint_every_steps=5",
-         "--val_examples=100", "--verbose=2", "--keep_checkpoints=2"]
+FLOAT = [
+    "--stages=float",
+    "--float_epochs=2",
+    "--steps_per_epoch=10",
+    "--checkpoint_every_steps=5",
+    "--val_examples=100",
+    "--verbose=2",
+    "--keep_checkpoints=2",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +41,9 @@ def _cmd(model_dir, extra=FLOAT):
 
 
 def _run(model_dir, extra=FLOAT, cwd=ROOT, **env):
-    return subprocess.run(_cmd(model_dir, extra), cwd=cwd, env=_env(**env), capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        _cmd(model_dir, extra), cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=600
+    )
 
 
 def _ok(proc):
@@ -83,8 +91,10 @@ def test_kill_in_the_checkpoint_writer_then_resume_equals_the_clean_run(clean_ru
     _killed_at(model_dir, point)
     proc = _ok(_run(model_dir))
     assert "resuming from" in proc.stdout
-    for a, b in zip(_weights(os.path.join(clean_run, "float", "final.keras")),
-                    _weights(os.path.join(model_dir, "float", "final.keras"))):
+    for a, b in zip(
+        _weights(os.path.join(clean_run, "float", "final.keras")),
+        _weights(os.path.join(model_dir, "float", "final.keras")),
+    ):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert _hidden_leftovers(model_dir) == []
     names = os.listdir(os.path.join(model_dir, "float", "checkpoints"))
@@ -101,8 +111,10 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_with_a_warning(cl
     assert f"checkpoint {latest} is damaged" in proc.stdout
     assert "resuming from" in proc.stdout and "ckpt-e000001-s000000" in proc.stdout
     assert os.path.isdir(os.path.join(model_dir, "float", "checkpoints", "damaged-ckpt-e000001-s000005"))
-    for a, b in zip(_weights(os.path.join(clean_run, "float", "final.keras")),
-                    _weights(os.path.join(model_dir, "float", "final.keras"))):
+    for a, b in zip(
+        _weights(os.path.join(clean_run, "float", "final.keras")),
+        _weights(os.path.join(model_dir, "float", "final.keras")),
+    ):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -111,8 +123,12 @@ def test_concurrent_starts_on_one_run_folder(tmp_path):
     is refused (or, if it got there after the first finished, reports the
     finished run); the run is complete either way."""
     model_dir = str(tmp_path / "run")
-    procs = [subprocess.Popen(_cmd(model_dir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(model_dir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert 0 in [p.returncode for p in procs], outs
     for p, (_, err) in zip(procs, outs):
@@ -140,11 +156,16 @@ def test_start_while_another_process_holds_the_run_folder(tmp_path):
 def test_same_run_folder_spelled_otherwise_and_a_copied_run(clean_run, tmp_path):
     # relative path with a trailing slash, from another working directory: the same run
     rel = os.path.relpath(clean_run, str(tmp_path)) + "/"
-    proc = _ok(subprocess.run(
-        [sys.executable, "-m", "train.train", f"--model_dir={rel}", *FLOAT], cwd=str(tmp_path),
-        env=_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
-        capture_output=True, text=True, timeout=600,
-    ))
+    proc = _ok(
+        subprocess.run(
+            [sys.executable, "-m", "train.train", f"--model_dir={rel}", *FLOAT],
+            cwd=str(tmp_path),
+            env=_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     assert "already finished" in proc.stdout
     # a copied run folder refers to its own files
     copy = str(tmp_path / "copy")
@@ -162,16 +183,31 @@ def test_multi_worker_run_killed_then_resumed(tmp_path):
     from test_train_distributed import _free_ports
 
     model_dir = str(tmp_path / "mw")
-    flags = ["--stages=float", "--float_epochs=2", "--steps_per_epoch=4", "--checkpoint_every_steps=2",
-             "--val_examples=64", "--verbose=2", "--strategy=multi_worker"]
+    flags = [
+        "--stages=float",
+        "--float_epochs=2",
+        "--steps_per_epoch=4",
+        "--checkpoint_every_steps=2",
+        "--val_examples=64",
+        "--verbose=2",
+        "--strategy=multi_worker",
+    ]
 
     def start(point=None):
         hosts = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
         env = _env(**({"TFDQ_FAULT_INJECT": point} if point else {}))
         env.pop("TF_CONFIG", None)
-        return [subprocess.Popen(_cmd(model_dir, [*flags, f"--worker_hosts={hosts}", f"--task_index={i}"]),
-                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for i in range(2)]
+        return [
+            subprocess.Popen(
+                _cmd(model_dir, [*flags, f"--worker_hosts={hosts}", f"--task_index={i}"]),
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
 
     killed = start("saved:ckpt-e000001-s000000")
     outs = [p.communicate(timeout=600)[0] for p in killed]
@@ -181,8 +217,10 @@ def test_multi_worker_run_killed_then_resumed(tmp_path):
     assert [p.returncode for p in resumed] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert all("resuming from" in out for out in outs)
     chief, worker = model_dir, os.path.join(model_dir, "workers", "worker1")
-    for a, b in zip(_weights(os.path.join(chief, "float", "final.keras")),
-                    _weights(os.path.join(worker, "float", "final.keras"))):
+    for a, b in zip(
+        _weights(os.path.join(chief, "float", "final.keras")),
+        _weights(os.path.join(worker, "float", "final.keras")),
+    ):
         np.testing.assert_array_equal(a, b)
     with open(os.path.join(chief, "float", "history.json")) as f:
         assert [h["epoch"] for h in json.load(f)] == [1, 2]

@@ -34,7 +34,9 @@ def _float_model(inputs=6, batchnorm=True):
 
 def _compiled(model, lr=1e-2, jit_compile="auto"):
     model.compile(
-        keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+        keras.optimizers.Adam(lr),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
         jit_compile=jit_compile,
     )
     return model
@@ -76,7 +78,9 @@ def test_repeated_nonfinite_steps_stop_training_with_a_clear_error(jit_compile):
     weights = [w.numpy().copy() for w in model.weights]
     x[:, 0] = np.nan
     n = nonfinite.PATIENCE + 2
-    with pytest.raises(nonfinite.NonFiniteTrainingError, match=f"{nonfinite.PATIENCE} training steps in a row"):
+    with pytest.raises(
+        nonfinite.NonFiniteTrainingError, match=f"{nonfinite.PATIENCE} training steps in a row"
+    ):
         model.fit(np.tile(x, (n, 1)), np.tile(y, n), batch_size=16, epochs=1, verbose=0, shuffle=False)
     for before, w in zip(weights, model.weights):
         np.testing.assert_array_equal(before, w.numpy())
@@ -141,9 +145,19 @@ def test_saved_model_of_a_tfdq_model_runs_with_plain_tensorflow(tmp_path):
     np.save(tmp_path / "x.npy", x)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, "-c", _LOAD_SAVED_MODEL, str(tmp_path / "saved"), str(tmp_path / "x.npy"),
-         str(tmp_path / "y.npy")],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            _LOAD_SAVED_MODEL,
+            str(tmp_path / "saved"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), qmodel(x, training=False).numpy())
@@ -248,7 +262,9 @@ def test_result_paths_are_relative_to_the_run_folder(tmp_path):
     result = {"final": str(run / "quant" / "final.keras"), "source": "/elsewhere/m.keras", "epochs": 3}
     train_lib.write_result(str(tmp_path / "result.json"), result, str(run))
     stored = json.loads((tmp_path / "result.json").read_text())
-    assert stored["final"] == os.path.join("quant", "final.keras") and stored["source"] == "/elsewhere/m.keras"
+    assert (
+        stored["final"] == os.path.join("quant", "final.keras") and stored["source"] == "/elsewhere/m.keras"
+    )
     copy = tmp_path / "copy"
     read = train_lib.read_result(str(tmp_path / "result.json"), str(copy))
     assert read["final"] == str(copy / "quant" / "final.keras")
@@ -274,7 +290,9 @@ def test_unclear_quantize_model_arguments_get_clear_errors():
     with pytest.raises(ValueError, match="holds no examples"):
         tfdq.quantize_model(model, calibration_data=np.zeros((0, 6), "float32"))
     with pytest.raises(ValueError, match="empty dataset"):
-        tfdq.quantize_model(model, calibration_data=tf.data.Dataset.from_tensor_slices(np.zeros((0, 6), "float32")))
+        tfdq.quantize_model(
+            model, calibration_data=tf.data.Dataset.from_tensor_slices(np.zeros((0, 6), "float32"))
+        )
     with pytest.raises(ValueError, match="init_bits=1: use an integer from 2"):
         tfdq.quantize_model(model, init_bits=1)
     for key in ("weight_bits", "activation_bits"):  # refused alike, never silently changed

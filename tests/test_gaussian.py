@@ -28,8 +28,17 @@ def test_report_has_expected_keys(quick_report):
     assert set(saved["results"]) == set(gaussian.NAMES)
     steps = saved["config"]["steps"]
     for name, r in saved["results"].items():
-        assert {"final_mse", "oscillation", "min_mse", "final_bits", "max_bits_seen",
-                "final_params", "init_params", "mse", "per_seed"} <= set(r), name
+        assert {
+            "final_mse",
+            "oscillation",
+            "min_mse",
+            "final_bits",
+            "max_bits_seen",
+            "final_params",
+            "init_params",
+            "mse",
+            "per_seed",
+        } <= set(r), name
         assert len(r["mse"]) == steps + 1
         assert r["final_mse"] == pytest.approx(r["mse"][-1])
         assert {"bits", "q_max"} <= set(r["final_params"])
@@ -44,10 +53,14 @@ def test_paper_ordering(quick_report):
     for mine, others in (("U3", ("U1", "U2")), ("P3", ("P1", "P2"))):
         best = min(res[o]["final_mse"] for o in others)
         assert res[mine]["final_mse"] <= best * (1 + RTOL), (
-            mine, {n: res[n]["final_mse"] for n in (mine, *others)})
+            mine,
+            {n: res[n]["final_mse"] for n in (mine, *others)},
+        )
         calmest = min(res[o]["oscillation"] for o in others)
         assert res[mine]["oscillation"] <= calmest + OSC_ATOL, (
-            mine, {n: res[n]["oscillation"] for n in (mine, *others)})
+            mine,
+            {n: res[n]["oscillation"] for n in (mine, *others)},
+        )
 
 
 def _summary(mse, osc):
@@ -56,8 +69,12 @@ def _summary(mse, osc):
 
 def test_check_ordering_accepts_and_rejects():
     good = {
-        "U1": _summary(0.024, 3e-3), "U2": _summary(0.023, 1e-3), "U3": _summary(0.0211, 0.0),
-        "P1": _summary(0.0410, 0.0), "P2": _summary(0.0414, 6e-3), "P3": _summary(0.0412, 0.0),
+        "U1": _summary(0.024, 3e-3),
+        "U2": _summary(0.023, 1e-3),
+        "U3": _summary(0.0211, 0.0),
+        "P1": _summary(0.0410, 0.0),
+        "P2": _summary(0.0414, 6e-3),
+        "P3": _summary(0.0412, 0.0),
     }
     assert gaussian.check_ordering(good) == []
     worse_mse = dict(good, U3=_summary(0.9, 0.0))

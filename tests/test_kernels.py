@@ -325,9 +325,7 @@ def test_shape_functions(lib):
 
     assert f(tf.zeros([3, 5])).shape == (3, 5)
     assert lib.tfdq_uniform_quantize(tf.zeros([0, 4]), 0.5, 2.0).shape == (0, 4)
-    gx, gd, gq = lib.tfdq_uniform_quantize_grad(
-        tf.zeros([0]), tf.zeros([0]), tf.zeros([0]), 0.5, 2.0
-    )
+    gx, gd, gq = lib.tfdq_uniform_quantize_grad(tf.zeros([0]), tf.zeros([0]), tf.zeros([0]), 0.5, 2.0)
     assert gx.shape == (0,) and float(gd) == 0.0 and float(gq) == 0.0
 
 
@@ -460,7 +458,9 @@ def test_concurrent_first_builds(tmp_path):
         assert out.strip().splitlines()[-1] == "[0.5, -1.0]"
     (key,) = os.listdir(tmp_path)
     assert sorted(os.listdir(tmp_path / key)) == [
-        ".lock", kernels.LIBRARY_NAME, kernels.LIBRARY_NAME + kernels.SIDECAR_SUFFIX
+        ".lock",
+        kernels.LIBRARY_NAME,
+        kernels.LIBRARY_NAME + kernels.SIDECAR_SUFFIX,
     ]
 
 

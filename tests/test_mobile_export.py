@@ -73,8 +73,9 @@ def hard_swish_se_model():
 
 def test_hand_written_hard_swish_and_se_gate_export_all_integer():
     x, y = _digits()
-    _, report, result, info = _end_to_end(hard_swish_se_model(), x, y, float_epochs=8, quant_epochs=2, lr=3e-3,
-                                          min_agreement=0.97)
+    _, report, result, info = _end_to_end(
+        hard_swish_se_model(), x, y, float_epochs=8, quant_epochs=2, lr=3e-3, min_agreement=0.97
+    )
     # Measured 97.8-99.0%: hard-swish, swish and the gate run through calibrated int8 tensors
     # (LOGISTIC's fixed 1/256 output among them) that the Keras model computes in float.
     assert {"MUL", "MEAN", "LOGISTIC", "DEPTHWISE_CONV_2D"} <= set(_ops(info))
@@ -133,7 +134,11 @@ def test_separable_split_computes_the_separable_convolution():
 
 def _mobilenet_v3_small(minimalistic):
     return keras.applications.MobileNetV3Small(
-        weights=None, input_shape=(32, 32, 3), classes=10, minimalistic=minimalistic, classifier_activation=None,
+        weights=None,
+        input_shape=(32, 32, 3),
+        classes=10,
+        minimalistic=minimalistic,
+        classifier_activation=None,
         include_preprocessing=True,
     )
 
@@ -149,7 +154,11 @@ def test_mobilenetv3small_exports_every_op_integer_with_learned_kernels():
     tflite, report = tfdq.export.to_tflite(qmodel, x[:256], return_report=True)
     result = tfdq.export.verify(qmodel, tflite, (x[1200:], y[1200:]), export_report=report)
     assert result["float_ops"] == [] and result["all_kernels_exact"]
-    assert len(result["layers"]) == sum(isinstance(l, qlayers.QuantizedWeightsMixin) for l in qmodel.layers) == 54
+    assert (
+        len(result["layers"])
+        == sum(isinstance(l, qlayers.QuantizedWeightsMixin) for l in qmodel.layers)
+        == 54
+    )
     assert {"MUL", "ADD", "MEAN", "DEPTHWISE_CONV_2D", "CONV_2D"} <= set(_ops(inspect_tflite(tflite)))
     assert result["top1_agreement"] >= 0.95, result.format()  # untrained: logits close together
 
@@ -159,16 +168,26 @@ def test_mobilenetv3small_exports_every_op_integer_with_learned_kernels():
     "build",
     [
         lambda: _mobilenet_v3_small(False),
-        lambda: keras.applications.MobileNetV3Large(weights=None, input_shape=(32, 32, 3), classes=10,
-                                                    minimalistic=False, classifier_activation=None),
-        lambda: keras.applications.MobileNetV3Large(weights=None, input_shape=(32, 32, 3), classes=10,
-                                                    minimalistic=True, classifier_activation=None),
-        lambda: keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10,
-                                                  classifier_activation=None),
-        lambda: keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10,
-                                               classifier_activation=None),
+        lambda: keras.applications.MobileNetV3Large(
+            weights=None, input_shape=(32, 32, 3), classes=10, minimalistic=False, classifier_activation=None
+        ),
+        lambda: keras.applications.MobileNetV3Large(
+            weights=None, input_shape=(32, 32, 3), classes=10, minimalistic=True, classifier_activation=None
+        ),
+        lambda: keras.applications.EfficientNetB0(
+            weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+        ),
+        lambda: keras.applications.MobileNetV2(
+            weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+        ),
     ],
-    ids=["MobileNetV3Small", "MobileNetV3Large", "MobileNetV3Large-minimalistic", "EfficientNetB0", "MobileNetV2"],
+    ids=[
+        "MobileNetV3Small",
+        "MobileNetV3Large",
+        "MobileNetV3Large-minimalistic",
+        "EfficientNetB0",
+        "MobileNetV2",
+    ],
 )
 def test_mobile_networks_end_to_end(build):
     x, y = _digits(32, 3, scale=255.0)

@@ -119,7 +119,11 @@ def test_unknown_operation_stays_float_and_is_reported():
 @pytest.mark.parametrize("minimalistic", [False, True], ids=["full", "minimalistic"])
 def test_mobilenetv3small_clones_every_operation(minimalistic):
     model = keras.applications.MobileNetV3Small(
-        weights=None, input_shape=(32, 32, 3), include_top=False, pooling="avg", minimalistic=minimalistic,
+        weights=None,
+        input_shape=(32, 32, 3),
+        include_top=False,
+        pooling="avg",
+        minimalistic=minimalistic,
         include_preprocessing=False,
     )
     n_kernels = sum(registry.is_quantizable(l) for l in model.layers)

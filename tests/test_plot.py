@@ -45,8 +45,12 @@ def test_bars_and_budget_lines_equal_the_summary(qmodel, monkeypatch):
     assert bars(a_kb) == pytest.approx([r["kb"] for r in acts])
     # twin axes hold the running totals; the (8a) target is a horizontal line on the weight total's axis
     twins = fig.axes[4:]
-    hlines = {round(line.get_ydata()[0], 6) for ax in twins + [a_kb] for line in ax.get_lines()
-              if len(set(np.ravel(line.get_ydata()))) == 1 and line.get_linestyle() == "--"}
+    hlines = {
+        round(line.get_ydata()[0], 6)
+        for ax in twins + [a_kb]
+        for line in ax.get_lines()
+        if len(set(np.ravel(line.get_ydata()))) == 1 and line.get_linestyle() == "--"
+    }
     assert 0.9 in hlines  # (8a), against the running weight total
     assert 0.2 in hlines  # (8c), against each activation bar
     w_total = twins[0].get_lines()[0].get_ydata()

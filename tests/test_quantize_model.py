@@ -15,7 +15,7 @@ from tfdq import registry
 
 
 def _uniform_ref(x, d, q_max, signed):
-    """Float64 reference of the uniform quantizer (METHOD.md section 1)."""
+    """Float64 reference of the uniform quantizer (docs/method.md section 1)."""
     x = np.asarray(x, np.float64)
     c = np.clip(x, -q_max if signed else 0.0, q_max)
     return d * np.sign(c) * np.floor(np.abs(c) / d + 0.5)
@@ -112,7 +112,10 @@ def test_resnet20_has_paper_layout():
 @pytest.mark.parametrize(
     "build, shape",
     [
-        (lambda: keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10), (64, 64, 3)),
+        (
+            lambda: keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10),
+            (64, 64, 3),
+        ),
         (lambda: keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10), (64, 64, 3)),
     ],
     ids=["MobileNetV2", "ResNet50"],
@@ -196,7 +199,9 @@ def test_nested_sequential_backbone_is_quantized_through_the_nesting():
     assert isinstance(inner.get_layer("c1"), qlayers.QConv2D)
     assert any(isinstance(l, qlayers.ActivationQuantizer) for l in inner.layers)
     x = np.random.default_rng(0).uniform(size=(2, 12, 12, 1)).astype(np.float32)
-    np.testing.assert_array_equal(inner.get_layer("c1").kernel.numpy(), backbone.get_layer("c1").kernel.numpy())
+    np.testing.assert_array_equal(
+        inner.get_layer("c1").kernel.numpy(), backbone.get_layer("c1").kernel.numpy()
+    )
     assert np.all(np.isfinite(q(x).numpy()))
     assert len(qlayers.weight_quantized_layers(q)) == 3
 
@@ -299,15 +304,16 @@ def test_fused_quantizer_kernels_train_exactly_like_plain_ops(weight_q, act_q):
     try:
         for fused in (True, False):
             ops.FUSED = fused
-            q = tfdq.quantize_model(float_model, weight_quantizer=weight_q, activation_quantizer=act_q,
-                                    calibration_data=x)
+            q = tfdq.quantize_model(
+                float_model, weight_quantizer=weight_q, activation_quantizer=act_q, calibration_data=x
+            )
             loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
             @tf.function
             def step(q=q):
                 with tf.GradientTape() as tape:
                     out = q(x, training=True)
-                    loss = loss_fn(y, out)
+                    loss = loss_fn(y, out)  # noqa: B023 (traced and called in this iteration)
                 return out, tape.gradient(loss, q.trainable_variables)
 
             out, grads = step()
@@ -346,10 +352,14 @@ def test_unsigned_quantizer_absorbs_the_relu_it_follows(monkeypatch):
     # gradient there is 0, the quantizer's 1). Residual sums, often exactly 0
     # (both operands lie on learned grids), keep their ReLU in both models.
     relu_inputs = keras.Model(kept.input, [l.input for l in relus])(x, training=True)
-    after_add = [isinstance(l._inbound_nodes[0].input_tensors[0]._keras_history.operation, keras.layers.Add)
-                 for l in relus]
+    after_add = [
+        isinstance(l._inbound_nodes[0].input_tensors[0]._keras_history.operation, keras.layers.Add)
+        for l in relus
+    ]
     zeros = [int(np.sum(np.asarray(t) == 0)) for t, a in zip(relu_inputs, after_add) if not a]
-    assert sum(zeros) == 0, [(l.name, z) for l, z in zip([r for r, a in zip(relus, after_add) if not a], zeros) if z]
+    assert sum(zeros) == 0, [
+        (l.name, z) for l, z in zip([r for r, a in zip(relus, after_add) if not a], zeros) if z
+    ]
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     outs = []
     for model in (q, kept):

@@ -1,7 +1,7 @@
 """Quantizer math and quantizer objects against independent float64 references.
 
 Every expected value in this file is computed here with NumPy in float64 from
-the formulas of METHOD.md (sections 1-3) and the chain rules stated in the
+the formulas of docs/method.md (sections 1-3) and the chain rules stated in the
 docstrings of ``tfdq/quantizers.py``; no tfdq code computes an expectation.
 
 Notes on float32 inputs: TensorFlow on CPU flushes subnormal float32 numbers
@@ -45,6 +45,8 @@ def _seed():
 def _clear_session_once():
     yield
     keras.backend.clear_session()
+
+
 UNIFORM = ("U1", "U2", "U3")
 POW2 = ("P1", "P2", "P3")
 
@@ -110,13 +112,13 @@ def ref_uniform_bits(d, q_max, signed):
 
 
 def ref_pow2_bits(q_min, q_max, signed=True, with_zero=False):
-    """METHOD.md P3: ceil(log2(log2(q_max/q_min) + 1) + 1) for one extra bit."""
+    """docs/method.md P3: ceil(log2(log2(q_max/q_min) + 1) + 1) for one extra bit."""
     m = np.log2(q_max / q_min)
     return np.ceil(np.log2(m + 1) + ref_pow2_extra(signed, with_zero))
 
 
 def ref_uniform_grads(x, d, q_max, signed):
-    """Elementwise dQ/dx, dQ/dd, dQ/dq_max of METHOD.md section 1.
+    """Elementwise dQ/dx, dQ/dd, dQ/dq_max of docs/method.md section 1.
 
     Returns (Q, gx, dQdd, dQdq, regions) where dQdd and dQdq are elementwise
     (not yet summed) and regions is a dict of boolean masks.
@@ -138,7 +140,7 @@ def ref_uniform_grads(x, d, q_max, signed):
 
 
 def ref_pow2_grads(x, q_min, q_max, signed, with_zero):
-    """Elementwise dQ/dx, dQ/dq_min, dQ/dq_max of METHOD.md section 2."""
+    """Elementwise dQ/dx, dQ/dq_min, dQ/dq_max of docs/method.md section 2."""
     x = _flush(x)
     q = ref_pow2(x, q_min, q_max, signed, with_zero)
     if signed:
@@ -278,10 +280,12 @@ def test_round_half_away_exact_on_every_float_near_ties():
     float64 round-half-away on all the values where an addition could round
     the wrong way (ties, the binade steps at 1/2 and 1, large magnitudes).
     """
-    dense = np.arange(
-        np.float32(0.25).view(np.int32), np.float32(2.0).view(np.int32), dtype=np.int32
-    ).view(np.float32)
-    ties = np.concatenate([np.arange(0, 300) + 0.5, 2.0 ** np.arange(1, 25) - 0.5, 2.0 ** np.arange(1, 25) + 0.5])
+    dense = np.arange(np.float32(0.25).view(np.int32), np.float32(2.0).view(np.int32), dtype=np.int32).view(
+        np.float32
+    )
+    ties = np.concatenate(
+        [np.arange(0, 300) + 0.5, 2.0 ** np.arange(1, 25) - 0.5, 2.0 ** np.arange(1, 25) + 0.5]
+    )
     ulps = np.arange(-64, 65, dtype=np.int32)
     near = (np.float32(ties).view(np.int32)[:, None] + ulps[None, :]).reshape(-1).view(np.float32)
     for v in (dense, near, -dense, -near):
@@ -289,9 +293,7 @@ def test_round_half_away_exact_on_every_float_near_ties():
         np.testing.assert_array_equal(got, ref_round_half_away(_f64(v)).astype(np.float32))
 
 
-@pytest.mark.parametrize(
-    "signed,with_zero", [(True, False), (False, True), (True, True), (False, False)]
-)
+@pytest.mark.parametrize("signed,with_zero", [(True, False), (False, True), (True, True), (False, False)])
 def test_pow2_quantize_forward_exact(signed, with_zero):
     rng = np.random.default_rng(2)
     for q_min_exp, q_max_exp in [(-7, 0), (-3, -1), (-20, 7), (-1, -1), (-120, 7), (-8, 8)]:
@@ -502,16 +504,16 @@ def test_uniform_bits_formula(signed):
 
 
 U3_SIGNED_BOUNDARIES = [
-        (0.125, 7 * 0.125, 4),
-        (0.125, float(np.nextafter(np.float32(7 * 0.125), np.float32(1))), 5),
-        (0.125, 0.9, 5),
-        (0.125, 0.125, 2),
-        (0.125, 3 * 0.125, 3),
-        (0.125, 3.01 * 0.125, 4),
-        (2.0**-8, 127 * 2.0**-8, 8),
-        (2.0**-4, 15 * 2.0**-4, 5),
-        (1.0, 63.0, 7),
-        (1.0, 63.5, 8),
+    (0.125, 7 * 0.125, 4),
+    (0.125, float(np.nextafter(np.float32(7 * 0.125), np.float32(1))), 5),
+    (0.125, 0.9, 5),
+    (0.125, 0.125, 2),
+    (0.125, 3 * 0.125, 3),
+    (0.125, 3.01 * 0.125, 4),
+    (2.0**-8, 127 * 2.0**-8, 8),
+    (2.0**-4, 15 * 2.0**-4, 5),
+    (1.0, 63.0, 7),
+    (1.0, 63.5, 8),
 ]
 U3_UNSIGNED_BOUNDARIES = [
     (0.125, 15 * 0.125, 4),
@@ -538,21 +540,19 @@ def test_pow2_bits_formula(signed, with_zero):
     q_min = 2.0**-63
     m = np.arange(0, 191, dtype=np.float64)  # up to q_max = 2^127
     q_max = (q_min * 2.0**m).astype(np.float32)
-    got = ops.pow2_bits(
-        tf.constant(np.float32(q_min)), tf.constant(q_max), signed, with_zero
-    ).numpy()
+    got = ops.pow2_bits(tf.constant(np.float32(q_min)), tf.constant(q_max), signed, with_zero).numpy()
     want = ref_pow2_bits(q_min, _f64(q_max), signed, with_zero)
     np.testing.assert_array_equal(got, want.astype(np.float32))
 
 
 P3_BOUNDARIES = [
-        (2.0**-7, 1.0, 4),  # m = 7: ceil(log2(8) + 1) = 4
-        (2.0**-8, 1.0, 5),  # m = 8 -> 5
-        (2.0**-6, 2.0, 4),
-        (2.0**-1, 1.0, 2),
-        (2.0**-3, 1.0, 3),
-        (2.0**-4, 1.0, 4),
-        (2.0**-100, 2.0**6, 8),  # m = 106
+    (2.0**-7, 1.0, 4),  # m = 7: ceil(log2(8) + 1) = 4
+    (2.0**-8, 1.0, 5),  # m = 8 -> 5
+    (2.0**-6, 2.0, 4),
+    (2.0**-1, 1.0, 2),
+    (2.0**-3, 1.0, 3),
+    (2.0**-4, 1.0, 4),
+    (2.0**-100, 2.0**6, 8),  # m = 106
 ]
 
 
@@ -565,7 +565,7 @@ def test_p3_bits_boundaries():
 
 
 # ---------------------------------------------------------------------------
-# 4. Gradients in every region equal the METHOD.md formulas
+# 4. Gradients in every region equal the docs/method.md formulas
 # ---------------------------------------------------------------------------
 
 
@@ -640,19 +640,17 @@ def _check_uniform_gradients(name, signed, values, d, q_max, bits):
         if name == "U3":
             return {"d": np.sum(wd * dqdd), "q_max": np.sum(wd * dqdq)}
         if name == "U1":
-            # METHOD.md: inside dQ/db = 0, dQ/dd = (Q - x)/d; outside
+            # docs/method.md: inside dQ/db = 0, dQ/dd = (Q - x)/d; outside
             # dQ/db = 2^(b-1) ln2 d sign(x), dQ/dd = (2^(b-1) - 1) sign(x).
             return {
                 "bits": np.sum(np.where(out, wd * dn_db * d * sx, 0.0)),
-                "d": np.sum(np.where(ins, wd * (qr - xf) / d, 0.0))
-                + np.sum(np.where(out, wd * n * sx, 0.0)),
+                "d": np.sum(np.where(ins, wd * (qr - xf) / d, 0.0)) + np.sum(np.where(out, wd * n * sx, 0.0)),
             }
-        # U2, METHOD.md: inside dQ/db = -(2^(b-1) ln2 / (2^(b-1) - 1)) (Q - x),
+        # U2, docs/method.md: inside dQ/db = -(2^(b-1) ln2 / (2^(b-1) - 1)) (Q - x),
         # dQ/dq_max = (Q - x)/q_max; outside dQ/db = 0, dQ/dq_max = sign(x).
         return {
             "bits": np.sum(np.where(ins, -wd * dn_db / n * (qr - xf), 0.0)),
-            "q_max": np.sum(np.where(ins, wd * (qr - xf) / q_max, 0.0))
-            + np.sum(np.where(out, wd * sx, 0.0)),
+            "q_max": np.sum(np.where(ins, wd * (qr - xf) / q_max, 0.0)) + np.sum(np.where(out, wd * sx, 0.0)),
         }
 
     # all regions together, then each region alone (upstream weights masked)
@@ -1155,7 +1153,7 @@ def test_other_bad_arguments():
 
 
 # ---------------------------------------------------------------------------
-# clip_gradients (METHOD.md section 3)
+# clip_gradients (docs/method.md section 3)
 # ---------------------------------------------------------------------------
 
 
@@ -1194,7 +1192,11 @@ def test_u3_step_gradient_stays_bounded_at_the_bit_cap(signed):
     assert p["bits"] == 8 and p["q_max"] == pytest.approx(n * d)
     rng = np.random.default_rng(0)
     x = tf.constant((rng.normal(size=4096) * 4).astype(np.float32))
-    for w in (tf.ones_like(x), tf.constant(np.sign(x.numpy())), tf.constant(rng.normal(size=4096).astype(np.float32))):
+    for w in (
+        tf.ones_like(x),
+        tf.constant(np.sign(x.numpy())),
+        tf.constant(rng.normal(size=4096).astype(np.float32)),
+    ):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(w * q.quantize_tensor(x))
         g_d = float(tape.gradient(loss, q.param("d")))

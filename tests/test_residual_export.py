@@ -76,7 +76,9 @@ def _hidden_maps_equal(qmodel, tflite, x):
     it.resize_tensor_input(inp["index"], list(x.shape))
     it.allocate_tensors()
     s, zp = inp["quantization"]
-    it.set_tensor(inp["index"], np.clip(np.sign(x / s) * np.floor(np.abs(x / s) + 0.5) + zp, -128, 127).astype(np.int8))
+    it.set_tensor(
+        inp["index"], np.clip(np.sign(x / s) * np.floor(np.abs(x / s) + 0.5) + zp, -128, 127).astype(np.int8)
+    )
     it.invoke()
     details = it.get_tensor_details()
     worst = {}
@@ -84,7 +86,10 @@ def _hidden_maps_equal(qmodel, tflite, x):
         step = layer.quantizer.describe()["d"]
         want = np.asarray(keras.Model(qmodel.input, layer.output)(x), np.float64)
         offs = [
-            np.max(np.abs((it.get_tensor(t["index"]).astype(np.float64) - t["quantization"][1]) * step - want)) / step
+            np.max(
+                np.abs((it.get_tensor(t["index"]).astype(np.float64) - t["quantization"][1]) * step - want)
+            )
+            / step
             for t in details
             if t["dtype"] == np.int8 and tuple(t["shape"]) == want.shape and t["quantization"][0] == step
         ]

@@ -84,7 +84,9 @@ def test_a_failed_download_becomes_a_clear_error(tmp_path, monkeypatch):
         data_lib.check_available("cifar10", data_dir=str(tmp_path / "tfds"))
     assert "ConnectionError" in str(info.value) and "copy the folder" in str(info.value)
     with pytest.raises(data_lib.DataUnavailableError, match="does not exist"):
-        data_lib.check_available("imagenet2012", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "none"))
+        data_lib.check_available(
+            "imagenet2012", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "none")
+        )
 
 
 def test_model_dir_with_other_flags_is_refused(tmp_path):
@@ -134,7 +136,11 @@ def test_command_line_reports_errors_with_exit_code_2(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, "-m", "train.train", f"--model_dir={tmp_path / 'r'}", "--model=alexnet"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: Unknown --model='alexnet'" in proc.stderr

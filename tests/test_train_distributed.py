@@ -14,8 +14,15 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT = ["--stages=float,quant", "--float_epochs=1", "--quant_epochs=1", "--steps_per_epoch=2",
-         "--val_examples=64", "--verbose=2", "--sync_batchnorm=true"]
+SHORT = [
+    "--stages=float,quant",
+    "--float_epochs=1",
+    "--quant_epochs=1",
+    "--steps_per_epoch=2",
+    "--val_examples=64",
+    "--verbose=2",
+    "--sync_batchnorm=true",
+]
 
 
 def _start(model_dir, *extra):
@@ -23,7 +30,11 @@ def _start(model_dir, *extra):
     env.pop("TF_CONFIG", None)
     return subprocess.Popen(
         [sys.executable, "-m", "train.train", f"--model_dir={model_dir}", *SHORT, *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -33,7 +44,7 @@ def _finish(proc, timeout=400):
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        raise AssertionError("timed out:\n" + out[-3000:])
+        raise AssertionError("timed out:\n" + out[-3000:]) from None
     assert proc.returncode == 0, out[-4000:]
     return out
 

@@ -14,7 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_cli(args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(
-        [sys.executable, "-m", "train.train", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "train.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -44,8 +48,15 @@ def export_available():
 
 def test_mnist_default_shortened_end_to_end(tmp_path):
     model_dir = tmp_path / "mnist"
-    args = [f"--model_dir={model_dir}", "--float_epochs=2", "--quant_epochs=2", "--steps_per_epoch=20",
-            "--val_examples=300", "--export_examples=200", "--verbose=2"]
+    args = [
+        f"--model_dir={model_dir}",
+        "--float_epochs=2",
+        "--quant_epochs=2",
+        "--steps_per_epoch=20",
+        "--val_examples=300",
+        "--export_examples=200",
+        "--verbose=2",
+    ]
     proc = run_cli(args)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

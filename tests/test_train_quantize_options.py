@@ -66,7 +66,11 @@ def test_activation_init_default_is_the_reference_start_whatever_the_data(r20, a
         "fixed": tfdq.quantizers.U2(learn=(), init_bits=4),
     }[act]
     q = tfdq.quantize_model(
-        r20, activation_quantizer=quantizer, calibration_data=x, quantize_input=False, activation_init="default"
+        r20,
+        activation_quantizer=quantizer,
+        calibration_data=x,
+        quantize_input=False,
+        activation_init="default",
     )
     for layer in _act_layers(q):
         p = layer.quantizer.describe()
@@ -105,7 +109,9 @@ def test_init_random_ignores_the_weights_and_float_follows_them():
         assert pr["d"] == 2.0**-3 and pr["bits"] == 4 and pr["q_max"] == pytest.approx(7 * 2.0**-3)
         max_abs = float(np.max(np.abs(np.asarray(lf.kernel, np.float64))))
         assert pf["d"] == pytest.approx(2.0 ** math.floor(math.log2(max_abs / 7.0)))
-        np.testing.assert_array_equal(np.asarray(lr.kernel), np.asarray(lf.kernel))  # weights copied either way
+        np.testing.assert_array_equal(
+            np.asarray(lr.kernel), np.asarray(lf.kernel)
+        )  # weights copied either way
     # random init: activations at their defaults too, even with calibration data
     x = np.random.default_rng(4).uniform(size=(8, 28, 28, 1)).astype("float32")
     rand = tfdq.quantize_model(model, init="random", calibration_data=x)

@@ -49,7 +49,9 @@ def test_cached_stream_reads_the_source_once_and_gives_the_same_batches():
         assert sorted(np.concatenate(a[3 * p : 3 * p + 3])) == list(range(12))
     assert not np.array_equal(np.concatenate(a[0:3]), np.concatenate(a[3:6]))
     again = [b[1].numpy() for b in data_lib.train_stream(cached, 12, 4, seed=7, shuffle_buffer=12).take(9)]
-    assert all(np.array_equal(x, y) for x, y in zip(a, again)) and len(reads) == 12  # the cache outlives the stream
+    assert (
+        all(np.array_equal(x, y) for x, y in zip(a, again)) and len(reads) == 12
+    )  # the cache outlives the stream
 
 
 def test_cifar10_is_decoded_once_and_its_batches_repeat_with_the_seed():
@@ -68,10 +70,17 @@ def test_cifar10_is_decoded_once_and_its_batches_repeat_with_the_seed():
 def test_sharded_streams_together_hold_the_global_batches(workers):
     n, batch = 24, 8
     base = tf.data.Dataset.range(n).map(lambda i: (i, i))
-    one = [b[1].numpy() for b in data_lib.train_stream(base, n, batch, seed=1, shuffle_buffer=n, start_step=2).take(5)]
+    one = [
+        b[1].numpy()
+        for b in data_lib.train_stream(base, n, batch, seed=1, shuffle_buffer=n, start_step=2).take(5)
+    ]
     shares = [
-        [b[1].numpy() for b in data_lib.train_stream(
-            base, n, batch, seed=1, shuffle_buffer=n, start_step=2, shard=(workers, w, batch // workers)).take(5)]
+        [
+            b[1].numpy()
+            for b in data_lib.train_stream(
+                base, n, batch, seed=1, shuffle_buffer=n, start_step=2, shard=(workers, w, batch // workers)
+            ).take(5)
+        ]
         for w in range(workers)
     ]
     for step in range(5):
@@ -116,10 +125,12 @@ class TfdqTinyJpegs(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        features = tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(num_classes=20),
-        })
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=20),
+            }
+        )
         return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=("image", "label"))
 
     def _split_generators(self, dl_manager):
@@ -147,15 +158,24 @@ def test_file_passes_read_every_record_once_per_pass_in_a_new_order(dummy_files)
     p0 = [int(y) for _, y in source(tf.constant(0, tf.int64))]
     assert len(p0) == n
     decode = data_lib.imagenet_eval_transform(16)
-    stream = data_lib.train_stream(source, n, 4, seed=3, transform=lambda x, y, s: decode(x, y), shuffle_buffer=8)
+    stream = data_lib.train_stream(
+        source, n, 4, seed=3, transform=lambda x, y, s: decode(x, y), shuffle_buffer=8
+    )
     batches = [b for b in stream.take(2 * (n // 4))]
     again = [b for b in stream.take(2 * (n // 4))]
     assert batches[0][0].shape == (4, 16, 16, 3)
     assert all(np.array_equal(a[0].numpy(), b[0].numpy()) for a, b in zip(batches, again))
-    labels = [np.concatenate([b[1].numpy() for b in batches[k * (n // 4) : (k + 1) * (n // 4)]]) for k in range(2)]
-    assert sorted(labels[0]) == sorted(p0) == sorted(labels[1])  # each pass holds every record (n divisible by 4)
+    labels = [
+        np.concatenate([b[1].numpy() for b in batches[k * (n // 4) : (k + 1) * (n // 4)]]) for k in range(2)
+    ]
+    assert (
+        sorted(labels[0]) == sorted(p0) == sorted(labels[1])
+    )  # each pass holds every record (n divisible by 4)
     with tfds.testing.mock_data(num_examples=8):  # mocked sets have no files: as_dataset is read instead
-        assert data_lib.tfds_files(tfds.builder("imagenet2012", data_dir=str(dummy_files.data_dir)), "train") is None
+        assert (
+            data_lib.tfds_files(tfds.builder("imagenet2012", data_dir=str(dummy_files.data_dir)), "train")
+            is None
+        )
 
 
 # -- MobileNetV2 from a keras.applications model ------------------------------------------
@@ -189,9 +209,20 @@ def test_mobilenetv2_finetune_from_a_keras_applications_model_on_mock_imagenet(t
     path = tmp_path / "mnv2.keras"
     app.save(path)
     with tfds.testing.mock_data(num_examples=8):
-        s = _run(tmp_path, dataset="imagenet2012", model="mobilenetv2", image_size=32, stages="quant",
-                 init_checkpoint=str(path), batch_size=4, quant_epochs=1, steps_per_epoch=1, val_examples=4,
-                 calibration_examples=4, quant_lr=0.001)
+        s = _run(
+            tmp_path,
+            dataset="imagenet2012",
+            model="mobilenetv2",
+            image_size=32,
+            stages="quant",
+            init_checkpoint=str(path),
+            batch_size=4,
+            quant_epochs=1,
+            steps_per_epoch=1,
+            val_examples=4,
+            calibration_examples=4,
+            quant_lr=0.001,
+        )
     with open(tmp_path / "run" / "flags.json") as f:
         flags = json.load(f)
     # the MobileNetV2 recipe: [-1, 1] inputs as keras.applications expects, its own weight decay, image float
@@ -226,17 +257,35 @@ def test_recipes_follow_the_reference_code():
     assert m["weight_decay"] == 1e-4 and m["lr_schedule"] == "cosine"  # the user's value wins over the recipe
     r = cfg.resolve({"dataset": "imagenet2012"})
     assert r["model"] == "resnet18" and r["input_range"] == "normalized" and r["lr_schedule"] == "step"
-    for bad in ({"weight_decay_on": "bn"}, {"selection": "best"}, {"activation_init": "max"}, {"bn_momentum": 1.5}):
+    for bad in (
+        {"weight_decay_on": "bn"},
+        {"selection": "best"},
+        {"activation_init": "max"},
+        {"bn_momentum": 1.5},
+    ):
         with pytest.raises(cfg.ConfigError, match="--" + next(iter(bad))):
             cfg.validate(cfg.resolve(dict({"dataset": "cifar10", "model_dir": "x"}, **bad)))
 
 
 def test_cifar10_recipe_quantizes_as_the_reference_on_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=16):
-        s = _run(tmp_path, dataset="cifar10", batch_size=4, float_epochs=2, quant_epochs=1, steps_per_epoch=1,
-                 val_examples=8, calibration_examples=8, weight_quantizer="fixed", activation_quantizer="fixed",
-                 weight_bits=2, activation_bits=4, target_weight_kb=0.0, target_activation_kb=0.0,
-                 stages="float,quant")
+        s = _run(
+            tmp_path,
+            dataset="cifar10",
+            batch_size=4,
+            float_epochs=2,
+            quant_epochs=1,
+            steps_per_epoch=1,
+            val_examples=8,
+            calibration_examples=8,
+            weight_quantizer="fixed",
+            activation_quantizer="fixed",
+            weight_bits=2,
+            activation_bits=4,
+            target_weight_kb=0.0,
+            target_activation_kb=0.0,
+            stages="float,quant",
+        )
     run = tmp_path / "run"
     with open(run / "float" / "result.json") as f:
         fr = json.load(f)
@@ -252,7 +301,9 @@ def test_cifar10_recipe_quantizes_as_the_reference_on_mock_data(tmp_path):
 
     acts = tfdq.layers.activation_quantizer_layers(q)
     assert len(acts) == 19  # after the ReLUs only: the image stays float
-    assert all(l.quantizer.describe()["d"] == 0.125 and l.quantizer.describe()["q_max"] == 1.875 for l in acts)
+    assert all(
+        l.quantizer.describe()["d"] == 0.125 and l.quantizer.describe()["q_max"] == 1.875 for l in acts
+    )
     bns = [l for l in q.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert bns and all(l.momentum == 0.9 and l.epsilon == 1e-5 for l in bns)
     text = (run / "summary.txt").read_text()
@@ -261,8 +312,16 @@ def test_cifar10_recipe_quantizes_as_the_reference_on_mock_data(tmp_path):
 
 @pytest.mark.slow
 def test_selection_every_step_and_final(tmp_path):
-    common = dict(float_epochs=0, quant_epochs=2, steps_per_epoch=3, val_examples=100, export_examples=50,
-                  stages="float,quant", target_weight_kb=0.0, target_activation_kb=0.0)
+    common = dict(
+        float_epochs=0,
+        quant_epochs=2,
+        steps_per_epoch=3,
+        val_examples=100,
+        export_examples=50,
+        stages="float,quant",
+        target_weight_kb=0.0,
+        target_activation_kb=0.0,
+    )
     s = _run(tmp_path, model_dir=str(tmp_path / "steps"), select_every_steps=1, **common)
     with open(tmp_path / "steps" / "quant" / "result.json") as f:
         r = json.load(f)

@@ -35,8 +35,14 @@ def checkpoints(model_dir, stage):
     return sorted(n for n in os.listdir(d) if n.startswith("ckpt-")) if os.path.isdir(d) else []
 
 
-FLOAT = ["--stages=float", "--float_epochs=3", "--steps_per_epoch=40", "--checkpoint_every_steps=10",
-         "--val_examples=200", "--verbose=2"]
+FLOAT = [
+    "--stages=float",
+    "--float_epochs=3",
+    "--steps_per_epoch=40",
+    "--checkpoint_every_steps=10",
+    "--val_examples=200",
+    "--verbose=2",
+]
 
 
 def test_sigkill_mid_epoch_then_same_command_finishes(tmp_path):
@@ -50,7 +56,9 @@ def test_sigkill_mid_epoch_then_same_command_finishes(tmp_path):
     with open(os.path.join(model_dir, "float", "history.json")) as f:
         assert [h["epoch"] for h in json.load(f)] == [1]  # epoch 1 done, epoch 2 interrupted
 
-    proc = subprocess.run(_args(model_dir, FLOAT), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _args(model_dir, FLOAT), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "resuming from" in proc.stdout and "step(s) into epoch 2" in proc.stdout
     with open(os.path.join(model_dir, "float", "history.json")) as f:
@@ -68,7 +76,9 @@ def test_sigkill_mid_epoch_then_same_command_finishes(tmp_path):
     with open(os.path.join(model_dir, "float", "checkpoints", last, "state.json")) as f:
         state = json.load(f)
     assert (state["epoch"], state["step"]) == (3, 0)
-    assert not [n for n in os.listdir(os.path.join(model_dir, "float", "checkpoints")) if n.startswith(".tmp-")]
+    assert not [
+        n for n in os.listdir(os.path.join(model_dir, "float", "checkpoints")) if n.startswith(".tmp-")
+    ]
 
 
 def _weights(path):
@@ -85,14 +95,26 @@ def test_resumed_quantized_run_equals_the_uninterrupted_one(tmp_path):
     with the weights, quantizer parameters and best feasible epoch of a run
     that was never interrupted (the data stream, optimizer state and
     checkpoint bookkeeping are all restored)."""
-    extra = ["--float_epochs=1", "--quant_epochs=3", "--steps_per_epoch=30", "--checkpoint_every_steps=10",
-             "--val_examples=200", "--stages=float,quant", "--target_weight_kb=12", "--verbose=2"]
+    extra = [
+        "--float_epochs=1",
+        "--quant_epochs=3",
+        "--steps_per_epoch=30",
+        "--checkpoint_every_steps=10",
+        "--val_examples=200",
+        "--stages=float,quant",
+        "--target_weight_kb=12",
+        "--verbose=2",
+    ]
     clean = str(tmp_path / "clean")
-    proc = subprocess.run(_args(clean, extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        _args(clean, extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = str(tmp_path / "killed")
     run_until_killed(_args(killed, extra), "saved:ckpt-e000001-s000010")
-    proc = subprocess.run(_args(killed, extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        _args(killed, extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("final.keras",):
         a = _weights(os.path.join(clean, "quant", name))

@@ -92,8 +92,15 @@ def test_imagenet_pipeline_random_resized_crop_and_center_crop():
 
 def test_cifar10_resnet20_float_steps_on_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=16):
-        s = _run(tmp_path, dataset="cifar10", batch_size=4, float_epochs=1, steps_per_epoch=2,
-                 val_examples=8, stages="float")
+        s = _run(
+            tmp_path,
+            dataset="cifar10",
+            batch_size=4,
+            float_epochs=1,
+            steps_per_epoch=2,
+            val_examples=8,
+            stages="float",
+        )
     run = tmp_path / "run"
     assert s["model"] == "resnet20" and 0.0 <= s["float_accuracy"] <= 1.0
     assert (run / "float" / "final.keras").exists()
@@ -131,7 +138,9 @@ def test_cifar10_resnet20_float_quant_export_on_mock_data(tmp_path):
 def test_resnet20_built_by_the_script_has_the_papers_268346_weights():
     import tfdq
 
-    model = models_lib.configure(models_lib.build("resnet20", (32, 32, 3), 10), bn_momentum=0.9, bn_epsilon=1e-5)
+    model = models_lib.configure(
+        models_lib.build("resnet20", (32, 32, 3), 10), bn_momentum=0.9, bn_epsilon=1e-5
+    )
     assert models_lib.counted_weights(model) == 268_346
     bns = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
     assert len(bns) == 19 and all(l.momentum == 0.9 and l.epsilon == 1e-5 for l in bns)  # the reference's BN
@@ -192,8 +201,17 @@ def test_imagenet_models_weight_counts():
 @pytest.mark.parametrize("model", ["resnet18", "mobilenetv2"])
 def test_imagenet_models_train_on_mock_data(tmp_path, model):
     with tfds.testing.mock_data(num_examples=8):
-        s = _run(tmp_path, dataset="imagenet2012", model=model, image_size=32, batch_size=4,
-                 float_epochs=1, steps_per_epoch=1, val_examples=4, stages="float")
+        s = _run(
+            tmp_path,
+            dataset="imagenet2012",
+            model=model,
+            image_size=32,
+            batch_size=4,
+            float_epochs=1,
+            steps_per_epoch=1,
+            val_examples=4,
+            stages="float",
+        )
     assert s["model"] == model and (tmp_path / "run" / "float" / "final.keras").exists()
 
 
@@ -222,5 +240,8 @@ def test_imagenet_float_and_quant_steps_on_mock_data(tmp_path, model):
     import keras
 
     q = keras.models.load_model(run / "quant" / "final.keras", compile=False)
-    float_kb = models_lib.counted_weights(keras.models.load_model(run / "float" / "final.keras", compile=False)) / 256
+    float_kb = (
+        models_lib.counted_weights(keras.models.load_model(run / "float" / "final.keras", compile=False))
+        / 256
+    )
     assert q.memory_budget.weight_lambda == pytest.approx(0.1 * (1048 / float_kb) ** 2)

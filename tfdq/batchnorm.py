@@ -164,7 +164,7 @@ def recalibrate_batchnorm(model, data, batch_size=DEFAULT_BATCH, max_samples=DEF
             n = _batch_len(x)
             if max_samples is not None and seen + n > max_samples:
                 n = max_samples - seen
-                x = keras.tree.map_structure(lambda t: t[:n], x)
+                x = keras.tree.map_structure(lambda t: t[:n], x)  # noqa: B023 (applied at once)
             if n <= 0:
                 break
             forward(x)
@@ -199,8 +199,10 @@ def recalibrate_batchnorm(model, data, batch_size=DEFAULT_BATCH, max_samples=DEF
         bn.moving_mean.assign(mean.astype(np.float32))
         bn.moving_variance.assign(var.astype(np.float32))
     if verbose:
-        print(f"tfdq: re-estimated {len(layers)} BatchNorm layer(s) on {seen} inputs "
-              f"(moving means moved by up to {shift:.3g} standard deviations)")
+        print(
+            f"tfdq: re-estimated {len(layers)} BatchNorm layer(s) on {seen} inputs "
+            f"(moving means moved by up to {shift:.3g} standard deviations)"
+        )
     logger.info("recalibrate_batchnorm: %d layers, %d samples, max mean shift %.3g", len(layers), seen, shift)
     return {"layers": [bn.name for bn in layers], "samples": seen, "max_mean_shift": shift}
 
@@ -223,7 +225,9 @@ class BatchNormRecalibration(keras.callbacks.Callback):
         verbose: passed on to :func:`recalibrate_batchnorm`.
     """
 
-    def __init__(self, data, batch_size=DEFAULT_BATCH, max_samples=DEFAULT_SAMPLES, every_epoch=True, verbose=0):
+    def __init__(
+        self, data, batch_size=DEFAULT_BATCH, max_samples=DEFAULT_SAMPLES, every_epoch=True, verbose=0
+    ):
         super().__init__()
         self.data = data
         self.batch_size = batch_size

@@ -126,9 +126,13 @@ class BestFeasibleCheckpoint(keras.callbacks.Callback):
         if met >= 1.0 and np.isfinite(value) and better:
             atomic_save(self.model, self.filepath)
             if self.verbose:
-                print(f"\nEpoch {epoch + 1}: constraints met, {self.monitor} {value:.4f}: saved {self.filepath}")
+                print(
+                    f"\nEpoch {epoch + 1}: constraints met, {self.monitor} {value:.4f}: saved {self.filepath}"
+                )
             self.best, self.best_epoch = value, epoch
-        self._last_excess = None if budget is None else {k: float(g) for k, g in budget.excess(self.model).items()}
+        self._last_excess = (
+            None if budget is None else {k: float(g) for k, g in budget.excess(self.model).items()}
+        )
 
     def on_train_end(self, logs=None):
         """Never end silently without a file: if no epoch met the budget,

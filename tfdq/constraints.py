@@ -112,8 +112,7 @@ class MemoryBudget:
     ):
         if weight_kb is None and activation_kb is None:
             raise ValueError(
-                "A memory budget needs weight_kb, activation_kb or both "
-                "(sizes in kB of 1024 bytes)."
+                "A memory budget needs weight_kb, activation_kb or both (sizes in kB of 1024 bytes)."
             )
         _check_targets(weight_kb, activation_kb)
         for name, value in (("weight_lambda", weight_lambda), ("activation_lambda", activation_lambda)):
@@ -368,7 +367,11 @@ def constrain(
         model.set_memory_budget(None)
         return model
     _check_targets(weight_kb, activation_kb)
-    for name, value in (("lam", lam), ("weight_lambda", weight_lambda), ("activation_lambda", activation_lambda)):
+    for name, value in (
+        ("lam", lam),
+        ("weight_lambda", weight_lambda),
+        ("activation_lambda", activation_lambda),
+    ):
         if value is not None:
             _check_lambda(name, value)
     given = any(v is not None for v in (lam, weight_lambda, activation_lambda))
@@ -434,7 +437,11 @@ def _constrained_entries(budget, sizes):
             continue
         if e.kind == "weight" and budget.weight_kb is not None:
             out.append((i, e, "weight"))
-        elif e.kind == "activation" and budget.activation_kb is not None and (budget.include_input or not e.is_input):
+        elif (
+            e.kind == "activation"
+            and budget.activation_kb is not None
+            and (budget.include_input or not e.is_input)
+        ):
             out.append((i, e, "activation"))
     return out
 
@@ -493,7 +500,7 @@ def enforce_budget(model, fill=True, verbose=0):
             candidates.append((b, e.count, i, e))
         if not candidates:
             raise RuntimeError(
-                f"The budget cannot be met: {({k: round(float(g), 4) for k, g in excess.items()})} kB "
+                f"The budget cannot be met: { ({k: round(float(g), 4) for k, g in excess.items()}) } kB "
                 "over with every constrained tensor at its lowest reachable bitwidth."
             )
         b, _, i, e = max(candidates, key=lambda c: (c[0], c[1]))
@@ -521,8 +528,12 @@ def enforce_budget(model, fill=True, verbose=0):
         s = memory.Sizes(model)
         print(
             f"tfdq: allocation inside the budget after {changes} bit changes: "
-            + ", ".join(f"{k} {float(v):.3f} / {t:.3f} kB" for (k, t), v in
-                        zip(budget.targets().items(), [budget.sizes(model, s)[f"{k}_kb"] for k in budget.targets()]))
+            + ", ".join(
+                f"{k} {float(v):.3f} / {t:.3f} kB"
+                for (k, t), v in zip(
+                    budget.targets().items(), [budget.sizes(model, s)[f"{k}_kb"] for k in budget.targets()]
+                )
+            )
         )
     return changes
 

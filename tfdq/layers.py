@@ -67,9 +67,7 @@ class QuantizedWeightsMixin:
 
     def get_config(self):
         config = super().get_config()
-        config["kernel_quantizer"] = keras.saving.serialize_keras_object(
-            self.kernel_quantizer
-        )
+        config["kernel_quantizer"] = keras.saving.serialize_keras_object(self.kernel_quantizer)
         return config
 
 

@@ -140,7 +140,9 @@ def _size_entries(model):
     for layer in qlayers._walk(model):
         counted = registry.counts_kernel(layer)
         if counted == "quantized":
-            entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, layer.kernel_quantizer))
+            entries.append(
+                SizeEntry(layer.name, "weight", _weight_count(layer), layer, layer.kernel_quantizer)
+            )
         elif counted == "float":
             entries.append(SizeEntry(layer.name, "weight", _weight_count(layer), layer, None))
     for layer in qlayers.activation_quantizer_layers(model):

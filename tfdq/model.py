@@ -255,7 +255,9 @@ def _install_gradient_clipping(model):
             grads_and_vars = list(zip(grads, variables))
         step = nonfinite.active_step(target) if target is not None else None
         if step is not None:
-            return nonfinite.apply_if_finite(target, apply_gradients, grads_and_vars, step["loss"], step["snapshot"])
+            return nonfinite.apply_if_finite(
+                target, apply_gradients, grads_and_vars, step["loss"], step["snapshot"]
+            )
         return apply_gradients(grads_and_vars)
 
     # An instance attribute: this optimizer only, set once, read at trace time.

@@ -18,7 +18,7 @@ class ZeroPadShortcut(keras.layers.Layer):
 
     Subsamples by ``stride`` in both spatial dimensions and appends
     ``extra_channels`` zero channels: no weights, so the model keeps the
-    268,346 counted parameters of METHOD.md section 6.
+    268,346 counted parameters of docs/method.md section 6.
     """
 
     def __init__(self, stride=2, extra_channels=0, **kwargs):

@@ -103,9 +103,13 @@ def attach(model, patience=None):
     """Create the step counters of ``model`` (idempotent; call in the strategy scope)."""
     state = getattr(model, _ATTR, None)
     if state is None:
+
         def counter(name):
             return tf.Variable(
-                0, dtype=tf.int64, trainable=False, name=name,
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name=name,
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )

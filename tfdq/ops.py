@@ -8,7 +8,7 @@ parameters with the helpers below and then call :func:`uniform_quantize` or
 
 Notation follows Uhlich et al., "Mixed Precision DNNs: All you need is a good
 parametrization", ICLR 2020 (sections 2-3 of the paper, sections 1-3 of
-METHOD.md).
+docs/method.md).
 """
 
 import math
@@ -50,6 +50,7 @@ def _kernel(fn):
     call.__doc__ = fn.__doc__
     return call
 
+
 # Float32 bit layout: 1 sign bit, 8 exponent bits, 23 mantissa bits.
 _EXPONENT_MASK = 0x7F800000
 _MANTISSA_MASK = 0x007FFFFF
@@ -62,7 +63,7 @@ _SQRT2_MANTISSA = 0x3504F3
 def round_half_away(x):
     """Round to the nearest integer, ties away from zero.
 
-    ``sign(x) * floor(|x| + 1/2)``, as METHOD.md writes the quantizer
+    ``sign(x) * floor(|x| + 1/2)``, as docs/method.md writes the quantizer
     (``tf.round`` rounds ties to even, which this is not).
 
     ``|x| + 1/2`` is not exact in float32 (0.49999997 + 0.5 rounds to 1.0,
@@ -103,7 +104,7 @@ def ste_ceil(x):
 def ste_clip(x, lo, hi):
     """``clip(x, lo, hi)`` forward; identity gradient to ``x`` only.
 
-    Used for the parameter bounds of METHOD.md section 3: the forward pass
+    Used for the parameter bounds of docs/method.md section 3: the forward pass
     always sees a valid parameter and the gradient still reaches the float
     variable (which the optimizer step then projects back into its box).
     The forward value is exactly the clipped value (``x + (clipped - x)``
@@ -213,7 +214,7 @@ def pow2_round_magnitude(a):
 def ste_pow2(v):
     """Round a positive parameter to a power of two: ``2**round(log2 v)``.
 
-    Forward is the hardware constraint of METHOD.md section 3; the backward
+    Forward is the hardware constraint of docs/method.md section 3; the backward
     pass hands the gradient to the float parameter unchanged (STE).
     """
     return pow2_round_magnitude(v), lambda dy: dy
@@ -237,7 +238,7 @@ def uniform_bits(d, q_max, signed, rtol=0.0):
     """Bitwidth that the uniform grid of step ``d`` and range ``q_max`` needs.
 
     ``b = ceil(log2(q_max/d + 1) + 1)`` signed, ``ceil(log2(q_max/d + 1))``
-    unsigned (METHOD.md, U3). The ceiling is straight-through, so the result
+    unsigned (docs/method.md, U3). The ceiling is straight-through, so the result
     is differentiable in ``d`` and ``q_max``; its value is corrected to the
     exact smallest ``b`` with ``2^(b-1) - 1 >= q_max/d`` (a float ``log2`` of
     an exact power of two may miss by an ulp and push ``ceil`` one too high);
@@ -261,7 +262,7 @@ def uniform_bits(d, q_max, signed, rtol=0.0):
 def uniform_quantize(x, d, q_max, signed=True):
     """Uniform quantization with straight-through gradients.
 
-    Forward (METHOD.md section 1, clip first, then round)::
+    Forward (docs/method.md section 1, clip first, then round)::
 
         Q(x) = d * round(clip(x, -q_max, q_max) / d)      signed
         Q(x) = d * round(clip(x, 0, q_max) / d)           unsigned
@@ -326,7 +327,7 @@ def pow2_ratio_exponent(bits, signed, with_zero):
     """``log2(q_max/q_min) = 2^(b - extra) - 1`` for a b-bit pow-2 grid.
 
     For signed weights without zero (and unsigned activations with zero)
-    ``extra = 1``, giving METHOD.md's ``q_max = 2^(2^(b-1) - 1) q_min``.
+    ``extra = 1``, giving docs/method.md's ``q_max = 2^(2^(b-1) - 1) q_min``.
     Differentiable in ``bits`` through :func:`exp2_int`.
     """
     return exp2_int(bits - pow2_extra_bits(signed, with_zero)) - 1.0
@@ -335,7 +336,7 @@ def pow2_ratio_exponent(bits, signed, with_zero):
 def pow2_bits(q_min, q_max, signed, with_zero):
     """Bitwidth of the pow-2 grid from ``q_min`` to ``q_max`` (both powers of 2).
 
-    ``b = ceil(log2(log2(q_max/q_min) + 1)) + extra`` (METHOD.md, P3:
+    ``b = ceil(log2(log2(q_max/q_min) + 1)) + extra`` (docs/method.md, P3:
     ``ceil(log2(log2(q_max/q_min) + 1) + 1)`` for ``extra = 1``). The ratio
     exponent is read exactly from the float bits; the gradient is the STE
     derivative of the float formula.
@@ -356,7 +357,7 @@ def pow2_bits(q_min, q_max, signed, with_zero):
 def pow2_quantize(x, q_min, q_max, signed=True, with_zero=False):
     """Power-of-two quantization with straight-through gradients.
 
-    Forward (METHOD.md section 2), ``q_min`` and ``q_max`` powers of two::
+    Forward (docs/method.md section 2), ``q_min`` and ``q_max`` powers of two::
 
         Q(x) = sign(x) * q_min                     if |x| <= q_min
                sign(x) * 2^floor(1/2 + log2|x|)    if q_min < |x| <= q_max

@@ -147,13 +147,22 @@ def plot_bitwidths(model, path, title=None):
 
     bits_panel(axes[0], weights, "tab:blue", "weight bits")
     kb_panel(
-        axes[1], weights, "tab:blue", "weight kB",
-        sum_target=targets.get("weight"), sum_label="(8a) budget",
+        axes[1],
+        weights,
+        "tab:blue",
+        "weight kB",
+        sum_target=targets.get("weight"),
+        sum_label="(8a) budget",
     )
     bits_panel(axes[2], acts, "tab:orange", "activation bits")
     kb_panel(
-        axes[3], acts, "tab:orange", "activation kB",
-        sum_target=targets.get("sum"), bar_target=targets.get("max"), sum_label="(8b) budget",
+        axes[3],
+        acts,
+        "tab:orange",
+        "activation kB",
+        sum_target=targets.get("sum"),
+        bar_target=targets.get("max"),
+        sum_label="(8b) budget",
     )
     head = title or f"Learned bitwidths per layer: {model.name}"
     axes[0].set_title(

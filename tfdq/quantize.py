@@ -7,7 +7,7 @@ quantizer, Keras 3 operation nodes (``x + 3.0``, ``keras.ops.*``) are rebuilt
 as they are, and every feature map that feeds a quantized layer
 passes an :class:`~tfdq.layers.ActivationQuantizer` (the input image
 included). Float weights are copied and the quantizers are initialized as the
-paper does (METHOD.md section 4).
+paper does (docs/method.md section 4).
 
 An unsigned quantizer placed on the output of a plain ReLU takes the ReLU's
 input instead (``Q(relu(x)) = Q(x)`` for a quantizer that clips at 0), so
@@ -119,7 +119,9 @@ def _is_nonneg(tensor, input_signs, cache):
     elif isinstance(layer, qlayers.ActivationQuantizer):
         result = not layer.signed
     elif role in (registry.PASS_THROUGH, registry.MERGE):
-        result = _constants_nonneg(node) and all(_is_nonneg(t, input_signs, cache) for t in node.input_tensors)
+        result = _constants_nonneg(node) and all(
+            _is_nonneg(t, input_signs, cache) for t in node.input_tensors
+        )
     elif role == registry.NONNEG:
         result = True
     elif role in (registry.ACTIVATION, registry.WEIGHTED):
@@ -173,17 +175,18 @@ def _as_functional(model):
             "keras.Model(inputs, outputs)) or as a keras.Sequential."
         )
     if not model.built:
-        raise ValueError(
-            f"Model {model.name!r} is not built. Call it on data or build it "
-            "before quantizing."
-        )
+        raise ValueError(f"Model {model.name!r} is not built. Call it on data or build it before quantizing.")
     return model
 
 
 def _is_plain_relu(layer):
     """``max(x, 0)`` exactly: ReLU() with default arguments, Activation("relu"), keras.ops.relu."""
     entry = registry.lookup(layer)
-    return entry is not None and entry.role == registry.ACTIVATION and registry.activation_function_name(layer) == "relu"
+    return (
+        entry is not None
+        and entry.role == registry.ACTIVATION
+        and registry.activation_function_name(layer) == "relu"
+    )
 
 
 def _relu_input(tensor):
@@ -248,10 +251,7 @@ def _template(identifier, role, signed, bits_bounds, init_bits):
     if isinstance(identifier, str):
         cls = quantizers_lib.get(identifier, **kwargs).__class__
         return cls, kwargs
-    raise TypeError(
-        f"Quantizer must be a name such as 'U3' or a tfdq quantizer object, "
-        f"got {identifier!r}."
-    )
+    raise TypeError(f"Quantizer must be a name such as 'U3' or a tfdq quantizer object, got {identifier!r}.")
 
 
 def _clone_operation(op, report):
@@ -283,26 +283,44 @@ class _Split:
 
     def __init__(self, layer, options, report):
         if layer.data_format != "channels_last":
-            raise ValueError(f"{layer.name}: SeparableConv2D with data_format={layer.data_format!r} is not supported.")
+            raise ValueError(
+                f"{layer.name}: SeparableConv2D with data_format={layer.data_format!r} is not supported."
+            )
         cls, kwargs = _template(
             options["weight_quantizer"], "weight", True, options["weight_bits"], options["init_bits"]
         )
         self.depthwise = qlayers.QDepthwiseConv2D(
-            layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=layer.depth_multiplier,
-            dilation_rate=layer.dilation_rate, use_bias=False, name=f"{layer.name}_depthwise",
+            layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            depth_multiplier=layer.depth_multiplier,
+            dilation_rate=layer.dilation_rate,
+            use_bias=False,
+            name=f"{layer.name}_depthwise",
             kernel_quantizer=cls(**dict(kwargs, name=f"{layer.name}_depthwise_wq")),
         )
         self.quantizer = None
         if options["quantize_activations"]:
             a_cls, a_kwargs = _template(
-                options["activation_quantizer"], "activation", True, options["activation_bits"], options["init_bits"]
+                options["activation_quantizer"],
+                "activation",
+                True,
+                options["activation_bits"],
+                options["init_bits"],
             )
             self.quantizer = qlayers.ActivationQuantizer(
-                quantizer=a_cls(**a_kwargs, name=f"{layer.name}_depthwise_aq_q"), name=f"{layer.name}_depthwise_aq"
+                quantizer=a_cls(**a_kwargs, name=f"{layer.name}_depthwise_aq_q"),
+                name=f"{layer.name}_depthwise_aq",
             )
-            report["activation_quantizers"].append({"name": self.quantizer.name, "signed": True, "calibrated": False})
+            report["activation_quantizers"].append(
+                {"name": self.quantizer.name, "signed": True, "calibrated": False}
+            )
         self.pointwise = qlayers.QConv2D(
-            layer.filters, 1, use_bias=layer.use_bias, activation=layer.activation, name=layer.name,
+            layer.filters,
+            1,
+            use_bias=layer.use_bias,
+            activation=layer.activation,
+            name=layer.name,
             kernel_quantizer=cls(**dict(kwargs, name=f"{layer.name}_wq")),
         )
         for part in ("depthwise", "pointwise"):
@@ -379,7 +397,7 @@ def quantize_model(
             initialize the activation ranges and to decide whether the model
             input is non-negative. Without it activations start at
             ``d = 2^-3``, ``b = 4``.
-        init_bits: starting bitwidth b (METHOD.md section 4: 4).
+        init_bits: starting bitwidth b (docs/method.md section 4: 4).
         weight_bits, activation_bits: ``(min_bits, max_bits)`` bounds;
             defaults (2, 8) and (1, 8) as the reference code.
         strict: raise instead of leaving unsupported weighted layers float,
@@ -422,9 +440,7 @@ def quantize_model(
         power-of-two ``d = 2^floor(log2(max|W| / (2^(b-1) - 1)))``.
     """
     if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"tfdq.quantize_model takes a keras.Model, got {type(model).__name__}."
-        )
+        raise TypeError(f"tfdq.quantize_model takes a keras.Model, got {type(model).__name__}.")
     # Validate the request before any work (tfdq.validate).
     validate.refuse_mixed_precision(model, "quantize a model")
     validate.refuse_quantized(model)
@@ -433,7 +449,9 @@ def quantize_model(
     activation_bits = validate.bit_bounds("activation_bits", activation_bits)
     calibration_data = validate.calibration_inputs(model, calibration_data)
     if init not in ("float", "random"):
-        raise ValueError(f"init={init!r}: use 'float' (from the model's weights) or 'random' (quantizer defaults).")
+        raise ValueError(
+            f"init={init!r}: use 'float' (from the model's weights) or 'random' (quantizer defaults)."
+        )
     if activation_init is None:
         activation_init = "calibrate" if calibration_data is not None and init == "float" else "default"
     if activation_init not in ("calibrate", "default"):
@@ -488,8 +506,9 @@ def quantize_model(
         )
         if strict:
             raise ValueError(message + "\nFix them, or pass target=None to train for Keras only.")
-        warnings.warn(message + "\n(strict=True refuses such a model; target=None skips this check.)",
-                      stacklevel=2)
+        warnings.warn(
+            message + "\n(strict=True refuses such a model; target=None skips this check.)", stacklevel=2
+        )
     logger.info(
         "tfdq.quantize_model: %d quantized layers, %d activation quantizers, %d float layers",
         len(report["quantized_layers"]),
@@ -511,7 +530,15 @@ def export_problems(qmodel):
     try:
         return list(Plan(qmodel, raise_errors=False).problems)
     except ExportError as e:
-        return [{"layer": qmodel.name, "class": type(qmodel).__name__, "problem": str(e), "fix": "", "kind": "model"}]
+        return [
+            {
+                "layer": qmodel.name,
+                "class": type(qmodel).__name__,
+                "problem": str(e),
+                "fix": "",
+                "kind": "model",
+            }
+        ]
 
 
 def format_problems(problems, limit=6):
@@ -583,7 +610,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
             inner_signs = None
             feeds = graph_nodes.get(id(layer), [None])[0]
             inner_raw = [
-                i for i, t in enumerate(feeds.input_tensors if feeds is not None else ())
+                i
+                for i, t in enumerate(feeds.input_tensors if feeds is not None else ())
                 if id(_placement(t)) in raw
             ]
             clone = _quantize_graph(layer, options, None, report, inner_signs, inner_raw)
@@ -630,14 +658,19 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
             if id(orig) in stats and options["calibrate_activations"]:
                 max_abs, _ = stats[id(orig)]
                 quantizer.initialize_from(np.array([max_abs]), bits=quantizer.init["bits"])
-            aq = qlayers.ActivationQuantizer(quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal)
+            aq = qlayers.ActivationQuantizer(
+                quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal
+            )
             out = aq(new_tensor)
             new_to_orig_tensor[id(out)] = orig
             quantized_cache[id(orig)] = out
             report["activation_quantizers"].append(
-                {"name": aq.name, "signed": signed[id(orig)],
-                 "calibrated": id(orig) in stats and options["calibrate_activations"],
-                 "counted": id(orig) not in internal}
+                {
+                    "name": aq.name,
+                    "signed": signed[id(orig)],
+                    "calibrated": id(orig) in stats and options["calibrate_activations"],
+                    "counted": id(orig) not in internal,
+                }
             )
         return quantized_cache[id(orig)]
 
@@ -677,7 +710,9 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
             if orig.use_bias:
                 new.bias.assign(orig.bias)
             if options["weights_from_kernels"]:
-                new.kernel_quantizer.initialize_from(orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
+                new.kernel_quantizer.initialize_from(
+                    orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"]
+                )
         elif orig.weights:
             new.set_weights(orig.get_weights())
     return clone

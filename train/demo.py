@@ -22,8 +22,17 @@ flags.DEFINE_string("activation_quantizer", "U3", "Activation parametrization.")
 flags.DEFINE_integer("seed", 0, "Random seed (data split and initialization).")
 
 
-def run(float_epochs, quant_epochs, batch_size=64, lr=1e-3, quant_lr=5e-4,
-        weight_quantizer="U3", activation_quantizer="U3", seed=0, verbose=2):
+def run(
+    float_epochs,
+    quant_epochs,
+    batch_size=64,
+    lr=1e-3,
+    quant_lr=5e-4,
+    weight_quantizer="U3",
+    activation_quantizer="U3",
+    seed=0,
+    verbose=2,
+):
     """Train float, quantize, fine-tune; return a dict of results."""
     import keras  # noqa: PLC0415
 
@@ -63,16 +72,26 @@ def run(float_epochs, quant_epochs, batch_size=64, lr=1e-3, quant_lr=5e-4,
 
 def main(argv):
     del argv
-    r = run(FLAGS.float_epochs, FLAGS.quant_epochs, FLAGS.batch_size, FLAGS.lr, FLAGS.quant_lr,
-            FLAGS.weight_quantizer, FLAGS.activation_quantizer, FLAGS.seed)
+    r = run(
+        FLAGS.float_epochs,
+        FLAGS.quant_epochs,
+        FLAGS.batch_size,
+        FLAGS.lr,
+        FLAGS.quant_lr,
+        FLAGS.weight_quantizer,
+        FLAGS.activation_quantizer,
+        FLAGS.seed,
+    )
     t = r["summary"][-1]
     print()
     print(f"MNIST subset, 1,000 held-out images ({r['seconds']:.0f} s)")
     print(f"  float accuracy                 {100 * r['float_accuracy']:.2f}%")
     print(f"  quantized, before fine-tuning  {100 * r['quantized_accuracy_at_init']:.2f}%")
     print(f"  quantized, after fine-tuning   {100 * r['quantized_accuracy']:.2f}%")
-    print(f"  weights {t['weight_kb']:.2f} kB (mean {t['mean_weight_bits']:.2f} bits), "
-          f"activations max {t['activation_kb_max']:.2f} kB")
+    print(
+        f"  weights {t['weight_kb']:.2f} kB (mean {t['mean_weight_bits']:.2f} bits), "
+        f"activations max {t['activation_kb_max']:.2f} kB"
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,10 @@ def replica_step(model, optimizer, loss_fn, x, y, global_batch_size):
         grads = model.clip_quantizer_gradients(grads, variables)
     applied = nonfinite.apply_if_finite(model, optimizer.apply_gradients, zip(grads, variables), loss, saved)
     correct = tf.reduce_sum(
-        tf.cast(tf.equal(tf.cast(tf.argmax(logits, -1), tf.int64), tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.float32)
+        tf.cast(
+            tf.equal(tf.cast(tf.argmax(logits, -1), tf.int64), tf.cast(tf.reshape(y, [-1]), tf.int64)),
+            tf.float32,
+        )
     )
     count = tf.cast(tf.shape(y)[0], tf.float32)
     applied = tf.cast(applied, tf.float32)
@@ -96,9 +99,14 @@ class CustomLoop:
         def eval_step(x, y):
             logits = model(x, training=False)
             correct = tf.cast(
-                tf.equal(tf.cast(tf.argmax(logits, -1), tf.int64), tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.float32
+                tf.equal(tf.cast(tf.argmax(logits, -1), tf.int64), tf.cast(tf.reshape(y, [-1]), tf.int64)),
+                tf.float32,
             )
-            return tf.reduce_sum(loss_fn(y, logits)), tf.reduce_sum(correct), tf.cast(tf.shape(y)[0], tf.float32)
+            return (
+                tf.reduce_sum(loss_fn(y, logits)),
+                tf.reduce_sum(correct),
+                tf.cast(tf.shape(y)[0], tf.float32),
+            )
 
         return eval_step
 
@@ -145,8 +153,11 @@ class CustomLoop:
                     total += [float(v) for v in self._train_step(iterator)]
                 except tf.errors.InvalidArgumentError as e:
                     nonfinite.raise_clear(e)
-                logs = {"loss": total[0] / max(total[2], 1.0), "accuracy": total[1] / max(total[2], 1.0),
-                        "nonfinite_steps": float(self._guard["total"].numpy())}
+                logs = {
+                    "loss": total[0] / max(total[2], 1.0),
+                    "accuracy": total[1] / max(total[2], 1.0),
+                    "nonfinite_steps": float(self._guard["total"].numpy()),
+                }
                 cbl.on_train_batch_end(step, logs)
             logs = dict(logs)  # "loss": mean cross-entropy (the penalty is logged apart)
             if validation_data is not None:

@@ -28,7 +28,9 @@ def size_report(model):
         "activation_kb_sum": total["activation_kb_sum"],
         "activation_kb_max": total["activation_kb_max"],
         "mean_weight_bits": total["mean_weight_bits"],
-        "mean_activation_bits": (sum(r["count"] * r["bits"] for r in acts) / act_count) if act_count else None,
+        "mean_activation_bits": (sum(r["count"] * r["bits"] for r in acts) / act_count)
+        if act_count
+        else None,
         "table": _table(rows),
     }
 
@@ -97,7 +99,9 @@ def _both_numbers(s, stage):
     if s.get(f"{stage}_best_step"):
         where += f", step {s[f'{stage}_best_step']}"
     feasible = s.get(f"{stage}_final_feasible")
-    final_label = "final model (last epoch" + ("" if feasible in (None, True) else ", constraints NOT met") + ")"
+    final_label = (
+        "final model (last epoch" + ("" if feasible in (None, True) else ", constraints NOT met") + ")"
+    )
     best_label = f"paper's rule (best held-out, {where if best is not None else 'none feasible'})"
     return [f"      {best_label:<48} {_pct(best)}", f"      {final_label:<48} {_pct(final)}"]
 
@@ -130,7 +134,11 @@ def format_summary(summary):
             f"    activations, sum (8b)     {_kb(s['activation_kb_sum'], s.get('target_activation_kb') if s.get('activation_constraint') == 'sum' else None)}",
             f"    activations, max (8c)     {_kb(s['activation_kb_max'], s.get('target_activation_kb') if s.get('activation_constraint') == 'max' else None)}",
             f"    average bits              weights {s['mean_weight_bits']:.2f}"
-            + (f", activations {s['mean_activation_bits']:.2f}" if s.get("mean_activation_bits") is not None else ""),
+            + (
+                f", activations {s['mean_activation_bits']:.2f}"
+                if s.get("mean_activation_bits") is not None
+                else ""
+            ),
         ]
         if s.get("tflite_kb") is not None:
             lines.append(f"    .tflite file              {_kb(s['tflite_kb'])}")
@@ -142,7 +150,9 @@ def format_summary(summary):
             text = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items())
             lines.append(f"  constraints                 {text}")
     if s.get("times"):
-        lines.append("  time                        " + ", ".join(f"{k} {v:.0f} s" for k, v in s["times"].items()))
+        lines.append(
+            "  time                        " + ", ".join(f"{k} {v:.0f} s" for k, v in s["times"].items())
+        )
     outputs = [k for k in ("bitwidth_chart", "tflite", "export_report") if s.get(k)]
     for k in outputs:
         lines.append(f"  {k:<27} {s[k]}")

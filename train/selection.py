@@ -54,7 +54,9 @@ class BestCheckpoint(BestFeasibleCheckpoint):
             atomic_save(self.model, self.filepath)
             self.best, self.best_epoch, self.best_step = value, self._epoch, batch + 1
             if self.verbose:
-                print(f"\nEpoch {self._epoch + 1}, step {batch + 1}: held-out accuracy {value:.4f}: saved {self.filepath}")
+                print(
+                    f"\nEpoch {self._epoch + 1}, step {batch + 1}: held-out accuracy {value:.4f}: saved {self.filepath}"
+                )
 
     def state(self):
         return {"best": self.best, "best_epoch": self.best_epoch, "best_step": self.best_step}

@@ -96,7 +96,9 @@ def make_optimizer(config, lr, epochs, steps_per_epoch):
 
     fractions = cfg.decay_fractions(config["lr_decay_at"])
     if config.get("lr_schedule") == "cosine" and epochs:
-        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, int(epochs * steps_per_epoch)))
+        schedule = keras.optimizers.schedules.CosineDecay(
+            lr, decay_steps=max(1, int(epochs * steps_per_epoch))
+        )
     elif fractions and epochs:
         boundaries = [max(1, int(round(f * epochs * steps_per_epoch))) for f in fractions]
         values = [lr * config["lr_decay"] ** i for i in range(len(boundaries) + 1)]
@@ -142,7 +144,9 @@ def quantize(config, float_model, calibration):
         calibration_data=calibration,
         init_bits=config["init_bits"],
         weight_bits=cfg._bit_range(config["weight_bit_range"], "weight_bit_range") if learned_w else None,
-        activation_bits=cfg._bit_range(config["activation_bit_range"], "activation_bit_range") if learned_a else None,
+        activation_bits=cfg._bit_range(config["activation_bit_range"], "activation_bit_range")
+        if learned_a
+        else None,
         strict="export" in cfg.stages(config),  # refuse before training what the export stage would refuse
     )
     weight_kb = config["target_weight_kb"] or None
@@ -152,7 +156,11 @@ def quantize(config, float_model, calibration):
         if lam is None:  # the paper's ImageNet rule: 0.1 scaled by the squared model-size ratio
             lam = 0.1 * (1048.0 / float_weight_kb(float_model)) ** 2
         qmodel = tfdq.constrain(
-            qmodel, weight_kb=weight_kb, activation_kb=act_kb, activation=config["activation_constraint"], lam=lam
+            qmodel,
+            weight_kb=weight_kb,
+            activation_kb=act_kb,
+            activation=config["activation_constraint"],
+            lam=lam,
         )
     return qmodel
 
@@ -263,7 +271,9 @@ def _summary_writer_callback(log_dir, extra_logs=None):
             if optimizer is not None:
                 with self._writer("train").as_default():
                     lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-                    tf.summary.write("epoch_learning_rate", tf.constant(lr), step=epoch + 1, metadata=metadata)
+                    tf.summary.write(
+                        "epoch_learning_rate", tf.constant(lr), step=epoch + 1, metadata=metadata
+                    )
             for w in self._writers.values():
                 w.flush()
 
@@ -380,8 +390,12 @@ class Run:
             # BatchNorm statistics re-estimated before validation and at epoch ends
             # (what model.fit adds by itself), always on the same stream, so that a
             # resumed run re-estimates on the same inputs as an uninterrupted one
-            callbacks.insert(0, tfdq.callbacks.BatchNormRecalibration(
-                data.train_from(0), max_samples=min(2048, steps * config["batch_size"])))
+            callbacks.insert(
+                0,
+                tfdq.callbacks.BatchNormRecalibration(
+                    data.train_from(0), max_samples=min(2048, steps * config["batch_size"])
+                ),
+            )
         # the paper's selection rule (train/selection.py), float and quantized
         best = selection.BestCheckpoint(
             os.path.join(stage_dir, "best_feasible.keras" if quantized else "best.keras"),
@@ -420,21 +434,37 @@ class Run:
                 # Under a strategy, fit iterates the data twice (a first batch to
                 # build the model symbolically, then training from a new
                 # iterator): the stream is deterministic, so both start alike.
-                return model.fit(data.train_from(first_step), validation_data=data.val, shuffle=False, **kwargs)
+                return model.fit(
+                    data.train_from(first_step), validation_data=data.val, shuffle=False, **kwargs
+                )
 
         epoch = int(state["epoch"])
         verbose = config["verbose"]
-        self.print(f"[{stage}] training: {epochs} epochs of {steps} steps, global batch {config['batch_size']}, "
-                   f"{strategy.num_replicas_in_sync} replica(s), lr {lr:g}")
+        self.print(
+            f"[{stage}] training: {epochs} epochs of {steps} steps, global batch {config['batch_size']}, "
+            f"{strategy.num_replicas_in_sync} replica(s), lr {lr:g}"
+        )
         if state["step"] and epoch < epochs:
             self.print(f"[{stage}] finishing epoch {epoch + 1}: its last {steps - state['step']} steps")
-            fit(epoch * steps + state["step"], initial_epoch=epoch, epochs=epoch + 1,
-                steps_per_epoch=steps - state["step"], callbacks=callbacks, verbose=verbose)
+            fit(
+                epoch * steps + state["step"],
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                steps_per_epoch=steps - state["step"],
+                callbacks=callbacks,
+                verbose=verbose,
+            )
             epoch += 1
         if epoch < epochs:
             checkpoint.step_offset = 0
-            fit(epoch * steps, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps,
-                callbacks=callbacks, verbose=verbose)
+            fit(
+                epoch * steps,
+                initial_epoch=epoch,
+                epochs=epochs,
+                steps_per_epoch=steps,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
 
         final = os.path.join(stage_dir, "final.keras")
         tfdq.callbacks.atomic_save(model, final)
@@ -474,10 +504,14 @@ class Run:
         else:
             result.update(best_val_accuracy=None, best_epoch=None, best_step=None)
             if budget is not None:
-                self.print(f"[{stage}] WARNING: no epoch met every memory constraint; keeping the last epoch.")
+                self.print(
+                    f"[{stage}] WARNING: no epoch met every memory constraint; keeping the last epoch."
+                )
         chosen = model
         if config["selection"] == "paper" and have_best:
-            if not (int(best.best_epoch) + 1 == epochs and best.best_step is None and last.get("epoch") == epochs):
+            if not (
+                int(best.best_epoch) + 1 == epochs and best.best_step is None and last.get("epoch") == epochs
+            ):
                 chosen = load_model_file(best.filepath, stage_dir)
             # its validation accuracy is the monitored value of that epoch / step
             result.update(chosen=best.filepath, val_accuracy=float(best.best))
@@ -554,7 +588,9 @@ class Run:
                 kwargs = _supported_kwargs(verify, export_report=export_report)
                 verify_report = verify(model, tflite, dataset, **kwargs)
                 report_path = os.path.join(stage_dir, "report.json")
-                atomic_write_json(report_path, dict(verify_report) if isinstance(verify_report, dict) else verify_report)
+                atomic_write_json(
+                    report_path, dict(verify_report) if isinstance(verify_report, dict) else verify_report
+                )
                 result["export_report"] = report_path
                 if hasattr(verify_report, "format"):
                     text = verify_report.format()
@@ -582,7 +618,14 @@ class Run:
 # paths in result.json are stored relative to the run folder, so a copied or
 # moved run folder refers to its own files
 _RESULT_PATHS = (
-    "final", "chosen", "best_checkpoint", "aligned_model", "tflite", "export_report", "bitwidth_chart", "source",
+    "final",
+    "chosen",
+    "best_checkpoint",
+    "aligned_model",
+    "tflite",
+    "export_report",
+    "bitwidth_chart",
+    "source",
 )
 
 
@@ -632,9 +675,14 @@ def load_model_file(path, stage_dir=None):
         fix = (
             f"Delete {os.path.join(stage_dir, 'result.json')} and re-run the same command: the "
             "stage is finished again from its last checkpoint."
-            if stage_dir else "Pass an intact model file."
+            if stage_dir
+            else "Pass an intact model file."
         )
-        raise RunDirError(f"cannot load {path}: it is missing or damaged ({type(e).__name__}: {e}). {fix}") from None
+        raise RunDirError(
+            f"cannot load {path}: it is missing or damaged ({type(e).__name__}: {e}). {fix}"
+        ) from None
+
+
 def _selection_numbers(stage, result):
     """The stage's numbers for the summary: the chosen model's, the paper's
     rule's and the final model's, labelled."""
@@ -767,10 +815,14 @@ def run(values, print_fn=print):
     r = Run(config, strategy, data, work_dir, is_chief, print_fn)
     times, results = {}, {}
     if "float" in stages:
-        results["float"] = r.train_stage("float", r.build_float, config["float_lr"], config["float_epochs"], False)
+        results["float"] = r.train_stage(
+            "float", r.build_float, config["float_lr"], config["float_epochs"], False
+        )
         times["float"] = results["float"].get("seconds", 0.0)
     if "quant" in stages:
-        results["quant"] = r.train_stage("quant", r.build_quant, config["quant_lr"], config["quant_epochs"], True)
+        results["quant"] = r.train_stage(
+            "quant", r.build_quant, config["quant_lr"], config["quant_epochs"], True
+        )
         times["quant"] = results["quant"].get("seconds", 0.0)
     export_source = None
     if "export" in stages:
@@ -814,7 +866,9 @@ def run(values, print_fn=print):
         )
         float_ckpt = r.float_checkpoint()
         if os.path.exists(float_ckpt):
-            summary["float_weight_kb"] = float_weight_kb(load_float(float_ckpt, None, r._owner_stage(float_ckpt)))
+            summary["float_weight_kb"] = float_weight_kb(
+                load_float(float_ckpt, None, r._owner_stage(float_ckpt))
+            )
     if "export" in results and "quant" not in results and export_source and os.path.exists(export_source):
         # export of a given quantized model: its sizes and Keras accuracy
         qmodel = load_model_file(export_source, r._owner_stage(export_source))
@@ -824,8 +878,16 @@ def run(values, print_fn=print):
             summary.update(
                 quant_accuracy=results["export"].get("keras_accuracy"),
                 quant_checkpoint=export_source,
-                **{k: sizes[k] for k in ("weight_kb", "activation_kb_sum", "activation_kb_max",
-                                         "mean_weight_bits", "mean_activation_bits")},
+                **{
+                    k: sizes[k]
+                    for k in (
+                        "weight_kb",
+                        "activation_kb_sum",
+                        "activation_kb_max",
+                        "mean_weight_bits",
+                        "mean_activation_bits",
+                    )
+                },
                 constraints_met=budget.satisfied(qmodel) if budget is not None else {},
                 target_weight_kb=budget.weight_kb if budget is not None else None,
                 target_activation_kb=budget.activation_kb if budget is not None else None,

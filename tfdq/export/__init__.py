@@ -12,7 +12,7 @@ an int8 model whose kernels hold exactly those integers:
   exact) and ``num_bits=8``, ``-/+127 d s_c`` when ``5 <= b <= 8``. So the
   scale is ``d`` (per tensor) or ``d |s_c|`` (per output channel) and every
   stored integer is a learned one. ``num_bits`` 2, 3 or 5-7 would make the
-  converter re-spread the values (DESIGN.md), so they are never used.
+  converter re-spread the values (docs/design.md), so they are never used.
 * BatchNormalization right after a quantized Conv2D / DepthwiseConv2D /
   Dense is folded into per-channel scales, not into the integers:
   ``s_c = gamma_c / sqrt(var_c + eps)``, kernel scale ``d |s_c|`` (a negative

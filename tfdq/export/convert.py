@@ -282,8 +282,9 @@ class Builder:
         level = 2 if nudge else 1
         unit = 1.0 / (level * n)  # kernel scale: the integer `level` times it is 1 / N
         ones = tf.constant(np.full((h, w, c, 1), 1.0 / n, np.float32))
-        kernel = tf.quantization.fake_quant_with_min_max_vars(ones, -INT8_MAX * unit, INT8_MAX * unit, num_bits=8,
-                                                             narrow_range=True)
+        kernel = tf.quantization.fake_quant_with_min_max_vars(
+            ones, -INT8_MAX * unit, INT8_MAX * unit, num_bits=8, narrow_range=True
+        )
         y = tf.nn.depthwise_conv2d(t, kernel, strides=[1, 1, 1, 1], padding="VALID")
         if nudge:  # one accumulator unit (s_in / (2 N)): the int32 bias 1
             y = tf.nn.bias_add(y, np.full(c, x.q.scale * unit, np.float32))
@@ -352,8 +353,14 @@ class Builder:
             # LeakyReLU (linear on each side) takes the step of the learned quantizer after it where
             # the range fits; the curved ones a tight scale
             prefer = self.plan.downstream_step(op.outputs[0]) if kind == "leaky_relu" else None
-            x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}",
-                               prefer_step=prefer, tight=True)
+            x = self.quantized(
+                values,
+                op.inputs[0],
+                f"{op.path}:input",
+                f"input of {op.path}",
+                prefer_step=prefer,
+                tight=True,
+            )
             return self.calibrated_activation(kind, x, op.path, getattr(op.layer, "negative_slope", 0.2))
         fn = tf.nn.relu if kind == "relu" else tf.nn.relu6
         if x.q is None and x.fusable:
@@ -376,7 +383,11 @@ class Builder:
         c = float(c)
         if self.mode == "float":
             return tf.constant(c)
-        lo, hi = (-128.0 * c / 127.0, c) if c > 0 else ((c, -127.0 * c / 128.0) if c < 0 else (-1.0, 127.0 / 128.0))
+        lo, hi = (
+            (-128.0 * c / 127.0, c)
+            if c > 0
+            else ((c, -127.0 * c / 128.0) if c < 0 else (-1.0, 127.0 / 128.0))
+        )
         return tf.quantization.fake_quant_with_min_max_vars(tf.constant(c), lo, hi, num_bits=8)
 
     def calibrated_activation(self, kind, x, label, slope=0.2):
@@ -398,7 +409,10 @@ class Builder:
             gate = self.fixed_range(tf.math.sigmoid(x.t), f"{label}:sigmoid", "TFLite int8 LOGISTIC output")
             return _Val(x.t * gate.t, None, False, False, label, tight=True)
         shifted = self.calibrated(
-            _Val(x.t + self.const(3.0), None, False, False, label, tight=True), f"{label}:x+3", reason, tight=True
+            _Val(x.t + self.const(3.0), None, False, False, label, tight=True),
+            f"{label}:x+3",
+            reason,
+            tight=True,
         )
         clamped = self.fq(tf.nn.relu6(shifted.t), shifted.q)  # RELU6 keeps its input's scale
         gate = _Val(clamped * self.const(1.0 / 6.0), None, False, True, label, tight=True)
@@ -432,7 +446,9 @@ class Builder:
             y = op.layer(*operands)
         else:
             y = op.layer(operands)
-        return _Val(y, None, False, nonneg, label, tight=True)  # quantized by its consumer (learned or calibrated)
+        return _Val(
+            y, None, False, nonneg, label, tight=True
+        )  # quantized by its consumer (learned or calibrated)
 
     def affine(self, op, values):
         """Rescaling / Normalization ``x a + b`` (scalars): MUL and ADD by exact int8 constants.
@@ -505,7 +521,9 @@ class Builder:
                 y = tf.nn.bias_add(y, bias)
             if plan.per_channel:
                 w = self.plan.bn[op.index]
-                y = y * w["factor"].astype(np.float32) + (w["beta"] - w["mean"] * w["factor"]).astype(np.float32)
+                y = y * w["factor"].astype(np.float32) + (w["beta"] - w["mean"] * w["factor"]).astype(
+                    np.float32
+                )
         else:
             folded = plan.folded_kernel()
             n = plan.fq_max
@@ -516,13 +534,21 @@ class Builder:
                 if plan.kind == "dense":
                     folded = folded[None, None]  # [1, 1, in, out]: exported as a 1x1 convolution
                 kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-                    tf.constant(folded), lo, hi, num_bits=plan.fq_bits, narrow_range=True,
+                    tf.constant(folded),
+                    lo,
+                    hi,
+                    num_bits=plan.fq_bits,
+                    narrow_range=True,
                     name=name if plan.kind != "depthwise" else None,
                 )
             else:
                 kernel = tf.quantization.fake_quant_with_min_max_vars(
-                    tf.constant(folded), -n * plan.scales()[0], n * plan.scales()[0], num_bits=plan.fq_bits,
-                    narrow_range=True, name=name if plan.kind != "depthwise" else None,
+                    tf.constant(folded),
+                    -n * plan.scales()[0],
+                    n * plan.scales()[0],
+                    num_bits=plan.fq_bits,
+                    narrow_range=True,
+                    name=name if plan.kind != "depthwise" else None,
                 )
             if plan.kind == "depthwise":
                 kernel = tf.reshape(kernel, layer.kernel.shape, name=name)
@@ -536,12 +562,15 @@ class Builder:
             fn = tf.nn.relu if act == "relu" else tf.nn.relu6
             return _Val(fn(y), None, False, True, op.path)
         if act == "softmax":
-            val = self.calibrated(val, f"{op.path}:logits", f"logits of {op.path} entering its softmax", tight=True)
+            val = self.calibrated(
+                val, f"{op.path}:logits", f"logits of {op.path} entering its softmax", tight=True
+            )
             return self.softmax(val, op.path)
         rule = activation_rule(layer)
         if rule in CALIBRATED_ACTIVATIONS:
-            val = self.calibrated(val, f"{op.path}:preactivation", f"output of {op.path} before its {act}",
-                                  tight=True)
+            val = self.calibrated(
+                val, f"{op.path}:preactivation", f"output of {op.path} before its {act}", tight=True
+            )
             return self.calibrated_activation(rule, val, op.path)
         if act != "linear":
             raise ExportError(
@@ -570,12 +599,18 @@ class Builder:
     def _apply_kernel(self, plan, layer, x, kernel, per_channel_dense):
         if plan.kind == "conv":
             return tf.nn.conv2d(
-                x, kernel, strides=list(layer.strides), padding=layer.padding.upper(),
+                x,
+                kernel,
+                strides=list(layer.strides),
+                padding=layer.padding.upper(),
                 dilations=list(layer.dilation_rate),
             )
         if plan.kind == "depthwise":
             return tf.nn.depthwise_conv2d(
-                x, kernel, strides=[1, *layer.strides, 1], padding=layer.padding.upper(),
+                x,
+                kernel,
+                strides=[1, *layer.strides, 1],
+                padding=layer.padding.upper(),
                 dilations=list(layer.dilation_rate),
             )
         rank = len(x.shape)
@@ -651,9 +686,7 @@ def _collect_stats(plan, calibration_data, max_samples):
         )
     stats = {n: {"max_abs": 0.0, "min": float("inf"), "samples": 0} for n in names}
     for batch in _as_batches(calibration_data, limit=max_samples):
-        if len(batch) != len(specs) or any(
-            b.shape[1:] != tuple(s.shape[1:]) for b, s in zip(batch, specs)
-        ):
+        if len(batch) != len(specs) or any(b.shape[1:] != tuple(s.shape[1:]) for b, s in zip(batch, specs)):
             raise ExportError(
                 f"calibration_data has inputs of shape {[b.shape[1:] for b in batch]}; the "
                 f"model takes {[tuple(s.shape[1:]) for s in specs]}."
@@ -692,7 +725,9 @@ def _trace_export(model, calibration_data, int4_kernels, calibration_samples):
     bad = nonfinite.nonfinite_variables(model)
     if bad:
         raise ExportError(
-            "the model holds NaN or Inf values in " + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else "")
+            "the model holds NaN or Inf values in "
+            + ", ".join(bad[:8])
+            + (" ..." if len(bad) > 8 else "")
             + ": a non-finite training step poisoned them. Export an earlier checkpoint, or retrain "
             "(tfdq's fit skips non-finite steps)."
         )
@@ -780,9 +815,16 @@ def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration
         step = b["s_out"]  # None: no learned quantizer takes the output (then in accumulator units only)
         if not bn.center:
             # no beta to move: this layer's bias stays rounded (the report says so)
-            changes.append({"layer": kplan.layer_name, "batchnorm": kplan.bn_name, "aligned": False,
-                            "reason": "BatchNormalization(center=False) has no beta",
-                            "max_beta_change": 0.0, "max_change_output_steps": 0.0})
+            changes.append(
+                {
+                    "layer": kplan.layer_name,
+                    "batchnorm": kplan.bn_name,
+                    "aligned": False,
+                    "reason": "BatchNormalization(center=False) has no beta",
+                    "max_beta_change": 0.0,
+                    "max_change_output_steps": 0.0,
+                }
+            )
             continue
         bn.beta.assign((np.asarray(bn.beta.numpy(), np.float64) + delta).astype(np.float32))
         changes.append(
@@ -839,7 +881,9 @@ def to_tflite(
             learned integers or still computes in float.
     """
     if input_type not in _TYPES or output_type not in _TYPES:
-        raise ValueError(f"input_type/output_type must be 'int8' or 'float32', got {input_type!r}/{output_type!r}.")
+        raise ValueError(
+            f"input_type/output_type must be 'int8' or 'float32', got {input_type!r}/{output_type!r}."
+        )
     plan, builder, exported, specs = _trace_export(model, calibration_data, int4_kernels, calibration_samples)
     tflite = _convert(exported, specs, _TYPES[input_type], _TYPES[output_type])
     info = inspect_tflite(tflite)

@@ -25,6 +25,7 @@ SOFTMAX_SCALE = 1.0 / 256.0  # TFLite's fixed int8 softmax output: scale 1/256, 
 TIE_BREAK = 1.0 + 2.0**-22  # per-tensor kernel scale factor (KernelPlan.scales)
 KERNEL_TAG = "tfdq_k"  # kernel FakeQuant ops are named tfdq_k<op index>; the name survives conversion
 
+
 class ExportError(ValueError):
     """The model cannot be exported exactly; the message says why and where."""
 
@@ -103,8 +104,10 @@ def _refusal(op):
     entry = registry.lookup(layer)
     what = "operation" if registry.is_operation(layer) else "layer"
     if entry is None:
-        return (f"not in tfdq's table of supported layers (an unknown {what})",
-                "replace it by a supported layer or op (README, 'Supported layers')")
+        return (
+            f"not in tfdq's table of supported layers (an unknown {what})",
+            "replace it by a supported layer or op (README, 'Supported layers')",
+        )
     if entry.export == registry.REFUSED:
         return "no integer export", entry.fix
     if entry.check is not None:
@@ -261,7 +264,13 @@ class KernelPlan:
         if self.rounds_twice and s_out is not None and nonneg:
             shift = requantization_shift(unit, s_out)
         integer = round_half_away(real - shift)
-        return {"unit": unit, "real": real, "shift": shift, "integer": integer, "residual": real - shift - integer}
+        return {
+            "unit": unit,
+            "real": real,
+            "shift": shift,
+            "integer": integer,
+            "residual": real - shift - integer,
+        }
 
     def folded_bias(self, bn_weights):
         if self.channel_factor is None:
@@ -425,11 +434,21 @@ class Plan:
                 n_quantizers += 1
                 self._plan_activation(op, problems)
             elif isinstance(layer, quantizers_lib.Quantizer):
-                self._refuse(problems, "unsupported", op, f"a bare {type(layer).__name__} quantizer layer",
-                             "wrap it in tfdq.layers.ActivationQuantizer")
+                self._refuse(
+                    problems,
+                    "unsupported",
+                    op,
+                    f"a bare {type(layer).__name__} quantizer layer",
+                    "wrap it in tfdq.layers.ActivationQuantizer",
+                )
             elif entry is not None and entry.role == registry.WEIGHTED:
-                self._refuse(problems, "float", op, "float weights without a tfdq quantizer",
-                             entry.fix or "quantize it with tfdq.quantize_model")
+                self._refuse(
+                    problems,
+                    "float",
+                    op,
+                    "float weights without a tfdq quantizer",
+                    entry.fix or "quantize it with tfdq.quantize_model",
+                )
             elif entry is not None and entry.rule == "batchnorm":
                 continue  # checked below
             else:
@@ -458,13 +477,17 @@ class Plan:
                 and src.outputs[0] not in self.output_keys
                 and op.layer.axis in (-1, len(op.node.input_tensors[0].shape) - 1)
             )
-            if src is not None and src.index not in self.kernels and isinstance(
-                src.layer, qlayers.QuantizedWeightsMixin
+            if (
+                src is not None
+                and src.index not in self.kernels
+                and isinstance(src.layer, qlayers.QuantizedWeightsMixin)
             ):
                 continue  # its layer already has a bits/pow2 problem
             if not ok:
                 self._refuse(
-                    problems, "unsupported", op,
+                    problems,
+                    "unsupported",
+                    op,
                     "does not directly follow a quantized Conv2D/DepthwiseConv2D/Dense with a "
                     "linear activation, so it cannot be folded",
                     "put the BatchNormalization right after the convolution, before its activation",
@@ -473,13 +496,23 @@ class Plan:
             plan = self.kernels[src.index]
             w = _bn_weights(op.layer)
             if w["factor"].shape[0] != plan.out_channels:
-                self._refuse(problems, "unsupported", op, f"channel count does not match {src.path}",
-                             "fold it over the channel axis of the layer before it")
+                self._refuse(
+                    problems,
+                    "unsupported",
+                    op,
+                    f"channel count does not match {src.path}",
+                    "fold it over the channel axis of the layer before it",
+                )
                 continue
             rank = len(src.node.input_tensors[0].shape)
             if plan.kind == "dense" and rank != 2:
-                self._refuse(problems, "unsupported", op, f"after a Dense on a rank-{rank} input",
-                             "flatten before the Dense")
+                self._refuse(
+                    problems,
+                    "unsupported",
+                    op,
+                    f"after a Dense on a rank-{rank} input",
+                    "flatten before the Dense",
+                )
                 continue
             plan.bn_name = op.path
             plan.channel_factor = w["factor"]
@@ -563,9 +596,15 @@ class Plan:
         bits = int(round(p["bits"]))
         if q.FAMILY != "uniform":
             problems["pow2_act"].append(f"{op.path} ({type(q).__name__})")
-            self.problems.append({"layer": op.path, "class": type(q).__name__, "kind": "pow2_act",
-                                  "problem": "a power-of-two activation quantizer has no integer kernel",
-                                  "fix": "use a uniform activation quantizer (U1/U2/U3)"})
+            self.problems.append(
+                {
+                    "layer": op.path,
+                    "class": type(q).__name__,
+                    "kind": "pow2_act",
+                    "problem": "a power-of-two activation quantizer has no integer kernel",
+                    "fix": "use a uniform activation quantizer (U1/U2/U3)",
+                }
+            )
             return
         n = int(round_half_away(p["q_max"] / p["d"]))
         limit = INT8_MAX if q.signed else 255
@@ -578,7 +617,9 @@ class Plan:
         """Record one node the exporter cannot take (``self.problems``) and its message part."""
         cls = ("keras.ops." if registry.is_operation(op.layer) else "") + type(op.layer).__name__
         problems[category].append(f"{op.path} ({cls})" + (f": {detail}" if category == "unsupported" else ""))
-        self.problems.append({"layer": op.path, "class": cls, "problem": detail, "fix": fix, "kind": category})
+        self.problems.append(
+            {"layer": op.path, "class": cls, "problem": detail, "fix": fix, "kind": category}
+        )
 
     def downstream_quantizer(self, key, folded=False):
         """``(ActPlan, through_relu)`` of the learned quantizer that quantizes ``key``.
@@ -598,8 +639,12 @@ class Plan:
             if folded and op.index in self.folded_bn:
                 key, folded = op.outputs[0], False
                 continue
-            if not relu and registry.lookup(op.layer) is not None and registry.lookup(op.layer).rule == "activation" \
-                    and activation_rule(op.layer) in ("relu", "relu6"):
+            if (
+                not relu
+                and registry.lookup(op.layer) is not None
+                and registry.lookup(op.layer).rule == "activation"
+                and activation_rule(op.layer) in ("relu", "relu6")
+            ):
                 key, relu = op.outputs[0], True
                 continue
             break

@@ -39,7 +39,9 @@ def size_report(model, tflite_bytes):
         "kernel_bytes_in_file": sum(file_kernel.values()),
         "kernel_bytes_by_storage": file_kernel,
         "int8_kernel_bytes": count,
-        "mixed_int4_int8_bytes": sum(p.count * (4 if p.n_allowed <= INT4_MAX else 8) / 8 for p in plan.kernels.values()),
+        "mixed_int4_int8_bytes": sum(
+            p.count * (4 if p.n_allowed <= INT4_MAX else 8) / 8 for p in plan.kernels.values()
+        ),
         "learned_packed_bytes": sum(p.count * p.bits / 8 for p in plan.kernels.values()),
         "float32_kernel_bytes": 4 * count,
     }
@@ -98,15 +100,19 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
             scale_max_rel_error=scale_err,
         )
         entry["ok"] = bool(
-            entry["within_range"] and entry["integers_equal_learned"] and storage_ok
-            and scale_err < 1e-5 and entry["interpreter_matches_buffer"]
+            entry["within_range"]
+            and entry["integers_equal_learned"]
+            and storage_ok
+            and scale_err < 1e-5
+            and entry["interpreter_matches_buffer"]
         )
         layers.append(entry)
     return layers
 
 
-def verify(model, tflite_bytes, dataset, *, batch_size=250, export_report=None, int4_kernels=None,
-           num_threads=None):
+def verify(
+    model, tflite_bytes, dataset, *, batch_size=250, export_report=None, int4_kernels=None, num_threads=None
+):
     """Run the ``.tflite`` in LiteRT next to the Keras model and compare.
 
     Args:
@@ -226,7 +232,9 @@ def _format_verification(r):
         lines.append(f"  max |output diff|      {r['max_abs_output_diff']:.4g}")
     lines.append(f"  float operators        {r['float_ops'] or 'none'}")
     lines.append("")
-    lines.append(f"  {'layer':<34} {'bits':>4} {'allowed':>11} {'in file':>11} {'storage':>7} {'exact':>5} {'bytes':>7}")
+    lines.append(
+        f"  {'layer':<34} {'bits':>4} {'allowed':>11} {'in file':>11} {'storage':>7} {'exact':>5} {'bytes':>7}"
+    )
     for l in r["layers"]:
         if not l.get("found"):
             lines.append(f"  {l['layer']:<34} {l['bits']:>4} kernel NOT FOUND in file")
@@ -246,7 +254,11 @@ def _format_verification(r):
         f"  kernel bytes in file   {s['kernel_bytes_in_file']} (int4 {s['kernel_bytes_by_storage']['int4']}, "
         f"int8 {s['kernel_bytes_by_storage']['int8']})"
     )
-    lines.append(f"  int8 weight bytes      {s['int8_kernel_bytes']} ({s['kernel_count']} kernel weights at 8 bits)")
-    lines.append(f"  int4/int8 nominal      {s['mixed_int4_int8_bytes']:.0f} (sum n (4 if b <= 4 else 8) / 8)")
+    lines.append(
+        f"  int8 weight bytes      {s['int8_kernel_bytes']} ({s['kernel_count']} kernel weights at 8 bits)"
+    )
+    lines.append(
+        f"  int4/int8 nominal      {s['mixed_int4_int8_bytes']:.0f} (sum n (4 if b <= 4 else 8) / 8)"
+    )
     lines.append(f"  learned packed size    {s['learned_packed_bytes']:.0f} bytes (sum b*count/8)")
     return "\n".join(lines)

@@ -111,17 +111,13 @@ def _cache_key():
     for flag in (*CXXFLAGS, *compile_flags, *link_flags):
         if not flag.startswith(("-I", "-L")):
             digest.update(b"\0" + flag.encode())
-    abi = sysconfig.get_config_var("SOABI") or (
-        f"{sys.implementation.cache_tag}-{platform.machine()}"
-    )
+    abi = sysconfig.get_config_var("SOABI") or (f"{sys.implementation.cache_tag}-{platform.machine()}")
     return f"tf{tf.__version__}-{abi}-{digest.hexdigest()[:16]}"
 
 
 def cache_dir():
     """The folder of this build: ``$TFDQ_KERNEL_CACHE/<key>``, default ``~/.cache/tfdq/kernels``."""
-    root = os.environ.get(ENV_CACHE) or os.path.join(
-        os.path.expanduser("~"), ".cache", "tfdq", "kernels"
-    )
+    root = os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "tfdq", "kernels")
     return os.path.join(root, _cache_key())
 
 
@@ -229,7 +225,8 @@ def build(path=None, force=False):
         if os.path.exists(path):
             logger.warning(
                 "tfdq: the cached kernel library %s does not match its recorded size and "
-                "hash (damaged, or an older build): rebuilding it", path,
+                "hash (damaged, or an older build): rebuilding it",
+                path,
             )
         fd, tmp = tempfile.mkstemp(prefix=".tfdq_kernels.", suffix=".so.tmp", dir=folder)
         os.close(fd)
@@ -238,9 +235,7 @@ def build(path=None, force=False):
         logger.info("tfdq: compiling the CPU kernels (first use): %s", " ".join(command))
         try:
             try:
-                proc = subprocess.run(
-                    command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
-                )
+                proc = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             except (OSError, subprocess.SubprocessError) as e:
                 raise KernelBuildError(f"running {cxx} failed: {e}") from e
             if proc.returncode != 0:
