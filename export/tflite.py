@@ -215,36 +215,30 @@ def run(
     and verified in that form; ``model_path`` itself is never written.
     """
     from tfdq import export  # noqa: PLC0415
-    from tfdq.callbacks import atomic_save, atomic_write_bytes  # noqa: PLC0415
+    from tfdq.callbacks import atomic_write_bytes  # noqa: PLC0415
 
     output, aligned_path, report_json = output_paths(model_path, output, report_json, align_biases)
     model = load_model(model_path)
     dataset = choose_dataset(model, dataset, print_fn)
     calibration, evaluation = load_data(dataset, calibration_samples, max_eval_samples, data_dir)
-    alignment = None
     try:
-        if align_biases:
-            alignment = export.align_biases(
-                model, calibration, int4_kernels=not int8_kernels, calibration_samples=calibration_samples
-            )
-            atomic_save(model, aligned_path)
-        tflite, export_report = export.to_tflite(
+        out = export.export_and_verify(
             model,
             calibration,
+            evaluation,
+            output,
+            aligned_path=aligned_path,
+            align=align_biases,
+            int4_kernels=not int8_kernels,
             input_type=input_type,
             output_type=output_type,
-            int4_kernels=not int8_kernels,
             calibration_samples=calibration_samples,
-            return_report=True,
         )
     except (export.ExportError, ValueError) as err:
         raise CommandError(f"cannot export {model_path!r}: {err}") from None
-    atomic_write_bytes(output, tflite)
-    result = export.verify(
-        model, tflite, evaluation, export_report=export_report, int4_kernels=not int8_kernels
-    )
-    float_bytes = len(export.float_tflite(model))
-    result["sizes"]["float32_tflite_bytes"] = float_bytes
+    tflite, export_report, result = out["tflite_bytes"], out["export"], out["verification"]
+    alignment = out["bias_alignment"]
+    float_bytes = result["sizes"]["float32_tflite_bytes"]
     print_fn(f"wrote {output}")
     if aligned_path is not None:
         moved = max((a["max_change_output_steps"] or 0.0 for a in alignment), default=0.0)

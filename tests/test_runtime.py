@@ -45,3 +45,19 @@ def test_predict_and_accuracy_agree(exported):
     assert runtime.accuracy(tflite, ds) == 1.0
     with pytest.raises(ValueError, match="labels"):
         runtime.accuracy(tflite, x)
+
+
+def test_export_and_verify_writes_the_file_the_command_and_the_script_share(exported, tmp_path):
+    q, _, x = exported
+    y = np.argmax(q.predict(x, verbose=0), axis=-1)
+    out = tfdq.export.export_and_verify(
+        q, x, (x, y), str(tmp_path / "m.tflite"), aligned_path=str(tmp_path / "m.aligned.keras")
+    )
+    data = (tmp_path / "m.tflite").read_bytes()
+    assert data == out["tflite_bytes"] and data[4:8] == b"TFL3"
+    assert (tmp_path / "m.aligned.keras").exists()
+    v = out["verification"]
+    assert v["all_kernels_exact"] is True
+    assert v["sizes"]["float32_tflite_bytes"] > 0  # the float file of the same model, for the size report
+    # the runner and verify see the same file: same accuracy against the Keras labels
+    assert runtime.accuracy(data, (x, y)) == pytest.approx(v["tflite_accuracy"])

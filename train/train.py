@@ -154,7 +154,7 @@ def quantize(config, float_model, calibration):
     if weight_kb or act_kb:
         lam = config["lam"]
         if lam is None:  # the paper's ImageNet rule: 0.1 scaled by the squared model-size ratio
-            lam = 0.1 * (1048.0 / float_weight_kb(float_model)) ** 2
+            lam = tfdq.constraints.auto_lambda(float_weight_kb(float_model), reference_kb=1048.0)
         qmodel = tfdq.constrain(
             qmodel,
             weight_kb=weight_kb,
@@ -183,33 +183,6 @@ def evaluate(model, dataset):
     from train.loop import CustomLoop  # noqa: PLC0415
 
     return CustomLoop(model, None, tf.distribute.get_strategy(), 1).evaluate(dataset)
-
-
-def tflite_accuracy(tflite_bytes, dataset):
-    """Accuracy of a .tflite model under LiteRT, one example at a time."""
-    import numpy as np  # noqa: PLC0415
-    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
-
-    interp = Interpreter(model_content=tflite_bytes)
-    interp.allocate_tensors()
-    inp = interp.get_input_details()[0]
-    out = interp.get_output_details()[0]
-    correct = total = 0
-    for x, y in dataset.unbatch().batch(1):
-        x = x.numpy()
-        if inp["dtype"] in (np.int8, np.uint8):
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        interp.set_tensor(inp["index"], x.astype(inp["dtype"]).reshape(inp["shape"]))
-        interp.invoke()
-        pred = int(np.argmax(interp.get_tensor(out["index"]).reshape(-1)))
-        correct += int(pred == int(y.numpy().reshape(-1)[0]))
-        total += 1
-    return correct / max(total, 1)
-
-
-# -- callbacks specific to this script ------------------------------------------
 
 
 def _budget_logs_callback():
@@ -553,58 +526,43 @@ class Run:
             return read_result(result_path, self.work_dir)
         if not self.is_chief:
             return {"skipped": "export runs on the chief worker"}
-        try:
-            from tfdq import callbacks as tfdq_callbacks  # noqa: PLC0415
-            from tfdq import export as export_lib  # noqa: PLC0415
-        except ImportError as e:
-            note = f"export skipped: tfdq.export is not available in this installation ({e})"
-            self.print(f"[export] {note}")
-            return {"skipped": note}
+        from tfdq import export as export_lib  # noqa: PLC0415
+
         start = time.time()
         model = load_model_file(model_path, self._owner_stage(model_path))
         result = {"source": model_path}
         try:
-            # Keras then computes what the integer file computes (int32 biases exact).
-            alignment = export_lib.align_biases(model, self.data.calibration)
-            aligned_path = os.path.join(stage_dir, "aligned.keras")
-            os.makedirs(stage_dir, exist_ok=True)
-            tfdq_callbacks.atomic_save(model, aligned_path)
-            result.update(aligned_model=aligned_path, bias_alignment=alignment)
-            kwargs = _supported_kwargs(
-                export_lib.to_tflite, calibration_data=self.data.calibration, return_report=True
-            )
-            out = export_lib.to_tflite(model, **kwargs)
-            tflite, export_report = out if isinstance(out, tuple) else (out, None)
-            path = os.path.join(stage_dir, "model.tflite")
-            tfdq_callbacks.atomic_write_bytes(path, tflite)
-            result.update(tflite=path, tflite_kb=len(tflite) / 1024.0)
             limit = self.config["export_examples"] or None
             dataset = self.data.val
             if limit:
                 dataset = dataset.unbatch().take(limit).batch(self.data.batch_size)
-            verify = getattr(export_lib, "verify", None)
-            accuracy = None
-            if verify is not None:
-                kwargs = _supported_kwargs(verify, export_report=export_report)
-                verify_report = verify(model, tflite, dataset, **kwargs)
-                report_path = os.path.join(stage_dir, "report.json")
-                atomic_write_json(
-                    report_path, dict(verify_report) if isinstance(verify_report, dict) else verify_report
-                )
-                result["export_report"] = report_path
-                if hasattr(verify_report, "format"):
-                    text = verify_report.format()
-                    atomic_write_text(os.path.join(stage_dir, "report.txt"), text + "\n")
-                    if self.config["verbose"]:
-                        self.print(text)
-                if isinstance(verify_report, dict):
-                    for key in ("tflite_accuracy", "top1_agreement", "all_kernels_exact", "keras_accuracy"):
-                        if key in verify_report:
-                            result[key] = verify_report[key]
-                    accuracy = verify_report.get("tflite_accuracy")
-            if accuracy is None:
-                accuracy = tflite_accuracy(tflite, dataset)
-            result["tflite_accuracy"] = float(accuracy)
+            # the export command's own pipeline: align (Keras then computes what the
+            # integer file computes), convert, write, verify in LiteRT
+            out = export_lib.export_and_verify(
+                model,
+                self.data.calibration,
+                dataset,
+                os.path.join(stage_dir, "model.tflite"),
+                aligned_path=os.path.join(stage_dir, "aligned.keras"),
+            )
+            verify_report = out["verification"]
+            result.update(
+                aligned_model=out["aligned_model"],
+                bias_alignment=out["bias_alignment"],
+                tflite=out["tflite"],
+                tflite_kb=len(out["tflite_bytes"]) / 1024.0,
+            )
+            report_path = os.path.join(stage_dir, "report.json")
+            atomic_write_json(report_path, dict(verify_report))
+            result["export_report"] = report_path
+            text = verify_report.format()
+            atomic_write_text(os.path.join(stage_dir, "report.txt"), text + "\n")
+            if self.config["verbose"]:
+                self.print(text)
+            for key in ("tflite_accuracy", "top1_agreement", "all_kernels_exact", "keras_accuracy"):
+                if key in verify_report:
+                    result[key] = verify_report[key]
+            result["tflite_accuracy"] = float(verify_report["tflite_accuracy"])
         except Exception as e:  # noqa: BLE001 (report any export failure, keep the summary)
             traceback.print_exc()
             result["error"] = f"{type(e).__name__}: {e}"
@@ -707,19 +665,6 @@ def load_float(path, print_fn=None, stage_dir=None):
     if note and print_fn is not None:
         print_fn(f"{path}: {note}")
     return model
-
-
-def _supported_kwargs(fn, **kwargs):
-    """The keyword arguments that ``fn`` accepts (tfdq.export is young)."""
-    import inspect  # noqa: PLC0415
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def preflight(config, data):

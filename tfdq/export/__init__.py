@@ -79,6 +79,7 @@ rounding has no integer TFLite kernel), layers without an integer export.
 
 from tfdq.export.convert import ExportReport, align_biases, float_tflite, save_tflite, to_tflite
 from tfdq.export.flatbuffer import inspect_tflite
+from tfdq.export.pipeline import export_and_verify
 from tfdq.export.plan import ExportError
 from tfdq.export.runtime import LiteRTRunner
 from tfdq.export.runtime import predict as litert_predict
@@ -90,6 +91,7 @@ __all__ = [
     "LiteRTRunner",
     "VerificationReport",
     "align_biases",
+    "export_and_verify",
     "float_tflite",
     "inspect_tflite",
     "litert_predict",
