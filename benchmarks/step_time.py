@@ -10,7 +10,7 @@ gradient clip all in the step): with tfdq's fused quantizer
 kernels (the default: the uniform quantizer's forward and backward pass are
 one multi-threaded loop each, ``tfdq.kernels``), with the XLA-compiled
 quantizer passes instead (``TFDQ_CUSTOM_KERNELS=0``), with plain TensorFlow
-ops (``tfdq.ops.FUSED = False``), and both models with XLA on the whole
+ops (``tfdq.config.settings(fused=False)``), and both models with XLA on the whole
 step (``jit_compile``). The models
 alternate in rounds so that machine noise hits all of them alike. Each step
 records wall time and the process's CPU time (all threads; on a shared
@@ -46,7 +46,6 @@ def measure(rounds=5, steps=5, batch_size=128):
     import numpy as np  # noqa: PLC0415
 
     import tfdq  # noqa: PLC0415
-    from tfdq import ops  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, 32, 32, 3)).astype("float32")
@@ -74,19 +73,12 @@ def measure(rounds=5, steps=5, batch_size=128):
         activation="max",
     )
     add("tfdq_u3_budget", budgeted, False)
-    tfdq.nonfinite.ENABLED = False  # the same step without the non-finite-step guard
-    add("tfdq_u3_unguarded", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
-    tfdq.nonfinite.ENABLED = True
-    saved = os.environ.get("TFDQ_CUSTOM_KERNELS")
-    os.environ["TFDQ_CUSTOM_KERNELS"] = "0"
-    add("tfdq_u3_xla_quantizers", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
-    if saved is None:
-        del os.environ["TFDQ_CUSTOM_KERNELS"]
-    else:
-        os.environ["TFDQ_CUSTOM_KERNELS"] = saved
-    ops.FUSED = False
-    add("tfdq_u3_plain_ops", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
-    ops.FUSED = True
+    with tfdq.config.settings(nonfinite_guard=False):  # the same step without the non-finite-step guard
+        add("tfdq_u3_unguarded", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    with tfdq.config.settings(custom_kernels=False):
+        add("tfdq_u3_xla_quantizers", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    with tfdq.config.settings(fused=False):
+        add("tfdq_u3_plain_ops", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
     add("float_xla", keras.models.clone_model(float_model), True)
     add("tfdq_u3_xla", tfdq.quantize_model(float_model, calibration_data=x[:32]), True)
     wall = {name: [] for name in configs}

@@ -1,7 +1,7 @@
 """tfdq.kernels: the fused CPU uniform quantizer against float64 NumPy and tfdq.ops.
 
 The forward pass must be bit-identical to the TensorFlow formulas of
-``tfdq.ops`` (``ops.FUSED = False``) and equal in value to float64 NumPy
+``tfdq.ops`` (``tfdq.config.settings(fused=False)``) and equal in value to float64 NumPy
 round-half-away references; ``gx`` must be exact, ``gd`` and ``gq`` within
 1e-6 (relative) of float64 NumPy sums.
 
@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tfdq
 from tfdq import kernels, ops
 
 TINY32 = float(np.finfo(np.float32).tiny)
@@ -66,10 +67,8 @@ def lib():
 @pytest.fixture
 def plain_ops():
     """``tfdq.ops`` with its plain TensorFlow formulas (restored after the test)."""
-    saved = ops.FUSED
-    ops.FUSED = False
-    yield ops
-    ops.FUSED = saved
+    with tfdq.config.settings(fused=False):
+        yield ops
 
 
 # ---------------------------------------------------------------------------
@@ -221,14 +220,10 @@ def test_round_half_away_cases(lib):
 def test_forward_matches_xla_path(lib, signed):
     d, q_max = 0.1, float(np.float32(127) * np.float32(0.1))
     x = _test_values(d, q_max, signed)
-    saved = ops.FUSED
-    ops.FUSED = True
-    try:
+    with tfdq.config.settings(fused=True):
         xla = ops._uniform_forward(
             tf.constant(x), tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), signed
         )
-    finally:
-        ops.FUSED = saved
     q = kernels.uniform_quantize(x, d, q_max, signed).numpy()
     np.testing.assert_array_equal(q, xla.numpy())  # values: XLA gives -0.0 for +0.0
 
@@ -370,6 +365,25 @@ def test_disabled_by_environment(monkeypatch):
     assert not kernels.usable(tf.zeros([2]))
     with pytest.raises(RuntimeError, match="not available"):
         kernels.uniform_quantize(tf.zeros([2]), 0.5, 2.0)
+
+
+def test_settings_scope_the_switches(monkeypatch):
+    """tfdq.config: a settings block overrides the environment and is undone on exit."""
+    monkeypatch.delenv(kernels.ENV_ENABLE, raising=False)
+    assert tfdq.config.get("custom_kernels") and tfdq.config.get("fused")
+    with tfdq.config.settings(custom_kernels=False):
+        assert not kernels.usable(tf.zeros([2]))
+        with tfdq.config.settings(fused=False, custom_kernels=True):
+            assert not tfdq.config.get("fused") and tfdq.config.get("custom_kernels")
+        assert not tfdq.config.get("custom_kernels") and tfdq.config.get("fused")
+    assert tfdq.config.get("custom_kernels")
+    monkeypatch.setenv("TFDQ_FUSED", "0")
+    assert not tfdq.config.get("fused")
+    with pytest.raises(ValueError, match="unknown tfdq setting"):
+        tfdq.config.get("fast")
+    with pytest.raises(TypeError, match="True or False"):
+        with tfdq.config.settings(fused="no"):
+            pass
 
 
 def test_not_available_with_a_gpu(monkeypatch):

@@ -280,10 +280,9 @@ def test_sgd_at_paper_learning_rates_stays_finite_on_resnet20():
 
 @pytest.mark.parametrize("weight_q,act_q", [("U3", "U3"), ("P3", "U2")])
 def test_fused_quantizer_kernels_train_exactly_like_plain_ops(weight_q, act_q):
-    """The XLA-fused quantizer passes (tfdq.ops.FUSED, the default) and the
+    """The XLA-fused quantizer passes (tfdq.config fused, the default) and the
     plain TensorFlow ops give the same forward values bit for bit and the
     same gradients (the parameter sums may differ in summation order)."""
-    from tfdq import ops  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 12, 12, 3)).astype("float32")
@@ -300,10 +299,8 @@ def test_fused_quantizer_kernels_train_exactly_like_plain_ops(weight_q, act_q):
         ]
     )
     results = []
-    saved = ops.FUSED
-    try:
-        for fused in (True, False):
-            ops.FUSED = fused
+    for fused in (True, False):
+        with tfdq.config.settings(fused=fused):
             q = tfdq.quantize_model(
                 float_model, weight_quantizer=weight_q, activation_quantizer=act_q, calibration_data=x
             )
@@ -318,8 +315,6 @@ def test_fused_quantizer_kernels_train_exactly_like_plain_ops(weight_q, act_q):
 
             out, grads = step()
             results.append((out.numpy(), [g.numpy() for g in grads]))
-    finally:
-        ops.FUSED = saved
     (out_f, grads_f), (out_p, grads_p) = results
     np.testing.assert_array_equal(out_f, out_p)
     assert len(grads_f) == len(grads_p)

@@ -15,8 +15,9 @@ logging); the command-line scripts quiet TensorFlow's C++ log themselves.
 from tfdq import (
     batchnorm,
     callbacks,
+    config,
     constraints,
-    export,  # (after the modules it builds on)
+    export,
     layers,
     memory,
     models,
@@ -38,6 +39,7 @@ __all__ = [
     "batchnorm",
     "QuantizedModel",
     "callbacks",
+    "config",
     "constrain",
     "constraints",
     "export",

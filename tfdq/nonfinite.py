@@ -24,11 +24,12 @@ model that hold NaN or infinity (checkpoints and exports refuse them).
 """
 
 import contextlib
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tfdq import config
 
 __all__ = [
     "PATIENCE",
@@ -42,9 +43,10 @@ __all__ = [
 ]
 
 PATIENCE = 10
-# TFDQ_NONFINITE_GUARD=0 traces training steps without the guard (read when a
-# step is traced, like tfdq.ops.FUSED; benchmarks/step_time.py measures its cost).
-ENABLED = os.environ.get("TFDQ_NONFINITE_GUARD", "1") != "0"
+# tfdq.config's nonfinite_guard (TFDQ_NONFINITE_GUARD=0, or
+# ``with tfdq.config.settings(nonfinite_guard=False)``) traces training steps
+# without the guard (read when a step is traced; benchmarks/step_time.py
+# measures its cost).
 _ATTR = "_tfdq_nonfinite"
 MESSAGE = (
     "tfdq: {n} training steps in a row had a non-finite loss or gradient (NaN or Inf); none "
@@ -140,7 +142,7 @@ def snapshot(model):
 def guarding(model):
     """While active (one traced training step), ``model``'s wrapped optimizer
     applies gradients only through :func:`apply_if_finite`."""
-    if not ENABLED:
+    if not config.get("nonfinite_guard"):
         yield None
         return
     state = attach(model)

@@ -12,12 +12,11 @@ docs/method.md).
 """
 
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
 
-from tfdq import kernels
+from tfdq import config, kernels
 
 LN2 = math.log(2.0)
 
@@ -32,19 +31,21 @@ _BELOW_HALF = float(np.float32(0.5) - np.float32(2.0**-25))
 # one fused loop instead of a dozen TensorFlow kernels. TFDQ_FUSED=0 runs the
 # same formulas as plain TensorFlow ops (identical values; the parameter
 # gradients may differ in summation order); TFDQ_CUSTOM_KERNELS=0 keeps XLA.
-FUSED = os.environ.get("TFDQ_FUSED", "1") != "0"
+# Both are read through tfdq.config when a step is traced
+# (``with tfdq.config.settings(fused=False): ...`` scopes them).
 
 
 def _kernel(fn):
-    """``fn`` as one XLA-compiled function (a fused loop); plain ops while ``FUSED`` is off.
+    """``fn`` as one XLA-compiled function (a fused loop); plain ops where ``fused`` is off.
 
-    The choice is made when a model's step is traced, so ``tfdq.ops.FUSED``
-    can be switched between building models (benchmarks compare both).
+    The choice is made when a model's step is traced (``tfdq.config``), so
+    ``with tfdq.config.settings(fused=False)`` around the first call of a
+    model gives plain ops for that model (benchmarks compare both).
     """
     fused = tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
 
     def call(*args):
-        return (fused if FUSED else fn)(*args)
+        return (fused if config.get("fused") else fn)(*args)
 
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
@@ -281,7 +282,7 @@ def uniform_quantize(x, d, q_max, signed=True):
     x = tf.convert_to_tensor(x)
     d = tf.cast(d, x.dtype)
     q_max = tf.cast(q_max, x.dtype)
-    if FUSED and d.shape.rank == 0 and q_max.shape.rank == 0 and kernels.usable(x):
+    if config.get("fused") and d.shape.rank == 0 and q_max.shape.rank == 0 and kernels.usable(x):
         return kernels.uniform_quantize(x, d, q_max, signed)
 
     @tf.custom_gradient

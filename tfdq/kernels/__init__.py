@@ -93,7 +93,9 @@ class KernelBuildError(RuntimeError):
 
 
 def _enabled():
-    return os.environ.get(ENV_ENABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+    from tfdq import config  # noqa: PLC0415 (tfdq.config imports nothing of tfdq)
+
+    return config.get("custom_kernels")
 
 
 def _tf_flags():
