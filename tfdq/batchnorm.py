@@ -74,7 +74,7 @@ def _input_batches(data, batch_size):
     """Yield input batches (x only) of ``data`` through Keras' own data adapters:
     arrays (or a list/dict of them, or ``(x, y)``), ``tf.data.Dataset``,
     ``keras.utils.PyDataset`` or a generator."""
-    from keras.src.trainers.data_adapters import get_data_adapter  # noqa: PLC0415
+    from tfdq._compat import get_data_adapter  # noqa: PLC0415
 
     if isinstance(data, tuple) and len(data) in (2, 3) and not isinstance(data[0], (int, float)):
         if np.ndim(data[0]) > 1 or isinstance(data[0], (list, dict)):

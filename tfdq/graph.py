@@ -1,13 +1,15 @@
 """Walking the graph of a Keras Functional model (shared by cloning and export)."""
 
+from tfdq import _compat
+
 
 def producer(tensor):
     """``(layer, node)`` that produced a KerasTensor, or ``(None, None)`` for inputs."""
-    history = getattr(tensor, "_keras_history", None)
+    history = _compat.keras_history(tensor)
     if history is None or history.operation is None:
         return None, None
     layer = history.operation
-    node = layer._inbound_nodes[history.node_index]
+    node = _compat.inbound_nodes(layer)[history.node_index]
     if node.is_input:
         return None, None
     return layer, node

@@ -31,8 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdq import _compat, ops, registry
 from tfdq import layers as qlayers
-from tfdq import ops, registry
 
 BITS_PER_KB = 8.0 * 1024.0
 FLOAT_BITS = 32.0
@@ -104,8 +104,8 @@ def _feature_count(layer):
 
 
 def _is_model_input(layer):
-    node = layer._inbound_nodes[0]
-    source = node.input_tensors[0]._keras_history.operation
+    node = _compat.inbound_nodes(layer)[0]
+    source = _compat.keras_history(node.input_tensors[0]).operation
     return isinstance(source, keras.layers.InputLayer)
 
 

@@ -57,7 +57,7 @@ class QuantizedModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from keras.src.models.functional import functional_from_config  # noqa: PLC0415
+        from tfdq._compat import functional_from_config  # noqa: PLC0415
 
         config = dict(config)
         budget = config.pop("memory_budget", None)

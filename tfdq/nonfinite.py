@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfdq import config
+from tfdq import _compat, config
 
 __all__ = [
     "PATIENCE",
@@ -232,7 +232,7 @@ def apply_if_finite(model, apply_gradients, grads_and_vars, loss=None, saved=Non
     if (
         strategy.num_replicas_in_sync > 1
         and context is not None
-        and not tf.__internal__.distribute.strategy_supports_no_merge_call()
+        and not _compat.strategy_supports_no_merge_call()
     ):
         # A branch that calls merge_call (apply_gradients does) cannot run in
         # a cond in replica context: decide in cross-replica context, as

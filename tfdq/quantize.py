@@ -42,11 +42,11 @@ import warnings
 import keras
 import numpy as np
 from keras import tree
-from keras.src.models.functional import Functional  # the class of Functional models
 
+from tfdq import _compat, registry, validate
 from tfdq import layers as qlayers
 from tfdq import quantizers as quantizers_lib
-from tfdq import registry, validate
+from tfdq._compat import Functional
 from tfdq.graph import model_nodes, producer
 from tfdq.model import QuantizedModel
 
@@ -653,7 +653,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                 options["activation_bits"],
                 init_bits,
             )
-            base = orig._keras_history.operation.name
+            base = _compat.keras_history(orig).operation.name
             quantizer = cls(**kwargs, name=f"{base}_aq_q")
             if id(orig) in stats and options["calibrate_activations"]:
                 max_abs, _ = stats[id(orig)]

@@ -26,11 +26,11 @@ import dataclasses
 
 import keras
 import numpy as np
-from keras.src.ops import nn as _nn_ops
-from keras.src.ops import numpy as _np_ops
 
 from tfdq import layers as qlayers
 from tfdq import models as _models
+from tfdq._compat import nn_ops as _nn_ops
+from tfdq._compat import numpy_ops as _np_ops
 
 EXACT, CALIBRATED, FOLDED, REFUSED = "exact", "calibrated", "folded", "refused"
 

@@ -315,12 +315,9 @@ def available():
 
 def _in_xla_context():
     """Whether the current trace is inside an XLA-compiled function (TF internals)."""
-    try:
-        from tensorflow.python.framework import ops as tf_ops  # noqa: PLC0415
-        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
-    except ImportError:  # moved in a later TensorFlow: assume not
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
+    from tfdq import _compat  # noqa: PLC0415
+
+    return _compat.in_xla_context()
 
 
 @tf.autograph.experimental.do_not_convert
@@ -346,11 +343,9 @@ def usable(x):
 
 def _gradients_recorded():
     """Whether a gradient tape (or forward accumulator) may record here (TF internals)."""
-    try:
-        from tensorflow.python.eager import record  # noqa: PLC0415
-    except ImportError:  # moved in a later TensorFlow: assume a training step
-        return True
-    return bool(record.could_possibly_record())
+    from tfdq import _compat  # noqa: PLC0415
+
+    return _compat.gradients_may_be_recorded()
 
 
 @tf.autograph.experimental.do_not_convert
