@@ -548,10 +548,9 @@ def timing(
 
 def plot(timing_result, path):
     """Bar chart of one epoch per run: training steps, validation, fixed cost."""
-    import matplotlib  # noqa: PLC0415
+    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
 
     runs = timing_result["runs"]
     labels = [r["label"] for r in runs]

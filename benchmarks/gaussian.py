@@ -350,10 +350,9 @@ def run(
 
 
 def plot_curves(curves, report, path):
-    import matplotlib  # noqa: PLC0415
+    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
     import numpy as np  # noqa: PLC0415
 
     cfg = report["config"]

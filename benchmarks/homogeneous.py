@@ -327,10 +327,9 @@ def _write(out_dir, settings, counts, floats, records, todo, start, complete, pl
 
 
 def _plt():
-    import matplotlib  # noqa: PLC0415
+    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
 
     return plt
 

@@ -285,10 +285,9 @@ def judge(ratio_values):
 
 
 def plot(latency, sizes, threads, path):
-    import matplotlib  # noqa: PLC0415
+    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
     import numpy as np  # noqa: PLC0415
 
     names = [n for n in FILES if n in latency]

@@ -268,10 +268,9 @@ def plot_errors(report, path):
     """Error per parametrization: one panel per start, W and W+A side by side,
     mean (marker) with the min-max range over seeds (bar), log scale;
     diverged runs are counted above their point."""
-    import matplotlib  # noqa: PLC0415
+    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
 
     summary = report["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)

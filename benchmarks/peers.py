@@ -569,10 +569,9 @@ def format_table(summary):
 
 
 def plot(summary, path):
-    import matplotlib  # noqa: PLC0415
+    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
     from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
 
     markers = {

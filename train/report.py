@@ -42,39 +42,8 @@ def _table(rows):
 
 
 def bitwidth_chart(model, path, title=None):
-    """Bar chart of the learned weight and activation bitwidths per layer
-    (in network order), like Fig. 5 of the paper; saved as PNG."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    rows = tfdq.summary(model, print_fn=None)[:-1]
-    weights = [r for r in rows if r["kind"] == "weight"]
-    acts = [r for r in rows if r["kind"] == "activation"]
-    n = max(len(weights), len(acts), 1)
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * n + 2.0), 6.0), sharey=True)
-    for ax, group, color, label in (
-        (axes[0], weights, "tab:blue", "weight bits"),
-        (axes[1], acts, "tab:orange", "activation bits"),
-    ):
-        names = [r["name"] + (" (in)" if r["input"] else "") for r in group]
-        bits = [r["bits"] for r in group]
-        ax.bar(range(len(bits)), bits, color=color)
-        ax.set_xticks(range(len(bits)))
-        ax.set_xticklabels(names, rotation=90, fontsize=7)
-        ax.set_ylabel(label)
-        ax.set_yticks(range(0, 9))
-        ax.set_ylim(0, 8.5)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title(title or f"Learned bitwidths per layer: {model.name}")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    """The learned bits and sizes per layer with the budgets (:func:`tfdq.plot_bitwidths`), saved as PNG."""
+    return tfdq.plot_bitwidths(model, path, title=title)
 
 
 def _pct(value):

@@ -48,6 +48,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import time
 
 import tensorflow as tf
 
@@ -235,6 +236,13 @@ def build(path=None, force=False):
         compile_flags, link_flags = _tf_flags()
         command = [cxx, *CXXFLAGS, SOURCE, "-o", tmp, *compile_flags, *link_flags]
         logger.info("tfdq: compiling the CPU kernels (first use): %s", " ".join(command))
+        # one visible line: the first training step otherwise looks stalled for ~10 s
+        print(
+            f"tfdq: building the CPU quantizer kernel (first use only, about 10 s; cached in {folder})",
+            file=sys.stderr,
+            flush=True,
+        )
+        started = time.monotonic()
         try:
             try:
                 proc = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
@@ -251,6 +259,11 @@ def build(path=None, force=False):
                 pass
             os.replace(tmp, path)  # atomic: readers see the old state or the whole file
             _write_sidecar(path)
+            print(
+                f"tfdq: CPU quantizer kernel built in {time.monotonic() - started:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
