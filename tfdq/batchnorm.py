@@ -35,6 +35,8 @@ to choose the data and sample count. Custom training loops call
     tfdq.recalibrate_batchnorm(qmodel, x_train)          # or a tf.data.Dataset
 """
 
+from __future__ import annotations
+
 import logging
 import weakref
 
@@ -110,7 +112,13 @@ def _batch_len(x):
     return int(first.shape[0])
 
 
-def recalibrate_batchnorm(model, data, batch_size=DEFAULT_BATCH, max_samples=DEFAULT_SAMPLES, verbose=0):
+def recalibrate_batchnorm(
+    model: keras.Model,
+    data,
+    batch_size: int = DEFAULT_BATCH,
+    max_samples: int | None = DEFAULT_SAMPLES,
+    verbose: int = 0,
+) -> dict:
     """Re-estimate the moving statistics of every BatchNorm of ``model`` on ``data``.
 
     Runs ``model(x, training=True)`` on up to ``max_samples`` inputs, so

@@ -26,6 +26,8 @@ give the default, read at the moment it is needed. tfdq never writes an
 environment variable or any other global setting.
 """
 
+from __future__ import annotations
+
 import contextlib
 import contextvars
 import os
@@ -44,7 +46,7 @@ def _check(name):
         raise ValueError(f"unknown tfdq setting {name!r}; the settings are {', '.join(sorted(_ENV))}.")
 
 
-def get(name):
+def get(name: str) -> bool:
     """The value of setting ``name`` in force here (a ``settings`` block, else the environment)."""
     _check(name)
     overrides = _overrides.get() or {}
@@ -54,7 +56,7 @@ def get(name):
 
 
 @contextlib.contextmanager
-def settings(**values):
+def settings(**values: bool):
     """Override settings (``fused``, ``custom_kernels``, ``nonfinite_guard``) inside a ``with`` block.
 
     Blocks nest; leaving one restores what was in force before it. Only

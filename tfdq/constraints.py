@@ -30,6 +30,8 @@ Use::
     qmodel.compile(...); qmodel.fit(...)
 """
 
+from __future__ import annotations
+
 import keras
 import tensorflow as tf
 
@@ -310,20 +312,20 @@ def _check_lambda(name, value):
 
 
 def constrain(
-    model,
-    weight_kb=None,
-    activation_kb=None,
-    activation="max",
-    lam=None,
-    weight_lambda=None,
-    activation_lambda=None,
-    multipliers=None,
-    finish="auto",
-    include_input=False,
-    clip_gradients=True,
-    kp=DEFAULT_KP,
-    ki=DEFAULT_KI,
-):
+    model: QuantizedModel,
+    weight_kb: float | None = None,
+    activation_kb: float | None = None,
+    activation: str = "max",
+    lam: float | None = None,
+    weight_lambda: float | None = None,
+    activation_lambda: float | None = None,
+    multipliers: str | None = None,
+    finish: float | str | None = "auto",
+    include_input: bool = False,
+    clip_gradients: bool = True,
+    kp: float = DEFAULT_KP,
+    ki: float = DEFAULT_KI,
+) -> QuantizedModel:
     """Attach memory constraints to a tfdq model; returns the model to train.
 
     Any combination of (8a) ``weight_kb`` with (8b)/(8c) ``activation_kb``

@@ -4,6 +4,8 @@ matplotlib is optional (it comes with the ``train`` extra); it is imported
 only when a plot is drawn, always with the file-only ``Agg`` backend.
 """
 
+from __future__ import annotations
+
 import os
 
 
@@ -62,7 +64,7 @@ def _budget_targets(model):
     return targets
 
 
-def plot_bitwidths(model, path, title=None):
+def plot_bitwidths(model, path: str | os.PathLike, title: str | None = None) -> str:
     """Draw the learned bits and sizes of every quantized tensor, like the paper's Fig. 5.
 
     Four panels, layers in network order: weight bits per layer; weight kB

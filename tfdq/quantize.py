@@ -36,6 +36,8 @@ output of an average pooling whose result reaches a quantized layer (the mean
 of quantized values is not on their grid).
 """
 
+from __future__ import annotations
+
 import logging
 import warnings
 
@@ -368,21 +370,21 @@ def _calibration_stats(model, tensors, data):
 
 
 def quantize_model(
-    model,
-    weight_quantizer="U3",
-    activation_quantizer="U3",
-    quantize_activations=True,
+    model: keras.Model,
+    weight_quantizer: str | quantizers_lib.Quantizer = "U3",
+    activation_quantizer: str | quantizers_lib.Quantizer = "U3",
+    quantize_activations: bool = True,
     calibration_data=None,
-    init_bits=4,
-    weight_bits=None,
-    activation_bits=None,
-    strict=False,
-    return_report=False,
-    target="tflite",
-    quantize_input=True,
-    init="float",
-    activation_init=None,
-):
+    init_bits: float = 4,
+    weight_bits: tuple[float, float] | None = None,
+    activation_bits: tuple[float, float] | None = None,
+    strict: bool = False,
+    return_report: bool = False,
+    target: str | None = "tflite",
+    quantize_input: bool = True,
+    init: str = "float",
+    activation_init: str | None = None,
+) -> QuantizedModel | tuple[QuantizedModel, QuantizationReport]:
     """Clone ``model`` into a learned-quantization model.
 
     Args:

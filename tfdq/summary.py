@@ -1,5 +1,7 @@
 """``tfdq.summary``: per-layer bitwidths, quantizer parameters and sizes."""
 
+from __future__ import annotations
+
 from tfdq import memory
 
 
@@ -23,7 +25,7 @@ def _row(entry):
     return row
 
 
-def summary(model, print_fn=print):
+def summary(model, print_fn=print) -> list[dict]:
     """Print a table of the model's quantized tensors and return it as data.
 
     One row per weight tensor (parameter count, bitwidth b, step d or q_min,

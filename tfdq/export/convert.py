@@ -7,6 +7,8 @@ data, the tensors no learned quantizer covers. :func:`to_tflite` converts it
 and reads the file back.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
 import warnings
@@ -770,7 +772,9 @@ def _bias_entry(b):
     }
 
 
-def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration_samples=1000):
+def align_biases(
+    model: keras.Model, calibration_data=None, *, int4_kernels: bool = True, calibration_samples: int = 1000
+) -> list[dict]:
     """Move each folded BatchNorm's beta so that the file's int32 bias is exact.
 
     TFLite adds an integer bias to the accumulator (unit ``u_c = s_in d
@@ -841,15 +845,15 @@ def align_biases(model, calibration_data=None, *, int4_kernels=True, calibration
 
 
 def to_tflite(
-    model,
+    model: keras.Model,
     calibration_data=None,
     *,
-    input_type="int8",
-    output_type="int8",
-    int4_kernels=True,
-    calibration_samples=1000,
-    return_report=False,
-):
+    input_type: str = "int8",
+    output_type: str = "int8",
+    int4_kernels: bool = True,
+    calibration_samples: int = 1000,
+    return_report: bool = False,
+) -> bytes | tuple[bytes, ExportReport]:
     """Convert a trained tfdq model to a full-integer TFLite flatbuffer.
 
     Kernels hold the learned integers ``k`` (``|k| <= 2^(b-1) - 1``) with

@@ -5,6 +5,8 @@
 come from and in how they print the result.
 """
 
+from __future__ import annotations
+
 from tfdq.export.convert import align_biases, float_tflite, to_tflite
 from tfdq.export.verify import verify
 
@@ -13,15 +15,15 @@ def export_and_verify(
     model,
     calibration_data,
     evaluation_data,
-    output_path,
+    output_path: str,
     *,
-    aligned_path=None,
-    align=True,
-    int4_kernels=True,
-    input_type="int8",
-    output_type="int8",
-    calibration_samples=1000,
-):
+    aligned_path: str | None = None,
+    align: bool = True,
+    int4_kernels: bool = True,
+    input_type: str = "int8",
+    output_type: str = "int8",
+    calibration_samples: int = 1000,
+) -> dict:
     """Export ``model`` to an integer ``.tflite`` at ``output_path`` and check it in LiteRT.
 
     Steps, in order: :func:`~tfdq.export.align_biases` (when ``align``; it

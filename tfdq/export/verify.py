@@ -1,5 +1,7 @@
 """Verification: run the ``.tflite`` in LiteRT next to the Keras model."""
 
+from __future__ import annotations
+
 import numpy as np
 
 from tfdq.export.flatbuffer import find_kernel, float_ops, inspect_tflite, unpack_integers
@@ -111,8 +113,15 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
 
 
 def verify(
-    model, tflite_bytes, dataset, *, batch_size=250, export_report=None, int4_kernels=None, num_threads=None
-):
+    model,
+    tflite_bytes: bytes,
+    dataset,
+    *,
+    batch_size: int = 250,
+    export_report: dict | None = None,
+    int4_kernels: bool | None = None,
+    num_threads: int | None = None,
+) -> VerificationReport:
     """Run the ``.tflite`` in LiteRT next to the Keras model and compare.
 
     Args:
