@@ -263,6 +263,50 @@ def test_align_biases_skips_a_batchnorm_without_beta_and_reports_it():
     assert [b["exact"] for b in report["biases"] if b["layer"] == "conv"] == [False]
 
 
+def _float_input_conv_bn(rng, moving_mean):
+    """A float (unquantized) image -> Conv2D -> BatchNorm(moving_mean) -> ReLU -> Dense model."""
+    inputs = keras.Input((8, 8, 2))
+    y = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inputs)
+    y = keras.layers.BatchNormalization(name="bn")(y)
+    y = keras.layers.ReLU()(y)
+    outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(y))
+    x = rng.uniform(-1, 1, (32, 8, 8, 2)).astype("float32")
+    qmodel = tfdq.quantize_model(keras.Model(inputs, outputs), quantize_input=False, calibration_data=x)
+    qmodel.get_layer("bn").moving_mean.assign(np.asarray(moving_mean, np.float32))
+    return qmodel, x
+
+
+def test_unquantized_input_exports_exact_kernels_and_biases():
+    # quantize_input=False (the MobileNetV2 recipe): the image gets a calibrated 8-bit scale at export
+    qmodel, x = _float_input_conv_bn(np.random.default_rng(4), [0.3, -0.2, 0.1, 0.0])
+    assert not any("input" in l.name for l in tfdq.layers.activation_quantizer_layers(qmodel))
+    bits = _set_bits(qmodel, [4, 8])
+    E.align_biases(qmodel, x)
+    tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
+    report = E.verify(qmodel, tflite, x, export_report=export_report)
+    _check_kernels(qmodel, tflite, report, bits)
+    assert report["all_kernels_exact"]
+    assert [b["exact"] for b in export_report["biases"]] == [True, True]
+    assert [b["file_difference"] for b in export_report["biases"]] == [0, 0]
+
+
+def test_int32_bias_beyond_float32_precision_exports_within_its_rounding():
+    # An untrained moving mean far from the data makes the conv's int32 bias ~1e7 accumulator units: the
+    # converter's float32 arithmetic moves it by a unit, which the export reports instead of failing.
+    qmodel, x = _float_input_conv_bn(np.random.default_rng(4), [1e4, -3e3, 7.77e3, 1.0])
+    E.align_biases(qmodel, x)
+    _, export_report = E.to_tflite(qmodel, x, return_report=True)
+    conv = next(b for b in export_report["biases"] if b["layer"] == "conv")
+    assert conv["max_abs_integer"] > E.convert.BIAS_EXACT_BELOW
+    tolerance = int(E.convert.bias_float32_tolerance(conv["max_abs_integer"]))
+    assert 0 <= conv["file_difference"] <= tolerance
+    assert conv["exact"] == (conv["file_difference"] == 0 and conv["max_abs_residual"] < 1e-3)
+    # beyond int32 the export refuses, naming the layer and the BatchNorm statistics
+    qmodel.get_layer("bn").moving_mean.assign(np.asarray([1e9, 0, 0, 0], np.float32))
+    with pytest.raises(E.ExportError, match=r"conv.*beyond int32.*BatchNorm statistics"):
+        E.to_tflite(qmodel, x)
+
+
 def test_int8_kernel_option_stores_the_same_integers_as_int8():
     rng = np.random.default_rng(1)
     model = tfdq.models.small_cnn()

@@ -59,7 +59,11 @@ lower. The planned int32 bias is ``round(B_c - w_c)`` (``w_c = 0`` where
 the kernel rounds once), and :func:`align_biases` moves each folded beta by
 less than one accumulator unit so that ``B_c - w_c`` is an integer: the
 Keras model then computes, tensor for tensor, what the file computes (the
-export report lists each layer's residual). What remains is the rounding of
+export report lists each layer's residual). The converter quantizes the bias
+from a float32 constant, so an int32 bias beyond 2^22 units (a channel with
+an untrained BatchNorm mean, or a gamma near zero and a large beta) can move
+by ``|B| 2^-22`` units; the report gives each layer's ``file_difference``,
+and a bias beyond int32 is refused. What remains is the rounding of
 tensors that only the file quantizes (the calibrated logits); :func:`verify`
 measures it.
 
