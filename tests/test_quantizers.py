@@ -1177,10 +1177,12 @@ def test_clip_gradients_to_step_size():
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_u3_step_gradient_stays_bounded_at_the_bit_cap(signed):
-    """At 8 bits the range is capped at (2^7 - 1) d (unsigned 255 d); the
-    range's gradient reaches d with unit factor, not the chain rule's 127,
-    so |dQ/dd| <= 1/2 + 1 per element, as U3 promises."""
+def test_u3_step_follows_the_range_at_the_bit_cap(signed):
+    """At 8 bits the range is capped at (2^7 - 1) d (unsigned 255 d): there the
+    range moves with the step, and the range's gradient reaches d through the
+    chain rule of q_max = n d (factor n). A unit factor (bounded |dQ/dd|) was
+    tried and measured: the Gaussian experiment's U3 then ends at MSE 0.020
+    against U1's 0.0126 (tests/test_gaussian.py), so the chain rule stays."""
     role = "weight" if signed else "activation"
     q = U3(signed=signed, role=role)
     q.build()
@@ -1190,22 +1192,10 @@ def test_u3_step_gradient_stays_bounded_at_the_bit_cap(signed):
     q.param("q_max").assign(4 * n * d)  # far above the cap
     p = _fwd(q)
     assert p["bits"] == 8 and p["q_max"] == pytest.approx(n * d)
-    rng = np.random.default_rng(0)
-    x = tf.constant((rng.normal(size=4096) * 4).astype(np.float32))
-    for w in (
-        tf.ones_like(x),
-        tf.constant(np.sign(x.numpy())),
-        tf.constant(rng.normal(size=4096).astype(np.float32)),
-    ):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(w * q.quantize_tensor(x))
-        g_d = float(tape.gradient(loss, q.param("d")))
-        bound = 1.5 * float(tf.reduce_sum(tf.abs(w)))
-        assert abs(g_d) <= bound, (g_d, bound)
-    # every element outside the cap pulls d with weight 1 (the range's direction)
+    # every element outside the cap pulls d with weight n (dQ/dq_max = 1, times dq_max/dd = n)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(q.quantize_tensor(tf.fill([10], 1e3)))
-    assert float(tape.gradient(loss, q.param("d"))) == pytest.approx(10.0)
+    assert float(tape.gradient(loss, q.param("d"))) == pytest.approx(10.0 * n)
 
 
 @pytest.mark.parametrize("name", ["P1", "P2", "P3"])

@@ -128,15 +128,11 @@ def ratio_clip(q, s, lo, hi):
     """Keep ``lo <= q/s <= hi`` (the bit bounds of U3 and P3), differentiably.
 
     Forward: ``clip(q, lo s, hi s)``. Backward: the gradient reaches ``q``
-    straight through, and where a bound binds also the step ``s``, since
-    there the range moves with the step. Without that second path a task
-    that wants a finer step (the MSE gradient of ``d`` always does) shrinks
-    ``d`` at the bit bound without seeing that it drags the range down with
-    it. The chain rule would hand ``s`` the range's gradient times ``lo`` or
-    ``hi`` (127 for 8-bit U3, 2^126 for P3); the step gets it with unit
-    factor instead (the direction of the chain rule, the size of the
-    range's own gradient), so U3 keeps its bounded gradients at the bit cap:
-    ``|dQ/dd| <= 1/2 + 1`` per element.
+    straight through, and where a bound binds also the step ``s`` (times
+    ``lo`` or ``hi``), since there the range moves with the step. Without
+    the second path a task that wants a finer step (the MSE gradient of
+    ``d`` always does) shrinks ``d`` at the bit bound without seeing that
+    it drags the range down with it; with it, the step sees both sides.
     """
     q = tf.convert_to_tensor(q)
     s = tf.cast(s, q.dtype)
@@ -149,7 +145,7 @@ def _ratio_clip(q, s, lo, hi):
     out = tf.minimum(tf.maximum(q, low), high)
 
     def grad(dy):
-        g_s = tf.where(tf.logical_or(q >= high, q <= low), dy, tf.zeros_like(dy))
+        g_s = tf.where(q >= high, dy * hi, tf.where(q <= low, dy * lo, tf.zeros_like(dy)))
         return dy, g_s, tf.zeros_like(lo), tf.zeros_like(hi)
 
     return out, grad
