@@ -166,6 +166,7 @@ def test_best_feasible_checkpoint_keeps_only_epochs_that_meet_the_budget(tmp_pat
     assert hist3["budget_met"][-1] == 1.0 and keep3.best_epoch == 1 and os.path.exists(path2)
 
 
+@pytest.mark.slow  # float and constrained MNIST training, about a minute on 2 cores
 def test_constrained_mnist_finetune_ends_within_budget_and_accuracy():
     """Real data: 2-bit-average weights + 5% and 4-bit max activations.
 
@@ -253,6 +254,7 @@ _DISTRIBUTED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two budgeted trainings on two logical CPUs
 def test_mirrored_strategy_matches_single_device_with_budget():
     out = subprocess.run(
         [sys.executable, "-c", _DISTRIBUTED],

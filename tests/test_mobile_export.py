@@ -159,7 +159,8 @@ def test_mobilenetv3small_exports_every_op_integer_with_learned_kernels():
         == sum(isinstance(l, qlayers.QuantizedWeightsMixin) for l in qmodel.layers)
         == 54
     )
-    assert {"MUL", "ADD", "MEAN", "DEPTHWISE_CONV_2D", "CONV_2D"} <= set(_ops(inspect_tflite(tflite)))
+    # the squeeze (global average) is a constant-kernel DEPTHWISE_CONV_2D, whose rounding matches Keras
+    assert {"MUL", "ADD", "DEPTHWISE_CONV_2D", "CONV_2D"} <= set(_ops(inspect_tflite(tflite)))
     assert result["top1_agreement"] >= 0.95, result.format()  # untrained: logits close together
 
 

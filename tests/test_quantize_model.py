@@ -252,6 +252,7 @@ def test_bad_input_gets_clear_errors():
         tfdq.quantize_model("model.keras")
 
 
+@pytest.mark.slow  # ResNet-20 training steps at two learning rates, about a minute on 2 cores
 def test_sgd_at_paper_learning_rates_stays_finite_on_resnet20():
     """Plain SGD at lr 0.01-0.1 on a quantized ResNet-20: no NaN, d stays valid.
 

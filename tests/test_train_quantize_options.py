@@ -36,9 +36,12 @@ def test_quantize_input_false_leaves_the_image_float_and_keeps_the_19_relu_quant
     x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype("float32")
     on, rep_on = tfdq.quantize_model(r20, calibration_data=x, return_report=True)
     off, rep_off = tfdq.quantize_model(r20, calibration_data=x, quantize_input=False, return_report=True)
-    assert len(rep_on["activation_quantizers"]) == 20 and len(_input_fed(on)) == 1
-    assert len(rep_off["activation_quantizers"]) == 19 and _input_fed(off) == []
-    assert all(not a["signed"] for a in rep_off["activation_quantizers"])  # all after ReLUs, as the reference
+    # the paper's counted maps (the residual operands' and pooled maps' own quantizers are not counted)
+    counted_on = [a for a in rep_on["activation_quantizers"] if a["counted"]]
+    counted_off = [a for a in rep_off["activation_quantizers"] if a["counted"]]
+    assert len(counted_on) == 20 and len(_input_fed(on)) == 1
+    assert len(counted_off) == 19 and _input_fed(off) == []
+    assert all(not a["signed"] for a in counted_off)  # all after ReLUs, as the reference
     # the first convolution sees the float image: its output is conv(x) with the quantized kernel
     first = next(l for l in off.layers if l.name == "stem_conv")
     probe = keras.Model(off.inputs, first.output)
@@ -72,7 +75,10 @@ def test_activation_init_default_is_the_reference_start_whatever_the_data(r20, a
         quantize_input=False,
         activation_init="default",
     )
-    for layer in _act_layers(q):
+    # the paper's maps (after the ReLUs); the residual operands' own quantizers start at 8 bits
+    counted = [layer for layer in _act_layers(q) if layer.counted]
+    assert len(counted) == 19
+    for layer in counted:
         p = layer.quantizer.describe()
         assert p["d"] == 2.0**-3 and p["q_max"] == pytest.approx(1.875) and p["bits"] == 4, (layer.name, p)
     if act == "fixed":  # the reference's fixed quantizer keeps this range for good
