@@ -1,9 +1,9 @@
-"""The paper's four ResNet-20 / CIFAR-10 runs as ``python -m train.train`` commands.
+"""The paper's four ResNet-20 / CIFAR-10 runs as ``tfdq-train`` commands.
 
 :data:`RUNS` is the one table of this module: for each of the Table 3 rows
 that the training script reproduces (the paper's Table 3, uniform column;
 the schedule and the reference code's training details come from
-``train.config.RECIPES["cifar10"]``), the exact flag set and the validation
+``tfdq.train.config.RECIPES["cifar10"]``), the exact flag set and the validation
 error the paper reports:
 
 ============  =========================================  ============
@@ -40,7 +40,7 @@ three modes:
   written by ``train/train.py``) divided by the difference in steps is the
   cost of a step, the rest the fixed cost of the stage (building, tracing,
   saving). The held-out pass over 10,000 examples that ends every epoch is
-  timed separately (a timer around ``train.train.evaluate``). From these:
+  timed separately (a timer around ``tfdq.train.train.evaluate``). From these:
   the one-epoch time (measured where ``--steps`` is 391, else extrapolated
   and labelled so) and the paper's full schedule (160 epochs each) in hours.
 
@@ -178,7 +178,7 @@ def _flag(name, value):
 def command(run, **overrides):
     """The shell command of ``run`` (flags of the table, then ``overrides``)."""
     values = dict(run["flags"], **overrides)
-    return " ".join(["python", "-m", "train.train"] + [_flag(k, v) for k, v in values.items()])
+    return " ".join(["tfdq-train"] + [_flag(k, v) for k, v in values.items()])
 
 
 def commands_text():
@@ -194,10 +194,10 @@ def commands_text():
 
 
 def _train(values, echo):
-    """``train.train.run(values)``: (summary, wall seconds, CPU seconds of this process)."""
+    """``tfdq.train.train.run(values)``: (summary, wall seconds, CPU seconds of this process)."""
     import keras  # noqa: PLC0415
 
-    from train import train as train_lib  # noqa: PLC0415
+    from tfdq.train import train as train_lib  # noqa: PLC0415
 
     def print_fn(*args):
         if echo:
@@ -409,8 +409,8 @@ def _validation_seconds(model_path, batch_size, n_val, data_dir):
     import tfdq  # noqa: PLC0415, F401  (registers the quantized layers for load_model)
 
     del tfdq
-    from train import data as data_lib  # noqa: PLC0415
-    from train import train as train_lib  # noqa: PLC0415
+    from tfdq.train import data as data_lib  # noqa: PLC0415
+    from tfdq.train import train as train_lib  # noqa: PLC0415
 
     data = data_lib.load("cifar10", batch_size, data_dir=data_dir, val_examples=n_val, calibration_examples=8)
     model = keras.models.load_model(model_path, compile=False)
@@ -522,7 +522,7 @@ def timing(
             "calibrate; compile; fit with its tracing; the epoch checkpoint; final save; the quantized stage's "
             "reports). seconds_per_step = difference of the two / difference of the steps; fixed_seconds = the "
             "rest (cpu_seconds_per_step: the same from this process's CPU time, all threads). "
-            f"validation_seconds_per_epoch: a timer around train.train.evaluate over {n_val} held-out examples "
+            f"validation_seconds_per_epoch: a timer around tfdq.train.train.evaluate over {n_val} held-out examples "
             f"(after a warm-up). epoch_seconds: the {steps}-step stage + validation when {steps} = {EPOCH_STEPS} "
             f"(measured), else fixed + {EPOCH_STEPS} x seconds_per_step + validation (extrapolated). "
             "full_schedule_hours: fixed once + paper_epochs x "
@@ -684,7 +684,7 @@ def run(
 
 
 def _recipe():
-    from train import config as cfg  # noqa: PLC0415
+    from tfdq.train import config as cfg  # noqa: PLC0415
 
     return dict(cfg.RECIPES["cifar10"])
 

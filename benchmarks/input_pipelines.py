@@ -194,7 +194,7 @@ def run(
     import tensorflow as tf  # noqa: PLC0415
 
     sys.path.insert(0, ROOT)
-    from train import data as new_data  # noqa: PLC0415
+    from tfdq.train import data as new_data  # noqa: PLC0415
 
     modules = {"before": old_data_module(), "after": new_data}
     data_dir = tempfile.mkdtemp(prefix="tfdq_pipelines_")

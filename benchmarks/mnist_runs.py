@@ -202,7 +202,7 @@ def build_quantized(config, source_model, calibration):
     """``quantize_model`` (+ ``constrain``) as ``config`` says; returns
     ``(qmodel, targets)``."""
     import tfdq  # noqa: PLC0415
-    from train.train import quantizer_arg  # noqa: PLC0415
+    from tfdq.train.train import quantizer_arg  # noqa: PLC0415
 
     act = config.get("activation")
     random_init = config.get("init", "float") == "random"

@@ -16,16 +16,16 @@ import pytest
 from absl import flags
 
 from benchmarks import cifar10_recipes as bench
-from train import config as cfg
+from tfdq.train import config as cfg
 
 RESNET20_WEIGHTS = 268_346
 
 
 def parse_command(text):
-    """``python -m train.train ...`` parsed by absl flags defined as train.train defines them:
+    """``tfdq-train ...`` parsed by absl flags defined as tfdq.train.train defines them:
     (all values, names given on the command line)."""
     argv = shlex.split(text)
-    assert argv[:3] == ["python", "-m", "train.train"]
+    assert argv[0] == "tfdq-train"
     fv = flags.FlagValues()
     for name, (default, help_text) in cfg.FIELDS.items():
         kind = cfg.TYPES.get(name, type(default))
@@ -33,7 +33,7 @@ def parse_command(text):
             kind, flags.DEFINE_string
         )
         define(name, default, help_text, flag_values=fv)
-    fv(["train"] + argv[3:])
+    fv(["train"] + argv[1:])
     return {n: fv[n].value for n in cfg.FIELDS}, {n for n in cfg.FIELDS if fv[n].present}
 
 

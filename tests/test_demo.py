@@ -1,6 +1,6 @@
 """The README's demo on real data: learned U3 quantization keeps float accuracy."""
 
-from train import demo
+from tfdq.train import demo
 
 
 def test_mnist_u3_weights_and_activations_within_one_point_of_float():

@@ -591,7 +591,7 @@ def test_trained_mnist_cnn_fidelity_full_recipe():
 
 
 def test_export_command_writes_tflite_and_json_report(trained_mnist, tmp_path):
-    from export import tflite as command  # noqa: PLC0415
+    from tfdq.export import command  # noqa: PLC0415
 
     _, qmodel, _, _ = trained_mnist
     path = tmp_path / "mnist.keras"
@@ -610,7 +610,7 @@ def test_export_command_writes_tflite_and_json_report(trained_mnist, tmp_path):
 
 
 def test_export_command_missing_and_corrupt_model(tmp_path):
-    from export import tflite as command  # noqa: PLC0415
+    from tfdq.export import command  # noqa: PLC0415
 
     with pytest.raises(command.CommandError, match="not found"):
         command.run(str(tmp_path / "nope.keras"))

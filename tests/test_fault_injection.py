@@ -4,7 +4,7 @@ a run folder spelled otherwise or copied. After each fault the same
 command finishes the run, nothing is lost and nothing stale is left.
 
 The kills are deterministic: ``TFDQ_FAULT_INJECT=<point>`` makes the run
-SIGKILL itself at that point (train/checkpoint.py, ``fault_point``).
+SIGKILL itself at that point (tfdq/train/checkpoint.py, ``fault_point``).
 """
 
 import json
@@ -37,7 +37,7 @@ def _env(**extra):
 
 
 def _cmd(model_dir, extra=FLOAT):
-    return [sys.executable, "-m", "train.train", f"--model_dir={model_dir}", *extra]
+    return [sys.executable, "-m", "tfdq.train", f"--model_dir={model_dir}", *extra]
 
 
 def _run(model_dir, extra=FLOAT, cwd=ROOT, **env):
@@ -139,7 +139,7 @@ def test_concurrent_starts_on_one_run_folder(tmp_path):
 
 
 def test_start_while_another_process_holds_the_run_folder(tmp_path):
-    from train.checkpoint import RunLock
+    from tfdq.train.checkpoint import RunLock
 
     model_dir = str(tmp_path / "run")
     _killed_at(model_dir, "saved:ckpt-e000000-s000005")
@@ -158,7 +158,7 @@ def test_same_run_folder_spelled_otherwise_and_a_copied_run(clean_run, tmp_path)
     rel = os.path.relpath(clean_run, str(tmp_path)) + "/"
     proc = _ok(
         subprocess.run(
-            [sys.executable, "-m", "train.train", f"--model_dir={rel}", *FLOAT],
+            [sys.executable, "-m", "tfdq.train", f"--model_dir={rel}", *FLOAT],
             cwd=str(tmp_path),
             env=_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
             capture_output=True,

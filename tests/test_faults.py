@@ -17,8 +17,8 @@ import tensorflow as tf
 
 import tfdq
 from tfdq import nonfinite, validate
-from train import checkpoint as ckpt
-from train import config as cfg
+from tfdq.train import checkpoint as ckpt
+from tfdq.train import config as cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,7 +245,7 @@ def test_run_folder_errors_name_their_fix(tmp_path):
                 ckpt.claim_model_dir(str(locked / "run"), config)
         finally:
             os.chmod(locked, 0o700)
-    from train import train as train_lib
+    from tfdq.train import train as train_lib
 
     bad = tmp_path / "final.keras"
     bad.write_bytes(b"PK\x03\x04 truncated")
@@ -256,7 +256,7 @@ def test_run_folder_errors_name_their_fix(tmp_path):
 
 
 def test_result_paths_are_relative_to_the_run_folder(tmp_path):
-    from train import train as train_lib
+    from tfdq.train import train as train_lib
 
     run = tmp_path / "run"
     result = {"final": str(run / "quant" / "final.keras"), "source": "/elsewhere/m.keras", "epochs": 3}
@@ -319,7 +319,7 @@ def test_multi_input_calibration_as_list_or_tuple():
 
 
 def test_export_command_never_writes_over_its_input(tmp_path):
-    from export import tflite as command
+    from tfdq.export import command
 
     model_path = tmp_path / "m.aligned.keras"
     model_path.write_bytes(b"the user's model")
@@ -333,7 +333,7 @@ def test_export_command_never_writes_over_its_input(tmp_path):
 
 
 def test_export_command_needs_dataset_for_a_non_mnist_model():
-    from export import tflite as command
+    from tfdq.export import command
 
     with pytest.raises(command.CommandError, match="--dataset is required.*npz:PATH"):
         command.choose_dataset(_float_model(), None)

@@ -1,4 +1,4 @@
-"""train.train: bad input fails before any training, with a message that says what to do."""
+"""tfdq.train.train: bad input fails before any training, with a message that says what to do."""
 
 import json
 import os
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from train import config as cfg
-from train import data as data_lib
-from train import train as train_lib
-from train.checkpoint import RunDirError, claim_model_dir
+from tfdq.train import config as cfg
+from tfdq.train import data as data_lib
+from tfdq.train import train as train_lib
+from tfdq.train.checkpoint import RunDirError, claim_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,7 +135,7 @@ def test_lr_schedule_divides_by_ten_at_the_boundaries():
 def test_command_line_reports_errors_with_exit_code_2(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, "-m", "train.train", f"--model_dir={tmp_path / 'r'}", "--model=alexnet"],
+        [sys.executable, "-m", "tfdq.train", f"--model_dir={tmp_path / 'r'}", "--model=alexnet"],
         cwd=ROOT,
         env=env,
         capture_output=True,

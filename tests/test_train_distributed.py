@@ -1,4 +1,4 @@
-"""train.train under tf.distribute: MirroredStrategy on two logical CPU devices,
+"""tfdq.train.train under tf.distribute: MirroredStrategy on two logical CPU devices,
 MultiWorkerMirroredStrategy with two worker processes on 127.0.0.1.
 
 Each run is its own process: the logical devices and the collective
@@ -30,7 +30,7 @@ def _start(model_dir, *extra):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     env.pop("TF_CONFIG", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "train.train", f"--model_dir={model_dir}", *SHORT, *extra],
+        [sys.executable, "-m", "tfdq.train", f"--model_dir={model_dir}", *SHORT, *extra],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

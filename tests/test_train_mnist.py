@@ -1,4 +1,4 @@
-"""The MNIST default of train.train, shortened, end to end from the command line."""
+"""The MNIST default of tfdq.train.train, shortened, end to end from the command line."""
 
 import json
 import os
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_cli(args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(
-        [sys.executable, "-m", "train.train", *args],
+        [sys.executable, "-m", "tfdq.train", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -12,10 +12,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from train import config as cfg
-from train import data as data_lib
-from train import models as models_lib
-from train import train as train_lib
+from tfdq.train import config as cfg
+from tfdq.train import data as data_lib
+from tfdq.train import models as models_lib
+from tfdq.train import train as train_lib
 
 
 def _run(tmp_path, **values):

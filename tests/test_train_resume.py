@@ -16,7 +16,7 @@ def _env():
 
 
 def _args(model_dir, extra=()):
-    return [sys.executable, "-m", "train.train", f"--model_dir={model_dir}", *extra]
+    return [sys.executable, "-m", "tfdq.train", f"--model_dir={model_dir}", *extra]
 
 
 def run_until_killed(args, point, timeout=300):

@@ -9,7 +9,8 @@ parametrization", ICLR 2020, on TensorFlow / Keras 3::
     tfdq.plot_bitwidths(qmodel, "bits.png") # the same, drawn with the budgets
 
 Importing tfdq changes no global setting (environment, Keras policy, TF
-logging); the command-line scripts quiet TensorFlow's C++ log themselves.
+logging). The commands ``tfdq-train`` and ``tfdq-export`` live in
+``tfdq.train`` and ``tfdq.export.command``; ``import tfdq`` imports neither.
 """
 
 from tfdq import (

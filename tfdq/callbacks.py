@@ -67,7 +67,7 @@ def atomic_write_bytes(path, data):
 def atomic_save(model, filepath):
     """Save ``model`` to ``filepath`` through a temporary file and a rename,
     so an interrupted save never leaves a truncated file behind (a kill
-    leaves at most a hidden ``.tmp-*`` file, which ``train.train`` removes at
+    leaves at most a hidden ``.tmp-*`` file, which ``tfdq.train.train`` removes at
     its next start). A model with NaN or Inf values is refused
     (:class:`tfdq.nonfinite.NonFiniteError`, nothing written)."""
     nonfinite.check_finite(model, f"save {filepath}")

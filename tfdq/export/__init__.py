@@ -73,7 +73,7 @@ Use::
     tflite, report = tfdq.export.to_tflite(qmodel, x_train[:1000], return_report=True)
     print(tfdq.export.verify(qmodel, tflite, (x_test, y_test), export_report=report).format())
 
-or ``python -m export.tflite --model=m.keras`` from a shell.
+or ``tfdq-export --model=m.keras`` from a shell.
 
 Unsupported, with an error that names the layers: bitwidths above 8,
 power-of-two weight grids with ``q_max / q_min > 64`` (not on an int8 grid of

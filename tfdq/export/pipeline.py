@@ -1,6 +1,6 @@
 """The whole export of a trained model, as one function: align, convert, write, verify.
 
-``python -m export.tflite`` and the training script's export stage both call
+``tfdq-export`` and the training script's export stage both call
 :func:`export_and_verify`; they differ only in where the data and the paths
 come from and in how they print the result.
 """

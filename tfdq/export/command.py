@@ -1,8 +1,8 @@
 """Export a trained tfdq ``.keras`` model to integer TFLite and verify it.
 
-    python -m export.tflite --model=runs/mnist/model.keras
-    python -m export.tflite --model=m.keras --dataset=cifar10 --output=m.tflite
-    python -m export.tflite --model=m.keras --dataset=npz:data.npz --int8_kernels
+    tfdq-export --model=runs/mnist/model.keras
+    tfdq-export --model=m.keras --dataset=cifar10 --output=m.tflite
+    tfdq-export --model=m.keras --dataset=npz:data.npz --int8_kernels
 
 By default the BatchNorm betas are first aligned to the int32 bias grid
 (``tfdq.export.align_biases``; ``--noalign_biases`` skips it): the aligned
@@ -22,7 +22,7 @@ Data sets: ``mnist_subset`` (the 1,000 held-out images of
 default, said so in the output, for a model with MNIST's 28x28x1 input
 only: any other model needs ``--dataset``),
 ``cifar10`` / ``imagenet2012`` (tensorflow-datasets, with the evaluation
-preprocessing of ``train/data.py``), or ``npz:PATH`` (arrays ``x`` and ``y``,
+preprocessing of ``tfdq/train/data.py``), or ``npz:PATH`` (arrays ``x`` and ``y``,
 optional ``x_calibration``; without it the first inputs of ``x`` calibrate).
 """
 
@@ -112,7 +112,7 @@ def load_data(name, calibration_samples, max_eval_samples=None, data_dir=None):
             y = None if y is None else y[:max_eval_samples]
         return cal[:calibration_samples], (x, y)
     if name in ("cifar10", "imagenet2012"):
-        from train import data as train_data  # noqa: PLC0415
+        from tfdq.train import data as train_data  # noqa: PLC0415
 
         try:
             d = train_data.load(
@@ -297,5 +297,12 @@ def main(argv):
         sys.exit(1)
 
 
+def run_command() -> None:
+    """Entry point of the ``tfdq-export`` command (and ``python -m tfdq.export``)."""
+    from tfdq._cli import run_absl_main  # noqa: PLC0415
+
+    run_absl_main(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run_command()

@@ -130,7 +130,7 @@ def format_summary(summary):
 
 
 def write_summary(model_dir, summary):
-    from train.checkpoint import atomic_write_json, atomic_write_text  # noqa: PLC0415
+    from tfdq.train.checkpoint import atomic_write_json, atomic_write_text  # noqa: PLC0415
 
     atomic_write_json(os.path.join(model_dir, "summary.json"), summary)
     text = format_summary(summary)

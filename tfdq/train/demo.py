@@ -4,7 +4,7 @@ Trains the small float CNN, quantizes it with learned U3 weights and
 activations (``tfdq.quantize_model``), fine-tunes it, and prints float vs
 quantized accuracy and the per-layer bitwidths::
 
-    python -m train.demo
+    python -m tfdq.train.demo
 """
 
 import time

