@@ -40,6 +40,11 @@ import time
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The architectures are written once, in tfdq.models, over a Keras-like namespace
+# (Keras 3 there, tf_keras here); tfdq itself uses Keras 3, which TF_USE_LEGACY_KERAS
+# leaves untouched.
+from tfdq import models as tfdq_models  # noqa: E402
+
 
 def _tfk():
     import tf_keras  # noqa: PLC0415
@@ -56,7 +61,7 @@ def _zero_pad_shortcut_class():
 
     @tfk.utils.register_keras_serializable("tfdq_peers")
     class ZeroPadShortcut(tfk.layers.Layer):
-        """Subsample by ``stride`` and append ``extra_channels`` zero channels (no weights)."""
+        """tf_keras twin of :class:`tfdq.models.ZeroPadShortcut` (the same computation)."""
 
         def __init__(self, stride=2, extra_channels=0, **kwargs):
             super().__init__(**kwargs)
@@ -64,16 +69,10 @@ def _zero_pad_shortcut_class():
             self.extra_channels = int(extra_channels)
 
         def call(self, inputs):
-            x = inputs[:, :: self.stride, :: self.stride, :]
-            if self.extra_channels:
-                x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, self.extra_channels]])
-            return x
+            return tfdq_models.zero_pad_shortcut(inputs, self.stride, self.extra_channels, tf.pad)
 
         def compute_output_shape(self, input_shape):
-            n, h, w, c = input_shape
-            h = None if h is None else (h + self.stride - 1) // self.stride
-            w = None if w is None else (w + self.stride - 1) // self.stride
-            return (n, h, w, c + self.extra_channels)
+            return tfdq_models.zero_pad_shortcut_shape(input_shape, self.stride, self.extra_channels)
 
         def get_config(self):
             config = super().get_config()
@@ -86,56 +85,12 @@ def _zero_pad_shortcut_class():
 
 def small_cnn(input_shape=(28, 28, 1), num_classes=10):
     """tf_keras version of :func:`tfdq.models.small_cnn` (29,658 weights, same names)."""
-    tfk = _tfk()
-    inputs = tfk.Input(shape=input_shape, name="image")
-    x = inputs
-    for i, filters in enumerate((16, 32, 32)):
-        x = tfk.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
-        x = tfk.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=f"bn{i + 1}")(x)
-        x = tfk.layers.ReLU(name=f"relu{i + 1}")(x)
-        if i < 2:
-            x = tfk.layers.MaxPooling2D(name=f"pool{i + 1}")(x)
-    x = tfk.layers.Flatten(name="flatten")(x)
-    outputs = tfk.layers.Dense(num_classes, name="logits")(x)
-    return tfk.Model(inputs, outputs, name="small_cnn")
+    return tfdq_models.build_small_cnn(_tfk(), input_shape, num_classes)
 
 
 def resnet20(input_shape=(32, 32, 3), num_classes=10):
     """tf_keras version of :func:`tfdq.models.resnet20` (268,346 weights, same names)."""
-    tfk = _tfk()
-    shortcut_cls = _zero_pad_shortcut_class()
-
-    def conv_bn(x, filters, stride, name):
-        x = tfk.layers.Conv2D(
-            filters,
-            3,
-            strides=stride,
-            padding="same",
-            use_bias=False,
-            kernel_initializer="he_normal",
-            name=f"{name}_conv",
-        )(x)
-        return tfk.layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name=f"{name}_bn")(x)
-
-    inputs = tfk.Input(shape=input_shape, name="image")
-    x = tfk.layers.ReLU(name="stem_relu")(conv_bn(inputs, 16, 1, "stem"))
-    channels = 16
-    for stage, filters in enumerate((16, 32, 64)):
-        for block in range(3):
-            stride = 2 if stage > 0 and block == 0 else 1
-            prefix = f"s{stage + 1}b{block + 1}"
-            y = tfk.layers.ReLU(name=f"{prefix}a_relu")(conv_bn(x, filters, stride, f"{prefix}a"))
-            y = conv_bn(y, filters, 1, f"{prefix}b")
-            if stride != 1 or filters != channels:
-                shortcut = shortcut_cls(stride, filters - channels, name=f"{prefix}_shortcut")(x)
-            else:
-                shortcut = x
-            x = tfk.layers.Add(name=f"{prefix}_add")([y, shortcut])
-            x = tfk.layers.ReLU(name=f"{prefix}_relu")(x)
-            channels = filters
-    x = tfk.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = tfk.layers.Dense(num_classes, name="logits")(x)
-    return tfk.Model(inputs, outputs, name="resnet20")
+    return tfdq_models.build_resnet20(_tfk(), _zero_pad_shortcut_class(), input_shape, num_classes)
 
 
 def save_weights(model, path):

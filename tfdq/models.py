@@ -12,6 +12,26 @@ from keras import ops as kops
 _PACKAGE = "tfdq"
 
 
+def zero_pad_shortcut(x, stride, extra_channels, pad):
+    """The option-A shortcut's computation: subsample by ``stride``, then append
+    ``extra_channels`` zero channels with ``pad`` (``keras.ops.pad`` or ``tf.pad``).
+
+    Written once for the Keras 3 layer below and for the tf_keras twin that the
+    peers benchmark (tfmot) builds."""
+    x = x[:, ::stride, ::stride, :]
+    if extra_channels:
+        x = pad(x, [[0, 0], [0, 0], [0, 0], [0, extra_channels]])
+    return x
+
+
+def zero_pad_shortcut_shape(input_shape, stride, extra_channels):
+    """Output shape of :func:`zero_pad_shortcut`."""
+    n, h, w, c = input_shape
+    h = None if h is None else (h + stride - 1) // stride
+    w = None if w is None else (w + stride - 1) // stride
+    return (n, h, w, c + extra_channels)
+
+
 @keras.saving.register_keras_serializable(_PACKAGE)
 class ZeroPadShortcut(keras.layers.Layer):
     """Identity shortcut of the paper's ResNet-20 ("option A").
@@ -27,16 +47,10 @@ class ZeroPadShortcut(keras.layers.Layer):
         self.extra_channels = int(extra_channels)
 
     def call(self, inputs):
-        x = inputs[:, :: self.stride, :: self.stride, :]
-        if self.extra_channels:
-            x = kops.pad(x, [[0, 0], [0, 0], [0, 0], [0, self.extra_channels]])
-        return x
+        return zero_pad_shortcut(inputs, self.stride, self.extra_channels, kops.pad)
 
     def compute_output_shape(self, input_shape):
-        n, h, w, c = input_shape
-        h = None if h is None else (h + self.stride - 1) // self.stride
-        w = None if w is None else (w + self.stride - 1) // self.stride
-        return (n, h, w, c + self.extra_channels)
+        return zero_pad_shortcut_shape(input_shape, self.stride, self.extra_channels)
 
     def get_config(self):
         config = super().get_config()
@@ -44,19 +58,61 @@ class ZeroPadShortcut(keras.layers.Layer):
         return config
 
 
-def _conv_bn(x, filters, stride, name, weight_decay):
-    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
-    x = keras.layers.Conv2D(
-        filters,
-        3,
-        strides=stride,
-        padding="same",
-        use_bias=False,
-        kernel_initializer="he_normal",
-        kernel_regularizer=reg,
-        name=f"{name}_conv",
-    )(x)
-    return keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+def build_resnet20(
+    k, shortcut_layer, input_shape=(32, 32, 3), num_classes=10, weight_decay=0.0, name="resnet20"
+):
+    """ResNet-20 built from the Keras-like namespace ``k`` (``keras``, or ``tf_keras``
+    for the tfmot peer), with ``shortcut_layer`` the option-A shortcut class."""
+
+    def conv_bn(x, filters, stride, layer_name):
+        reg = k.regularizers.L2(weight_decay) if weight_decay else None
+        x = k.layers.Conv2D(
+            filters,
+            3,
+            strides=stride,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=reg,
+            name=f"{layer_name}_conv",
+        )(x)
+        return k.layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name=f"{layer_name}_bn")(x)
+
+    inputs = k.Input(shape=input_shape, name="image")
+    x = k.layers.ReLU(name="stem_relu")(conv_bn(inputs, 16, 1, "stem"))
+    channels = 16
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            stride = 2 if stage > 0 and block == 0 else 1
+            prefix = f"s{stage + 1}b{block + 1}"
+            y = k.layers.ReLU(name=f"{prefix}a_relu")(conv_bn(x, filters, stride, f"{prefix}a"))
+            y = conv_bn(y, filters, 1, f"{prefix}b")
+            if stride != 1 or filters != channels:
+                shortcut = shortcut_layer(stride, filters - channels, name=f"{prefix}_shortcut")(x)
+            else:
+                shortcut = x
+            x = k.layers.Add(name=f"{prefix}_add")([y, shortcut])
+            x = k.layers.ReLU(name=f"{prefix}_relu")(x)
+            channels = filters
+    x = k.layers.GlobalAveragePooling2D(name="pool")(x)
+    reg = k.regularizers.L2(weight_decay) if weight_decay else None
+    outputs = k.layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    return k.Model(inputs, outputs, name=name)
+
+
+def build_small_cnn(k, input_shape=(28, 28, 1), num_classes=10, name="small_cnn"):
+    """The small MNIST CNN built from the Keras-like namespace ``k`` (``keras`` or ``tf_keras``)."""
+    inputs = k.Input(shape=input_shape, name="image")
+    x = inputs
+    for i, filters in enumerate((16, 32, 32)):
+        x = k.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = k.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=f"bn{i + 1}")(x)
+        x = k.layers.ReLU(name=f"relu{i + 1}")(x)
+        if i < 2:
+            x = k.layers.MaxPooling2D(name=f"pool{i + 1}")(x)
+    x = k.layers.Flatten(name="flatten")(x)
+    outputs = k.layers.Dense(num_classes, name="logits")(x)
+    return k.Model(inputs, outputs, name=name)
 
 
 def resnet20(input_shape=(32, 32, 3), num_classes=10, weight_decay=0.0, name="resnet20"):
@@ -68,30 +124,9 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10, weight_decay=0.0, name="re
     ``weight_decay`` adds Keras' ``L2(weight_decay)`` on kernels, i.e. the
     loss term ``wd * sum(w^2)`` whose gradient is ``2 wd w``. The paper's
     decay of 2e-4 is in the gradient-``wd w`` convention (NNabla, PyTorch),
-    so pass half of it (1e-4) to match (train/ does).
+    so pass half of it (1e-4) to match (tfdq-train does).
     """
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = _conv_bn(inputs, 16, 1, "stem", weight_decay)
-    x = keras.layers.ReLU(name="stem_relu")(x)
-    channels = 16
-    for stage, filters in enumerate((16, 32, 64)):
-        for block in range(3):
-            stride = 2 if stage > 0 and block == 0 else 1
-            prefix = f"s{stage + 1}b{block + 1}"
-            y = _conv_bn(x, filters, stride, f"{prefix}a", weight_decay)
-            y = keras.layers.ReLU(name=f"{prefix}a_relu")(y)
-            y = _conv_bn(y, filters, 1, f"{prefix}b", weight_decay)
-            if stride != 1 or filters != channels:
-                shortcut = ZeroPadShortcut(stride, filters - channels, name=f"{prefix}_shortcut")(x)
-            else:
-                shortcut = x
-            x = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
-            x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
-            channels = filters
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
-    outputs = keras.layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
-    return keras.Model(inputs, outputs, name=name)
+    return build_resnet20(keras, ZeroPadShortcut, input_shape, num_classes, weight_decay, name)
 
 
 def small_cnn(input_shape=(28, 28, 1), num_classes=10, name="small_cnn"):
@@ -100,14 +135,4 @@ def small_cnn(input_shape=(28, 28, 1), num_classes=10, name="small_cnn"):
     BatchNormalization uses momentum 0.9 so that its moving statistics settle
     within the few hundred steps of a short run.
     """
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = inputs
-    for i, filters in enumerate((16, 32, 32)):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
-        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
-        x = keras.layers.ReLU(name=f"relu{i + 1}")(x)
-        if i < 2:
-            x = keras.layers.MaxPooling2D(name=f"pool{i + 1}")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    outputs = keras.layers.Dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, outputs, name=name)
+    return build_small_cnn(keras, input_shape, num_classes, name)
