@@ -51,3 +51,18 @@ def test_every_cited_document_is_in_the_repository():
         "CHANGELOG.md",
     ):
         assert os.path.exists(os.path.join(ROOT, doc)), doc
+
+
+def test_walkthrough_runs_as_written():
+    """docs/walkthrough.md: every ``>>>`` line runs and prints what the page says."""
+    import doctest  # noqa: PLC0415
+
+    path = os.path.join(ROOT, "docs", "walkthrough.md")
+    result = doctest.testfile(
+        path,
+        module_relative=False,
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+        verbose=False,
+    )
+    assert result.attempted > 20, result
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in docs/walkthrough.md failed"

@@ -58,6 +58,31 @@ def test_int4_convolution_with_signed_output_is_stored_int8_and_reported():
     assert "MEAN" not in [o["op"] for o in info["ops"]]
 
 
+def _ops_residual_cnn():
+    """A residual block written with tensor arithmetic: ``relu(bn(conv(h)) + h)``."""
+    inp = keras.Input((8, 8, 1))
+    h = keras.ops.relu(keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same")(inp)))
+    y = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same")(h))
+    h = keras.ops.relu(y + h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(4)(h))
+
+
+def test_tensor_arithmetic_residual_sum_is_on_learned_grids_like_the_add_layer():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (64, 8, 8, 1)).astype("float32")
+    model = _ops_residual_cnn()
+    qmodel, report = tfdq.quantize_model(model, calibration_data=x, return_report=True)
+    operands = [r for r in report["activation_quantizers"] if not r["counted"] and r["signed"]]
+    assert len(operands) == 1  # the BatchNorm branch of ``y + h`` (h is on its ReLU's grid already)
+    tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
+    # no tensor inside the network is calibrated: the sum takes its operands' grids
+    assert [c["tensor"] for c in export_report["calibrated"]] == ["output_0"]
+    verified = E.verify(qmodel, tflite, x, export_report=export_report)
+    assert verified["all_kernels_exact"] and verified["float_ops"] == []
+    assert verified["max_abs_output_diff_in_output_steps"] <= 1.0
+
+
 def test_align_biases_reports_no_nan_without_a_learned_output_quantizer():
     rng = np.random.default_rng(2)
     x = rng.uniform(0, 1, (32, 16, 16, 1)).astype("float32")

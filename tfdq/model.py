@@ -204,10 +204,13 @@ class QuantizedModel(keras.Model):
             ):
                 # the allocation fixed outside a step makes the BatchNorm statistics stale
                 recal = [c for c in callbacks if isinstance(c, batchnorm.BatchNormRecalibration)]
+                verbose = args[4] if len(args) > 4 else kwargs.get("verbose", "auto")
                 callbacks.insert(
                     0,
                     callbacks_lib.FinishInsideBudget(
-                        fraction=budget.finish, reestimate_batchnorm=recal[0].mark_stale if recal else None
+                        fraction=budget.finish,
+                        reestimate_batchnorm=recal[0].mark_stale if recal else None,
+                        verbose=0 if verbose == 0 else 1,  # fit(verbose=0) prints nothing
                     ),
                 )
             if state is not None:

@@ -62,9 +62,6 @@ AVERAGING = (
     keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalAveragePooling3D,
 )
-# Merges whose operands get a learned quantizer (the sum / concatenation of
-# tensors on learned grids is exact in the integer file).
-GRID_MERGES = (keras.layers.Add, keras.layers.Concatenate)
 
 
 class QuantizationReport(dict):
@@ -205,8 +202,8 @@ def _relu_input(tensor):
     layer, node = producer(tensor)
     if layer is None or not _is_plain_relu(layer) or len(node.input_tensors) != 1:
         return tensor
-    source, _ = producer(node.input_tensors[0])
-    if isinstance(source, GRID_MERGES):
+    source, source_node = producer(node.input_tensors[0])
+    if source is not None and registry.is_grid_merge(source, source_node):
         # a sum of values on learned grids is often exactly 0, where the
         # ReLU's gradient (0) and the quantizer's (1) differ: keep the ReLU
         return tensor
@@ -582,7 +579,9 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                     placed = _placement(t, averages)
                     if options["quantize_input"] or id(placed) not in raw:
                         targets[id(placed)] = placed
-        operands = [t for layer, node in nodes if isinstance(layer, GRID_MERGES) for t in node.input_tensors]
+        operands = [
+            t for layer, node in nodes if registry.is_grid_merge(layer, node) for t in node.input_tensors
+        ]
         for t in averages + [_placement(t) for t in operands]:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t

@@ -754,3 +754,32 @@ if __name__ == "__main__":  # python -m tfdq.registry README.md: refresh the REA
     print(
         "updated" if write_readme_table(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date"
     )
+
+
+# Merges of feature maps whose operands get a learned quantizer each: the sum,
+# difference or concatenation of tensors on learned grids is exact in the integer
+# file, so no tensor inside a residual network needs a calibrated scale. The
+# layers, and the same computations written as tensor arithmetic (``x + y``,
+# ``keras.ops.add``, ``keras.ops.subtract``, ``keras.ops.concatenate``).
+GRID_MERGE_LAYERS = (keras.layers.Add, keras.layers.Subtract, keras.layers.Concatenate)
+GRID_MERGE_OPS = tuple(
+    c for c in (_cls(_np_ops, "Add"), _cls(_np_ops, "Subtract"), _cls(_np_ops, "Concatenate")) if c
+)
+
+
+def is_tensor_sum(layer, node):
+    """True for ``x + y`` / ``keras.ops.add`` of two feature maps (no constant operand):
+    exported as the ``Add`` layer is."""
+    add = _cls(_np_ops, "Add")
+    return add is not None and type(layer) is add and len(node.input_tensors) == 2
+
+
+def is_grid_merge(layer, node=None):
+    """True when ``layer`` (called at ``node``) merges two or more feature maps that
+    ``quantize_model`` puts on learned grids first (an operation with a constant
+    operand, ``x + 3.0``, is not a merge of feature maps)."""
+    if isinstance(layer, GRID_MERGE_LAYERS):
+        return True
+    if type(layer) in GRID_MERGE_OPS:
+        return node is None or len(node.input_tensors) >= 2
+    return False

@@ -243,7 +243,9 @@ class Builder:
             if learned_next:
                 return [out]  # the learned quantizer that follows sets its scale
             return [self.calibrated(out, label, "average of quantized values (not on the input grid)")]
-        if rule == "add":
+        if rule == "add" or (
+            rule == "elementwise" and registry.is_tensor_sum(op.layer, op.node)
+        ):  # x + y of two feature maps on learned grids: exact, like the Add layer
             return [self.add(op, values)]
         if rule == "elementwise":
             return [self.elementwise(op, values)]
