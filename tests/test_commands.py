@@ -29,7 +29,9 @@ def test_console_scripts_run_from_outside_the_repository(tmp_path):
     }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{name}: {err[-2000:]}"
+        # absl ends --help with exit status 1; an import error would too, so the flags must be listed
+        assert proc.returncode in (0, 1), f"{name}: {err[-2000:]}"
+        assert "Traceback" not in err, f"{name}: {err[-2000:]}"
         # each command lists its own flags
         flag = "--model_dir" if name == "tfdq-train" else "--model"
         assert flag in out, f"{name} --helpshort does not list {flag}:\n{out[-2000:]}"
