@@ -66,3 +66,23 @@ def test_walkthrough_runs_as_written():
     )
     assert result.attempted > 20, result
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in docs/walkthrough.md failed"
+
+
+def test_docstring_examples_run():
+    """The Example blocks of the public API's docstrings run and print what they show
+    (they share one namespace, in this order, as a reader follows them)."""
+    import doctest  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    namespace = {}
+    objects = [tfdq.quantize_model, tfdq.constrain]
+    for obj in objects:
+        tests = finder.find(obj, obj.__name__, globs=namespace)
+        assert tests and tests[0].examples, f"{obj.__name__} has no Example block"
+        for test in tests:
+            test.globs = namespace  # shared: later examples use earlier names
+            runner.run(test, clear_globs=False)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples failed"

@@ -354,6 +354,16 @@ def constrain(
     without tfdq quantizers, an activation target without activation
     quantizers, non-positive targets, or targets below the smallest size the
     model can reach with every layer at its minimum bitwidth.
+
+    Example (``qmodel`` and ``x`` as in :func:`tfdq.quantize_model`'s example;
+    1,490 weights at 4 bits are 0.73 kB, and 2 bits on the Dense layer fit
+    0.5 kB where 3 do not):
+
+    >>> qmodel = tfdq.constrain(qmodel, weight_kb=0.5)
+    >>> qmodel.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> _ = qmodel.fit(x, np.arange(32) % 10, epochs=2, verbose=0)
+    >>> qmodel.memory_budget.satisfied(qmodel), round(float(qmodel.memory_budget.sizes(qmodel)["weight_kb"]), 3)
+    ({'weight': True}, 0.388)
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"tfdq.constrain takes a keras.Model, got {type(model).__name__}.")

@@ -437,6 +437,19 @@ def quantize_model(
         Functional model; not compiled), and the report if asked. Its
         quantizers are initialized: weights with ``b = init_bits`` and
         power-of-two ``d = 2^floor(log2(max|W| / (2^(b-1) - 1)))``.
+
+    Example:
+
+    >>> import keras, numpy as np, tfdq
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv"), keras.layers.ReLU(name="relu"),
+    ...     keras.layers.Flatten(name="flat"), keras.layers.Dense(10, name="logits")])
+    >>> x = np.random.default_rng(0).uniform(0, 1, (32, 8, 8, 1)).astype("float32")
+    >>> qmodel = tfdq.quantize_model(model, calibration_data=x)
+    >>> [type(layer).__name__ for layer in qmodel.layers[1:]]
+    ['ActivationQuantizer', 'QConv2D', 'ActivationQuantizer', 'Flatten', 'QDense']
+    >>> qmodel.get_layer("conv").kernel_quantizer.describe()  # max|W| = 0.22: d = 2^-5, 7 steps
+    {'bits': 4.0, 'd': 0.03125, 'q_max': 0.21875}
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"tfdq.quantize_model takes a keras.Model, got {type(model).__name__}.")
