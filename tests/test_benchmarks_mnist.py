@@ -30,6 +30,7 @@ def table3(tmp_path_factory):
         return json.load(f), out
 
 
+@pytest.mark.slow  # ~30 s; the same training machinery (benchmarks.mnist_runs) runs in test_homogeneous_quick
 def test_parametrizations_quick(table1):
     report, out = table1
     assert report["complete"] and (out / "parametrizations.png").stat().st_size > 10_000
