@@ -34,8 +34,8 @@ class ExportError(ValueError):
 # Storage policies (``to_tflite(storage=...)``); the learned integers are the same in each.
 STORAGE_POLICIES = {
     "fast": "every op where LiteRT's XNNPACK runs it, then the fewest bytes: Dense and 1x1 "
-    "convolutions with b <= 4 as FULLY_CONNECTED with int4 (b <= 2: int2) kernels, other "
-    "convolutions int8",
+    "convolutions with b <= 4 as FULLY_CONNECTED with int4 kernels (a Dense with b <= 2: int2), "
+    "other convolutions int8",
     "smallest": "int4/int2 wherever LiteRT runs it (sub-byte CONV_2D/DEPTHWISE_CONV_2D run "
     "outside XNNPACK, slower)",
     "int8": "every kernel int8 (XNNPACK everywhere)",
@@ -394,13 +394,19 @@ def _choose_storage(plan, policy):
         if policy == "fast":
             return "int8", None, None  # XNNPACK runs CONV_2D/DEPTHWISE_CONV_2D with int8 kernels only
         return "int4", None, None
+    int2_note = None
     if n <= INT2_MAX and cin % 4 == 0:
-        return "int2", "fc", None
-    int2_note = (
-        f"int4, not int2: {cin} input channels (XNNPACK's int2 FULLY_CONNECTED needs a multiple of 4)"
-        if n <= INT2_MAX
-        else None
-    )
+        if policy == "smallest" or plan.kind == "dense":
+            return "int2", "fc", None
+        # measured (benchmarks/storage_policy.py, LiteRT 2.3 on x86): XNNPACK's int2 FULLY_CONNECTED
+        # takes 1.5-1.9x the time of int8 over many rows (a 1x1 convolution: one per pixel), the same
+        # time for one row (a Dense at batch 1); its int4 one is within 10% of int8
+        int2_note = (
+            "int4, not int2: XNNPACK's int2 FULLY_CONNECTED runs 1.5-1.9x slower than int8 over a "
+            "convolution's many rows (storage='smallest' stores int2)"
+        )
+    elif n <= INT2_MAX:
+        int2_note = f"int4, not int2: {cin} input channels (XNNPACK's int2 FULLY_CONNECTED needs a multiple of 4)"
     if cin % 2 == 0 or policy == "smallest":
         return "int4", "fc", int2_note
     return "int8", None, (

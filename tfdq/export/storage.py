@@ -135,7 +135,7 @@ def kernel_storage(plan, info, delegated):
             (i for i, o in enumerate(info["ops"]) if len(o["inputs"]) > 1 and o["inputs"][1] == t["index"]),
             None,
         )
-        if op_index is None:  # a depthwise kernel reaches its op through a RESHAPE the converter folded
+        if op_index is None:  # not an operator's weight input: the first operator that reads it
             op_index = next((i for i, o in enumerate(info["ops"]) if t["index"] in o["inputs"]), None)
         out[p.op_index] = {
             "op": None if op_index is None else info["ops"][op_index]["op"],
