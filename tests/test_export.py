@@ -380,7 +380,7 @@ def test_mobilenetv2_small_input():
     # 17 depthwise convolutions and the global average (a constant-kernel depthwise conv)
     assert ops.count("DEPTHWISE_CONV_2D") == 18 and ops.count("ADD") == 10
     storages = {e["storage"] for e in report["layers"]}
-    assert storages == {"int4", "int8"}  # "fast": 2-bit 1x1 convolutions as int4 FULLY_CONNECTED
+    assert storages == {"int2", "int4", "int8"}  # "fast": int2 for the 2-bit Dense, int4 for 2-bit 1x1 convs
     # signed activation quantizers (linear bottlenecks) get their clamp at q_max
     signed = [a for a in export_report["activations"] if a["signed"]]
     assert signed and ops.count("MINIMUM") == len(signed)
