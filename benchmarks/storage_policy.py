@@ -27,6 +27,12 @@ benchmark does not build (the JSON says so). Results:
 
     python -m benchmarks.storage_policy              # 20 rounds x 30 invokes, a few minutes on 2 cores
     python -m benchmarks.storage_policy --quick      # smoke run (48x48 MobileNetV2, 2 rounds x 5 invokes)
+    python -m benchmarks.storage_policy --layers     # one 1x1 convolution / Dense per file: int8, int4, int2
+
+``--layers`` times single layers of MobileNetV2's shapes (alpha 0.5, 96x96)
+as int8 CONV_2D, int8 / int4 / int2 FULLY_CONNECTED (1 thread), which is
+what the ``fast`` policy's int2 rule rests on; results in
+``results/storage_policy_layers.json``.
 """
 
 import os
@@ -54,6 +60,7 @@ def _define_flags():
     flags.DEFINE_list("threads", ["1", "2"], "LiteRT num_threads values.")
     flags.DEFINE_list("models", list(MODELS), f"Models, of {MODELS}.")
     flags.DEFINE_integer("size", 96, "Input height and width of the MobileNets.")
+    flags.DEFINE_bool("layers", False, "Time single 1x1 layers per storage instead of whole models.")
     flags.DEFINE_bool("quick", False, "Smoke run: 48x48 MobileNetV2 (4 and 2 bits), 2 rounds x 5 invokes.")
     flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
 
@@ -170,8 +177,66 @@ def summarize(models, latency, threads):
     return out
 
 
+LAYER_SHAPES = [  # (H = W, C_in, C_out) of MobileNetV2 alpha 0.5 at 96x96, and its 1000-class head (H = 1)
+    (48, 16, 96),
+    (24, 24, 144),
+    (12, 32, 192),
+    (6, 64, 384),
+    (3, 160, 960),
+    (3, 320, 1280),
+    (1, 1280, 1000),
+]
+
+
+def layer_files():
+    """One 1x1 convolution (ReLU) per file, the same learned integers in four storages."""
+    import keras  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+    from tfdq.export.plan import Plan  # noqa: PLC0415
+    from tfdq.export.storage import apply_storage  # noqa: PLC0415
+
+    files = {}
+    for hw, cin, cout in LAYER_SHAPES:
+        inp = keras.Input((hw, hw, cin))
+        model = keras.Model(inp, keras.layers.Conv2D(cout, 1, activation="relu")(inp))
+        x = np.random.default_rng(0).uniform(0, 1, (16, hw, hw, cin)).astype("float32")
+        qmodel = tfdq.quantize_model(model, calibration_data=x, init_bits=2)  # integers in [-1, 1]: every type holds them
+        name = f"{hw}x{hw}x{cin}->{cout}"
+        conv8 = tfdq.export.to_tflite(qmodel, x, storage="int8", input_type="float32", output_type="float32")
+        files[f"{name}:int8 CONV_2D"] = conv8
+        for storage in ("int8", "int4", "int2"):
+            plan = Plan(qmodel, storage="smallest")
+            for p in plan.kernels.values():
+                p.storage, p.form = storage, "fc"
+            files[f"{name}:{storage} FULLY_CONNECTED"] = apply_storage(conv8, plan)
+    return files
+
+
+def run_layers(rounds, invokes):
+    files = layer_files()
+    latency = time_files(files, threads=[1], rounds=rounds, invokes=invokes)
+    table = {}
+    for key, value in latency.items():
+        shape, form = key.split(":")
+        table.setdefault(shape, {})[form] = value["1_thread"]["median_ms"]
+    for shape, row in table.items():
+        base = row["int8 CONV_2D"]
+        print(f"{shape:>20}: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in row.items()) + f" (int8 conv {base:.4f} ms)")
+    write_result(
+        FLAGS.out_dir,
+        "storage_policy_layers",
+        "single 1x1 layers: int8 CONV_2D against int8/int4/int2 FULLY_CONNECTED in LiteRT's XNNPACK, 1 thread",
+        "python -m benchmarks.storage_policy --layers",
+        {"median_ms": table, "rounds": rounds, "invokes": invokes, "shapes": LAYER_SHAPES},
+    )
+
+
 def main(argv):
     del argv
+    if FLAGS.layers:
+        return run_layers(FLAGS.rounds, FLAGS.invokes)
     rounds, invokes, size, names = FLAGS.rounds, FLAGS.invokes, FLAGS.size, list(FLAGS.models)
     if FLAGS.quick:
         rounds, invokes, size, names = 2, 5, 48, ["mobilenetv2", "mobilenetv2_2bit"]

@@ -398,11 +398,11 @@ def _choose_storage(plan, policy):
     if n <= INT2_MAX and cin % 4 == 0:
         if policy == "smallest" or plan.kind == "dense":
             return "int2", "fc", None
-        # measured (benchmarks/storage_policy.py, LiteRT 2.3 on x86): XNNPACK's int2 FULLY_CONNECTED
-        # takes 1.5-1.9x the time of int8 over many rows (a 1x1 convolution: one per pixel), the same
-        # time for one row (a Dense at batch 1); its int4 one is within 10% of int8
+        # measured (benchmarks/storage_policy.py --layers, LiteRT 2.3 on x86): XNNPACK's int2
+        # FULLY_CONNECTED takes 1.4-2.2x the time of int8 over many rows (a 1x1 convolution: one per
+        # pixel), about the same for one row (a Dense at batch 1); its int4 one 1.05-1.3x, 0.57x at one row
         int2_note = (
-            "int4, not int2: XNNPACK's int2 FULLY_CONNECTED runs 1.5-1.9x slower than int8 over a "
+            "int4, not int2: XNNPACK's int2 FULLY_CONNECTED runs 1.4-2.2x slower than int8 over a "
             "convolution's many rows (storage='smallest' stores int2)"
         )
     elif n <= INT2_MAX:
