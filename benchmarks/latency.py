@@ -10,9 +10,9 @@ timing and size only, and no accuracy below is a CIFAR-10 result. Files:
   ``constrain`` at a 4-bit-average weight budget (131.0 kB), a short
   constrained ``fit`` on generated inputs (so that the learned bitwidths
   differ between layers), ``enforce_budget``, ``freeze_quantizers``;
-  exported with ``int4_kernels=False`` (every kernel int8).
-* ``tfdq_mixed``: the same model exported with int4 kernels for the layers
-  at ``b <= 4`` and int8 for the others. ``tfdq_mixed`` vs ``tfdq_int8`` is
+  exported with ``storage="int8"`` (every kernel int8).
+* ``tfdq_mixed``: the same model exported with ``storage="smallest"``: int4
+  kernels for the layers at ``b <= 4`` and int8 for the others. ``tfdq_mixed`` vs ``tfdq_int8`` is
   the speed of int4 storage against int8 storage of the same integers.
 * ``tfmot_int8``: tfmot's 8-bit QAT of the same architecture and float
   weights in tf_keras (a few QAT steps on generated inputs), converted with
@@ -120,14 +120,14 @@ def build_files(
     bits = {r["name"]: r["bits"] for r in rows if r["kind"] == "weight"}
     counts = {r["name"]: r["count"] for r in rows if r["kind"] == "weight"}
     exports = {}
-    for name, int4 in (("tfdq_int8", False), ("tfdq_mixed", True)):
+    for name, storage in (("tfdq_int8", "int8"), ("tfdq_mixed", "smallest")):
         tflite, report = tfdq.export.to_tflite(
-            q, x[:256], input_type="float32", output_type="float32", int4_kernels=int4, return_report=True
+            q, x[:256], input_type="float32", output_type="float32", storage=storage, return_report=True
         )
         check = tfdq.export.verify(q, tflite, x[:200], export_report=report)
         files[name] = tflite
         exports[name] = {
-            "int4_kernels": int4,
+            "storage_policy": storage,
             "top1_agreement_with_keras_on_generated_inputs": check["top1_agreement"],
             "all_kernels_exact": check["all_kernels_exact"],
             "kernel_bytes_in_file": check["sizes"]["kernel_bytes_in_file"],
