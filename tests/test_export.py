@@ -97,7 +97,27 @@ def _signed_output(model, layer):
     return True
 
 
-def _check_kernels(model, tflite, report, expected_bits):
+def _expected_storage(model, layer, bits, policy):
+    """The storage rule of each policy, written out independently of tfdq.export.plan."""
+    if policy == "int8" or bits > 4:
+        return "int8"
+    fc = isinstance(layer, tfdq.layers.QDense) or (
+        not isinstance(layer, tfdq.layers.QDepthwiseConv2D)
+        and tuple(layer.kernel_size) == (1, 1)
+        and tuple(layer.strides) == (1, 1)
+    )
+    cin = int(layer.kernel.shape[-2])
+    if fc and bits <= 2 and cin % 4 == 0 and (policy == "smallest" or isinstance(layer, tfdq.layers.QDense)):
+        return "int2"  # XNNPACK's int2 FULLY_CONNECTED ("fast": a Dense only; slow over a conv's many rows)
+    if fc and cin % 2 == 0:
+        return "int4"  # XNNPACK's int4 FULLY_CONNECTED
+    if policy == "fast":
+        return "int8"  # XNNPACK runs no sub-byte convolution
+    # builtin int4 kernels round twice: int8 where the output stays signed
+    return "int8" if _signed_output(model, layer) else "int4"
+
+
+def _check_kernels(model, tflite, report, expected_bits, policy="fast"):
     """Read every kernel with LiteRT and compare with the Keras model."""
     interpreter = Interpreter(model_content=tflite)
     interpreter.allocate_tensors()
@@ -117,19 +137,18 @@ def _check_kernels(model, tflite, report, expected_bits):
         # integers: within the learned range and exactly round(w / scale)
         assert np.max(np.abs(values)) <= n, (layer.name, bits, values.min(), values.max())
         layout = _to_tflite_layout(layer, k)
-        if values.ndim == 4 and layout.ndim == 2:  # a Dense with folded BatchNorm runs as a 1x1 conv
-            layout = layout[:, None, None, :]
-        np.testing.assert_array_equal(values, layout, err_msg=layer.name)
+        # a Dense with folded BatchNorm may run as a 1x1 conv [C_out, 1, 1, C_in], a 1x1 conv as a
+        # FULLY_CONNECTED [C_out, C_in]: the same integers in the same order
+        np.testing.assert_array_equal(values.reshape(-1), layout.reshape(-1), err_msg=layer.name)
         # scales: the learned d, times |s_c| where BatchNorm is folded
         file_scales = np.asarray(d["quantization_parameters"]["scales"], np.float64)
         if file_scales.size == 1:
             file_scales = np.full(scale.size, file_scales[0])
         np.testing.assert_allclose(file_scales, scale, rtol=1e-6, err_msg=layer.name)
-        # storage: packed int4 for b <= 4, int8 otherwise, and int8 for a
-        # convolution whose output stays signed (LiteRT's int4 path rounds twice)
+        # storage: the policy's rule (int4 CONV_2D only under "smallest", and not for a convolution whose
+        # output stays signed: LiteRT's builtin int4 path rounds twice)
         storage = tensors[entry["tensor"]]["type"]
-        int4 = bits <= 4 and not (_signed_output(model, layer) and not isinstance(layer, tfdq.layers.QDense))
-        assert storage == ("int4" if int4 else "int8"), (layer.name, bits, storage)
+        assert storage == _expected_storage(model, layer, bits, policy), (layer.name, bits, storage, policy)
         assert entry["storage"] == storage and entry["ok"]
         checked += 1
     assert checked == len(expected_bits)
@@ -148,9 +167,9 @@ def test_small_cnn_with_batchnorm_exports_learned_integers_and_folded_scales():
     x = rng.uniform(0, 1, (64, 28, 28, 1)).astype("float32")
     qmodel = tfdq.quantize_model(model, calibration_data=x)
     bits = _set_bits(qmodel, [3, 6, 4, 8])
-    tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
+    tflite, export_report = E.to_tflite(qmodel, x, storage="smallest", return_report=True)
     report = E.verify(qmodel, tflite, x[:32], export_report=export_report)
-    _check_kernels(qmodel, tflite, report, bits)
+    _check_kernels(qmodel, tflite, report, bits, policy="smallest")
     assert report["all_kernels_exact"]
     # the 3-bit layer holds integers in [-3, 3], not re-spread over [-127, 127]
     conv1 = next(e for e in report["layers"] if e["layer"] == "conv1")
@@ -248,7 +267,8 @@ def test_align_biases_skips_a_batchnorm_without_beta_and_reports_it():
     outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(y))
     x = rng.uniform(0, 1, (32, 8, 8, 2)).astype("float32")
     qmodel = tfdq.quantize_model(keras.Model(inputs, outputs), calibration_data=x)
-    changes = E.align_biases(qmodel, x)
+    # "smallest": the int4 convolution rounds twice, a shift that only a beta could absorb
+    changes = E.align_biases(qmodel, x, storage="smallest")
     assert changes == [
         {
             "layer": "conv",
@@ -259,7 +279,7 @@ def test_align_biases_skips_a_batchnorm_without_beta_and_reports_it():
             "max_change_output_steps": 0.0,
         }
     ]
-    _, report = E.to_tflite(qmodel, x, return_report=True)  # still exports
+    _, report = E.to_tflite(qmodel, x, storage="smallest", return_report=True)  # still exports
     assert [b["exact"] for b in report["biases"] if b["layer"] == "conv"] == [False]
 
 
@@ -314,8 +334,8 @@ def test_int8_kernel_option_stores_the_same_integers_as_int8():
     x = rng.uniform(0, 1, (32, 28, 28, 1)).astype("float32")
     qmodel = tfdq.quantize_model(model, calibration_data=x)
     _set_bits(qmodel, [2, 3, 4, 4])
-    mixed = E.to_tflite(qmodel, x)
-    int8 = E.to_tflite(qmodel, x, int4_kernels=False)
+    mixed = E.to_tflite(qmodel, x, storage="smallest")
+    int8 = E.to_tflite(qmodel, x, storage="int8")
     r4 = E.verify(qmodel, mixed, x[:8], int4_kernels=True)
     r8 = E.verify(qmodel, int8, x[:8], int4_kernels=False)
     assert {e["storage"] for e in r4["layers"]} == {"int4"}
@@ -360,7 +380,7 @@ def test_mobilenetv2_small_input():
     # 17 depthwise convolutions and the global average (a constant-kernel depthwise conv)
     assert ops.count("DEPTHWISE_CONV_2D") == 18 and ops.count("ADD") == 10
     storages = {e["storage"] for e in report["layers"]}
-    assert storages == {"int4", "int8"}
+    assert storages == {"int2", "int4", "int8"}  # "fast": int2 for the 2-bit Dense, int4 for 2-bit 1x1 convs
     # signed activation quantizers (linear bottlenecks) get their clamp at q_max
     signed = [a for a in export_report["activations"] if a["signed"]]
     assert signed and ops.count("MINIMUM") == len(signed)
@@ -407,7 +427,8 @@ def test_mixed_graph_float_io_pow2_weights_dense_batchnorm():
         p = layer.kernel_quantizer.describe()
         ratio = int(round(p["q_max"] / p["q_min"]))
         assert entry["allowed"] == [-ratio, ratio]
-        assert entry["storage"] == ("int4" if ratio <= 7 else "int8")
+        levels_bits = 2 if ratio <= 1 else (4 if ratio <= 7 else 8)  # the narrowest type holding +-ratio
+        assert entry["storage"] == _expected_storage(qmodel, layer, levels_bits, "fast")
         # the levels are +-q_min 2^j: powers of two in the file
         values = np.abs(np.array(entry["file_range"]))
         assert all(v == 0 or (v & (v - 1)) == 0 for v in values)

@@ -45,7 +45,7 @@ def test_int4_convolution_with_signed_output_is_stored_int8_and_reported():
     qmodel = tfdq.quantize_model(residual_cnn(), calibration_data=x)
     for layer in tfdq.layers.weight_quantized_layers(qmodel):
         layer.kernel_quantizer.initialize_from(layer.kernel.numpy(), bits=3)
-    tflite, report = E.to_tflite(qmodel, x, return_report=True)
+    tflite, report = E.to_tflite(qmodel, x, storage="smallest", return_report=True)  # int4 convolutions
     storage = {k["layer"]: (k["storage"], k["storage_note"]) for k in report["kernels"]}
     assert storage["b"][0] == "int8" and "signed" in storage["b"][1]  # feeds the Add through BatchNorm
     for name in ("stem", "a", "down"):  # ReLU outputs: exact as int4
@@ -125,7 +125,7 @@ def _hidden_maps_equal(qmodel, tflite, x):
 
 def test_trained_residual_cnn_exports_exactly():
     """The cheap default check: a residual CNN with BatchNorm, briefly trained
-    on the digits, exported with int4 and int8 kernels: every hidden map of
+    on the digits, exported under each storage policy: every hidden map of
     the file equals Keras', the logits differ by their own rounding only."""
     train, test = digits(size=8)
     keras.utils.set_random_seed(0)
@@ -135,10 +135,10 @@ def test_trained_residual_cnn_exports_exactly():
     qmodel = tfdq.quantize_model(model, calibration_data=train[0][:512])
     qmodel.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qmodel.fit(*train, batch_size=64, epochs=1, verbose=0)
-    for int4 in (True, False):
-        changes = E.align_biases(qmodel, train[0], int4_kernels=int4)
+    for storage in ("fast", "smallest", "int8"):
+        changes = E.align_biases(qmodel, train[0], storage=storage)
         assert all(np.isfinite(c["max_change_output_steps"]) for c in changes)
-        tflite, report = E.to_tflite(qmodel, train[0], int4_kernels=int4, return_report=True)
+        tflite, report = E.to_tflite(qmodel, train[0], storage=storage, return_report=True)
         assert [c["tensor"] for c in report["calibrated"]] == ["output_0"]
         assert all(b["exact"] for b in report["biases"]), report["biases"]
         assert max(_hidden_maps_equal(qmodel, tflite, test[0]).values()) == 0.0
@@ -171,9 +171,9 @@ def test_budget_recipe_on_a_residual_cnn_inference_matches_training_mode():
     inference, training = accuracy(qmodel, (xv, yv)), accuracy(qmodel, (xv, yv), training=True)
     assert inference >= float_acc - 0.015, (inference, float_acc)
     assert abs(inference - training) <= 0.005, (inference, training)
-    for int4 in (True, False):
-        E.align_biases(qmodel, train[0], int4_kernels=int4)
-        tflite, report = E.to_tflite(qmodel, train[0], int4_kernels=int4, return_report=True)
+    for storage in ("fast", "smallest", "int8"):
+        E.align_biases(qmodel, train[0], storage=storage)
+        tflite, report = E.to_tflite(qmodel, train[0], storage=storage, return_report=True)
         everything = tuple(np.concatenate([a, b]) for a, b in zip(train, (xv, yv)))  # 1,797 digits
         r = E.verify(qmodel, tflite, everything, export_report=report)
         assert r["top1_agreement"] >= 0.998 and r["max_abs_output_diff_in_output_steps"] <= 1.0, r

@@ -7,12 +7,25 @@ Keras model, a TensorFlow graph that the TF 2.21 TFLite converter turns into
 an int8 model whose kernels hold exactly those integers:
 
 * Kernels: a constant ``k * d * s_c`` passes a FakeQuant with
-  ``num_bits=4, narrow_range=True, min/max = -/+7 d s_c`` when the learned
-  ``b <= 4`` (the converter stores it as packed int4: ``|k| <= 7`` stays
-  exact) and ``num_bits=8``, ``-/+127 d s_c`` when ``5 <= b <= 8``. So the
-  scale is ``d`` (per tensor) or ``d |s_c|`` (per output channel) and every
-  stored integer is a learned one. ``num_bits`` 2, 3 or 5-7 would make the
-  converter re-spread the values (docs/design.md), so they are never used.
+  ``num_bits=4, narrow_range=True, min/max = -/+7 d s_c`` where the kernel
+  is stored in fewer than 8 bits (the converter stores it as packed int4:
+  ``|k| <= 7`` stays exact) and ``num_bits=8``, ``-/+127 d s_c`` otherwise.
+  So the scale is ``d`` (per tensor) or ``d |s_c|`` (per output channel) and
+  every stored integer is a learned one. ``num_bits`` 2, 3 or 5-7 would make
+  the converter re-spread the values (docs/design.md), so they are never
+  used; int2 kernels are packed by tfdq after the conversion.
+* Storage (``storage=``): ``"fast"`` (default) puts every operator where
+  LiteRT's XNNPACK delegate runs it and, subject to that, stores the fewest
+  bytes: a Dense or 1x1 stride-1 convolution with ``b <= 4`` becomes a
+  FULLY_CONNECTED over the channel axis with per-channel int4 weights
+  (``b <= 2``: int2; XNNPACK needs even input channels for int4 and a
+  multiple of 4 for int2, else the next wider type with a ``storage_note``),
+  3x3 and depthwise convolutions int8 (XNNPACK runs no sub-byte CONV_2D or
+  DEPTHWISE_CONV_2D). ``"smallest"`` stores int4/int2 wherever LiteRT runs
+  it (int4 convolutions in its slower builtin kernels); ``"int8"`` stores
+  every kernel int8. The report says per layer: operator, storage, bytes,
+  and whether XNNPACK runs it, asked of the runtime
+  (:func:`~tfdq.export.runtime.xnnpack_delegated`).
 * BatchNormalization right after a quantized Conv2D / DepthwiseConv2D /
   Dense is folded into per-channel scales, not into the integers:
   ``s_c = gamma_c / sqrt(var_c + eps)``, kernel scale ``d |s_c|`` (a negative
@@ -39,9 +52,10 @@ an int8 model whose kernels hold exactly those integers:
   at half that scale and an int32 bias of 1 for a non-negative map), whose
   requantization rounds ties like the quantizer (LiteRT's MEAN rounds ties
   to even).
-* A convolution with ``b <= 4`` whose output stays signed is stored int8:
-  LiteRT's int4 CONV_2D / DEPTHWISE_CONV_2D rounds twice, which no bias
-  can undo for negative outputs (the report's ``storage_note``).
+* A sub-byte kernel outside XNNPACK whose output stays signed is stored
+  int8: LiteRT's builtin int4 CONV_2D / DEPTHWISE_CONV_2D (and
+  FULLY_CONNECTED) rounds twice, which no bias can undo for negative
+  outputs (the report's ``storage_note``).
 
 After the conversion the file is read back: every kernel must hold the
 planned integers with the planned scale and storage type, and no operation
@@ -51,12 +65,14 @@ LiteRT next to the Keras model.
 
 Fidelity: TFLite adds an int32 bias to the integer accumulator (unit
 ``s_in d |s_c|``), so a folded BatchNorm bias is rounded to that grid, and
-LiteRT 2.3 requantizes CONV_2D and DEPTHWISE_CONV_2D with int4 kernels with
-two roundings (int8 kernels run in XNNPACK, which rounds once;
-FULLY_CONNECTED rounds once either way), which for a non-negative output is
+LiteRT 2.3 requantizes its builtin sub-byte kernels (int4 CONV_2D and
+DEPTHWISE_CONV_2D, a FULLY_CONNECTED that XNNPACK does not take) with two
+roundings (XNNPACK rounds once: int8 kernels and the int4/int2
+FULLY_CONNECTED; measured in tests/test_storage_policy.py), which for a non-negative output is
 one rounding with every threshold ``w_c = 2^30 / m_c`` accumulator units
 lower. The planned int32 bias is ``round(B_c - w_c)`` (``w_c = 0`` where
-the kernel rounds once), and :func:`align_biases` moves each folded beta by
+the kernel rounds once), and :func:`align_biases` (given the same
+``storage`` as the export) moves each folded beta by
 less than one accumulator unit so that ``B_c - w_c`` is an integer: the
 Keras model then computes, tensor for tensor, what the file computes (the
 export report lists each layer's residual). The converter quantizes the bias
@@ -69,7 +85,7 @@ measures it.
 
 Use::
 
-    tfdq.export.align_biases(qmodel, x_train[:1000])     # once training is over
+    tfdq.export.align_biases(qmodel, x_train[:1000])     # once training is over (storage="fast")
     tflite, report = tfdq.export.to_tflite(qmodel, x_train[:1000], return_report=True)
     print(tfdq.export.verify(qmodel, tflite, (x_test, y_test), export_report=report).format())
 
@@ -84,7 +100,7 @@ rounding has no integer TFLite kernel), layers without an integer export.
 from tfdq.export.convert import ExportReport, align_biases, float_tflite, save_tflite, to_tflite
 from tfdq.export.flatbuffer import inspect_tflite
 from tfdq.export.pipeline import export_and_verify
-from tfdq.export.plan import ExportError
+from tfdq.export.plan import STORAGE_POLICIES, ExportError
 from tfdq.export.runtime import LiteRTRunner
 from tfdq.export.runtime import predict as litert_predict
 from tfdq.export.verify import VerificationReport, size_report, verify
@@ -93,6 +109,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "LiteRTRunner",
+    "STORAGE_POLICIES",
     "VerificationReport",
     "align_biases",
     "export_and_verify",

@@ -28,7 +28,9 @@ from tfdq.export.plan import (
     Plan,
     activation_name,
     activation_rule,
+    resolve_storage,
 )
+from tfdq.export.storage import kernel_storage, settle_storage
 from tfdq.models import ZeroPadShortcut
 
 CALIBRATED_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_swish", "swish", "leaky_relu")
@@ -730,7 +732,7 @@ def _convert(fn, specs, input_type, output_type):
 _TYPES = {"int8": tf.int8, "float32": tf.float32, "float": tf.float32}
 
 
-def _trace_export(model, calibration_data, int4_kernels, calibration_samples):
+def _trace_export(model, calibration_data, storage, calibration_samples):
     """Plan, calibrate and trace the export graph; ``(plan, builder, tf.function, specs)``."""
     from tfdq import nonfinite, validate  # noqa: PLC0415
 
@@ -748,7 +750,7 @@ def _trace_export(model, calibration_data, int4_kernels, calibration_samples):
         calibration_data = validate.calibration_inputs(model, calibration_data)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    plan = Plan(model, int4_kernels=int4_kernels)
+    plan = Plan(model, storage=storage)
     stats = _collect_stats(plan, calibration_data, calibration_samples)
     builder = Builder(plan, "export", stats)
     specs = _input_specs(model)
@@ -787,7 +789,12 @@ def _bias_entry(b):
 
 
 def align_biases(
-    model: keras.Model, calibration_data=None, *, int4_kernels: bool = True, calibration_samples: int = 1000
+    model: keras.Model,
+    calibration_data=None,
+    *,
+    storage: str | None = None,
+    int4_kernels: bool | None = None,
+    calibration_samples: int = 1000,
 ) -> list[dict]:
     """Move each folded BatchNorm's beta so that the file's int32 bias is exact.
 
@@ -797,13 +804,15 @@ def align_biases(
     and outputs near a rounding threshold come out one step off. This sets
     ``beta_c += (round(B_c - w_c) - (B_c - w_c)) u_c`` (``w_c``: the shift of
     LiteRT's two-rounding int4 convolutions, see
-    :meth:`KernelPlan.accumulator_bias`), so that the Keras model itself
+    :meth:`KernelPlan.accumulator_bias`; zero for every kernel that XNNPACK
+    runs, the int4/int2 FULLY_CONNECTED included), so that the Keras model itself
     computes what the integer file computes. Each beta moves by at most half
     an accumulator unit (the report gives it in output steps too).
 
     Call it once training is over (BatchNorm statistics and quantizers fixed:
     after :func:`tfdq.constraints.freeze_quantizers` and the last ``fit``),
-    with the same ``int4_kernels`` as the export; save the aligned model if
+    with the same ``storage`` as the export (the shift follows the
+    storage each layer gets under it); save the aligned model if
     you want to reproduce the file. Layers without BatchNorm already have
     exact biases (their ``Q(bias)`` lies on the step ``d`` grid).
 
@@ -811,7 +820,7 @@ def align_biases(
         model: a trained tfdq model; changed in place.
         calibration_data: as for :func:`to_tflite` (needed when a layer's
             input has no learned quantizer).
-        int4_kernels, calibration_samples: as for :func:`to_tflite`.
+        storage, int4_kernels, calibration_samples: as for :func:`to_tflite`.
 
     Returns:
         A list of dicts, one per BatchNorm-folded layer: ``layer``,
@@ -821,7 +830,8 @@ def align_biases(
         learned quantizer takes the layer's output, so there is no output
         step; never NaN) and ``max_change_accumulator_units``.
     """
-    plan, builder, _, _ = _trace_export(model, calibration_data, int4_kernels, calibration_samples)
+    storage = resolve_storage(storage, int4_kernels)
+    plan, builder, _, _ = _trace_export(model, calibration_data, storage, calibration_samples)
     changes = []
     layers_by_path = {op.path: op.layer for op in plan.ops}
     for index, b in builder.biases.items():
@@ -864,7 +874,8 @@ def to_tflite(
     *,
     input_type: str = "int8",
     output_type: str = "int8",
-    int4_kernels: bool = True,
+    storage: str | None = None,
+    int4_kernels: bool | None = None,
     calibration_samples: int = 1000,
     return_report: bool = False,
 ) -> bytes | tuple[bytes, ExportReport]:
@@ -873,7 +884,7 @@ def to_tflite(
     Kernels hold the learned integers ``k`` (``|k| <= 2^(b-1) - 1``) with
     scale ``d`` per tensor, or ``d |s_c|`` per output channel where a
     BatchNormalization is folded (``s_c = gamma_c / sqrt(var_c + eps)``);
-    ``b <= 4`` kernels are stored as packed int4, others as int8. Activation
+    how each is stored is the ``storage`` policy's choice. Activation
     tensors use the learned step ``d`` as scale and are clamped at the learned
     ``q_max``. See the module docstring for the exact rules.
 
@@ -884,8 +895,21 @@ def to_tflite(
             learned quantizer covers (at least the logits). Every such tensor
             is listed in the report.
         input_type, output_type: ``"int8"`` (default) or ``"float32"``.
-        int4_kernels: store ``b <= 4`` kernels as packed int4 (default). With
-            ``False`` every kernel is int8; the integers are the same.
+        storage: how kernels are stored; the integers are the same in each.
+            ``"fast"`` (default): every operator where LiteRT's XNNPACK
+            delegate runs it, then the fewest bytes: a Dense or 1x1 stride-1
+            convolution with ``b <= 4`` becomes a FULLY_CONNECTED with
+            per-channel int4 weights (``b <= 2``: int2), which XNNPACK runs
+            when the input channels are even (int2: a multiple of 4; else
+            one step wider, with a ``storage_note``); other convolutions
+            int8 (XNNPACK runs no sub-byte CONV_2D/DEPTHWISE_CONV_2D).
+            ``"smallest"``: int4/int2 wherever LiteRT runs it (int4
+            CONV_2D/DEPTHWISE_CONV_2D in its slower builtin kernels).
+            ``"int8"``: every kernel int8. The report gives, per layer, the
+            operator, storage, bytes and whether LiteRT's XNNPACK runs it
+            (asked of the runtime).
+        int4_kernels: deprecated: ``True`` is ``storage="smallest"``,
+            ``False`` is ``storage="int8"``.
         calibration_samples: at most this many calibration inputs are used.
         return_report: also return an :class:`ExportReport`.
 
@@ -902,12 +926,15 @@ def to_tflite(
         raise ValueError(
             f"input_type/output_type must be 'int8' or 'float32', got {input_type!r}/{output_type!r}."
         )
-    plan, builder, exported, specs = _trace_export(model, calibration_data, int4_kernels, calibration_samples)
-    tflite = _convert(exported, specs, _TYPES[input_type], _TYPES[output_type])
+    storage = resolve_storage(storage, int4_kernels)
+    plan, builder, exported, specs = _trace_export(model, calibration_data, storage, calibration_samples)
+    converted = _convert(exported, specs, _TYPES[input_type], _TYPES[output_type])
+    tflite, delegated = settle_storage(converted, plan)
     info = inspect_tflite(tflite)
     _check_file(plan, info, builder, tflite)
+    in_file = kernel_storage(plan, info, delegated)
     report = ExportReport(
-        kernels=[_kernel_entry(p) for p in plan.kernels.values()],
+        kernels=[dict(_kernel_entry(p), **in_file.get(p.op_index, {})) for p in plan.kernels.values()],
         activations=[
             {
                 "layer": a.layer_name,
@@ -925,7 +952,7 @@ def to_tflite(
         calibrated=list(builder.calibrated_info),
         biases=[_bias_entry(b) for b in builder.biases.values()],
         fixed=list(builder.fixed),
-        options={"input_type": input_type, "output_type": output_type, "int4_kernels": bool(int4_kernels)},
+        options={"input_type": input_type, "output_type": output_type, "storage": storage},
         file_bytes=len(tflite),
     )
     return (tflite, report) if return_report else tflite
@@ -946,7 +973,7 @@ def float_tflite(model):
     Float kernels (not quantized), no FakeQuant, no optimization: the size
     reference for the integer file.
     """
-    plan = Plan(model, int4_kernels=False)
+    plan = Plan(model, storage="int8")
     builder = Builder(plan, "float")
     specs = _input_specs(model)
 
@@ -973,7 +1000,7 @@ def _kernel_entry(p):
         "range": [int(k.min()), int(k.max())],
         "storage": p.storage,
         "storage_note": p.storage_note,
-        "fake_quant_num_bits": p.fq_bits,
+        "input_channels": p.in_channels,
         "scale": "per-channel d*|s_c|" if p.per_channel else "per-tensor d",
         "folded_batchnorm": p.bn_name,
         "negative_bn_channels": int(np.sum(p.channel_factor < 0)) if p.per_channel else 0,

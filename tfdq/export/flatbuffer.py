@@ -104,7 +104,7 @@ def float_ops(info):
 
 
 def unpack_integers(tensor, tflite_bytes):
-    """Integer values of a constant int4/int8 tensor, read from the flatbuffer."""
+    """Integer values of a constant int2/int4/int8/int32 tensor, read from the flatbuffer."""
     from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
 
     model = schema.Model.GetRootAsModel(tflite_bytes, 0)
@@ -117,11 +117,11 @@ def unpack_integers(tensor, tflite_bytes):
     n = int(np.prod(tensor["shape"]))
     if tensor["type"] == "int32":
         return raw.view(np.int32)[:n].reshape(tensor["shape"]).astype(np.int64)
-    if tensor["type"] == "int4":
-        lo = (raw & 0x0F).astype(np.int16)
-        hi = (raw >> 4).astype(np.int16)
-        vals = np.stack([lo, hi], axis=1).reshape(-1)[:n]
-        vals = np.where(vals > 7, vals - 16, vals)
+    if tensor["type"] in ("int4", "int2"):  # packed, lowest bits first
+        bits = 4 if tensor["type"] == "int4" else 2
+        fields = [((raw >> (i * bits)) & (2**bits - 1)).astype(np.int16) for i in range(8 // bits)]
+        vals = np.stack(fields, axis=1).reshape(-1)[:n]
+        vals = np.where(vals >= 2 ** (bits - 1), vals - 2**bits, vals)
     else:
         vals = raw.view(np.int8)[:n].astype(np.int16)
     return vals.reshape(tensor["shape"]).astype(np.int64)

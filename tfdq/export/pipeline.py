@@ -19,7 +19,8 @@ def export_and_verify(
     *,
     aligned_path: str | None = None,
     align: bool = True,
-    int4_kernels: bool = True,
+    storage: str | None = None,
+    int4_kernels: bool | None = None,
     input_type: str = "int8",
     output_type: str = "int8",
     calibration_samples: int = 1000,
@@ -42,7 +43,10 @@ def export_and_verify(
         output_path: where the ``.tflite`` goes.
         aligned_path: where the aligned ``.keras`` model goes (None: not saved).
         align: run :func:`~tfdq.export.align_biases` first (default True).
-        int4_kernels: store kernels of at most 4 bits as packed int4.
+        storage: the kernel storage policy, ``"fast"`` (default),
+            ``"smallest"`` or ``"int8"`` (see :func:`~tfdq.export.to_tflite`);
+            the bias alignment follows the storage each layer gets.
+        int4_kernels: deprecated (``True``: ``"smallest"``, ``False``: ``"int8"``).
         input_type, output_type: ``"int8"`` or ``"float32"``.
         calibration_samples: how many calibration inputs to use.
 
@@ -54,11 +58,14 @@ def export_and_verify(
         ``sizes["float32_tflite_bytes"]`` added).
     """
     from tfdq.callbacks import atomic_save, atomic_write_bytes  # noqa: PLC0415
+    from tfdq.export.plan import resolve_storage  # noqa: PLC0415
+
+    storage = resolve_storage(storage, int4_kernels)
 
     alignment = None
     if align:
         alignment = align_biases(
-            model, calibration_data, int4_kernels=int4_kernels, calibration_samples=calibration_samples
+            model, calibration_data, storage=storage, calibration_samples=calibration_samples
         )
     if aligned_path is not None:
         atomic_save(model, aligned_path)
@@ -67,13 +74,13 @@ def export_and_verify(
         calibration_data,
         input_type=input_type,
         output_type=output_type,
-        int4_kernels=int4_kernels,
+        storage=storage,
         calibration_samples=calibration_samples,
         return_report=True,
     )
     atomic_write_bytes(output_path, tflite)
     verification = verify(
-        model, tflite, evaluation_data, export_report=export_report, int4_kernels=int4_kernels
+        model, tflite, evaluation_data, export_report=export_report, storage=storage
     )
     verification["sizes"]["float32_tflite_bytes"] = len(float_tflite(model))
     return {

@@ -18,6 +18,7 @@ from tfdq import quantizers as quantizers_lib
 from tfdq import registry
 from tfdq.graph import model_nodes
 
+INT2_MAX = 1
 INT4_MAX = 7
 INT8_MAX = 127
 OUTPUT_HEADROOM = 1.25  # calibrated output range / largest observed |output|
@@ -28,6 +29,51 @@ KERNEL_TAG = "tfdq_k"  # kernel FakeQuant ops are named tfdq_k<op index>; the na
 
 class ExportError(ValueError):
     """The model cannot be exported exactly; the message says why and where."""
+
+
+# Storage policies (``to_tflite(storage=...)``); the learned integers are the same in each.
+STORAGE_POLICIES = {
+    "fast": "every op where LiteRT's XNNPACK runs it, then the fewest bytes: Dense and 1x1 "
+    "convolutions with b <= 4 as FULLY_CONNECTED with int4 kernels (a Dense with b <= 2: int2), "
+    "other convolutions int8",
+    "smallest": "int4/int2 wherever LiteRT runs it (sub-byte CONV_2D/DEPTHWISE_CONV_2D run "
+    "outside XNNPACK, slower)",
+    "int8": "every kernel int8 (XNNPACK everywhere)",
+}
+DEFAULT_STORAGE = "fast"
+# XNNPACK's FULLY_CONNECTED takes an int4 kernel for an even input channel count, int2 for a multiple of 4
+XNNPACK_FC_CHANNEL_MULTIPLE = {"int8": 1, "int4": 2, "int2": 4}
+
+
+def resolve_storage(storage=None, int4_kernels=None):
+    """The storage policy from ``storage`` and the deprecated ``int4_kernels`` flag.
+
+    ``int4_kernels=True`` means ``"smallest"``, ``False`` means ``"int8"``
+    (a DeprecationWarning says so); ``storage`` wins when both are given and
+    agree, and a conflict is an error.
+    """
+    import warnings  # noqa: PLC0415
+
+    if int4_kernels is not None:
+        implied = "smallest" if int4_kernels else "int8"
+        warnings.warn(
+            f"int4_kernels={bool(int4_kernels)} is deprecated: use storage={implied!r}.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if storage is not None and storage != implied:
+            raise ValueError(
+                f"storage={storage!r} conflicts with int4_kernels={bool(int4_kernels)} (which means "
+                f"storage={implied!r}); pass storage only."
+            )
+        storage = implied
+    storage = DEFAULT_STORAGE if storage is None else storage
+    if storage not in STORAGE_POLICIES:
+        raise ValueError(
+            f"storage must be one of {sorted(STORAGE_POLICIES)}, got {storage!r}: "
+            + "; ".join(f"{k!r}: {v}" for k, v in STORAGE_POLICIES.items())
+        )
+    return storage
 
 
 # ---------------------------------------------------------------------------
@@ -141,13 +187,26 @@ class KernelPlan:
     bias: np.ndarray  # Q(bias) or None
     bn_name: str = None
     channel_factor: np.ndarray = None  # s_c, one per output channel, or None
-    storage: str = "int8"
-    fq_bits: int = 8
-    storage_note: str = None  # why a b <= 4 kernel is stored int8
+    storage: str = "int8"  # "int8", "int4" or "int2" in the file
+    storage_note: str = None  # why a kernel is stored wider than its learned bits allow
+    fc_eligible: bool = False  # a Dense or a 1x1 stride-1 convolution: a FULLY_CONNECTED over channels
+    in_channels: int = 0
+    form: str = None  # "fc": written as FULLY_CONNECTED by tfdq.export.storage.apply_storage
+
+    @property
+    def fq_bits(self):
+        """FakeQuant bits in the converted graph (int2 is packed from the int4 the converter writes)."""
+        return 8 if self.storage == "int8" else 4
 
     @property
     def fq_max(self):
         return INT4_MAX if self.fq_bits == 4 else INT8_MAX
+
+    @property
+    def xnnpack_fc(self):
+        """A FULLY_CONNECTED whose sub-byte kernel fits XNNPACK's rule (int4: even, int2:
+        multiple-of-4 input channels), or an int8 one."""
+        return self.form == "fc" and self.in_channels % XNNPACK_FC_CHANNEL_MULTIPLE[self.storage] == 0
 
     @property
     def per_channel(self):
@@ -207,11 +266,12 @@ class KernelPlan:
     def tflite_layout(self, k):
         """Keras layout -> the TFLite tensor layout of this kernel."""
         if self.kind == "conv":
-            return np.transpose(k, (3, 0, 1, 2))
+            k = np.transpose(k, (3, 0, 1, 2))
+            return k.reshape(k.shape[0], -1) if self.form == "fc" else k
         if self.kind == "depthwise":
             h, w, c, m = k.shape
             return k.reshape(1, h, w, c * m)
-        if self.per_channel:  # Dense exported as a 1x1 convolution
+        if self.per_channel and self.form != "fc":  # Dense exported as a 1x1 convolution
             return np.transpose(k, (1, 0))[:, None, None, :]
         return np.transpose(k, (1, 0))
 
@@ -228,13 +288,14 @@ class KernelPlan:
     def rounds_twice(self):
         """LiteRT 2.3 runs this layer with two roundings in its requantization.
 
-        CONV_2D and DEPTHWISE_CONV_2D with int4 kernels (a per-channel Dense
-        is exported as a 1x1 CONV_2D) go through the builtin kernel, whose
+        Sub-byte kernels outside XNNPACK (CONV_2D and DEPTHWISE_CONV_2D
+        with int4 kernels, a FULLY_CONNECTED whose input channels break
+        XNNPACK's rule) go through the builtin kernels, whose
         ``MultiplyByQuantizedMultiplier`` rounds the Q31 product and then the
-        right shift; int8 kernels run in XNNPACK and FULLY_CONNECTED rounds
-        once either way.
+        right shift; XNNPACK (int8 kernels, int4/int2 FULLY_CONNECTED)
+        rounds once.
         """
-        return self.storage == "int4" and (self.kind != "dense" or self.per_channel)
+        return self.storage != "int8" and not self.xnnpack_fc
 
     def accumulator_bias(self, bn_weights, s_in, s_out=None, nonneg=False):
         """The int32 bias of this layer in the file, for input scale ``s_in``.
@@ -324,7 +385,37 @@ def requantization_shift(unit, s_out):
     return np.where(exp <= -1, 2.0**30 / m, 0.0)
 
 
-def _plan_kernel(op, quantizer, int4_kernels, problems):
+def _choose_storage(plan, policy):
+    """``(storage, form, note)`` of one kernel under a storage policy (see STORAGE_POLICIES)."""
+    n, cin = plan.n_allowed, plan.in_channels
+    if policy == "int8" or n > INT4_MAX:
+        return "int8", None, None
+    if not plan.fc_eligible:
+        if policy == "fast":
+            return "int8", None, None  # XNNPACK runs CONV_2D/DEPTHWISE_CONV_2D with int8 kernels only
+        return "int4", None, None
+    int2_note = None
+    if n <= INT2_MAX and cin % 4 == 0:
+        if policy == "smallest" or plan.kind == "dense":
+            return "int2", "fc", None
+        # measured (benchmarks/storage_policy.py --layers, LiteRT 2.3 on x86): XNNPACK's int2
+        # FULLY_CONNECTED takes 1.4-2.2x the time of int8 over many rows (a 1x1 convolution: one per
+        # pixel), about the same for one row (a Dense at batch 1); its int4 one 1.05-1.3x, 0.57x at one row
+        int2_note = (
+            "int4, not int2: XNNPACK's int2 FULLY_CONNECTED runs 1.4-2.2x slower than int8 over a "
+            "convolution's many rows (storage='smallest' stores int2)"
+        )
+    elif n <= INT2_MAX:
+        int2_note = f"int4, not int2: {cin} input channels (XNNPACK's int2 FULLY_CONNECTED needs a multiple of 4)"
+    if cin % 2 == 0 or policy == "smallest":
+        return "int4", "fc", int2_note
+    return "int8", None, (
+        f"int8, not int4 ({plan.bits}-bit integers): {cin} input channels, odd (XNNPACK's int4 "
+        "FULLY_CONNECTED needs an even count; storage='smallest' stores int4 outside XNNPACK)"
+    )
+
+
+def _plan_kernel(op, quantizer, policy, problems):
     layer = op.layer
     p = _quantizer_params(quantizer)
     bits = int(round(p["bits"]))
@@ -370,6 +461,12 @@ def _plan_kernel(op, quantizer, int4_kernels, problems):
     groups = getattr(layer, "groups", 1)
     if groups != 1:
         raise ExportError(f"{op.path}: grouped convolutions (groups={groups}) are not supported.")
+    if kind == "conv":
+        fc_eligible = tuple(layer.kernel_size) == (1, 1) and tuple(layer.strides) == (1, 1)
+        in_channels = int(k.shape[2])
+    else:
+        fc_eligible = kind == "dense"
+        in_channels = int(k.shape[0]) if kind == "dense" else int(k.shape[2])
     plan = KernelPlan(
         op_index=op.index,
         layer_name=op.path,
@@ -381,9 +478,10 @@ def _plan_kernel(op, quantizer, int4_kernels, problems):
         n_allowed=n_allowed,
         k=k,
         bias=qb,
+        fc_eligible=fc_eligible,
+        in_channels=in_channels,
     )
-    if int4_kernels and n_allowed <= INT4_MAX:
-        plan.storage, plan.fq_bits = "int4", 4
+    plan.storage, plan.form, plan.storage_note = _choose_storage(plan, policy)
     return plan
 
 
@@ -401,10 +499,12 @@ def _bn_weights(bn):
 class Plan:
     """Everything the graph builder needs, decided up front from the model."""
 
-    def __init__(self, model, int4_kernels=True, raise_errors=True):
+    def __init__(self, model, storage=DEFAULT_STORAGE, raise_errors=True, int4_kernels=None):
+        storage = resolve_storage(None if int4_kernels is not None else storage, int4_kernels)
         if not isinstance(model, keras.Model):
             raise ExportError(f"to_tflite takes a keras.Model, got {type(model).__name__}.")
         self.model = model
+        self.storage = storage
         self.ops, self.input_keys, self.output_keys = _flatten_graph(model)
         self.consumers = {}
         self.ops_by_index = {op.index: op for op in self.ops}
@@ -427,7 +527,7 @@ class Plan:
                 if refusal is not None:
                     self._refuse(problems, "unsupported", op, *refusal)
                     continue
-                plan = _plan_kernel(op, layer.kernel_quantizer, int4_kernels, problems)
+                plan = _plan_kernel(op, layer.kernel_quantizer, storage, problems)
                 if plan is not None:
                     self.kernels[op.index] = plan
             elif isinstance(layer, qlayers.ActivationQuantizer):
@@ -565,8 +665,9 @@ class Plan:
     def _int8_where_int4_rounds_signed(self):
         """Store int8 where an int4 kernel could not be exact.
 
-        LiteRT runs CONV_2D / DEPTHWISE_CONV_2D with int4 kernels through a
-        requantization that rounds twice; for outputs that stay signed (no
+        LiteRT runs CONV_2D / DEPTHWISE_CONV_2D with int4 kernels (and a
+        sub-byte FULLY_CONNECTED outside XNNPACK) through a requantization
+        that rounds twice; for outputs that stay signed (no
         ReLU, a signed quantizer next: a residual branch, a linear
         bottleneck) this moves both sides of zero towards it, which no bias
         can undo. Such layers keep their learned integers but are stored as
@@ -578,10 +679,11 @@ class Plan:
             _, nonneg = self.kernel_output(index)
             if nonneg or activation_name(self.ops_by_index[index].layer.activation) in ("relu", "relu6"):
                 continue
-            kplan.storage, kplan.fq_bits = "int8", 8
+            kplan.storage, kplan.form = "int8", None
             kplan.storage_note = (
-                f"int8, not int4 ({kplan.bits}-bit integers): its output is signed, and LiteRT's int4 "
-                "convolution rounds twice, which moves negative outputs towards zero"
+                f"int8, not {'int4' if kplan.n_allowed > INT2_MAX else 'int4/int2'} ({kplan.bits}-bit "
+                "integers): its output is signed, and LiteRT's sub-byte kernels outside XNNPACK round "
+                "twice, which moves negative outputs towards zero"
             )
 
     def _producer_op(self, key):

@@ -97,6 +97,30 @@ class LiteRTRunner:
         return y
 
 
+def xnnpack_delegated(tflite_bytes):
+    """For each operator of the file (flatbuffer order), whether LiteRT's XNNPACK delegate runs it.
+
+    Asked of the runtime, not assumed: the file is loaded with LiteRT's
+    default delegates and node fusion disabled, so that XNNPACK replaces
+    every operator it accepts by a DELEGATE node of its own; an operator is
+    delegated when a DELEGATE node produces all its outputs.
+    """
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    interpreter = Interpreter(model_content=tflite_bytes, experimental_disable_delegate_node_fusion=True)
+    interpreter.allocate_tensors()  # the default delegates apply here
+    nodes = interpreter._get_ops_details()  # noqa: SLF001 (the only view of the execution graph)
+    produced = set()
+    for node in nodes:
+        if node["op_name"] == "DELEGATE":
+            produced.update(int(i) for i in node["outputs"])
+    return [
+        bool(len(node["outputs"])) and all(int(i) in produced for i in node["outputs"])
+        for node in nodes
+        if node["op_name"] != "DELEGATE"
+    ]
+
+
 def predict(tflite_bytes, x, batch_size=250, num_threads=None):
     """The file's (dequantized) outputs on the inputs ``x``, in batches."""
     runner = LiteRTRunner(tflite_bytes, num_threads)

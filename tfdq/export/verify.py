@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from tfdq.export.flatbuffer import find_kernel, float_ops, inspect_tflite, unpack_integers
-from tfdq.export.plan import INT4_MAX, Plan, round_half_away
-from tfdq.export.runtime import LiteRTRunner, iter_batches
+from tfdq.export.plan import INT4_MAX, Plan, resolve_storage, round_half_away
+from tfdq.export.runtime import LiteRTRunner, iter_batches, xnnpack_delegated
+from tfdq.export.storage import kernel_storage
 
 # ---------------------------------------------------------------------------
 # Verification
@@ -27,13 +28,13 @@ def size_report(model, tflite_bytes):
     ``mixed_int4_int8_bytes``: ``sum n_l (4 if b_l <= 4 else 8) / 8``;
     ``learned_packed_bytes``: ``sum n_l b_l / 8``.
     """
-    plan = Plan(model, int4_kernels=True)
+    plan = Plan(model, storage="smallest")
     info = inspect_tflite(tflite_bytes)
-    file_kernel = {"int4": 0, "int8": 0, "other": 0}
+    file_kernel = {"int2": 0, "int4": 0, "int8": 0, "other": 0}
     for p in plan.kernels.values():
         t = find_kernel(info, p.op_index)
         if t is not None:
-            file_kernel[t["type"] if t["type"] in ("int4", "int8") else "other"] += t["bytes"]
+            file_kernel[t["type"] if t["type"] in file_kernel else "other"] += t["bytes"]
     count = sum(p.count for p in plan.kernels.values())
     return {
         "file_bytes": len(tflite_bytes),
@@ -49,8 +50,9 @@ def size_report(model, tflite_bytes):
     }
 
 
-def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
+def _check_kernels(plan, info, tflite_bytes, interpreter, expected_storage_by_layer):
     layers = []
+    in_file = kernel_storage(plan, info, xnnpack_delegated(tflite_bytes))
     for p in plan.kernels.values():
         t = find_kernel(info, p.op_index)
         entry = {
@@ -65,9 +67,13 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
             entry.update(found=False, ok=False)
             layers.append(entry)
             continue
-        # The interpreter unpacks int4 tensors into int8; the flatbuffer says how they are stored.
-        values = np.asarray(interpreter.get_tensor(t["index"])).astype(np.int64)
+        # The flatbuffer says how they are stored; the interpreter's view of an int4/int2 tensor
+        # may be unpacked to int8 (compared where it has one value per weight).
         from_buffer = unpack_integers(t, tflite_bytes)
+        values = np.asarray(interpreter.get_tensor(t["index"])).astype(np.int64)
+        interpreter_view = values.size == from_buffer.size
+        if not interpreter_view:
+            values = from_buffer
         scales = t["scales"]
         want = p.scales()
         if scales.size == 1:
@@ -80,13 +86,13 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
         else:
             expected = round_half_away(w / want)
         expected = p.tflite_layout(expected.astype(np.int64))
+        if expected.size == values.size:  # a 1x1 convolution is [C_out, 1, 1, C_in] or, as FULLY_CONNECTED, [C_out, C_in]
+            expected = expected.reshape(values.shape)
         mism = int(np.sum(values != expected)) if values.shape == expected.shape else -1
-        # p.storage: int4 for b <= 4 unless the plan keeps int8 (signed output, see storage_note)
-        if int4_kernels is None:
-            storage_ok = t["type"] == "int8" or (t["type"] == "int4" and p.storage == "int4")
-            expected_storage = p.storage
+        expected_storage = expected_storage_by_layer.get(p.layer_name)
+        if expected_storage is None:  # no policy given: any type that holds the learned range
+            storage_ok = p.n_allowed <= {"int2": 1, "int4": INT4_MAX}.get(t["type"], 127)
         else:
-            expected_storage = p.storage if int4_kernels else "int8"
             storage_ok = t["type"] == expected_storage
         entry.update(
             found=True,
@@ -94,11 +100,14 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
             storage=t["type"],
             expected_storage=expected_storage,
             bytes=t["bytes"],
+            op=in_file.get(p.op_index, {}).get("op"),
+            xnnpack=in_file.get(p.op_index, {}).get("xnnpack"),
+            storage_note=p.storage_note,
             file_range=[int(values.min()), int(values.max())],
             within_range=bool(np.max(np.abs(values)) <= p.n_allowed),
             integers_equal_learned=mism == 0,
             mismatches=mism,
-            interpreter_matches_buffer=bool(np.array_equal(values, from_buffer)),
+            interpreter_matches_buffer=bool(np.array_equal(values.reshape(-1), from_buffer.reshape(-1))),
             scale_max_rel_error=scale_err,
         )
         entry["ok"] = bool(
@@ -119,6 +128,7 @@ def verify(
     *,
     batch_size: int = 250,
     export_report: dict | None = None,
+    storage: str | None = None,
     int4_kernels: bool | None = None,
     num_threads: int | None = None,
 ) -> VerificationReport:
@@ -130,27 +140,37 @@ def verify(
         dataset: ``(x, y)`` arrays, inputs only, or a ``tf.data.Dataset`` of
             ``(x, y)`` batches (streamed).
         export_report: optional :class:`ExportReport`; its calibrated tensors
-            are copied into the result and its options set the expected
-            kernel storage.
-        int4_kernels: the export option, for the expected storage
-            (``None``: from ``export_report``, else int4 or int8 accepted for
-            ``b <= 4``).
+            are copied into the result and its kernels' storage is the
+            expected one.
+        storage: the export's storage policy, for the expected storage
+            when no ``export_report`` is given (``None`` with neither: any
+            type that holds the learned range is accepted).
+        int4_kernels: deprecated alias (``True``: ``"smallest"``, ``False``: ``"int8"``).
 
     Returns a :class:`VerificationReport`: top-1 agreement, accuracy of both
     (when labels are given), the max abs output difference in units of the
     output scale, and per quantized layer: learned bits, allowed integer
-    range, the range found in the file, its storage (int4/int8), whether the
+    range, the range found in the file, its storage (int2/int4/int8), its
+    operator and whether LiteRT's XNNPACK delegate runs it (asked of the
+    runtime: :func:`~tfdq.export.runtime.xnnpack_delegated`), whether the
     integers equal ``round(w / scale)`` of the Keras model's quantized
     (BatchNorm-folded) weights, and the largest relative scale error.
     LiteRT runs with its default op resolver (XNNPACK where it applies).
     """
-    if int4_kernels is None and export_report is not None:
-        int4_kernels = export_report.get("options", {}).get("int4_kernels")
-    plan = Plan(model, int4_kernels=True)
+    expected = {}
+    if export_report is not None and export_report.get("kernels"):
+        expected = {k["layer"]: k["storage"] for k in export_report["kernels"]}
+        policy = export_report.get("options", {}).get("storage") or resolve_storage(storage, int4_kernels)
+    elif storage is not None or int4_kernels is not None:
+        policy = resolve_storage(storage, int4_kernels)
+        expected = {p.layer_name: p.storage for p in Plan(model, storage=policy).kernels.values()}
+    else:
+        policy = resolve_storage()
+    plan = Plan(model, storage=policy)
     info = inspect_tflite(tflite_bytes)
     runner = LiteRTRunner(tflite_bytes, num_threads)
     runner.interpreter.allocate_tensors()
-    layers = _check_kernels(plan, info, tflite_bytes, runner.interpreter, int4_kernels)
+    layers = _check_kernels(plan, info, tflite_bytes, runner.interpreter, expected)
 
     n = agree = keras_correct = tfl_correct = ties = 0
     labelled = True
@@ -210,17 +230,15 @@ def _runtime_notes(plan, info, export_report=None):
         notes.append(
             "The int32 biases of " + ", ".join(inexact) + " are rounded (up to half an "
             "accumulator unit; an output near a rounding threshold can come out one step off). "
-            "tfdq.export.align_biases(model, calibration_data, int4_kernels=...) before the export "
+            "tfdq.export.align_biases(model, calibration_data, storage=...) before the export "
             "makes the Keras model compute what the file computes."
         )
-    kept_int8 = [p.layer_name for p in plan.kernels.values() if p.storage_note]
-    if kept_int8:
-        notes.append(
-            "Stored int8 although their learned bits fit int4: " + ", ".join(kept_int8) + ". Their "
-            "outputs stay signed, and LiteRT's int4 CONV_2D/DEPTHWISE_CONV_2D rounds the "
-            "requantization twice, which moves negative outputs towards zero (no bias can undo it); "
-            "int8 kernels run in XNNPACK, which rounds once, so these layers stay exact."
-        )
+    kernels = (export_report or {}).get("kernels") or [
+        {"layer": p.layer_name, "storage_note": p.storage_note} for p in plan.kernels.values()
+    ]
+    for k in kernels:
+        if k.get("storage_note"):
+            notes.append(f"{k['layer']} stored {k['storage_note']}.")
     return notes
 
 
@@ -243,6 +261,7 @@ def _format_verification(r):
     lines.append("")
     lines.append(
         f"  {'layer':<34} {'bits':>4} {'allowed':>11} {'in file':>11} {'storage':>7} {'exact':>5} {'bytes':>7}"
+        f" {'operator':>17} {'XNNPACK':>7}"
     )
     for l in r["layers"]:
         if not l.get("found"):
@@ -251,6 +270,7 @@ def _format_verification(r):
         lines.append(
             f"  {l['layer'][-34:]:<34} {l['bits']:>4} {str(l['allowed']):>11} {str(l['file_range']):>11} "
             f"{l['storage']:>7} {'yes' if l['ok'] else 'NO':>5} {l['bytes']:>7}"
+            f" {str(l.get('op')):>17} {'yes' if l.get('xnnpack') else 'no':>7}"
         )
     for note in r.get("notes") or []:
         lines.append(f"  note: {note}")
@@ -260,8 +280,8 @@ def _format_verification(r):
     lines.append("")
     lines.append(f"  file size              {s['file_bytes']} bytes")
     lines.append(
-        f"  kernel bytes in file   {s['kernel_bytes_in_file']} (int4 {s['kernel_bytes_by_storage']['int4']}, "
-        f"int8 {s['kernel_bytes_by_storage']['int8']})"
+        f"  kernel bytes in file   {s['kernel_bytes_in_file']} (int2 {s['kernel_bytes_by_storage']['int2']}, "
+        f"int4 {s['kernel_bytes_by_storage']['int4']}, int8 {s['kernel_bytes_by_storage']['int8']})"
     )
     lines.append(
         f"  int8 weight bytes      {s['int8_kernel_bytes']} ({s['kernel_count']} kernel weights at 8 bits)"

@@ -1,0 +1,299 @@
+"""File size and LiteRT latency of the kernel storage policies (``to_tflite(storage=...)``).
+
+The same learned integers, three storages: ``fast`` (the default: XNNPACK
+everywhere, int4/int2 FULLY_CONNECTED for Dense and 1x1 convolutions),
+``smallest`` (int4/int2 wherever LiteRT runs it) and ``int8``, against the
+float32 TFLite file of the float model. Models (random init, generated
+inputs: timing and size only, no accuracy):
+
+* ``mobilenetv2``: ``keras.applications.MobileNetV2`` (alpha 0.5, 96x96x3,
+  1000 classes), ``quantize_model(init_bits=4)``: every kernel at 4 bits
+  (initialized from the float weights; no training).
+* ``mobilenetv2_2bit``: the same at ``init_bits=2`` (int2 where XNNPACK's
+  FULLY_CONNECTED takes it: input channels a multiple of 4).
+* ``resnet20``: ``tfdq.models.resnet20()`` (3x3 convolutions and one Dense),
+  ``init_bits=4``.
+* ``mobilenetv3small``: ``keras.applications.MobileNetV3Small`` (alpha 0.75,
+  96x96), ``init_bits=4``, when it exports (the error is recorded otherwise).
+
+Each tfdq file is checked with :func:`tfdq.export.verify` (learned integers
+in the file, per layer: operator, storage, bytes, XNNPACK or not as LiteRT
+reports it). All files take float32 input and give float32 output. Latency:
+batch 1, ``benchmarks.latency.time_files`` (one interpreter per file and
+thread count, warm-up, interleaved rounds in one process, medians). tfmot's
+int8 file needs ``.venv-peers`` with a MobileNetV2 task, which this
+benchmark does not build (the JSON says so). Results:
+``results/storage_policy.json``::
+
+    python -m benchmarks.storage_policy              # 20 rounds x 30 invokes, a few minutes on 2 cores
+    python -m benchmarks.storage_policy --quick      # smoke run (48x48 MobileNetV2, 2 rounds x 5 invokes)
+    python -m benchmarks.storage_policy --layers     # one 1x1 convolution / Dense per file: int8, int4, int2
+
+``--layers`` times single layers of MobileNetV2's shapes (alpha 0.5, 96x96)
+as int8 CONV_2D, int8 / int4 / int2 FULLY_CONNECTED (1 thread), which is
+what the ``fast`` policy's int2 rule rests on; results in
+``results/storage_policy_layers.json``.
+"""
+
+import os
+import time
+
+from absl import app, flags
+
+from benchmarks.latency import judge, time_files
+from benchmarks.results_io import write_result
+
+FLAGS = flags.FLAGS
+POLICIES = ("fast", "smallest", "int8")
+MODELS = ("mobilenetv2", "mobilenetv2_2bit", "resnet20", "mobilenetv3small")
+TARGETS = {
+    "mobilenetv2: fast / int8 file size": ("<=", 0.6),
+    "mobilenetv2: fast / int8 latency, 1 thread": ("<=", 1.0),
+    "mobilenetv2: fast / int8 latency, 2 threads": ("<=", 1.0),
+    "mobilenetv2_2bit: smallest int2 kernel bytes / learned bytes": ("<=", 1.1),
+}
+
+
+def _define_flags():
+    flags.DEFINE_integer("rounds", 20, "Rounds; each round times every (file, threads) pair.")
+    flags.DEFINE_integer("invokes", 30, "Timed invocations per pair and round.")
+    flags.DEFINE_list("threads", ["1", "2"], "LiteRT num_threads values.")
+    flags.DEFINE_list("models", list(MODELS), f"Models, of {MODELS}.")
+    flags.DEFINE_integer("size", 96, "Input height and width of the MobileNets.")
+    flags.DEFINE_bool("layers", False, "Time single 1x1 layers per storage instead of whole models.")
+    flags.DEFINE_bool("quick", False, "Smoke run: 48x48 MobileNetV2 (4 and 2 bits), 2 rounds x 5 invokes.")
+    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+
+
+def build_model(name, size=96):
+    """``(float model, tfdq model, calibration inputs)`` for one benchmark model."""
+    import keras  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    bits = 2 if name.endswith("_2bit") else 4
+    if name.startswith("mobilenetv2"):
+        model = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.5, weights=None)
+        x = rng.uniform(-1, 1, (64, size, size, 3)).astype("float32")
+    elif name == "mobilenetv3small":
+        model = keras.applications.MobileNetV3Small(input_shape=(size, size, 3), alpha=0.75, weights=None)
+        x = rng.uniform(0, 255, (64, size, size, 3)).astype("float32")
+    elif name == "resnet20":
+        model = tfdq.models.resnet20()
+        x = rng.uniform(0, 1, (64, 32, 32, 3)).astype("float32")
+    else:
+        raise ValueError(f"unknown model {name!r}; one of {MODELS}")
+    qmodel = tfdq.quantize_model(model, calibration_data=x, init_bits=bits)
+    return model, qmodel, x
+
+
+def export_policies(qmodel, x, model_name):
+    """Per policy: the file and what it holds (per layer and in total)."""
+    import tfdq  # noqa: PLC0415
+
+    files, details = {}, {}
+    for policy in POLICIES:
+        t0 = time.time()
+        tfdq.export.align_biases(qmodel, x, storage=policy)
+        tflite, report = tfdq.export.to_tflite(
+            qmodel, x, storage=policy, input_type="float32", output_type="float32", return_report=True
+        )
+        check = tfdq.export.verify(qmodel, tflite, x, export_report=report)
+        layers = check["layers"]
+        int2 = [e for e in layers if e["storage"] == "int2"]
+        details[policy] = {
+            "file_bytes": len(tflite),
+            "kernel_bytes_by_storage": check["sizes"]["kernel_bytes_by_storage"],
+            "kernel_bytes_in_file": check["sizes"]["kernel_bytes_in_file"],
+            "learned_packed_bytes": check["sizes"]["learned_packed_bytes"],
+            "all_kernels_exact": check["all_kernels_exact"],
+            "top1_agreement_on_generated_inputs": check["top1_agreement"],
+            "max_abs_output_diff_in_output_steps": check["max_abs_output_diff_in_output_steps"],
+            "kernels_in_xnnpack": sum(bool(e.get("xnnpack")) for e in layers),
+            "kernels": len(layers),
+            "kernel_weights_in_xnnpack": sum(e["count"] for e in layers if e.get("xnnpack")),
+            "kernel_weights": sum(e["count"] for e in layers),
+            "by_operator_and_storage": _tally(layers),
+            "int2_layers": len(int2),
+            "int2_kernel_bytes": sum(e["bytes"] for e in int2),
+            "int2_learned_bytes": sum(e["count"] * e["bits"] / 8 for e in int2),
+            "notes": check["notes"],
+            "layers": [
+                {k: e.get(k) for k in ("layer", "bits", "count", "op", "storage", "bytes", "xnnpack")} for e in layers
+            ],
+            "export_seconds": time.time() - t0,
+        }
+        files[f"{model_name}:{policy}"] = tflite
+        print(
+            f"{model_name:>16} {policy:>8}: {len(tflite) / 1024:8.1f} kB, kernels exact "
+            f"{check['all_kernels_exact']}, {details[policy]['kernels_in_xnnpack']}/{len(layers)} kernels in "
+            f"XNNPACK, storage {_tally(layers)}",
+            flush=True,
+        )
+    return files, details
+
+
+def _tally(layers):
+    out = {}
+    for e in layers:
+        key = f"{e.get('op')} {e['storage']}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def float_file(model):
+    import tensorflow as tf  # noqa: PLC0415
+
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def summarize(models, latency, threads):
+    """Ratios per model: policy / int8 (size, latency), float32 / policy latency."""
+    out = {}
+    for m, info in models.items():
+        if "error" in info:
+            continue
+        sizes = {p: info["policies"][p]["file_bytes"] for p in POLICIES}
+        sizes["float32"] = info["float32_bytes"]
+        for p in ("fast", "smallest"):
+            out[f"{m}: {p} / int8 file size"] = sizes[p] / sizes["int8"]
+        out[f"{m}: fast / float32 file size"] = sizes["fast"] / sizes["float32"]
+        for t in threads:
+            key = f"{t}_thread{'s' if t > 1 else ''}"
+            words = f"{t} thread{'s' if t > 1 else ''}"
+
+            def ms(name, key=key, m=m):
+                return latency.get(f"{m}:{name}", {}).get(key, {}).get("median_ms")
+
+            for p in ("fast", "smallest"):
+                out[f"{m}: {p} / int8 latency, {words}"] = ms(p) / ms("int8")
+            out[f"{m}: float32 / fast latency, {words}"] = ms("float32") / ms("fast")
+        p = info["policies"]["smallest"]
+        if p["int2_layers"]:
+            out[f"{m}: smallest int2 kernel bytes / learned bytes"] = p["int2_kernel_bytes"] / p["int2_learned_bytes"]
+    return out
+
+
+LAYER_SHAPES = [  # (H = W, C_in, C_out) of MobileNetV2 alpha 0.5 at 96x96, and its 1000-class head (H = 1)
+    (48, 16, 96),
+    (24, 24, 144),
+    (12, 32, 192),
+    (6, 64, 384),
+    (3, 160, 960),
+    (3, 320, 1280),
+    (1, 1280, 1000),
+]
+
+
+def layer_files():
+    """One 1x1 convolution (ReLU) per file, the same learned integers in four storages."""
+    import keras  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+    from tfdq.export.plan import Plan  # noqa: PLC0415
+    from tfdq.export.storage import apply_storage  # noqa: PLC0415
+
+    files = {}
+    for hw, cin, cout in LAYER_SHAPES:
+        inp = keras.Input((hw, hw, cin))
+        model = keras.Model(inp, keras.layers.Conv2D(cout, 1, activation="relu")(inp))
+        x = np.random.default_rng(0).uniform(0, 1, (16, hw, hw, cin)).astype("float32")
+        qmodel = tfdq.quantize_model(model, calibration_data=x, init_bits=2)  # integers in [-1, 1]: every type holds them
+        name = f"{hw}x{hw}x{cin}->{cout}"
+        conv8 = tfdq.export.to_tflite(qmodel, x, storage="int8", input_type="float32", output_type="float32")
+        files[f"{name}:int8 CONV_2D"] = conv8
+        for storage in ("int8", "int4", "int2"):
+            plan = Plan(qmodel, storage="smallest")
+            for p in plan.kernels.values():
+                p.storage, p.form = storage, "fc"
+            files[f"{name}:{storage} FULLY_CONNECTED"] = apply_storage(conv8, plan)
+    return files
+
+
+def run_layers(rounds, invokes):
+    files = layer_files()
+    latency = time_files(files, threads=[1], rounds=rounds, invokes=invokes)
+    table = {}
+    for key, value in latency.items():
+        shape, form = key.split(":")
+        table.setdefault(shape, {})[form] = value["1_thread"]["median_ms"]
+    for shape, row in table.items():
+        base = row["int8 CONV_2D"]
+        print(f"{shape:>20}: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in row.items()) + f" (int8 conv {base:.4f} ms)")
+    write_result(
+        FLAGS.out_dir,
+        "storage_policy_layers",
+        "single 1x1 layers: int8 CONV_2D against int8/int4/int2 FULLY_CONNECTED in LiteRT's XNNPACK, 1 thread",
+        "python -m benchmarks.storage_policy --layers",
+        {"median_ms": table, "rounds": rounds, "invokes": invokes, "shapes": LAYER_SHAPES},
+    )
+
+
+def main(argv):
+    del argv
+    if FLAGS.layers:
+        return run_layers(FLAGS.rounds, FLAGS.invokes)
+    rounds, invokes, size, names = FLAGS.rounds, FLAGS.invokes, FLAGS.size, list(FLAGS.models)
+    if FLAGS.quick:
+        rounds, invokes, size, names = 2, 5, 48, ["mobilenetv2", "mobilenetv2_2bit"]
+    threads = [int(t) for t in FLAGS.threads]
+    files, models = {}, {}
+    for name in names:
+        t0 = time.time()
+        try:
+            model, qmodel, x = build_model(name, size)
+            model_files, details = export_policies(qmodel, x, name)
+        except Exception as e:  # noqa: BLE001 (a model that does not export yet is a result)
+            models[name] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
+            print(f"{name}: {models[name]['error']}", flush=True)
+            continue
+        files.update(model_files)
+        files[f"{name}:float32"] = float_file(model)
+        models[name] = {
+            "weights": int(sum(v["count"] for v in details["int8"]["layers"])),
+            "input": list(x.shape[1:]),
+            "float32_bytes": len(files[f"{name}:float32"]),
+            "policies": details,
+            "build_seconds": time.time() - t0,
+        }
+    print(f"timing {len(files)} files x {threads} threads, {rounds} rounds x {invokes} invokes", flush=True)
+    latency = time_files(files, threads=threads, rounds=rounds, invokes=invokes)
+    for name, info in models.items():
+        if "error" in info:
+            continue
+        info["latency"] = {p: latency[f"{name}:{p}"] for p in (*POLICIES, "float32")}
+        for p in (*POLICIES, "float32"):
+            ms = " ".join(f"{latency[f'{name}:{p}'][f'{t}_thread' + ('s' if t > 1 else '')]['median_ms']:.3f}" for t in threads)
+            kb = (info["policies"][p]["file_bytes"] if p in POLICIES else info["float32_bytes"]) / 1024
+            print(f"{name:>16} {p:>8}: {kb:8.1f} kB, ms at {threads} threads: {ms}")
+    ratios = summarize(models, latency, threads)
+    for k, v in ratios.items():
+        print(f"  {k}: {v:.3f}")
+    payload = {
+        "models": models,
+        "ratios": ratios,
+        "targets": judge(ratios, TARGETS),
+        "threads": threads,
+        "rounds": rounds,
+        "invokes": invokes,
+        "tfmot_int8": "not built: this benchmark has no tf_keras MobileNetV2 task for .venv-peers "
+        "(benchmarks/latency.py compares tfmot on ResNet-20)",
+        "data": "generated inputs, untrained (init_bits from the float weights): size and timing only",
+    }
+    name = "storage_policy_quick" if FLAGS.quick else "storage_policy"
+    write_result(
+        FLAGS.out_dir,
+        name,
+        "kernel storage policies: file size and LiteRT latency",
+        "python -m benchmarks.storage_policy" + (" --quick" if FLAGS.quick else ""),
+        payload,
+    )
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
