@@ -122,7 +122,8 @@ def export_policies(qmodel, x, model_name):
             "int2_learned_bytes": sum(e["count"] * e["bits"] / 8 for e in int2),
             "notes": check["notes"],
             "layers": [
-                {k: e.get(k) for k in ("layer", "bits", "count", "op", "storage", "bytes", "xnnpack")} for e in layers
+                {k: e.get(k) for k in ("layer", "bits", "count", "op", "storage", "bytes", "xnnpack")}
+                for e in layers
             ],
             "export_seconds": time.time() - t0,
         }
@@ -173,7 +174,9 @@ def summarize(models, latency, threads):
             out[f"{m}: float32 / fast latency, {words}"] = ms("float32") / ms("fast")
         p = info["policies"]["smallest"]
         if p["int2_layers"]:
-            out[f"{m}: smallest int2 kernel bytes / learned bytes"] = p["int2_kernel_bytes"] / p["int2_learned_bytes"]
+            out[f"{m}: smallest int2 kernel bytes / learned bytes"] = (
+                p["int2_kernel_bytes"] / p["int2_learned_bytes"]
+            )
     return out
 
 
@@ -202,7 +205,9 @@ def layer_files():
         inp = keras.Input((hw, hw, cin))
         model = keras.Model(inp, keras.layers.Conv2D(cout, 1, activation="relu")(inp))
         x = np.random.default_rng(0).uniform(0, 1, (16, hw, hw, cin)).astype("float32")
-        qmodel = tfdq.quantize_model(model, calibration_data=x, init_bits=2)  # integers in [-1, 1]: every type holds them
+        qmodel = tfdq.quantize_model(
+            model, calibration_data=x, init_bits=2
+        )  # integers in [-1, 1]: every type holds them
         name = f"{hw}x{hw}x{cin}->{cout}"
         conv8 = tfdq.export.to_tflite(qmodel, x, storage="int8", input_type="float32", output_type="float32")
         files[f"{name}:int8 CONV_2D"] = conv8
@@ -223,7 +228,11 @@ def run_layers(rounds, invokes):
         table.setdefault(shape, {})[form] = value["1_thread"]["median_ms"]
     for shape, row in table.items():
         base = row["int8 CONV_2D"]
-        print(f"{shape:>20}: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in row.items()) + f" (int8 conv {base:.4f} ms)")
+        print(
+            f"{shape:>20}: "
+            + ", ".join(f"{k} {v / base:.2f}x" for k, v in row.items())
+            + f" (int8 conv {base:.4f} ms)"
+        )
     write_result(
         FLAGS.out_dir,
         "storage_policy_layers",
@@ -267,7 +276,10 @@ def main(argv):
             continue
         info["latency"] = {p: latency[f"{name}:{p}"] for p in (*POLICIES, "float32")}
         for p in (*POLICIES, "float32"):
-            ms = " ".join(f"{latency[f'{name}:{p}'][f'{t}_thread' + ('s' if t > 1 else '')]['median_ms']:.3f}" for t in threads)
+            ms = " ".join(
+                f"{latency[f'{name}:{p}'][f'{t}_thread' + ('s' if t > 1 else '')]['median_ms']:.3f}"
+                for t in threads
+            )
             kb = (info["policies"][p]["file_bytes"] if p in POLICIES else info["float32_bytes"]) / 1024
             print(f"{name:>16} {p:>8}: {kb:8.1f} kB, ms at {threads} threads: {ms}")
     ratios = summarize(models, latency, threads)

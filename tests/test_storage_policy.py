@@ -88,7 +88,8 @@ def _learned_integers(qmodel, name):
         (
             other
             for other in qmodel.layers
-            if isinstance(other, keras.layers.BatchNormalization) and other.input._keras_history.operation is layer
+            if isinstance(other, keras.layers.BatchNormalization)
+            and other.input._keras_history.operation is layer
         ),
         None,
     )
@@ -139,7 +140,9 @@ def test_every_policy_runs_in_litert_and_holds_the_learned_integers(exports, pol
         per_byte = {"int2": 4, "int4": 2, "int8": 1}[storage]
         assert entry["bytes"] == -(-entry["count"] // per_byte)
         # XNNPACK takes every int8 kernel and the int4/int2 FULLY_CONNECTED; no sub-byte convolution
-        assert entry["xnnpack"] == (storage == "int8" or op == "FULLY_CONNECTED" and entry["input_channels"] % 2 == 0)
+        assert entry["xnnpack"] == (
+            storage == "int8" or op == "FULLY_CONNECTED" and entry["input_channels"] % 2 == 0
+        )
     assert verified["all_kernels_exact"], verified["layers"]
     assert verified["float_ops"] == []
     assert [(l["layer"], l["storage"], l["xnnpack"]) for l in verified["layers"]] == [
@@ -151,7 +154,9 @@ def test_every_policy_runs_in_litert_and_holds_the_learned_integers(exports, pol
         assert "15 input channels" in by_layer["pw_odd"]["storage_note"]
         assert "int4, not int2" in by_layer["pw_a"]["storage_note"]
         assert any("pw_odd" in n and "odd" in n for n in verified["notes"])
-        assert all(b["requantization_shift"] == [0.0, 0.0] for b in report["biases"])  # one rounding everywhere
+        assert all(
+            b["requantization_shift"] == [0.0, 0.0] for b in report["biases"]
+        )  # one rounding everywhere
     sizes = {p: len(out[p][0]) for p in out}
     assert sizes["smallest"] < sizes["fast"] < sizes["int8"]
 
@@ -168,7 +173,11 @@ def test_int4_kernels_is_a_deprecated_alias(exports):
     qmodel, x, _ = exports
     with pytest.warns(DeprecationWarning, match="storage='int8'"):
         tflite = E.to_tflite(qmodel, x, int4_kernels=False)
-    kernels = [t["type"] for t in E.inspect_tflite(tflite)["tensors"] if t["bytes"] and t["type"] in ("int2", "int4", "int8")]
+    kernels = [
+        t["type"]
+        for t in E.inspect_tflite(tflite)["tensors"]
+        if t["bytes"] and t["type"] in ("int2", "int4", "int8")
+    ]
     assert set(kernels) == {"int8"}
     with pytest.raises(ValueError, match="storage must be one of"):
         E.to_tflite(qmodel, x, storage="tiny")

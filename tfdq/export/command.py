@@ -2,7 +2,7 @@
 
     tfdq-export --model=runs/mnist/model.keras
     tfdq-export --model=m.keras --dataset=cifar10 --output=m.tflite
-    tfdq-export --model=m.keras --dataset=npz:data.npz --int8_kernels
+    tfdq-export --model=m.keras --dataset=npz:data.npz --storage=int8
 
 By default the BatchNorm betas are first aligned to the int32 bias grid
 (``tfdq.export.align_biases``; ``--noalign_biases`` skips it): the aligned
@@ -10,8 +10,10 @@ model is written as ``<output>.aligned.keras`` and is the one verified, so
 the report compares the file with the model it computes exactly.
 
 The model is loaded with Keras' safe mode on (no code from the file runs).
-The command writes the ``.tflite`` (kernels hold the learned integers: int4
-where the learned bitwidth is at most 4, int8 otherwise), runs it in LiteRT
+The command writes the ``.tflite`` (kernels hold the learned integers, stored
+as ``--storage`` says: ``fast``, the default, puts every operator where LiteRT's
+XNNPACK runs it and then stores the fewest bytes; ``smallest`` packs int4/int2
+wherever the format allows; ``int8`` stores every kernel in a byte), runs it in LiteRT
 next to the Keras model on the data set's held-out images, prints the
 verification report and the sizes (file, kernel bytes, int8 bytes, the
 packed size ``sum b * count / 8`` of the learned bitwidths) and writes the
@@ -48,9 +50,14 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("max_eval_samples", None, "Verify on at most this many held-out inputs (default: all).")
 flags.DEFINE_enum("input_type", "int8", ["int8", "float32"], "Type of the .tflite input tensor.")
 flags.DEFINE_enum("output_type", "int8", ["int8", "float32"], "Type of the .tflite output tensor.")
-flags.DEFINE_bool(
-    "int8_kernels", False, "Store every kernel as int8 (no packed int4); the integers stay the learned ones."
+flags.DEFINE_enum(
+    "storage",
+    "fast",
+    ["fast", "smallest", "int8"],
+    "Kernel storage: fast (XNNPACK runs every op; then fewest bytes), smallest (int4/int2 wherever "
+    "the format allows), int8 (every kernel int8). The integers are the learned ones in every policy.",
 )
+flags.DEFINE_bool("int8_kernels", False, "Deprecated: the same as --storage=int8.")
 flags.DEFINE_bool(
     "align_biases",
     True,
@@ -202,7 +209,7 @@ def run(
     max_eval_samples=None,
     input_type="int8",
     output_type="int8",
-    int8_kernels=False,
+    storage="fast",
     report_json=None,
     data_dir=None,
     align_biases=True,
@@ -229,7 +236,7 @@ def run(
             output,
             aligned_path=aligned_path,
             align=align_biases,
-            int4_kernels=not int8_kernels,
+            storage=storage,
             input_type=input_type,
             output_type=output_type,
             calibration_samples=calibration_samples,
@@ -267,6 +274,17 @@ def run(
     return report
 
 
+def _storage_flag():
+    if FLAGS.int8_kernels:
+        if FLAGS["storage"].present and FLAGS.storage != "int8":
+            raise app.UsageError(
+                f"--int8_kernels conflicts with --storage={FLAGS.storage}; pass --storage only."
+            )
+        print("note: --int8_kernels is deprecated; use --storage=int8.", file=sys.stderr)
+        return "int8"
+    return FLAGS.storage
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -279,7 +297,7 @@ def main(argv):
             FLAGS.max_eval_samples,
             FLAGS.input_type,
             FLAGS.output_type,
-            FLAGS.int8_kernels,
+            _storage_flag(),
             FLAGS.report_json,
             FLAGS.data_dir,
             FLAGS.align_biases,

@@ -79,9 +79,7 @@ def export_and_verify(
         return_report=True,
     )
     atomic_write_bytes(output_path, tflite)
-    verification = verify(
-        model, tflite, evaluation_data, export_report=export_report, storage=storage
-    )
+    verification = verify(model, tflite, evaluation_data, export_report=export_report, storage=storage)
     verification["sizes"]["float32_tflite_bytes"] = len(float_tflite(model))
     return {
         "tflite": output_path,

@@ -406,12 +406,18 @@ def _choose_storage(plan, policy):
             "convolution's many rows (storage='smallest' stores int2)"
         )
     elif n <= INT2_MAX:
-        int2_note = f"int4, not int2: {cin} input channels (XNNPACK's int2 FULLY_CONNECTED needs a multiple of 4)"
+        int2_note = (
+            f"int4, not int2: {cin} input channels (XNNPACK's int2 FULLY_CONNECTED needs a multiple of 4)"
+        )
     if cin % 2 == 0 or policy == "smallest":
         return "int4", "fc", int2_note
-    return "int8", None, (
-        f"int8, not int4 ({plan.bits}-bit integers): {cin} input channels, odd (XNNPACK's int4 "
-        "FULLY_CONNECTED needs an even count; storage='smallest' stores int4 outside XNNPACK)"
+    return (
+        "int8",
+        None,
+        (
+            f"int8, not int4 ({plan.bits}-bit integers): {cin} input channels, odd (XNNPACK's int4 "
+            "FULLY_CONNECTED needs an even count; storage='smallest' stores int4 outside XNNPACK)"
+        ),
     )
 
 

@@ -117,9 +117,11 @@ def apply_storage(tflite_bytes, plan):
             model.buffers.append(schema.BufferT())
             tensor.buffer = len(model.buffers) - 1
         model.buffers[tensor.buffer].data = data
-        tensor.type = {"int8": schema.TensorType.INT8, "int4": schema.TensorType.INT4, "int2": schema.TensorType.INT2}[
-            p.storage
-        ]
+        tensor.type = {
+            "int8": schema.TensorType.INT8,
+            "int4": schema.TensorType.INT4,
+            "int2": schema.TensorType.INT2,
+        }[p.storage]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
@@ -163,7 +165,11 @@ def settle_storage(converted, plan):
         if plan.storage != "fast":
             return tflite, delegated
         table = kernel_storage(plan, info, delegated)
-        refused = [p for p in plan.kernels.values() if p.form == "fc" and p.storage != "int8" and table[p.op_index]["xnnpack"] is False]
+        refused = [
+            p
+            for p in plan.kernels.values()
+            if p.form == "fc" and p.storage != "int8" and table[p.op_index]["xnnpack"] is False
+        ]
         if not refused:
             return tflite, delegated
         for p in refused:

@@ -86,7 +86,9 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, expected_storage_by_la
         else:
             expected = round_half_away(w / want)
         expected = p.tflite_layout(expected.astype(np.int64))
-        if expected.size == values.size:  # a 1x1 convolution is [C_out, 1, 1, C_in] or, as FULLY_CONNECTED, [C_out, C_in]
+        if (
+            expected.size == values.size
+        ):  # a 1x1 convolution is [C_out, 1, 1, C_in] or, as FULLY_CONNECTED, [C_out, C_in]
             expected = expected.reshape(values.shape)
         mism = int(np.sum(values != expected)) if values.shape == expected.shape else -1
         expected_storage = expected_storage_by_layer.get(p.layer_name)

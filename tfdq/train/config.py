@@ -119,6 +119,12 @@ FIELDS = {
     "calibration_examples": (512, "Training images used to initialize the activation quantizers."),
     # export
     "export_examples": (1000, "Held-out examples used to verify the TFLite model (0: all)."),
+    "storage": (
+        "fast",
+        "Kernel storage of the exported file: fast (every op where LiteRT's XNNPACK runs it, then the "
+        "fewest bytes: Dense and 1x1 convolutions of <= 4 bits as int4/int2 FULLY_CONNECTED), smallest "
+        "(int4/int2 wherever the format allows, slower), int8 (every kernel int8).",
+    ),
     # running
     "strategy": (
         "default",
@@ -385,6 +391,7 @@ def validate(config):
         ("lr_schedule", ("step", "cosine")),
         ("activation_init", ("default", "calibrate")),
         ("selection", ("paper", "final")),
+        ("storage", ("fast", "smallest", "int8")),
     ):
         if config[key] not in allowed and not (key == "input_range" and config[key] is None):
             raise ConfigError(f"Unknown --{key}={config[key]!r}; choose one of {', '.join(allowed)}.")

@@ -544,6 +544,7 @@ class Run:
                 dataset,
                 os.path.join(stage_dir, "model.tflite"),
                 aligned_path=os.path.join(stage_dir, "aligned.keras"),
+                storage=self.config["storage"],
             )
             verify_report = out["verification"]
             result.update(
