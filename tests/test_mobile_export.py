@@ -193,3 +193,48 @@ def test_mobilenetv3small_exports_every_op_integer_with_learned_kernels():
 def test_mobile_networks_end_to_end(build):
     x, y = _digits(32, 3, scale=255.0)
     _end_to_end(build(), x, y, float_epochs=2, quant_epochs=1)
+
+
+def transpose_prelu_model():
+    """A small encoder-decoder: a strided Conv2D down, a Conv2DTranspose up, PReLU slopes per channel."""
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="down")(inp)
+    h = keras.layers.PReLU(shared_axes=[1, 2], name="prelu1")(h)
+    h = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(h)
+    h = keras.layers.Conv2D(8, 3, padding="same", name="mix")(h)
+    h = keras.layers.PReLU(shared_axes=[1, 2], name="prelu2")(h)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inp, keras.layers.Dense(10, name="head")(h))
+
+
+def test_conv2d_transpose_and_prelu_export_learned_integers(tmp_path):
+    x, y = _digits()
+    model = transpose_prelu_model()
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:1200], y[:1200], epochs=10, batch_size=64, verbose=0)
+    for name in ("prelu1", "prelu2"):  # slopes away from their zero init, as after a longer training
+        layer = model.get_layer(name)
+        layer.alpha.assign(layer.alpha + np.linspace(0.1, 0.4, 8, dtype=np.float32))
+    qmodel, report, result, info = _end_to_end(model, x, y, quant_epochs=2)
+    assert isinstance(qmodel.get_layer("up"), qlayers.QConv2DTranspose)
+    assert isinstance(qmodel.get_layer("prelu1"), qlayers.QPReLU)
+    assert {"TRANSPOSE_CONV", "MUL", "MINIMUM"} <= set(_ops(info)), _ops(info)
+    checked = {l["layer"] for l in result["layers"] if l["ok"]}
+    assert {"up", "prelu1", "prelu2"} <= checked, result["layers"]
+    # the file's slopes are the learned integers times the learned step (independent check)
+    for name in ("prelu1", "prelu2"):
+        layer = qmodel.get_layer(name)
+        d = float(layer.kernel_quantizer.describe()["d"])
+        k = layer.quantized_weights()[0].numpy() / d
+        np.testing.assert_array_equal(k, np.round(k))
+        kernel = next(e for e in report["kernels"] if e["layer"] == name)
+        assert kernel["range"] == [int(k.min()), int(k.max())]
+    # memory: the slopes and the transposed kernel (+ bias) at their learned bits
+    sizes = {e.name: e for e in tfdq.memory.size_entries(qmodel) if e.kind == "weight"}
+    assert sizes["prelu1"].count == 8 and sizes["up"].count == 3 * 3 * 8 * 8 + 8
+    assert sizes["prelu1"].quantizer is qmodel.get_layer("prelu1").kernel_quantizer
+    # the new layers save and load with their quantizers
+    path = str(tmp_path / "q.keras")
+    qmodel.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x[:64], verbose=0), qmodel.predict(x[:64], verbose=0))

@@ -708,13 +708,12 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         if isinstance(new, _Split):
             new.copy_weights(orig, model if calibration_data is not None else None, clone, calibration_data)
         elif isinstance(new, qlayers.QuantizedWeightsMixin):
-            new.kernel.assign(orig.kernel)
-            if orig.use_bias:
+            kernel = new.float_kernel(orig)
+            new.kernel.assign(kernel)
+            if getattr(orig, "use_bias", False):
                 new.bias.assign(orig.bias)
             if options["weights_from_kernels"]:
-                new.kernel_quantizer.initialize_from(
-                    orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"]
-                )
+                new.kernel_quantizer.initialize_from(kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
         elif orig.weights:
             new.set_weights(orig.get_weights())
     return clone

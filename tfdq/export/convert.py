@@ -515,6 +515,8 @@ class Builder:
         plan = self.plan.kernels[op.index]
         layer = op.layer
         name = f"{KERNEL_TAG}{op.index}"
+        if plan.kind == "prelu":
+            return self.prelu(op, plan, x)
         if self.mode == "float":
             kernel, bias = self.float_weights[op.index]
             kernel = tf.constant(kernel)
@@ -607,6 +609,32 @@ class Builder:
         self.biases[op.index] = dict(acc, layer=plan.layer_name, s_in=x.q.scale, s_out=s_out)
         return (acc["integer"] * acc["unit"]).astype(np.float32)
 
+    def prelu(self, op, plan, x):
+        """PReLU ``relu(x) + Q(alpha) min(x, 0)`` in int8 ops: RELU and MINIMUM keep the input's
+        scale, the MUL by the learned int8 slopes (exactly the learned integers) gets a calibrated
+        scale, and the ADD's output is quantized by its consumer (a learned quantizer's step)."""
+        if self.mode == "float":
+            alpha = tf.constant(self.float_weights[op.index][0])
+        else:
+            step = plan.scales()[0]
+            alpha = tf.quantization.fake_quant_with_min_max_vars(
+                tf.constant(plan.folded_kernel()),
+                -plan.fq_max * step,
+                plan.fq_max * step,
+                num_bits=plan.fq_bits,
+                narrow_range=True,
+                name=f"{KERNEL_TAG}{op.index}",
+            )
+        positive = self.fq(tf.nn.relu(x.t), x.q)
+        negative = self.fq(tf.minimum(x.t, 0.0), x.q)
+        product = self.calibrated(
+            _Val(negative * alpha, None, False, False, op.path, tight=True),
+            f"{op.path}:alpha*min(x,0)",
+            f"negative part of {op.path} times its slopes (no learned quantizer)",
+            tight=True,
+        )
+        return _Val(positive + product.t, None, False, False, op.path, tight=True)
+
     def _apply_kernel(self, plan, layer, x, kernel, per_channel_dense):
         if plan.kind == "conv":
             return tf.nn.conv2d(
@@ -623,6 +651,17 @@ class Builder:
                 strides=[1, *layer.strides, 1],
                 padding=layer.padding.upper(),
                 dilations=list(layer.dilation_rate),
+            )
+        if plan.kind == "transpose":
+            # TRANSPOSE_CONV: its kernel tensor in the file takes this op's name (the tag)
+            out_shape = [int(v) for v in layer.compute_output_shape(x.shape)[1:]]
+            return tf.nn.conv2d_transpose(
+                x,
+                kernel,
+                tf.stack([tf.shape(x)[0], *out_shape]),
+                strides=[1, *layer.strides, 1],
+                padding=layer.padding.upper(),
+                name=f"{KERNEL_TAG}{plan.op_index}",
             )
         rank = len(x.shape)
         if per_channel_dense:

@@ -131,7 +131,7 @@ def _refusal(op):
 class KernelPlan:
     op_index: int
     layer_name: str
-    kind: str  # "conv", "depthwise", "dense"
+    kind: str  # "conv", "depthwise", "dense", "transpose" (Conv2DTranspose), "prelu" (PReLU slopes)
     family: str
     quantizer: str
     bits: int
@@ -160,7 +160,9 @@ class KernelPlan:
     @property
     def out_channels(self):
         shape = self.k.shape
-        return int(shape[2] * shape[3]) if self.kind == "depthwise" else int(shape[-1])
+        if self.kind == "depthwise":
+            return int(shape[2] * shape[3])
+        return int(shape[2]) if self.kind == "transpose" else int(shape[-1])
 
     def signs(self):
         if self.channel_factor is None:
@@ -208,6 +210,10 @@ class KernelPlan:
         """Keras layout -> the TFLite tensor layout of this kernel."""
         if self.kind == "conv":
             return np.transpose(k, (3, 0, 1, 2))
+        if self.kind == "transpose":  # Keras (h, w, out, in) -> TRANSPOSE_CONV (out, h, w, in)
+            return np.transpose(k, (2, 0, 1, 3))
+        if self.kind == "prelu":
+            return k
         if self.kind == "depthwise":
             h, w, c, m = k.shape
             return k.reshape(1, h, w, c * m)
@@ -234,6 +240,9 @@ class KernelPlan:
         right shift; int8 kernels run in XNNPACK and FULLY_CONNECTED rounds
         once either way.
         """
+        if self.kind == "transpose":
+            # TRANSPOSE_CONV with a computed output shape (any batch size) stays out of XNNPACK
+            return True
         return self.storage == "int4" and (self.kind != "dense" or self.per_channel)
 
     def accumulator_bias(self, bn_weights, s_in, s_out=None, nonneg=False):
@@ -330,6 +339,10 @@ def _plan_kernel(op, quantizer, int4_kernels, problems):
     bits = int(round(p["bits"]))
     if isinstance(layer, qlayers.QDepthwiseConv2D):
         kind = "depthwise"
+    elif isinstance(layer, qlayers.QConv2DTranspose):
+        kind = "transpose"
+    elif isinstance(layer, qlayers.QPReLU):
+        kind = "prelu"
     elif isinstance(layer, qlayers.QConv2D):
         kind = "conv"
     else:
@@ -382,7 +395,8 @@ def _plan_kernel(op, quantizer, int4_kernels, problems):
         k=k,
         bias=qb,
     )
-    if int4_kernels and n_allowed <= INT4_MAX:
+    # LiteRT's TRANSPOSE_CONV and MUL take int8 constants only
+    if int4_kernels and n_allowed <= INT4_MAX and kind not in ("transpose", "prelu"):
         plan.storage, plan.fq_bits = "int4", 4
     return plan
 
@@ -472,6 +486,7 @@ class Plan:
             ok = (
                 src is not None
                 and src.index in self.kernels
+                and self.kernels[src.index].kind in ("conv", "depthwise", "dense")
                 and activation_name(src.layer.activation) == "linear"
                 and len(self.consumers.get(src.outputs[0], [])) == 1
                 and src.outputs[0] not in self.output_keys
@@ -573,7 +588,7 @@ class Plan:
         int8 (XNNPACK, one rounding); :attr:`KernelPlan.storage_note` says why.
         """
         for index, kplan in self.kernels.items():
-            if not kplan.rounds_twice:
+            if not kplan.rounds_twice or kplan.storage != "int4":
                 continue
             _, nonneg = self.kernel_output(index)
             if nonneg or activation_name(self.ops_by_index[index].layer.activation) in ("relu", "relu6"):

@@ -78,7 +78,7 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, int4_kernels):
         if p.kind == "depthwise":
             expected = round_half_away(w / want).reshape(p.k.shape)
         else:
-            expected = round_half_away(w / want)
+            expected = round_half_away(w / (want if p.per_channel else want[0]))
         expected = p.tflite_layout(expected.astype(np.int64))
         mism = int(np.sum(values != expected)) if values.shape == expected.shape else -1
         # p.storage: int4 for b <= 4 unless the plan keeps int8 (signed output, see storage_note)
