@@ -192,14 +192,13 @@ def time_files(files, threads=(1, 2), rounds=15, invokes=40, warmup=20):
     from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
 
     rng = np.random.default_rng(1)
-    image = rng.uniform(size=(1, 32, 32, 3)).astype("float32")
     runners = {}
     for name, tflite in files.items():
         for t in threads:
             interp = Interpreter(model_content=tflite, num_threads=int(t))
             interp.allocate_tensors()
             inp = interp.get_input_details()[0]
-            interp.set_tensor(inp["index"], image.astype(inp["dtype"]))
+            interp.set_tensor(inp["index"], rng.uniform(size=inp["shape"]).astype(inp["dtype"]))
             for _ in range(warmup):
                 interp.invoke()
             runners[(name, int(t))] = interp

@@ -159,9 +159,11 @@ def test_mobilenetv3small_exports_every_op_integer_with_learned_kernels():
         == sum(isinstance(l, qlayers.QuantizedWeightsMixin) for l in qmodel.layers)
         == 54
     )
-    # the squeeze (global average) is a constant-kernel DEPTHWISE_CONV_2D, whose rounding matches Keras
-    assert {"MUL", "ADD", "DEPTHWISE_CONV_2D", "CONV_2D"} <= set(_ops(inspect_tflite(tflite)))
-    assert result["top1_agreement"] >= 0.95, result.format()  # untrained: logits close together
+    # the squeeze (global average) is a constant-kernel DEPTHWISE_CONV_2D, whose rounding matches Keras;
+    # hard-swish is one HARD_SWISH on a learned input grid, the gate's MUL has learned factors
+    assert {"MUL", "ADD", "DEPTHWISE_CONV_2D", "CONV_2D", "HARD_SWISH"} <= set(_ops(inspect_tflite(tflite)))
+    # untrained: logits close together (with keras.utils.set_random_seed(0): 100%, outputs equal)
+    assert result["top1_agreement"] >= 0.95, result.format()
 
 
 @pytest.mark.slow
@@ -169,6 +171,7 @@ def test_mobilenetv3small_exports_every_op_integer_with_learned_kernels():
     "build",
     [
         lambda: _mobilenet_v3_small(False),
+        lambda: _mobilenet_v3_small(True),
         lambda: keras.applications.MobileNetV3Large(
             weights=None, input_shape=(32, 32, 3), classes=10, minimalistic=False, classifier_activation=None
         ),
@@ -184,6 +187,7 @@ def test_mobilenetv3small_exports_every_op_integer_with_learned_kernels():
     ],
     ids=[
         "MobileNetV3Small",
+        "MobileNetV3Small-minimalistic",
         "MobileNetV3Large",
         "MobileNetV3Large-minimalistic",
         "EfficientNetB0",
@@ -191,8 +195,10 @@ def test_mobilenetv3small_exports_every_op_integer_with_learned_kernels():
     ],
 )
 def test_mobile_networks_end_to_end(build):
+    """15 float epochs of Adam train these networks on the upscaled digits (MobileNetV3Small: 97.5%
+    held out); 2 epochs left them near chance, where many logits tie and agreement means little."""
     x, y = _digits(32, 3, scale=255.0)
-    _end_to_end(build(), x, y, float_epochs=2, quant_epochs=1)
+    _end_to_end(build(), x, y, float_epochs=15, quant_epochs=1)
 
 
 def transpose_prelu_model():

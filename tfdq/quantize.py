@@ -67,6 +67,26 @@ AVERAGING = (
 GRID_MERGES = (keras.layers.Add, keras.layers.Concatenate)
 
 
+def _exact_operands(layer, node):
+    """Inputs that get a learned (uncounted) quantizer so that the integer file computes what Keras
+    computes: both factors of a Multiply layer (a squeeze-and-excite gate and the map it scales: the
+    int8 MUL then rounds once, onto the next learned grid) and the input of a hard-swish activation
+    (one int8 HARD_SWISH, which also rounds only at its output). Products written as ``x * y`` are
+    left alone: their factors are often intermediate values (``relu6(x + 3)``) whose calibrated
+    int8 range is coarser than a learned grid on them would be."""
+    tensors = list(node.input_tensors)
+    if isinstance(layer, keras.layers.Multiply):
+        return tensors
+    entry = registry.lookup(layer)
+    if (
+        entry is not None
+        and entry.role == registry.ACTIVATION
+        and registry.activation_function_name(layer) in ("hard_swish", "hard_silu")
+    ):
+        return tensors[:1]
+    return []
+
+
 class QuantizationReport(dict):
     """What ``quantize_model`` did: quantized layers, activation quantizers
     and the layers that stay float (``report["float_layers"]``)."""
@@ -583,6 +603,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                     if options["quantize_input"] or id(placed) not in raw:
                         targets[id(placed)] = placed
         operands = [t for layer, node in nodes if isinstance(layer, GRID_MERGES) for t in node.input_tensors]
+        operands += [t for layer, node in nodes for t in _exact_operands(layer, node)]
         for t in averages + [_placement(t) for t in operands]:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t

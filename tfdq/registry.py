@@ -382,7 +382,8 @@ ENTRIES = [
         CALIBRATED,
         "elementwise",
         check=_two_inputs,
-        note="MUL / MAXIMUM / MINIMUM (a squeeze-and-excite gate), output scale calibrated",
+        note="MUL / MAXIMUM / MINIMUM; Multiply's factors (a squeeze-and-excite gate and its map) get "
+        "learned quantizers; the output is quantized by the next learned quantizer or calibrated",
     ),
     Entry(
         (_L.Subtract,),

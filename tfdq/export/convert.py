@@ -397,8 +397,8 @@ class Builder:
 
         Every intermediate tensor gets its own scale: LOGISTIC's fixed 1/256,
         the others calibrated (listed in the report). ``hard_sigmoid(x) =
-        relu6(x + 3) / 6`` (Keras' definition), ``hard_swish(x) = x
-        hard_sigmoid(x)``, ``swish(x) = x sigmoid(x)``.
+        relu6(x + 3) / 6`` (Keras' definition), ``swish(x) = x sigmoid(x)``;
+        ``hard_swish(x) = x hard_sigmoid(x)`` is one HARD_SWISH op.
         """
         reason = f"{kind} in {label} (no learned quantizer)"
         if kind == "sigmoid":
@@ -407,6 +407,10 @@ class Builder:
         # scale, any other consumer calibrates it (Builder.quantized).
         if kind == "leaky_relu":
             return _Val(tf.nn.leaky_relu(x.t, alpha=float(slope)), None, False, False, label, tight=True)
+        if kind == "hard_swish":
+            # No scale between x and the output: the converter fuses x relu6(x + 3) / 6 into one int8
+            # HARD_SWISH, which rounds once, at its output (a learned quantizer's step where one follows)
+            return _Val(x.t * tf.nn.relu6(x.t + 3.0) * (1.0 / 6.0), None, False, False, label, tight=True)
         if kind == "swish":
             gate = self.fixed_range(tf.math.sigmoid(x.t), f"{label}:sigmoid", "TFLite int8 LOGISTIC output")
             return _Val(x.t * gate.t, None, False, False, label, tight=True)
