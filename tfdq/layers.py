@@ -30,9 +30,15 @@ def _make_quantizer(identifier, role, signed):
 class QuantizedWeightsMixin:
     """Shared part of the quantized layers: the weight quantizer.
 
-    The subclass calls :meth:`_init_quantizer` in ``__init__`` and uses
-    :meth:`quantized_weights` in ``call``.
+    Its ``__init__`` takes ``kernel_quantizer`` (or a subclass calls
+    :meth:`_init_quantizer`); the subclass uses :meth:`quantized_weights` in
+    ``call``.
     """
+
+    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_channels_last()
+        self._init_quantizer(kernel_quantizer)
 
     def _init_quantizer(self, kernel_quantizer):
         self.kernel_quantizer = _make_quantizer(kernel_quantizer, "weight", True)
@@ -138,11 +144,6 @@ class QConv2DTranspose(QuantizedWeightsMixin, keras.layers.Conv2DTranspose):
     TRANSPOSE_CONV holding the learned integers.
     """
 
-    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._check_channels_last()
-        self._init_quantizer(kernel_quantizer)
-
     def call(self, inputs):
         kernel, bias = self.quantized_weights()
         outputs = kops.conv_transpose(
@@ -169,10 +170,6 @@ class QPReLU(QuantizedWeightsMixin, keras.layers.PReLU):
 
     use_bias = False
     activation = None
-
-    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quantizer(kernel_quantizer)
 
     @property
     def kernel(self):
