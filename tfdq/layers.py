@@ -30,9 +30,15 @@ def _make_quantizer(identifier, role, signed):
 class QuantizedWeightsMixin:
     """Shared part of the quantized layers: the weight quantizer.
 
-    The subclass calls :meth:`_init_quantizer` in ``__init__`` and uses
-    :meth:`quantized_weights` in ``call``.
+    Its ``__init__`` takes ``kernel_quantizer`` (or a subclass calls
+    :meth:`_init_quantizer`); the subclass uses :meth:`quantized_weights` in
+    ``call``.
     """
+
+    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_channels_last()
+        self._init_quantizer(kernel_quantizer)
 
     def _init_quantizer(self, kernel_quantizer):
         self.kernel_quantizer = _make_quantizer(kernel_quantizer, "weight", True)
@@ -41,6 +47,11 @@ class QuantizedWeightsMixin:
         super().build(input_shape)
         if not self.kernel_quantizer.built:
             self.kernel_quantizer.build(None)
+
+    @staticmethod
+    def float_kernel(layer):
+        """The weight of the float Keras ``layer`` that this layer's quantized kernel replaces."""
+        return layer.kernel
 
     def quantized_weights(self):
         """``(Q(kernel), Q(bias) or None)`` with one set of quantizer parameters."""
@@ -123,6 +134,54 @@ class QDense(QuantizedWeightsMixin, keras.layers.Dense):
     def call(self, inputs, training=None):
         kernel, bias = self.quantized_weights()
         return self._finish(kops.matmul(inputs, kernel), bias)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class QConv2DTranspose(QuantizedWeightsMixin, keras.layers.Conv2DTranspose):
+    """``keras.layers.Conv2DTranspose`` with a learned weight quantizer.
+
+    ``y = act(conv_transpose(x, Q(W)) + Q(bias))``; exported as TFLite's
+    TRANSPOSE_CONV holding the learned integers.
+    """
+
+    def call(self, inputs):
+        kernel, bias = self.quantized_weights()
+        outputs = kops.conv_transpose(
+            inputs,
+            kernel,
+            strides=list(self.strides),
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        return self._finish(outputs, bias)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class QPReLU(QuantizedWeightsMixin, keras.layers.PReLU):
+    """``keras.layers.PReLU`` whose slopes ``alpha`` pass through a learned weight quantizer.
+
+    ``y = relu(x) - Q(alpha) relu(-x)``: the slopes are integers times the
+    quantizer's step, as a kernel's are, so the exported file holds them
+    exactly. ``kernel`` is ``alpha`` (what the quantizer, the memory
+    accounting and the exporter read).
+    """
+
+    use_bias = False
+    activation = None
+
+    @property
+    def kernel(self):
+        return self.alpha
+
+    @staticmethod
+    def float_kernel(layer):
+        return layer.alpha
+
+    def call(self, inputs):
+        alpha, _ = self.quantized_weights()
+        return kops.relu(inputs) - alpha * kops.relu(-inputs)
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)

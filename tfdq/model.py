@@ -171,6 +171,25 @@ class QuantizedModel(keras.Model):
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def make_train_function(self, force=False):
+        """Keras' ``make_train_function``, with the optimizer's variables created first.
+
+        Without a ``tf.distribute`` strategy Keras creates the optimizer's
+        slots (Adam's two per trainable variable) inside the first trace of
+        the training step, and TensorFlow then traces the step a second time
+        because that trace created variables. A quantized model has a
+        trainable step and range per quantizer besides its kernels, and each
+        variable made inside the trace costs more the larger the graph
+        already is: on MobileNetV3Small that was most of the first step's
+        time. Built here, eagerly, as Keras does under a strategy, the step
+        is traced once (BENCHMARKS.md, first-step time).
+        """
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and not optimizer.built and self.built:
+            with self.distribute_strategy.scope():
+                optimizer.build(self.trainable_variables)
+        return super().make_train_function(force)
+
     def fit(self, *args, recalibrate_batchnorm=True, **kwargs):
         """``keras.Model.fit``; too many non-finite steps in a row raise
         :class:`tfdq.nonfinite.NonFiniteTrainingError` (see :mod:`tfdq.nonfinite`).

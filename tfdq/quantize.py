@@ -64,6 +64,26 @@ AVERAGING = (
 )
 
 
+def _exact_operands(layer, node):
+    """Inputs that get a learned (uncounted) quantizer so that the integer file computes what Keras
+    computes: both factors of a Multiply layer (a squeeze-and-excite gate and the map it scales: the
+    int8 MUL then rounds once, onto the next learned grid) and the input of a hard-swish activation
+    (one int8 HARD_SWISH, which also rounds only at its output). Products written as ``x * y`` are
+    left alone: their factors are often intermediate values (``relu6(x + 3)``) whose calibrated
+    int8 range is coarser than a learned grid on them would be."""
+    tensors = list(node.input_tensors)
+    if isinstance(layer, keras.layers.Multiply):
+        return tensors
+    entry = registry.lookup(layer)
+    if (
+        entry is not None
+        and entry.role == registry.ACTIVATION
+        and registry.activation_function_name(layer) in ("hard_swish", "hard_silu")
+    ):
+        return tensors[:1]
+    return []
+
+
 class QuantizationReport(dict):
     """What ``quantize_model`` did: quantized layers, activation quantizers
     and the layers that stay float (``report["float_layers"]``)."""
@@ -595,6 +615,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         operands = [
             t for layer, node in nodes if registry.is_grid_merge(layer, node) for t in node.input_tensors
         ]
+        operands += [t for layer, node in nodes for t in _exact_operands(layer, node)]
         for t in averages + [_placement(t) for t in operands]:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t
@@ -720,13 +741,12 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         if isinstance(new, _Split):
             new.copy_weights(orig, model if calibration_data is not None else None, clone, calibration_data)
         elif isinstance(new, qlayers.QuantizedWeightsMixin):
-            new.kernel.assign(orig.kernel)
-            if orig.use_bias:
+            kernel = new.float_kernel(orig)
+            new.kernel.assign(kernel)
+            if getattr(orig, "use_bias", False):
                 new.bias.assign(orig.bias)
             if options["weights_from_kernels"]:
-                new.kernel_quantizer.initialize_from(
-                    orig.kernel.numpy(), bits=new.kernel_quantizer.init["bits"]
-                )
+                new.kernel_quantizer.initialize_from(kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
         elif orig.weights:
             new.set_weights(orig.get_weights())
     return clone

@@ -85,6 +85,8 @@ def _channels_last(layer, node):
 
 
 def _kernel_config(layer, node):
+    if isinstance(layer, _L.Conv2DTranspose) and tuple(layer.dilation_rate) != (1, 1):
+        return f"dilation_rate={layer.dilation_rate} (TFLite's TRANSPOSE_CONV has no dilation)"
     groups = getattr(layer, "groups", 1)
     if groups != 1:
         return f"groups={groups} (the exporter takes ungrouped convolutions)"
@@ -177,8 +179,32 @@ ENTRIES = [
         (_L.Dense,), "Dense", "quantize", WEIGHTED, "float", EXACT, "kernel", qlayers.QDense, note="as Conv2D"
     ),
     Entry(
+        (_L.Conv2DTranspose,),
+        "Conv2DTranspose",
+        "quantize",
+        WEIGHTED,
+        "float",
+        EXACT,
+        "kernel",
+        qlayers.QConv2DTranspose,
+        check=_kernel_config,
+        note="TRANSPOSE_CONV: learned integers k, per-tensor scale d (a BatchNorm after it is not folded)",
+    ),
+    Entry(
+        (_L.PReLU,),
+        "PReLU",
+        "quantize",
+        SIGNED,
+        "float",
+        CALIBRATED,
+        "kernel",
+        qlayers.QPReLU,
+        note="slopes alpha on a learned grid (integers k, scale d): RELU, MINIMUM, MUL by the int8 slopes, "
+        "ADD; the product's scale calibrated",
+    ),
+    Entry(
         (qlayers.QuantizedWeightsMixin,),
-        "QConv2D / QDepthwiseConv2D / QDense",
+        "QConv2D / QDepthwiseConv2D / QDense / QConv2DTranspose / QPReLU",
         "keep",
         WEIGHTED,
         "quantized",
@@ -224,7 +250,6 @@ ENTRIES = [
         tuple(
             c
             for c in (
-                _L.Conv2DTranspose,
                 _L.Conv1D,
                 _L.Conv3D,
                 _L.EinsumDense,
@@ -235,7 +260,7 @@ ENTRIES = [
             )
             if c
         ),
-        "Conv2DTranspose, Conv1D, Conv3D, EinsumDense, Embedding",
+        "Conv1D, Conv3D, EinsumDense, Embedding",
         "keep",
         WEIGHTED,
         "float",
@@ -357,7 +382,8 @@ ENTRIES = [
         CALIBRATED,
         "elementwise",
         check=_two_inputs,
-        note="MUL / MAXIMUM / MINIMUM (a squeeze-and-excite gate), output scale calibrated",
+        note="MUL / MAXIMUM / MINIMUM; Multiply's factors (a squeeze-and-excite gate and its map) get "
+        "learned quantizers; the output is quantized by the next learned quantizer or calibrated",
     ),
     Entry(
         (_L.Subtract,),
@@ -415,8 +441,8 @@ ENTRIES = [
         note="LEAKY_RELU, output scale calibrated",
     ),
     Entry(
-        (_L.PReLU, _L.ELU),
-        "PReLU, ELU",
+        (_L.ELU,),
+        "ELU",
         "keep",
         SIGNED,
         "none",

@@ -401,8 +401,8 @@ class Builder:
 
         Every intermediate tensor gets its own scale: LOGISTIC's fixed 1/256,
         the others calibrated (listed in the report). ``hard_sigmoid(x) =
-        relu6(x + 3) / 6`` (Keras' definition), ``hard_swish(x) = x
-        hard_sigmoid(x)``, ``swish(x) = x sigmoid(x)``.
+        relu6(x + 3) / 6`` (Keras' definition), ``swish(x) = x sigmoid(x)``;
+        ``hard_swish(x) = x hard_sigmoid(x)`` is one HARD_SWISH op.
         """
         reason = f"{kind} in {label} (no learned quantizer)"
         if kind == "sigmoid":
@@ -411,6 +411,10 @@ class Builder:
         # scale, any other consumer calibrates it (Builder.quantized).
         if kind == "leaky_relu":
             return _Val(tf.nn.leaky_relu(x.t, alpha=float(slope)), None, False, False, label, tight=True)
+        if kind == "hard_swish":
+            # No scale between x and the output: the converter fuses x relu6(x + 3) / 6 into one int8
+            # HARD_SWISH, which rounds once, at its output (a learned quantizer's step where one follows)
+            return _Val(x.t * tf.nn.relu6(x.t + 3.0) * (1.0 / 6.0), None, False, False, label, tight=True)
         if kind == "swish":
             gate = self.fixed_range(tf.math.sigmoid(x.t), f"{label}:sigmoid", "TFLite int8 LOGISTIC output")
             return _Val(x.t * gate.t, None, False, False, label, tight=True)
@@ -519,6 +523,8 @@ class Builder:
         plan = self.plan.kernels[op.index]
         layer = op.layer
         name = f"{KERNEL_TAG}{op.index}"
+        if plan.kind == "prelu":
+            return self.prelu(op, plan, x)
         if self.mode == "float":
             kernel, bias = self.float_weights[op.index]
             kernel = tf.constant(kernel)
@@ -611,6 +617,32 @@ class Builder:
         self.biases[op.index] = dict(acc, layer=plan.layer_name, s_in=x.q.scale, s_out=s_out)
         return (acc["integer"] * acc["unit"]).astype(np.float32)
 
+    def prelu(self, op, plan, x):
+        """PReLU ``relu(x) + Q(alpha) min(x, 0)`` in int8 ops: RELU and MINIMUM keep the input's
+        scale, the MUL by the learned int8 slopes (exactly the learned integers) gets a calibrated
+        scale, and the ADD's output is quantized by its consumer (a learned quantizer's step)."""
+        if self.mode == "float":
+            alpha = tf.constant(self.float_weights[op.index][0])
+        else:
+            step = plan.scales()[0]
+            alpha = tf.quantization.fake_quant_with_min_max_vars(
+                tf.constant(plan.folded_kernel()),
+                -plan.fq_max * step,
+                plan.fq_max * step,
+                num_bits=plan.fq_bits,
+                narrow_range=True,
+                name=f"{KERNEL_TAG}{op.index}",
+            )
+        positive = self.fq(tf.nn.relu(x.t), x.q)
+        negative = self.fq(tf.minimum(x.t, 0.0), x.q)
+        product = self.calibrated(
+            _Val(negative * alpha, None, False, False, op.path, tight=True),
+            f"{op.path}:alpha*min(x,0)",
+            f"negative part of {op.path} times its slopes (no learned quantizer)",
+            tight=True,
+        )
+        return _Val(positive + product.t, None, False, False, op.path, tight=True)
+
     def _apply_kernel(self, plan, layer, x, kernel, per_channel_dense):
         if plan.kind == "conv":
             return tf.nn.conv2d(
@@ -627,6 +659,17 @@ class Builder:
                 strides=[1, *layer.strides, 1],
                 padding=layer.padding.upper(),
                 dilations=list(layer.dilation_rate),
+            )
+        if plan.kind == "transpose":
+            # TRANSPOSE_CONV: its kernel tensor in the file takes this op's name (the tag)
+            out_shape = [int(v) for v in layer.compute_output_shape(x.shape)[1:]]
+            return tf.nn.conv2d_transpose(
+                x,
+                kernel,
+                tf.stack([tf.shape(x)[0], *out_shape]),
+                strides=[1, *layer.strides, 1],
+                padding=layer.padding.upper(),
+                name=f"{KERNEL_TAG}{plan.op_index}",
             )
         rank = len(x.shape)
         if per_channel_dense:

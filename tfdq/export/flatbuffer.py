@@ -73,7 +73,8 @@ def find_kernel(info, op_index):
     tag = f"{KERNEL_TAG}{op_index}"
     for t in info["tensors"]:
         parts = t["name"].split(";")
-        if any(p == tag or p.startswith(tag + "/") or p.startswith(tag + "_") for p in parts) and t["bytes"]:
+        tagged = any(p == tag or p.startswith(tag + "/") or p.startswith(tag + "_") for p in parts)
+        if tagged and t["bytes"] and t["type"] != "int32":  # int32: a bias named after the same op
             return t
     return None
 
@@ -81,8 +82,9 @@ def find_kernel(info, op_index):
 def find_bias(info, kernel_tensor):
     """The constant int32 bias of the operator that takes ``kernel_tensor``, or None."""
     for o in info["ops"]:
-        if kernel_tensor["index"] in o["inputs"] and len(o["inputs"]) > 2 and o["inputs"][2] >= 0:
-            t = info["tensors"][o["inputs"][2]]
+        at = 3 if o["op"] == "TRANSPOSE_CONV" else 2  # TRANSPOSE_CONV: (output shape, kernel, input, bias)
+        if kernel_tensor["index"] in o["inputs"] and len(o["inputs"]) > at and o["inputs"][at] >= 0:
+            t = info["tensors"][o["inputs"][at]]
             return t if t["type"] == "int32" and t["bytes"] else None
     return None
 

@@ -177,7 +177,7 @@ def _refusal(op):
 class KernelPlan:
     op_index: int
     layer_name: str
-    kind: str  # "conv", "depthwise", "dense"
+    kind: str  # "conv", "depthwise", "dense", "transpose" (Conv2DTranspose), "prelu" (PReLU slopes)
     family: str
     quantizer: str
     bits: int
@@ -219,7 +219,9 @@ class KernelPlan:
     @property
     def out_channels(self):
         shape = self.k.shape
-        return int(shape[2] * shape[3]) if self.kind == "depthwise" else int(shape[-1])
+        if self.kind == "depthwise":
+            return int(shape[2] * shape[3])
+        return int(shape[2]) if self.kind == "transpose" else int(shape[-1])
 
     def signs(self):
         if self.channel_factor is None:
@@ -268,6 +270,10 @@ class KernelPlan:
         if self.kind == "conv":
             k = np.transpose(k, (3, 0, 1, 2))
             return k.reshape(k.shape[0], -1) if self.form == "fc" else k
+        if self.kind == "transpose":  # Keras (h, w, out, in) -> TRANSPOSE_CONV (out, h, w, in)
+            return np.transpose(k, (2, 0, 1, 3))
+        if self.kind == "prelu":
+            return k
         if self.kind == "depthwise":
             h, w, c, m = k.shape
             return k.reshape(1, h, w, c * m)
@@ -295,6 +301,9 @@ class KernelPlan:
         right shift; XNNPACK (int8 kernels, int4/int2 FULLY_CONNECTED)
         rounds once.
         """
+        if self.kind == "transpose":
+            # TRANSPOSE_CONV with a computed output shape (any batch size) stays out of XNNPACK
+            return True
         return self.storage != "int8" and not self.xnnpack_fc
 
     def accumulator_bias(self, bn_weights, s_in, s_out=None, nonneg=False):
@@ -388,8 +397,8 @@ def requantization_shift(unit, s_out):
 def _choose_storage(plan, policy):
     """``(storage, form, note)`` of one kernel under a storage policy (see STORAGE_POLICIES)."""
     n, cin = plan.n_allowed, plan.in_channels
-    if policy == "int8" or n > INT4_MAX:
-        return "int8", None, None
+    if policy == "int8" or n > INT4_MAX or plan.kind in ("transpose", "prelu"):
+        return "int8", None, None  # LiteRT's TRANSPOSE_CONV and MUL take int8 constants only
     if not plan.fc_eligible:
         if policy == "fast":
             return "int8", None, None  # XNNPACK runs CONV_2D/DEPTHWISE_CONV_2D with int8 kernels only
@@ -427,6 +436,10 @@ def _plan_kernel(op, quantizer, policy, problems):
     bits = int(round(p["bits"]))
     if isinstance(layer, qlayers.QDepthwiseConv2D):
         kind = "depthwise"
+    elif isinstance(layer, qlayers.QConv2DTranspose):
+        kind = "transpose"
+    elif isinstance(layer, qlayers.QPReLU):
+        kind = "prelu"
     elif isinstance(layer, qlayers.QConv2D):
         kind = "conv"
     else:
@@ -578,6 +591,7 @@ class Plan:
             ok = (
                 src is not None
                 and src.index in self.kernels
+                and self.kernels[src.index].kind in ("conv", "depthwise", "dense")
                 and activation_name(src.layer.activation) == "linear"
                 and len(self.consumers.get(src.outputs[0], [])) == 1
                 and src.outputs[0] not in self.output_keys
@@ -680,7 +694,7 @@ class Plan:
         int8 (XNNPACK, one rounding); :attr:`KernelPlan.storage_note` says why.
         """
         for index, kplan in self.kernels.items():
-            if not kplan.rounds_twice:
+            if not kplan.rounds_twice or kplan.storage != "int4":
                 continue
             _, nonneg = self.kernel_output(index)
             if nonneg or activation_name(self.ops_by_index[index].layer.activation) in ("relu", "relu6"):

@@ -84,7 +84,7 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, expected_storage_by_la
         if p.kind == "depthwise":
             expected = round_half_away(w / want).reshape(p.k.shape)
         else:
-            expected = round_half_away(w / want)
+            expected = round_half_away(w / (want if p.per_channel else want[0]))
         expected = p.tflite_layout(expected.astype(np.int64))
         if (
             expected.size == values.size
