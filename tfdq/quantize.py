@@ -64,7 +64,9 @@ AVERAGING = (
 )
 # Merges whose operands get a learned quantizer (the sum / concatenation of
 # tensors on learned grids is exact in the integer file).
-GRID_MERGES = (keras.layers.Add, keras.layers.Concatenate)
+GRID_MERGES = (keras.layers.Add, keras.layers.Concatenate) + tuple(
+    c for c in (_compat.keras_application_layers().get("CustomScaleLayer"),) if c
+)
 
 
 class QuantizationReport(dict):
@@ -211,6 +213,37 @@ def _relu_input(tensor):
         # ReLU's gradient (0) and the quantizer's (1) differ: keep the ReLU
         return tensor
     return node.input_tensors[0]
+
+
+def _standalone_batchnorm_inputs(nodes):
+    """Inputs of the BatchNormalizations that no kernel before them absorbs (pre-activation blocks).
+
+    Such a BatchNorm is exported as its own per-channel integer multiply-add
+    (tfdq.export.plan.BatchNormPlan), which needs its input on a grid; a
+    learned quantizer there (8 bits at the start, not counted: a part of a
+    feature map) makes the Keras model compute what the file computes.
+    A BatchNorm folds when it directly follows a quantized kernel with a
+    linear activation whose output goes nowhere else.
+    """
+    uses = {}
+    for _, node in nodes:
+        for t in node.input_tensors:
+            uses[id(t)] = uses.get(id(t), 0) + 1
+    found = []
+    for layer, node in nodes:
+        if not isinstance(layer, keras.layers.BatchNormalization) or len(node.input_tensors) != 1:
+            continue
+        t = node.input_tensors[0]
+        src, _ = producer(t)
+        foldable = (
+            src is not None
+            and registry.is_quantizable(src)
+            and registry.activation_function_name(src) == "linear"
+            and uses.get(id(t), 0) == 1
+        )
+        if not foldable:
+            found.append(t)
+    return found
 
 
 def _template(identifier, role, signed, bits_bounds, init_bits):
@@ -583,6 +616,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                     if options["quantize_input"] or id(placed) not in raw:
                         targets[id(placed)] = placed
         operands = [t for layer, node in nodes if isinstance(layer, GRID_MERGES) for t in node.input_tensors]
+        operands += _standalone_batchnorm_inputs(nodes)
         for t in averages + [_placement(t) for t in operands]:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t

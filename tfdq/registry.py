@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from tfdq import layers as qlayers
+from tfdq import _compat
 from tfdq import models as _models
 from tfdq._compat import nn_ops as _nn_ops
 from tfdq._compat import numpy_ops as _np_ops
@@ -144,6 +145,17 @@ def _softmax_axis(layer, node):
     )
 
 
+def _scale_add_config(layer, node):
+    if len(node.input_tensors) != 2:
+        return f"{len(node.input_tensors)} inputs (x + scale * branch takes two)"
+    try:
+        float(layer.scale)
+    except (TypeError, ValueError):
+        return f"scale {layer.scale!r} is not a number"
+    return None
+
+
+_APP_LAYERS = _compat.keras_application_layers()
 _L = keras.layers
 _RESHAPE_HELP = "a Flatten/Reshape layer"
 
@@ -431,10 +443,23 @@ ENTRIES = [
         "none",
         CALIBRATED,
         "affine",
-        check=lambda layer, node: scalar_affine(layer)[2],
+        check=lambda layer, node: _affine_config(layer, node),
         fix="scale the data before the model (include_preprocessing=False for keras.applications)",
-        note="x a + b with one a, b for all channels: MUL/ADD by exact int8 constants, the raw input's "
-        "scale calibrated (integer pixels stay exact)",
+        note="x a + b with one a, b for all channels: MUL/ADD by exact int8 constants; one a_c, b_c per "
+        "channel: a 1x1 DEPTHWISE_CONV_2D (as a BatchNorm that cannot fold); the raw input's scale "
+        "calibrated (integer pixels stay exact)",
+    ),
+    Entry(
+        tuple(c for c in (_APP_LAYERS.get("CustomScaleLayer"),) if c),
+        "keras.applications' CustomScaleLayer (InceptionResNetV2)",
+        "keep",
+        SIGNED,
+        "none",
+        CALIBRATED,
+        "scaled_add",
+        check=_scale_add_config,
+        note="x + scale * branch: both operands on learned grids, MUL by the exact int8 constant scale "
+        "(product calibrated), ADD",
     ),
     Entry(
         (keras.Model,),
@@ -619,6 +644,36 @@ def scalar_affine(layer):
     if np.ptp(a) > 0 or np.ptp(b) > 0:
         return None, None, "a different scale or offset per channel (the exporter takes one for all channels)"
     return float(a.reshape(-1)[0]), float(b.reshape(-1)[0]), None
+
+
+def channel_affine(layer, channels):
+    """``(a, b, None)`` with one scale and offset per channel (arrays of ``channels``) when the
+    Rescaling / Normalization ``layer`` computes ``x a_c + b_c`` over the last axis, else
+    ``(None, None, why not)``."""
+    if isinstance(layer, _L.Rescaling):
+        a, b = np.asarray(layer.scale, np.float64), np.asarray(layer.offset, np.float64)
+    else:
+        if getattr(layer, "invert", False) or getattr(layer, "mean", None) is None:
+            return None, None, "an inverted or unbuilt Normalization"
+        axis = tuple(np.atleast_1d(layer.axis))
+        if axis not in ((-1,),):
+            rank = len(getattr(layer, "_build_input_shape", None) or ()) or None
+            if rank is None or axis != (rank - 1,):
+                return None, None, f"axis={layer.axis} (the exporter normalizes the last axis)"
+        mean = np.asarray(layer.mean, np.float64)
+        std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), keras.backend.epsilon())
+        a, b = 1.0 / std, -mean / std
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.size not in (1, channels) or b.size not in (1, channels):
+        return None, None, f"{a.size} scales for {channels} channels"
+    return np.broadcast_to(a, (channels,)).copy(), np.broadcast_to(b, (channels,)).copy(), None
+
+
+def _affine_config(layer, node):
+    channels = node.input_tensors[0].shape[-1]
+    if scalar_affine(layer)[2] is None:
+        return None
+    return channel_affine(layer, channels)[2] if channels else "an unknown channel count"
 
 
 def lookup(op):

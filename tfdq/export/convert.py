@@ -115,6 +115,7 @@ class Builder:
         self.fixed = []
         self.missing = []
         self.biases = {}
+        self.bn_biases = {}  # standalone BatchNorm op index -> its planned int32 bias
         self.zero_points = {}
 
     # -- quantization helpers -----------------------------------------------
@@ -188,6 +189,7 @@ class Builder:
         plan = self.plan
         self.points, self.calibrated_info, self.fixed, self.missing = {}, [], [], []
         self.biases = {}
+        self.bn_biases = {}
         self.zero_points = {}
         values = {}
         for k, t in zip(plan.input_keys, inputs):
@@ -216,6 +218,8 @@ class Builder:
             return [self.weighted(op, x)]
         if op.index in plan.folded_bn:
             return [values[op.inputs[0]]]
+        if op.index in plan.standalone_bn:
+            return [self.batchnorm(op, values)]
         entry = registry.lookup(layer)
         rule = None if entry is None else entry.rule
         if rule == "activation":
@@ -249,6 +253,8 @@ class Builder:
             return [self.elementwise(op, values)]
         if rule == "affine":
             return [self.affine(op, values)]
+        if rule == "scaled_add":
+            return [self.scaled_add(op, values)]
         if rule == "mean":
             return [self.reduce_mean(op, values)]
         if rule == "same_scale_op":
@@ -473,6 +479,18 @@ class Builder:
             y = _Val(y.t + self.const(b), None, False, y.nonneg and b > 0, label, tight=True)
         return y
 
+    def scaled_add(self, op, values):
+        """keras.applications' CustomScaleLayer ``x + scale * branch``: the branch times the exact int8
+        constant ``scale`` (MUL, product calibrated), then ADD (a ReLU after it fuses)."""
+        label = op.path
+        x, branch = (
+            self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
+            for i, k in enumerate(op.inputs)
+        )
+        scaled = _Val(branch.t * self.const(float(op.layer.scale)), None, False, False, label, tight=True)
+        scaled = self.calibrated(scaled, f"{label}:scaled", f"scale * branch in {label}", tight=True)
+        return _Val(x.t + scaled.t, None, True, False, label)
+
     def reduce_mean(self, op, values):
         """``keras.ops.mean`` over axes (the squeeze of squeeze-and-excite): MEAN, output calibrated."""
         label = op.path
@@ -580,6 +598,47 @@ class Builder:
                 "linear, or softmax at the output)."
             )
         return val
+
+    def batchnorm(self, op, values):
+        """A BatchNormalization that cannot fold: a 1x1 DEPTHWISE_CONV_2D (see :class:`BatchNormPlan`).
+
+        Its output is open (fusable, like a convolution's): the learned
+        quantizer after it (a ReLU fused) sets the scale, or its consumer
+        calibrates it.
+        """
+        bplan = self.plan.standalone_bn[op.index]
+        label = op.path
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        t = x.t
+        c = bplan.factor.shape[0]
+        if bplan.rank == 2:
+            t = tf.reshape(t, [-1, 1, 1, c])
+        if self.mode != "export" or x.q is None or x.q is _CALIBRATING:
+            y = t * bplan.factor.astype(np.float32) + bplan.offset.astype(np.float32)
+        else:
+            s_in = x.q.scale
+            scales = bplan.scales(s_in)
+            kernel = (bplan.integers(s_in) * scales).astype(np.float32).reshape(1, 1, 1, c)
+            kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                tf.constant(kernel),
+                (-INT8_MAX * scales).astype(np.float32),
+                (INT8_MAX * scales).astype(np.float32),
+                num_bits=8,
+                narrow_range=True,
+            )
+            kernel = tf.reshape(kernel, [1, 1, c, 1])
+            y = tf.nn.depthwise_conv2d(t, kernel, strides=[1, 1, 1, 1], padding="VALID")
+            acc = bplan.accumulator_bias(s_in)
+            if np.max(np.abs(acc["integer"])) > INT32_MAX:
+                raise ExportError(
+                    f"{label}: a bias beyond int32 accumulator units (untrained BatchNorm statistics?): "
+                    "train or re-estimate the BatchNorm statistics on real data before exporting."
+                )
+            self.bn_biases[op.index] = dict(acc, layer=label, s_in=s_in, s_out=None)
+            y = tf.nn.bias_add(y, (acc["integer"] * acc["unit"]).astype(np.float32))
+        if bplan.rank == 2:
+            y = tf.reshape(y, [-1, c])
+        return _Val(y, None, True, False, label)
 
     def bias(self, op, plan, x):
         """The float bias constant whose int32 quantization is the planned integer.
@@ -853,6 +912,38 @@ def align_biases(
                 "max_change_accumulator_units": float(np.max(np.abs(b["residual"]))),
             }
         )
+    changes += _align_standalone_batchnorms(plan, builder, layers_by_path)
+    return changes
+
+
+def _align_standalone_batchnorms(plan, builder, layers_by_path):
+    """align_biases for BatchNorms exported on their own (:class:`BatchNormPlan`): beta moves so that
+    ``b_c`` is a whole number of accumulator units."""
+    changes = []
+    for index, b in builder.bn_biases.items():
+        bplan = plan.standalone_bn[index]
+        bn = layers_by_path[bplan.layer_name]
+        if not isinstance(bn, keras.layers.BatchNormalization):
+            continue  # a per-channel Rescaling / Normalization: fixed constants, its bias stays rounded
+        entry = {"layer": bplan.layer_name, "batchnorm": bplan.layer_name, "standalone": True}
+        if not bn.center:
+            changes.append(
+                dict(entry, aligned=False, reason="BatchNormalization(center=False) has no beta",
+                     max_beta_change=0.0, max_change_output_steps=None)
+            )
+            continue
+        delta = -b["residual"] * b["unit"]
+        bn.beta.assign((np.asarray(bn.beta.numpy(), np.float64) + delta).astype(np.float32))
+        step = plan.downstream_step(plan.ops_by_index[index].outputs[0])
+        changes.append(
+            dict(
+                entry,
+                aligned=True,
+                max_beta_change=float(np.max(np.abs(delta))),
+                max_change_output_steps=None if step is None else float(np.max(np.abs(delta)) / step),
+                max_change_accumulator_units=float(np.max(np.abs(b["residual"]))),
+            )
+        )
     return changes
 
 
@@ -922,6 +1013,16 @@ def to_tflite(
         ],
         calibrated=list(builder.calibrated_info),
         biases=[_bias_entry(b) for b in builder.biases.values()],
+        batchnorms=[
+            {
+                "layer": b["layer"],
+                "op": "DEPTHWISE_CONV_2D 1x1 (per-channel multiply-add)",
+                "input_scale": float(b["s_in"]),
+                "max_abs_residual": float(np.max(np.abs(b["residual"]))),
+                "exact": bool(np.all(np.abs(b["residual"]) < 1e-3)),
+            }
+            for b in builder.bn_biases.values()
+        ],
         fixed=list(builder.fixed),
         options={"input_type": input_type, "output_type": output_type, "int4_kernels": bool(int4_kernels)},
         file_bytes=len(tflite),
