@@ -129,7 +129,7 @@ def _all_layers(model):
             yield layer
 
 
-def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=10):
+def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=10, overrides=None):
     """Quantize, run, export and run in LiteRT one sweep model; a JSON-ready dict (never raises)."""
     import keras  # noqa: PLC0415
 
@@ -144,7 +144,7 @@ def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=
         keras.utils.set_random_seed(0)
         x, y = digits(MODELS[name][1])
         calib, held = x[:n_calibration], x[-n_eval:]
-        model = build(name)
+        model = build(name, **(overrides or {}))
         row["params"] = int(model.count_params())
         set_batchnorm_statistics(model, x[:64])
         row["stage"] = "quantize_model"
@@ -187,6 +187,60 @@ def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=
     finally:
         row["seconds"] = round(time.time() - t0, 1)
     return row
+
+
+def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1e-3, seed=0):
+    """A short fine-tune on digits (float, then quantized), align_biases, to_tflite, verify.
+
+    The float network (random weights) trains ``float_epochs`` on ``n_train``
+    digits at the model's input size; its BatchNorm statistics are then set
+    from the data (keras.applications' momentum 0.99-0.999 leaves them near
+    their start after a short fit); quantize_model, ``quant_epochs`` of
+    quantized training, align_biases, to_tflite and verify on the held-out
+    digits. Returns a JSON-ready dict (agreement, accuracies, calibrated
+    tensors).
+    """
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    t0 = time.time()
+    keras.utils.set_random_seed(seed)
+    x, y = digits(MODELS[name][1])
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    model = build(name)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.Adam(lr), loss, metrics=["accuracy"])
+    model.fit(xt, yt, epochs=float_epochs, batch_size=32, verbose=2)
+    set_batchnorm_statistics(model, xt[:256])
+    float_acc = float(model.evaluate(xv, yv, verbose=0)[1])
+    qmodel = tfdq.quantize_model(model, calibration_data=xt[:128], strict=True)
+    qmodel.compile(keras.optimizers.Adam(lr / 2), loss, metrics=["accuracy"])
+    qmodel.fit(xt, yt, epochs=quant_epochs, batch_size=32, verbose=2)
+    tfdq.export.align_biases(qmodel, xt[:128])
+    tflite, report = tfdq.export.to_tflite(qmodel, xt[:128], return_report=True)
+    result = tfdq.export.verify(qmodel, tflite, (xv, yv), export_report=report)
+    print(result.format(), flush=True)
+    return {
+        "model": name,
+        "input": MODELS[name][1],
+        "n_train": n_train,
+        "float_epochs": float_epochs,
+        "quant_epochs": quant_epochs,
+        "float_accuracy": float_acc,
+        "keras_accuracy": result.get("keras_accuracy"),
+        "tflite_accuracy": result.get("tflite_accuracy"),
+        "top1_agreement": result["top1_agreement"],
+        "max_output_diff_steps": result["max_abs_output_diff_in_output_steps"],
+        "float_ops": result["float_ops"],
+        "all_kernels_exact": result["all_kernels_exact"],
+        "file_bytes": len(tflite),
+        "calibrated_tensors": [c["tensor"] for c in report["calibrated"]],
+        "standalone_batchnorms": len(report["batchnorms"]),
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def _latency(model, qmodel, calib, tflite_default, rounds, invokes):
@@ -267,7 +321,26 @@ def main(argv=None):
     parser.add_argument("--latency", action="store_true", help="also file sizes and LiteRT latency")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     parser.add_argument("--out", default=os.path.join(RESULTS, "applications_sweep.json"))
+    parser.add_argument("--finetune", help="comma-separated models: short fine-tune + verify (JSON to --out)")
     args = parser.parse_args(argv)
+    if args.finetune:
+        from benchmarks.results_io import save_report  # noqa: PLC0415
+
+        rows = []
+        for name in args.finetune.split(","):
+            try:
+                rows.append(finetune_and_verify(name))
+            except Exception as e:  # noqa: BLE001 (a row per model)
+                rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+            print(json.dumps(rows[-1]), flush=True)
+            out_dir, out_name = os.path.split(args.out)
+            save_report(
+                out_dir, os.path.splitext(out_name)[0],
+                "keras.applications: short fine-tune on digits, align_biases, to_tflite, verify",
+                f"python -m benchmarks.applications_sweep --finetune {args.finetune}",
+                {"models": rows}, complete=len(rows) == len(args.finetune.split(",")),
+            )
+        return
     if args.one:
         print(json.dumps(run_one(args.one, latency=args.latency)), flush=True)
         return

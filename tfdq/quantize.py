@@ -216,7 +216,8 @@ def _relu_input(tensor):
 
 
 def _standalone_batchnorm_inputs(nodes):
-    """Inputs of the BatchNormalizations that no kernel before them absorbs (pre-activation blocks).
+    """Inputs of the BatchNormalizations that no kernel before them absorbs (pre-activation blocks),
+    and of every LayerNormalization.
 
     Such a BatchNorm is exported as its own per-channel integer multiply-add
     (tfdq.export.plan.BatchNormPlan), which needs its input on a grid; a
@@ -231,6 +232,9 @@ def _standalone_batchnorm_inputs(nodes):
             uses[id(t)] = uses.get(id(t), 0) + 1
     found = []
     for layer, node in nodes:
+        if isinstance(layer, keras.layers.LayerNormalization) and len(node.input_tensors) == 1:
+            found.append(node.input_tensors[0])  # decomposed into int8 ops: its input on a grid too
+            continue
         if not isinstance(layer, keras.layers.BatchNormalization) or len(node.input_tensors) != 1:
             continue
         t = node.input_tensors[0]

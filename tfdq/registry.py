@@ -85,10 +85,19 @@ def _channels_last(layer, node):
     return None
 
 
+def is_depthwise_grouped(layer, channels):
+    """A Conv2D with ``groups`` = input channels = filters (ConvNeXt): a depthwise convolution."""
+    groups = getattr(layer, "groups", 1)
+    return groups > 1 and groups == channels == getattr(layer, "filters", None)
+
+
 def _kernel_config(layer, node):
     groups = getattr(layer, "groups", 1)
-    if groups != 1:
-        return f"groups={groups} (the exporter takes ungrouped convolutions)"
+    if groups != 1 and not is_depthwise_grouped(layer, node.input_tensors[0].shape[-1]):
+        return (
+            f"groups={groups} (the exporter takes ungrouped convolutions and groups = channels = "
+            "filters, a depthwise convolution)"
+        )
     return _channels_last(layer, node)
 
 
@@ -136,6 +145,18 @@ def _relu_config(layer, node):
             f"ReLU(max_value={max_value}, negative_slope={slope}, threshold={threshold}) "
             "(the exporter takes ReLU() and ReLU(6.0))"
         )
+    return None
+
+
+def _layernorm_config(layer, node):
+    rank = len(node.input_tensors[0].shape)
+    axis = tuple(np.atleast_1d(layer.axis))
+    if axis not in ((-1,), (rank - 1,)):
+        return f"axis={layer.axis} (the exporter normalizes the last axis)"
+    if getattr(layer, "rms_scaling", False):
+        return "rms_scaling=True"
+    if rank not in (2, 4):
+        return f"a rank-{rank} input (the exporter takes 2-D and 4-D tensors)"
     return None
 
 
@@ -450,6 +471,38 @@ ENTRIES = [
         "calibrated (integer pixels stay exact)",
     ),
     Entry(
+        (_L.LayerNormalization,),
+        "LayerNormalization",
+        "keep",
+        SIGNED,
+        "none",
+        CALIBRATED,
+        "layernorm",
+        check=_layernorm_config,
+        note="decomposed into int8 MEAN, SUB, MUL, RSQRT (each output calibrated), then gamma and beta as "
+        "a 1x1 DEPTHWISE_CONV_2D",
+    ),
+    Entry(
+        tuple(c for c in (_APP_LAYERS.get("LayerScale"),) if c),
+        "keras.applications' LayerScale (ConvNeXt)",
+        "keep",
+        SIGNED,
+        "none",
+        EXACT,
+        "layer_scale",
+        note="x gamma_c: a 1x1 DEPTHWISE_CONV_2D (exact products)",
+    ),
+    Entry(
+        tuple(c for c in (_APP_LAYERS.get("StochasticDepth"),) if c),
+        "keras.applications' StochasticDepth (ConvNeXt)",
+        "keep",
+        PASS_THROUGH,
+        "none",
+        EXACT,
+        "identity",
+        note="identity at inference",
+    ),
+    Entry(
         tuple(c for c in (_APP_LAYERS.get("CustomScaleLayer"),) if c),
         "keras.applications' CustomScaleLayer (InceptionResNetV2)",
         "keep",
@@ -621,6 +674,7 @@ ACTIVATIONS = [
     Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish"),
     Activation(("swish", "silu"), False, CALIBRATED, "swish"),
     Activation(("leaky_relu",), False, CALIBRATED, "leaky_relu"),
+    Activation(("gelu",), False, CALIBRATED, "gelu"),
     Activation(("exponential", "softplus"), True, REFUSED, fix="use relu, relu6, sigmoid or swish"),
 ]
 
@@ -786,6 +840,53 @@ def markdown_table():
     return "\n".join(rows) + "\n"
 
 
+# keras.applications families as the sweep (benchmarks/applications_sweep.py, tests/test_applications_sweep.py)
+# finds them: weights=None, the smallest input each allows, quantize_model + forward + to_tflite + LiteRT.
+# "exports": an all-integer file that LiteRT runs; "refused": quantize_model(target="tflite") names the layers
+# before training. The sweep test asserts each row.
+APPLICATIONS = {
+    "ConvNeXtTiny": ("refused", "LayerNormalization, grouped Conv2D (groups = channels), gelu, LayerScale"),
+    "ConvNeXtSmall": ("refused", "as ConvNeXtTiny"),
+    "DenseNet121": ("exports", "pre-activation BatchNorms as 1x1 DEPTHWISE_CONV_2D, Concatenate"),
+    "EfficientNetB0": ("exports", "swish, squeeze-and-excite"),
+    "EfficientNetB1": ("exports", "as B0"),
+    "EfficientNetB2": ("exports", "as B0"),
+    "EfficientNetB3": ("exports", "as B0"),
+    "EfficientNetB4": ("exports", "as B0"),
+    "EfficientNetV2B0": ("exports", "per-channel Normalization as 1x1 DEPTHWISE_CONV_2D, swish, SE"),
+    "EfficientNetV2B1": ("exports", "as V2B0"),
+    "EfficientNetV2B2": ("exports", "as V2B0"),
+    "EfficientNetV2B3": ("exports", "as V2B0"),
+    "EfficientNetV2S": ("exports", "as V2B0"),
+    "InceptionResNetV2": ("exports", "CustomScaleLayer: MUL by the exact scale, ADD"),
+    "InceptionV3": ("exports", ""),
+    "MobileNet": ("exports", ""),
+    "MobileNetV2": ("exports", ""),
+    "MobileNetV3Small": ("exports", "hard-swish, squeeze-and-excite"),
+    "MobileNetV3Large": ("exports", "hard-swish, squeeze-and-excite"),
+    "NASNetMobile": ("exports", "SeparableConv2D split, Cropping2D, ZeroPadding2D, AveragePooling2D"),
+    "ResNet50": ("exports", ""),
+    "ResNet101": ("exports", ""),
+    "ResNet50V2": ("exports", "pre-activation BatchNorms as 1x1 DEPTHWISE_CONV_2D"),
+    "ResNet101V2": ("exports", "as ResNet50V2"),
+    "VGG16": ("exports", ""),
+    "Xception": ("exports", "SeparableConv2D split into learned depthwise + pointwise"),
+}
+
+
+def applications_table():
+    """The README's table of keras.applications families, from :data:`APPLICATIONS`."""
+    rows = ["| keras.applications model | integer TFLite export | what it needs |", "|---|---|---|"]
+    for name, (status, note) in APPLICATIONS.items():
+        rows.append(f"| {name} | {'yes' if status == 'exports' else 'refused before training'} | {note} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_tables():
+    """What the README holds between its markers: the layers table, then the keras.applications table."""
+    return "\n" + markdown_table() + "\n" + applications_table()
+
+
 README_BEGIN = "<!-- supported-layers table: generated by tfdq.registry.markdown_table() -->"
 README_END = "<!-- end of supported-layers table -->"
 
@@ -796,7 +897,7 @@ def write_readme_table(path):
         text = f.read()
     start = text.index(README_BEGIN) + len(README_BEGIN)
     end = text.index(README_END)
-    new = text[:start] + "\n" + markdown_table() + text[end:]
+    new = text[:start] + readme_tables() + text[end:]
     if new != text:
         with open(path, "w", encoding="utf-8") as f:
             f.write(new)

@@ -31,7 +31,7 @@ from tfdq.export.plan import (
 )
 from tfdq.models import ZeroPadShortcut
 
-CALIBRATED_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_swish", "swish", "leaky_relu")
+CALIBRATED_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_swish", "swish", "leaky_relu", "gelu")
 
 
 def _scalar_operands_nonneg(node):
@@ -110,7 +110,10 @@ class Builder:
             for i in plan.kernels:
                 layer = plan.ops[i].layer
                 bias = np.asarray(layer.bias.numpy(), np.float32) if layer.use_bias else None
-                self.float_weights[i] = (np.asarray(layer.kernel.numpy(), np.float32), bias)
+                kernel = np.asarray(layer.kernel.numpy(), np.float32)
+                if plan.kernels[i].kind == "depthwise" and kernel.shape != plan.kernels[i].k.shape:
+                    kernel = np.transpose(kernel, (0, 1, 3, 2))  # a grouped Conv2D as depthwise
+                self.float_weights[i] = (kernel, bias)
         self.calibrated_info = []
         self.fixed = []
         self.missing = []
@@ -241,6 +244,9 @@ class Builder:
                     y = self.global_mean_as_conv(x, s_out, bool(layer.keepdims))
                 else:
                     y = tf.reduce_mean(x.t, axis=[1, 2], keepdims=bool(layer.keepdims))
+            elif learned_next and self.mode == "export" and x.q is not None and layer.padding == "valid":
+                s_out = self.plan.downstream_step(op.outputs[0])
+                y = self.mean_as_conv(x, s_out, tuple(layer.pool_size), tuple(layer.strides))
             else:
                 y = tf.nn.avg_pool2d(x.t, layer.pool_size, layer.strides, layer.padding.upper())
             out = _Val(y, None, False, x.nonneg, label)
@@ -255,6 +261,8 @@ class Builder:
             return [self.affine(op, values)]
         if rule == "scaled_add":
             return [self.scaled_add(op, values)]
+        if rule == "layernorm":
+            return [self.layernorm(op, values)]
         if rule == "mean":
             return [self.reduce_mean(op, values)]
         if rule == "same_scale_op":
@@ -282,8 +290,16 @@ class Builder:
         crosses no other threshold. The pooled map is then the Keras one
         element for element.
         """
+        h, w, c = (int(v) for v in x.t.shape[1:])
+        y = self.mean_as_conv(x, s_out, (h, w), (1, 1))
+        return y if keepdims else tf.reshape(y, [-1, c])
+
+    def mean_as_conv(self, x, s_out, window, strides):
+        """Averages over ``window`` (VALID padding) as a DEPTHWISE_CONV_2D with a constant int8 kernel
+        (see :meth:`global_mean_as_conv`; an AVERAGE_POOL_2D would need the same scale on both sides)."""
         t = x.t
-        h, w, c = (int(v) for v in t.shape[1:])
+        h, w = window
+        c = int(t.shape[-1])
         n = h * w
         ratio = x.q.scale / (n * s_out)
         nudge = x.nonneg and n & (n - 1) == 0 and ratio <= 0.5
@@ -293,10 +309,10 @@ class Builder:
         kernel = tf.quantization.fake_quant_with_min_max_vars(
             ones, -INT8_MAX * unit, INT8_MAX * unit, num_bits=8, narrow_range=True
         )
-        y = tf.nn.depthwise_conv2d(t, kernel, strides=[1, 1, 1, 1], padding="VALID")
+        y = tf.nn.depthwise_conv2d(t, kernel, strides=[1, *strides, 1], padding="VALID")
         if nudge:  # one accumulator unit (s_in / (2 N)): the int32 bias 1
             y = tf.nn.bias_add(y, np.full(c, x.q.scale * unit, np.float32))
-        return y if keepdims else tf.reshape(y, [-1, c])
+        return y
 
     def same_scale(self, layer, t):
         shape = t.shape
@@ -411,6 +427,8 @@ class Builder:
             return self.fixed_range(tf.math.sigmoid(x.t), label, "TFLite int8 LOGISTIC output")
         # The final output stays open (q None): a learned quantizer right after it sets its
         # scale, any other consumer calibrates it (Builder.quantized).
+        if kind == "gelu":  # TFLite's int8 GELU (exact erf form, as keras.activations.gelu's default)
+            return _Val(tf.nn.gelu(x.t, approximate=False), None, False, False, label, tight=True)
         if kind == "leaky_relu":
             return _Val(tf.nn.leaky_relu(x.t, alpha=float(slope)), None, False, False, label, tight=True)
         if kind == "swish":
@@ -478,6 +496,32 @@ class Builder:
                 y = self.calibrated(y, f"{label}:scaled", f"x * scale in {label}", tight=True)
             y = _Val(y.t + self.const(b), None, False, y.nonneg and b > 0, label, tight=True)
         return y
+
+    def layernorm(self, op, values):
+        """LayerNormalization over the last axis in int8 ops, every intermediate calibrated.
+
+        ``mu = MEAN(x)``, ``c = x - mu``, ``v = MEAN(c c)``, ``r = RSQRT(v + eps)``, ``n = c r``, then
+        ``gamma_i n + beta_i`` as a 1x1 DEPTHWISE_CONV_2D (exact products, as a BatchNorm that cannot
+        fold). Each of mu, c, c c, v + eps, r and n gets a calibrated int8 scale (listed in the report):
+        the file approximates the Keras layer there.
+        """
+        label = op.path
+        layer = op.layer
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+
+        def cal(t, what, nonneg=False):
+            return self.calibrated(_Val(t, None, False, nonneg, label, tight=True), f"{label}:{what}",
+                                   f"{what} inside {label} (LayerNormalization decomposed)", tight=True).t
+
+        mean = cal(tf.reduce_mean(x.t, axis=-1, keepdims=True), "mean")
+        centered = cal(x.t - mean, "centered")
+        square = cal(centered * centered, "square", nonneg=True)
+        var = cal(tf.reduce_mean(square, axis=-1, keepdims=True) + self.const(float(layer.epsilon)),
+                  "variance", nonneg=True)
+        normalized = _Val(centered * cal(tf.math.rsqrt(var), "rsqrt", nonneg=True), None, False, False, label)
+        normalized = self.calibrated(normalized, f"{label}:normalized", f"normalized values in {label}",
+                                     tight=True)
+        return self.channel_affine(self.plan.layernorms[op.index], normalized, label)
 
     def scaled_add(self, op, values):
         """keras.applications' CustomScaleLayer ``x + scale * branch``: the branch times the exact int8
@@ -570,8 +614,8 @@ class Builder:
                     narrow_range=True,
                     name=name if plan.kind != "depthwise" else None,
                 )
-            if plan.kind == "depthwise":
-                kernel = tf.reshape(kernel, layer.kernel.shape, name=name)
+            if plan.kind == "depthwise":  # plan.k: [h, w, C, m] (a grouped Conv2D's kernel transposed)
+                kernel = tf.reshape(kernel, plan.k.shape, name=name)
             y = self._apply_kernel(plan, layer, x.t, kernel, per_channel_dense=plan.per_channel)
             bias = self.bias(op, plan, x)
             if bias is not None:
@@ -609,6 +653,10 @@ class Builder:
         bplan = self.plan.standalone_bn[op.index]
         label = op.path
         x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        return self.channel_affine(bplan, x, label)
+
+    def channel_affine(self, bplan, x, label):
+        """``x a_c + b_c`` (a :class:`BatchNormPlan`) on the quantized ``x``: a 1x1 DEPTHWISE_CONV_2D."""
         t = x.t
         c = bplan.factor.shape[0]
         if bplan.rank == 2:
@@ -634,7 +682,7 @@ class Builder:
                     f"{label}: a bias beyond int32 accumulator units (untrained BatchNorm statistics?): "
                     "train or re-estimate the BatchNorm statistics on real data before exporting."
                 )
-            self.bn_biases[op.index] = dict(acc, layer=label, s_in=s_in, s_out=None)
+            self.bn_biases[bplan.op_index] = dict(acc, layer=label, s_in=s_in, s_out=None)
             y = tf.nn.bias_add(y, (acc["integer"] * acc["unit"]).astype(np.float32))
         if bplan.rank == 2:
             y = tf.reshape(y, [-1, c])
@@ -921,7 +969,9 @@ def _align_standalone_batchnorms(plan, builder, layers_by_path):
     ``b_c`` is a whole number of accumulator units."""
     changes = []
     for index, b in builder.bn_biases.items():
-        bplan = plan.standalone_bn[index]
+        bplan = plan.standalone_bn.get(index)
+        if bplan is None:
+            continue  # the gamma/beta step of a decomposed LayerNormalization
         bn = layers_by_path[bplan.layer_name]
         if not isinstance(bn, keras.layers.BatchNormalization):
             continue  # a per-channel Rescaling / Normalization: fixed constants, its bias stays rounded

@@ -421,7 +421,10 @@ def _plan_kernel(op, quantizer, int4_kernels, problems):
             f"learned grid's {n_allowed}."
         )
     groups = getattr(layer, "groups", 1)
-    if groups != 1:
+    if groups != 1 and registry.is_depthwise_grouped(layer, op.node.input_tensors[0].shape[-1]):
+        kind = "depthwise"  # groups = channels = filters: kernel [h, w, 1, C] -> depthwise [h, w, C, 1]
+        k = np.transpose(k, (0, 1, 3, 2))
+    elif groups != 1:
         raise ExportError(f"{op.path}: grouped convolutions (groups={groups}) are not supported.")
     plan = KernelPlan(
         op_index=op.index,
@@ -468,6 +471,7 @@ class Plan:
         self.acts = {}  # op index -> ActPlan
         self.folded_bn = {}  # BN op index -> kernel op index
         self.standalone_bn = {}  # BN op index -> BatchNormPlan (not foldable: its own integer op)
+        self.layernorms = {}  # LayerNormalization op index -> BatchNormPlan of its gamma and beta
         self.bn = {}  # kernel op index -> BN weights
         problems = {"bits": [], "pow2": [], "pow2_act": [], "act_bits": [], "unsupported": [], "float": []}
         self.problems = []  # one dict per refused node: layer, class, problem, fix
@@ -511,6 +515,21 @@ class Plan:
                     self._refuse(problems, "unsupported", op, *refusal)
                 elif entry.rule == "affine" and registry.scalar_affine(layer)[2] is not None:
                     self._plan_channel_affine(op, problems)
+                elif entry.rule == "layernorm":
+                    c = int(op.node.input_tensors[0].shape[-1])
+                    gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones(c)
+                    beta = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros(c)
+                    rank = len(op.node.input_tensors[0].shape)
+                    self.layernorms[op.index] = BatchNormPlan(op.index, op.path, gamma, beta, rank)
+                elif entry.rule == "layer_scale":
+                    gamma = np.asarray(layer.gamma.numpy(), np.float64).reshape(-1)
+                    rank = len(op.node.input_tensors[0].shape)
+                    if rank in (2, 4):
+                        self.standalone_bn[op.index] = BatchNormPlan(
+                            op.index, op.path, gamma, np.zeros_like(gamma), rank
+                        )
+                    else:
+                        self._refuse(problems, "unsupported", op, f"a rank-{rank} input", "")
         if n_quantizers == 0 and raise_errors:
             raise ExportError(
                 f"Model {model.name!r} has no tfdq quantizers (no QConv2D/QDepthwiseConv2D/"
