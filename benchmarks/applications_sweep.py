@@ -174,6 +174,11 @@ def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=
         step = runner.output_scale
         row["top1_agreement"] = float(np.mean(np.argmax(lite_out, -1) == np.argmax(keras_out, -1)))
         row["max_output_diff_steps"] = float(np.max(np.abs(lite_out - keras_out)) / step)
+        # untrained networks give logits close together (top-1 flips easily): the file's error relative
+        # to the spread of the Keras logits around their mean per example (0: equal, 1: as large as them)
+        centered = keras_out - keras_out.mean(-1, keepdims=True)
+        error = (lite_out - lite_out.mean(-1, keepdims=True)) - centered
+        row["relative_logit_error"] = float(np.sqrt(np.mean(error**2) / max(np.mean(centered**2), 1e-30)))
         row["exported"] = not row["float_ops"]
         if latency:
             row["stage"] = "latency"

@@ -37,13 +37,14 @@ def _export(model, x, y, float_epochs=5):
 
 
 def test_preactivation_batchnorm_exports_as_an_exact_per_channel_integer_op():
-    """BatchNorm -> ReLU -> Conv: no kernel before the BatchNorm can absorb it. The file holds it as a 1x1
+    """Conv -> MaxPool -> BatchNorm -> ReLU -> Conv (ResNet50V2's stem): no kernel right before the
+    BatchNorm can absorb it. Its input gets a learned quantizer, and the file holds it as a 1x1
     DEPTHWISE_CONV_2D (kernel integers +-127 at scale |a_c| / 127, the int32 bias that align_biases made
     Keras add too), its output on the learned grid after the ReLU: the file computes what Keras does, so
     the logits differ by their own int8 rounding only."""
     x, y = _digits()
     inp = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(8, 3, padding="same")(inp)
+    h = keras.layers.MaxPooling2D(2)(keras.layers.Conv2D(8, 3, padding="same")(inp))
     h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="preact_bn")(h))
     h = keras.layers.Conv2D(8, 3, padding="same")(h)
     model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(h)))

@@ -28,10 +28,12 @@ def _check(row, expected):
         return
     assert row["export_problems"] == [], row["export_problems"]
     assert row["exported"] and row["float_ops"] == []
-    # untrained networks give close logits, so the top-1 choice may flip between Keras and the file;
-    # a broken export (wrong scales, a lost op) agrees at chance level (10%)
-    assert row["top1_agreement"] >= 0.5, row
+    # Untrained networks give logits close together, so the top-1 choice flips easily between Keras and
+    # the file (agreement is measured after fine-tuning: benchmarks.applications_sweep --finetune). The
+    # file's logits must still follow Keras': their error stays below the logits' own spread around
+    # their mean (a wrong scale or a lost op gives an error of that spread or more).
     assert np.isfinite(row["max_output_diff_steps"])
+    assert row["relative_logit_error"] < 1.0, row
 
 
 def test_registry_lists_every_sweep_model():

@@ -237,7 +237,9 @@ ENTRIES = [
         "folded",
         FOLDED,
         "batchnorm",
-        note="right after a quantized kernel with a linear activation",
+        note="folded right after a quantized kernel with a linear activation; elsewhere (pre-activation: "
+        "DenseNet, ResNetV2) its input gets a learned quantizer and it exports as a 1x1 DEPTHWISE_CONV_2D "
+        "(exact products, int32 bias aligned by align_biases)",
     ),
     # kernels tfdq does not quantize (yet): kept float, counted at 32 bits, refused by the exporter
     Entry(

@@ -49,7 +49,10 @@ class ExportReport(dict):
     scale kind, folded BatchNorm), ``activations`` (per activation
     quantizer: step, levels, zero point, clamp), ``calibrated`` (tensors whose
     scale was calibrated on the user's data, with the reason), ``fixed``
-    (tensors whose scale TFLite's spec fixes, e.g. softmax), ``options``.
+    (tensors whose scale TFLite's spec fixes, e.g. softmax), ``batchnorms``
+    (BatchNormalizations that could not fold and per-channel Rescaling /
+    Normalization layers, each a 1x1 DEPTHWISE_CONV_2D: input scale and
+    whether its int32 bias is exact), ``options``.
     """
 
 
