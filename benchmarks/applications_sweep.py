@@ -6,8 +6,9 @@ the smallest input the family allows: 32x32 where it may, 71 for Xception,
 that size and replicated to RGB (pixel values 0-255, as the models' own
 preprocessing expects):
 
-1. the BatchNorm moving statistics are set from 64 images (a random network
-   otherwise shrinks or blows up its feature maps layer after layer);
+1. the BatchNorm moving statistics are set from 64 images
+   (``tfdq.recalibrate_batchnorm``: a random network otherwise shrinks or
+   blows up its feature maps layer after layer);
 2. ``tfdq.quantize_model(model, calibration_data=..., target="tflite")``:
    the export problems found before training are recorded;
 3. one forward pass of the quantized model;
@@ -98,37 +99,6 @@ def build(name, **overrides):
     return getattr(keras.applications, ctor)(**kwargs)
 
 
-def set_batchnorm_statistics(model, x):
-    """Every BatchNormalization's moving mean and variance set to its input's statistics on ``x``.
-
-    One forward pass in training mode with momentum 0: each layer's moving
-    statistics become the batch statistics of its input, which is what it
-    then computes in inference mode (the layers before it normalize the
-    same way in both modes).
-    """
-    import keras  # noqa: PLC0415
-
-    bns = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = 0.0
-    try:
-        model(x, training=True)
-    finally:
-        for bn, m in zip(bns, saved):
-            bn.momentum = m
-
-
-def _all_layers(model):
-    import keras  # noqa: PLC0415
-
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-        else:
-            yield layer
-
-
 def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=10, overrides=None):
     """Quantize, run, export and run in LiteRT one sweep model; a JSON-ready dict (never raises)."""
     import keras  # noqa: PLC0415
@@ -146,7 +116,7 @@ def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=
         calib, held = x[:n_calibration], x[-n_eval:]
         model = build(name, **(overrides or {}))
         row["params"] = int(model.count_params())
-        set_batchnorm_statistics(model, x[:64])
+        tfdq.recalibrate_batchnorm(model, x[:64], batch_size=64)
         row["stage"] = "quantize_model"
         qmodel, report = tfdq.quantize_model(model, calibration_data=calib, target="tflite", return_report=True)
         row["export_problems"] = report["export_problems"]
@@ -219,7 +189,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(keras.optimizers.Adam(lr), loss, metrics=["accuracy"])
     model.fit(xt, yt, epochs=float_epochs, batch_size=32, verbose=2)
-    set_batchnorm_statistics(model, xt[:256])
+    tfdq.recalibrate_batchnorm(model, xt[:256], batch_size=128)
     float_acc = float(model.evaluate(xv, yv, verbose=0)[1])
     qmodel = tfdq.quantize_model(model, calibration_data=xt[:128], strict=True)
     qmodel.compile(keras.optimizers.Adam(lr / 2), loss, metrics=["accuracy"])
@@ -299,8 +269,9 @@ def _run_subprocess(name, args, timeout):
 def summary_table(rows):
     """Markdown table of the sweep."""
     lines = [
-        "| model | input | quantizes + runs | export | LiteRT agreement | file kB | refused / error |",
-        "|---|---|---|---|---|---|---|",
+        "| model | input | quantizes + runs | all-integer file in LiteRT | relative logit error | file kB | "
+        "seconds | refused / error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         why = ""
@@ -308,12 +279,14 @@ def summary_table(rows):
             classes = sorted({p["class"] for p in r["export_problems"]})
             why = "refused: " + ", ".join(classes)
         elif r.get("error"):
-            why = r["error"].splitlines()[0][:120]
-        agreement = f"{100 * r['top1_agreement']:.0f}%" if "top1_agreement" in r else ""
+            message = r["error"]
+            why = message[message.find("error:") :] if "error:" in message else message
+            why = why.splitlines()[0][:140].replace("|", "/")
+        error = f"{r['relative_logit_error']:.2f}" if "relative_logit_error" in r else ""
         size = f"{r['file_bytes'] / 1e3:.0f}" if "file_bytes" in r else ""
         lines.append(
             f"| {r['model']} | {r.get('input', '')} | {'yes' if r.get('quantized') else 'no'} | "
-            f"{'yes' if r.get('exported') else 'no'} | {agreement} | {size} | {why} |"
+            f"{'yes' if r.get('exported') else 'no'} | {error} | {size} | {r.get('seconds', '')} | {why} |"
         )
     return "\n".join(lines)
 
@@ -327,7 +300,12 @@ def main(argv=None):
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     parser.add_argument("--out", default=os.path.join(RESULTS, "applications_sweep.json"))
     parser.add_argument("--finetune", help="comma-separated models: short fine-tune + verify (JSON to --out)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.out) as f:
+            print(summary_table(json.load(f)["models"]))
+        return
     if args.finetune:
         from benchmarks.results_io import save_report  # noqa: PLC0415
 
