@@ -82,3 +82,23 @@ def strategy_supports_no_merge_call():
     import tensorflow as tf  # noqa: PLC0415
 
     return tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+def keras_application_layers():
+    """Layers that keras.applications defines inside its private modules, by name (missing ones skipped).
+
+    ``CustomScaleLayer`` (InceptionResNetV2's ``x + scale * branch``),
+    ConvNeXt's ``LayerScale`` and ``StochasticDepth``: the registry gives
+    each an entry; fallback: an empty dict when Keras moves them.
+    """
+    found = {}
+    for module, name in (
+        ("keras.src.applications.inception_resnet_v2", "CustomScaleLayer"),
+        ("keras.src.applications.convnext", "LayerScale"),
+        ("keras.src.applications.convnext", "StochasticDepth"),
+    ):
+        try:
+            found[name] = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):
+            continue
+    return found

@@ -230,6 +230,41 @@ def _relu_input(tensor):
     return node.input_tensors[0]
 
 
+def _standalone_batchnorm_inputs(nodes):
+    """Inputs of the BatchNormalizations that no kernel before them absorbs (pre-activation blocks),
+    and of every LayerNormalization.
+
+    Such a BatchNorm is exported as its own per-channel integer multiply-add
+    (tfdq.export.plan.BatchNormPlan), which needs its input on a grid; a
+    learned quantizer there (8 bits at the start, not counted: a part of a
+    feature map) makes the Keras model compute what the file computes.
+    A BatchNorm folds when it directly follows a quantized kernel with a
+    linear activation whose output goes nowhere else.
+    """
+    uses = {}
+    for _, node in nodes:
+        for t in node.input_tensors:
+            uses[id(t)] = uses.get(id(t), 0) + 1
+    found = []
+    for layer, node in nodes:
+        if isinstance(layer, keras.layers.LayerNormalization) and len(node.input_tensors) == 1:
+            found.append(node.input_tensors[0])  # decomposed into int8 ops: its input on a grid too
+            continue
+        if not isinstance(layer, keras.layers.BatchNormalization) or len(node.input_tensors) != 1:
+            continue
+        t = node.input_tensors[0]
+        src, _ = producer(t)
+        foldable = (
+            src is not None
+            and registry.is_quantizable(src)
+            and registry.activation_function_name(src) == "linear"
+            and uses.get(id(t), 0) == 1
+        )
+        if not foldable:
+            found.append(t)
+    return found
+
+
 def _template(identifier, role, signed, bits_bounds, init_bits):
     """Config of the quantizer to create for one tensor.
 
@@ -349,17 +384,40 @@ class _Split:
         h = self.depthwise(x)
         return self.pointwise(self.quantizer(h) if self.quantizer is not None else h)
 
-    def copy_weights(self, orig, model, clone, calibration_data):
+    def copy_weights(self, orig):
         for new, kernel in ((self.depthwise, orig.depthwise_kernel), (self.pointwise, orig.pointwise_kernel)):
             new.kernel.assign(kernel)
             new.kernel_quantizer.initialize_from(kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
         if orig.use_bias:
             self.pointwise.bias.assign(orig.bias)
-        if self.quantizer is not None and calibration_data is not None:
-            probe = keras.Model(clone.inputs, self.depthwise.output)
-            max_abs = float(np.max(np.abs(probe.predict(calibration_data, verbose=0))))
-            q = self.quantizer.quantizer
-            q.initialize_from(np.array([max_abs]), bits=q.init["bits"])
+
+    @staticmethod
+    def depthwise_max_abs(orig, inputs):
+        """Per example: max |depthwise part of ``orig``| on its (symbolic) input."""
+        h = keras.ops.depthwise_conv(
+            inputs,
+            keras.ops.convert_to_tensor(orig.depthwise_kernel),
+            strides=orig.strides,
+            padding=orig.padding,
+            dilation_rate=orig.dilation_rate,
+        )
+        return keras.ops.max(keras.ops.abs(h), axis=(1, 2, 3))
+
+
+def _calibrate_splits(model, splits, graph_nodes, calibration_data):
+    """Start every split SeparableConv2D's inner quantizer from the float model's depthwise output
+    over the calibration data, all in one pass (a probe model per layer would trace the network
+    once per SeparableConv2D: minutes for Xception)."""
+    splits = [(orig, new) for orig, new in splits if new.quantizer is not None]
+    if not splits or calibration_data is None:
+        return
+    outputs = [_Split.depthwise_max_abs(o, graph_nodes[id(o)][0].input_tensors[0]) for o, _ in splits]
+    maxima = keras.Model(model.inputs, outputs).predict(calibration_data, verbose=0)
+    if len(outputs) == 1:
+        maxima = [maxima]
+    for (_, new), m in zip(splits, maxima):
+        q = new.quantizer.quantizer
+        q.initialize_from(np.array([float(np.max(m))]), bits=q.init["bits"])
 
 
 def _split_separable(layer, options, report):
@@ -616,6 +674,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
             t for layer, node in nodes if registry.is_grid_merge(layer, node) for t in node.input_tensors
         ]
         operands += [t for layer, node in nodes for t in _exact_operands(layer, node)]
+        operands += _standalone_batchnorm_inputs(nodes)
         for t in averages + [_placement(t) for t in operands]:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t
@@ -739,7 +798,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
             continue  # copied by the recursive call; operations have no weights
         _check_finite(orig)
         if isinstance(new, _Split):
-            new.copy_weights(orig, model if calibration_data is not None else None, clone, calibration_data)
+            new.copy_weights(orig)
         elif isinstance(new, qlayers.QuantizedWeightsMixin):
             kernel = new.float_kernel(orig)
             new.kernel.assign(kernel)
@@ -749,4 +808,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                 new.kernel_quantizer.initialize_from(kernel.numpy(), bits=new.kernel_quantizer.init["bits"])
         elif orig.weights:
             new.set_weights(orig.get_weights())
+    _calibrate_splits(
+        model, [(o, n) for o, n in pairs if isinstance(n, _Split)], graph_nodes, calibration_data
+    )
     return clone

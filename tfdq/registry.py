@@ -27,6 +27,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from tfdq import _compat
 from tfdq import layers as qlayers
 from tfdq import models as _models
 from tfdq._compat import nn_ops as _nn_ops
@@ -84,12 +85,21 @@ def _channels_last(layer, node):
     return None
 
 
+def is_depthwise_grouped(layer, channels):
+    """A Conv2D with ``groups`` = input channels = filters (ConvNeXt): a depthwise convolution."""
+    groups = getattr(layer, "groups", 1)
+    return groups > 1 and groups == channels == getattr(layer, "filters", None)
+
+
 def _kernel_config(layer, node):
     if isinstance(layer, _L.Conv2DTranspose) and tuple(layer.dilation_rate) != (1, 1):
         return f"dilation_rate={layer.dilation_rate} (TFLite's TRANSPOSE_CONV has no dilation)"
     groups = getattr(layer, "groups", 1)
-    if groups != 1:
-        return f"groups={groups} (the exporter takes ungrouped convolutions)"
+    if groups != 1 and not is_depthwise_grouped(layer, node.input_tensors[0].shape[-1]):
+        return (
+            f"groups={groups} (the exporter takes ungrouped convolutions and groups = channels = "
+            "filters, a depthwise convolution)"
+        )
     return _channels_last(layer, node)
 
 
@@ -140,12 +150,35 @@ def _relu_config(layer, node):
     return None
 
 
+def _layernorm_config(layer, node):
+    rank = len(node.input_tensors[0].shape)
+    axis = tuple(np.atleast_1d(layer.axis))
+    if axis not in ((-1,), (rank - 1,)):
+        return f"axis={layer.axis} (the exporter normalizes the last axis)"
+    if getattr(layer, "rms_scaling", False):
+        return "rms_scaling=True"
+    if rank not in (2, 4):
+        return f"a rank-{rank} input (the exporter takes 2-D and 4-D tensors)"
+    return None
+
+
 def _softmax_axis(layer, node):
     return (
         None if layer.axis in (-1, [-1], (-1,)) else f"axis={layer.axis} (the exporter takes the last axis)"
     )
 
 
+def _scale_add_config(layer, node):
+    if len(node.input_tensors) != 2:
+        return f"{len(node.input_tensors)} inputs (x + scale * branch takes two)"
+    try:
+        float(layer.scale)
+    except (TypeError, ValueError):
+        return f"scale {layer.scale!r} is not a number"
+    return None
+
+
+_APP_LAYERS = _compat.keras_application_layers()
 _L = keras.layers
 _RESHAPE_HELP = "a Flatten/Reshape layer"
 
@@ -230,7 +263,9 @@ ENTRIES = [
         "folded",
         FOLDED,
         "batchnorm",
-        note="right after a quantized kernel with a linear activation",
+        note="folded right after a quantized kernel with a linear activation; elsewhere (pre-activation: "
+        "DenseNet, ResNetV2) its input gets a learned quantizer and it exports as a 1x1 DEPTHWISE_CONV_2D "
+        "(exact products, int32 bias aligned by align_biases)",
     ),
     # kernels tfdq does not quantize (yet): kept float, counted at 32 bits, refused by the exporter
     Entry(
@@ -457,10 +492,55 @@ ENTRIES = [
         "none",
         CALIBRATED,
         "affine",
-        check=lambda layer, node: scalar_affine(layer)[2],
+        check=lambda layer, node: _affine_config(layer, node),
         fix="scale the data before the model (include_preprocessing=False for keras.applications)",
-        note="x a + b with one a, b for all channels: MUL/ADD by exact int8 constants, the raw input's "
-        "scale calibrated (integer pixels stay exact)",
+        note="x a + b with one a, b for all channels: MUL/ADD by exact int8 constants; one a_c, b_c per "
+        "channel: a 1x1 DEPTHWISE_CONV_2D (as a BatchNorm that cannot fold); the raw input's scale "
+        "calibrated (integer pixels stay exact)",
+    ),
+    Entry(
+        (_L.LayerNormalization,),
+        "LayerNormalization",
+        "keep",
+        SIGNED,
+        "none",
+        CALIBRATED,
+        "layernorm",
+        check=_layernorm_config,
+        note="decomposed into int8 MEAN, SUB, MUL, RSQRT (each output calibrated), then gamma and beta as "
+        "a 1x1 DEPTHWISE_CONV_2D",
+    ),
+    Entry(
+        tuple(c for c in (_APP_LAYERS.get("LayerScale"),) if c),
+        "keras.applications' LayerScale (ConvNeXt)",
+        "keep",
+        SIGNED,
+        "none",
+        EXACT,
+        "layer_scale",
+        note="x gamma_c: a 1x1 DEPTHWISE_CONV_2D (exact products)",
+    ),
+    Entry(
+        tuple(c for c in (_APP_LAYERS.get("StochasticDepth"),) if c),
+        "keras.applications' StochasticDepth (ConvNeXt)",
+        "keep",
+        PASS_THROUGH,
+        "none",
+        EXACT,
+        "identity",
+        note="identity at inference",
+    ),
+    Entry(
+        tuple(c for c in (_APP_LAYERS.get("CustomScaleLayer"),) if c),
+        "keras.applications' CustomScaleLayer (InceptionResNetV2)",
+        "keep",
+        SIGNED,
+        "none",
+        CALIBRATED,
+        "scaled_add",
+        check=_scale_add_config,
+        note="x + scale * branch: both operands on learned grids, MUL by the exact int8 constant scale "
+        "(product calibrated), ADD",
     ),
     Entry(
         (keras.Model,),
@@ -622,6 +702,7 @@ ACTIVATIONS = [
     Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish"),
     Activation(("swish", "silu"), False, CALIBRATED, "swish"),
     Activation(("leaky_relu",), False, CALIBRATED, "leaky_relu"),
+    Activation(("gelu",), False, CALIBRATED, "gelu"),
     Activation(("exponential", "softplus"), True, REFUSED, fix="use relu, relu6, sigmoid or swish"),
 ]
 
@@ -645,6 +726,36 @@ def scalar_affine(layer):
     if np.ptp(a) > 0 or np.ptp(b) > 0:
         return None, None, "a different scale or offset per channel (the exporter takes one for all channels)"
     return float(a.reshape(-1)[0]), float(b.reshape(-1)[0]), None
+
+
+def channel_affine(layer, channels):
+    """``(a, b, None)`` with one scale and offset per channel (arrays of ``channels``) when the
+    Rescaling / Normalization ``layer`` computes ``x a_c + b_c`` over the last axis, else
+    ``(None, None, why not)``."""
+    if isinstance(layer, _L.Rescaling):
+        a, b = np.asarray(layer.scale, np.float64), np.asarray(layer.offset, np.float64)
+    else:
+        if getattr(layer, "invert", False) or getattr(layer, "mean", None) is None:
+            return None, None, "an inverted or unbuilt Normalization"
+        axis = tuple(np.atleast_1d(layer.axis))
+        if axis not in ((-1,),):
+            rank = len(getattr(layer, "_build_input_shape", None) or ()) or None
+            if rank is None or axis != (rank - 1,):
+                return None, None, f"axis={layer.axis} (the exporter normalizes the last axis)"
+        mean = np.asarray(layer.mean, np.float64)
+        std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), keras.backend.epsilon())
+        a, b = 1.0 / std, -mean / std
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.size not in (1, channels) or b.size not in (1, channels):
+        return None, None, f"{a.size} scales for {channels} channels"
+    return np.broadcast_to(a, (channels,)).copy(), np.broadcast_to(b, (channels,)).copy(), None
+
+
+def _affine_config(layer, node):
+    channels = node.input_tensors[0].shape[-1]
+    if scalar_affine(layer)[2] is None:
+        return None
+    return channel_affine(layer, channels)[2] if channels else "an unknown channel count"
 
 
 def lookup(op):
@@ -757,6 +868,53 @@ def markdown_table():
     return "\n".join(rows) + "\n"
 
 
+# keras.applications families as the sweep (benchmarks/applications_sweep.py, tests/test_applications_sweep.py)
+# finds them: weights=None, the smallest input each allows, quantize_model + forward + to_tflite + LiteRT.
+# "exports": an all-integer file that LiteRT runs; "refused": quantize_model(target="tflite") names the layers
+# before training. The sweep test asserts each row.
+APPLICATIONS = {
+    "ConvNeXtTiny": ("refused", "LayerNormalization, grouped Conv2D (groups = channels), gelu, LayerScale"),
+    "ConvNeXtSmall": ("refused", "as ConvNeXtTiny"),
+    "DenseNet121": ("exports", "pre-activation BatchNorms as 1x1 DEPTHWISE_CONV_2D, Concatenate"),
+    "EfficientNetB0": ("exports", "swish, squeeze-and-excite"),
+    "EfficientNetB1": ("exports", "as B0"),
+    "EfficientNetB2": ("exports", "as B0"),
+    "EfficientNetB3": ("exports", "as B0"),
+    "EfficientNetB4": ("exports", "as B0"),
+    "EfficientNetV2B0": ("exports", "per-channel Normalization as 1x1 DEPTHWISE_CONV_2D, swish, SE"),
+    "EfficientNetV2B1": ("exports", "as V2B0"),
+    "EfficientNetV2B2": ("exports", "as V2B0"),
+    "EfficientNetV2B3": ("exports", "as V2B0"),
+    "EfficientNetV2S": ("exports", "as V2B0"),
+    "InceptionResNetV2": ("exports", "CustomScaleLayer: MUL by the exact scale, ADD"),
+    "InceptionV3": ("exports", ""),
+    "MobileNet": ("exports", ""),
+    "MobileNetV2": ("exports", ""),
+    "MobileNetV3Small": ("exports", "hard-swish, squeeze-and-excite"),
+    "MobileNetV3Large": ("exports", "hard-swish, squeeze-and-excite"),
+    "NASNetMobile": ("exports", "SeparableConv2D split, Cropping2D, ZeroPadding2D, AveragePooling2D"),
+    "ResNet50": ("exports", ""),
+    "ResNet101": ("exports", ""),
+    "ResNet50V2": ("exports", "pre-activation BatchNorms as 1x1 DEPTHWISE_CONV_2D"),
+    "ResNet101V2": ("exports", "as ResNet50V2"),
+    "VGG16": ("exports", ""),
+    "Xception": ("exports", "SeparableConv2D split into learned depthwise + pointwise"),
+}
+
+
+def applications_table():
+    """The README's table of keras.applications families, from :data:`APPLICATIONS`."""
+    rows = ["| keras.applications model | integer TFLite export | what it needs |", "|---|---|---|"]
+    for name, (status, note) in APPLICATIONS.items():
+        rows.append(f"| {name} | {'yes' if status == 'exports' else 'refused before training'} | {note} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_tables():
+    """What the README holds between its markers: the layers table, then the keras.applications table."""
+    return "\n" + markdown_table() + "\n" + applications_table()
+
+
 README_BEGIN = "<!-- supported-layers table: generated by tfdq.registry.markdown_table() -->"
 README_END = "<!-- end of supported-layers table -->"
 
@@ -767,7 +925,7 @@ def write_readme_table(path):
         text = f.read()
     start = text.index(README_BEGIN) + len(README_BEGIN)
     end = text.index(README_END)
-    new = text[:start] + "\n" + markdown_table() + text[end:]
+    new = text[:start] + readme_tables() + text[end:]
     if new != text:
         with open(path, "w", encoding="utf-8") as f:
             f.write(new)
@@ -787,7 +945,9 @@ if __name__ == "__main__":  # python -m tfdq.registry README.md: refresh the REA
 # file, so no tensor inside a residual network needs a calibrated scale. The
 # layers, and the same computations written as tensor arithmetic (``x + y``,
 # ``keras.ops.add``, ``keras.ops.subtract``, ``keras.ops.concatenate``).
-GRID_MERGE_LAYERS = (keras.layers.Add, keras.layers.Subtract, keras.layers.Concatenate)
+GRID_MERGE_LAYERS = (keras.layers.Add, keras.layers.Subtract, keras.layers.Concatenate) + tuple(
+    c for c in (_compat.keras_application_layers().get("CustomScaleLayer"),) if c
+)  # InceptionResNetV2's x + scale * branch
 GRID_MERGE_OPS = tuple(
     c for c in (_cls(_np_ops, "Add"), _cls(_np_ops, "Subtract"), _cls(_np_ops, "Concatenate")) if c
 )

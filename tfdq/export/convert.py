@@ -33,7 +33,7 @@ from tfdq.export.plan import (
 from tfdq.export.storage import kernel_storage, settle_storage
 from tfdq.models import ZeroPadShortcut
 
-CALIBRATED_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_swish", "swish", "leaky_relu")
+CALIBRATED_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_swish", "swish", "leaky_relu", "gelu")
 
 
 def _scalar_operands_nonneg(node):
@@ -51,7 +51,10 @@ class ExportReport(dict):
     scale kind, folded BatchNorm), ``activations`` (per activation
     quantizer: step, levels, zero point, clamp), ``calibrated`` (tensors whose
     scale was calibrated on the user's data, with the reason), ``fixed``
-    (tensors whose scale TFLite's spec fixes, e.g. softmax), ``options``.
+    (tensors whose scale TFLite's spec fixes, e.g. softmax), ``batchnorms``
+    (BatchNormalizations that could not fold and per-channel Rescaling /
+    Normalization layers, each a 1x1 DEPTHWISE_CONV_2D: input scale and
+    whether its int32 bias is exact), ``options``.
     """
 
 
@@ -112,11 +115,15 @@ class Builder:
             for i in plan.kernels:
                 layer = plan.ops[i].layer
                 bias = np.asarray(layer.bias.numpy(), np.float32) if layer.use_bias else None
-                self.float_weights[i] = (np.asarray(layer.kernel.numpy(), np.float32), bias)
+                kernel = np.asarray(layer.kernel.numpy(), np.float32)
+                if plan.kernels[i].kind == "depthwise" and kernel.shape != plan.kernels[i].k.shape:
+                    kernel = np.transpose(kernel, (0, 1, 3, 2))  # a grouped Conv2D as depthwise
+                self.float_weights[i] = (kernel, bias)
         self.calibrated_info = []
         self.fixed = []
         self.missing = []
         self.biases = {}
+        self.bn_biases = {}  # standalone BatchNorm op index -> its planned int32 bias
         self.zero_points = {}
 
     # -- quantization helpers -----------------------------------------------
@@ -190,6 +197,7 @@ class Builder:
         plan = self.plan
         self.points, self.calibrated_info, self.fixed, self.missing = {}, [], [], []
         self.biases = {}
+        self.bn_biases = {}
         self.zero_points = {}
         values = {}
         for k, t in zip(plan.input_keys, inputs):
@@ -218,6 +226,8 @@ class Builder:
             return [self.weighted(op, x)]
         if op.index in plan.folded_bn:
             return [values[op.inputs[0]]]
+        if op.index in plan.standalone_bn:
+            return [self.batchnorm(op, values)]
         entry = registry.lookup(layer)
         rule = None if entry is None else entry.rule
         if rule == "activation":
@@ -239,6 +249,9 @@ class Builder:
                     y = self.global_mean_as_conv(x, s_out, bool(layer.keepdims))
                 else:
                     y = tf.reduce_mean(x.t, axis=[1, 2], keepdims=bool(layer.keepdims))
+            elif learned_next and self.mode == "export" and x.q is not None and layer.padding == "valid":
+                s_out = self.plan.downstream_step(op.outputs[0])
+                y = self.mean_as_conv(x, s_out, tuple(layer.pool_size), tuple(layer.strides))
             else:
                 y = tf.nn.avg_pool2d(x.t, layer.pool_size, layer.strides, layer.padding.upper())
             out = _Val(y, None, False, x.nonneg, label)
@@ -253,6 +266,10 @@ class Builder:
             return [self.elementwise(op, values)]
         if rule == "affine":
             return [self.affine(op, values)]
+        if rule == "scaled_add":
+            return [self.scaled_add(op, values)]
+        if rule == "layernorm":
+            return [self.layernorm(op, values)]
         if rule == "mean":
             return [self.reduce_mean(op, values)]
         if rule == "same_scale_op":
@@ -280,8 +297,16 @@ class Builder:
         crosses no other threshold. The pooled map is then the Keras one
         element for element.
         """
+        h, w, c = (int(v) for v in x.t.shape[1:])
+        y = self.mean_as_conv(x, s_out, (h, w), (1, 1))
+        return y if keepdims else tf.reshape(y, [-1, c])
+
+    def mean_as_conv(self, x, s_out, window, strides):
+        """Averages over ``window`` (VALID padding) as a DEPTHWISE_CONV_2D with a constant int8 kernel
+        (see :meth:`global_mean_as_conv`; an AVERAGE_POOL_2D would need the same scale on both sides)."""
         t = x.t
-        h, w, c = (int(v) for v in t.shape[1:])
+        h, w = window
+        c = int(t.shape[-1])
         n = h * w
         ratio = x.q.scale / (n * s_out)
         nudge = x.nonneg and n & (n - 1) == 0 and ratio <= 0.5
@@ -291,10 +316,10 @@ class Builder:
         kernel = tf.quantization.fake_quant_with_min_max_vars(
             ones, -INT8_MAX * unit, INT8_MAX * unit, num_bits=8, narrow_range=True
         )
-        y = tf.nn.depthwise_conv2d(t, kernel, strides=[1, 1, 1, 1], padding="VALID")
+        y = tf.nn.depthwise_conv2d(t, kernel, strides=[1, *strides, 1], padding="VALID")
         if nudge:  # one accumulator unit (s_in / (2 N)): the int32 bias 1
             y = tf.nn.bias_add(y, np.full(c, x.q.scale * unit, np.float32))
-        return y if keepdims else tf.reshape(y, [-1, c])
+        return y
 
     def same_scale(self, layer, t):
         shape = t.shape
@@ -409,6 +434,8 @@ class Builder:
             return self.fixed_range(tf.math.sigmoid(x.t), label, "TFLite int8 LOGISTIC output")
         # The final output stays open (q None): a learned quantizer right after it sets its
         # scale, any other consumer calibrates it (Builder.quantized).
+        if kind == "gelu":  # TFLite's int8 GELU (exact erf form, as keras.activations.gelu's default)
+            return _Val(tf.nn.gelu(x.t, approximate=False), None, False, False, label, tight=True)
         if kind == "leaky_relu":
             return _Val(tf.nn.leaky_relu(x.t, alpha=float(slope)), None, False, False, label, tight=True)
         if kind == "hard_swish":
@@ -480,6 +507,52 @@ class Builder:
                 y = self.calibrated(y, f"{label}:scaled", f"x * scale in {label}", tight=True)
             y = _Val(y.t + self.const(b), None, False, y.nonneg and b > 0, label, tight=True)
         return y
+
+    def layernorm(self, op, values):
+        """LayerNormalization over the last axis in int8 ops, every intermediate calibrated.
+
+        ``mu = MEAN(x)``, ``c = x - mu``, ``v = MEAN(c c)``, ``r = RSQRT(v + eps)``, ``n = c r``, then
+        ``gamma_i n + beta_i`` as a 1x1 DEPTHWISE_CONV_2D (exact products, as a BatchNorm that cannot
+        fold). Each of mu, c, c c, v + eps, r and n gets a calibrated int8 scale (listed in the report):
+        the file approximates the Keras layer there.
+        """
+        label = op.path
+        layer = op.layer
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+
+        def cal(t, what, nonneg=False):
+            return self.calibrated(
+                _Val(t, None, False, nonneg, label, tight=True),
+                f"{label}:{what}",
+                f"{what} inside {label} (LayerNormalization decomposed)",
+                tight=True,
+            ).t
+
+        mean = cal(tf.reduce_mean(x.t, axis=-1, keepdims=True), "mean")
+        centered = cal(x.t - mean, "centered")
+        square = cal(centered * centered, "square", nonneg=True)
+        var = cal(
+            tf.reduce_mean(square, axis=-1, keepdims=True) + self.const(float(layer.epsilon)),
+            "variance",
+            nonneg=True,
+        )
+        normalized = _Val(centered * cal(tf.math.rsqrt(var), "rsqrt", nonneg=True), None, False, False, label)
+        normalized = self.calibrated(
+            normalized, f"{label}:normalized", f"normalized values in {label}", tight=True
+        )
+        return self.channel_affine(self.plan.layernorms[op.index], normalized, label)
+
+    def scaled_add(self, op, values):
+        """keras.applications' CustomScaleLayer ``x + scale * branch``: the branch times the exact int8
+        constant ``scale`` (MUL, product calibrated), then ADD (a ReLU after it fuses)."""
+        label = op.path
+        x, branch = (
+            self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
+            for i, k in enumerate(op.inputs)
+        )
+        scaled = _Val(branch.t * self.const(float(op.layer.scale)), None, False, False, label, tight=True)
+        scaled = self.calibrated(scaled, f"{label}:scaled", f"scale * branch in {label}", tight=True)
+        return _Val(x.t + scaled.t, None, True, False, label)
 
     def reduce_mean(self, op, values):
         """``keras.ops.mean`` over axes (the squeeze of squeeze-and-excite): MEAN, output calibrated."""
@@ -562,8 +635,8 @@ class Builder:
                     narrow_range=True,
                     name=name if plan.kind != "depthwise" else None,
                 )
-            if plan.kind == "depthwise":
-                kernel = tf.reshape(kernel, layer.kernel.shape, name=name)
+            if plan.kind == "depthwise":  # plan.k: [h, w, C, m] (a grouped Conv2D's kernel transposed)
+                kernel = tf.reshape(kernel, plan.k.shape, name=name)
             y = self._apply_kernel(plan, layer, x.t, kernel, per_channel_dense=plan.per_channel)
             bias = self.bias(op, plan, x)
             if bias is not None:
@@ -590,6 +663,51 @@ class Builder:
                 "linear, or softmax at the output)."
             )
         return val
+
+    def batchnorm(self, op, values):
+        """A BatchNormalization that cannot fold: a 1x1 DEPTHWISE_CONV_2D (see :class:`BatchNormPlan`).
+
+        Its output is open (fusable, like a convolution's): the learned
+        quantizer after it (a ReLU fused) sets the scale, or its consumer
+        calibrates it.
+        """
+        bplan = self.plan.standalone_bn[op.index]
+        label = op.path
+        x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
+        return self.channel_affine(bplan, x, label)
+
+    def channel_affine(self, bplan, x, label):
+        """``x a_c + b_c`` (a :class:`BatchNormPlan`) on the quantized ``x``: a 1x1 DEPTHWISE_CONV_2D."""
+        t = x.t
+        c = bplan.factor.shape[0]
+        if bplan.rank == 2:
+            t = tf.reshape(t, [-1, 1, 1, c])
+        if self.mode != "export" or x.q is None or x.q is _CALIBRATING:
+            y = t * bplan.factor.astype(np.float32) + bplan.offset.astype(np.float32)
+        else:
+            s_in = x.q.scale
+            scales = bplan.scales(s_in)
+            kernel = (bplan.integers(s_in) * scales).astype(np.float32).reshape(1, 1, 1, c)
+            kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                tf.constant(kernel),
+                (-INT8_MAX * scales).astype(np.float32),
+                (INT8_MAX * scales).astype(np.float32),
+                num_bits=8,
+                narrow_range=True,
+            )
+            kernel = tf.reshape(kernel, [1, 1, c, 1])
+            y = tf.nn.depthwise_conv2d(t, kernel, strides=[1, 1, 1, 1], padding="VALID")
+            acc = bplan.accumulator_bias(s_in)
+            if np.max(np.abs(acc["integer"])) > INT32_MAX:
+                raise ExportError(
+                    f"{label}: a bias beyond int32 accumulator units (untrained BatchNorm statistics?): "
+                    "train or re-estimate the BatchNorm statistics on real data before exporting."
+                )
+            self.bn_biases[bplan.op_index] = dict(acc, layer=label, s_in=s_in, s_out=None)
+            y = tf.nn.bias_add(y, (acc["integer"] * acc["unit"]).astype(np.float32))
+        if bplan.rank == 2:
+            y = tf.reshape(y, [-1, c])
+        return _Val(y, None, True, False, label)
 
     def bias(self, op, plan, x):
         """The float bias constant whose int32 quantization is the planned integer.
@@ -908,6 +1026,45 @@ def align_biases(
                 "max_change_accumulator_units": float(np.max(np.abs(b["residual"]))),
             }
         )
+    changes += _align_standalone_batchnorms(plan, builder, layers_by_path)
+    return changes
+
+
+def _align_standalone_batchnorms(plan, builder, layers_by_path):
+    """align_biases for BatchNorms exported on their own (:class:`BatchNormPlan`): beta moves so that
+    ``b_c`` is a whole number of accumulator units."""
+    changes = []
+    for index, b in builder.bn_biases.items():
+        bplan = plan.standalone_bn.get(index)
+        if bplan is None:
+            continue  # the gamma/beta step of a decomposed LayerNormalization
+        bn = layers_by_path[bplan.layer_name]
+        if not isinstance(bn, keras.layers.BatchNormalization):
+            continue  # a per-channel Rescaling / Normalization: fixed constants, its bias stays rounded
+        entry = {"layer": bplan.layer_name, "batchnorm": bplan.layer_name, "standalone": True}
+        if not bn.center:
+            changes.append(
+                dict(
+                    entry,
+                    aligned=False,
+                    reason="BatchNormalization(center=False) has no beta",
+                    max_beta_change=0.0,
+                    max_change_output_steps=None,
+                )
+            )
+            continue
+        delta = -b["residual"] * b["unit"]
+        bn.beta.assign((np.asarray(bn.beta.numpy(), np.float64) + delta).astype(np.float32))
+        step = plan.downstream_step(plan.ops_by_index[index].outputs[0])
+        changes.append(
+            dict(
+                entry,
+                aligned=True,
+                max_beta_change=float(np.max(np.abs(delta))),
+                max_change_output_steps=None if step is None else float(np.max(np.abs(delta)) / step),
+                max_change_accumulator_units=float(np.max(np.abs(b["residual"]))),
+            )
+        )
     return changes
 
 
@@ -994,6 +1151,16 @@ def to_tflite(
         ],
         calibrated=list(builder.calibrated_info),
         biases=[_bias_entry(b) for b in builder.biases.values()],
+        batchnorms=[
+            {
+                "layer": b["layer"],
+                "op": "DEPTHWISE_CONV_2D 1x1 (per-channel multiply-add)",
+                "input_scale": float(b["s_in"]),
+                "max_abs_residual": float(np.max(np.abs(b["residual"]))),
+                "exact": bool(np.all(np.abs(b["residual"]) < 1e-3)),
+            }
+            for b in builder.bn_biases.values()
+        ],
         fixed=list(builder.fixed),
         options={"input_type": input_type, "output_type": output_type, "storage": storage},
         file_bytes=len(tflite),

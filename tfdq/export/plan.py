@@ -350,6 +350,64 @@ class KernelPlan:
         return (self.channel_factor * (b - mean) + beta).astype(np.float32)
 
 
+BIAS_LIMIT = 2**22  # int32 biases below this pass the converter's float32 arithmetic exactly
+
+
+@dataclasses.dataclass
+class BatchNormPlan:
+    """A BatchNormalization that no kernel before it can absorb (pre-activation: DenseNet, ResNetV2).
+
+    Inference computes ``y_c = x_c a_c + b_c`` (``a_c = gamma_c /
+    sqrt(var_c + eps)``, ``b_c = beta_c - mean_c a_c``). The file holds it as
+    a 1x1 DEPTHWISE_CONV_2D with one int8 kernel integer ``m_c sign(a_c)``
+    per channel at scale ``|a_c| / m_c`` (``m_c = 127``, smaller only where
+    the bias would pass 2^22 accumulator units) and an int32 bias ``round(b_c
+    / u_c)`` in accumulator units ``u_c = s_in |a_c| / m_c``: the products are
+    exact, the bias is rounded to a unit 1/127 of ``s_in |a_c|``
+    (:func:`tfdq.export.align_biases` moves beta so that Keras adds the same
+    integer). Its output goes straight to the learned quantizer after it
+    (with a ReLU fused), as a convolution's does.
+    """
+
+    op_index: int
+    layer_name: str
+    factor: np.ndarray  # a_c
+    offset: np.ndarray  # b_c
+    rank: int  # 2 (after a Dense / pooling) or 4 (a feature map)
+
+    def levels(self, s_in):
+        """``m_c``: the kernel integer's magnitude per channel (0 where a_c = 0)."""
+        a = np.abs(self.factor)
+        m = np.full(a.shape, float(INT8_MAX))
+        big = np.abs(self.offset) * INT8_MAX > BIAS_LIMIT * s_in * a
+        with np.errstate(divide="ignore"):
+            m[big] = np.floor(BIAS_LIMIT * s_in * a[big] / np.abs(self.offset[big]))
+        m = np.clip(m, 1.0, INT8_MAX)
+        m[a == 0] = 0.0
+        return m
+
+    def scales(self, s_in):
+        """Per-channel kernel scale ``|a_c| / m_c`` (1 where a_c = 0: the integer is 0 there)."""
+        m = self.levels(s_in)
+        return np.where(m > 0, np.abs(self.factor) / np.where(m > 0, m, 1.0), 1.0)
+
+    def integers(self, s_in):
+        return (np.sign(self.factor) * self.levels(s_in)).astype(np.int64)
+
+    def accumulator_bias(self, s_in):
+        """As :meth:`KernelPlan.accumulator_bias` (one rounding: int8 kernels run in XNNPACK)."""
+        unit = np.float64(np.float32(s_in)) * self.scales(s_in).astype(np.float32).astype(np.float64)
+        real = self.offset / unit
+        integer = round_half_away(real)
+        return {
+            "unit": unit,
+            "real": real,
+            "shift": np.zeros_like(real),
+            "integer": integer,
+            "residual": real - integer,
+        }
+
+
 @dataclasses.dataclass
 class ActPlan:
     op_index: int
@@ -478,7 +536,10 @@ def _plan_kernel(op, quantizer, policy, problems):
             f"learned grid's {n_allowed}."
         )
     groups = getattr(layer, "groups", 1)
-    if groups != 1:
+    if groups != 1 and registry.is_depthwise_grouped(layer, op.node.input_tensors[0].shape[-1]):
+        kind = "depthwise"  # groups = channels = filters: kernel [h, w, 1, C] -> depthwise [h, w, C, 1]
+        k = np.transpose(k, (0, 1, 3, 2))
+    elif groups != 1:
         raise ExportError(f"{op.path}: grouped convolutions (groups={groups}) are not supported.")
     if kind == "conv":
         fc_eligible = tuple(layer.kernel_size) == (1, 1) and tuple(layer.strides) == (1, 1)
@@ -533,6 +594,8 @@ class Plan:
         self.kernels = {}  # op index -> KernelPlan
         self.acts = {}  # op index -> ActPlan
         self.folded_bn = {}  # BN op index -> kernel op index
+        self.standalone_bn = {}  # BN op index -> BatchNormPlan (not foldable: its own integer op)
+        self.layernorms = {}  # LayerNormalization op index -> BatchNormPlan of its gamma and beta
         self.bn = {}  # kernel op index -> BN weights
         problems = {"bits": [], "pow2": [], "pow2_act": [], "act_bits": [], "unsupported": [], "float": []}
         self.problems = []  # one dict per refused node: layer, class, problem, fix
@@ -574,6 +637,23 @@ class Plan:
                 refusal = _refusal(op)
                 if refusal is not None:
                     self._refuse(problems, "unsupported", op, *refusal)
+                elif entry.rule == "affine" and registry.scalar_affine(layer)[2] is not None:
+                    self._plan_channel_affine(op, problems)
+                elif entry.rule == "layernorm":
+                    c = int(op.node.input_tensors[0].shape[-1])
+                    gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones(c)
+                    beta = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros(c)
+                    rank = len(op.node.input_tensors[0].shape)
+                    self.layernorms[op.index] = BatchNormPlan(op.index, op.path, gamma, beta, rank)
+                elif entry.rule == "layer_scale":
+                    gamma = np.asarray(layer.gamma.numpy(), np.float64).reshape(-1)
+                    rank = len(op.node.input_tensors[0].shape)
+                    if rank in (2, 4):
+                        self.standalone_bn[op.index] = BatchNormPlan(
+                            op.index, op.path, gamma, np.zeros_like(gamma), rank
+                        )
+                    else:
+                        self._refuse(problems, "unsupported", op, f"a rank-{rank} input", "")
         if n_quantizers == 0 and raise_errors:
             raise ExportError(
                 f"Model {model.name!r} has no tfdq quantizers (no QConv2D/QDepthwiseConv2D/"
@@ -603,6 +683,8 @@ class Plan:
                 and isinstance(src.layer, qlayers.QuantizedWeightsMixin)
             ):
                 continue  # its layer already has a bits/pow2 problem
+            if not ok and self._plan_standalone_bn(op):
+                continue
             if not ok:
                 self._refuse(
                     problems,
@@ -681,6 +763,32 @@ class Plan:
         self.error = "Cannot export to integer TFLite.\n- " + "\n- ".join(messages) if messages else None
         if messages and raise_errors:
             raise ExportError(self.error)
+
+    def _plan_standalone_bn(self, op):
+        """Plan a BatchNormalization that cannot fold as its own per-channel integer op (True if planned)."""
+        rank = len(op.node.input_tensors[0].shape)
+        if op.layer.axis not in (-1, rank - 1) or rank not in (2, 4):
+            return False
+        w = _bn_weights(op.layer)
+        self.standalone_bn[op.index] = BatchNormPlan(
+            op.index, op.path, w["factor"], w["beta"] - w["mean"] * w["factor"], rank
+        )
+        return True
+
+    def _plan_channel_affine(self, op, problems):
+        """A Rescaling / Normalization with one scale and offset per channel: as a standalone BatchNorm."""
+        rank = len(op.node.input_tensors[0].shape)
+        a, b, _ = registry.channel_affine(op.layer, op.node.input_tensors[0].shape[-1])
+        if rank not in (2, 4):
+            self._refuse(
+                problems,
+                "unsupported",
+                op,
+                f"a per-channel affine on a rank-{rank} tensor",
+                "scale the data before the model",
+            )
+            return
+        self.standalone_bn[op.index] = BatchNormPlan(op.index, op.path, a, b, rank)
 
     def _int8_where_int4_rounds_signed(self):
         """Store int8 where an int4 kernel could not be exact.

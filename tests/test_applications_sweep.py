@@ -1,0 +1,55 @@
+"""Every keras.applications family: quantize_model, a forward pass, to_tflite, the file in LiteRT.
+
+Each model is built with ``weights=None``, the smallest input its family
+allows and 10 classes, on sklearn's digits upscaled to RGB
+(``benchmarks/applications_sweep.py`` does the work; the benchmark runs the
+same function in subprocesses and times the files). The expected outcome of
+each model is the registry's table (``tfdq.registry.APPLICATIONS``, shown in
+the README): an all-integer file that LiteRT runs, or a refusal before
+training that names the layers and the reason. The default run holds one
+small network; the whole sweep is marked slow (minutes per model on 2 cores).
+"""
+
+import numpy as np
+import pytest
+
+from benchmarks import applications_sweep as sweep
+from tfdq import registry
+
+
+def _check(row, expected):
+    assert "error" not in row, row.get("traceback", row.get("error"))
+    assert row["quantized"] and row["forward_finite"]
+    assert row["unknown_operations"] == [] and row["float_layers"] == []
+    if expected == "refused":
+        assert row["export_problems"], "expected a refusal before training"
+        for p in row["export_problems"]:
+            assert p["layer"] and p["problem"] and p["class"]
+        return
+    assert row["export_problems"] == [], row["export_problems"]
+    assert row["exported"] and row["float_ops"] == []
+    # Untrained networks give logits close together, so the top-1 choice flips easily between Keras and
+    # the file (agreement is measured after fine-tuning: benchmarks.applications_sweep --finetune). The
+    # file's logits must still follow Keras': their error stays below the logits' own spread around
+    # their mean (a wrong scale or a lost op gives an error of that spread or more).
+    assert np.isfinite(row["max_output_diff_steps"])
+    assert row["relative_logit_error"] < 1.0, row
+
+
+def test_registry_lists_every_sweep_model():
+    assert set(registry.APPLICATIONS) == set(sweep.MODELS)
+    assert sum(status == "exports" for status, _ in registry.APPLICATIONS.values()) >= 24
+
+
+def test_small_mobilenet_quantizes_exports_and_runs_in_litert():
+    """The default run's member of the sweep: MobileNet at width 0.25 (same layers as the full one)."""
+    row = sweep.run_one("MobileNet", n_calibration=16, n_eval=8, overrides={"alpha": 0.25})
+    _check(row, registry.APPLICATIONS["MobileNet"][0])
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D"} <= set(row["ops"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(sweep.MODELS))
+def test_application(name):
+    row = sweep.run_one(name)
+    _check(row, registry.APPLICATIONS[name][0])
