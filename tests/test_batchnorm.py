@@ -160,3 +160,74 @@ def test_fit_on_a_generator_warns_that_statistics_are_not_reestimated(caplog):
     with caplog.at_level(logging.WARNING, logger="tfdq"):
         q.fit(gen(), epochs=1, verbose=0)
     assert "recalibrate_batchnorm" in caplog.text
+
+
+def _inverted_residuals(momentum=0.999):
+    """A small MobileNetV2-style stack (expand 1x1, depthwise 3x3, linear 1x1
+    projection, identity Adds, ReLU6) with keras.applications' BatchNorm
+    momentum: right after building, the moving statistics (0 and 1) are far
+    from the batch statistics that training mode normalizes with."""
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, use_bias=False, name="stem")(inputs)
+    h = keras.layers.BatchNormalization(momentum=momentum, name="stem_bn")(h)
+    h = keras.layers.ReLU(6.0, name="stem_relu")(h)
+    for i, (out, stride) in enumerate([(8, 1), (8, 1), (16, 2), (16, 1), (16, 1)]):
+        c = h.shape[-1]
+        y = keras.layers.Conv2D(4 * c, 1, use_bias=False, name=f"b{i}_expand")(h)
+        y = keras.layers.BatchNormalization(momentum=momentum, name=f"b{i}_expand_bn")(y)
+        y = keras.layers.ReLU(6.0, name=f"b{i}_expand_relu")(y)
+        y = keras.layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=f"b{i}_dw")(
+            y
+        )
+        y = keras.layers.BatchNormalization(momentum=momentum, name=f"b{i}_dw_bn")(y)
+        y = keras.layers.ReLU(6.0, name=f"b{i}_dw_relu")(y)
+        y = keras.layers.Conv2D(out, 1, use_bias=False, name=f"b{i}_project")(y)
+        y = keras.layers.BatchNormalization(momentum=momentum, name=f"b{i}_project_bn")(y)
+        h = keras.layers.Add(name=f"b{i}_add")([h, y]) if stride == 1 and c == out else y
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
+
+
+def test_quantize_model_calibrates_with_the_statistics_training_will_use():
+    """Stale moving statistics (an untrained or briefly trained MobileNetV2-style
+    model) made the calibrated ranges clip nearly every activation in training
+    mode; BatchNorms then divided near-constant maps by sqrt(epsilon) layer
+    after layer and the first gradients reached 1e5 here (1e21 on
+    keras.applications' MobileNetV2 at alpha 0.35): NaN within 3 steps."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+
+    d = load_digits()
+    x = np.repeat(d.images[:128, ..., None].astype(np.float32) / 16.0, 3, -1)  # one batch of 128
+    y = d.target[:128].astype(np.int32)
+    keras.utils.set_random_seed(0)
+    model = _inverted_residuals()
+    float_stats = [bn.moving_variance.numpy().copy() for bn in batchnorm.batchnorm_layers(model)]
+    with pytest.warns(UserWarning, match="moving statistics .* far from"):
+        q, report = tfdq.quantize_model(model, calibration_data=x, return_report=True)
+    assert report["batchnorm"]["samples"] == 128 and report["batchnorm"]["max_std_ratio"] > 2
+    # the float model keeps its own statistics
+    for before, bn in zip(float_stats, batchnorm.batchnorm_layers(model)):
+        np.testing.assert_array_equal(before, bn.moving_variance.numpy())
+    # reference: every calibrated range from Keras' own training-mode forward pass
+    # over the calibration batch (BatchNorm with the batch's moments)
+    aqs = [a for a in tfdq.layers.activation_quantizer_layers(q) if a.name != "input_layer_aq"]
+    probe = keras.Model(model.input, [model.get_layer(a.name[: -len("_aq")]).output for a in aqs])
+    outs = probe(x, training=True)
+    assert len(aqs) >= 15
+    for a, out in zip(aqs, outs):
+        got = a.quantizer.describe()
+        n = 2.0 ** (got["bits"] - a.signed) - 1  # 4 bits, 8 on the Add operands
+        want = 2.0 ** np.floor(np.log2(np.max(np.abs(np.asarray(out, np.float64))) / n))
+        assert got["d"] == want, a.name
+    # the quantized model holds those statistics: inference mode equals training mode on x
+    bn = q.get_layer("b3_dw_bn")
+    inner = keras.Model(model.input, model.get_layer("b3_dw").output)(x, training=True)
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(), np.var(inner, axis=(0, 1, 2)), rtol=1e-3, atol=1e-6
+    )
+    # and the first training step has sane gradients
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        value = loss(y[:64], q(x[:64], training=True))
+    grads = [g for g in tape.gradient(value, q.trainable_variables) if g is not None]
+    assert max(float(tf.reduce_max(tf.abs(g))) for g in grads) < 100.0

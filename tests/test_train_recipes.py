@@ -178,6 +178,53 @@ def test_file_passes_read_every_record_once_per_pass_in_a_new_order(dummy_files)
         )
 
 
+@pytest.fixture(scope="module")
+def four_files(tmp_path_factory):
+    builder = TfdqTinyJpegs(data_dir=str(tmp_path_factory.mktemp("tfds4")))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
+    return builder
+
+
+def test_multi_worker_streams_are_sharded_by_file(four_files):
+    paths, parse = data_lib.tfds_files(four_files, "train")
+    lengths = data_lib.tfds_file_lengths(four_files, "train")
+    assert len(paths) == 4 and sum(lengths) == 20
+    labels_of = {p: {int(y) for _, y in tf.data.TFRecordDataset(p).map(parse)} for p in paths}
+    decode = data_lib.imagenet_eval_transform(8)
+
+    def stream(workers, w, step=0, batch=4):
+        context = tf.distribute.InputContext(workers, w, workers)  # one replica per worker
+        return data_lib.worker_stream(
+            data_lib.file_passes(paths, parse, 3),
+            20,
+            batch,
+            3,
+            lambda x, y, s: decode(x, y),
+            8,
+            step,
+            context,
+            (paths, parse, lengths),
+        )
+
+    seen = []
+    for w in range(2):
+        mine, n = data_lib.file_shard(paths, lengths, 2, w)
+        assert len(mine) == 2 and n == 10
+        batches = list(stream(2, w).take(10))  # two passes over the worker's 10 records, batches of 2
+        assert all(b[0].shape == (2, 8, 8, 3) for b in batches)
+        passes = [np.concatenate([b[1].numpy() for b in batches[k * 5 : (k + 1) * 5]]) for k in range(2)]
+        # each pass holds exactly the records of the worker's own files
+        assert sorted(passes[0]) == sorted(passes[1]) == sorted(set().union(*(labels_of[p] for p in mine)))
+        assert not np.array_equal(passes[0], passes[1])  # a new order every pass
+        resumed = list(stream(2, w, step=3).take(4))  # restart at step 3: the same batches
+        assert all(np.array_equal(a[1].numpy(), b[1].numpy()) for a, b in zip(batches[3:7], resumed))
+        seen.append(set(passes[0]))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 20  # disjoint, together every record
+    # more workers than files: each reads every file and keeps every W-th example
+    # of the global stream (test_sharded_streams_together_hold_the_global_batches)
+    assert data_lib.file_shard(paths, lengths, 8, 0) is None
+
+
 # -- MobileNetV2 from a keras.applications model ------------------------------------------
 
 

@@ -37,6 +37,7 @@ to choose the data and sample count. Custom training loops call
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 
@@ -118,6 +119,7 @@ def recalibrate_batchnorm(
     batch_size: int = DEFAULT_BATCH,
     max_samples: int | None = DEFAULT_SAMPLES,
     verbose: int = 0,
+    compiled: bool = True,
 ) -> dict:
     """Re-estimate the moving statistics of every BatchNorm of ``model`` on ``data``.
 
@@ -144,11 +146,17 @@ def recalibrate_batchnorm(
         max_samples: stop after this many inputs (None: all of ``data``;
             an infinite dataset needs a limit).
         verbose: 1 prints one line with the layer and sample counts.
+        compiled: run the forward passes as one ``tf.function``, traced
+            once per model (fastest when called again, as
+            :class:`BatchNormRecalibration` does); False runs them eagerly,
+            which saves the tracing on a single call over a few batches.
 
     Returns:
         A dict: ``layers`` (names re-estimated), ``samples`` (inputs used),
         ``max_mean_shift`` (largest ``|new - old|`` of a moving mean, in
-        units of the new standard deviation: how stale the statistics were).
+        units of the new standard deviation) and ``max_std_ratio`` (largest
+        factor between a new and an old standard deviation, >= 1): how
+        stale the statistics were.
 
     Raises:
         ValueError: ``data`` holds no inputs, or non-finite statistics came
@@ -157,14 +165,20 @@ def recalibrate_batchnorm(
     """
     layers = batchnorm_layers(model)
     if not layers:
-        return {"layers": [], "samples": 0, "max_mean_shift": 0.0}
+        return {"layers": [], "samples": 0, "max_mean_shift": 0.0, "max_std_ratio": 1.0}
     if max_samples is not None and max_samples <= 0:
         raise ValueError(f"max_samples must be positive or None, got {max_samples}.")
     old = [(bn.momentum, bn.moving_mean.numpy(), bn.moving_variance.numpy()) for bn in layers]
     sums = [[0.0, 0.0] for _ in layers]  # per layer: sum of n * mean, sum of n * (var + mean^2)
     seen = 0
 
-    forward = _forward(model, layers)
+    if compiled:
+        forward = _forward(model, layers)
+    else:
+
+        def forward(x):
+            model(x, training=True)
+
     try:
         for bn in layers:
             bn.momentum = 0.0
@@ -191,9 +205,9 @@ def recalibrate_batchnorm(
             bn.moving_variance.assign(var)
     if seen == 0:
         raise ValueError("recalibrate_batchnorm: data holds no inputs.")
-    shift = 0.0
+    shift, ratio = 0.0, 1.0
     new = []
-    for bn, s, (_, old_mean, _) in zip(layers, sums, old):
+    for bn, s, (_, old_mean, old_var) in zip(layers, sums, old):
         mean = s[0] / seen
         var = np.maximum(s[1] / seen - mean * mean, 0.0)
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
@@ -203,6 +217,8 @@ def recalibrate_batchnorm(
             )
         new.append((mean, var))
         shift = max(shift, float(np.max(np.abs(mean - old_mean) / np.sqrt(var + bn.epsilon))))
+        std_ratio = np.sqrt((var + bn.epsilon) / (np.asarray(old_var, np.float64) + bn.epsilon))
+        ratio = max(ratio, float(np.max(np.maximum(std_ratio, 1.0 / std_ratio))))
     for bn, (mean, var) in zip(layers, new):
         bn.moving_mean.assign(mean.astype(np.float32))
         bn.moving_variance.assign(var.astype(np.float32))
@@ -212,7 +228,47 @@ def recalibrate_batchnorm(
             f"(moving means moved by up to {shift:.3g} standard deviations)"
         )
     logger.info("recalibrate_batchnorm: %d layers, %d samples, max mean shift %.3g", len(layers), seen, shift)
-    return {"layers": [bn.name for bn in layers], "samples": seen, "max_mean_shift": shift}
+    return {
+        "layers": [bn.name for bn in layers],
+        "samples": seen,
+        "max_mean_shift": shift,
+        "max_std_ratio": ratio,
+    }
+
+
+@contextlib.contextmanager
+def reestimated_statistics(model, data, max_samples=DEFAULT_SAMPLES):
+    """Within the ``with`` block, the BatchNorms of ``model`` hold statistics
+    re-estimated on ``data`` (:func:`recalibrate_batchnorm`); on leaving it
+    they get their own back. Yields the re-estimation's result dict (with
+    ``error`` set and nothing changed when the model gives non-finite values).
+
+    ``quantize_model`` calibrates activation ranges inside this block: in
+    training mode a BatchNorm normalizes with batch statistics, so the
+    ranges that training will see are those of the re-estimated statistics,
+    not those of moving averages that may lag far behind the weights (a
+    float model trained briefly with Keras' momentum 0.99, or
+    keras.applications' 0.999, still holds moving variances near their
+    start of 1).
+    """
+    layers = batchnorm_layers(model)
+    saved = [(bn.moving_mean.numpy(), bn.moving_variance.numpy()) for bn in layers]
+    try:
+        try:
+            result = recalibrate_batchnorm(model, data, max_samples=max_samples, compiled=False)
+        except ValueError as err:
+            result = {
+                "layers": [],
+                "samples": 0,
+                "max_mean_shift": 0.0,
+                "max_std_ratio": 1.0,
+                "error": str(err),
+            }
+        yield result
+    finally:
+        for bn, (mean, var) in zip(layers, saved):
+            bn.moving_mean.assign(mean)
+            bn.moving_variance.assign(var)
 
 
 class BatchNormRecalibration(keras.callbacks.Callback):

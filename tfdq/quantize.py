@@ -38,6 +38,7 @@ of quantized values is not on their grid).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -45,7 +46,7 @@ import keras
 import numpy as np
 from keras import tree
 
-from tfdq import _compat, registry, validate
+from tfdq import _compat, batchnorm, registry, validate
 from tfdq import layers as qlayers
 from tfdq import quantizers as quantizers_lib
 from tfdq._compat import Functional
@@ -435,6 +436,43 @@ def _check_finite(layer):
             )
 
 
+# Moving statistics further than this from the calibration data's (standard
+# deviations apart, or a factor between standard deviations) get a warning.
+STALE_SHIFT, STALE_RATIO = 1.0, 2.0
+
+
+@contextlib.contextmanager
+def _batchnorm_for_calibration(model, calibration_data, report):
+    """Calibrate (and clone) with BatchNorm statistics re-estimated on the
+    calibration data, the statistics training mode will normalize with.
+
+    The float model keeps its own statistics (they are restored after the
+    block); the quantized clone copies the re-estimated ones, which its
+    quantizer ranges were fitted to. ``report["batchnorm"]`` holds the
+    re-estimation's summary; stale moving statistics get a warning.
+    """
+    report["batchnorm"] = None
+    if calibration_data is None or not batchnorm.batchnorm_layers(model):
+        yield
+        return
+    with batchnorm.reestimated_statistics(model, calibration_data) as result:
+        report["batchnorm"] = {k: v for k, v in result.items() if k != "layers"} | {
+            "layers": len(result["layers"])
+        }
+        if result["max_mean_shift"] > STALE_SHIFT or result["max_std_ratio"] > STALE_RATIO:
+            warnings.warn(
+                f"The BatchNorm moving statistics of {model.name!r} are far from its activations on "
+                f"the calibration data (means up to {result['max_mean_shift']:.3g} standard deviations "
+                f"off, standard deviations up to {result['max_std_ratio']:.3g}x off): they lag "
+                "behind its weights (no or short training with a high BatchNorm momentum). The activation "
+                "ranges were calibrated, and the quantized model's statistics set, from the "
+                "statistics re-estimated on the calibration data. The float model is unchanged; "
+                "to evaluate it in inference mode, call tfdq.recalibrate_batchnorm(model, x_train).",
+                stacklevel=4,
+            )
+        yield
+
+
 def _calibration_stats(model, tensors, data):
     """Per tensor: max |value| and min value over the calibration data."""
     probe = keras.Model(model.inputs, list(tensors))
@@ -473,7 +511,13 @@ def quantize_model(
         calibration_data: optional batch (array or dataset of inputs) used to
             initialize the activation ranges and to decide whether the model
             input is non-negative. Without it activations start at
-            ``d = 2^-3``, ``b = 4``.
+            ``d = 2^-3``, ``b = 4``. Ranges are calibrated with BatchNorm
+            statistics re-estimated on this data (the batch statistics
+            that training mode normalizes with; moving averages of a
+            briefly trained model can be far off and would make the ranges
+            clip everything): the quantized model takes these statistics,
+            the float model keeps its own (``report["batchnorm"]``
+            summarizes the change; a warning says when it was large).
         init_bits: starting bitwidth b (docs/method.md section 4: 4).
         weight_bits, activation_bits: ``(min_bits, max_bits)`` bounds;
             defaults (2, 8) and (1, 8) as the reference code.
@@ -562,22 +606,24 @@ def quantize_model(
     report = QuantizationReport(
         quantized_layers=[], activation_quantizers=[], float_layers=[], unknown_operations=[]
     )
-    quantized = _quantize_graph(
-        model,
-        dict(
-            weight_quantizer=weight_quantizer,
-            activation_quantizer=activation_quantizer,
-            quantize_activations=quantize_activations,
-            init_bits=float(init_bits),
-            weight_bits=weight_bits,
-            activation_bits=activation_bits,
-            quantize_input=bool(quantize_input),
-            weights_from_kernels=init == "float",
-            calibrate_activations=activation_init == "calibrate",
-        ),
-        calibration_data,
-        report,
-    )
+    calibrate = activation_init == "calibrate" and quantize_activations and calibration_data is not None
+    with _batchnorm_for_calibration(model, calibration_data if calibrate else None, report):
+        quantized = _quantize_graph(
+            model,
+            dict(
+                weight_quantizer=weight_quantizer,
+                activation_quantizer=activation_quantizer,
+                quantize_activations=quantize_activations,
+                init_bits=float(init_bits),
+                weight_bits=weight_bits,
+                activation_bits=activation_bits,
+                quantize_input=bool(quantize_input),
+                weights_from_kernels=init == "float",
+                calibrate_activations=activation_init == "calibrate",
+            ),
+            calibration_data,
+            report,
+        )
     quantized = QuantizedModel(quantized.input, quantized.output, name=quantized.name)
     if report["float_layers"]:
         message = "These layers have weights but no tfdq quantized version and stay float: " + ", ".join(

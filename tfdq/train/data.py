@@ -27,8 +27,14 @@ example is augmented with stateless random ops seeded by ``(seed + p,
 index)``; batches (``drop_remainder``, so a global batch always splits
 evenly across replicas) run on across passes, and an epoch is
 ``steps_per_epoch`` batches. Under multi-worker training
-(``train_from(step, input_context)``) each worker keeps every W-th example
-of that stream, before decoding and augmenting it, and batches its share:
+(``train_from(step, input_context)``, W input pipelines) a training set
+stored in at least W files (ImageNet's 1,024) is sharded by file, as
+``tf.data``'s FILE auto-shard policy does: worker w reads only every W-th
+file (sorted names, from w), in a new order every pass, with its own seed,
+so no worker reads or decodes another's records; the stream of each worker
+is then a pure function of the seed, W, w and the step. Otherwise (CIFAR-10
+in memory, MNIST, a mocked set) each worker keeps every W-th example of the
+global stream, before decoding and augmenting it, and batches its share:
 the workers' batches of a step together hold the global batch of one
 device. So ``Data.train_from(step)`` restarts the
 stream exactly where a run was interrupted (resume sees the same batches as
@@ -327,6 +333,31 @@ def train_stream(
     return ds.batch(out_batch, drop_remainder=True).prefetch(AUTOTUNE)
 
 
+def worker_stream(
+    base, n_examples, batch_size, seed, transform, shuffle_buffer, start_step, input_context=None, files=None
+):
+    """The training stream of one input pipeline (see module docstring).
+
+    Without ``input_context`` (or with one pipeline): :func:`train_stream`
+    over ``base``. With W pipelines and ``files`` = ``(paths, parse,
+    records per file)`` of at least W files: this worker's files only
+    (:func:`file_shard`), read by :func:`file_passes` with a seed of its own,
+    in per-replica batches. Otherwise every W-th example of the global
+    stream (``train_stream``'s ``shard``).
+    """
+    if input_context is None or input_context.num_input_pipelines <= 1:
+        return train_stream(base, n_examples, batch_size, seed, transform, shuffle_buffer, start_step)
+    workers, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+    batch = input_context.get_per_replica_batch_size(batch_size)
+    mine = file_shard(files[0], files[2], workers, index) if files else None
+    if mine is None:
+        shard = (workers, index, batch)
+        return train_stream(base, n_examples, batch_size, seed, transform, shuffle_buffer, start_step, shard)
+    own_seed = int(seed) + 7919 * (index + 1)  # apart from the other workers' permutations and augmentations
+    source = file_passes(mine[0], files[1], own_seed)
+    return train_stream(source, mine[1], batch, own_seed, transform, shuffle_buffer, start_step)
+
+
 def cached(ds):
     """``ds`` decoded once, now, and kept in memory: a complete ``cache()``
     that every later iterator reads (a cache still being filled is not
@@ -336,6 +367,18 @@ def cached(ds):
     for _ in ds.batch(1024).prefetch(2):
         pass
     return ds
+
+
+def file_shard(files, lengths, workers, index):
+    """The files of worker ``index`` of ``workers`` (every ``workers``-th of
+    the sorted names, from ``index``) and how many records they hold; None
+    when there are fewer files than workers (then each worker reads every
+    file and keeps every ``workers``-th example: ``train_stream``'s
+    ``shard``)."""
+    if workers <= 1 or len(files) < workers:
+        return None
+    order = sorted(range(len(files)), key=lambda k: str(files[k]))[index::workers]
+    return [str(files[k]) for k in order], int(sum(lengths[k] for k in order))
 
 
 def file_passes(files, parse, seed, cycle_length=16):
@@ -387,6 +430,11 @@ def tfds_files(builder, split, image_key="image", label_key="label"):
     return files, parse
 
 
+def tfds_file_lengths(builder, split):
+    """Records per file of a prepared split, in the order of :func:`tfds_files`."""
+    return [int(n) for n in builder.info.splits[split].shard_lengths]
+
+
 def _finish_eval(ds, batch_size, transform=None, val_examples=None, cache=False):
     if val_examples:
         ds = ds.take(val_examples)
@@ -432,6 +480,7 @@ def load(
         raise ValueError(f"input_range={input_range!r}: use one of {', '.join(INPUT_RANGES)}.")
     builder = check_available(name, data_dir, manual_dir, download)
     size = image_size or DEFAULT_IMAGE_SIZE[name]
+    files = None  # (paths, parse, records per file) where the training set is read as files
     if name == "mnist":
         if size != 28:
             raise ValueError(f"--image_size={size}: MNIST images are 28x28.")
@@ -475,6 +524,8 @@ def load(
         else:
             files = tfds_files(builder, "train")
             train_base = file_passes(files[0], files[1], seed) if files else train_raw
+            if files:
+                files = files + (tfds_file_lengths(builder, "train"),)
             val = _finish_eval(val_raw, batch_size, eval_tf, val_examples)
         # calibrate on training images with the evaluation transform
         calibration = np.concatenate(
@@ -486,14 +537,9 @@ def load(
         raise ValueError(f"--batch_size={batch_size} is larger than the training set ({n_train} examples).")
 
     def train_from(step=0, input_context=None):
-        shard = None
-        if input_context is not None:
-            shard = (
-                input_context.num_input_pipelines,
-                input_context.input_pipeline_id,
-                input_context.get_per_replica_batch_size(batch_size),
-            )
-        ds = train_stream(train_base, n_train, batch_size, seed, train_tf, shuffle_buffer, step, shard)
+        ds = worker_stream(
+            train_base, n_train, batch_size, seed, train_tf, shuffle_buffer, step, input_context, files
+        )
         return ds.with_options(data.options) if data.options is not None else ds
 
     data = Data(
