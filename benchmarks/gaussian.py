@@ -166,7 +166,7 @@ def train_one(name, x, steps, lr, max_bits=4, init_bits=4.0, init_scale=1.0, rou
         mse = tf.reduce_mean(tf.square(q.quantize_tensor(xt, p) - xt))
         return mse, p
 
-    @tf.function
+    @tf.function(autograph=False)  # no Python control flow to convert
     def step():
         with tf.GradientTape() as tape:
             mse, p = mse_and_params()
@@ -174,7 +174,7 @@ def train_one(name, x, steps, lr, max_bits=4, init_bits=4.0, init_scale=1.0, rou
         opt.apply(grads, variables)  # Keras applies the bound projection here
         return mse, p["bits"], p[small], p["q_max"]
 
-    @tf.function
+    @tf.function(autograph=False)
     def evaluate():
         mse, p = mse_and_params()
         return mse, p["bits"], p[small], p["q_max"]

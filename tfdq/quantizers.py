@@ -524,7 +524,10 @@ class U3(UniformQuantizer):
     ``b = ceil(log2(q_max/d + 1) + 1)`` (unsigned ``ceil(log2(q_max/d + 1))``)
     is inferred, never learned. Gradients: inside ``dQ/dd = (Q - x)/d``,
     ``dQ/dq_max = 0``; outside ``dQ/dd = (Q - sign(x) q_max)/d``,
-    ``dQ/dq_max = sign(x)``: bounded and decoupled.
+    ``dQ/dq_max = sign(x)``: bounded and decoupled. Where a bit bound clips
+    the range to ``q_max = n d``, the step gets ``(dQ/dd)/n + dQ/dq_max``
+    (the chain rule divided by n, :func:`tfdq.ops.ratio_clip`), still
+    bounded.
     """
 
     PARAMS = ("d", "q_max")
@@ -533,7 +536,7 @@ class U3(UniformQuantizer):
         d = self._step(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
         q_max = ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"])
         lo, hi = self._ratio_bounds()
-        q_max = ops.ratio_clip(q_max, d, lo, hi)
+        q_max, d = ops.ratio_clip(q_max, d, lo, hi)
         bits = ops.uniform_bits(d, q_max, self.signed, rtol=0.0 if self.round_step else 2.0**-20)
         return {"bits": bits, "d": d, "q_max": q_max}
 
@@ -768,7 +771,7 @@ class P3(Pow2Quantizer):
         # [q_max 2^-hi, q_max 2^-lo] (straight through), so the ratio bounds
         # never push q_max out of its own bounds.
         q_min = ops.ste_clip(q_min, q_max * 2.0**-hi, q_max * 2.0**-lo)
-        q_max = ops.ratio_clip(q_max, q_min, 2.0**lo, 2.0**hi)
+        q_max, q_min = ops.ratio_clip(q_max, q_min, 2.0**lo, 2.0**hi)
         bits = ops.pow2_bits(q_min, q_max, self.signed, self.with_zero)
         return {"bits": bits, "q_min": q_min, "q_max": q_max}
 
