@@ -8,8 +8,11 @@ run in their own environment, qkeras-v3 from its own folder put first on
 ``sys.path`` (``--qkeras_path``)::
 
     python3 -m venv .venv-hgq
-    .venv-hgq/bin/pip install "tensorflow==2.21.*" "keras==3.15.1" hgq2==0.2.0 scipy six
+    .venv-hgq/bin/pip install "tensorflow==2.21.*" "keras==3.15.1" hgq2==0.2.0 qkeras-v3==1.2.1
     .venv-hgq/bin/pip install --no-deps --target .venv-hgq/qkeras-v3 qkeras-v3==1.2.1
+
+(the first command brings qkeras-v3's dependencies, the second an intact
+copy of its package.)
 
 This module imports neither tfdq nor anything outside that environment: the
 tfdq side (``benchmarks/peers_hgq.py``) passes the data and the float

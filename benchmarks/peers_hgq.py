@@ -75,6 +75,11 @@ def _define_flags():
         "quick", False, "Smoke run: 1 seed, 500 training images, 1 epoch, the 2-bit budget only."
     )
     flags.DEFINE_string("name", "", "Result name (default peers_hgq, or peers_hgq_quick).")
+    flags.DEFINE_string(
+        "float_weights",
+        "",
+        "Load each seed's float weights from this npz path ({seed} in it) instead of training.",
+    )
     flags.DEFINE_list("merge", [], "Only merge these result JSONs (per_seed) into --name.")
     flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
 
@@ -94,7 +99,7 @@ def env_problem(python=HGQ_PYTHON, qkeras_path=QKERAS_PATH):
     if not os.path.exists(python):
         return (
             f"{python} not found; create it with: python3 -m venv .venv-hgq && .venv-hgq/bin/pip install "
-            "'tensorflow==2.21.*' keras==3.15.1 hgq2==0.2.0 scipy six && .venv-hgq/bin/pip install "
+            "'tensorflow==2.21.*' keras==3.15.1 hgq2==0.2.0 qkeras-v3==1.2.1 && .venv-hgq/bin/pip install "
             "--no-deps --target .venv-hgq/qkeras-v3 qkeras-v3==1.2.1"
         )
     proc = subprocess.run(
@@ -110,26 +115,43 @@ def env_problem(python=HGQ_PYTHON, qkeras_path=QKERAS_PATH):
     return None
 
 
-def run_worker(args, python=HGQ_PYTHON, timeout=3600):
-    """``benchmarks.hgq_worker`` in the HGQ2 environment; returns (json dict, None) or (None, error)."""
+def start_worker(args, python=HGQ_PYTHON):
+    """Start ``benchmarks.hgq_worker`` in the HGQ2 environment; returns the process (see finish_worker)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     env.pop("TF_USE_LEGACY_KERAS", None)
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [python, "-m", "benchmarks.hgq_worker", *args],
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
         cwd=ROOT,
-        timeout=timeout,
     )
+    proc.worker_args = args
+    return proc
+
+
+def finish_worker(proc, timeout=3600):
+    """Wait for a started worker; returns (json dict, None) or (None, error text)."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+    args = proc.worker_args
     out_dir = args[args.index("--out_dir") + 1]
     task = args[args.index("--task") + 1]
     path = os.path.join(out_dir, f"{task}.json")
     if proc.returncode or not os.path.exists(path):
-        tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+        tail = "\n".join(stderr.strip().splitlines()[-25:])
         return None, f"exit {proc.returncode}: {tail}"
     with open(path) as f:
         return json.load(f), None
+
+
+def run_worker(args, python=HGQ_PYTHON, timeout=3600):
+    """``benchmarks.hgq_worker`` in the HGQ2 environment; returns (json dict, None) or (None, error)."""
+    return finish_worker(start_worker(args, python), timeout)
 
 
 def tflite_verdict(attempts, x, y):
@@ -163,18 +185,27 @@ def tflite_verdict(attempts, x, y):
     return verdict
 
 
-def worker_run(task, weights, data_npz, seed, epochs, tmp, python, qkeras_path, x, y, **extra):
+def worker_args(task, weights, data_npz, seed, epochs, tmp, qkeras_path, **extra):
     out_dir = os.path.join(tmp, f"{task}_{extra.get('bits', extra.get('target_kb', ''))}_{seed}")
     args = ["--task", task, "--weights", weights, "--data", data_npz, "--out_dir", out_dir]
     args += ["--seed", str(seed), "--epochs", ",".join(str(e) for e in epochs), "--lrs", "1e-3,5e-4"]
     args += ["--qkeras_path", qkeras_path]
     for k, v in extra.items():
         args += [f"--{k}", str(v)]
-    result, error = run_worker(args, python)
+    return args
+
+
+def worker_result(result, error, x, y):
     if error:
         return {"error": error}
     result.update(tflite_verdict(result.pop("tflite"), x, y))
     return result
+
+
+def worker_run(task, weights, data_npz, seed, epochs, tmp, python, qkeras_path, x, y, **extra):
+    """Run one worker task to the end; its figures with the TFLite verdict, or ``{"error": ...}``."""
+    args = worker_args(task, weights, data_npz, seed, epochs, tmp, qkeras_path, **extra)
+    return worker_result(*run_worker(args, python), x, y)
 
 
 # ---------------------------------------------------------------------------
@@ -248,18 +279,31 @@ def run_seed(
     budgets=tuple(BUDGETS),
     qkeras_bits=QKERAS_BITS,
     train_limit=None,
+    float_weights="",
 ):
-    """Float model, then every method from its weights; returns {method: figures}."""
+    """Float model, then every method from its weights; returns {method: figures}.
+
+    The HGQ2 / QKeras workers run as subprocesses started together, while
+    tfdq trains in this process. ``float_weights`` (a path with ``{seed}``):
+    load the float model's weights instead of training it.
+    """
     import numpy as np  # noqa: PLC0415
 
+    import tfdq  # noqa: PLC0415
     from benchmarks import mnist_runs  # noqa: PLC0415
-    from benchmarks.tfkeras_models import save_weights  # noqa: PLC0415
+    from benchmarks.tfkeras_models import load_weights, save_weights  # noqa: PLC0415
 
     data = mnist_runs.load_data(n_train=train_limit)
     (xt, yt), (xv, yv) = data
     counts = mnist_runs.feature_counts()
-    model, ferr, secs = mnist_runs.train_float(seed, data, float_epochs)
+    if float_weights:
+        model = load_weights(tfdq.models.small_cnn(), float_weights.format(seed=seed))
+        ferr, secs = mnist_runs.error(model, (xv, yv)), 0.0
+    else:
+        model, ferr, secs = mnist_runs.train_float(seed, data, float_epochs)
     results = {"float": {"keras_accuracy": 1.0 - ferr, "weight_bytes": 4.0 * N_WEIGHTS, "seconds": secs}}
+    if float_weights:
+        results["float"]["weights_from"] = float_weights.format(seed=seed)
     _log(seed, "float", results["float"])
     problem = env_problem(python, qkeras_path)
     epochs = (quant_epochs, finish_epochs)
@@ -268,23 +312,24 @@ def run_seed(
         data_npz = os.path.join(tmp, "data.npz")
         np.savez(data_npz, xt=xt, yt=yt, xv=xv, yv=yv)
         common = dict(
-            weights=weights, data_npz=data_npz, seed=seed, epochs=epochs, tmp=tmp, python=python,
-            qkeras_path=qkeras_path, x=xv, y=yv,
-        )  # fmt: skip
+            weights=weights, data_npz=data_npz, seed=seed, epochs=epochs, tmp=tmp, qkeras_path=qkeras_path
+        )
+        tasks = {f"hgq2_{b}": ("hgq", {"target_kb": budget_kb(b)}) for b in budgets}
+        tasks.update({f"qkeras_{bits}bit": ("qkeras", {"bits": bits}) for bits in qkeras_bits})
+        started = {}
+        for name, (task, extra) in tasks.items():
+            if problem:
+                results[name] = {"error": problem}
+            else:
+                started[name] = start_worker(worker_args(task, **common, **extra), python)
         for budget in budgets:
-            name = f"hgq2_{budget}"
-            results[name] = (
-                {"error": problem} if problem else worker_run("hgq", target_kb=budget_kb(budget), **common)
-            )
-            _log(seed, name, results[name])
             name = f"tfdq_{budget}"
             results[name] = tfdq_run(model, data, seed, budget, quant_epochs, finish_epochs, counts)
             _log(seed, name, results[name])
-        for bits in qkeras_bits:
-            name = f"qkeras_{bits}bit"
-            results[name] = {"error": problem} if problem else worker_run("qkeras", bits=bits, **common)
+        for name, proc in started.items():
+            results[name] = worker_result(*finish_worker(proc), xv, yv)
             _log(seed, name, results[name])
-    return results
+    return {m: results[m] for m in METHODS if m in results}
 
 
 def _pct(v):
@@ -388,6 +433,7 @@ def run(
     quant_epochs=2,
     finish_epochs=1,
     name="",
+    float_weights="",
 ):
     """Every method for every seed; writes ``<name>.json`` after each seed; returns the payload."""
     start = time.time()
@@ -401,6 +447,7 @@ def run(
         "n_weights": N_WEIGHTS,
         "batch_size": 64,
         "optimizers": "Adam 1e-3 (float and quant_epochs), 5e-4 (finish_epochs)",
+        "float_weights": float_weights,
         **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
     }
     command = "python -m benchmarks.peers_hgq" + (
@@ -409,7 +456,9 @@ def run(
     per_seed = []
     payload = None
     for seed in seeds:
-        per_seed.append(run_seed(int(seed), python=python, qkeras_path=qkeras_path, **kw))
+        per_seed.append(
+            run_seed(int(seed), python=python, qkeras_path=qkeras_path, float_weights=float_weights, **kw)
+        )
         payload = write(out_dir, name, per_seed, config, command, time.time() - start)
     return payload
 
@@ -444,6 +493,7 @@ def main(argv):
         FLAGS.quant_epochs,
         FLAGS.finish_epochs,
         FLAGS.name,
+        FLAGS.float_weights,
     )
 
 
