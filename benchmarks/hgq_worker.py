@@ -21,7 +21,8 @@ weights as ``.npz`` files and reads back a JSON of figures and the
 
 * ``--task=hgq``: the small CNN with HGQ2's ``QConv2D`` / ``QDense``
   (per-weight learned bitwidths, learned input quantizers, HGQ2's default
-  configuration otherwise), float BatchNorm/ReLU/MaxPool/Flatten as in
+  configuration otherwise: the 10 classifier biases keep HGQ2's default
+  bias quantizer, 8 bits + sign at the start), float BatchNorm/ReLU/MaxPool/Flatten as in
   tfdq's model. HGQ2's cost is its EBOPs (bit operations) times a factor
   beta; beta is steered by HGQ2's own PID controller (``hgq.utils.sugar``'s
   ``PID`` in log space, as its ``BetaPID``) but on the stored weight bits

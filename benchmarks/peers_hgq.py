@@ -43,6 +43,7 @@ import time
 
 from absl import app, flags
 
+from benchmarks.peers import _pct
 from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
@@ -330,10 +331,6 @@ def run_seed(
             results[name] = worker_result(*finish_worker(proc), xv, yv)
             _log(seed, name, results[name])
     return {m: results[m] for m in METHODS if m in results}
-
-
-def _pct(v):
-    return "   -  " if v is None else f"{100 * v:5.1f}%"
 
 
 def _log(seed, name, r):

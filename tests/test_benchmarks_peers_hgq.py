@@ -53,8 +53,9 @@ def test_workers_count_stored_bits_and_report_the_tflite_they_get(tmp_path):
 
     hg = peers_hgq.worker_run("hgq", target_kb=7.75, **common)
     assert "error" not in hg, hg.get("error")
-    # b0 = 1.49 rounds to b = 1 (sign apart): 2 stored bits per weight before training
-    assert hg["start_weight_kb"] == pytest.approx(2 * peers_hgq.N_WEIGHTS / 8192)
+    # b0 = 1.49 rounds to b = 1 (sign apart): 2 stored bits per kernel weight before training; the
+    # 10 classifier biases keep HGQ2's default bias quantizer (b = 8, plus the sign)
+    assert hg["start_weight_kb"] == pytest.approx((2 * (peers_hgq.N_WEIGHTS - 10) + 9 * 10) / 8192)
     assert hg["weight_bytes"] == pytest.approx(hg["mean_weight_bits"] * peers_hgq.N_WEIGHTS / 8)
     assert all(0.0 <= b <= 24 for b in hg["layer_mean_bits"].values())
     assert isinstance(hg["real_integer_tflite"], bool)
