@@ -118,7 +118,9 @@ def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=
         row["params"] = int(model.count_params())
         tfdq.recalibrate_batchnorm(model, x[:64], batch_size=64)
         row["stage"] = "quantize_model"
-        qmodel, report = tfdq.quantize_model(model, calibration_data=calib, target="tflite", return_report=True)
+        qmodel, report = tfdq.quantize_model(
+            model, calibration_data=calib, target="tflite", return_report=True
+        )
         row["export_problems"] = report["export_problems"]
         row["float_layers"] = report["float_layers"]
         row["unknown_operations"] = report["unknown_operations"]
@@ -318,10 +320,12 @@ def main(argv=None):
             print(json.dumps(rows[-1]), flush=True)
             out_dir, out_name = os.path.split(args.out)
             save_report(
-                out_dir, os.path.splitext(out_name)[0],
+                out_dir,
+                os.path.splitext(out_name)[0],
                 "keras.applications: short fine-tune on digits, align_biases, to_tflite, verify",
                 f"python -m benchmarks.applications_sweep --finetune {args.finetune}",
-                {"models": rows}, complete=len(rows) == len(args.finetune.split(",")),
+                {"models": rows},
+                complete=len(rows) == len(args.finetune.split(",")),
             )
         return
     if args.one:

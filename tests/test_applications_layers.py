@@ -88,7 +88,9 @@ def test_convnext_block_exports_in_integer_ops_with_every_calibrated_tensor_list
     h = keras.layers.Conv2D(16, 4, strides=4, name="stem")(h)
     h = keras.layers.LayerNormalization(epsilon=1e-6, name="stem_ln")(h)
     h = convnext.ConvNeXtBlock(16, drop_path_rate=0.1, layer_scale_init_value=0.5, name="b0")(h)
-    h = keras.layers.LayerNormalization(epsilon=1e-6, name="head_ln")(keras.layers.GlobalAveragePooling2D()(h))
+    h = keras.layers.LayerNormalization(epsilon=1e-6, name="head_ln")(
+        keras.layers.GlobalAveragePooling2D()(h)
+    )
     model = keras.Model(inp, keras.layers.Dense(10)(h))
     report, result, ops = _export(model, x, y)
     assert {"GELU", "RSQRT", "MEAN", "SUB", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} <= set(ops)

@@ -778,5 +778,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                 )
         elif orig.weights:
             new.set_weights(orig.get_weights())
-    _calibrate_splits(model, [(o, n) for o, n in pairs if isinstance(n, _Split)], graph_nodes, calibration_data)
+    _calibrate_splits(
+        model, [(o, n) for o, n in pairs if isinstance(n, _Split)], graph_nodes, calibration_data
+    )
     return clone

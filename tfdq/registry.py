@@ -27,8 +27,8 @@ import dataclasses
 import keras
 import numpy as np
 
-from tfdq import layers as qlayers
 from tfdq import _compat
+from tfdq import layers as qlayers
 from tfdq import models as _models
 from tfdq._compat import nn_ops as _nn_ops
 from tfdq._compat import numpy_ops as _np_ops

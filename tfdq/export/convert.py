@@ -518,17 +518,25 @@ class Builder:
         x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
 
         def cal(t, what, nonneg=False):
-            return self.calibrated(_Val(t, None, False, nonneg, label, tight=True), f"{label}:{what}",
-                                   f"{what} inside {label} (LayerNormalization decomposed)", tight=True).t
+            return self.calibrated(
+                _Val(t, None, False, nonneg, label, tight=True),
+                f"{label}:{what}",
+                f"{what} inside {label} (LayerNormalization decomposed)",
+                tight=True,
+            ).t
 
         mean = cal(tf.reduce_mean(x.t, axis=-1, keepdims=True), "mean")
         centered = cal(x.t - mean, "centered")
         square = cal(centered * centered, "square", nonneg=True)
-        var = cal(tf.reduce_mean(square, axis=-1, keepdims=True) + self.const(float(layer.epsilon)),
-                  "variance", nonneg=True)
+        var = cal(
+            tf.reduce_mean(square, axis=-1, keepdims=True) + self.const(float(layer.epsilon)),
+            "variance",
+            nonneg=True,
+        )
         normalized = _Val(centered * cal(tf.math.rsqrt(var), "rsqrt", nonneg=True), None, False, False, label)
-        normalized = self.calibrated(normalized, f"{label}:normalized", f"normalized values in {label}",
-                                     tight=True)
+        normalized = self.calibrated(
+            normalized, f"{label}:normalized", f"normalized values in {label}", tight=True
+        )
         return self.channel_affine(self.plan.layernorms[op.index], normalized, label)
 
     def scaled_add(self, op, values):
@@ -986,8 +994,13 @@ def _align_standalone_batchnorms(plan, builder, layers_by_path):
         entry = {"layer": bplan.layer_name, "batchnorm": bplan.layer_name, "standalone": True}
         if not bn.center:
             changes.append(
-                dict(entry, aligned=False, reason="BatchNormalization(center=False) has no beta",
-                     max_beta_change=0.0, max_change_output_steps=None)
+                dict(
+                    entry,
+                    aligned=False,
+                    reason="BatchNormalization(center=False) has no beta",
+                    max_beta_change=0.0,
+                    max_change_output_steps=None,
+                )
             )
             continue
         delta = -b["residual"] * b["unit"]

@@ -329,8 +329,13 @@ class BatchNormPlan:
         unit = np.float64(np.float32(s_in)) * self.scales(s_in).astype(np.float32).astype(np.float64)
         real = self.offset / unit
         integer = round_half_away(real)
-        return {"unit": unit, "real": real, "shift": np.zeros_like(real), "integer": integer,
-                "residual": real - integer}
+        return {
+            "unit": unit,
+            "real": real,
+            "shift": np.zeros_like(real),
+            "integer": integer,
+            "residual": real - integer,
+        }
 
 
 @dataclasses.dataclass
@@ -656,7 +661,10 @@ class Plan:
         a, b, _ = registry.channel_affine(op.layer, op.node.input_tensors[0].shape[-1])
         if rank not in (2, 4):
             self._refuse(
-                problems, "unsupported", op, f"a per-channel affine on a rank-{rank} tensor",
+                problems,
+                "unsupported",
+                op,
+                f"a per-channel affine on a rank-{rank} tensor",
                 "scale the data before the model",
             )
             return
