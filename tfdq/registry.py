@@ -873,8 +873,12 @@ def markdown_table():
 # "exports": an all-integer file that LiteRT runs; "refused": quantize_model(target="tflite") names the layers
 # before training. The sweep test asserts each row.
 APPLICATIONS = {
-    "ConvNeXtTiny": ("refused", "LayerNormalization, grouped Conv2D (groups = channels), gelu, LayerScale"),
-    "ConvNeXtSmall": ("refused", "as ConvNeXtTiny"),
+    "ConvNeXtTiny": (
+        "exports",
+        "per-channel Normalization, Conv2D(groups=channels) as DEPTHWISE_CONV_2D, LayerNormalization "
+        "decomposed (calibrated intermediates), GELU, LayerScale",
+    ),
+    "ConvNeXtSmall": ("exports", "as ConvNeXtTiny"),
     "DenseNet121": ("exports", "pre-activation BatchNorms as 1x1 DEPTHWISE_CONV_2D, Concatenate"),
     "EfficientNetB0": ("exports", "swish, squeeze-and-excite"),
     "EfficientNetB1": ("exports", "as B0"),

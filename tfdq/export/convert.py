@@ -359,6 +359,11 @@ class Builder:
             # zero point 127 - n: saturation clamps at n d; the clamp at 0
             # is a ReLU fused into the producer (conv, dense, add).
             t = self.fq(tf.nn.relu(x.t), q)
+        elif not x.nonneg and x.q is not None and x.q is not _CALIBRATING:
+            # Already int8 at another scale (a signed quantizer's output, e.g. a sum that also feeds a
+            # shortcut convolution): a RELU requantizes to this step (zero point 127 - n: saturation is
+            # the clamp at n d). Operand and result of a MINIMUM must share one scale.
+            t = self.fq(tf.nn.relu(x.t), q)
         elif not x.nonneg:
             # No producer to fuse a ReLU into (the model input): zero point
             # -128, so saturation is the clamp at 0 and one MINIMUM clamps at
