@@ -257,6 +257,10 @@ class Builder:
             out = _Val(y, None, False, x.nonneg, label)
             if learned_next:
                 return [out]  # the learned quantizer that follows sets its scale
+            if not isinstance(layer, keras.layers.GlobalAveragePooling2D) and x.q is not None:
+                # AVERAGE_POOL_2D keeps its input's scale (TFLite's constraint): DenseNet's transition
+                # pooling feeds a BatchNorm and a Concatenate, no single learned quantizer
+                return [_Val(self.fq(y, x.q), x.q, False, x.nonneg, label)]
             return [self.calibrated(out, label, "average of quantized values (not on the input grid)")]
         if rule == "add" or (
             rule == "elementwise" and registry.is_tensor_sum(op.layer, op.node)
