@@ -317,8 +317,8 @@ def test_int32_bias_beyond_float32_precision_exports_within_its_rounding():
     E.align_biases(qmodel, x)
     _, export_report = E.to_tflite(qmodel, x, return_report=True)
     conv = next(b for b in export_report["biases"] if b["layer"] == "conv")
-    assert conv["max_abs_integer"] > E.convert.BIAS_EXACT_BELOW
-    tolerance = int(E.convert.bias_float32_tolerance(conv["max_abs_integer"]))
+    assert conv["max_abs_integer"] > E.check.BIAS_EXACT_BELOW
+    tolerance = int(E.check.bias_float32_tolerance(conv["max_abs_integer"]))
     assert 0 <= conv["file_difference"] <= tolerance
     assert conv["exact"] == (conv["file_difference"] == 0 and conv["max_abs_residual"] < 1e-3)
     # beyond int32 the export refuses, naming the layer and the BatchNorm statistics

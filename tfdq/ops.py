@@ -73,8 +73,14 @@ def round_half_away(x):
     and the sum's ulp is at most twice that, so it never rounds up to the
     next integer; a fraction of 1/2 or more gives a sum within ``2^-25`` of
     it, which rounds up to it (ties to even included: 1 - 2^-25 -> 1.0).
-    Other float types use ``|x| - floor(|x|) >= 1/2``, exact as well.
+    Other float types use ``|x| - floor(|x|) >= 1/2``, exact as well; so do
+    NumPy arrays and Python numbers (the export's float64 planning), which
+    come back as NumPy float64.
     """
+    if not tf.is_tensor(x):
+        a = np.abs(np.asarray(x, np.float64))
+        whole = np.floor(a)
+        return np.sign(x) * (whole + (a - whole >= 0.5))
     a = tf.abs(x)
     if x.dtype == tf.float32:
         return tf.sign(x) * tf.floor(a + _BELOW_HALF)

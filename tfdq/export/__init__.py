@@ -97,7 +97,8 @@ step ``q_min``), power-of-two *activation* quantizers (their log-domain
 rounding has no integer TFLite kernel), layers without an integer export.
 """
 
-from tfdq.export.convert import ExportReport, align_biases, float_tflite, save_tflite, to_tflite
+from tfdq.export.align import align_biases
+from tfdq.export.convert import ExportReport, float_tflite, save_tflite, to_tflite
 from tfdq.export.flatbuffer import inspect_tflite
 from tfdq.export.pipeline import export_and_verify
 from tfdq.export.plan import STORAGE_POLICIES, ExportError

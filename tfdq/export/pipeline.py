@@ -7,7 +7,8 @@ come from and in how they print the result.
 
 from __future__ import annotations
 
-from tfdq.export.convert import align_biases, float_tflite, to_tflite
+from tfdq.export.align import align_biases
+from tfdq.export.convert import float_tflite, to_tflite
 from tfdq.export.verify import verify
 
 

@@ -17,6 +17,7 @@ from tfdq import layers as qlayers
 from tfdq import quantizers as quantizers_lib
 from tfdq import registry
 from tfdq.graph import model_nodes
+from tfdq.ops import round_half_away
 
 INT2_MAX = 1
 INT4_MAX = 7
@@ -428,10 +429,6 @@ def _quantizer_params(q):
     return {k: float(v) for k, v in p.items()}
 
 
-def round_half_away(x):
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
 def requantization_shift(unit, s_out):
     """How far LiteRT's two-rounding requantization moves a threshold, in accumulator units.
 
@@ -576,6 +573,53 @@ def _bn_weights(bn):
     return {"factor": factor, "beta": beta, "mean": mean}
 
 
+# What each kind of refusal says: (kind, text before the names, text after them).
+_PROBLEM_TEXT = (
+    (
+        "bits",
+        "Learned weight bitwidths above 8 cannot be stored in an int8 TFLite kernel: ",
+        ". Retrain with max_bits=8 (tfdq.quantize_model(..., weight_bits=(2, 8))).",
+    ),
+    (
+        "act_bits",
+        "Learned activation bitwidths above 8 cannot be int8 tensors: ",
+        ". Retrain with activation_bits=(1, 8).",
+    ),
+    (
+        "pow2",
+        "These power-of-two weight grids do not fit an int8 grid of step q_min "
+        "(q_max/q_min must be at most 64): ",
+        ".",
+    ),
+    (
+        "pow2_act",
+        "Power-of-two activation quantizers cannot be exported exactly: their rounding in the log "
+        "domain has no integer TFLite kernel (a uniform int8 tensor of step q_min holds the levels, "
+        "but no op rounds onto them): ",
+        ". Use uniform activation quantizers (U1/U2/U3) for export.",
+    ),
+    (
+        "float",
+        "These layers have float weights without a tfdq quantizer and would stay float (or be "
+        "quantized by the converter's guess): ",
+        ". Quantize them (tfdq.quantize_model(..., strict=True)) before export.",
+    ),
+    (
+        "unsupported",
+        "Unsupported layers between quantized layers (no exact integer export): ",
+        ". The README's table 'Supported layers' lists what the exporter takes.",
+    ),
+)
+
+
+def _problems_message(problems):
+    """The refusal message for the collected problems (``kind -> names``), or None."""
+    messages = [
+        before + ", ".join(problems[kind]) + after for kind, before, after in _PROBLEM_TEXT if problems[kind]
+    ]
+    return "Cannot export to integer TFLite.\n- " + "\n- ".join(messages) if messages else None
+
+
 class Plan:
     """Everything the graph builder needs, decided up front from the model."""
 
@@ -599,6 +643,22 @@ class Plan:
         self.bn = {}  # kernel op index -> BN weights
         problems = {"bits": [], "pow2": [], "pow2_act": [], "act_bits": [], "unsupported": [], "float": []}
         self.problems = []  # one dict per refused node: layer, class, problem, fix
+        n_quantizers = self._plan_layers(storage, problems)
+        if n_quantizers == 0 and raise_errors:
+            raise ExportError(
+                f"Model {model.name!r} has no tfdq quantizers (no QConv2D/QDepthwiseConv2D/"
+                "QDense or ActivationQuantizer layers): there are no learned integers to "
+                "export. Quantize it first: qmodel = tfdq.quantize_model(model), train, "
+                "then export qmodel."
+            )
+        self._fold_batchnorms(problems)
+        self._int8_where_int4_rounds_signed()
+        self.error = _problems_message(problems)
+        if self.error is not None and raise_errors:
+            raise ExportError(self.error)
+
+    def _plan_layers(self, storage, problems):
+        """Plan every quantized kernel, activation quantizer and per-channel op; the quantizer count."""
         n_quantizers = 0
         for op in self.ops:
             layer = op.layer
@@ -654,15 +714,12 @@ class Plan:
                         )
                     else:
                         self._refuse(problems, "unsupported", op, f"a rank-{rank} input", "")
-        if n_quantizers == 0 and raise_errors:
-            raise ExportError(
-                f"Model {model.name!r} has no tfdq quantizers (no QConv2D/QDepthwiseConv2D/"
-                "QDense or ActivationQuantizer layers): there are no learned integers to "
-                "export. Quantize it first: qmodel = tfdq.quantize_model(model), train, "
-                "then export qmodel."
-            )
-        # BatchNormalization folding: only right after a quantized layer with a
-        # linear activation whose output goes nowhere else.
+        return n_quantizers
+
+    def _fold_batchnorms(self, problems):
+        """Fold each BatchNormalization into the kernel before it, or plan it standalone."""
+        # It folds only right after a quantized layer with a linear activation whose output goes
+        # nowhere else.
         for op in self.ops:
             entry = registry.lookup(op.layer)
             if entry is None or entry.rule != "batchnorm":
@@ -720,49 +777,6 @@ class Plan:
             plan.channel_factor = w["factor"]
             self.bn[src.index] = w
             self.folded_bn[op.index] = src.index
-        self._int8_where_int4_rounds_signed()
-        messages = []
-        if problems["bits"]:
-            messages.append(
-                "Learned weight bitwidths above 8 cannot be stored in an int8 TFLite "
-                "kernel: " + ", ".join(problems["bits"]) + ". Retrain with max_bits=8 "
-                "(tfdq.quantize_model(..., weight_bits=(2, 8)))."
-            )
-        if problems["act_bits"]:
-            messages.append(
-                "Learned activation bitwidths above 8 cannot be int8 tensors: "
-                + ", ".join(problems["act_bits"])
-                + ". Retrain with activation_bits=(1, 8)."
-            )
-        if problems["pow2"]:
-            messages.append(
-                "These power-of-two weight grids do not fit an int8 grid of step q_min "
-                "(q_max/q_min must be at most 64): " + ", ".join(problems["pow2"]) + "."
-            )
-        if problems["pow2_act"]:
-            messages.append(
-                "Power-of-two activation quantizers cannot be exported exactly: their "
-                "rounding in the log domain has no integer TFLite kernel (a uniform int8 "
-                "tensor of step q_min holds the levels, but no op rounds onto them): "
-                + ", ".join(problems["pow2_act"])
-                + ". Use uniform activation quantizers (U1/U2/U3) for export."
-            )
-        if problems["float"]:
-            messages.append(
-                "These layers have float weights without a tfdq quantizer and would stay "
-                "float (or be quantized by the converter's guess): "
-                + ", ".join(problems["float"])
-                + ". Quantize them (tfdq.quantize_model(..., strict=True)) before export."
-            )
-        if problems["unsupported"]:
-            messages.append(
-                "Unsupported layers between quantized layers (no exact integer export): "
-                + ", ".join(problems["unsupported"])
-                + ". The README's table 'Supported layers' lists what the exporter takes."
-            )
-        self.error = "Cannot export to integer TFLite.\n- " + "\n- ".join(messages) if messages else None
-        if messages and raise_errors:
-            raise ExportError(self.error)
 
     def _plan_standalone_bn(self, op):
         """Plan a BatchNormalization that cannot fold as its own per-channel integer op (True if planned)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfdq.export.check import kernel_scale_error
 from tfdq.export.flatbuffer import find_kernel, float_ops, inspect_tflite, unpack_integers
 from tfdq.export.plan import INT4_MAX, Plan, resolve_storage, round_half_away
 from tfdq.export.runtime import LiteRTRunner, iter_batches, xnnpack_delegated
@@ -74,11 +75,8 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, expected_storage_by_la
         interpreter_view = values.size == from_buffer.size
         if not interpreter_view:
             values = from_buffer
-        scales = t["scales"]
+        scale_err = kernel_scale_error(t, p)
         want = p.scales()
-        if scales.size == 1:
-            scales = np.full(want.size, scales[0])
-        scale_err = float(np.max(np.abs(scales / want - 1))) if scales.size == want.size else float("inf")
         # round(w / scale) of the Keras model's quantized (BatchNorm-folded) weights
         w = p.folded_kernel().astype(np.float64)
         if p.kind == "depthwise":
