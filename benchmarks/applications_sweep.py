@@ -309,7 +309,7 @@ def main(argv=None):
             print(summary_table(json.load(f)["models"]))
         return
     if args.finetune:
-        from benchmarks.results_io import save_report  # noqa: PLC0415
+        from benchmarks.common import save_report  # noqa: PLC0415
 
         rows = []
         for name in args.finetune.split(","):
@@ -347,7 +347,7 @@ def main(argv=None):
 
 
 def _write(args, rows, complete):
-    from benchmarks.results_io import save_report  # noqa: PLC0415
+    from benchmarks.common import save_report  # noqa: PLC0415
 
     payload = {
         "models": rows,

@@ -27,13 +27,12 @@ records held-out accuracy in inference mode and in training mode (batch
 statistics, batches of 64) for both, and for the budgeted model.
 """
 
-import os
 import time
 
 from absl import app, flags
 
 from benchmarks import mnist_runs
-from benchmarks.results_io import write_result
+from benchmarks.common import RESULTS_DIR, THREADS_HELP, write_result
 
 FLAGS = flags.FLAGS
 
@@ -44,9 +43,9 @@ def _define_flags():
     flags.DEFINE_integer("quant_epochs", 4, "Constrained fine-tuning epochs.")
     flags.DEFINE_integer("finish_epochs", 2, "Weight fine-tuning epochs after the budget is enforced.")
     flags.DEFINE_float("lam", None, "Penalty weight (default: tfdq's auto scaling of the paper's 0.1).")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
     flags.DEFINE_integer("short_steps", 250, "Steps of the short fine-tune rows (0: skip them).")
-    flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    flags.DEFINE_integer("threads", 0, THREADS_HELP)
 
 
 def training_mode_accuracy(model, data, batch=mnist_runs.BATCH):
@@ -103,7 +102,8 @@ def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, lam=None, ve
     keras.utils.set_random_seed(seed)
     data = mnist_runs.load_data()
     start = time.time()
-    model, float_error, _ = mnist_runs.train_float(seed, data, float_epochs, verbose=verbose, reseed=False)
+    seed_start = mnist_runs.SeedStart(seed, data, counts, float_epochs, verbose=verbose, reseed=False)
+    model, float_error = seed_start.model, seed_start.float_record["error"]
     config = {
         "name": "U3 W+A (8a)+(8c)",
         "weight": "U3",
@@ -113,19 +113,7 @@ def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, lam=None, ve
         "activation_budget": ("max", 4),
         "lam": lam,
     }
-    r = mnist_runs.quantized_run(
-        config,
-        seed,
-        data,
-        float_model=model,
-        counts=counts,
-        epochs=quant_epochs,
-        finish_epochs=finish_epochs,
-        validation=True,
-        verbose=verbose,
-        reseed=False,
-        keep_model=True,
-    )
+    r = seed_start.run(config, quant_epochs, finish_epochs, validation=True, reseed=False, keep_model=True)
     if "failed" in r:
         raise RuntimeError(r["failed"])
     short = {}

@@ -26,12 +26,11 @@ own moving averages and re-estimated, and whether the budget holds::
     python -m benchmarks.batchnorm_residual --seeds=0 --modes=none,reestimate
 """
 
-import os
 import time
 
 from absl import app, flags
 
-from benchmarks.results_io import write_result
+from benchmarks.common import RESULTS_DIR, THREADS_HELP, write_result
 
 FLAGS = flags.FLAGS
 MODES = ("none", "reestimate", "freeze")
@@ -43,8 +42,8 @@ def _define_flags():
     flags.DEFINE_integer("width", 32, "Channels of the residual CNN (the last stage has twice as many).")
     flags.DEFINE_integer("float_epochs", 20, "Float training epochs.")
     flags.DEFINE_integer("short_steps", 250, "Steps of the short fine-tune.")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
-    flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
+    flags.DEFINE_integer("threads", 0, THREADS_HELP)
 
 
 def residual_cnn(width=16, input_shape=(16, 16, 1), classes=10):

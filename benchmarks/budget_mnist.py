@@ -25,13 +25,11 @@ the held-out accuracy and the learned bits, to
 """
 
 import itertools
-import os
 import time
 
 from absl import app, flags
 
-from benchmarks import mnist_runs
-from benchmarks.results_io import write_result
+from benchmarks import common, mnist_runs
 
 FLAGS = flags.FLAGS
 
@@ -71,8 +69,8 @@ def _define_flags():
     flags.DEFINE_integer(
         "finish_epochs", 2, "Epochs of the final phase (allocation fixed, weights adapting)."
     )
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
-    flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    flags.DEFINE_string("out_dir", common.RESULTS_DIR, "Output folder.")
+    flags.DEFINE_integer("threads", 0, common.THREADS_HELP)
     flags.DEFINE_list(
         "gains", [], "Multiplier controller gains to compare, as kp:ki (empty: tfdq's defaults)."
     )
@@ -107,22 +105,14 @@ def run(seeds, names, float_epochs, quant_epochs, finish_epochs, gains=(None,), 
     table = budgets()
     rows = []
     for seed in seeds:
-        float_model, ferr, _ = mnist_runs.train_float(seed, data, float_epochs, verbose=verbose)
+        seed_start = mnist_runs.SeedStart(seed, data, counts, float_epochs, verbose=verbose)
+        ferr = seed_start.float_record["error"]
         print(f"float seed {seed}: accuracy {100 * (1 - ferr):.2f}%", flush=True)
         for name, gain in itertools.product(names, gains):
             config = dict(table[name])
             if gain is not None:
                 config.update(kp=gain[0], ki=gain[1], name=f"{config['name']} kp={gain[0]:g} ki={gain[1]:g}")
-            r = mnist_runs.quantized_run(
-                config,
-                seed,
-                data,
-                float_model=float_model,
-                counts=counts,
-                epochs=quant_epochs,
-                finish_epochs=finish_epochs,
-                verbose=verbose,
-            )
+            r = seed_start.run(config, quant_epochs, finish_epochs)
             if "failed" in r:
                 print(f"{name} seed {seed}: FAILED {r['failed']}", flush=True)
                 rows.append({"budget": name, "seed": seed, "failed": r["failed"]})
@@ -187,7 +177,7 @@ def main(argv):
     )
     summary = summarize(rows)
     print(f"\n{summary}")
-    write_result(
+    common.write_result(
         FLAGS.out_dir,
         "budget_mnist",
         "target vs achieved memory, small MNIST CNN, automatic multipliers (no lambda given)",

@@ -65,7 +65,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.results_io import write_result
+from benchmarks.common import write_result
 
 FLAGS = flags.FLAGS
 NAME = "cifar10_recipes"

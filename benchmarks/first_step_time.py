@@ -32,7 +32,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from benchmarks.results_io import write_result
+from benchmarks.common import RESULTS_DIR, write_result
 
 FLAGS = flags.FLAGS
 
@@ -42,7 +42,7 @@ def _define_flags():
     flags.DEFINE_integer("later_steps", 5, "Steps timed after the first (median reported).")
     flags.DEFINE_integer("batch_size", 32, "Batch size.")
     flags.DEFINE_integer("size", 32, "Input height and width.")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
 
 
 def _timed(fn):

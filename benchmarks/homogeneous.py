@@ -52,8 +52,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks import mnist_runs
-from benchmarks.results_io import save_report
+from benchmarks import common, mnist_runs
 
 FLAGS = flags.FLAGS
 
@@ -108,8 +107,8 @@ def define_flags():
     )
     flags.DEFINE_list("fixed_bits", [str(b) for b in FIXED_BITS], "Bits of the fixed curve.")
     flags.DEFINE_integer("n_train", 0, "Training images (0: all 4,000).")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
-    flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    flags.DEFINE_string("out_dir", common.RESULTS_DIR, "Output folder.")
+    flags.DEFINE_integer("threads", 0, common.THREADS_HELP)
     flags.DEFINE_bool("quick", False, "Smoke run (QUICK settings).")
     flags.DEFINE_bool("plot", True, "Write the PNGs.")
     flags.DEFINE_bool("replot", False, "Only redraw the PNGs and reprint the tables from <out_dir>'s JSON.")
@@ -182,7 +181,7 @@ def run(
     curve_bits=CURVE_BITS,
     fixed_bits=FIXED_BITS,
     n_train=None,
-    out_dir=os.path.join(os.path.dirname(__file__), "results"),
+    out_dir=common.RESULTS_DIR,
     plot=True,
     verbose=0,
 ):
@@ -214,25 +213,16 @@ def run(
     floats, records = [], []
     print(f"homogeneous: {len(todo)} configurations x {len(seeds)} seeds", flush=True)
     for seed in seeds:
-        float_model, ferr, fsec = mnist_runs.train_float(seed, data, float_epochs, verbose=verbose)
-        floats.append({"seed": seed, "error": ferr, "seconds": fsec})
-        print(f"float seed {seed}: error {100 * ferr:.2f}% ({fsec:.0f} s)", flush=True)
+        seed_start = mnist_runs.SeedStart(seed, data, counts, float_epochs, verbose=verbose)
+        floats.append(seed_start.float_record)
+        print(mnist_runs.describe_float(seed_start.float_record), flush=True)
         done = {}
         for config in todo:
             key = _same_run_key(config)
             if key in done:  # e.g. the curve's fixed 2 bits is the table's fixed 2/32 uniform
                 r = dict(done[key], name=config["name"], same_run_as=done[key]["name"])
             else:
-                r = mnist_runs.quantized_run(
-                    config,
-                    seed,
-                    data,
-                    float_model=float_model,
-                    counts=counts,
-                    epochs=quant_epochs,
-                    finish_epochs=finish_epochs,
-                    verbose=verbose,
-                )
+                r = seed_start.run(config, quant_epochs, finish_epochs)
                 done[key] = r
             records.append(r)
             print(f"[{len(records)}/{len(todo) * len(seeds)}] " + mnist_runs.describe(r), flush=True)
@@ -294,11 +284,7 @@ def check_targets(summary, float_error):
 
 
 def _write(out_dir, settings, counts, floats, records, todo, start, complete, plot):
-    summary = {}
-    for c in todo:
-        rs = [r for r in records if r["name"] == c["name"]]
-        if rs:
-            summary[c["name"]] = dict(mnist_runs.summarize_records(rs), config=c)
+    summary = mnist_runs.summarize_configs(todo, records)
     float_error = mnist_runs.aggregate([f["error"] for f in floats])
     payload = {
         "complete": complete,
@@ -310,7 +296,7 @@ def _write(out_dir, settings, counts, floats, records, todo, start, complete, pl
         "runs": records,
         "seconds": time.time() - start,
     }
-    report = save_report(
+    report = common.save_report(
         out_dir,
         "homogeneous",
         "Table 3 at CPU scale: learned mixed precision vs fixed / TQT, and error vs weight size, small MNIST CNN",
@@ -321,22 +307,19 @@ def _write(out_dir, settings, counts, floats, records, todo, start, complete, pl
     if not complete:
         return report
     if plot:
-        plot_table(report, os.path.join(out_dir, "homogeneous_table3.png"))
-        plot_curve(report, os.path.join(out_dir, "homogeneous_pareto.png"))
+        draw(report, out_dir)
     return report
 
 
-def _plt():
-    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
-
-    plt = pyplot()
-
-    return plt
+def draw(report, out_dir):
+    """Both PNGs of a report: ``homogeneous_table3.png`` and ``homogeneous_pareto.png``."""
+    plot_table(report, os.path.join(out_dir, "homogeneous_table3.png"))
+    plot_curve(report, os.path.join(out_dir, "homogeneous_pareto.png"))
 
 
 def plot_table(report, path):
     """Table 3 as bars: mean error with min-max over seeds, uniform and pow-2."""
-    plt = _plt()
+    plt = common.pyplot()
     summary = report["summary"]
     fig, ax = plt.subplots(figsize=(10, 4.2))
     width = 0.38
@@ -370,10 +353,7 @@ def plot_table(report, path):
         f"Table 3 rows, small CNN on the MNIST subset, {len(report['settings']['seeds'])} seed(s)",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {common.save_figure(fig, path)}")
 
 
 def curve_points(report, kind):
@@ -389,7 +369,7 @@ def curve_points(report, kind):
 
 def plot_curve(report, path):
     """Held-out error against weight kB: learned (8a) budgets and fixed bitwidths."""
-    plt = _plt()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, color, marker in (("learned", "tab:red", "o"), ("fixed", "tab:blue", "s")):
         pts = [p for p in curve_points(report, kind) if p[2] is not None]
@@ -441,10 +421,7 @@ def plot_curve(report, path):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title("Error vs weight size, small CNN on the MNIST subset (activations float)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {common.save_figure(fig, path)}")
 
 
 def _cell(s):
@@ -505,32 +482,30 @@ def print_report(report):
             )
 
 
+RUN_FLAGS = (
+    "seeds",
+    "float_epochs",
+    "quant_epochs",
+    "finish_epochs",
+    "families",
+    "rows",
+    "curve_bits",
+    "fixed_bits",
+    "n_train",
+    "out_dir",
+    "plot",
+)
+
+
 def main(argv):
     del argv
     if FLAGS.replot:
-        with open(os.path.join(FLAGS.out_dir, "homogeneous.json")) as f:
-            report = json.load(f)
-        plot_table(report, os.path.join(FLAGS.out_dir, "homogeneous_table3.png"))
-        plot_curve(report, os.path.join(FLAGS.out_dir, "homogeneous_pareto.png"))
+        report = common.load_result(FLAGS.out_dir, "homogeneous")
+        draw(report, FLAGS.out_dir)
         print_report(report)
         return
     mnist_runs.set_threads(FLAGS.threads)
-    kwargs = {
-        "seeds": FLAGS.seeds,
-        "float_epochs": FLAGS.float_epochs,
-        "quant_epochs": FLAGS.quant_epochs,
-        "finish_epochs": FLAGS.finish_epochs,
-        "families": FLAGS.families,
-        "rows": FLAGS.rows,
-        "curve_bits": FLAGS.curve_bits,
-        "fixed_bits": FLAGS.fixed_bits,
-        "n_train": FLAGS.n_train,
-        "out_dir": FLAGS.out_dir,
-        "plot": FLAGS.plot,
-    }
-    if FLAGS.quick:
-        kwargs.update(QUICK)
-    run(**kwargs)
+    run(**common.flag_kwargs(RUN_FLAGS, QUICK))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from benchmarks.results_io import write_result
+from benchmarks.common import write_result
 
 FLAGS = flags.FLAGS
 NAME = "input_pipelines"

@@ -41,8 +41,8 @@ import time
 
 from absl import app, flags, logging
 
+from benchmarks.common import RESULTS_DIR, write_result
 from benchmarks.peers import PEERS_PYTHON, describe_tflite, peers_env_problem, run_peers_worker
-from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
 N_WEIGHTS = 268346
@@ -72,7 +72,7 @@ def _define_flags():
     flags.DEFINE_bool(
         "quick", False, "Smoke run: no training (all tfdq layers stay at 4 bits), 2 rounds x 5 invokes."
     )
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
 
 
 def build_files(

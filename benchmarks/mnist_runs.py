@@ -12,9 +12,13 @@ accuracy-vs-size curve):
 * :func:`quantized_run`: one quantized training run described by a config
   dict (parametrizations, fixed / TQT baselines, random or float init,
   memory budgets, the finish), returning a JSON-ready record;
+* :class:`SeedStart`: one seed's float model and the quantized runs that
+  start from it (:func:`train_float` once, then :func:`quantized_run` per
+  config);
 * :func:`sizes`, :func:`feature_counts`: memory in kB as ``tfdq.memory``
   counts it (Table 2 of the paper);
-* :func:`aggregate`: mean, std, min and max over seeds.
+* :func:`aggregate`: mean, std, min and max over seeds;
+  :func:`summarize_configs`: the summary over seeds of every config.
 
 A config (all keys but ``name`` optional)::
 
@@ -339,8 +343,43 @@ def quantized_run(
     return record
 
 
+class SeedStart:
+    """One seed's float model and the quantized runs that start from it.
+
+    ``float_epochs=None`` trains no float model (random-init runs only).
+    ``float_record`` is ``{"seed", "error", "seconds"}`` of the float model
+    (None without one); :meth:`run` is :func:`quantized_run` from it.
+    """
+
+    def __init__(self, seed, data, counts, float_epochs=8, verbose=0, reseed=True):
+        self.seed, self.data, self.counts, self.verbose = seed, data, counts, verbose
+        self.model = self.float_record = None
+        if float_epochs is not None:
+            self.model, ferr, fsec = train_float(seed, data, float_epochs, verbose=verbose, reseed=reseed)
+            self.float_record = {"seed": seed, "error": ferr, "seconds": fsec}
+
+    def run(self, config, epochs, finish_epochs, **kwargs):
+        """:func:`quantized_run` of ``config`` from this seed's float model."""
+        kwargs.setdefault("verbose", self.verbose)
+        return quantized_run(
+            config,
+            self.seed,
+            self.data,
+            float_model=self.model,
+            counts=self.counts,
+            epochs=epochs,
+            finish_epochs=finish_epochs,
+            **kwargs,
+        )
+
+
 def _public(config):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+
+
+def describe_float(record):
+    """One progress line for a :attr:`SeedStart.float_record`."""
+    return f"float seed {record['seed']}: error {100 * record['error']:.2f}% ({record['seconds']:.0f} s)"
 
 
 def describe(record):
@@ -377,6 +416,16 @@ def aggregate(values):
         "max": float(arr.max()),
         "n": len(values),
     }
+
+
+def summarize_configs(configs, records):
+    """``{name: summary over seeds and the config}`` of every config with records."""
+    summary = {}
+    for c in configs:
+        rs = [r for r in records if r["name"] == c["name"]]
+        if rs:
+            summary[c["name"]] = dict(summarize_records(rs), config=c)
+    return summary
 
 
 def summarize_records(records):

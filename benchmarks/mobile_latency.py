@@ -36,9 +36,9 @@ import time
 
 from absl import app, flags, logging
 
+from benchmarks.common import RESULTS_DIR, write_result
 from benchmarks.latency import time_files
 from benchmarks.peers import PEERS_PYTHON, describe_tflite, peers_env_problem
-from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def _define_flags():
     flags.DEFINE_bool("tfmot", True, "Try tfmot's quantize_model in .venv-peers.")
     flags.DEFINE_string("tfmot_worker", "", "Internal: build tfmot's file of this network (in .venv-peers).")
     flags.DEFINE_string("worker_out", "", "Internal: folder for the worker's file and JSON.")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
 
 
 def _build(applications, name, size):

@@ -42,14 +42,12 @@ U1/U2/U3 and P3 among P1/P2/P3, per setting and start. Results go to
     python -m benchmarks.parametrizations --quick --out_dir=/tmp/p  # smoke run, under a minute
 """
 
-import json
 import os
 import time
 
 from absl import app, flags
 
-from benchmarks import mnist_runs
-from benchmarks.results_io import save_report
+from benchmarks import common, mnist_runs
 
 FLAGS = flags.FLAGS
 
@@ -100,8 +98,8 @@ def define_flags():
     flags.DEFINE_list("settings", list(SETTINGS), "W and/or W+A.")
     flags.DEFINE_list("inits", list(INITS), "random and/or float.")
     flags.DEFINE_integer("n_train", 0, "Training images (0: all 4,000).")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
-    flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    flags.DEFINE_string("out_dir", common.RESULTS_DIR, "Output folder.")
+    flags.DEFINE_integer("threads", 0, common.THREADS_HELP)
     flags.DEFINE_bool("quick", False, "Smoke run (QUICK settings).")
     flags.DEFINE_bool("plot", True, "Write parametrizations.png.")
     flags.DEFINE_bool("replot", False, "Only redraw the PNG and reprint the table from <out_dir>'s JSON.")
@@ -177,7 +175,7 @@ def run(
     inits=INITS,
     only=None,
     n_train=None,
-    out_dir=os.path.join(os.path.dirname(__file__), "results"),
+    out_dir=common.RESULTS_DIR,
     plot=True,
     verbose=0,
 ):
@@ -204,25 +202,17 @@ def run(
     }
     floats, records = [], []
     print(f"parametrizations: {len(todo)} configurations x {len(seeds)} seeds", flush=True)
+    needs_float = any(c["init"] == "float" for c in todo)
     for seed in seeds:
-        float_model = None
-        if any(c["init"] == "float" for c in todo):
-            float_model, ferr, fsec = mnist_runs.train_float(seed, data, float_epochs, verbose=verbose)
-            floats.append({"seed": seed, "error": ferr, "seconds": fsec})
-            print(f"float seed {seed}: error {100 * ferr:.2f}% ({fsec:.0f} s)", flush=True)
+        seed_start = mnist_runs.SeedStart(
+            seed, data, counts, float_epochs if needs_float else None, verbose=verbose
+        )
+        if needs_float:
+            floats.append(seed_start.float_record)
+            print(mnist_runs.describe_float(seed_start.float_record), flush=True)
         for config in todo:
-            r = mnist_runs.quantized_run(
-                config,
-                seed,
-                data,
-                float_model=float_model,
-                counts=counts,
-                epochs=random_epochs if config["init"] == "random" else epochs,
-                finish_epochs=0,
-                lr=lr,
-                optimizer=optimizer,
-                verbose=verbose,
-            )
+            n_epochs = random_epochs if config["init"] == "random" else epochs
+            r = seed_start.run(config, n_epochs, 0, lr=lr, optimizer=optimizer)
             records.append(r)
             print(f"[{len(records)}/{len(todo) * len(seeds)}] " + mnist_runs.describe(r), flush=True)
             _write(out_dir, settings_used, floats, records, todo, start, complete=False, plot=False)
@@ -232,11 +222,7 @@ def run(
 
 
 def _write(out_dir, settings_used, floats, records, todo, start, complete, plot):
-    summary = {}
-    for c in todo:
-        rs = [r for r in records if r["name"] == c["name"]]
-        if rs:
-            summary[c["name"]] = dict(mnist_runs.summarize_records(rs), config=c)
+    summary = mnist_runs.summarize_configs(todo, records)
     float_summary = mnist_runs.aggregate([f["error"] for f in floats])
     finding = check_finding(summary)
     payload = {
@@ -249,7 +235,7 @@ def _write(out_dir, settings_used, floats, records, todo, start, complete, plot)
         "runs": records,
         "seconds": time.time() - start,
     }
-    report = save_report(
+    report = common.save_report(
         out_dir,
         "parametrizations",
         "Table 1 at CPU scale: six parametrizations, W and W+A, random and float init, small MNIST CNN",
@@ -268,10 +254,7 @@ def plot_errors(report, path):
     """Error per parametrization: one panel per start, W and W+A side by side,
     mean (marker) with the min-max range over seeds (bar), log scale;
     diverged runs are counted above their point."""
-    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
-
-    plt = pyplot()
-
+    plt = common.pyplot()
     summary = report["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     offset = 0.15
@@ -326,10 +309,7 @@ def plot_errors(report, path):
         f"Small CNN on the MNIST subset, {n} seed(s), no memory constraint, "
         f"{report['settings']['optimizer']} lr {report['settings']['lr']:g}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {common.save_figure(fig, path)}")
 
 
 def print_table(report):
@@ -369,32 +349,31 @@ def print_table(report):
     print(f"paper's finding holds in {finding['holding']} of {finding['checked']} comparisons")
 
 
+RUN_FLAGS = (
+    "seeds",
+    "float_epochs",
+    "epochs",
+    "random_epochs",
+    "optimizer",
+    "lr",
+    "names",
+    "settings",
+    "inits",
+    "n_train",
+    "out_dir",
+    "plot",
+)
+
+
 def main(argv):
     del argv
     if FLAGS.replot:
-        with open(os.path.join(FLAGS.out_dir, "parametrizations.json")) as f:
-            report = json.load(f)
+        report = common.load_result(FLAGS.out_dir, "parametrizations")
         plot_errors(report, os.path.join(FLAGS.out_dir, "parametrizations.png"))
         print_table(report)
         return
     mnist_runs.set_threads(FLAGS.threads)
-    kwargs = {
-        "seeds": FLAGS.seeds,
-        "float_epochs": FLAGS.float_epochs,
-        "epochs": FLAGS.epochs,
-        "random_epochs": FLAGS.random_epochs,
-        "optimizer": FLAGS.optimizer,
-        "lr": FLAGS.lr,
-        "names": FLAGS.names,
-        "settings": FLAGS.settings,
-        "inits": FLAGS.inits,
-        "n_train": FLAGS.n_train,
-        "out_dir": FLAGS.out_dir,
-        "plot": FLAGS.plot,
-    }
-    if FLAGS.quick:
-        kwargs.update(QUICK)
-    run(**kwargs)
+    run(**common.flag_kwargs(RUN_FLAGS, QUICK))
 
 
 if __name__ == "__main__":

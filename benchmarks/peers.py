@@ -56,7 +56,7 @@ from collections import Counter
 
 from absl import app, flags, logging
 
-from benchmarks.results_io import write_result
+from benchmarks.common import RESULTS_DIR, write_result
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,7 @@ def _define_flags():
     )
     flags.DEFINE_bool("replot", False, "Only redraw the PNG from the JSON in --out_dir.")
     flags.DEFINE_string("keep_files", "", "Folder to keep tfdq's .tflite files in (default: not kept).")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
 
 
 # ---------------------------------------------------------------------------

@@ -43,8 +43,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks.common import RESULTS_DIR, write_result
 from benchmarks.peers import _pct
-from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def _define_flags():
         "Load each seed's float weights from this npz path ({seed} in it) instead of training.",
     )
     flags.DEFINE_list("merge", [], "Only merge these result JSONs (per_seed) into --name.")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
 
 
 def budget_kb(name):

@@ -33,7 +33,7 @@ import time
 
 from absl import app, flags, logging
 
-from benchmarks.results_io import write_result
+from benchmarks.common import RESULTS_DIR, write_result
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 128, "Batch size (the paper's 128).")
     flags.DEFINE_bool("quick", False, "2 rounds x 2 steps, batch 32.")
     flags.DEFINE_bool("reexec", True, "Re-run in .venv-peers when tf_keras/tfmot are missing here.")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
 
 
 def tfmot_available():

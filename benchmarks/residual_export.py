@@ -24,12 +24,11 @@ calibrated (only the logits should be). Models (``--models``):
     python -m benchmarks.residual_export --models=mobilenetv2 --seeds=0,1
 """
 
-import os
 import time
 
 from absl import app, flags
 
-from benchmarks.results_io import write_result
+from benchmarks.common import RESULTS_DIR, THREADS_HELP, write_result
 
 FLAGS = flags.FLAGS
 MODELS = {  # name: (input size, channels, float epochs, quantized epochs)
@@ -42,8 +41,8 @@ MODELS = {  # name: (input size, channels, float epochs, quantized epochs)
 def _define_flags():
     flags.DEFINE_list("models", list(MODELS), "Models to measure.")
     flags.DEFINE_list("seeds", ["0"], "Random seeds.")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
-    flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
+    flags.DEFINE_integer("threads", 0, THREADS_HELP)
 
 
 def build(name, size, channels):

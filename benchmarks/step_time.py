@@ -27,7 +27,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.results_io import write_result
+from benchmarks.common import RESULTS_DIR, write_result
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +40,7 @@ def _define_flags():
     flags.DEFINE_list(
         "configs", [], "Only these configurations (default: all), e.g. float,tfdq_u3,tfdq_u3_budget."
     )
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
 
 
 def measure(rounds=5, steps=5, batch_size=128, only=None):

@@ -35,13 +35,12 @@ what the ``fast`` policy's int2 rule rests on; results in
 ``results/storage_policy_layers.json``.
 """
 
-import os
 import time
 
 from absl import app, flags
 
+from benchmarks.common import RESULTS_DIR, write_result
 from benchmarks.latency import judge, time_files
-from benchmarks.results_io import write_result
 
 FLAGS = flags.FLAGS
 POLICIES = ("fast", "smallest", "int8")
@@ -62,7 +61,7 @@ def _define_flags():
     flags.DEFINE_integer("size", 96, "Input height and width of the MobileNets.")
     flags.DEFINE_bool("layers", False, "Time single 1x1 layers per storage instead of whole models.")
     flags.DEFINE_bool("quick", False, "Smoke run: 48x48 MobileNetV2 (4 and 2 bits), 2 rounds x 5 invokes.")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
+    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
 
 
 def build_model(name, size=96):
