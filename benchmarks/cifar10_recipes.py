@@ -65,16 +65,37 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common import write_result
+from benchmarks import common
 
 FLAGS = flags.FLAGS
 NAME = "cifar10_recipes"
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = common.RESULTS_DIR
 
 FLOAT_DIR = "runs/r20_float"
 FLOAT_CHECKPOINT = f"{FLOAT_DIR}/float/best.keras"
 _COMMON = {"dataset": "cifar10", "model": "resnet20"}
 _QUANT = dict(_COMMON, stages="quant,export", init_checkpoint=FLOAT_CHECKPOINT)
+
+
+def _baseline(kind, label, paper_error):
+    """A fixed-bitwidth row of Table 3: 2-bit weights, 4-bit activations, no
+    budget; ``kind`` "fixed" (q_max fixed) or "tqt" (q_max learned)."""
+    return {
+        "name": f"{kind}24",
+        "label": label,
+        "paper_error": paper_error,
+        "flags": dict(
+            _QUANT,
+            weight_quantizer=kind,
+            activation_quantizer=kind,
+            weight_bits=2,
+            activation_bits=4,
+            target_weight_kb=0.0,
+            target_activation_kb=0.0,
+            model_dir=f"runs/r20_{kind}24",
+        ),
+    }
+
 
 # The paper's runs (Table 3, uniform column). Every other option (SGD 0.9,
 # weight decay 2e-4 on every trainable variable, batch 128, 160 + 160 epochs,
@@ -88,36 +109,8 @@ RUNS = (
         "paper_error": 7.29,
         "flags": dict(_COMMON, stages="float", model_dir=FLOAT_DIR),
     },
-    {
-        "name": "fixed24",
-        "label": "fixed 2/4",
-        "paper_error": 11.30,
-        "flags": dict(
-            _QUANT,
-            weight_quantizer="fixed",
-            activation_quantizer="fixed",
-            weight_bits=2,
-            activation_bits=4,
-            target_weight_kb=0.0,
-            target_activation_kb=0.0,
-            model_dir="runs/r20_fixed24",
-        ),
-    },
-    {
-        "name": "tqt24",
-        "label": "TQT 2/4",
-        "paper_error": 9.62,
-        "flags": dict(
-            _QUANT,
-            weight_quantizer="tqt",
-            activation_quantizer="tqt",
-            weight_bits=2,
-            activation_bits=4,
-            target_weight_kb=0.0,
-            target_activation_kb=0.0,
-            model_dir="runs/r20_tqt24",
-        ),
-    },
+    _baseline("fixed", "fixed 2/4", 11.30),
+    _baseline("tqt", "TQT 2/4", 9.62),
     {
         "name": "learned8a8c",
         "label": "learned (8a)+(8c)",
@@ -548,10 +541,7 @@ def timing(
 
 def plot(timing_result, path):
     """Bar chart of one epoch per run: training steps, validation, fixed cost."""
-    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
-
-    plt = pyplot()
-
+    plt = common.pyplot()
     runs = timing_result["runs"]
     labels = [r["label"] for r in runs]
     train_s = [r["epoch_train_seconds"] for r in runs]
@@ -590,11 +580,7 @@ def plot(timing_result, path):
     ax.set_ylim(0, max(b + f for b, f in zip(bottom, fixed_s)) * 1.25)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path, dpi=110)
 
 
 def print_report(report):
@@ -673,7 +659,7 @@ def run(
     payload.update(report)
     if chart and "timing" in report:
         payload["chart"] = plot(report["timing"], os.path.join(out_dir, f"{NAME}.png"))
-    write_result(
+    common.write_result(
         out_dir,
         NAME,
         "The paper's ResNet-20 CIFAR-10 runs (Table 3): commands, mock runs, epoch timing",

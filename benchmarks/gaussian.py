@@ -80,6 +80,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks import common
+
 FLAGS = flags.FLAGS
 
 
@@ -350,10 +352,9 @@ def run(
 
 
 def plot_curves(curves, report, path):
-    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
-
-    plt = pyplot()
     import numpy as np  # noqa: PLC0415
+
+    plt = common.pyplot()
 
     cfg = report["config"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
@@ -395,9 +396,7 @@ def plot_curves(curves, report, path):
         f"seed {cfg['seeds'][0]}",
         fontsize=11,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def print_table(report):
@@ -425,24 +424,24 @@ def print_table(report):
     print(f"({report['seconds']} s)")
 
 
+RUN_FLAGS = (
+    "steps",
+    "lr",
+    "seeds",
+    "n_samples",
+    "max_bits",
+    "init_bits",
+    "init_scale",
+    "osc_window",
+    "names",
+    "out_dir",
+    "plot",
+)
+
+
 def main(argv):
     del argv
-    kwargs = {
-        "steps": FLAGS.steps,
-        "lr": FLAGS.lr,
-        "seeds": FLAGS.seeds,
-        "n_samples": FLAGS.n_samples,
-        "max_bits": FLAGS.max_bits,
-        "init_bits": FLAGS.init_bits,
-        "init_scale": FLAGS.init_scale,
-        "osc_window": FLAGS.osc_window,
-        "names": FLAGS.names,
-        "out_dir": FLAGS.out_dir,
-        "plot": FLAGS.plot,
-    }
-    if FLAGS.quick:
-        kwargs.update(QUICK)
-    run(**kwargs)
+    run(**common.flag_kwargs(RUN_FLAGS, QUICK))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import time
 
 from absl import app, flags, logging
 
-from benchmarks.common import RESULTS_DIR, write_result
+from benchmarks import common
 from benchmarks.peers import PEERS_PYTHON, describe_tflite, peers_env_problem, run_peers_worker
 
 FLAGS = flags.FLAGS
@@ -72,7 +72,7 @@ def _define_flags():
     flags.DEFINE_bool(
         "quick", False, "Smoke run: no training (all tfdq layers stay at 4 bits), 2 rounds x 5 invokes."
     )
-    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
+    flags.DEFINE_string("out_dir", common.RESULTS_DIR, "Output folder.")
 
 
 def build_files(
@@ -286,10 +286,9 @@ def judge(ratio_values, targets=None):
 
 
 def plot(latency, sizes, threads, path):
-    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
-
-    plt = pyplot()
     import numpy as np  # noqa: PLC0415
+
+    plt = common.pyplot()
 
     names = [n for n in FILES if n in latency]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -332,10 +331,7 @@ def plot(latency, sizes, threads, path):
     ax2.set_ylabel("kB")
     ax2.set_title(".tflite file size")
     fig.suptitle("ResNet-20 (268,346 weights), CIFAR shapes, generated inputs: timing and size only")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path, dpi=110)
 
 
 def run(
@@ -447,9 +443,8 @@ def format_table(result):
 
 def write(out_dir, result):
     """``latency[_quick].json`` and ``.png`` in ``out_dir``; returns both paths."""
-    threads = result["config"]["threads"]
-    name = "latency_quick" if result["config"]["quick"] else "latency"
-    json_path = write_result(
+    name = common.result_name("latency", result["config"]["quick"])
+    json_path = common.write_result(
         out_dir,
         name,
         "LiteRT batch-1 latency and file size of ResNet-20: float32, tfdq int8 and mixed int4/int8, "
@@ -457,26 +452,31 @@ def write(out_dir, result):
         "python -m benchmarks.latency" + (" --quick" if result["config"]["quick"] else ""),
         result,
     )
-    png_path = plot(result["latency"], result["file_bytes"], threads, os.path.join(out_dir, name + ".png"))
+    png_path = replot(result, out_dir)
     print(f"wrote {png_path}")
     return json_path, png_path
+
+
+def replot(result, out_dir):
+    """``latency[_quick].png`` of a result (as :func:`run` returns it or its JSON holds it)."""
+    name = common.result_name("latency", result["config"]["quick"])
+    return plot(
+        result["latency"],
+        result["file_bytes"],
+        result["config"]["threads"],
+        os.path.join(out_dir, f"{name}.png"),
+    )
 
 
 def main(argv):
     del argv
     if FLAGS.replot:
-        import json  # noqa: PLC0415
-
-        name = "latency_quick" if FLAGS.quick else "latency"
-        with open(os.path.join(FLAGS.out_dir, name + ".json")) as f:
-            saved = json.load(f)
-        print(
-            f"wrote {plot(saved['latency'], saved['file_bytes'], saved['config']['threads'], os.path.join(FLAGS.out_dir, name + '.png'))}"
-        )
+        saved = common.load_result(FLAGS.out_dir, common.result_name("latency", FLAGS.quick))
+        print(f"wrote {replot(saved, FLAGS.out_dir)}")
         return
     logging.set_verbosity(logging.WARNING)
     threads = tuple(int(t) for t in FLAGS.threads)
-    tfmot = FLAGS.tfmot and (not FLAGS.quick or FLAGS["tfmot"].present)
+    tfmot = common.given_or_not_quick("tfmot")
     result = run(
         FLAGS.quick,
         FLAGS.rounds,

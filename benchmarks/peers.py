@@ -56,7 +56,7 @@ from collections import Counter
 
 from absl import app, flags, logging
 
-from benchmarks.common import RESULTS_DIR, write_result
+from benchmarks import common
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,7 @@ def _define_flags():
     )
     flags.DEFINE_bool("replot", False, "Only redraw the PNG from the JSON in --out_dir.")
     flags.DEFINE_string("keep_files", "", "Folder to keep tfdq's .tflite files in (default: not kept).")
-    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
+    flags.DEFINE_string("out_dir", common.RESULTS_DIR, "Output folder.")
 
 
 # ---------------------------------------------------------------------------
@@ -549,30 +549,49 @@ def summarize(per_seed):
     return out
 
 
+def file_kb(s):
+    """A summary's ``.tflite`` size in kB, or ``-``."""
+    return f"{s['file_bytes'] / 1024:.1f}" if "file_bytes" in s else "-"
+
+
+def integer_cell(s):
+    """``yes``, ``no`` or ``-``: does the summary's file compute in integers only."""
+    return {True: "yes", False: "no", None: "-"}[s.get("real_integer_tflite")]
+
+
+def not_run(method, s, width):
+    """The table line of a method that did not run, or None when it ran."""
+    return None if "keras_accuracy" in s else f"{method:{width}s} not run: {s.get('error', '')[:200]}"
+
+
 def format_table(summary):
-    head = (
-        f"{'method':12s} {'Keras acc':>9s} {'TFLite acc':>10s} {'weights kB':>10s} {'bits/w':>6s} "
-        f"{'file kB':>8s} {'integer':>7s}"
-    )
-    lines = [head, "-" * len(head)]
-    for method, s in summary.items():
-        if "keras_accuracy" not in s:
-            lines.append(f"{method:12s} not run: {s.get('error', '')[:200]}")
-            continue
-        bits = 8 * s["weight_bytes"] / N_WEIGHTS
-        file_kb = f"{s['file_bytes'] / 1024:8.1f}" if "file_bytes" in s else "       -"
-        integer = {True: "yes", False: "no", None: "-"}[s.get("real_integer_tflite")]
-        lines.append(
-            f"{method:12s} {_pct(s['keras_accuracy']):>9s} {_pct(s.get('tflite_accuracy')):>10s} "
-            f"{s['weight_bytes'] / 1024:10.2f} {bits:6.2f} {file_kb} {integer:>7s}"
-        )
-    return "\n".join(lines)
+    columns = [
+        ("method", 12),
+        ("Keras acc", 9),
+        ("TFLite acc", 10),
+        ("weights kB", 10),
+        ("bits/w", 6),
+        ("file kB", 8),
+        ("integer", 7),
+    ]
+    rows = [
+        not_run(method, s, 12)
+        or [
+            method,
+            _pct(s["keras_accuracy"]),
+            _pct(s.get("tflite_accuracy")),
+            f"{s['weight_bytes'] / 1024:.2f}",
+            f"{8 * s['weight_bytes'] / N_WEIGHTS:.2f}",
+            file_kb(s),
+            integer_cell(s),
+        ]
+        for method, s in summary.items()
+    ]
+    return common.format_table(columns, rows)
 
 
 def plot(summary, path):
-    from tfdq.plot import pyplot  # noqa: PLC0415 (matplotlib on the Agg backend)
-
-    plt = pyplot()
+    plt = common.pyplot()
     from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
 
     markers = {
@@ -622,17 +641,13 @@ def plot(summary, path):
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("MNIST subset (1,000 held-out), small CNN (29,658 weights): median and range over seeds")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path, dpi=110, rect=(0, 0.1, 1, 1))
 
 
-def replot(json_path):
-    """Redraw the PNG next to a written ``peers[_quick].json``."""
-    with open(json_path) as f:
-        summary = json.load(f)["summary"]
-    return plot(summary, os.path.splitext(json_path)[0] + ".png")
+def replot(out_dir, quick=False):
+    """Redraw ``peers[_quick].png`` from the JSON next to it; return its path."""
+    name = common.result_name("peers", quick)
+    return plot(common.load_result(out_dir, name)["summary"], os.path.join(out_dir, f"{name}.png"))
 
 
 QUICK = dict(float_epochs=2, quant_epochs=1, finish_epochs=0, configs=["tfdq_4bit"], train_limit=1000)
@@ -671,7 +686,7 @@ def run(
         )
     summary = summarize(per_seed)
     print(format_table(summary))
-    name = "peers_quick" if quick else "peers"
+    name = common.result_name("peers", quick)
     payload = {
         "config": {
             "seeds": [int(s) for s in seeds],
@@ -689,7 +704,7 @@ def run(
         "per_seed": per_seed,
         "seconds": time.time() - start,
     }
-    payload["json_path"] = write_result(
+    payload["json_path"] = common.write_result(
         out_dir,
         name,
         "tfdq vs Keras 3 PTQ (int8, int4) and tfmot 8-bit QAT, MNIST subset small CNN",
@@ -704,18 +719,15 @@ def run(
 def main(argv):
     del argv
     if FLAGS.replot:
-        print(
-            f"wrote {replot(os.path.join(FLAGS.out_dir, 'peers_quick.json' if FLAGS.quick else 'peers.json'))}"
-        )
+        print(f"wrote {replot(FLAGS.out_dir, FLAGS.quick)}")
         return
     logging.set_verbosity(logging.WARNING)
     warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize` method")
-    tfmot = FLAGS.tfmot and (not FLAGS.quick or FLAGS["tfmot"].present)
     run(
         FLAGS.out_dir,
         FLAGS.seeds,
         FLAGS.quick,
-        tfmot,
+        common.given_or_not_quick("tfmot"),
         FLAGS.peers_python,
         FLAGS.activation_init_bits,
         FLAGS.float_epochs,

@@ -43,8 +43,8 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common import RESULTS_DIR, write_result
-from benchmarks.peers import _pct
+from benchmarks import common
+from benchmarks.peers import _pct, file_kb, integer_cell, not_run
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def _define_flags():
         "Load each seed's float weights from this npz path ({seed} in it) instead of training.",
     )
     flags.DEFINE_list("merge", [], "Only merge these result JSONs (per_seed) into --name.")
-    flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
+    flags.DEFINE_string("out_dir", common.RESULTS_DIR, "Output folder.")
 
 
 def budget_kb(name):
@@ -378,23 +378,29 @@ def summarize(per_seed):
 
 
 def format_table(summary):
-    head = (
-        f"{'method':14s} {'accuracy % (mean +- std)':>26s} {'weight kB':>10s} {'bits/w':>6s} "
-        f"{'TFLite acc':>10s} {'file kB':>8s} {'integer':>7s}"
-    )
-    lines = [head, "-" * len(head)]
-    for method, s in summary.items():
-        if "keras_accuracy" not in s:
-            lines.append(f"{method:14s} not run: {s.get('error', '')[:200]}")
-            continue
-        acc = f"{100 * s['keras_accuracy']:.2f} +- {100 * s['keras_accuracy_std']:.2f}"
-        file_kb = f"{s['file_bytes'] / 1024:8.1f}" if "file_bytes" in s else "       -"
-        integer = {True: "yes", False: "no", None: "-"}[s.get("real_integer_tflite")]
-        lines.append(
-            f"{method:14s} {acc:>26s} {s['weight_bytes'] / 1024:10.2f} {8 * s['weight_bytes'] / N_WEIGHTS:6.2f} "
-            f"{_pct(s.get('tflite_accuracy')):>10s} {file_kb} {integer:>7s}"
-        )
-    return "\n".join(lines)
+    columns = [
+        ("method", 14),
+        ("accuracy % (mean +- std)", 26),
+        ("weight kB", 10),
+        ("bits/w", 6),
+        ("TFLite acc", 10),
+        ("file kB", 8),
+        ("integer", 7),
+    ]
+    rows = [
+        not_run(method, s, 14)
+        or [
+            method,
+            f"{100 * s['keras_accuracy']:.2f} +- {100 * s['keras_accuracy_std']:.2f}",
+            f"{s['weight_bytes'] / 1024:.2f}",
+            f"{8 * s['weight_bytes'] / N_WEIGHTS:.2f}",
+            _pct(s.get("tflite_accuracy")),
+            file_kb(s),
+            integer_cell(s),
+        ]
+        for method, s in summary.items()
+    ]
+    return common.format_table(columns, rows)
 
 
 QUICK = dict(
@@ -413,7 +419,7 @@ def write(out_dir, name, per_seed, config, command, seconds):
         "per_seed": per_seed,
         "seconds": seconds,
     }
-    payload["json_path"] = write_result(
+    payload["json_path"] = common.write_result(
         out_dir, name, "tfdq vs HGQ2 (learned bits) and QKeras (fixed 2/4 bits) at the same weight memory", command,
         payload,
     )  # fmt: skip
