@@ -492,7 +492,7 @@ def _pct(v):
 
 
 def _log(seed, name, r):
-    if "error" in r and "keras_accuracy" not in r:
+    if failed(r):
         print(f"seed {seed} {name}: FAILED: {r['error'][:300]}", flush=True)
         return
     print(
@@ -520,29 +520,39 @@ SUMMARY_KEYS = (
 )
 
 
+def failed(r):
+    """Did a method's run fail (an error and no accuracy)?"""
+    return "error" in r and "keras_accuracy" not in r
+
+
+def method_runs(per_seed, methods, failed=failed):
+    """``(method, runs, entry)`` for each of ``methods`` that ran in ``per_seed``
+    (one ``{method: figures}`` per seed); ``entry`` starts a summary with
+    ``seeds`` (the number of runs) and ``error`` (the first failure's message,
+    where a run failed)."""
+    for method in methods:
+        runs = [r[method] for r in per_seed if method in r]
+        if not runs:
+            continue
+        entry = {"seeds": len(runs)}
+        errors = [r["error"] for r in runs if failed(r)]
+        if errors:
+            entry["error"] = errors[0]
+        yield method, runs, entry
+
+
 def summarize(per_seed):
     """Median (and min, max) over seeds of each method's numeric figures."""
     import numpy as np  # noqa: PLC0415
 
     out = {}
-    for method in METHODS:
-        runs = [r[method] for r in per_seed if method in r]
-        if not runs:
-            continue
-        entry = {"seeds": len(runs)}
-        errors = [r["error"] for r in runs if "error" in r and "keras_accuracy" not in r]
-        if errors:
-            entry["error"] = errors[0]
+    for method, runs, entry in method_runs(per_seed, METHODS):
         for key in SUMMARY_KEYS:
             vals = [r[key] for r in runs if r.get(key) is not None]
             if vals:
                 entry[key] = float(np.median(vals))
                 entry[f"{key}_range"] = [float(min(vals)), float(max(vals))]
-        ints = [
-            r.get("real_integer_tflite", r.get("integer"))
-            for r in runs
-            if "error" not in r or "keras_accuracy" in r
-        ]
+        ints = [r.get("real_integer_tflite", r.get("integer")) for r in runs if not failed(r)]
         if ints:
             entry["real_integer_tflite"] = bool(all(ints))
         out[method] = entry

@@ -44,7 +44,7 @@ import time
 from absl import app, flags
 
 from benchmarks import common
-from benchmarks.peers import _pct, file_kb, integer_cell, not_run
+from benchmarks.peers import _pct, file_kb, integer_cell, method_runs, not_run
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -355,14 +355,7 @@ def summarize(per_seed):
     import numpy as np  # noqa: PLC0415
 
     out = {}
-    for method in METHODS:
-        runs = [r[method] for r in per_seed if method in r]
-        if not runs:
-            continue
-        entry = {"seeds": len(runs)}
-        errors = [r["error"] for r in runs if "error" in r]
-        if errors:
-            entry["error"] = errors[0]
+    for method, runs, entry in method_runs(per_seed, METHODS, failed=lambda r: "error" in r):
         ok = [r for r in runs if "error" not in r]
         for key in ("keras_accuracy", "tflite_accuracy", "weight_bytes", "file_bytes", "mean_weight_bits"):
             vals = [r[key] for r in ok if r.get(key) is not None]
