@@ -50,17 +50,21 @@ def write_result(out_dir, name, experiment, command, payload):
     return path
 
 
-def save_report(out_dir, name, experiment, command, payload, complete=True):
+def save_report(out_dir, name, experiment, command, payload, complete=True, draw=None):
     """Write ``payload``: the final result with provenance, or, while runs are
     still missing, a partial ``<name>.json`` marked as such. Returns the
-    payload as JSON would read it back."""
+    payload as JSON would read it back (the report); once complete, ``draw``
+    (if given) draws the report's figures: ``draw(report, out_dir)``."""
     if complete:
         write_result(out_dir, name, experiment, command, payload)
     else:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
             json.dump(dict(payload, experiment="partial: run in progress"), f, indent=1)
-    return json.loads(json.dumps(payload))
+    report = json.loads(json.dumps(payload))
+    if complete and draw is not None:
+        draw(report, out_dir)
+    return report
 
 
 def load_result(out_dir, name):

@@ -296,19 +296,15 @@ def _write(out_dir, settings, counts, floats, records, todo, start, complete, pl
         "runs": records,
         "seconds": time.time() - start,
     }
-    report = common.save_report(
+    return common.save_report(
         out_dir,
         "homogeneous",
         "Table 3 at CPU scale: learned mixed precision vs fixed / TQT, and error vs weight size, small MNIST CNN",
         "python -m benchmarks.homogeneous --threads=1",
         payload,
         complete,
+        draw=draw if plot else None,
     )
-    if not complete:
-        return report
-    if plot:
-        draw(report, out_dir)
-    return report
 
 
 def draw(report, out_dir):
@@ -328,22 +324,12 @@ def plot_table(report, path):
             s = summary.get(f"{row} {family}")
             if s is None or s["error"] is None:
                 continue
-            e = s["error"]
-            m = 100 * e["mean"]
+            m, yerr = mnist_runs.percent_range(s["error"])
             x = i + (k - 0.5) * width
             ax.bar(x, m, width, color=color, alpha=0.8, label=family if i == 0 else None)
-            ax.errorbar(x, m, yerr=[[m - 100 * e["min"]], [100 * e["max"] - m]], color="k", capsize=3, lw=1)
-            ax.annotate(
-                f"{m:.2f}",
-                (x, 100 * e["max"]),
-                textcoords="offset points",
-                xytext=(0, 3),
-                ha="center",
-                fontsize=7,
-            )
-    ferr = report["float"]["error"]
-    if ferr:
-        ax.axhline(100 * ferr["mean"], color="gray", ls="--", lw=1, label="float")
+            ax.errorbar(x, m, yerr=yerr, color="k", capsize=3, lw=1)
+            mnist_runs.note_above(ax, f"{m:.2f}", x, s["error"], 3, 7)
+    mnist_runs.float_line(ax, report)
     ax.set_xticks(range(len(ROWS)))
     ax.set_xticklabels(ROWS, rotation=15, fontsize=8)
     ax.set_ylabel("held-out error (%), mean and min-max")

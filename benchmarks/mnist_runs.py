@@ -400,6 +400,35 @@ def describe(record):
     return text + f"  ({record['seconds']:.0f} s)"
 
 
+# -- figures ---------------------------------------------------------------------
+
+
+def percent_range(e):
+    """An :func:`aggregate` of errors in percent: ``(mean, yerr)``, ``yerr`` the
+    min-max range as matplotlib's ``errorbar`` takes it."""
+    m = 100 * e["mean"]
+    return m, [[m - 100 * e["min"]], [100 * e["max"] - m]]
+
+
+def note_above(ax, text, x, e, offset, fontsize):
+    """``text`` centred ``offset`` points above the top (max) of an error aggregate ``e`` at ``x``."""
+    ax.annotate(
+        text,
+        (x, 100 * e["max"]),
+        textcoords="offset points",
+        xytext=(0, offset),
+        ha="center",
+        fontsize=fontsize,
+    )
+
+
+def float_line(ax, report):
+    """The float model's mean error (%) as a dashed line, where the report has one."""
+    ferr = report["float"]["error"]
+    if ferr:
+        ax.axhline(100 * ferr["mean"], color="gray", ls="--", lw=1, label="float")
+
+
 # -- statistics ----------------------------------------------------------------
 
 

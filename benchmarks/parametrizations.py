@@ -235,19 +235,20 @@ def _write(out_dir, settings_used, floats, records, todo, start, complete, plot)
         "runs": records,
         "seconds": time.time() - start,
     }
-    report = common.save_report(
+    return common.save_report(
         out_dir,
         "parametrizations",
         "Table 1 at CPU scale: six parametrizations, W and W+A, random and float init, small MNIST CNN",
         "python -m benchmarks.parametrizations --threads=1",
         payload,
         complete,
+        draw=draw if plot else None,
     )
-    if not complete:
-        return report
-    if plot:
-        plot_errors(report, os.path.join(out_dir, "parametrizations.png"))
-    return report
+
+
+def draw(report, out_dir):
+    """``parametrizations.png`` of a report."""
+    plot_errors(report, os.path.join(out_dir, "parametrizations.png"))
 
 
 def plot_errors(report, path):
@@ -269,12 +270,11 @@ def plot_errors(report, path):
                 if s["error"] is None:
                     ax.text(x, 50, "failed", rotation=90, ha="center", va="center", fontsize=7, color=color)
                     continue
-                e = s["error"]
-                m = 100 * e["mean"]
+                m, yerr = mnist_runs.percent_range(s["error"])
                 ax.errorbar(
                     x,
                     m,
-                    yerr=[[m - 100 * e["min"]], [100 * e["max"] - m]],
+                    yerr=yerr,
                     color=color,
                     marker=marker,
                     capsize=3,
@@ -285,17 +285,8 @@ def plot_errors(report, path):
                 labelled = True
                 ax.annotate(f"{m:.1f}", (x, m), textcoords="offset points", xytext=(4, -3), fontsize=6)
                 if s["diverged"]:
-                    ax.annotate(
-                        f"{s['diverged']} NaN",
-                        (x, 100 * e["max"]),
-                        textcoords="offset points",
-                        xytext=(0, 5),
-                        ha="center",
-                        fontsize=6,
-                    )
-        ferr = report["float"]["error"]
-        if ferr:
-            ax.axhline(100 * ferr["mean"], color="gray", ls="--", lw=1, label="float")
+                    mnist_runs.note_above(ax, f"{s['diverged']} NaN", x, s["error"], 5, 6)
+        mnist_runs.float_line(ax, report)
         ax.set_xticks(range(len(NAMES)))
         ax.set_xticklabels(NAMES)
         ax.set_xlim(-0.5, len(NAMES) - 0.5)
@@ -369,7 +360,7 @@ def main(argv):
     del argv
     if FLAGS.replot:
         report = common.load_result(FLAGS.out_dir, "parametrizations")
-        plot_errors(report, os.path.join(FLAGS.out_dir, "parametrizations.png"))
+        draw(report, FLAGS.out_dir)
         print_table(report)
         return
     mnist_runs.set_threads(FLAGS.threads)
