@@ -32,7 +32,7 @@ import time
 from absl import app, flags
 
 from benchmarks import mnist_runs
-from benchmarks.common import RESULTS_DIR, THREADS_HELP, write_result
+from benchmarks.common import RESULTS_DIR, THREADS_HELP, set_threads, write_result
 
 FLAGS = flags.FLAGS
 
@@ -143,7 +143,7 @@ def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, lam=None, ve
 
 def main(argv):
     del argv
-    mnist_runs.set_threads(FLAGS.threads)
+    set_threads(FLAGS.threads)
     results = []
     for seed in FLAGS.seeds:
         r = run_seed(

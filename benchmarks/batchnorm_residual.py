@@ -30,7 +30,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common import RESULTS_DIR, THREADS_HELP, write_result
+from benchmarks.common import RESULTS_DIR, THREADS_HELP, set_threads, write_result
 
 FLAGS = flags.FLAGS
 MODES = ("none", "reestimate", "freeze")
@@ -177,9 +177,7 @@ def run(float_model, train, test, flow, mode, seed, short_steps=250):
 
 def main(argv):
     del argv
-    from benchmarks import mnist_runs  # noqa: PLC0415
-
-    mnist_runs.set_threads(FLAGS.threads)
+    set_threads(FLAGS.threads)
     import keras  # noqa: PLC0415
 
     import tfdq  # noqa: PLC0415

@@ -164,7 +164,7 @@ def summarize(rows):
 
 def main(argv):
     del argv
-    mnist_runs.set_threads(FLAGS.threads)
+    common.set_threads(FLAGS.threads)
     start = time.time()
     gains = [tuple(float(v) for v in g.split(":")) for g in FLAGS.gains] or [None]
     rows = run(

@@ -10,9 +10,11 @@ text tables) and the command-line plumbing.
 * :func:`format_table`: a text table of fixed-width columns;
 * :data:`RESULTS_DIR`, :data:`THREADS_HELP`: the default ``--out_dir`` and
   the ``--threads`` help that every script shares (each script defines its
-  own flags, so that ``--help`` lists them); :func:`flag_kwargs`: a
-  ``run()`` function's keyword arguments from the flags of the same names,
-  with the ``--quick`` settings over them; :func:`given_or_not_quick`.
+  own flags, so that ``--help`` lists them); :func:`set_threads`;
+  :func:`flag_kwargs`: a ``run()`` function's keyword arguments from the
+  flags of the same names, with the ``--quick`` settings over them;
+  :func:`script_main`: the whole ``main`` of such a script, ``--replot``
+  included; :func:`given_or_not_quick`.
 """
 
 import json
@@ -126,12 +128,46 @@ def format_table(columns, rows):
 # -- command line -------------------------------------------------------------------
 
 
+def set_threads(threads):
+    """Use ``threads`` TensorFlow threads (intra- and inter-op; ``--threads``);
+    0 keeps TF's default. Must run before the first TensorFlow op."""
+    if not threads:
+        return
+    import tensorflow as tf  # noqa: PLC0415
+
+    tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+    tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+
+
 def flag_kwargs(names, quick=None):
     """``{name: --name}`` for ``names``; with ``--quick``, ``quick``'s settings replace them."""
     kwargs = {name: FLAGS[name].value for name in names}
     if quick is not None and FLAGS.quick:
         kwargs.update(quick)
     return kwargs
+
+
+def script_main(run, run_flags, quick=None, replot=None):
+    """The absl ``main`` of a script whose work is ``run(**kwargs)``.
+
+    The keyword arguments come from the flags named ``run_flags``, with
+    ``--quick`` the ``quick`` settings over them (:func:`flag_kwargs`); where
+    the script defines ``--threads``, TensorFlow's thread pools are set first.
+    ``replot``: ``(name, redraw)``; with ``--replot`` nothing runs:
+    ``redraw(report, out_dir)`` gets the report in ``<out_dir>/<name>.json``.
+    """
+
+    def main(argv):
+        del argv
+        if replot is not None and FLAGS.replot:
+            name, redraw = replot
+            redraw(load_result(FLAGS.out_dir, name), FLAGS.out_dir)
+            return
+        if "threads" in FLAGS:
+            set_threads(FLAGS.threads)
+        run(**flag_kwargs(run_flags, quick))
+
+    return main
 
 
 def given_or_not_quick(name):

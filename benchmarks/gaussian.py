@@ -82,8 +82,6 @@ from absl import app, flags
 
 from benchmarks import common
 
-FLAGS = flags.FLAGS
-
 
 def define_flags():
     """Define the command-line flags (only when run as a script, so that
@@ -439,9 +437,7 @@ RUN_FLAGS = (
 )
 
 
-def main(argv):
-    del argv
-    run(**common.flag_kwargs(RUN_FLAGS, QUICK))
+main = common.script_main(run, RUN_FLAGS, QUICK)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,6 @@ from absl import app, flags
 
 from benchmarks import common, mnist_runs
 
-FLAGS = flags.FLAGS
-
 MARGIN = 1.07  # the paper's 70 kB against 65.5 kB of 2-bit weights
 FAMILIES = {
     "uniform": {"fixed": "fixed", "tqt": "tqt", "learned": "U3"},
@@ -483,15 +481,12 @@ RUN_FLAGS = (
 )
 
 
-def main(argv):
-    del argv
-    if FLAGS.replot:
-        report = common.load_result(FLAGS.out_dir, "homogeneous")
-        draw(report, FLAGS.out_dir)
-        print_report(report)
-        return
-    mnist_runs.set_threads(FLAGS.threads)
-    run(**common.flag_kwargs(RUN_FLAGS, QUICK))
+def _replot(report, out_dir):
+    draw(report, out_dir)
+    print_report(report)
+
+
+main = common.script_main(run, RUN_FLAGS, QUICK, replot=("homogeneous", _replot))
 
 
 if __name__ == "__main__":

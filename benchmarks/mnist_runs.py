@@ -4,7 +4,6 @@ Used by ``benchmarks.budget_mnist``, ``benchmarks.parametrizations`` (the
 paper's Table 1) and ``benchmarks.homogeneous`` (Table 3 and the
 accuracy-vs-size curve):
 
-* :func:`set_threads`: one TensorFlow thread pool size for every op;
 * :func:`load_data`: the 4,000 / 1,000 split of ``tfdq.data.mnist_subset``
   (optionally fewer training images, for smoke runs);
 * :func:`train_float`: the float model of one seed (Adam, batch 64), trained
@@ -51,17 +50,6 @@ FLOAT_LR = 1e-3
 QUANT_LR = 1e-3
 FINISH_LR = 5e-4
 BITS_PER_KB = 8192.0
-
-
-def set_threads(threads):
-    """Use ``threads`` TensorFlow threads (intra- and inter-op); 0 keeps TF's
-    default. Must run before the first TensorFlow op."""
-    if not threads:
-        return
-    import tensorflow as tf  # noqa: PLC0415
-
-    tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-    tf.config.threading.set_inter_op_parallelism_threads(int(threads))
 
 
 def load_data(n_train=None, n_test=None):

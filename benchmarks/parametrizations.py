@@ -49,8 +49,6 @@ from absl import app, flags
 
 from benchmarks import common, mnist_runs
 
-FLAGS = flags.FLAGS
-
 SGD_LR = 0.01  # the paper's learning rate for quantized nets (docs/method.md section 6)
 
 NAMES = ("U1", "U2", "U3", "P1", "P2", "P3")
@@ -356,15 +354,12 @@ RUN_FLAGS = (
 )
 
 
-def main(argv):
-    del argv
-    if FLAGS.replot:
-        report = common.load_result(FLAGS.out_dir, "parametrizations")
-        draw(report, FLAGS.out_dir)
-        print_table(report)
-        return
-    mnist_runs.set_threads(FLAGS.threads)
-    run(**common.flag_kwargs(RUN_FLAGS, QUICK))
+def _replot(report, out_dir):
+    draw(report, out_dir)
+    print_table(report)
+
+
+main = common.script_main(run, RUN_FLAGS, QUICK, replot=("parametrizations", _replot))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common import RESULTS_DIR, THREADS_HELP, write_result
+from benchmarks.common import RESULTS_DIR, THREADS_HELP, set_threads, write_result
 
 FLAGS = flags.FLAGS
 MODELS = {  # name: (input size, channels, float epochs, quantized epochs)
@@ -136,9 +136,7 @@ def measure(qmodel, train_data, test, int4):
 
 def main(argv):
     del argv
-    from benchmarks import mnist_runs  # noqa: PLC0415
-
-    mnist_runs.set_threads(FLAGS.threads)
+    set_threads(FLAGS.threads)
     records = []
     for name in FLAGS.models:
         for seed in (int(s) for s in FLAGS.seeds):
