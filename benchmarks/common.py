@@ -1,8 +1,9 @@
 """What the benchmark scripts share: results (JSON with provenance, PNG,
 text tables) and the command-line plumbing.
 
-* :func:`write_result`, :func:`save_report`: one JSON per experiment with the
-  machine, versions, date and the command that reproduces it;
+* :func:`write_result`, :func:`save_report`, :func:`write_run`: one JSON per
+  experiment with the machine, versions, date and the command that
+  reproduces it;
   :func:`load_result` reads one back (``--replot``);
 * :func:`result_name`: ``<name>`` or, for a smoke run, ``<name>_quick``;
 * :func:`pyplot`, :func:`save_figure`: matplotlib on the Agg backend (set up
@@ -67,6 +68,14 @@ def save_report(out_dir, name, experiment, command, payload, complete=True, draw
     if complete and draw is not None:
         draw(report, out_dir)
     return report
+
+
+def write_run(out_dir, name, experiment, payload, quick=False):
+    """:func:`write_result` of the script ``benchmarks.<name>``: to
+    ``<name>.json``, or ``<name>_quick.json`` for its ``--quick`` run, with
+    the command ``python -m benchmarks.<name>`` (``--quick``)."""
+    command = f"python -m benchmarks.{name}" + (" --quick" if quick else "")
+    return write_result(out_dir, result_name(name, quick), experiment, command, payload)
 
 
 def load_result(out_dir, name):

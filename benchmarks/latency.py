@@ -443,14 +443,13 @@ def format_table(result):
 
 def write(out_dir, result):
     """``latency[_quick].json`` and ``.png`` in ``out_dir``; returns both paths."""
-    name = common.result_name("latency", result["config"]["quick"])
-    json_path = common.write_result(
+    json_path = common.write_run(
         out_dir,
-        name,
+        "latency",
         "LiteRT batch-1 latency and file size of ResNet-20: float32, tfdq int8 and mixed int4/int8, "
         "tfmot int8 QAT (generated inputs: timing and size only)",
-        "python -m benchmarks.latency" + (" --quick" if result["config"]["quick"] else ""),
         result,
+        result["config"]["quick"],
     )
     png_path = replot(result, out_dir)
     print(f"wrote {png_path}")

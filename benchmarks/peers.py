@@ -714,12 +714,12 @@ def run(
         "per_seed": per_seed,
         "seconds": time.time() - start,
     }
-    payload["json_path"] = common.write_result(
+    payload["json_path"] = common.write_run(
         out_dir,
-        name,
+        "peers",
         "tfdq vs Keras 3 PTQ (int8, int4) and tfmot 8-bit QAT, MNIST subset small CNN",
-        "python -m benchmarks.peers" + (" --quick" if quick else ""),
         payload,
+        quick,
     )
     payload["png_path"] = plot(summary, os.path.join(out_dir, f"{name}.png"))
     print(f"wrote {payload['png_path']}")

@@ -437,7 +437,7 @@ def run(
         seeds, kw = [0], dict(QUICK)
     else:
         kw = dict(float_epochs=float_epochs, quant_epochs=quant_epochs, finish_epochs=finish_epochs)
-    name = name or ("peers_hgq_quick" if quick else "peers_hgq")
+    name = name or common.result_name("peers_hgq", quick)
     config = {
         "seeds": [int(s) for s in seeds],
         "n_weights": N_WEIGHTS,

@@ -33,7 +33,7 @@ import time
 
 from absl import app, flags, logging
 
-from benchmarks.common import RESULTS_DIR, write_result
+from benchmarks.common import RESULTS_DIR, write_run
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,12 +168,12 @@ def main(argv):
         )
     for name, r in result["ratios"].items():
         print(f"{name:30s} {r:.2f}x wall, {result['cpu_ratios'][name]:.2f}x CPU time")
-    write_result(
+    write_run(
         FLAGS.out_dir,
-        "qat_step_time_quick" if FLAGS.quick else "qat_step_time",
+        "qat_step_time",
         "ResNet-20 training step: tfmot 8-bit QAT / tf_keras float beside tfdq U3 / Keras 3 float",
-        "python -m benchmarks.qat_step_time" + (" --quick" if FLAGS.quick else ""),
         result,
+        FLAGS.quick,
     )
 
 

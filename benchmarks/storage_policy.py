@@ -39,7 +39,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common import RESULTS_DIR, write_result
+from benchmarks.common import RESULTS_DIR, write_result, write_run
 from benchmarks.latency import judge, time_files
 
 FLAGS = flags.FLAGS
@@ -295,13 +295,12 @@ def main(argv):
         "(benchmarks/latency.py compares tfmot on ResNet-20)",
         "data": "generated inputs, untrained (init_bits from the float weights): size and timing only",
     }
-    name = "storage_policy_quick" if FLAGS.quick else "storage_policy"
-    write_result(
+    write_run(
         FLAGS.out_dir,
-        name,
+        "storage_policy",
         "kernel storage policies: file size and LiteRT latency",
-        "python -m benchmarks.storage_policy" + (" --quick" if FLAGS.quick else ""),
         payload,
+        FLAGS.quick,
     )
 
 
