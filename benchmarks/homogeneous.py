@@ -208,24 +208,22 @@ def run(
         "counts": counts,
         "configurations": [c["name"] for c in todo],
     }
-    floats, records = [], []
-    print(f"homogeneous: {len(todo)} configurations x {len(seeds)} seeds", flush=True)
-    for seed in seeds:
-        seed_start = mnist_runs.SeedStart(seed, data, counts, float_epochs, verbose=verbose)
-        floats.append(seed_start.float_record)
-        print(mnist_runs.describe_float(seed_start.float_record), flush=True)
-        done = {}
-        for config in todo:
-            key = _same_run_key(config)
-            if key in done:  # e.g. the curve's fixed 2 bits is the table's fixed 2/32 uniform
-                r = dict(done[key], name=config["name"], same_run_as=done[key]["name"])
-            else:
-                r = seed_start.run(config, quant_epochs, finish_epochs)
-                done[key] = r
-            records.append(r)
-            print(f"[{len(records)}/{len(todo) * len(seeds)}] " + mnist_runs.describe(r), flush=True)
-            _write(out_dir, settings, counts, floats, records, todo, start, complete=False, plot=False)
-    report = _write(out_dir, settings, counts, floats, records, todo, start, complete=True, plot=plot)
+    done = {}
+
+    def run_one(seed_start, config):
+        key = (seed_start.seed, _same_run_key(config))
+        if key in done:  # e.g. the curve's fixed 2 bits is the table's fixed 2/32 uniform
+            return dict(done[key], name=config["name"], same_run_as=done[key]["name"])
+        done[key] = seed_start.run(config, quant_epochs, finish_epochs)
+        return done[key]
+
+    def write(floats, records, complete, plot=False):
+        return _write(out_dir, settings, counts, floats, records, todo, start, complete, plot)
+
+    floats, records = mnist_runs.run_configs(
+        "homogeneous", todo, seeds, data, counts, float_epochs, run_one, write, verbose
+    )
+    report = write(floats, records, complete=True, plot=plot)
     print_report(report)
     return report
 

@@ -13,7 +13,8 @@ accuracy-vs-size curve):
   memory budgets, the finish), returning a JSON-ready record;
 * :class:`SeedStart`: one seed's float model and the quantized runs that
   start from it (:func:`train_float` once, then :func:`quantized_run` per
-  config);
+  config); :func:`run_configs`: every config on every seed, with progress
+  lines and the partial results written after each run;
 * :func:`sizes`, :func:`feature_counts`: memory in kB as ``tfdq.memory``
   counts it (Table 2 of the paper);
 * :func:`aggregate`: mean, std, min and max over seeds;
@@ -359,6 +360,27 @@ class SeedStart:
             finish_epochs=finish_epochs,
             **kwargs,
         )
+
+
+def run_configs(name, configs, seeds, data, counts, float_epochs, run_one, write, verbose=0):
+    """Every config on every seed; returns ``(float records, run records)``.
+
+    Per seed a :class:`SeedStart` (``float_epochs=None``: no float model),
+    then ``run_one(seed_start, config) -> record`` for each config, a
+    progress line and ``write(floats, records, complete=False)`` after each.
+    """
+    floats, records = [], []
+    print(f"{name}: {len(configs)} configurations x {len(seeds)} seeds", flush=True)
+    for seed in seeds:
+        seed_start = SeedStart(seed, data, counts, float_epochs, verbose=verbose)
+        if seed_start.float_record is not None:
+            floats.append(seed_start.float_record)
+            print(describe_float(seed_start.float_record), flush=True)
+        for config in configs:
+            records.append(run_one(seed_start, config))
+            print(f"[{len(records)}/{len(configs) * len(seeds)}] " + describe(records[-1]), flush=True)
+            write(floats, records, complete=False)
+    return floats, records
 
 
 def _public(config):

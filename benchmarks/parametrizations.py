@@ -198,23 +198,27 @@ def run(
         "weight_count": sum(counts["weights"].values()),
         "counts": counts,
     }
-    floats, records = [], []
-    print(f"parametrizations: {len(todo)} configurations x {len(seeds)} seeds", flush=True)
+
+    def run_one(seed_start, config):
+        n_epochs = random_epochs if config["init"] == "random" else epochs
+        return seed_start.run(config, n_epochs, 0, lr=lr, optimizer=optimizer)
+
+    def write(floats, records, complete, plot=False):
+        return _write(out_dir, settings_used, floats, records, todo, start, complete, plot)
+
     needs_float = any(c["init"] == "float" for c in todo)
-    for seed in seeds:
-        seed_start = mnist_runs.SeedStart(
-            seed, data, counts, float_epochs if needs_float else None, verbose=verbose
-        )
-        if needs_float:
-            floats.append(seed_start.float_record)
-            print(mnist_runs.describe_float(seed_start.float_record), flush=True)
-        for config in todo:
-            n_epochs = random_epochs if config["init"] == "random" else epochs
-            r = seed_start.run(config, n_epochs, 0, lr=lr, optimizer=optimizer)
-            records.append(r)
-            print(f"[{len(records)}/{len(todo) * len(seeds)}] " + mnist_runs.describe(r), flush=True)
-            _write(out_dir, settings_used, floats, records, todo, start, complete=False, plot=False)
-    report = _write(out_dir, settings_used, floats, records, todo, start, complete=True, plot=plot)
+    floats, records = mnist_runs.run_configs(
+        "parametrizations",
+        todo,
+        seeds,
+        data,
+        counts,
+        float_epochs if needs_float else None,
+        run_one,
+        write,
+        verbose,
+    )
+    report = write(floats, records, complete=True, plot=plot)
     print_table(report)
     return report
 
