@@ -183,6 +183,16 @@ def convert_int8(model):
     return converter.convert()
 
 
+def write_int8(model, out_dir, filename):
+    """:func:`convert_int8` of ``model`` written to ``<out_dir>/<filename>``:
+    ``{"tflite_path", "file_bytes"}``."""
+    tflite = convert_int8(model)
+    path = os.path.join(out_dir, filename)
+    with open(path, "wb") as f:
+        f.write(tflite)
+    return {"tflite_path": path, "file_bytes": len(tflite)}
+
+
 def versions():
     import tensorflow as tf  # noqa: PLC0415
     import tensorflow_model_optimization as tfmot  # noqa: PLC0415
@@ -218,18 +228,13 @@ def mnist_qat(weights, seed, epochs, lrs, batch_size, out_dir, train_limit=None)
         for k, v in h.history.items():
             history.setdefault(k, []).extend(float(x) for x in v)
     qat_acc = float(qat.evaluate(xv, yv, verbose=0)[1])
-    tflite = convert_int8(qat)
-    path = os.path.join(out_dir, "tfmot_mnist.tflite")
-    with open(path, "wb") as f:
-        f.write(tflite)
     return {
         "float_accuracy_tf_keras": float_acc,
         "keras_accuracy": qat_acc,
         "qat_epochs": list(epochs),
         "qat_learning_rates": list(lrs),
         "history": history,
-        "tflite_path": path,
-        "file_bytes": len(tflite),
+        **write_int8(qat, out_dir, "tfmot_mnist.tflite"),
         "seconds": time.time() - start,
         "versions": versions(),
     }
@@ -252,13 +257,8 @@ def resnet20_qat(weights, steps, batch_size, out_dir):
     qat.compile(tfk.optimizers.SGD(1e-3, momentum=0.9), _sparse_ce())
     for _ in range(steps):  # sets the QAT ranges; generated data: timing and size only
         qat.train_on_batch(x, y)
-    tflite = convert_int8(qat)
-    path = os.path.join(out_dir, "tfmot_resnet20_int8.tflite")
-    with open(path, "wb") as f:
-        f.write(tflite)
     return {
-        "tflite_path": path,
-        "file_bytes": len(tflite),
+        **write_int8(qat, out_dir, "tfmot_resnet20_int8.tflite"),
         "qat_steps": steps,
         "seconds": time.time() - start,
         "versions": versions(),
