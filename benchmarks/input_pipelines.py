@@ -40,13 +40,12 @@ import time
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import write_result
+from benchmarks.common import RESULTS_DIR, write_result
 
 FLAGS = flags.FLAGS
 NAME = "input_pipelines"
 BASE = "35370b7"  # main before issue 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 
 def old_data_module(base=BASE):
