@@ -3,8 +3,7 @@ text tables) and the command-line plumbing.
 
 * :func:`write_result`, :func:`save_report`, :func:`write_run`: one JSON per
   experiment with the machine, versions, date and the command that
-  reproduces it;
-  :func:`load_result` reads one back (``--replot``);
+  reproduces it; :func:`load_result` reads one back (``--replot``);
 * :func:`result_name`: ``<name>`` or, for a smoke run, ``<name>_quick``;
 * :func:`pyplot`, :func:`save_figure`: matplotlib on the Agg backend (set up
   once, in ``tfdq.plot``), a figure laid out, written and closed;
