@@ -126,7 +126,7 @@ def run_seed(seed, float_epochs=8, quant_epochs=4, finish_epochs=2, lam=None, ve
         "training_mode_accuracy": training_mode_accuracy(r.pop("model"), data[1]),
         "short_finetune": short,
         "seed": seed,
-        "lambda": r["lambda"],
+        "lambda": r.get("lambda"),  # None: multipliers learned (no --lam)
         "float_accuracy": 1.0 - float_error,
         "final_accuracy": 1.0 - r["error"],
         "weight_kb": r["weight_kb"],
