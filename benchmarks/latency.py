@@ -189,17 +189,19 @@ def build_files(
 def time_files(files, threads=(1, 2), rounds=15, invokes=40, warmup=20):
     """Per (file, threads): median ms per batch-1 invocation over interleaved rounds."""
     import numpy as np  # noqa: PLC0415
-    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    from tfdq.export.runtime import LiteRTRunner  # noqa: PLC0415
 
     rng = np.random.default_rng(1)
     runners = {}
     for name, tflite in files.items():
         for t in threads:
-            interp = Interpreter(model_content=tflite, num_threads=int(t))
-            interp.allocate_tensors()
-            inp = interp.get_input_details()[0]
-            image = rng.uniform(size=[1, *inp["shape"][1:]]).astype("float32")  # the file's input shape
-            interp.set_tensor(inp["index"], image.astype(inp["dtype"]))
+            runner = LiteRTRunner(tflite, int(t))
+            shape = runner.interpreter.get_input_details()[0]["shape"]
+            runner(
+                rng.uniform(size=[1, *shape[1:]]).astype("float32")
+            )  # sets the input (quantized as verify does)
+            interp = runner.interpreter
             for _ in range(warmup):
                 interp.invoke()
             runners[(name, int(t))] = interp
@@ -222,7 +224,7 @@ def time_files(files, threads=(1, 2), rounds=15, invokes=40, warmup=20):
             round_medians[key].append(float(np.median(times)))
     out = {}
     for (name, t), values in samples.items():
-        out.setdefault(name, {})[f"{t}_thread{'s' if t > 1 else ''}"] = {
+        out.setdefault(name, {})[_key(t)] = {
             "median_ms": 1000 * float(np.median(values)),
             "p10_ms": 1000 * float(np.percentile(values, 10)),
             "p90_ms": 1000 * float(np.percentile(values, 90)),
