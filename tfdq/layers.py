@@ -11,6 +11,10 @@ All layers are registered Keras serializables: a saved ``.keras`` model
 loads with ``keras.models.load_model`` (safe mode on) after ``import tfdq``.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
 from keras import ops as kops
 
@@ -30,12 +34,15 @@ def _make_quantizer(identifier, role, signed):
 class QuantizedWeightsMixin:
     """Shared part of the quantized layers: the weight quantizer.
 
-    Its ``__init__`` takes ``kernel_quantizer`` (or a subclass calls
-    :meth:`_init_quantizer`); the subclass uses :meth:`quantized_weights` in
-    ``call``.
+    Its ``__init__`` is every quantized layer's constructor: the Keras
+    layer's arguments plus ``kernel_quantizer`` (a name such as ``"U3"``, a
+    quantizer object or its config), and it refuses ``channels_first``. A
+    subclass writes only ``call``, with :meth:`quantized_weights`.
     """
 
-    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
+    def __init__(
+        self, *args: Any, kernel_quantizer: str | dict | quantizers_lib.Quantizer = "U3", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._check_channels_last()
         self._init_quantizer(kernel_quantizer)
@@ -53,7 +60,7 @@ class QuantizedWeightsMixin:
         """The weight of the float Keras ``layer`` that this layer's quantized kernel replaces."""
         return layer.kernel
 
-    def quantized_weights(self):
+    def quantized_weights(self) -> tuple[Any, Any | None]:
         """``(Q(kernel), Q(bias) or None)`` with one set of quantizer parameters."""
         params = self.kernel_quantizer.forward_params()
         kernel = self.kernel_quantizer.quantize_tensor(self.kernel, params)
@@ -91,11 +98,6 @@ class QConv2D(QuantizedWeightsMixin, keras.layers.Conv2D):
     config; default ``"U3"``).
     """
 
-    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._check_channels_last()
-        self._init_quantizer(kernel_quantizer)
-
     def call(self, inputs):
         kernel, bias = self.quantized_weights()
         return self._finish(self.convolution_op(inputs, kernel), bias)
@@ -104,11 +106,6 @@ class QConv2D(QuantizedWeightsMixin, keras.layers.Conv2D):
 @keras.saving.register_keras_serializable(_PACKAGE)
 class QDepthwiseConv2D(QuantizedWeightsMixin, keras.layers.DepthwiseConv2D):
     """``keras.layers.DepthwiseConv2D`` with a learned weight quantizer."""
-
-    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._check_channels_last()
-        self._init_quantizer(kernel_quantizer)
 
     def call(self, inputs):
         kernel, bias = self.quantized_weights()
@@ -126,10 +123,6 @@ class QDepthwiseConv2D(QuantizedWeightsMixin, keras.layers.DepthwiseConv2D):
 @keras.saving.register_keras_serializable(_PACKAGE)
 class QDense(QuantizedWeightsMixin, keras.layers.Dense):
     """``keras.layers.Dense`` with a learned weight quantizer."""
-
-    def __init__(self, *args, kernel_quantizer="U3", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quantizer(kernel_quantizer)
 
     def call(self, inputs, training=None):
         kernel, bias = self.quantized_weights()
@@ -196,13 +189,19 @@ class ActivationQuantizer(keras.layers.Layer):
     feature map of its own, so memory budgets and sizes leave it out.
     """
 
-    def __init__(self, quantizer="U3", signed=False, counted=True, **kwargs):
+    def __init__(
+        self,
+        quantizer: str | dict | quantizers_lib.Quantizer = "U3",
+        signed: bool = False,
+        counted: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.quantizer = _make_quantizer(quantizer, "activation", signed)
         self.counted = bool(counted)
 
     @property
-    def signed(self):
+    def signed(self) -> bool:
         return self.quantizer.signed
 
     def build(self, input_shape):
@@ -224,12 +223,12 @@ class ActivationQuantizer(keras.layers.Layer):
         return config
 
 
-def weight_quantized_layers(model):
+def weight_quantized_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """All layers of ``model`` (nested models included) with a weight quantizer."""
     return [l for l in _walk(model) if isinstance(l, QuantizedWeightsMixin)]
 
 
-def activation_quantizer_layers(model):
+def activation_quantizer_layers(model: keras.Model) -> list[ActivationQuantizer]:
     """All :class:`ActivationQuantizer` layers of ``model``, nested ones included."""
     return [l for l in _walk(model) if isinstance(l, ActivationQuantizer)]
 

@@ -28,10 +28,15 @@ variable unchanged. After every optimizer step Keras applies each variable's
 Reference: Uhlich et al., ICLR 2020, sections 2-3.
 """
 
+from __future__ import annotations
+
 import contextlib
+import dataclasses
 import functools
 import math
 import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -59,15 +64,37 @@ DEFAULT_BOUNDS = {
 DEFAULT_INIT_BITS = 4.0
 DEFAULT_INIT_D = 2.0**-3  # docs/method.md section 4, random initialization
 
+# The four quantities a parametrization learns or derives, in config order.
+QUANTITIES = ("bits", "d", "q_max", "q_min")
+
 
 def _levels(bits, signed):
     """Largest integer of a b-bit uniform grid (Python float)."""
     return 2.0 ** (bits - 1) - 1 if signed else 2.0**bits - 1
 
 
+def min_bits(family: str | None, signed: bool, with_zero: bool = False) -> float:
+    """Fewest bits a grid of ``family`` can have (docs/method.md section 8).
+
+    Uniform: 2 signed (``{-d, 0, d}``), 1 unsigned (``{0, d}``). Power of
+    two: one exponent bit, plus one for the sign and one for an exact zero
+    (``1 + signed + with_zero``). Any other family: 1. This is the one place
+    the rule is written; quantizers, templates and budgets read it here.
+    """
+    if family == "pow2":
+        return 1.0 + ops.pow2_extra_bits(signed, with_zero)
+    if family == "uniform" and signed:
+        return 2.0
+    return 1.0
+
+
+def _grid_name(family, signed, with_zero):
+    if family == "pow2":
+        return f"A power-of-two quantizer with signed={signed}, with_zero={with_zero}"
+    return f"A {'signed' if signed else 'unsigned'} {family or 'custom'} quantizer"
+
+
 def _check_pair(name, lo, hi):
-    if lo is None or hi is None:
-        return
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo <= 0 or hi <= 0:
         raise ValueError(
             f"Bounds for {name} must be positive and finite, got [{lo}, {hi}]. "
@@ -77,11 +104,141 @@ def _check_pair(name, lo, hi):
         raise ValueError(f"min_{name}={lo} is larger than max_{name}={hi}. Swap them or widen the range.")
 
 
+def _check_init(name, value):
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"init_{name} must be finite, got {value}.")
+    if name == "bits" and not (1 <= value <= 32):
+        raise ValueError(f"init_bits must lie in [1, 32], got {value}.")
+    if name != "bits" and value <= 0:
+        raise ValueError(
+            f"init_{name} must be positive, got {value}: a step size or "
+            "range of zero or less quantizes everything to nothing."
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerSpec:
+    """What a quantizer is, checked once: sign, role, bounds, initial values, learned parameters.
+
+    :meth:`create` builds it from the quantizer's constructor arguments and
+    is the one place they are validated (each error says what to change);
+    :meth:`config` gives them back as the keys of ``get_config``, so a
+    config round trip rebuilds the same spec. Immutable: the Keras layer
+    (:class:`Quantizer`) holds the variables and its current initial values,
+    which :meth:`Quantizer.initialize_from` moves.
+
+    Attributes:
+        family: ``"uniform"``, ``"pow2"`` or None (the class's ``FAMILY``).
+        signed, role: as passed (``role`` chose the default bounds).
+        bounds: ``{"bits", "d", "q_max", "q_min"} -> (lo, hi)`` floats, the
+            bit bounds raised to the grid's minimum (:func:`min_bits`) where
+            ``min_bits`` was not given.
+        init: ``{"bits", "d", "q_max", "q_min"} -> float or None``, as passed.
+        learn: the names of the learned parameters.
+        with_zero: power of two only: one code spent on an exact zero.
+        round_step: uniform only: the forward step is a power of two.
+    """
+
+    family: str | None
+    signed: bool
+    role: str
+    bounds: Mapping[str, tuple[float, float]]
+    init: Mapping[str, float | None]
+    learn: tuple[str, ...]
+    with_zero: bool = False
+    round_step: bool = True
+
+    @classmethod
+    def create(
+        cls,
+        quantizer_class: type[Quantizer],
+        *,
+        signed: bool = True,
+        role: str = "weight",
+        bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+        init: Mapping[str, float | None] | None = None,
+        learn: Iterable[str] | None = None,
+        with_zero: bool | None = None,
+        round_step: bool = True,
+    ) -> QuantizerSpec:
+        """Validate a quantizer's arguments and complete them with the defaults.
+
+        ``bounds`` maps a quantity to ``(min, max)`` (None: the role's
+        default); ``init`` a quantity to its initial value or None;
+        ``with_zero=None`` means on for activations (power of two).
+        """
+        if role not in DEFAULT_BOUNDS:
+            raise ValueError(f"Unknown quantizer role {role!r}: use 'weight' or 'activation'.")
+        signed = bool(signed)
+        family = quantizer_class.FAMILY
+        with_zero = family == "pow2" and bool(role == "activation" if with_zero is None else with_zero)
+        given = dict(bounds or {})
+        full = {}
+        for name in QUANTITIES:
+            lo, hi = given.get(name, (None, None))
+            default_lo, default_hi = DEFAULT_BOUNDS[role][name]
+            full[name] = (default_lo if lo is None else float(lo), default_hi if hi is None else float(hi))
+        lo_b, hi_b = full["bits"]
+        if lo_b > hi_b:
+            raise ValueError(f"min_bits={lo_b} is larger than max_bits={hi_b}: pass min_bits <= max_bits.")
+        if not (1 <= lo_b and hi_b <= 32) or lo_b != int(lo_b) or hi_b != int(hi_b):
+            raise ValueError(f"Bit bounds must be integers in [1, 32], got [{lo_b}, {hi_b}].")
+        need = min_bits(family, signed, with_zero)
+        if lo_b < need:
+            if given.get("bits", (None, None))[0] is not None:
+                hint = "".join(
+                    f" or {a}=False" for a, on in (("signed", signed), ("with_zero", with_zero)) if on
+                )
+                raise ValueError(
+                    f"{_grid_name(family, signed, with_zero)} needs at least {need:g} bits; "
+                    f"got min_bits={lo_b}: use min_bits={need:g}{hint}."
+                )
+            full["bits"] = (need, max(hi_b, need))
+        for name in ("d", "q_max", "q_min"):
+            _check_pair(name, *full[name])
+        params = quantizer_class.PARAMS
+        learn = params if learn is None else tuple(learn)
+        unknown = [p for p in learn if p not in params]
+        if unknown:
+            raise ValueError(f"{quantizer_class.__name__} learns {params}; cannot learn {unknown}.")
+        init = dict(init or {})
+        values = {
+            name: None if init.get(name) is None else _check_init(name, init[name]) for name in QUANTITIES
+        }
+        if values["d"] is not None and values["q_max"] is not None and values["q_max"] < values["d"]:
+            raise ValueError(
+                f"init_q_max={values['q_max']} is smaller than init_d={values['d']}; the range must "
+                "hold at least one step (q_max >= d)."
+            )
+        return cls(family, signed, role, full, values, learn, with_zero, bool(round_step))
+
+    @property
+    def min_bits(self) -> float:
+        """The fewest bits this grid can have (:func:`min_bits`)."""
+        return min_bits(self.family, self.signed, self.with_zero)
+
+    def config(self, init: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+        """The spec as ``get_config`` keys (``init``: current initial values, default the spec's)."""
+        config: dict[str, Any] = {"signed": self.signed, "role": self.role, "learn": list(self.learn)}
+        for name, (lo, hi) in self.bounds.items():
+            config[f"min_{name}"] = lo
+            config[f"max_{name}"] = hi
+        for name, value in (self.init if init is None else init).items():
+            config[f"init_{name}"] = value
+        if self.family == "uniform":
+            config["round_step"] = self.round_step
+        elif self.family == "pow2":
+            config["with_zero"] = self.with_zero
+        return config
+
+
 _SHARED = threading.local()
 
 
 @contextlib.contextmanager
-def shared_forward_params():
+def shared_forward_params() -> Iterator[None]:
     """Within this context every quantizer computes its forward parameters
     once per graph: the layer that quantizes with it, the memory sizes and
     the gradient-clip bounds of one training step read the same tensors
@@ -112,11 +269,15 @@ def _shared(forward_params):
 
 
 class Quantizer(keras.layers.Layer):
-    """Base class: parameter storage, bounds, projection, (de)serialization.
+    """Base class: a Keras layer owning the two learned scalars of one parametrization.
 
-    Subclasses set ``PARAMS`` (the two learned quantities, in order) and
-    implement :meth:`forward_params` (derive the forward values, with STE)
-    and :meth:`quantize`.
+    The arguments are validated once, into an immutable :class:`QuantizerSpec`
+    (``self.spec``; ``signed``, ``role``, ``bounds`` and ``learn`` read it).
+    The layer holds the variables, the forward pass, the projection into the
+    bounds and (de)serialization. Subclasses set ``PARAMS`` (the two learned
+    quantities, in order) and ``FAMILY``, and implement
+    :meth:`forward_params` (the forward values, with STE), :meth:`project`,
+    :meth:`quantize_tensor` and the initial values.
 
     Args:
         signed: ``True`` for weights and signed activations; ``False`` for
@@ -133,8 +294,10 @@ class Quantizer(keras.layers.Layer):
             init_bits=2)`` is TQT and ``learn=()`` a fixed quantizer.
     """
 
-    PARAMS = ()
-    FAMILY = None
+    PARAMS: tuple[str, ...] = ()
+    FAMILY: str | None = None
+    # Keyword arguments of a family (UniformQuantizer, Pow2Quantizer) that the spec holds.
+    _OPTIONS: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -143,93 +306,59 @@ class Quantizer(keras.layers.Layer):
 
     def __init__(
         self,
-        signed=True,
-        role="weight",
-        min_bits=None,
-        max_bits=None,
-        min_d=None,
-        max_d=None,
-        min_q_max=None,
-        max_q_max=None,
-        min_q_min=None,
-        max_q_min=None,
-        init_bits=None,
-        init_d=None,
-        init_q_max=None,
-        init_q_min=None,
-        learn=None,
-        **kwargs,
-    ):
+        signed: bool = True,
+        role: str = "weight",
+        min_bits: float | None = None,
+        max_bits: float | None = None,
+        min_d: float | None = None,
+        max_d: float | None = None,
+        min_q_max: float | None = None,
+        max_q_max: float | None = None,
+        min_q_min: float | None = None,
+        max_q_min: float | None = None,
+        init_bits: float | None = None,
+        init_d: float | None = None,
+        init_q_max: float | None = None,
+        init_q_min: float | None = None,
+        learn: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options = {name: kwargs.pop(name) for name in self._OPTIONS if name in kwargs}
         super().__init__(**kwargs)
-        if role not in DEFAULT_BOUNDS:
-            raise ValueError(f"Unknown quantizer role {role!r}: use 'weight' or 'activation'.")
-        self.signed = bool(signed)
-        self.role = role
-        defaults = DEFAULT_BOUNDS[role]
-        given = {
-            "bits": (min_bits, max_bits),
-            "d": (min_d, max_d),
-            "q_max": (min_q_max, max_q_max),
-            "q_min": (min_q_min, max_q_min),
-        }
-        self.bounds = {}
-        for name, (lo, hi) in given.items():
-            lo = defaults[name][0] if lo is None else float(lo)
-            hi = defaults[name][1] if hi is None else float(hi)
-            self.bounds[name] = (lo, hi)
-        lo_b, hi_b = self.bounds["bits"]
-        if lo_b > hi_b:
-            raise ValueError(f"min_bits={lo_b} is larger than max_bits={hi_b}: pass min_bits <= max_bits.")
-        if not (1 <= lo_b and hi_b <= 32) or lo_b != int(lo_b) or hi_b != int(hi_b):
-            raise ValueError(f"Bit bounds must be integers in [1, 32], got [{lo_b}, {hi_b}].")
-        if self.signed and lo_b < 2 and self.FAMILY == "uniform" and min_bits is None:
-            lo_b = 2.0
-            self.bounds["bits"] = (lo_b, max(hi_b, lo_b))
-        if self.signed and lo_b < 2 and self.FAMILY == "uniform":
-            raise ValueError(
-                "A signed uniform quantizer needs at least 2 bits "
-                f"(min_bits={lo_b}): use min_bits=2 or signed=False."
-            )
-        for name in ("d", "q_max", "q_min"):
-            _check_pair(name, *self.bounds[name])
-        if learn is None:
-            learn = self.PARAMS
-        learn = tuple(learn)
-        unknown = [p for p in learn if p not in self.PARAMS]
-        if unknown:
-            raise ValueError(f"{type(self).__name__} learns {self.PARAMS}; cannot learn {unknown}.")
-        self.learn = learn
-        self.init = {
-            "bits": init_bits,
-            "d": init_d,
-            "q_max": init_q_max,
-            "q_min": init_q_min,
-        }
-        for name, value in self.init.items():
-            if value is None:
-                continue
-            value = float(value)
-            if not np.isfinite(value):
-                raise ValueError(f"init_{name} must be finite, got {value}.")
-            if name == "bits" and not (1 <= value <= 32):
-                raise ValueError(f"init_bits must lie in [1, 32], got {value}.")
-            if name != "bits" and value <= 0:
-                raise ValueError(
-                    f"init_{name} must be positive, got {value}: a step size or "
-                    "range of zero or less quantizes everything to nothing."
-                )
-            self.init[name] = value
-        if (
-            self.init["d"] is not None
-            and self.init["q_max"] is not None
-            and self.init["q_max"] < self.init["d"]
-        ):
-            raise ValueError(
-                f"init_q_max={self.init['q_max']} is smaller than init_d="
-                f"{self.init['d']}; the range must hold at least one step "
-                "(q_max >= d)."
-            )
+        self.spec = QuantizerSpec.create(
+            type(self),
+            signed=signed,
+            role=role,
+            bounds={
+                "bits": (min_bits, max_bits),
+                "d": (min_d, max_d),
+                "q_max": (min_q_max, max_q_max),
+                "q_min": (min_q_min, max_q_min),
+            },
+            init={"bits": init_bits, "d": init_d, "q_max": init_q_max, "q_min": init_q_min},
+            learn=learn,
+            **options,
+        )
+        # Current initial values: initialize_from moves them; get_config saves them.
+        self.init = dict(self.spec.init)
         self._param_vars = {}
+
+    @property
+    def signed(self) -> bool:
+        return self.spec.signed
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    @property
+    def bounds(self) -> Mapping[str, tuple[float, float]]:
+        """``{"bits", "d", "q_max", "q_min"} -> (lo, hi)``: the bounds in force."""
+        return self.spec.bounds
+
+    @property
+    def learn(self) -> tuple[str, ...]:
+        return self.spec.learn
 
     # -- initial values -------------------------------------------------
 
@@ -237,7 +366,7 @@ class Quantizer(keras.layers.Layer):
         """Complete the initial values of every quantity from those given."""
         raise NotImplementedError
 
-    def initialize_from(self, values, bits=DEFAULT_INIT_BITS):
+    def initialize_from(self, values: Any, bits: float = DEFAULT_INIT_BITS) -> None:
         """Set the initial parameters from the tensor they will quantize.
 
         docs/method.md section 4: ``b = bits``; uniform ``d = 2^floor(log2(max|W| /
@@ -266,7 +395,7 @@ class Quantizer(keras.layers.Layer):
 
     # -- variables -------------------------------------------------------
 
-    def build(self, input_shape=None):
+    def build(self, input_shape: Any = None) -> None:
         values = self._initial_values()
         for name in self.PARAMS:
             self._param_vars[name] = self.add_weight(
@@ -278,11 +407,11 @@ class Quantizer(keras.layers.Layer):
             )
         self.built = True
 
-    def param(self, name):
+    def param(self, name: str) -> keras.Variable:
         """The float variable of a learned quantity (``"d"``, ``"q_max"``...)."""
         return self._param_vars[name]
 
-    def project(self):
+    def project(self) -> dict[str, tf.Tensor]:
         """Projected values of all parameters: each clipped into its bounds.
 
         Returns a dict ``name -> tensor``. Joint bounds (``d <= q_max``, the
@@ -291,13 +420,17 @@ class Quantizer(keras.layers.Layer):
         """
         raise NotImplementedError
 
-    def forward_params(self):
+    def forward_params(self) -> dict[str, tf.Tensor]:
         """Forward values ``{"bits", "d"/"q_min", "q_max"}``, differentiable."""
         raise NotImplementedError
 
-    def quantize_tensor(self, x, params=None):
+    def quantize_tensor(self, x: Any, params: Mapping[str, tf.Tensor] | None = None) -> tf.Tensor:
         """Quantize ``x`` with this quantizer's current parameters."""
         raise NotImplementedError
+
+    def _bits_forward(self, bits_var):
+        """The learned bitwidth in the forward pass: clipped into its bounds, rounded (STE)."""
+        return ops.ste_round(ops.ste_clip(bits_var, *self.bounds["bits"]))
 
     def call(self, inputs):
         return self.quantize_tensor(inputs)
@@ -305,11 +438,11 @@ class Quantizer(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def bits(self):
+    def bits(self) -> float:
         """Current (integer) bitwidth as a Python float."""
         return float(self.forward_params()["bits"])
 
-    def set_bits(self, bits, kernel=None):
+    def set_bits(self, bits: float, kernel: Any = None) -> None:
         """Move the parameters so that the stored grid has ``bits`` bits.
 
         Used to fix an allocation inside a memory budget
@@ -323,30 +456,19 @@ class Quantizer(keras.layers.Layer):
             raise NotImplementedError(f"{type(self).__name__} cannot set its bitwidth.")
         self._param_vars["bits"].assign(float(bits))
 
-    def gradient_clip_bound(self, params=None):
+    def gradient_clip_bound(self, params: Mapping[str, tf.Tensor] | None = None) -> tf.Tensor:
         """``d`` (uniform) or ``q_min`` (power of two): the [-d, d] clip bound
         that constrained training uses for the gradients of these parameters
         (docs/method.md section 3)."""
         p = self.forward_params() if params is None else params
         return p["d"] if "d" in p else p["q_min"]
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update(
-            {
-                "signed": self.signed,
-                "role": self.role,
-                "learn": list(self.learn),
-            }
-        )
-        for name, (lo, hi) in self.bounds.items():
-            config[f"min_{name}"] = lo
-            config[f"max_{name}"] = hi
-        for name, value in self.init.items():
-            config[f"init_{name}"] = value
+        config.update(self.spec.config(self.init))
         return config
 
-    def describe(self):
+    def describe(self) -> dict[str, float]:
         """Current forward values as Python floats, for reports."""
         return {k: float(v) for k, v in self.forward_params().items()}
 
@@ -403,15 +525,15 @@ class UniformQuantizer(Quantizer):
     """
 
     FAMILY = "uniform"
+    _OPTIONS = ("round_step",)
 
-    def __init__(self, *args, round_step=True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.round_step = bool(round_step)
+    def __init__(self, *args: Any, round_step: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, round_step=round_step, **kwargs)
 
-    def get_config(self):
-        config = super().get_config()
-        config["round_step"] = self.round_step
-        return config
+    @property
+    def round_step(self) -> bool:
+        """Whether the forward step is rounded to a power of two."""
+        return self.spec.round_step
 
     def _step(self, d):
         """Forward step: a power of two (docs/method.md section 3) unless
@@ -448,9 +570,6 @@ class UniformQuantizer(Quantizer):
                 ops.uniform_bits(tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), self.signed)
             )
         return {"bits": bits, "d": d, "q_max": q_max}
-
-    def _bits_forward(self, bits_var):
-        return ops.ste_round(ops.ste_clip(bits_var, *self.bounds["bits"]))
 
     def _ratio_bounds(self):
         """Allowed q_max/d so that min_bits <= b(d, q_max) <= max_bits."""
@@ -599,26 +718,15 @@ class Pow2Quantizer(Quantizer):
     """
 
     FAMILY = "pow2"
+    _OPTIONS = ("with_zero",)
 
-    def __init__(self, *args, with_zero=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if with_zero is None:
-            with_zero = self.role == "activation"
-        self.with_zero = bool(with_zero)
-        extra = ops.pow2_extra_bits(self.signed, self.with_zero)
-        if self.bounds["bits"][0] < extra + 1:
-            if "min_bits" in kwargs and kwargs["min_bits"] is not None:
-                raise ValueError(
-                    f"A power-of-two quantizer with signed={self.signed}, "
-                    f"with_zero={self.with_zero} needs at least {int(extra) + 1} "
-                    f"bits; got min_bits={self.bounds['bits'][0]}."
-                )
-            self.bounds["bits"] = (extra + 1, max(self.bounds["bits"][1], extra + 1))
+    def __init__(self, *args: Any, with_zero: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, with_zero=with_zero, **kwargs)
 
-    def get_config(self):
-        config = super().get_config()
-        config["with_zero"] = self.with_zero
-        return config
+    @property
+    def with_zero(self) -> bool:
+        """Whether one code is spent on an exact zero (default: on for activations)."""
+        return self.spec.with_zero
 
     @property
     def _extra(self):
@@ -666,9 +774,6 @@ class Pow2Quantizer(Quantizer):
             ratio = math.log2(_pow2_float(q_max) / _pow2_float(q_min))
             bits = math.ceil(math.log2(ratio + 1)) + self._extra
         return {"bits": bits, "q_min": q_min, "q_max": q_max}
-
-    def _bits_forward(self, bits_var):
-        return ops.ste_round(ops.ste_clip(bits_var, *self.bounds["bits"]))
 
     def quantize_tensor(self, x, params=None):
         params = params or self.forward_params()
@@ -802,7 +907,7 @@ class P3(Pow2Quantizer):
 PARAMETRIZATIONS = {"U1": U1, "U2": U2, "U3": U3, "P1": P1, "P2": P2, "P3": P3}
 
 
-def get(identifier, **kwargs):
+def get(identifier: str | dict | Quantizer, **kwargs: Any) -> Quantizer:
     """Resolve a quantizer from a name (``"U3"``), a config dict or an object.
 
     Names are case-insensitive; keyword arguments go to the constructor when
@@ -827,7 +932,11 @@ def get(identifier, **kwargs):
     )
 
 
-def clip_gradients(grads_and_vars, quantizers, params=None):
+def clip_gradients(
+    grads_and_vars: Iterable[tuple[Any, Any]],
+    quantizers: Iterable[Quantizer],
+    params: Mapping[int, Mapping[str, tf.Tensor]] | None = None,
+) -> list[tuple[Any, Any]]:
     """Clip the gradients of the quantizers' step/range parameters to [-d, d].
 
     docs/method.md section 3: while a memory constraint is active the reference
