@@ -184,3 +184,21 @@ def test_layer_constructors_shared():
     for cls, args in ((qlayers.QConv2D, (2, 3)), (qlayers.QDepthwiseConv2D, (3,))):
         with pytest.raises(ValueError, match="channels_last"):
             cls(*args, data_format="channels_first")
+
+
+@pytest.mark.parametrize(
+    ("template", "want"),
+    [
+        (U3(signed=False, role="activation", min_bits=1), 2.0),  # signed weights: {-d, 0, d}
+        (P3(signed=False, role="activation", with_zero=False, min_bits=1), 2.0),  # sign + exponent
+        (P3(signed=False, role="activation", with_zero=True), 3.0),  # sign + zero + exponent
+    ],
+    ids=["U3", "P3", "P3-with-zero"],
+)
+def test_template_from_the_other_sign_gets_the_minimum_bits(template, want):
+    """quantize_model's template rule reads the same minimum-bits rule."""
+    float_model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    q = tfdq.quantize_model(float_model, weight_quantizer=template, quantize_input=False)
+    (layer,) = qlayers.weight_quantized_layers(q)
+    assert layer.kernel_quantizer.signed
+    assert layer.kernel_quantizer.bounds["bits"] == (want, 8.0)

@@ -294,12 +294,9 @@ def _template(identifier, role, signed, bits_bounds, init_bits):
         if config.get("min_bits") is not None:
             # the template may come from the other signedness: keep its bounds
             # but give this tensor the bits its sign (and zero level) need
-            if isinstance(identifier, quantizers_lib.Pow2Quantizer):
-                with_zero = config.get("with_zero")
-                with_zero = role == "activation" if with_zero is None else with_zero
-                need = 1 + int(signed) + int(with_zero)
-            else:
-                need = 2 if signed else 1
+            with_zero = config.get("with_zero")
+            with_zero = role == "activation" if with_zero is None else with_zero
+            need = quantizers_lib.min_bits(identifier.FAMILY, signed, with_zero)
             config["min_bits"] = max(config["min_bits"], need)
             config["max_bits"] = max(config.get("max_bits") or need, config["min_bits"])
         return type(identifier), config
