@@ -30,7 +30,8 @@ A config (all keys but ``name`` optional)::
      "init": "float",                 # or "random": train the quantized net from scratch
      "weight_budget_bits": 2.0,       # (8a) target = margin * N * bits / 8192 kB
      "weight_budget_margin": 1.07,
-     "activation_budget": ("max", 4)  # (8b) "sum" / (8c) "max" at this many bits per value
+     "activation_budget": ("max", 4), # (8b) "sum" / (8c) "max" at this many bits per value
+     "quantizer_options": {"full_grid": True},  # keyword arguments of the learned quantizers
     }
 
 Random initialization (docs/method.md section 4, ``d = 2^-3``): a random-init
@@ -199,10 +200,18 @@ def build_quantized(config, source_model, calibration):
 
     act = config.get("activation")
     random_init = config.get("init", "float") == "random"
+    options = config.get("quantizer_options")
+
+    def arg(name, bits, role):
+        if options and name in tfdq.quantizers.PARAMETRIZATIONS:
+            # a template with these options (e.g. full_grid=True) for every tensor of the role
+            return tfdq.quantizers.get(name, role=role, signed=role == "weight", **options)
+        return quantizer_arg(name, bits)
+
     qmodel = tfdq.quantize_model(
         source_model,
-        weight_quantizer=quantizer_arg(config["weight"], config.get("weight_bits", 4)),
-        activation_quantizer=quantizer_arg(act, config.get("activation_bits", 4)) if act else "U3",
+        weight_quantizer=arg(config["weight"], config.get("weight_bits", 4), "weight"),
+        activation_quantizer=arg(act, config.get("activation_bits", 4), "activation") if act else "U3",
         quantize_activations=act is not None,
         calibration_data=None if random_init else calibration,
         init="random" if random_init else "float",

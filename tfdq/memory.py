@@ -19,6 +19,10 @@ on the float formula), so a constraint still pulls ``d`` up and ``q_max``
 down. Power-of-two grids store exactly ``log2(q_max/q_min) + 1`` octaves and
 are charged that.
 
+A uniform quantizer with ``full_grid=True`` has its forward ``q_max`` snapped
+to the full grid of its bitwidth, ``(2^(b-1) - 1) d``: it is charged ``b``,
+the paper's formula, weights included (the grid's range, not the kernel's).
+
 :class:`Sizes` computes every tensor's bits once (one ``forward_params`` per
 quantizer); the budget's loss term, the logs and the gradient-clip bounds of
 one training step all read the same :class:`Sizes`.
@@ -73,7 +77,7 @@ def stored_bits(quantizer, params, kernel=None):
     lo_bits = quantizer.bounds["bits"][0]
     if "d" in params:
         q_max, d = params["q_max"], params["d"]
-        if kernel is not None:
+        if kernel is not None and not getattr(quantizer, "full_grid", False):
             q_max = tf.minimum(q_max, tf.reduce_max(tf.abs(tf.cast(kernel, q_max.dtype))))
         # n = round(range / d) >= 0 needs floor(log2 n) + 1 magnitude bits,
         # read exactly from the float32 exponent of n (1 for n = 0)

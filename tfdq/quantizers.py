@@ -139,6 +139,8 @@ class QuantizerSpec:
         learn: the names of the learned parameters.
         with_zero: power of two only: one code spent on an exact zero.
         round_step: uniform only: the forward step is a power of two.
+        full_grid: uniform only: ``q_max`` snapped to the full grid of its
+            bitwidth in the forward pass (:class:`UniformQuantizer`).
     """
 
     family: str | None
@@ -149,6 +151,7 @@ class QuantizerSpec:
     learn: tuple[str, ...]
     with_zero: bool = False
     round_step: bool = True
+    full_grid: bool = False
 
     @classmethod
     def create(
@@ -162,6 +165,7 @@ class QuantizerSpec:
         learn: Iterable[str] | None = None,
         with_zero: bool | None = None,
         round_step: bool = True,
+        full_grid: bool = False,
     ) -> QuantizerSpec:
         """Validate a quantizer's arguments and complete them with the defaults.
 
@@ -212,7 +216,12 @@ class QuantizerSpec:
                 f"init_q_max={values['q_max']} is smaller than init_d={values['d']}; the range must "
                 "hold at least one step (q_max >= d)."
             )
-        return cls(family, signed, role, full, values, learn, with_zero, bool(round_step))
+        if full_grid and family != "uniform":
+            raise ValueError(
+                f"full_grid applies to uniform quantizers only ({quantizer_class.__name__} is {family}): "
+                "a power-of-two grid is charged the octaves it spans already."
+            )
+        return cls(family, signed, role, full, values, learn, with_zero, bool(round_step), bool(full_grid))
 
     @property
     def min_bits(self) -> float:
@@ -229,6 +238,8 @@ class QuantizerSpec:
             config[f"init_{name}"] = value
         if self.family == "uniform":
             config["round_step"] = self.round_step
+            if self.full_grid:  # written only when on: configs from before the option stay as they were
+                config["full_grid"] = True
         elif self.family == "pow2":
             config["with_zero"] = self.with_zero
         return config
@@ -522,13 +533,35 @@ class UniformQuantizer(Quantizer):
 
     and the parametrization's chain rule for b (see U1, U2). Outputs lie on
     ``{k d : |k| <= 2^(b-1) - 1}`` for the reported bitwidth b.
+
+    ``full_grid=True`` (default off; docs/method.md section 8, "Bits charged
+    = bits stored") snaps the forward range to the full grid of the
+    bitwidth, ``q_max = (2^(b-1) - 1) d`` (unsigned ``(2^b - 1) d``), with
+    the range's gradient passed straight through to the ``q_max`` variable;
+    the budget then charges ``b`` (the paper's formula) and the grid stores
+    every level it is charged for. Off, the range is the learned one and
+    the budget charges the integer range actually used
+    (:func:`tfdq.memory.stored_bits`). U1's range is the full grid either way.
     """
 
     FAMILY = "uniform"
-    _OPTIONS = ("round_step",)
+    _OPTIONS = ("round_step", "full_grid")
 
-    def __init__(self, *args: Any, round_step: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, round_step=round_step, **kwargs)
+    def __init__(self, *args: Any, round_step: bool = True, full_grid: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, round_step=round_step, full_grid=full_grid, **kwargs)
+
+    @property
+    def full_grid(self) -> bool:
+        """Whether the forward ``q_max`` is snapped to the full grid of its bitwidth."""
+        return self.spec.full_grid
+
+    def _forward(self, bits, d, q_max):
+        """The forward values; with ``full_grid``, ``q_max`` is ``n(b) d`` exactly
+        in value and ``q_max`` in gradient (straight through)."""
+        if self.full_grid:
+            full = tf.stop_gradient(self._levels_tensor(bits) * d)
+            q_max = full + (q_max - tf.stop_gradient(q_max))
+        return {"bits": bits, "d": d, "q_max": q_max}
 
     @property
     def round_step(self) -> bool:
@@ -569,7 +602,7 @@ class UniformQuantizer(Quantizer):
             bits = float(
                 ops.uniform_bits(tf.constant(d, tf.float32), tf.constant(q_max, tf.float32), self.signed)
             )
-        return {"bits": bits, "d": d, "q_max": q_max}
+        return self._forward(bits, d, q_max)
 
     def _ratio_bounds(self):
         """Allowed q_max/d so that min_bits <= b(d, q_max) <= max_bits."""
@@ -598,7 +631,7 @@ class U1(UniformQuantizer):
         bits = self._bits_forward(self._param_vars["bits"])
         d = self._step(ops.ste_clip(self._param_vars["d"], *self.bounds["d"]))
         q_max = self._levels_tensor(bits) * d
-        return {"bits": bits, "d": d, "q_max": q_max}
+        return self._forward(bits, d, q_max)
 
     def project(self):
         return {
@@ -627,7 +660,7 @@ class U2(UniformQuantizer):
         q_max = ops.ste_clip(self._param_vars["q_max"], *self.bounds["q_max"])
         d = self._step(ops.ste_clip(q_max / n, *self.bounds["d"]))
         q_max = ops.ste_clip(q_max, d, n * d)
-        return {"bits": bits, "d": d, "q_max": q_max}
+        return self._forward(bits, d, q_max)
 
     def project(self):
         return {
@@ -657,7 +690,7 @@ class U3(UniformQuantizer):
         lo, hi = self._ratio_bounds()
         q_max, d = ops.ratio_clip(q_max, d, lo, hi)
         bits = ops.uniform_bits(d, q_max, self.signed, rtol=0.0 if self.round_step else 2.0**-20)
-        return {"bits": bits, "d": d, "q_max": q_max}
+        return self._forward(bits, d, q_max)
 
     def project(self):
         d = _clip(self._param_vars["d"], self.bounds["d"])
