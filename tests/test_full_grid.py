@@ -131,3 +131,39 @@ def test_full_grid_config_and_sizes():
         assert float(bits) == b
         want += e.count * b / 8192.0
     assert float(sizes.weight_kb()) == pytest.approx(want, rel=1e-6)
+
+
+def test_full_grid_exported_bits_equal_charged_bits():
+    """The integer file: every kernel's and feature map's bitwidth is the charged
+    one, and its allowed integer range is the full grid of that bitwidth."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, size=(64, 8, 8, 1)).astype(np.float32)
+    float_model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    q = tfdq.quantize_model(
+        float_model,
+        weight_quantizer=U3(full_grid=True),
+        activation_quantizer=U3(signed=False, role="activation", full_grid=True),
+        calibration_data=x,
+    )
+    for quantizer in q.quantizers():  # ranges the stored-range rule would charge less for
+        p = quantizer.describe()
+        quantizer.param("q_max").assign(p["q_max"] * 0.6)
+    charged = {e.name: float(e.bits()) for e in memory.size_entries(q) if e.quantizer is not None}
+    _, report = tfdq.export.to_tflite(q, x[:32], return_report=True)
+    assert len(report["kernels"]) == 2
+    for k in report["kernels"]:
+        b = charged[k["layer"]]
+        assert k["bits"] == b
+        assert k["allowed"] == [-int(_levels64(b, True)), int(_levels64(b, True))]
+    assert report["activations"]
+    for a in report["activations"]:
+        b = charged[a["layer"]]
+        assert a["bits"] == b
+        assert a["levels_max"] == int(_levels64(b, a["signed"]))
