@@ -15,13 +15,11 @@ integer. Writes ``<out_dir>/full_grid_mnist.json``::
     python -m benchmarks.full_grid_mnist --threads=1 --seeds=0,1,2 --budgets=w2.2,w2.5,w3,a8c3
 """
 
-import os
 import time
 
 from absl import app, flags
 
-from benchmarks import budget_mnist, mnist_runs
-from benchmarks.results_io import write_result
+from benchmarks import budget_mnist, common, mnist_runs
 
 FLAGS = flags.FLAGS
 ARMS = {"stored range (default)": None, "full grid (snapped q_max)": {"full_grid": True}}
@@ -33,8 +31,8 @@ def _define_flags():
     flags.DEFINE_integer("float_epochs", 8, "Float training epochs.")
     flags.DEFINE_integer("quant_epochs", 1, "Epochs with the quantizers learning under the budget.")
     flags.DEFINE_integer("finish_epochs", 1, "Epochs of the final phase.")
-    flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"), "Output folder.")
-    flags.DEFINE_integer("threads", 0, "TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    flags.DEFINE_string("out_dir", common.RESULTS_DIR, "Output folder.")
+    flags.DEFINE_integer("threads", 0, common.THREADS_HELP)
 
 
 def weight_layers(qmodel):
@@ -120,11 +118,11 @@ def run(seeds, names, float_epochs, quant_epochs, finish_epochs):
 
 def main(argv):
     del argv
-    mnist_runs.set_threads(FLAGS.threads)
+    common.set_threads(FLAGS.threads)
     start = time.time()
     seeds = [int(s) for s in FLAGS.seeds]
     rows = run(seeds, FLAGS.budgets, FLAGS.float_epochs, FLAGS.quant_epochs, FLAGS.finish_epochs)
-    write_result(
+    common.write_result(
         FLAGS.out_dir,
         "full_grid_mnist",
         "bits charged = bits stored: stored integer range charged (default) vs q_max snapped to the full grid",
