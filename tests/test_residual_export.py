@@ -236,30 +236,32 @@ def test_budget_recipe_on_a_residual_cnn_inference_matches_training_mode():
         assert r["top1_agreement"] >= 0.998 and r["max_abs_output_diff_in_output_steps"] <= 1.0, r
 
 
-MOBILENETV2_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="known gap (BENCHMARKS.md section 5): MobileNetV2's file agrees on 65-69% with logits "
-    "44-57 output steps apart, although every kernel and bias is exact and only the logits are calibrated",
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet20", pytest.param("mobilenetv2", marks=MOBILENETV2_GAP)])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
 def test_residual_models_trained_on_digits_export_within_one_output_step(name):
     """Issue 11's fidelity bar on ResNet-20 and keras.applications' MobileNetV2
     (short float training on the digits, U3 fine-tune; ``benchmarks.residual_export``,
-    several minutes each): with int4 and with int8 kernels, top-1 agreement
-    >= 99.8% over the 1,797 digits and logits within one output step; every
-    kernel and bias exact, only the logits calibrated, signed int4 layers
-    stored int8 and named."""
+    several minutes each): under each storage policy, logits within one output
+    step and every disagreement at a tie of the file's top logits; every kernel
+    and bias exact, only the logits calibrated, signed int4 layers stored int8
+    and named; top-1 agreement >= 99.8% over the 1,797 digits."""
     from benchmarks import residual_export  # noqa: PLC0415
 
     qmodel, train, test, _, history = residual_export.train(name, seed=0)
     assert history["nonfinite_steps"][-1] == 0 and np.isfinite(history["loss"][-1])
+    agreement = []
     for storage in ("fast", "smallest", "int8"):
         r = residual_export.measure(qmodel, train, test, storage)
-        assert r["agreement"] >= 0.998 and r["max_logit_diff_output_steps"] <= 1.0, r
+        assert r["max_logit_diff_output_steps"] <= 1.0 and r["disagreements"] <= r["tied_top_outputs"], r
         assert r["all_kernels_exact"] and r["all_biases_exact"] and r["alignment_finite"], r
         assert r["calibrated"] == ["output_0"], r
         assert storage != "smallest" or r["sub_byte_layers"] > 0
         assert storage != "int8" or not r["stored_int8_signed"]
+        agreement.append(r["agreement"])
+    if name == "mobilenetv2" and min(agreement) < 0.998:
+        pytest.xfail(
+            "known gap (BENCHMARKS.md section 5): MobileNetV2's logits are within 0.5 output steps, "
+            f"but {100 * min(agreement):.1f}% agreement: its short fine-tune leaves many inputs whose "
+            "int8 top logits tie"
+        )
+    assert min(agreement) >= 0.998, agreement
