@@ -7,7 +7,9 @@ activations, 4-bit start) and for each kernel storage
 digits (held-out accuracies on the 397): top-1 agreement, the largest logit difference in output steps,
 disagreements at ties, whether every kernel holds the learned integers,
 which signed int4 layers were stored int8 and which tensors were
-calibrated (only the logits should be). Models (``--models``):
+calibrated (only the logits should be). Storages (``--storages``): the
+default ``fast`` (int4/int2 where XNNPACK runs them) and ``int8``
+(``smallest`` on request). Models (``--models``):
 
 * ``residual_cnn``: conv-BN-ReLU, one residual block, a strided conv,
   global average pooling (16x16x1, 16/32 channels; 30 float + 2 quantized
@@ -41,6 +43,7 @@ MODELS = {  # name: (input size, channels, float epochs, quantized epochs)
 def _define_flags():
     flags.DEFINE_list("models", list(MODELS), "Models to measure.")
     flags.DEFINE_list("seeds", ["0"], "Random seeds.")
+    flags.DEFINE_list("storages", ["fast", "int8"], "Kernel storage policies (fast, smallest, int8).")
     flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
     flags.DEFINE_integer("threads", 0, THREADS_HELP)
 
@@ -101,20 +104,20 @@ def train(name, seed, epochs=None):
     return qmodel, (x, y), test, float_acc, history.history
 
 
-def measure(qmodel, train_data, test, int4):
-    """align_biases + to_tflite + verify for one kernel storage: a JSON-ready record."""
+def measure(qmodel, train_data, test, storage):
+    """align_biases + to_tflite + verify for one kernel storage policy: a JSON-ready record."""
     import numpy as np  # noqa: PLC0415
 
     import tfdq.export as E  # noqa: PLC0415
 
-    changes = E.align_biases(qmodel, train_data[0], int4_kernels=int4)
-    tflite, report = E.to_tflite(qmodel, train_data[0], int4_kernels=int4, return_report=True)
+    changes = E.align_biases(qmodel, train_data[0], storage=storage)
+    tflite, report = E.to_tflite(qmodel, train_data[0], storage=storage, return_report=True)
     held_out = E.verify(qmodel, tflite, test, export_report=report)
     everything = tuple(np.concatenate([a, b]) for a, b in zip(train_data, test))  # all 1,797 digits
     r = E.verify(qmodel, tflite, everything, export_report=report)
     steps = [c["max_change_output_steps"] for c in changes if c.get("max_change_output_steps") is not None]
     return {
-        "kernels": "int4" if int4 else "int8",
+        "kernels": storage,
         "samples": r["samples"],
         "agreement": r["top1_agreement"],
         "disagreements": r["disagreements"],
@@ -128,6 +131,7 @@ def measure(qmodel, train_data, test, int4):
         "calibrated": [c["tensor"] for c in report["calibrated"]],
         "stored_int8_signed": [k["layer"] for k in report["kernels"] if k.get("storage_note")],
         "int4_layers": sum(k["storage"] == "int4" for k in report["kernels"]),
+        "sub_byte_layers": sum(k["storage"] in ("int4", "int2") for k in report["kernels"]),
         "max_alignment_output_steps": max(steps) if steps else None,
         "alignment_finite": all(np.isfinite(s) for s in steps),
         "file_bytes": len(tflite),
@@ -142,8 +146,8 @@ def main(argv):
         for seed in (int(s) for s in FLAGS.seeds):
             start = time.time()
             qmodel, train_data, test, float_acc, history = train(name, seed)
-            for int4 in (True, False):
-                rec = measure(qmodel, train_data, test, int4)
+            for storage in FLAGS.storages:
+                rec = measure(qmodel, train_data, test, storage)
                 rec.update(
                     model=name,
                     seed=seed,
@@ -165,11 +169,13 @@ def main(argv):
     write_result(
         FLAGS.out_dir,
         "residual_export",
-        "Export fidelity of residual models (digits, short training): LiteRT vs Keras, int4 and int8 kernels",
+        "Export fidelity of residual models (digits, short training): LiteRT vs Keras per kernel storage policy",
         "python -m benchmarks.residual_export --models="
         + ",".join(FLAGS.models)
         + " --seeds="
-        + ",".join(FLAGS.seeds),
+        + ",".join(FLAGS.seeds)
+        + " --storages="
+        + ",".join(FLAGS.storages),
         {"records": records},
     )
 

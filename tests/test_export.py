@@ -372,17 +372,18 @@ def test_mobilenetv2_small_input():
     _randomize_batchnorm(model, rng)
     x = rng.uniform(-1, 1, (16, 32, 32, 3)).astype("float32")
     qmodel = tfdq.quantize_model(model, calibration_data=x)
-    # quantize_model re-estimates BatchNorm on the 16 calibration images (issue 11's fix); on
-    # uniform noise that leaves near-zero variances (std ratio 44 to the randomized ones), a state
-    # whose file misses by ~120 output steps (the known signed-Add / large-multiplier gap, see
-    # BENCHMARKS "Where tfdq is behind"). This test checks the structure's export, so it puts the
-    # randomized statistics back; with them the file matches (0.013 max output difference).
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            qmodel.get_layer(layer.name).set_weights(layer.get_weights())
     bits = _set_bits(qmodel, [3, 4, 5, 8, 2, 6])
+    # quantize_model re-estimates BatchNorm on the 16 noise images: near-zero variances (std 44x
+    # below the randomized ones) give channel scales gamma / sqrt(var + eps) whose accumulator unit
+    # is more than one output step, so rounding the folded biases to the int32 grid alone moved the
+    # file's output by ~120 output steps (12.5% agreement). align_biases (the README's path) puts
+    # them on the grid; the signed sums round ties as XNNPACK's ADD does: every map is exact.
+    changes = E.align_biases(qmodel, x)
+    assert max(c["max_change_output_steps"] or 0.0 for c in changes) > 1.0  # the large-unit case
     tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
     report = E.verify(qmodel, tflite, x[:8], export_report=export_report)
+    assert report["top1_agreement"] == 1.0
+    assert not any("biases" in note or "ties" in note for note in report["notes"]), report["notes"]
     _check_kernels(qmodel, tflite, report, bits)
     ops = [o["op"] for o in E.inspect_tflite(tflite)["ops"]]
     # 17 depthwise convolutions and the global average (a constant-kernel depthwise conv)
@@ -394,7 +395,9 @@ def test_mobilenetv2_small_input():
     assert signed and ops.count("MINIMUM") == len(signed)
     # softmax output: TFLite's fixed int8 scale 1/256, reported as fixed
     assert export_report["fixed"][0]["scale"] == 1 / 256
-    assert report["max_abs_output_diff"] < 0.05
+    # the learned maps are exact; LiteRT's int8 SOFTMAX of the calibrated logits differs from the
+    # float one by about one of its 1/256 steps (measured 0.0051)
+    assert report["max_abs_output_diff"] < 0.01
 
 
 def test_mixed_graph_float_io_pow2_weights_dense_batchnorm():

@@ -261,6 +261,52 @@ def test_uniform_ties_round_away_from_zero(signed):
     np.testing.assert_array_equal(got, (k * d).astype(np.float32))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_activation_quantizer_ties_up_rounds_half_towards_plus_infinity(fused):
+    """``ties="up"`` (the quantizer after a sum, as LiteRT's XNNPACK ADD rounds): every
+    tie goes up, every other value as with ``"away"``; float64 reference ``floor(x/d + 1/2)``
+    after the clip; gradients (straight-through) identical to ``"away"``."""
+    from tfdq import config  # noqa: PLC0415
+    from tfdq.layers import ActivationQuantizer  # noqa: PLC0415
+
+    d, n = 0.125, 7
+    k = np.arange(-12, 12, dtype=np.float64)
+    ties = ((k + 0.5) * d).astype(np.float32)  # includes -d/2 and the halves beyond +-q_max
+    rng = np.random.default_rng(0)
+    x32 = np.concatenate(
+        [
+            ties,
+            np.nextafter(ties, np.float32(0)),
+            np.nextafter(ties, np.float32(-np.inf)),
+            rng.uniform(-2, 2, 200).astype(np.float32),
+        ]
+    )
+    x, x64 = tf.constant(x32), x32.astype(np.float64)
+    want = d * np.floor(np.clip(x64, -n * d, n * d) / d + 0.5)
+    with config.settings(fused=fused):
+        up = ActivationQuantizer(U3(signed=True, init_d=d, init_q_max=n * d), signed=True, ties="up")
+        away = ActivationQuantizer(U3(signed=True, init_d=d, init_q_max=n * d), signed=True)
+        results = {}
+        for name, layer in (("up", up), ("away", away)):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(y * tf.range(x.shape[0], dtype=tf.float32))
+            results[name] = (y.numpy(), tape.gradient(loss, [x, *layer.trainable_weights]))
+    np.testing.assert_array_equal(results["up"][0].astype(np.float64), want)
+    differ = results["up"][0] != results["away"][0]
+    np.testing.assert_array_equal(x64[differ], ties[(ties < 0) & (ties > -n * d)])  # negative ties only
+    for g_up, g_away in zip(results["up"][1], results["away"][1]):
+        np.testing.assert_array_equal(g_up.numpy(), g_away.numpy())
+    # serialized with the layer; refused for a power-of-two grid
+    assert ActivationQuantizer.from_config(up.get_config()).ties == "up"
+    assert "ties" not in away.get_config()
+    with pytest.raises(ValueError, match="uniform"):
+        ActivationQuantizer(P3(signed=True), signed=True, ties="up")
+    with pytest.raises(ValueError, match="'away'"):
+        ActivationQuantizer("U3", ties="even")
+
+
 def test_round_half_away_exact():
     v = np.concatenate(
         [

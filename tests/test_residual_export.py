@@ -154,6 +154,60 @@ def test_trained_residual_cnn_exports_exactly():
         assert r["disagreements"] <= r["tied_top_outputs"] and r["top1_agreement"] >= 0.985, r
 
 
+def _linear_residual_cnn(width=16, input_shape=(8, 8, 1)):
+    """MobileNetV2's pattern: sums that no ReLU follows (signed outputs), one feeding the next."""
+    inp = keras.Input(input_shape)
+    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem")(inp)
+    x = keras.layers.ReLU(name="stem_relu")(keras.layers.BatchNormalization(name="stem_bn")(x))
+    y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="a")(x)
+    y = keras.layers.BatchNormalization(name="a_bn")(y)
+    s = keras.layers.Conv2D(width, 1, use_bias=False, name="p")(x)
+    s = keras.layers.BatchNormalization(name="p_bn")(s)
+    x = keras.layers.Add(name="sum")([s, y])  # linear: no ReLU after the sum
+    z = keras.layers.Conv2D(width, 1, use_bias=False, name="q")(x)
+    x = x + keras.layers.BatchNormalization(name="q_bn")(z)  # the same as tensor arithmetic
+    x = keras.layers.Conv2D(2 * width, 3, strides=2, padding="same", use_bias=False, name="down")(x)
+    x = keras.layers.ReLU(name="down_relu")(keras.layers.BatchNormalization(name="down_bn")(x))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, keras.layers.Dense(10, name="logits")(x))
+
+
+def test_linear_residual_sums_export_exactly():
+    """Sums with signed outputs (no ReLU after the Add, as in MobileNetV2's bottlenecks),
+    briefly trained on the digits: the quantizer after each sum rounds ties up like
+    LiteRT's XNNPACK ADD, so every learned map of the file equals Keras' and the logits
+    differ by their own rounding only (before: 1.3% of the sum's elements one step off,
+    93% agreement, 12 output steps)."""
+    train, test = digits(size=8)
+    keras.utils.set_random_seed(0)
+    model = _linear_residual_cnn()
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*train, batch_size=64, epochs=4, verbose=0)
+    qmodel = tfdq.quantize_model(model, calibration_data=train[0][:512])
+    ties = {layer.name: layer.ties for layer in tfdq.layers.activation_quantizer_layers(qmodel)}
+    up = sorted(name for name, rule in ties.items() if rule == "up")
+    assert len(up) == 2 and "sum_aq" in up, ties  # the two sums' signed quantizers, nothing else
+    qmodel.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qmodel.fit(*train, batch_size=64, epochs=1, verbose=0)
+    everything = tuple(np.concatenate([a, b]) for a, b in zip(train, test))  # 1,797 digits
+    for storage in ("fast", "int8"):
+        E.align_biases(qmodel, train[0], storage=storage)
+        tflite, report = E.to_tflite(qmodel, train[0], storage=storage, return_report=True)
+        assert [c["tensor"] for c in report["calibrated"]] == ["output_0"]
+        worst = _hidden_maps_equal(qmodel, tflite, test[0])
+        assert max(worst.values()) == 0.0, worst
+        r = E.verify(qmodel, tflite, everything, export_report=report)
+        assert r["all_kernels_exact"]
+        assert r["max_abs_output_diff_in_output_steps"] <= 0.5 + 1e-6, r
+        # only the file's own int8 logits can tie (the largest occurring twice)
+        assert r["disagreements"] <= r["tied_top_outputs"] and r["top1_agreement"] >= 0.995, r
+        assert not any("ties" in note for note in r["notes"])
+    # a model whose sum quantizer rounds ties away (quantized before the rule): verify says so
+    qmodel.get_layer("sum_aq").ties = "away"
+    r = E.verify(qmodel, tflite, test, export_report=report)
+    assert any("sum_aq" in note and "ties = 'up'" in note for note in r["notes"]), r["notes"]
+
+
 @pytest.mark.slow
 def test_budget_recipe_on_a_residual_cnn_inference_matches_training_mode():
     """The user scenario: the README's budget recipe on a residual CNN with
@@ -182,30 +236,32 @@ def test_budget_recipe_on_a_residual_cnn_inference_matches_training_mode():
         assert r["top1_agreement"] >= 0.998 and r["max_abs_output_diff_in_output_steps"] <= 1.0, r
 
 
-MOBILENETV2_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="known gap (BENCHMARKS.md section 5): MobileNetV2's file agrees on 65-69% with logits "
-    "44-57 output steps apart, although every kernel and bias is exact and only the logits are calibrated",
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet20", pytest.param("mobilenetv2", marks=MOBILENETV2_GAP)])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
 def test_residual_models_trained_on_digits_export_within_one_output_step(name):
     """Issue 11's fidelity bar on ResNet-20 and keras.applications' MobileNetV2
     (short float training on the digits, U3 fine-tune; ``benchmarks.residual_export``,
-    several minutes each): with int4 and with int8 kernels, top-1 agreement
-    >= 99.8% over the 1,797 digits and logits within one output step; every
-    kernel and bias exact, only the logits calibrated, signed int4 layers
-    stored int8 and named."""
+    several minutes each): under each storage policy, logits within one output
+    step and every disagreement at a tie of the file's top logits; every kernel
+    and bias exact, only the logits calibrated, signed int4 layers stored int8
+    and named; top-1 agreement >= 99.8% over the 1,797 digits."""
     from benchmarks import residual_export  # noqa: PLC0415
 
     qmodel, train, test, _, history = residual_export.train(name, seed=0)
     assert history["nonfinite_steps"][-1] == 0 and np.isfinite(history["loss"][-1])
-    for int4 in (True, False):
-        r = residual_export.measure(qmodel, train, test, int4)
-        assert r["agreement"] >= 0.998 and r["max_logit_diff_output_steps"] <= 1.0, r
+    agreement = []
+    for storage in ("fast", "smallest", "int8"):
+        r = residual_export.measure(qmodel, train, test, storage)
+        assert r["max_logit_diff_output_steps"] <= 1.0 and r["disagreements"] <= r["tied_top_outputs"], r
         assert r["all_kernels_exact"] and r["all_biases_exact"] and r["alignment_finite"], r
         assert r["calibrated"] == ["output_0"], r
-        assert not int4 or r["int4_layers"] > 0
-        assert int4 or not r["stored_int8_signed"]
+        assert storage != "smallest" or r["sub_byte_layers"] > 0
+        assert storage != "int8" or not r["stored_int8_signed"]
+        agreement.append(r["agreement"])
+    if name == "mobilenetv2" and min(agreement) < 0.998:
+        pytest.xfail(
+            "known gap (BENCHMARKS.md section 5): MobileNetV2's logits are within 0.5 output steps, "
+            f"but {100 * min(agreement):.1f}% agreement: its short fine-tune leaves many inputs whose "
+            "int8 top logits tie"
+        )
+    assert min(agreement) >= 0.998, agreement

@@ -16,8 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import tensorflow as tf
 from keras import ops as kops
 
+from tfdq import ops
 from tfdq import quantizers as quantizers_lib
 
 _PACKAGE = "tfdq"
@@ -187,6 +189,14 @@ class ActivationQuantizer(keras.layers.Layer):
     quantizer that puts an operand of a sum or concatenation (or an average
     pooling's output) on a learned grid for the integer export: it is not a
     feature map of its own, so memory budgets and sizes leave it out.
+
+    ``ties``: how values exactly half-way between two levels round.
+    ``"away"`` (default): away from zero, the quantizer's own rule.
+    ``"up"``: towards +inf, as LiteRT's XNNPACK ADD/SUB kernel requantizes
+    a sum; ``quantize_model`` sets it on the signed quantizer that follows
+    a sum or difference of feature maps, so that the integer file computes
+    the same values (uniform quantizers only; forward only: the
+    straight-through gradients are those of ``"away"``).
     """
 
     def __init__(
@@ -194,11 +204,20 @@ class ActivationQuantizer(keras.layers.Layer):
         quantizer: str | dict | quantizers_lib.Quantizer = "U3",
         signed: bool = False,
         counted: bool = True,
+        ties: str = "away",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.quantizer = _make_quantizer(quantizer, "activation", signed)
         self.counted = bool(counted)
+        if ties not in ("away", "up"):
+            raise ValueError(f"ties={ties!r}: use 'away' (half away from zero) or 'up' (half towards +inf).")
+        if ties == "up" and self.quantizer.FAMILY != "uniform":
+            raise ValueError(
+                f"ties='up' needs a uniform quantizer; {type(self.quantizer).__name__} has a "
+                "power-of-two grid: use ties='away' or a U1/U2/U3 quantizer."
+            )
+        self.ties = ties
 
     @property
     def signed(self) -> bool:
@@ -210,7 +229,11 @@ class ActivationQuantizer(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        return self.quantizer.quantize_tensor(inputs)
+        if self.ties == "away":
+            return self.quantizer.quantize_tensor(inputs)
+        params = self.quantizer.forward_params()
+        q = self.quantizer.quantize_tensor(inputs, params)
+        return q + tf.stop_gradient(ops.negative_ties_up(inputs, q, params["d"], params["q_max"]))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -220,6 +243,8 @@ class ActivationQuantizer(keras.layers.Layer):
         config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
         if not self.counted:
             config["counted"] = False
+        if self.ties != "away":
+            config["ties"] = self.ties
         return config
 
 

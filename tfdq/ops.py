@@ -325,6 +325,31 @@ def _uniform_forward(x, d, q_max, signed):
     return d * _round_nonneg(tf.clip_by_value(x, tf.zeros_like(q_max), q_max) / d)
 
 
+def negative_ties_up(x, q, d, q_max):
+    """What moves ``q = uniform_quantize(x, d, q_max)`` to round ties up.
+
+    The uniform quantizer rounds half away from zero. LiteRT's XNNPACK ADD
+    (and SUB) requantizes its sum with an arithmetic right shift after adding
+    half a unit, which rounds half up (towards +inf): at an exact negative
+    tie, ``clip(x) = (k - 1/2) d`` with ``k <= 0``, it gives ``k d`` where
+    the quantizer gives ``(k - 1) d``. Returns ``d`` there and 0 elsewhere,
+    so ``q + negative_ties_up(...)`` rounds ties up; positive ties and
+    every other value are unchanged. The test is exact in floating point:
+    ``clip(x) - q`` is computed without error (Sterbenz) and equals ``d / 2``
+    only at a negative tie.
+    """
+    x = tf.convert_to_tensor(x)
+    d = tf.cast(d, x.dtype)
+    q_max = tf.cast(q_max, x.dtype)
+    return _negative_ties_up(x, q, d, q_max)
+
+
+@_kernel
+def _negative_ties_up(x, q, d, q_max):
+    c = tf.clip_by_value(x, -q_max, q_max)
+    return tf.cast(tf.equal(c - q, 0.5 * d), x.dtype) * d
+
+
 @_kernel
 def _uniform_backward(dy, x, q, d, q_max, signed):
     zero = tf.zeros([], dy.dtype)

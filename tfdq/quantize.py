@@ -795,8 +795,13 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
             if id(orig) in stats and options["calibrate_activations"]:
                 max_abs, _ = stats[id(orig)]
                 quantizer.initialize_from(np.array([max_abs]), bits=quantizer.init["bits"])
+            # a signed map straight out of a sum: the file's ADD rounds its ties half up
+            layer, node = producer(orig)
+            ties = "away"
+            if signed[id(orig)] and quantizer.FAMILY == "uniform" and registry.is_integer_sum(layer, node):
+                ties = "up"
             aq = qlayers.ActivationQuantizer(
-                quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal
+                quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal, ties=ties
             )
             out = aq(new_tensor)
             new_to_orig_tensor[id(out)] = orig

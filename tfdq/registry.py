@@ -964,6 +964,18 @@ def is_tensor_sum(layer, node):
     return add is not None and type(layer) is add and len(node.input_tensors) == 2
 
 
+def is_integer_sum(layer, node=None):
+    """True when ``layer`` (called at ``node``) adds or subtracts feature maps and the
+    integer export computes it as an int8 ADD / SUB: ``Add``, ``Subtract``, ``x + y``,
+    ``x - y`` and InceptionResNetV2's ``x + scale * branch``. LiteRT's XNNPACK kernel
+    rounds its requantized result half up, so the signed quantizer after it does too
+    (:class:`tfdq.layers.ActivationQuantizer`'s ``ties``)."""
+    if isinstance(layer, GRID_MERGE_LAYERS):
+        return not isinstance(layer, keras.layers.Concatenate)
+    sums = tuple(c for c in (_cls(_np_ops, "Add"), _cls(_np_ops, "Subtract")) if c)
+    return type(layer) in sums and (node is None or len(node.input_tensors) == 2)
+
+
 def is_grid_merge(layer, node=None):
     """True when ``layer`` (called at ``node``) merges two or more feature maps that
     ``quantize_model`` puts on learned grids first (an operation with a constant

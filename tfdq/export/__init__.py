@@ -52,6 +52,10 @@ an int8 model whose kernels hold exactly those integers:
   at half that scale and an int32 bias of 1 for a non-negative map), whose
   requantization rounds ties like the quantizer (LiteRT's MEAN rounds ties
   to even).
+* A sum is one ADD whose requantization (XNNPACK) rounds ties up; the signed
+  quantizer after it rounds them up too (``ActivationQuantizer(ties="up")``,
+  set by ``quantize_model``), so the file's sum is the Keras one element for
+  element. ``verify`` notes a quantizer after a sum that rounds ties away.
 * A sub-byte kernel outside XNNPACK whose output stays signed is stored
   int8: LiteRT's builtin int4 CONV_2D / DEPTHWISE_CONV_2D (and
   FULLY_CONNECTED) rounds twice, which no bias can undo for negative

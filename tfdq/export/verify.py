@@ -224,7 +224,7 @@ def _runtime_notes(plan, info, export_report=None):
     notes = []
     biases = (export_report or {}).get("biases")
     if biases is None:
-        return notes
+        return _tie_notes(plan)
     inexact = [b["layer"] for b in biases if not b["exact"]]
     if inexact:
         notes.append(
@@ -239,6 +239,45 @@ def _runtime_notes(plan, info, export_report=None):
     for k in kernels:
         if k.get("storage_note"):
             notes.append(f"{k['layer']} stored {k['storage_note']}.")
+    notes.extend(_tie_notes(plan))
+    return notes
+
+
+def _tie_notes(plan):
+    """Signed quantizers whose tie rule differs from the file's operator before them.
+
+    The file's ADD / SUB (XNNPACK) rounds a requantized sum half up; every
+    other requantization rounds ties away from zero, as the quantizer does.
+    ``quantize_model`` sets ``ties="up"`` after sums; a model quantized
+    before that rule (or edited by hand) differs at exact negative halves.
+    """
+    from tfdq import registry  # noqa: PLC0415
+
+    producers = {k: op for op in plan.ops for k in op.outputs}
+    away, up = [], []
+    for op in plan.ops:
+        act = plan.acts.get(op.index)
+        if act is None or not act.signed:
+            continue
+        src = producers.get(op.inputs[0])
+        after_sum = src is not None and registry.is_integer_sum(src.layer, src.node)
+        ties = getattr(op.layer, "ties", "away")
+        if after_sum and ties != "up":
+            away.append(op.path)
+        elif not after_sum and ties == "up":
+            up.append(op.path)
+    notes = []
+    if away:
+        notes.append(
+            "The quantizers after sums " + ", ".join(away) + " round ties away from zero, LiteRT's "
+            "XNNPACK ADD/SUB rounds them up (negative halves come out one step higher in the file): "
+            "set layer.ties = 'up' on them (quantize_model does) and re-export."
+        )
+    if up:
+        notes.append(
+            "The quantizers " + ", ".join(up) + " round ties up but follow no sum; the file rounds "
+            "their ties away from zero: set layer.ties = 'away'."
+        )
     return notes
 
 
