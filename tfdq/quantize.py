@@ -65,26 +65,6 @@ AVERAGING = (
 )
 
 
-def _exact_operands(layer, node):
-    """Inputs that get a learned (uncounted) quantizer so that the integer file computes what Keras
-    computes: both factors of a Multiply layer (a squeeze-and-excite gate and the map it scales: the
-    int8 MUL then rounds once, onto the next learned grid) and the input of a hard-swish activation
-    (one int8 HARD_SWISH, which also rounds only at its output). Products written as ``x * y`` are
-    left alone: their factors are often intermediate values (``relu6(x + 3)``) whose calibrated
-    int8 range is coarser than a learned grid on them would be."""
-    tensors = list(node.input_tensors)
-    if isinstance(layer, keras.layers.Multiply):
-        return tensors
-    entry = registry.lookup(layer)
-    if (
-        entry is not None
-        and entry.role == registry.ACTIVATION
-        and registry.activation_function_name(layer) in ("hard_swish", "hard_silu")
-    ):
-        return tensors[:1]
-    return []
-
-
 class QuantizationReport(dict):
     """What ``quantize_model`` did: quantized layers, activation quantizers
     and the layers that stay float (``report["float_layers"]``)."""
@@ -224,23 +204,32 @@ def _relu_input(tensor):
     if layer is None or not _is_plain_relu(layer) or len(node.input_tensors) != 1:
         return tensor
     source, source_node = producer(node.input_tensors[0])
-    if source is not None and registry.is_grid_merge(source, source_node):
+    if (
+        source is not None
+        and registry.operand_grids(source) == registry.MERGED
+        and len(source_node.input_tensors) >= 2
+    ):
         # a sum of values on learned grids is often exactly 0, where the
         # ReLU's gradient (0) and the quantizer's (1) differ: keep the ReLU
         return tensor
     return node.input_tensors[0]
 
 
-def _standalone_batchnorm_inputs(nodes):
-    """Inputs of the BatchNormalizations that no kernel before them absorbs (pre-activation blocks),
-    and of every LayerNormalization.
+def _grid_operands(nodes):
+    """The inputs that get a learned quantizer of their own (8 bits at the start, not counted: parts
+    of feature maps), so that the integer file computes what Keras computes: for each node, those
+    that its registry entry's ``operands`` names (:func:`tfdq.registry.operand_grids`):
 
-    Such a BatchNorm is exported as its own per-channel integer multiply-add
-    (tfdq.export.plan.BatchNormPlan), which needs its input on a grid; a
-    learned quantizer there (8 bits at the start, not counted: a part of a
-    feature map) makes the Keras model compute what the file computes.
-    A BatchNorm folds when it directly follows a quantized kernel with a
-    linear activation whose output goes nowhere else.
+    * ``MERGED``: every operand of a merge of two or more feature maps (a sum, difference,
+      concatenation, CustomScaleLayer; ``x + 3.0`` merges one map and needs none);
+    * ``FACTORS``: both factors of a Multiply layer (a squeeze-and-excite gate and the map it
+      scales: the int8 MUL then rounds once, onto the next learned grid);
+    * ``INPUT``: the input of a hard-swish activation (one int8 HARD_SWISH, which also rounds only
+      at its output) and of a LayerNormalization (decomposed into int8 ops);
+    * ``UNFOLDED``: the input of a BatchNormalization that no kernel before it absorbs
+      (pre-activation blocks), exported as its own per-channel integer multiply-add
+      (tfdq.export.plan.BatchNormPlan). It folds when it directly follows a quantized kernel with
+      a linear activation whose output goes nowhere else.
     """
     uses = {}
     for _, node in nodes:
@@ -248,21 +237,21 @@ def _standalone_batchnorm_inputs(nodes):
             uses[id(t)] = uses.get(id(t), 0) + 1
     found = []
     for layer, node in nodes:
-        if isinstance(layer, keras.layers.LayerNormalization) and len(node.input_tensors) == 1:
-            found.append(node.input_tensors[0])  # decomposed into int8 ops: its input on a grid too
-            continue
-        if not isinstance(layer, keras.layers.BatchNormalization) or len(node.input_tensors) != 1:
-            continue
-        t = node.input_tensors[0]
-        src, _ = producer(t)
-        foldable = (
-            src is not None
-            and registry.is_quantizable(src)
-            and registry.activation_function_name(src) == "linear"
-            and uses.get(id(t), 0) == 1
-        )
-        if not foldable:
-            found.append(t)
+        kind = registry.operand_grids(layer)
+        tensors = list(node.input_tensors)
+        if kind == registry.FACTORS or (kind == registry.MERGED and len(tensors) >= 2):
+            found += tensors
+        elif kind in (registry.INPUT, registry.UNFOLDED) and len(tensors) == 1:
+            src, _ = producer(tensors[0])
+            folds = (
+                kind == registry.UNFOLDED
+                and src is not None
+                and registry.is_quantizable(src)
+                and registry.activation_function_name(src) == "linear"
+                and uses.get(id(tensors[0]), 0) == 1
+            )
+            if not folds:
+                found += tensors
     return found
 
 
@@ -713,12 +702,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                     placed = _placement(t, averages)
                     if options["quantize_input"] or id(placed) not in raw:
                         targets[id(placed)] = placed
-        operands = [
-            t for layer, node in nodes if registry.is_grid_merge(layer, node) for t in node.input_tensors
-        ]
-        operands += [t for layer, node in nodes for t in _exact_operands(layer, node)]
-        operands += _standalone_batchnorm_inputs(nodes)
-        for t in averages + [_placement(t) for t in operands]:
+        for t in averages + [_placement(t) for t in _grid_operands(nodes)]:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t
                 internal.add(id(t))

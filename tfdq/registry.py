@@ -44,6 +44,20 @@ SIGNED = "signed"  # may be negative
 WEIGHTED = "weighted"  # a kernel layer (quantized or float)
 NESTED = "nested"
 
+# operand grids: which inputs of a node get a learned quantizer of their own (8 bits at the start, not
+# counted in memory: parts of feature maps counted already), so that the integer file computes what
+# Keras computes and no tensor inside the network needs a calibrated scale
+MERGED = "merged"  # every operand, when two or more feature maps merge: a sum, difference or
+# concatenation of values on learned grids is exact in the file (the operands' grids meet in one)
+FACTORS = "factors"  # every operand, each on its own exact grid: the int8 MUL rounds once, onto the
+# learned grid after it (a squeeze-and-excite gate and the map it scales)
+INPUT = "input"  # its one input: an int8 op that computes from a grid and rounds only at its output
+# (HARD_SWISH; a LayerNormalization decomposed into int8 ops)
+UNFOLDED = "unfolded"  # its one input, unless the op folds into the kernel before it (a BatchNorm
+# right after a quantized kernel with a linear activation whose output goes nowhere else); else it
+# is exported as its own per-channel integer op (pre-activation BatchNorm: DenseNet, ResNetV2)
+OPERAND_GRIDS = (MERGED, FACTORS, INPUT, UNFOLDED)
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
@@ -60,6 +74,7 @@ class Entry:
     check: object = None  # callable(layer, node) -> None or why this configuration is refused
     fix: str = ""  # what to do when it is refused
     note: str = ""
+    operands: str = None  # which inputs get a learned quantizer (OPERAND_GRIDS), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +86,7 @@ class Activation:
     export: str
     rule: str = None
     fix: str = ""
+    operands: str = None  # as Entry.operands, for the node that applies it alone (an activation node)
 
 
 def _cls(module, name):
@@ -266,6 +282,7 @@ ENTRIES = [
         note="folded right after a quantized kernel with a linear activation; elsewhere (pre-activation: "
         "DenseNet, ResNetV2) its input gets a learned quantizer and it exports as a 1x1 DEPTHWISE_CONV_2D "
         "(exact products, int32 bias aligned by align_biases)",
+        operands=UNFOLDED,
     ),
     # kernels tfdq does not quantize (yet): kept float, counted at 32 bits, refused by the exporter
     Entry(
@@ -397,6 +414,7 @@ ENTRIES = [
         "add",
         check=_two_inputs,
         note="inputs without a learned quantizer get calibrated scales (the sum's step where it fits)",
+        operands=MERGED,
     ),
     Entry(
         (_L.Concatenate,),
@@ -407,18 +425,31 @@ ENTRIES = [
         CALIBRATED,
         "concat",
         note="inputs without a learned quantizer get calibrated scales",
+        operands=MERGED,
     ),
     Entry(
-        (_L.Multiply, _L.Maximum, _L.Minimum),
-        "Multiply, Maximum, Minimum",
+        (_L.Multiply,),
+        "Multiply",
         "keep",
         MERGE,
         "none",
         CALIBRATED,
         "elementwise",
         check=_two_inputs,
-        note="MUL / MAXIMUM / MINIMUM; Multiply's factors (a squeeze-and-excite gate and its map) get "
-        "learned quantizers; the output is quantized by the next learned quantizer or calibrated",
+        note="MUL of the factors (a squeeze-and-excite gate and its map) on learned grids; the output is "
+        "quantized by the next learned quantizer or calibrated",
+        operands=FACTORS,
+    ),
+    Entry(
+        (_L.Maximum, _L.Minimum),
+        "Maximum, Minimum",
+        "keep",
+        MERGE,
+        "none",
+        CALIBRATED,
+        "elementwise",
+        check=_two_inputs,
+        note="MAXIMUM / MINIMUM; the output is quantized by the next learned quantizer or calibrated",
     ),
     Entry(
         (_L.Subtract,),
@@ -430,6 +461,7 @@ ENTRIES = [
         "elementwise",
         check=_two_inputs,
         note="SUB, output scale calibrated",
+        operands=MERGED,
     ),
     Entry((_L.Average,), "Average", "keep", MERGE, "none", REFUSED, fix="use Add, then Rescaling(1 / n)"),
     # activations
@@ -509,6 +541,7 @@ ENTRIES = [
         check=_layernorm_config,
         note="decomposed into int8 MEAN, SUB, MUL, RSQRT (each output calibrated), then gamma and beta as "
         "a 1x1 DEPTHWISE_CONV_2D",
+        operands=INPUT,
     ),
     Entry(
         tuple(c for c in (_APP_LAYERS.get("LayerScale"),) if c),
@@ -541,6 +574,7 @@ ENTRIES = [
         check=_scale_add_config,
         note="x + scale * branch: both operands on learned grids, MUL by the exact int8 constant scale "
         "(product calibrated), ADD",
+        operands=MERGED,
     ),
     Entry(
         (keras.Model,),
@@ -577,17 +611,8 @@ _OPS = [
         note="values move, the scale stays",
     ),
     Entry(
-        tuple(
-            c
-            for c in (
-                _cls(_np_ops, "Add"),
-                _cls(_np_ops, "Multiply"),
-                _cls(_np_ops, "Maximum"),
-                _cls(_np_ops, "Minimum"),
-            )
-            if c
-        ),
-        "ops.add, ops.multiply, ops.maximum, ops.minimum, x + y, x * y",
+        tuple(c for c in (_cls(_np_ops, "Add"),) if c),
+        "ops.add, x + y",
         "keep",
         MERGE,
         "none",
@@ -595,7 +620,23 @@ _OPS = [
         "elementwise",
         check=_binary_op,
         fix="write it with two operands (a tensor and a tensor or a scalar)",
-        note="ADD / MUL / MAXIMUM / MINIMUM; a scalar operand is an exact int8 constant; output calibrated",
+        note="ADD; two feature maps: as the Add layer; a scalar operand is an exact int8 constant, "
+        "output calibrated",
+        operands=MERGED,
+    ),
+    Entry(
+        tuple(
+            c for c in (_cls(_np_ops, "Multiply"), _cls(_np_ops, "Maximum"), _cls(_np_ops, "Minimum")) if c
+        ),
+        "ops.multiply, ops.maximum, ops.minimum, x * y",
+        "keep",
+        MERGE,
+        "none",
+        CALIBRATED,
+        "elementwise",
+        check=_binary_op,
+        fix="write it with two operands (a tensor and a tensor or a scalar)",
+        note="MUL / MAXIMUM / MINIMUM; a scalar operand is an exact int8 constant; output calibrated",
     ),
     Entry(
         tuple(c for c in (_cls(_np_ops, "Subtract"),) if c),
@@ -608,6 +649,7 @@ _OPS = [
         check=_binary_op,
         fix="write it with two operands",
         note="SUB, output calibrated",
+        operands=MERGED,
     ),
     Entry(
         DIVIDE_OPS,
@@ -630,6 +672,7 @@ _OPS = [
         CALIBRATED,
         "concat",
         note="as Concatenate",
+        operands=MERGED,
     ),
     Entry(
         tuple(c for c in (_cls(_np_ops, "Mean"),) if c),
@@ -699,7 +742,7 @@ ACTIVATIONS = [
     Activation(("softmax",), True, EXACT, "softmax"),
     Activation(("sigmoid",), True, CALIBRATED, "sigmoid"),
     Activation(("hard_sigmoid",), True, CALIBRATED, "hard_sigmoid"),
-    Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish"),
+    Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish", operands=INPUT),
     Activation(("swish", "silu"), False, CALIBRATED, "swish"),
     Activation(("leaky_relu",), False, CALIBRATED, "leaky_relu"),
     Activation(("gelu",), False, CALIBRATED, "gelu"),
@@ -794,6 +837,40 @@ def activation(name):
     return _ACT_BY_NAME.get(name)
 
 
+def operand_grids(op):
+    """Which inputs of ``op`` get a learned quantizer of their own: one of :data:`OPERAND_GRIDS`
+    (``MERGED``, ``FACTORS``, ``INPUT``, ``UNFOLDED``) or None, from its entry's ``operands``; for an
+    activation node (``Activation``, ``ReLU``, ``keras.ops.hard_silu``, ...) from its activation
+    function's entry (a kernel layer's fused ``activation=`` needs none)."""
+    entry = lookup(op)
+    if entry is None:
+        return None
+    if entry.role == ACTIVATION:
+        act = activation(activation_function_name(op))
+        return None if act is None else act.operands
+    return entry.operands
+
+
+def is_integer_sum(layer, node=None):
+    """True when ``layer`` (called at ``node``) adds or subtracts feature maps and the
+    integer export computes it as an int8 ADD / SUB: ``Add``, ``Subtract``, ``x + y``,
+    ``x - y`` and InceptionResNetV2's ``x + scale * branch`` (the merges whose
+    ``operands`` are ``MERGED``, concatenations aside). LiteRT's XNNPACK kernel
+    rounds its requantized result half up, so the signed quantizer after it does too
+    (:class:`tfdq.layers.ActivationQuantizer`'s ``ties``)."""
+    entry = lookup(layer)
+    if entry is None or entry.operands != MERGED or entry.rule == "concat":
+        return False
+    return not is_operation(layer) or node is None or len(node.input_tensors) == 2
+
+
+def is_tensor_sum(layer, node):
+    """True for ``x + y`` / ``keras.ops.add`` of two feature maps (no constant operand):
+    exported as the ``Add`` layer is."""
+    add = _cls(_np_ops, "Add")
+    return add is not None and type(layer) is add and len(node.input_tensors) == 2
+
+
 def is_operation(op):
     """True for a Keras 3 operation node that is not a layer (``x + 3.0``, ``keras.ops.relu``)."""
     return not isinstance(op, _L.Layer)
@@ -835,6 +912,13 @@ _CLONE_TEXT = {
     "nested": "quantized through",
     "split": "-> `QDepthwiseConv2D`, `ActivationQuantizer`, `QConv2D` 1x1",
 }
+_OPERANDS_TEXT = {
+    None: "-",
+    MERGED: "each operand (of 2+ maps)",
+    FACTORS: "each factor",
+    INPUT: "its input",
+    UNFOLDED: "its input unless folded",
+}
 _MEMORY_TEXT = {
     "quantized": "(kernel + bias) x b_w",
     "float": "kernel + bias at 32 bits",
@@ -847,8 +931,9 @@ _MEMORY_TEXT = {
 def markdown_table():
     """The README's supported-layers table, generated from :data:`ENTRIES` and :data:`ACTIVATIONS`."""
     rows = [
-        "| Keras layer or op | `quantize_model` | memory | TFLite export | notes, fix |",
-        "|---|---|---|---|---|",
+        "| Keras layer or op | `quantize_model` | learned operand quantizers | memory | TFLite export "
+        "| notes, fix |",
+        "|---|---|---|---|---|---|",
     ]
     for e in ENTRIES:
         if e.clone == "split":
@@ -858,13 +943,15 @@ def markdown_table():
         else:
             clone, memory = _CLONE_TEXT[e.clone], _MEMORY_TEXT[e.memory]
         notes = "; ".join(t for t in (e.note, e.fix) if t)
-        rows.append(f"| {e.name} | {clone} | {memory} | {e.export} | {notes} |")
+        operands = _OPERANDS_TEXT[e.operands]
+        rows.append(f"| {e.name} | {clone} | {operands} | {memory} | {e.export} | {notes} |")
     rows.append("")
-    rows.append("| activation function | sign | TFLite export | fix |")
-    rows.append("|---|---|---|---|")
+    rows.append("| activation function | sign | learned operand quantizers | TFLite export | fix |")
+    rows.append("|---|---|---|---|---|")
     for a in ACTIVATIONS:
         names = ", ".join(f"`{n}`" for n in a.names if n is not None)
-        rows.append(f"| {names} | {'>= 0' if a.nonneg else 'signed'} | {a.export} | {a.fix} |")
+        sign = ">= 0" if a.nonneg else "signed"
+        rows.append(f"| {names} | {sign} | {_OPERANDS_TEXT[a.operands]} | {a.export} | {a.fix} |")
     return "\n".join(rows) + "\n"
 
 
@@ -942,46 +1029,3 @@ if __name__ == "__main__":  # python -m tfdq.registry README.md: refresh the REA
     print(
         "updated" if write_readme_table(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date"
     )
-
-
-# Merges of feature maps whose operands get a learned quantizer each: the sum,
-# difference or concatenation of tensors on learned grids is exact in the integer
-# file, so no tensor inside a residual network needs a calibrated scale. The
-# layers, and the same computations written as tensor arithmetic (``x + y``,
-# ``keras.ops.add``, ``keras.ops.subtract``, ``keras.ops.concatenate``).
-GRID_MERGE_LAYERS = (keras.layers.Add, keras.layers.Subtract, keras.layers.Concatenate) + tuple(
-    c for c in (_compat.keras_application_layers().get("CustomScaleLayer"),) if c
-)  # InceptionResNetV2's x + scale * branch
-GRID_MERGE_OPS = tuple(
-    c for c in (_cls(_np_ops, "Add"), _cls(_np_ops, "Subtract"), _cls(_np_ops, "Concatenate")) if c
-)
-
-
-def is_tensor_sum(layer, node):
-    """True for ``x + y`` / ``keras.ops.add`` of two feature maps (no constant operand):
-    exported as the ``Add`` layer is."""
-    add = _cls(_np_ops, "Add")
-    return add is not None and type(layer) is add and len(node.input_tensors) == 2
-
-
-def is_integer_sum(layer, node=None):
-    """True when ``layer`` (called at ``node``) adds or subtracts feature maps and the
-    integer export computes it as an int8 ADD / SUB: ``Add``, ``Subtract``, ``x + y``,
-    ``x - y`` and InceptionResNetV2's ``x + scale * branch``. LiteRT's XNNPACK kernel
-    rounds its requantized result half up, so the signed quantizer after it does too
-    (:class:`tfdq.layers.ActivationQuantizer`'s ``ties``)."""
-    if isinstance(layer, GRID_MERGE_LAYERS):
-        return not isinstance(layer, keras.layers.Concatenate)
-    sums = tuple(c for c in (_cls(_np_ops, "Add"), _cls(_np_ops, "Subtract")) if c)
-    return type(layer) in sums and (node is None or len(node.input_tensors) == 2)
-
-
-def is_grid_merge(layer, node=None):
-    """True when ``layer`` (called at ``node``) merges two or more feature maps that
-    ``quantize_model`` puts on learned grids first (an operation with a constant
-    operand, ``x + 3.0``, is not a merge of feature maps)."""
-    if isinstance(layer, GRID_MERGE_LAYERS):
-        return True
-    if type(layer) in GRID_MERGE_OPS:
-        return node is None or len(node.input_tensors) >= 2
-    return False
