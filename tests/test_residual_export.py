@@ -9,6 +9,7 @@ import pytest
 import tfdq
 import tfdq.export as E
 from benchmarks.batchnorm_residual import accuracy, budget_recipe, digits, residual_cnn
+from tfdq.export import inspect_tflite
 
 
 def test_add_operands_and_pooled_maps_get_uncounted_learned_quantizers():
@@ -82,6 +83,44 @@ def test_tensor_arithmetic_residual_sum_is_on_learned_grids_like_the_add_layer()
     verified = E.verify(qmodel, tflite, x, export_report=export_report)
     assert verified["all_kernels_exact"] and verified["float_ops"] == []
     assert verified["max_abs_output_diff_in_output_steps"] <= 1.0
+
+
+def _difference_cnn(as_layer):
+    """Two branches subtracted, ``relu(relu(conv(h)) - bn(conv(h)))``: ``x - y`` (a keras.ops node) or
+    a Subtract layer. (The ReLU keeps negative ties out: LiteRT's SUB rounds them up, the signed
+    quantizer half away from zero.)"""
+    inp = keras.Input((8, 8, 1))
+    h = keras.ops.relu(keras.layers.Conv2D(8, 3, padding="same")(inp))
+    a = keras.ops.relu(keras.layers.Conv2D(8, 3, padding="same")(h))
+    b = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same")(h))
+    d = keras.layers.Subtract(name="difference")([a, b]) if as_layer else a - b
+    d = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(keras.ops.relu(d))
+    return keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(d)))
+
+
+@pytest.mark.parametrize("as_layer", [False, True], ids=["x - y", "Subtract"])
+def test_difference_of_feature_maps_is_on_learned_grids_like_a_sum(as_layer):
+    """Both operands of ``x - y`` get learned quantizers, so the difference lies on their grids with
+    one sign flipped: the file subtracts (SUB, a ReLU after it fused) without calibrating the
+    difference, and computes what Keras does (logits within their own rounding)."""
+    train, test = digits(size=8)
+    keras.utils.set_random_seed(0)
+    model = _difference_cnn(as_layer)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.Adam(3e-3), loss)
+    model.fit(*train, batch_size=64, epochs=4, verbose=0)
+    qmodel, report = tfdq.quantize_model(model, calibration_data=train[0][:512], return_report=True)
+    assert sum(1 for r in report["activation_quantizers"] if not r["counted"]) >= 1  # the BatchNorm branch
+    qmodel.compile(keras.optimizers.Adam(1e-3), loss)
+    qmodel.fit(*train, batch_size=64, epochs=1, verbose=0)
+    E.align_biases(qmodel, train[0])
+    tflite, export_report = E.to_tflite(qmodel, train[0], return_report=True)
+    assert [c["tensor"] for c in export_report["calibrated"]] == ["output_0"]  # only the logits
+    assert "SUB" in [o["op"] for o in inspect_tflite(tflite)["ops"]]
+    r = E.verify(qmodel, tflite, test, export_report=export_report)
+    assert r["float_ops"] == [] and r["all_kernels_exact"]
+    assert r["max_abs_output_diff_in_output_steps"] <= 0.5 + 1e-6, r.format()
+    assert r["top1_agreement"] == 1.0, r.format()
 
 
 def test_align_biases_reports_no_nan_without_a_learned_output_quantizer():

@@ -460,7 +460,8 @@ ENTRIES = [
         CALIBRATED,
         "elementwise",
         check=_two_inputs,
-        note="SUB, output scale calibrated",
+        note="SUB of two maps on learned grids (as Add): the next learned quantizer sets its scale, "
+        "else calibrated",
         operands=MERGED,
     ),
     Entry((_L.Average,), "Average", "keep", MERGE, "none", REFUSED, fix="use Add, then Rescaling(1 / n)"),
@@ -589,6 +590,7 @@ ENTRIES = [
 ]
 
 # Keras 3 operation nodes (keras.ops calls and tensor arithmetic in a Functional graph)
+SUBTRACTIONS = (_L.Subtract,) + tuple(c for c in (_cls(_np_ops, "Subtract"),) if c)
 DIVIDE_OPS = tuple(c for c in (_cls(_np_ops, "Divide"), _cls(_np_ops, "TrueDivide")) if c)
 _OPS = [
     Entry(
@@ -648,7 +650,8 @@ _OPS = [
         "elementwise",
         check=_binary_op,
         fix="write it with two operands",
-        note="SUB, output calibrated",
+        note="SUB; two feature maps: as the Subtract layer; a scalar operand is an exact int8 constant, "
+        "output calibrated",
         operands=MERGED,
     ),
     Entry(
@@ -865,10 +868,22 @@ def is_integer_sum(layer, node=None):
 
 
 def is_tensor_sum(layer, node):
-    """True for ``x + y`` / ``keras.ops.add`` of two feature maps (no constant operand):
-    exported as the ``Add`` layer is."""
-    add = _cls(_np_ops, "Add")
-    return add is not None and type(layer) is add and len(node.input_tensors) == 2
+    """True for a sum or difference of two feature maps: ``x + y``, ``x - y``, ``keras.ops.add`` /
+    ``subtract``, the ``Subtract`` layer (no constant operand). Both operands get learned quantizers
+    (``operands=MERGED``), so the result lies on their grids, with one sign flipped for a
+    difference: exported as the ``Add`` layer is (by SUB for a difference)."""
+    entry = lookup(layer)
+    return (
+        entry is not None
+        and entry.operands == MERGED
+        and entry.rule == "elementwise"
+        and len(node.input_tensors) == 2
+    )
+
+
+def is_difference(layer):
+    """True for the ``Subtract`` layer and ``x - y`` / ``keras.ops.subtract``."""
+    return isinstance(layer, SUBTRACTIONS)
 
 
 def is_operation(op):

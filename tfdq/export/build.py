@@ -276,7 +276,7 @@ class Builder:
                 return [_Val(self.fq(y, x.q), x.q, False, x.nonneg, label)]
             return [self.calibrated(out, label, "average of quantized values (not on the input grid)")]
         if rule == "elementwise" and registry.is_tensor_sum(op.layer, op.node):
-            rule = "add"  # x + y of two feature maps on learned grids: exact, like the Add layer
+            rule = "add"  # x + y, x - y of two feature maps on learned grids: exact, like the Add layer
         if rule in _RULE_METHODS:
             return [getattr(self, _RULE_METHODS[rule])(op, values)]
         if rule == "concat":
@@ -599,6 +599,8 @@ class Builder:
                         break
             self.quantized(values, keys[i], f"{label}:input{i}", f"input {i} of {label}", prefer)
         xs = [values[k] for k in keys]
+        if registry.is_difference(op.layer):  # x - y: on the same grids, one sign flipped (SUB)
+            return _Val(xs[0].t - xs[1].t, None, True, False, label)
         y = xs[0].t + xs[1].t
         return _Val(y, None, True, all(x.nonneg for x in xs), label)
 
