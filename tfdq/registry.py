@@ -591,6 +591,8 @@ ENTRIES = [
 
 # Keras 3 operation nodes (keras.ops calls and tensor arithmetic in a Functional graph)
 SUBTRACTIONS = (_L.Subtract,) + tuple(c for c in (_cls(_np_ops, "Subtract"),) if c)
+SCALAR_SHIFT_OPS = tuple(c for c in (_cls(_np_ops, "Add"), _cls(_np_ops, "Subtract")) if c)  # x + c, x - c
+SCALAR_SCALE_OPS = tuple(c for c in (_cls(_np_ops, "Multiply"),) if c)  # x * c (x / c: DIVIDE_OPS)
 DIVIDE_OPS = tuple(c for c in (_cls(_np_ops, "Divide"), _cls(_np_ops, "TrueDivide")) if c)
 _OPS = [
     Entry(

@@ -24,6 +24,7 @@ from tfdq.export.plan import (
     KERNEL_TAG,
     OUTPUT_HEADROOM,
     SOFTMAX_SCALE,
+    TIE_BREAK,
     ExportError,
     activation_name,
     activation_rule,
@@ -40,6 +41,52 @@ def _scalar_operands_nonneg(node):
         if not isinstance(a, keras.KerasTensor) and float(np.min(a)) < 0:
             return False
     return True
+
+
+def _scalar_operand(op):
+    """``(position of the tensor, c)`` for an operation on one tensor and one scalar constant c
+    (``x + 3.0``, ``3.0 + x``, ``x * (1 / 6)``), else None."""
+    node = op.node
+    args = node.arguments.args
+    if not registry.is_operation(op.layer) or len(node.input_tensors) != 1 or len(args) != 2:
+        return None
+    if node.arguments.kwargs:
+        return None
+    pos = 0 if isinstance(args[0], keras.KerasTensor) else 1
+    c = args[1 - pos]
+    if isinstance(c, keras.KerasTensor) or np.ndim(c) != 0:
+        return None
+    return pos, float(c)
+
+
+def _bias_constants(plan):
+    """``{kernel op index: (op index, c)}`` for the kernels (linear activation) whose output, through
+    a folded BatchNorm, goes only to an ``x + c`` or ``x - c`` (a scalar c): their int32 bias
+    absorbs c, so the shifted value is rounded once, where the kernel requantizes, not at the
+    kernel's output and again after an ADD (MobileNetV3's hard-sigmoid gate ``relu6(conv(x) + 3) / 6``
+    becomes one CONV_2D with a fused RELU6; see :meth:`Builder.elementwise`)."""
+    found = {}
+    for index, kplan in plan.kernels.items():
+        op = plan.ops_by_index[index]
+        if (
+            kplan.kind not in ("conv", "depthwise", "dense")
+            or activation_name(op.layer.activation) != "linear"
+        ):
+            continue
+        key = op.outputs[0]
+        for _ in range(2):
+            consumers = plan.consumers.get(key, [])
+            if len(consumers) != 1 or key in plan.output_keys:
+                break
+            nxt = consumers[0]
+            if nxt.index in plan.folded_bn:
+                key = nxt.outputs[0]
+                continue
+            operand = _scalar_operand(nxt) if isinstance(nxt.layer, registry.SCALAR_SHIFT_OPS) else None
+            if operand is not None and not (registry.is_difference(nxt.layer) and operand[0] == 1):
+                found[index] = (nxt.index, -operand[1] if registry.is_difference(nxt.layer) else operand[1])
+            break
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -98,6 +145,8 @@ class BuildTables:
     whose range calibration observes; ``calibrated``: one dict per tensor
     that got a calibrated scale (name, reason, scale, observed range);
     ``fixed``: tensors whose scale TFLite's spec fixes (softmax, logistic);
+    ``derived``: tensors whose scale follows from a learned step (``d / c`` on ``x`` in
+    ``x * c``, see :meth:`Builder.elementwise`);
     ``missing``: calibration points without statistics (an internal error);
     ``biases``: kernel op index -> its planned int32 bias (integers, unit,
     the residual :func:`~tfdq.export.align.align_biases` removes);
@@ -108,6 +157,7 @@ class BuildTables:
     points: dict = dataclasses.field(default_factory=dict)
     calibrated: list = dataclasses.field(default_factory=list)
     fixed: list = dataclasses.field(default_factory=list)
+    derived: list = dataclasses.field(default_factory=list)
     missing: list = dataclasses.field(default_factory=list)
     biases: dict = dataclasses.field(default_factory=dict)
     bn_biases: dict = dataclasses.field(default_factory=dict)
@@ -137,6 +187,9 @@ class Builder:
                     kernel = np.transpose(kernel, (0, 1, 3, 2))  # a grouped Conv2D as depthwise
                 self.float_weights[i] = (kernel, bias)
         self._tables = None  # the BuildTables of the run in progress (None between runs)
+        self._bias_constants = _bias_constants(plan)  # kernel op index -> (x + c op index, c)
+        self._absorbed = {i for i, _ in self._bias_constants.values()}
+        self._exact_inputs = set()  # learned quantizers whose input arrives on their grid (x * c)
 
     # -- quantization helpers -----------------------------------------------
 
@@ -353,6 +406,16 @@ class Builder:
     def activation_quantizer(self, op, x):
         a = self.plan.acts[op.index]
         q = _Q(a.step, a.zero_point)
+        consumers = self.plan.consumers.get(op.outputs[0], [])
+        if (
+            op.index in self._exact_inputs
+            and consumers
+            and all(isinstance(c.layer, keras.layers.Multiply) for c in consumers)
+        ):
+            # a factor of an int8 MUL whose values arrive on the grid already (nothing to round here):
+            # a scale larger by one part in 2^22 breaks the product's ties away from zero, as the
+            # learned quantizer after the MUL does, where XNNPACK would round them to even
+            q = _Q(a.step * TIE_BREAK, a.zero_point)
         t = self.fq(x.t, q)
         if self.mode == "float":
             return _Val(x.t, q, False, not a.signed, op.path)
@@ -471,8 +534,20 @@ class Builder:
     def elementwise(self, op, values):
         """Two-operand arithmetic (layers Multiply/Subtract/Maximum/Minimum, ``x + 3.0``,
         ``keras.ops.multiply``, ``x / 6.0``): inputs quantized, scalar operands exact int8
-        constants, the output calibrated."""
+        constants, the output calibrated.
+
+        Two cases round once, where Keras does: an ``x + c`` / ``x - c`` on a kernel's output is
+        already in that kernel's int32 bias (:func:`_bias_constants`), and an ``x * c`` / ``x / c``
+        (c > 0) that a learned quantizer of step ``d`` takes next quantizes its open input ``x`` at
+        ``d / c``, so that the int8 MUL computes the learned integers exactly: the rounding of x at
+        ``d / c`` is the learned quantizer's rounding of ``x c``, its clamp at ``n d`` the same
+        (MobileNetV3's gate ``relu6(conv(x) + 3) * (1 / 6)``: the CONV_2D requantizes at ``6 d``)."""
         label = op.path
+        if op.index in self._absorbed:
+            return dataclasses.replace(values[op.inputs[0]], label=label)
+        scaled = self._scaled_onto_next_grid(op, values)
+        if scaled is not None:
+            return scaled
         feed = {}
         for i, (k, kt) in enumerate(zip(op.inputs, op.node.input_tensors)):
             feed[id(kt)] = self.quantized(values, k, f"{label}:input{i}", f"input {i} of {label}")
@@ -496,6 +571,67 @@ class Builder:
         return _Val(
             y, None, False, nonneg, label, tight=True
         )  # quantized by its consumer (learned or calibrated)
+
+    def _scaled_onto_next_grid(self, op, values):
+        """``x * c`` / ``x / c`` on an open ``x`` computed exactly on the learned grid after it (see
+        :meth:`elementwise`), or None where that does not apply."""
+        divide = isinstance(op.layer, registry.DIVIDE_OPS)
+        if not (divide or isinstance(op.layer, registry.SCALAR_SCALE_OPS)):
+            return None
+        operand = _scalar_operand(op)
+        if operand is None or (divide and operand[0] != 0) or operand[1] == 0:
+            return None
+        c = 1.0 / operand[1] if divide else operand[1]
+        key = op.inputs[0]
+        x = values[key]
+        if (
+            c < 0
+            or x.q is not None
+            or len(self.plan.consumers.get(key, [])) != 1
+            or key in self.plan.output_keys
+        ):
+            return None
+        if not self._from_kernel(key):
+            return None  # x would be rounded by the op that makes it, not by the kernel's requantization
+        act, _ = self.plan.downstream_quantizer(op.outputs[0])
+        if act is None or act.n > (255 if x.nonneg else INT8_MAX):
+            return None  # no learned quantizer next, or its range beyond x's int8 levels at d / c
+        q = _Q(act.step / c, -128 if x.nonneg else 0)
+        self._exact_inputs.add(act.op_index)
+        self._tables.derived.append(
+            {
+                "tensor": f"{op.path}:input0",
+                "scale": q.scale,
+                "zero_point": q.zero_point,
+                "why": (f"step {act.step:g} of {act.layer_name} over the factor {c:g}: the MUL is exact"),
+            }
+        )
+        values[key] = x = _Val(self.fq(x.t, q), q, False, x.nonneg, x.label)
+        return _Val(x.t * self.const(c), None, False, x.nonneg, op.path, tight=True)
+
+    def _from_kernel(self, key):
+        """True when ``key`` is a kernel's output, through a folded BatchNorm, an ``x + c`` in its bias
+        and a fused ReLU/ReLU6: one requantization of the accumulator makes it, at the scale its
+        consumer chooses."""
+        relu = False
+        for _ in range(4):
+            op = self.plan._producer_op(key)  # noqa: SLF001 (the plan's graph walk)
+            if op is None:
+                return False
+            if op.index in self.plan.kernels:
+                return activation_name(op.layer.activation) in ("linear", "relu", "relu6")
+            entry = registry.lookup(op.layer)
+            is_relu = (
+                entry is not None
+                and entry.rule == "activation"
+                and activation_rule(op.layer) in ("relu", "relu6")
+            )
+            if is_relu and not relu:
+                relu = True
+            elif op.index not in self._absorbed and op.index not in self.plan.folded_bn:
+                return False
+            key = op.inputs[0]
+        return False
 
     def affine(self, op, values):
         """Rescaling / Normalization ``x a + b`` (scalars): MUL and ADD by exact int8 constants.
@@ -621,6 +757,8 @@ class Builder:
                 y = y * w["factor"].astype(np.float32) + (w["beta"] - w["mean"] * w["factor"]).astype(
                     np.float32
                 )
+            if op.index in self._bias_constants:
+                y = y + np.float32(self._bias_constants[op.index][1])
         else:
             folded = plan.folded_kernel()
             n = plan.fq_max
@@ -729,10 +867,14 @@ class Builder:
         the run's ``biases`` table with the residual that :func:`~tfdq.export.align.align_biases` removes).
         """
         bn = self.plan.bn.get(op.index)
+        extra = self._bias_constants.get(op.index, (None, 0.0))[1]  # an x + c after it
         if self.mode != "export" or x.q is None or x.q is _CALIBRATING:
-            return plan.folded_bias(bn)
+            bias = plan.folded_bias(bn)
+            if extra:
+                bias = (np.zeros(plan.out_channels) if bias is None else bias) + extra
+            return None if bias is None else np.asarray(bias, np.float32)
         s_out, nonneg = self.plan.kernel_output(op.index)
-        acc = plan.accumulator_bias(bn, x.q.scale, s_out, nonneg)
+        acc = plan.accumulator_bias(bn, x.q.scale, s_out, nonneg, extra=extra)
         if acc is None:
             return None
         if np.max(np.abs(acc["integer"])) > INT32_MAX:

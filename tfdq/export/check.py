@@ -57,6 +57,7 @@ def check_file(plan, info, tables, tflite_bytes):
     # Every int8 activation tensor must carry a scale that we chose.
     chosen = [a.step for a in plan.acts.values()]
     chosen += [c["scale"] for c in tables.calibrated] + [f["scale"] for f in tables.fixed]
+    chosen += [d["scale"] for d in tables.derived]
     chosen = np.asarray(chosen, np.float64)
     for t in info["tensors"]:
         if t["type"] != "int8" or t["bytes"] or t["scales"].size != 1:

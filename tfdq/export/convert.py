@@ -194,6 +194,7 @@ def to_tflite(
             for b in tables.bn_biases.values()
         ],
         fixed=list(tables.fixed),
+        derived=list(tables.derived),
         options={"input_type": input_type, "output_type": output_type, "storage": storage},
         file_bytes=len(tflite),
     )

@@ -307,8 +307,11 @@ class KernelPlan:
             return True
         return self.storage != "int8" and not self.xnnpack_fc
 
-    def accumulator_bias(self, bn_weights, s_in, s_out=None, nonneg=False):
+    def accumulator_bias(self, bn_weights, s_in, s_out=None, nonneg=False, extra=0.0):
         """The int32 bias of this layer in the file, for input scale ``s_in``.
+
+        ``extra``: a constant that the bias absorbs as well (the ``c`` of an
+        ``x + c`` right after the layer, see ``Builder``).
 
         TFLite adds the bias to the integer accumulator, whose unit is
         ``u_c = s_in * scale_c``. The Keras layer (BatchNorm folded) adds
@@ -328,9 +331,11 @@ class KernelPlan:
         """
         bias = self.folded_bias(bn_weights)
         if bias is None:
-            return None
+            if not extra:
+                return None
+            bias = np.zeros(self.out_channels)
         unit = np.float64(np.float32(s_in)) * self.scales().astype(np.float32).astype(np.float64)
-        real = bias.astype(np.float64) / unit
+        real = (bias.astype(np.float64) + extra) / unit
         shift = np.zeros_like(real)
         if self.rounds_twice and s_out is not None and nonneg:
             shift = requantization_shift(unit, s_out)
