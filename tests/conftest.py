@@ -45,8 +45,11 @@ def _seed():
 
 # TFDQ_TEST_CPU_TIMES=path.json records each test's CPU seconds (this process and the
 # subprocesses it waited for, setup included): a cost that does not depend on what else
-# the machine runs, for deciding what belongs in the slow set.
+# the machine runs, for deciding what belongs in the slow set. Under pytest-xdist each
+# worker writes its own file, path.json.gw0, path.json.gw1, ... (merge them to read).
 _CPU_TIMES_PATH = os.environ.get("TFDQ_TEST_CPU_TIMES")
+if _CPU_TIMES_PATH and os.environ.get("PYTEST_XDIST_WORKER"):
+    _CPU_TIMES_PATH += "." + os.environ["PYTEST_XDIST_WORKER"]
 if _CPU_TIMES_PATH:
     import json  # noqa: E402
     import time  # noqa: E402
