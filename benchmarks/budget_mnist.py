@@ -99,6 +99,24 @@ def _before_final(history, targets, quant_epochs):
     return out
 
 
+def result_row(name, config, seed, float_error, r):
+    """The fields every budget run's row has: ``(row, achieved pairs)``."""
+    pairs = achieved(r)
+    row = {
+        "budget": name,
+        "label": config["name"],
+        "seed": seed,
+        "float_accuracy": 1 - float_error,
+        "accuracy": 1 - r["error"],
+        "constraints": {k: {"target_kb": t, "achieved_kb": a, "ratio": a / t} for k, (t, a) in pairs.items()},
+        "constraints_met": r["constraints_met"],
+        "mean_weight_bits": r["mean_weight_bits"],
+        "bits": {**r["weight_bits"], **r["activation_bits"]},
+        "seconds": r["seconds"],
+    }
+    return row, pairs
+
+
 def run(seeds, names, float_epochs, quant_epochs, finish_epochs, gains=(None,), verbose=0):
     counts = mnist_runs.feature_counts()
     data = mnist_runs.load_data()
@@ -117,28 +135,18 @@ def run(seeds, names, float_epochs, quant_epochs, finish_epochs, gains=(None,), 
                 print(f"{name} seed {seed}: FAILED {r['failed']}", flush=True)
                 rows.append({"budget": name, "seed": seed, "failed": r["failed"]})
                 continue
-            pairs = achieved(r)
-            row = {
-                "budget": name,
-                "label": config["name"],
-                "seed": seed,
-                "float_accuracy": 1 - ferr,
-                "accuracy": 1 - r["error"],
-                "constraints": {
-                    k: {"target_kb": t, "achieved_kb": a, "ratio": a / t} for k, (t, a) in pairs.items()
-                },
-                "constraints_met": r["constraints_met"],
-                "mean_weight_bits": r["mean_weight_bits"],
-                "bits": {**r["weight_bits"], **r["activation_bits"]},
-                "bit_changes_at_finish": r.get("enforce_steps"),
-                "lambda_final": {
-                    k[len("lambda_") :]: v[-1] for k, v in r["history"].items() if k.startswith("lambda_")
-                },
-                "gains": None if gain is None else {"kp": gain[0], "ki": gain[1]},
-                "met_before_final_phase": [v for v in r["history"]["budget_met"][:quant_epochs]],
-                "ratio_before_final_phase": _before_final(r["history"], r["targets"], quant_epochs),
-                "seconds": r["seconds"],
-            }
+            row, pairs = result_row(name, config, seed, ferr, r)
+            row.update(
+                {
+                    "bit_changes_at_finish": r.get("enforce_steps"),
+                    "lambda_final": {
+                        k[len("lambda_") :]: v[-1] for k, v in r["history"].items() if k.startswith("lambda_")
+                    },
+                    "gains": None if gain is None else {"kp": gain[0], "ki": gain[1]},
+                    "met_before_final_phase": [v for v in r["history"]["budget_met"][:quant_epochs]],
+                    "ratio_before_final_phase": _before_final(r["history"], r["targets"], quant_epochs),
+                }
+            )
             rows.append(row)
             text = "  ".join(f"{k} {a:.3f}/{t:.3f} kB ({100 * a / t:.1f}%)" for k, (t, a) in pairs.items())
             print(

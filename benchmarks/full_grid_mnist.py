@@ -84,25 +84,12 @@ def run(seeds, names, float_epochs, quant_epochs, finish_epochs):
                     rows.append({"budget": name, "arm": arm, "seed": seed, "failed": r["failed"]})
                     continue
                 layers = weight_layers(r.pop("model"))
-                pairs = budget_mnist.achieved(r)
-                row = {
-                    "budget": name,
-                    "label": config["name"],
-                    "arm": arm,
-                    "seed": seed,
-                    "float_accuracy": 1 - ferr,
-                    "accuracy": 1 - r["error"],
-                    "constraints": {
-                        k: {"target_kb": t, "achieved_kb": a, "ratio": a / t} for k, (t, a) in pairs.items()
-                    },
-                    "constraints_met": r["constraints_met"],
-                    "mean_weight_bits": r["mean_weight_bits"],
-                    "formula_weight_kb": sum(v["count"] * v["formula_bits"] for v in layers.values())
-                    / 8192.0,
-                    "weight_layers": layers,
-                    "bits": {**r["weight_bits"], **r["activation_bits"]},
-                    "seconds": r["seconds"],
-                }
+                row, pairs = budget_mnist.result_row(name, config, seed, ferr, r)
+                row["arm"] = arm
+                row["formula_weight_kb"] = (
+                    sum(v["count"] * v["formula_bits"] for v in layers.values()) / 8192.0
+                )
+                row["weight_layers"] = layers
                 rows.append(row)
                 text = "  ".join(
                     f"{k} {a:.3f}/{t:.3f} kB ({100 * a / t:.1f}%)" for k, (t, a) in pairs.items()
