@@ -73,19 +73,14 @@ def _bias_constants(plan):
             or activation_name(op.layer.activation) != "linear"
         ):
             continue
-        key = op.outputs[0]
-        for _ in range(2):
-            consumers = plan.consumers.get(key, [])
-            if len(consumers) != 1 or key in plan.output_keys:
-                break
-            nxt = consumers[0]
-            if nxt.index in plan.folded_bn:
-                key = nxt.outputs[0]
-                continue
-            operand = _scalar_operand(nxt) if isinstance(nxt.layer, registry.SCALAR_SHIFT_OPS) else None
-            if operand is not None and not (registry.is_difference(nxt.layer) and operand[0] == 1):
-                found[index] = (nxt.index, -operand[1] if registry.is_difference(nxt.layer) else operand[1])
-            break
+        nxt = plan.sole_consumer(op.outputs[0], through_folded_bn=True)
+        operand = (
+            _scalar_operand(nxt)
+            if nxt is not None and isinstance(nxt.layer, registry.SCALAR_SHIFT_OPS)
+            else None
+        )
+        if operand is not None and not (registry.is_difference(nxt.layer) and operand[0] == 1):
+            found[index] = (nxt.index, -operand[1] if registry.is_difference(nxt.layer) else operand[1])
     return found
 
 

@@ -870,6 +870,19 @@ class Plan:
             {"layer": op.path, "class": cls, "problem": detail, "fix": fix, "kind": category}
         )
 
+    def sole_consumer(self, key, through_folded_bn=False):
+        """The one op that reads ``key`` (None: several, none, or a model output); with
+        ``through_folded_bn``, a BatchNormalization folded into ``key``'s producer is looked through."""
+        for _ in range(2):
+            cons = self.consumers.get(key, [])
+            if len(cons) != 1 or key in self.output_keys:
+                return None
+            if through_folded_bn and cons[0].index in self.folded_bn:
+                key, through_folded_bn = cons[0].outputs[0], False
+                continue
+            return cons[0]
+        return None
+
     def downstream_quantizer(self, key, folded=False):
         """``(ActPlan, through_relu)`` of the learned quantizer that quantizes ``key``.
 
@@ -878,16 +891,13 @@ class Plan:
         False)`` when no learned quantizer takes the tensor next.
         """
         relu = False
-        for _ in range(3):
-            cons = self.consumers.get(key, [])
-            if len(cons) != 1 or key in self.output_keys:
+        for _ in range(2):
+            op = self.sole_consumer(key, through_folded_bn=folded)
+            folded = False
+            if op is None:
                 break
-            op = cons[0]
             if op.index in self.acts:
                 return self.acts[op.index], relu
-            if folded and op.index in self.folded_bn:
-                key, folded = op.outputs[0], False
-                continue
             if (
                 not relu
                 and registry.lookup(op.layer) is not None
