@@ -33,8 +33,12 @@ def test_dense_model_matches_hand_written_quantized_computation():
     x = np.random.default_rng(0).uniform(0, 2, size=(7, 6)).astype(np.float32)
     q = tfdq.quantize_model(model, calibration_data=x)
     aqs = {l.name: l for l in qlayers.activation_quantizer_layers(q)}
-    assert sorted(aqs) == ["fc1_aq", "x_aq"]
+    assert sorted(aqs) == ["fc1_aq", "fc2_aq", "x_aq"]
     assert not aqs["x_aq"].signed and not aqs["fc1_aq"].signed  # non-negative input, ReLU
+    # the logits: signed, 8 bits, not charged to activation budgets
+    assert (
+        aqs["fc2_aq"].signed and not aqs["fc2_aq"].counted and aqs["fc2_aq"].quantizer.describe()["bits"] == 8
+    )
 
     def params(quantizer):
         p = quantizer.describe()
@@ -48,7 +52,7 @@ def test_dense_model_matches_hand_written_quantized_computation():
     hq = _uniform_ref(h, *params(aqs["fc1_aq"].quantizer), signed=False)
     w2 = _uniform_ref(model.get_layer("fc2").kernel.numpy(), *params(fc2.kernel_quantizer), True)
     b2 = _uniform_ref(model.get_layer("fc2").bias.numpy(), *params(fc2.kernel_quantizer), True)
-    want = hq @ w2 + b2
+    want = _uniform_ref(hq @ w2 + b2, *params(aqs["fc2_aq"].quantizer), signed=True)
     np.testing.assert_allclose(q(x).numpy(), want, rtol=1e-5, atol=1e-6)
 
 

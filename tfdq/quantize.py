@@ -483,6 +483,7 @@ def quantize_model(
     quantize_input: bool = True,
     init: str = "float",
     activation_init: str | None = None,
+    quantize_output: bool = True,
 ) -> QuantizedModel | tuple[QuantizedModel, QuantizationReport]:
     """Clone ``model`` into a learned-quantization model.
 
@@ -539,6 +540,16 @@ def quantize_model(
             activation quantizer, the fixed ones included; ``None``
             (default): ``"calibrate"`` when ``calibration_data`` is given and
             ``init="float"``, else ``"default"``.
+        quantize_output: put an uncounted 8-bit quantizer on each model output
+            that is not already on a grid TFLite fixes (softmax and sigmoid
+            outputs are), usually the logits (default True). The integer file
+            stores its outputs as int8 in any case; with the quantizer the
+            Keras model computes the same integers, so both break ties alike
+            (two logits one step apart in float can be equal in the file) and
+            ``verify`` compares like with like. It starts at 8 bits from the
+            calibrated largest output (or the defaults) and is not charged to
+            any activation budget. ``False``: the file's output scale is
+            calibrated on data at export, as before.
 
     Returns:
         The quantized model, a :class:`tfdq.model.QuantizedModel` (a
@@ -604,6 +615,7 @@ def quantize_model(
                 weight_bits=weight_bits,
                 activation_bits=activation_bits,
                 quantize_input=bool(quantize_input),
+                quantize_output=bool(quantize_output),
                 weights_from_kernels=init == "float",
                 calibrate_activations=activation_init == "calibrate",
             ),
@@ -675,7 +687,27 @@ def format_problems(problems, limit=6):
     return "\n".join(lines)
 
 
-def _quantize_graph(model, options, calibration_data, report, input_signs=None, raw_inputs=None):
+_FIXED_RANGE_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax", "tanh")
+
+
+def _quantizable_outputs(model):
+    """The outputs of ``model`` that get an uncounted output quantizer: float
+    tensors made by a layer or op (not an input passed through) whose range
+    TFLite does not fix (softmax and sigmoid outputs have a fixed int8 scale)."""
+    found = []
+    for t in model.outputs:
+        layer, _ = producer(t)
+        if layer is None or not str(getattr(t, "dtype", "float32")).startswith("float"):
+            continue
+        if isinstance(layer, qlayers.ActivationQuantizer):
+            continue
+        if registry.activation_function_name(layer) in _FIXED_RANGE_ACTIVATIONS:
+            continue
+        found.append(t)
+    return found
+
+
+def _quantize_graph(model, options, calibration_data, report, input_signs=None, raw_inputs=None, top=True):
     """Clone one Functional graph (recursing into nested models).
 
     ``raw_inputs``: positions of ``model.inputs`` that carry the outermost
@@ -702,7 +734,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                     placed = _placement(t, averages)
                     if options["quantize_input"] or id(placed) not in raw:
                         targets[id(placed)] = placed
-        for t in averages + [_placement(t) for t in _grid_operands(nodes)]:
+        outputs = _quantizable_outputs(model) if top and options["quantize_output"] else []
+        for t in averages + [_placement(t) for t in _grid_operands(nodes)] + outputs:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t
                 internal.add(id(t))
@@ -735,7 +768,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                 for i, t in enumerate(feeds.input_tensors if feeds is not None else ())
                 if id(_placement(t)) in raw
             ]
-            clone = _quantize_graph(layer, options, None, report, inner_signs, inner_raw)
+            clone = _quantize_graph(layer, options, None, report, inner_signs, inner_raw, top=False)
         elif registry.is_quantizable(layer) and registry.lookup(layer).clone == "split":
             clone = _split_separable(layer, options, report)
         elif registry.is_quantizable(layer):
@@ -823,6 +856,13 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         clone_function=clone_function,
         call_function=call_function,
     )
+
+    if top and any(id(t) in targets for t in model.outputs):
+        # outputs have no consumer in the graph: quantize them here
+        new_outputs = [quantized_input(t) for t in clone.outputs]
+        clone = keras.Model(
+            clone.inputs, tree.pack_sequence_as(clone._outputs_struct, new_outputs), name=clone.name
+        )
 
     # 3. Copy float weights, initialize weight quantizers.
     for orig, new in pairs:
