@@ -232,7 +232,8 @@ class KernelPlan:
         return s
 
     def scales(self):
-        """Per output channel scale: ``step * |s_c|`` (``step`` where s_c = 0).
+        """Per output channel scale: ``step * |s_c|`` (``step * TIE_BREAK`` where s_c = 0 or the
+        channel is dead).
 
         A per-tensor scale is ``step * TIE_BREAK``: with power-of-two steps on
         both sides the requantized accumulator often lands exactly on a
@@ -244,11 +245,32 @@ class KernelPlan:
         other value across a rounding threshold (the requantized values
         are multiples of at least 2^-14 below 256); the integers are the
         same.
+
+        A channel whose learned integers are all zero (:meth:`dead_channels`)
+        gets ``step * TIE_BREAK`` as well: its output is the constant bias
+        whatever the scale, and ``step |s_c|`` can be extreme there (a
+        BatchNorm whose variance went to zero with the kernel gives ``|s_c|
+        = gamma / sqrt(eps)``), which pushes the requantization multiplier
+        ``s_in scale_c / s_out`` past the 256 that XNNPACK accepts (LiteRT
+        then refuses to prepare the file). The bias is stored in the finer
+        unit ``s_in step``; with power-of-two steps its requantized value
+        can be an exact half, which the tie-break factor rounds away from
+        zero as the learned quantizer does.
         """
         if self.channel_factor is None:
             return np.full(self.out_channels, self.step * TIE_BREAK)
         a = np.abs(self.channel_factor)
-        return self.step * np.where(a > 0, a, 1.0)
+        return self.step * np.where((a > 0) & ~self.dead_channels(), a, TIE_BREAK)
+
+    def dead_channels(self):
+        """Per output channel: True where every learned integer of the channel is zero."""
+        k = self.k
+        if self.kind == "depthwise":
+            h, w, c, m = k.shape
+            return ~np.any(k.reshape(h * w, c * m) != 0, axis=0)
+        if self.kind == "transpose":  # (h, w, out, in)
+            return ~np.any(k != 0, axis=(0, 1, 3))
+        return ~np.any(k.reshape(-1, k.shape[-1]) != 0, axis=0)
 
     def exported_integers(self):
         """Integers the file must hold, Keras layout (sign-flipped where s_c < 0)."""
