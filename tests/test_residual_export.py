@@ -321,6 +321,8 @@ def test_requantization_multiplier_beyond_xnnpack_is_brought_down_by_finer_kerne
     assert max(_hidden_maps_equal(qmodel, tflite, test[0]).values()) == 0.0
     r = E.verify(qmodel, tflite, test, export_report=report)
     assert r["all_kernels_exact"] and all(l["within_range"] and l["xnnpack"] for l in r["layers"])
+    assert [(l["layer"], l["stored_multiple"]) for l in r["layers"] if l["stored_multiple"] > 1] == [("p", 4)]
+    assert "p: learned integers stored times up to 4" in r.format()
     assert r["max_abs_output_diff_in_output_steps"] <= 0.5 + 1e-6, r
 
 
