@@ -264,14 +264,14 @@ def main(argv):
             pool=8,
             repeats=1,
             out_dir=tempfile.mkdtemp(prefix="tfdq_pipelines_quick_"),
-            command_line=" ".join(sys.argv),
+            command_line=" ".join(["python -m benchmarks.input_pipelines", *sys.argv[1:]]),
         )
     else:
         run(
             n_train=FLAGS.n_train,
             imagenet_batches=FLAGS.imagenet_batches,
             repeats=FLAGS.repeats,
-            command_line=" ".join(sys.argv),
+            command_line=" ".join(["python -m benchmarks.input_pipelines", *sys.argv[1:]]),
             step_seconds=[float(v) for v in FLAGS.step_seconds],
             imagenet=FLAGS.imagenet,
         )

@@ -249,6 +249,83 @@ def test_linear_residual_sums_export_exactly():
     assert any("sum_aq" in note and "ties = 'up'" in note for note in r["notes"]), r["notes"]
 
 
+def test_dead_channel_with_zero_variance_exports_within_xnnpack_limits():
+    """A channel whose learned integers are all zero (low-bit kernels have them, e.g. a 2-bit
+    3x3 depthwise channel) and whose BatchNorm variance went to zero with it: folded, its
+    scale d gamma / sqrt(var + eps) made the requantization multiplier s_in scale / s_out pass
+    the 256 XNNPACK accepts, and LiteRT refused to prepare the file (the MobileNetV2 command's
+    export on mock ImageNet). Its output is the constant bias whatever the scale: the file
+    holds it at d (times the tie-break factor), XNNPACK runs every operator and every learned
+    map equals Keras'."""
+    from tfdq.export.flatbuffer import find_kernel
+    from tfdq.export.plan import TIE_BREAK, Plan
+
+    train, test = digits(size=8)
+    keras.utils.set_random_seed(0)
+    model = _linear_residual_cnn()
+    kernel = model.get_layer("p").kernel.numpy()
+    kernel[..., 3] *= 1e-4  # channel 3 rounds to zero on the learned grid
+    model.get_layer("p").kernel.assign(kernel)
+    with pytest.warns(UserWarning, match="BatchNorm moving statistics"):
+        qmodel = tfdq.quantize_model(model, calibration_data=train[0][:512])
+    bn = qmodel.get_layer("p_bn")
+    assert bn.moving_variance.numpy()[3] < 1e-8  # re-estimated on the data: a constant channel
+    gamma = bn.gamma.numpy()
+    gamma[3] = 60.0  # a dead channel's gamma gets no gradient; any value is possible
+    bn.gamma.assign(gamma)
+
+    kplan = next(k for k in Plan(qmodel).kernels.values() if k.layer_name == "p")
+    assert np.flatnonzero(kplan.dead_channels()).tolist() == [3]
+    step = {l.name: l.quantizer.describe()["d"] for l in tfdq.layers.activation_quantizer_layers(qmodel)}
+    folded = kplan.step * abs(kplan.channel_factor[3])  # the scale it had before
+    assert step["stem_relu_aq"] * folded / step["p_bn_aq"] > 256  # beyond XNNPACK
+
+    E.align_biases(qmodel, train[0])
+    tflite, report = E.to_tflite(qmodel, train[0], return_report=True)
+    info = inspect_tflite(tflite)
+    scales = find_kernel(info, kplan.op_index)["scales"]
+    assert scales[3] == pytest.approx(kplan.step * TIE_BREAK, rel=1e-6)
+    live = np.arange(scales.size) != 3
+    np.testing.assert_allclose(scales[live], kplan.step * np.abs(kplan.channel_factor[live]), rtol=1e-6)
+    assert max(_hidden_maps_equal(qmodel, tflite, test[0]).values()) == 0.0
+    r = E.verify(qmodel, tflite, test, export_report=report)
+    assert r["all_kernels_exact"] and all(l["xnnpack"] for l in r["layers"]), r["layers"]
+    assert r["max_abs_output_diff_in_output_steps"] <= 0.5 + 1e-6, r
+
+
+def test_requantization_multiplier_beyond_xnnpack_is_brought_down_by_finer_kernel_scales():
+    """A live channel whose folded scale makes s_in scale / s_out reach 256 (here a zero
+    BatchNorm variance; on the mock MobileNetV2 run a depthwise layer with input and kernel
+    steps 1 feeding an output step 2^-8: 294). The file stores that channel's integers times
+    2^j at its scale / 2^j, the same real kernel with the multiplier divided by 2^j (exactly:
+    powers of two); the 4-bit 1x1 convolution that 'fast' stores int4 has no room for that
+    and is stored int8, with a note. Every learned map of the file equals Keras'."""
+    from tfdq.export.runtime import XNNPACK_MAX_MULTIPLIER, large_multipliers
+
+    train, test = digits(size=8)
+    keras.utils.set_random_seed(0)
+    qmodel = tfdq.quantize_model(_linear_residual_cnn(), calibration_data=train[0][:512])
+    bn = qmodel.get_layer("p_bn")
+    variance, gamma = bn.moving_variance.numpy(), bn.gamma.numpy()
+    variance[5], gamma[5] = 0.0, 60.0
+    bn.moving_variance.assign(variance)
+    bn.gamma.assign(gamma)
+    E.align_biases(qmodel, train[0])
+    tflite, report = E.to_tflite(qmodel, train[0], return_report=True)
+    assert not large_multipliers(tflite)  # every multiplier below 256 (the file loads in XNNPACK)
+    # without the finer scale it was 474: the multiplier times the stored multiple
+    assert large_multipliers(tflite, limit=XNNPACK_MAX_MULTIPLIER / 4)[0]["channel"] == 5
+    (p,) = [k for k in report["kernels"] if k["stored_multiple"] > 1]
+    assert (p["layer"], p["stored_multiple"], p["storage"]) == ("p", 4, "int8")
+    assert "XNNPACK" in p["storage_note"] and p["bits"] <= 4
+    assert max(_hidden_maps_equal(qmodel, tflite, test[0]).values()) == 0.0
+    r = E.verify(qmodel, tflite, test, export_report=report)
+    assert r["all_kernels_exact"] and all(l["within_range"] and l["xnnpack"] for l in r["layers"])
+    assert [(l["layer"], l["stored_multiple"]) for l in r["layers"] if l["stored_multiple"] > 1] == [("p", 4)]
+    assert "p: learned integers stored times up to 4" in r.format()
+    assert r["max_abs_output_diff_in_output_steps"] <= 0.5 + 1e-6, r
+
+
 @pytest.mark.slow
 def test_budget_recipe_on_a_residual_cnn_inference_matches_training_mode():
     """The user scenario: the README's budget recipe on a residual CNN with

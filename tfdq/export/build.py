@@ -755,6 +755,7 @@ class Builder:
             if op.index in self._bias_constants:
                 y = y + np.float32(self._bias_constants[op.index][1])
         else:
+            self._fit_multiplier(op, plan, x)
             folded = plan.folded_kernel()
             n = plan.fq_max
             if plan.per_channel:
@@ -883,6 +884,15 @@ class Builder:
             )
         self._tables.biases[op.index] = dict(acc, layer=plan.layer_name, s_in=x.q.scale, s_out=s_out)
         return (acc["integer"] * acc["unit"]).astype(np.float32)
+
+    def _fit_multiplier(self, op, plan, x):
+        """:meth:`KernelPlan.fit_multiplier` for a kernel that XNNPACK runs, once its input scale and
+        its output's learned step are known (export mode; the bias that follows uses the same scales)."""
+        if self.mode != "export" or x.q is None or x.q is _CALIBRATING or plan.rounds_twice:
+            return
+        s_out, _ = self.plan.kernel_output(op.index)
+        if s_out is not None:
+            plan.fit_multiplier(x.q.scale, s_out)
 
     def prelu(self, op, plan, x):
         """PReLU ``relu(x) + Q(alpha) min(x, 0)`` in int8 ops: RELU and MINIMUM keep the input's

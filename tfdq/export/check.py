@@ -74,7 +74,7 @@ def check_file(plan, info, tables, tflite_bytes):
             continue
         if t["type"] != p.storage:
             problems.append(f"{p.layer_name}: stored as {t['type']}, planned {p.storage}")
-        expected = p.tflite_layout(p.exported_integers())
+        expected = p.tflite_layout(p.stored_integers())
         if list(expected.shape) != t["shape"]:
             problems.append(f"{p.layer_name}: kernel shape {t['shape']}, expected {list(expected.shape)}")
             continue

@@ -240,4 +240,6 @@ def _kernel_entry(p):
         "folded_batchnorm": p.bn_name,
         "negative_bn_channels": int(np.sum(p.channel_factor < 0)) if p.per_channel else 0,
         "count": p.count,
+        # the file holds k 2^j at scale / 2^j where the multiplier needed it (KernelPlan.fit_multiplier)
+        "stored_multiple": 1 if p.spread is None else int(np.max(p.spread)),
     }

@@ -25,6 +25,7 @@ INT8_MAX = 127
 OUTPUT_HEADROOM = 1.25  # calibrated output range / largest observed |output|
 SOFTMAX_SCALE = 1.0 / 256.0  # TFLite's fixed int8 softmax output: scale 1/256, zero point -128
 TIE_BREAK = 1.0 + 2.0**-22  # per-tensor kernel scale factor (KernelPlan.scales)
+XNNPACK_MAX_MULTIPLIER = 256.0  # XNNPACK takes a requantization multiplier s_in s_k / s_out below this
 KERNEL_TAG = "tfdq_k"  # kernel FakeQuant ops are named tfdq_k<op index>; the name survives conversion
 
 
@@ -193,6 +194,7 @@ class KernelPlan:
     fc_eligible: bool = False  # a Dense or a 1x1 stride-1 convolution: a FULLY_CONNECTED over channels
     in_channels: int = 0
     form: str = None  # "fc": written as FULLY_CONNECTED by tfdq.export.storage.apply_storage
+    spread: np.ndarray = None  # 2^j per output channel: the file holds k 2^j at scale / 2^j (fit_multiplier)
 
     @property
     def fq_bits(self):
@@ -232,7 +234,8 @@ class KernelPlan:
         return s
 
     def scales(self):
-        """Per output channel scale: ``step * |s_c|`` (``step`` where s_c = 0).
+        """Per output channel scale: ``step * |s_c|`` (``step * TIE_BREAK`` where s_c = 0 or the
+        channel is dead).
 
         A per-tensor scale is ``step * TIE_BREAK``: with power-of-two steps on
         both sides the requantized accumulator often lands exactly on a
@@ -244,14 +247,119 @@ class KernelPlan:
         other value across a rounding threshold (the requantized values
         are multiples of at least 2^-14 below 256); the integers are the
         same.
+
+        A channel whose learned integers are all zero (:meth:`dead_channels`)
+        gets ``step * TIE_BREAK`` as well: its output is the constant bias
+        whatever the scale, and ``step |s_c|`` can be extreme there (a
+        BatchNorm whose variance went to zero with the kernel gives ``|s_c|
+        = gamma / sqrt(eps)``), which pushes the requantization multiplier
+        ``s_in scale_c / s_out`` past the 256 that XNNPACK accepts (LiteRT
+        then refuses to prepare the file). The bias is stored in the finer
+        unit ``s_in step``; with power-of-two steps its requantized value
+        can be an exact half, which the tie-break factor rounds away from
+        zero as the learned quantizer does.
         """
         if self.channel_factor is None:
-            return np.full(self.out_channels, self.step * TIE_BREAK)
-        a = np.abs(self.channel_factor)
-        return self.step * np.where(a > 0, a, 1.0)
+            scales = np.full(self.out_channels, self.step * TIE_BREAK)
+        else:
+            a = np.abs(self.channel_factor)
+            scales = self.step * np.where((a > 0) & ~self.dead_channels(), a, TIE_BREAK)
+        return scales if self.spread is None else scales / self.spread
+
+    def fit_multiplier(self, s_in, s_out):
+        """Keep the requantization multiplier ``s_in scale_c / s_out`` of every channel within
+        what XNNPACK takes (below :data:`XNNPACK_MAX_MULTIPLIER`), where the storage allows.
+
+        A coarse input and kernel feeding a fine output grid (e.g. steps 1 and
+        1.15 into 2^-8: 294) give a multiplier XNNPACK refuses. Storing the
+        channel's integers times ``2^j`` at its scale divided by ``2^j``
+        represents the same real kernel and divides the multiplier by
+        ``2^j`` exactly (powers of two), so the file computes the same
+        values; the storage's integer range bounds ``j`` (an int8 kernel of
+        4-bit integers: ``2^j <= 127 / 7``, j <= 4); an int4/int2 kernel
+        without that room is stored int8 (:attr:`storage_note` says why).
+        Sets :attr:`spread` (None where nothing needs it) and returns the
+        channels still beyond the limit (an empty array when none: LiteRT
+        then refuses the file, and the export says which layer).
+        """
+        self.spread = None
+        mult = np.float64(np.float32(s_in)) * self.scales() / np.float64(np.float32(s_out))
+        if not np.any(mult >= XNNPACK_MAX_MULTIPLIER):
+            return np.zeros(0, np.int64)
+        # the smallest j that brings the multiplier to 128 or below (a margin of 2 to the limit)
+        need = np.maximum(np.ceil(np.log2(np.maximum(mult, 1.0) / (XNNPACK_MAX_MULTIPLIER / 2))), 0.0)
+        j = self._spread_exponents(need)
+        if np.any(j < need) and self.storage != "int8":
+            self.storage_note = (
+                f"int8, not {self.storage}: its requantization multiplier ({np.max(mult):.4g}) needs "
+                f"integers up to 2^j times the learned ones, beyond {self.storage}, to stay below "
+                f"XNNPACK's {XNNPACK_MAX_MULTIPLIER:g}"
+            )
+            self.storage = "int8"
+            j = self._spread_exponents(need)
+        self.spread = 2.0**j
+        return np.flatnonzero(mult / self.spread >= XNNPACK_MAX_MULTIPLIER)
+
+    def _spread_exponents(self, need):
+        """Per channel: ``need`` capped by what the storage's integer range leaves room for."""
+        largest = np.max(np.abs(self._channel_rows()), axis=0)
+        limit = {"int8": INT8_MAX, "int4": INT4_MAX, "int2": INT2_MAX}[self.storage]
+        room = np.floor(np.log2(limit / np.maximum(largest, 1)))
+        if self.channel_factor is None:  # one scale for the tensor: one factor
+            return np.full(need.shape, min(np.max(need), np.min(room)))
+        return np.minimum(need, room)
+
+    def spread_from_file(self, file_scales):
+        """Set :attr:`spread` from the per-channel scales a file holds for this kernel: where
+        the planned scale is ``2^j`` times the file's (j >= 1, to 1e-5), as :meth:`fit_multiplier`
+        writes it (for reading a file back without the export's trace)."""
+        self.spread = None
+        file_scales = np.asarray(file_scales, np.float64)
+        planned = self.scales()
+        if file_scales.size == 1:
+            file_scales = np.full(planned.size, file_scales[0])
+        if file_scales.size != planned.size:
+            return
+        ratio = planned / file_scales
+        power = 2.0 ** np.round(np.log2(np.maximum(ratio, 1e-30)))
+        if np.any((power >= 2) & (np.abs(ratio / power - 1) < 1e-5)):
+            self.spread = np.where((power >= 2) & (np.abs(ratio / power - 1) < 1e-5), power, 1.0)
+
+    def _channel_rows(self):
+        """The learned integers as (values per channel, channels)."""
+        k = self.k
+        if self.kind == "depthwise":
+            h, w, c, m = k.shape
+            return k.reshape(h * w, c * m)
+        if self.kind == "transpose":  # (h, w, out, in)
+            return np.moveaxis(k, 2, -1).reshape(-1, k.shape[2])
+        return k.reshape(-1, k.shape[-1])
+
+    def dead_channels(self):
+        """Per output channel: True where every learned integer of the channel is zero."""
+        return ~np.any(self._channel_rows() != 0, axis=0)
+
+    def stored_integers(self):
+        """The integers the file holds, Keras layout: :meth:`exported_integers` times :attr:`spread`."""
+        k = self.exported_integers()
+        if self.spread is None:
+            return k
+        spread = self.spread.astype(np.int64)
+        if self.kind == "depthwise":
+            h, w, c, m = k.shape
+            return (k.reshape(h, w, c * m) * spread).reshape(h, w, c, m)
+        if self.kind == "transpose":
+            return k * spread[:, None]
+        return k * spread
+
+    @property
+    def stored_max(self):
+        """The largest |integer| the file may hold for this kernel (the learned grid's, times spread)."""
+        return int(self.n_allowed * (1 if self.spread is None else np.max(self.spread)))
 
     def exported_integers(self):
-        """Integers the file must hold, Keras layout (sign-flipped where s_c < 0)."""
+        """The learned integers as exported, Keras layout (sign-flipped where s_c < 0); the file
+        holds them times :attr:`spread` (:meth:`stored_integers`)."""
         k = self.k.astype(np.int64)
         if self.channel_factor is None:
             return k
@@ -283,8 +391,8 @@ class KernelPlan:
         return np.transpose(k, (1, 0))
 
     def folded_kernel(self):
-        """``k_exported * scale_c`` as float32 in the TF layout used in the graph."""
-        k = self.exported_integers().astype(np.float64)
+        """``k_stored * scale_c`` as float32 in the TF layout used in the graph."""
+        k = self.stored_integers().astype(np.float64)
         scales = self.scales()
         if self.kind == "depthwise":
             h, w, c, m = k.shape

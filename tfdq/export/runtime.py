@@ -9,7 +9,12 @@ it would inside the file.
 import numpy as np
 import tensorflow as tf
 
-from tfdq.export.plan import round_half_away
+from tfdq.export.plan import KERNEL_TAG, ExportError, round_half_away
+
+# XNNPACK takes an int8 operator with weights only when its requantization multiplier
+# (input scale x weight scale / output scale, per channel) is below this
+XNNPACK_MAX_MULTIPLIER = 256.0
+_WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 def iter_batches(dataset, batch_size):
@@ -97,18 +102,42 @@ class LiteRTRunner:
         return y
 
 
-def xnnpack_delegated(tflite_bytes):
+def xnnpack_delegated(tflite_bytes, layer_names=None):
     """For each operator of the file (flatbuffer order), whether LiteRT's XNNPACK delegate runs it.
 
     Asked of the runtime, not assumed: the file is loaded with LiteRT's
     default delegates and node fusion disabled, so that XNNPACK replaces
     every operator it accepts by a DELEGATE node of its own; an operator is
     delegated when a DELEGATE node produces all its outputs.
+
+    Raises :class:`~tfdq.export.plan.ExportError` naming the operators
+    (``layer_names``: the planned kernels' layer names by op index, as
+    :attr:`KernelPlan.op_index`) when XNNPACK refuses the file because a
+    requantization multiplier reaches 256 (:func:`large_multipliers`).
     """
     from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
 
     interpreter = Interpreter(model_content=tflite_bytes, experimental_disable_delegate_node_fusion=True)
-    interpreter.allocate_tensors()  # the default delegates apply here
+    try:
+        interpreter.allocate_tensors()  # the default delegates apply here
+    except RuntimeError as err:
+        large = large_multipliers(tflite_bytes)
+        if not large:
+            raise
+        layer_names = layer_names or {}
+        names = "; ".join(
+            f"{layer_names.get(m['kernel_op'], m['output'])!r} ({m['op']}, channel {m['channel']}: "
+            f"{m['multiplier']:.4g})"
+            for m in large[:8]
+        )
+        raise ExportError(
+            f"LiteRT's XNNPACK delegate refused the file ({err}). XNNPACK takes an operator's "
+            f"requantization multiplier (input scale x kernel scale / output scale) below "
+            f"{XNNPACK_MAX_MULTIPLIER:g}; {len(large)} operator(s) need more: {names}. A BatchNormalization "
+            "folded into a kernel with a near-zero moving variance on a channel whose learned integers "
+            "are not all zero gives such a scale (d gamma / sqrt(var + eps)): re-estimate the BatchNorm "
+            "statistics on representative data (tfdq.recalibrate_batchnorm) or train longer, then export."
+        ) from err
     nodes = interpreter._get_ops_details()  # noqa: SLF001 (the only view of the execution graph)
     produced = set()
     for node in nodes:
@@ -119,6 +148,46 @@ def xnnpack_delegated(tflite_bytes):
         for node in nodes
         if node["op_name"] != "DELEGATE"
     ]
+
+
+def large_multipliers(tflite_bytes, limit=XNNPACK_MAX_MULTIPLIER):
+    """Operators with weights whose requantization multiplier reaches ``limit``.
+
+    The multiplier of output channel ``c`` is ``s_x s_k[c] / s_y`` (input,
+    kernel and output scales as the file holds them). Returns one dict per
+    such operator (flatbuffer order): ``index``, ``op``, ``output`` (its
+    output tensor's name), ``kernel_op`` (the Keras op index in its kernel's
+    ``tfdq_k`` tag, or None), ``channel`` and ``multiplier`` (the largest).
+    """
+    import re  # noqa: PLC0415
+
+    from tfdq.export.flatbuffer import inspect_tflite  # noqa: PLC0415
+
+    info = inspect_tflite(tflite_bytes)
+    tensors = info["tensors"]
+    found = []
+    for index, op in enumerate(info["ops"]):
+        if op["op"] not in _WEIGHTED_OPS or len(op["inputs"]) < 2 or not op["outputs"]:
+            continue
+        x, k, y = (tensors[i] for i in (op["inputs"][0], op["inputs"][1], op["outputs"][0]))
+        if not (x["scales"].size and k["scales"].size and y["scales"].size):
+            continue
+        mult = x["scales"][0] * k["scales"] / y["scales"][0]
+        channel = int(np.argmax(mult))
+        if mult[channel] >= limit:
+            name = y["name"].split(";")[0]
+            tag = re.search(KERNEL_TAG + r"(\d+)", k["name"])
+            found.append(
+                {
+                    "index": index,
+                    "op": op["op"],
+                    "output": name,
+                    "kernel_op": int(tag.group(1)) if tag else None,
+                    "channel": channel,
+                    "multiplier": float(mult[channel]),
+                }
+            )
+    return found
 
 
 def predict(tflite_bytes, x, batch_size=250, num_threads=None):

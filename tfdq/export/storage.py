@@ -161,7 +161,7 @@ def settle_storage(converted, plan):
     for _ in range(3):
         tflite = apply_storage(converted, plan)
         info = inspect_tflite(tflite)
-        delegated = xnnpack_delegated(tflite)
+        delegated = xnnpack_delegated(tflite, {p.op_index: p.layer_name for p in plan.kernels.values()})
         if plan.storage != "fast":
             return tflite, delegated
         table = kernel_storage(plan, info, delegated)

@@ -53,7 +53,9 @@ def size_report(model, tflite_bytes):
 
 def _check_kernels(plan, info, tflite_bytes, interpreter, expected_storage_by_layer):
     layers = []
-    in_file = kernel_storage(plan, info, xnnpack_delegated(tflite_bytes))
+    in_file = kernel_storage(
+        plan, info, xnnpack_delegated(tflite_bytes, {p.op_index: p.layer_name for p in plan.kernels.values()})
+    )
     for p in plan.kernels.values():
         t = find_kernel(info, p.op_index)
         entry = {
@@ -75,6 +77,7 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, expected_storage_by_la
         interpreter_view = values.size == from_buffer.size
         if not interpreter_view:
             values = from_buffer
+        p.spread_from_file(t["scales"])  # channels stored as k 2^j at scale / 2^j (KernelPlan.fit_multiplier)
         scale_err = kernel_scale_error(t, p)
         want = p.scales()
         # round(w / scale) of the Keras model's quantized (BatchNorm-folded) weights
@@ -104,7 +107,8 @@ def _check_kernels(plan, info, tflite_bytes, interpreter, expected_storage_by_la
             xnnpack=in_file.get(p.op_index, {}).get("xnnpack"),
             storage_note=p.storage_note,
             file_range=[int(values.min()), int(values.max())],
-            within_range=bool(np.max(np.abs(values)) <= p.n_allowed),
+            within_range=bool(np.max(np.abs(values)) <= p.stored_max),
+            stored_multiple=1 if p.spread is None else int(np.max(p.spread)),
             integers_equal_learned=mism == 0,
             mismatches=mism,
             interpreter_matches_buffer=bool(np.array_equal(values.reshape(-1), from_buffer.reshape(-1))),
@@ -311,6 +315,13 @@ def _format_verification(r):
             f"{l['storage']:>7} {'yes' if l['ok'] else 'NO':>5} {l['bytes']:>7}"
             f" {str(l.get('op')):>17} {'yes' if l.get('xnnpack') else 'no':>7}"
         )
+    for l in r["layers"]:
+        if l.get("stored_multiple", 1) > 1:
+            lines.append(
+                f"  note: {l['layer']}: learned integers stored times up to {l['stored_multiple']} at the "
+                "scale divided by as much (the same kernel; keeps the requantization multiplier below "
+                "XNNPACK's 256)"
+            )
     for note in r.get("notes") or []:
         lines.append(f"  note: {note}")
     for c in r.get("calibrated") or []:
