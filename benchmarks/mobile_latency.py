@@ -25,7 +25,8 @@ files are for timing and size only. Files per network:
 Every file takes float32 input and gives float32 output. Latency: batch 1,
 ``num_threads`` 1 and 2, interleaved rounds (``benchmarks.latency.time_files``:
 every (file, threads) pair per round, alternating order; medians over all
-timed invocations). Per file, ``outside_xnnpack`` counts the operators that
+timed invocations), and the CPU time of an invocation at 1 thread
+(:func:`cpu_times`, usable on a loaded machine). Per file, ``outside_xnnpack`` counts the operators that
 LiteRT's XNNPACK delegate does not take, by type (asked of the runtime:
 :func:`tfdq.export.runtime.xnnpack_delegated`). Writes
 ``results/mobile_latency.json`` (``--out_name`` another name)::
@@ -142,6 +143,47 @@ def outside_xnnpack(tflite):
     return dict(Counter(op for op, ok in zip(ops, xnnpack_delegated(tflite)) if not ok))
 
 
+def cpu_times(files, rounds, invokes, warmup=5):
+    """Per file: median CPU milliseconds of one batch-1 invocation at 1 thread (``time.thread_time``).
+
+    At one thread LiteRT and its XNNPACK delegate compute in the calling thread, so its CPU
+    time is the work of the invocation without the time spent waiting for a core: the measure
+    that a machine shared with other jobs leaves usable (caches are still shared). Interleaved
+    rounds, alternating order, as :func:`benchmarks.latency.time_files`.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    from tfdq.export.runtime import LiteRTRunner  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    interps = {}
+    for name, tflite in files.items():
+        runner = LiteRTRunner(tflite, 1)
+        shape = runner.interpreter.get_input_details()[0]["shape"]
+        runner(rng.uniform(size=[1, *shape[1:]]).astype("float32"))
+        for _ in range(warmup):
+            runner.interpreter.invoke()
+        interps[name] = runner.interpreter
+    samples = {name: [] for name in interps}
+    for r in range(rounds):
+        names = list(interps)[:: -1 if r % 2 else 1]
+        for name in names:
+            interp = interps[name]
+            for _ in range(invokes):
+                t0 = time.thread_time()
+                interp.invoke()
+                samples[name].append(time.thread_time() - t0)
+    return {
+        name: {
+            "median_cpu_ms": 1000 * float(np.median(v)),
+            "p10_cpu_ms": 1000 * float(np.percentile(v, 10)),
+            "p90_cpu_ms": 1000 * float(np.percentile(v, 90)),
+            "samples": len(v),
+        }
+        for name, v in samples.items()
+    }
+
+
 def build_files(name, size, tfmot=True, kinds=KINDS, clamp_forms=False):
     """The .tflite files of one network (bytes by kind) and how they were made."""
     import keras  # noqa: PLC0415
@@ -216,6 +258,9 @@ def run(models=MODELS, size=224, rounds=10, invokes=20, tfmot=True, kinds=KINDS,
         files, info = build_files(name, size, tfmot, kinds, clamp_forms)
         load_before = os.getloadavg()
         latency = time_files(files, (1, 2), rounds, invokes, warmup=5)
+        cpu = cpu_times(files, rounds, invokes)
+        for k in files:
+            latency[k]["1_thread_cpu"] = cpu[k]
         sizes = {k: len(b) for k, b in files.items()}
         ratios = {}
         for t in ("1_thread", "2_threads"):
@@ -227,6 +272,9 @@ def run(models=MODELS, size=224, rounds=10, invokes=20, tfmot=True, kinds=KINDS,
                     )
         for k in files:
             if k != "float32":
+                ratios[f"float32 / {k} CPU time, 1 thread"] = (
+                    cpu["float32"]["median_cpu_ms"] / cpu[k]["median_cpu_ms"]
+                )
                 ratios[f"{k} / float32 file size"] = sizes[k] / sizes["float32"]
         outside = {k: outside_xnnpack(b) for k, b in files.items()}
         out[name] = {
@@ -250,6 +298,7 @@ def run(models=MODELS, size=224, rounds=10, invokes=20, tfmot=True, kinds=KINDS,
             print(
                 f"{name:18s} {k:12s} {sizes[k] / 1024:9.1f} kB "
                 f"{lat['1_thread']['median_ms']:8.2f} ms @1t {lat['2_threads']['median_ms']:8.2f} ms @2t"
+                f" {cpu[k]['median_cpu_ms']:8.2f} CPU ms @1t"
                 f"  outside XNNPACK: {outside[k] or 'none'}",
                 flush=True,
             )

@@ -79,9 +79,9 @@ def test_every_int8_level_clamps_as_the_minimum_and_maximum_did():
         np.testing.assert_array_equal(before, want)
 
 
-def test_clamp_before_a_convolution_is_one_quantize_and_before_pooling_two():
-    """A clamp read only by a convolution takes the new zero point (one QUANTIZE); one read by a
-    MAX_POOL_2D (which keeps its input's quantization) gets its zero point back (two)."""
+def test_clamp_before_a_convolution_or_hard_swish_is_one_quantize_and_before_pooling_two():
+    """A clamp read only by a convolution or a HARD_SWISH takes the new zero point (one QUANTIZE);
+    one read by a MAX_POOL_2D (which keeps its input's quantization) gets its zero point back (two)."""
     rng = np.random.default_rng(0)
     d, n = 0.05, 7
     ws = rng.normal(size=(3, 3, 3, 4, 4)).astype(np.float32) * 0.3
@@ -97,14 +97,18 @@ def test_clamp_before_a_convolution_is_one_quantize_and_before_pooling_two():
         x = _fq(x, 1 / 32, 0)
         y = _fq(tf.minimum(conv(x, 0), n * d), d, n - 128)  # a signed quantizer's clamp, read by a conv
         p = _fq(tf.minimum(conv(x, 1), n * d), d, n - 128)  # read by a max pooling
+        h = _fq(tf.minimum(conv(x, 2), n * d), d, n - 128)  # read by a HARD_SWISH
         a = _fq(tf.nn.conv2d(y, ws[2], 1, "SAME"), 0.1, 0)
-        return _fq(a + tf.nn.max_pool2d(p, 2, 1, "SAME"), 0.1, 0)
+        b = _fq(h * tf.nn.relu6(h + 3.0) / 6.0, 0.05, 0)
+        return _fq(a + tf.nn.max_pool2d(p, 2, 1, "SAME") + b, 0.1, 0)
 
     original = _convert(fn, (1, 6, 6, 4))
-    assert _ops(original).count("MINIMUM") == 2
+    assert _ops(original).count("MINIMUM") == 3 and "HARD_SWISH" in _ops(original)
     rewritten, entries = clamps_as_requantize(original)
-    assert sorted(e["form"] for e in entries) == ["QUANTIZE", "QUANTIZE x2"]
-    assert "MINIMUM" not in _ops(rewritten) and all(xnnpack_delegated(rewritten))
+    assert sorted(e["form"] for e in entries) == ["QUANTIZE", "QUANTIZE", "QUANTIZE x2"]
+    ops = _ops(rewritten)
+    outside = [op for op, ok in zip(ops, xnnpack_delegated(rewritten)) if not ok]
+    assert "MINIMUM" not in ops and outside == ["HARD_SWISH"], outside  # LiteRT 2.3: no int8 HARD_SWISH
     for _ in range(20):
         x = rng.integers(-128, 128, (1, 6, 6, 4)).astype(np.int8)
         before, _ = _run_int8(original, x, delegates=False)

@@ -19,7 +19,7 @@ z'`` (below ``-128 - z'``). ``min(x, C s)`` is therefore a QUANTIZE to
 runs (an int8 -> int8 convert). :func:`clamps_as_requantize` rewrites the
 converted file so: the clamp's output tensor takes the new zero point where
 every reader takes its input's zero point as it is (convolutions,
-FULLY_CONNECTED, ADD, SUB, MUL, QUANTIZE, DEQUANTIZE); where a reader needs
+FULLY_CONNECTED, ADD, SUB, MUL, QUANTIZE, DEQUANTIZE, HARD_SWISH, LOGISTIC); where a reader needs
 the old one (PAD, pooling, CONCATENATION, RESHAPE keep their input's
 quantization) or the tensor is a model output, a second QUANTIZE moves the
 values back to it. Each rewrite is checked on all 256 int8 inputs against the
@@ -43,6 +43,8 @@ ZERO_POINT_AGNOSTIC = frozenset(
         "MUL",
         "QUANTIZE",
         "DEQUANTIZE",
+        "HARD_SWISH",
+        "LOGISTIC",
     }
 )
 
