@@ -175,8 +175,8 @@ def test_small_cnn_with_batchnorm_exports_learned_integers_and_folded_scales():
     conv1 = next(e for e in report["layers"] if e["layer"] == "conv1")
     assert conv1["file_range"] == [-3, 3] and conv1["storage"] == "int4"
     # activations: the learned step is the scale; the clamp at q_max is int8 saturation
-    # (the input image: zero point -128, saturation clamps at 0 and a MINIMUM at
-    # q_max, since no producer can fuse a ReLU; the ReLU maps: zero point 127 - n)
+    # (the input image: zero point -128, saturation clamps at 0 and a QUANTIZE to zero point
+    # 127 - n at q_max, since no producer can fuse a ReLU; the ReLU maps: zero point 127 - n)
     for a in export_report["activations"]:
         assert a["scale"] == a["d"], a
         if not a["signed"]:  # (the signed one is the logits' output quantizer)
@@ -393,9 +393,14 @@ def test_mobilenetv2_small_input():
     assert ops.count("DEPTHWISE_CONV_2D") == 18 and ops.count("ADD") == 10
     storages = {e["storage"] for e in report["layers"]}
     assert storages == {"int2", "int4", "int8"}  # "fast": int2 for the 2-bit Dense, int4 for 2-bit 1x1 convs
-    # signed activation quantizers (linear bottlenecks) get their clamp at q_max
+    # signed activation quantizers (linear bottlenecks) get their clamp at q_max: an int8 QUANTIZE to
+    # zero point 127 - n (saturation), which XNNPACK runs, not a MINIMUM, which it does not
     signed = [a for a in export_report["activations"] if a["signed"]]
-    assert signed and ops.count("MINIMUM") == len(signed)
+    clamps = [c for c in export_report["clamps"] if c["form"] != "kept"]
+    assert signed and "MINIMUM" not in ops and len(clamps) == len(export_report["clamps"]) == len(signed)
+    assert sorted(c["clamp"] for c in clamps) == sorted(a["levels_max"] for a in signed)
+    outside = [o for o, ok in zip(ops, E.runtime.xnnpack_delegated(tflite)) if not ok]  # asked of LiteRT
+    assert "QUANTIZE" not in outside and "MINIMUM" not in outside, outside
     # softmax output: TFLite's fixed int8 scale 1/256, reported as fixed
     assert export_report["fixed"][0]["scale"] == 1 / 256
     # the learned maps are exact; LiteRT's int8 SOFTMAX of the calibrated logits differs from the

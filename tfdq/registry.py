@@ -248,7 +248,7 @@ ENTRIES = [
         CALIBRATED,
         "kernel",
         qlayers.QPReLU,
-        note="slopes alpha on a learned grid (integers k, scale d): RELU, MINIMUM, MUL by the int8 slopes, "
+        note="slopes alpha on a learned grid (integers k, scale d): RELU, min(x, 0) as a QUANTIZE, MUL by the int8 slopes, "
         "ADD; the product's scale calibrated",
     ),
     Entry(

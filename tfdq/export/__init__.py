@@ -37,8 +37,12 @@ an int8 model whose kernels hold exactly those integers:
   Unsigned (after ReLU): zero point ``127 - n``, so that int8 saturation is
   the clamp at ``q_max`` (``n = 255``, 8 bits: zero point -128) and the
   producer's fused ReLU/ReLU6 is the clamp at 0 (on the model input, which
-  has no producer, zero point -128 and one ``MINIMUM`` at ``n d``); signed: zero point
-  ``n - 128`` plus one ``MINIMUM`` at ``n d``. The learned grid, range and
+  has no producer, zero point -128 and a clamp at ``n d``); signed: zero point
+  ``n - 128`` plus a clamp at ``n d``. Each such clamp is an int8 QUANTIZE on
+  the same scale to zero point ``127 - n`` (saturation at ``n d``, nothing
+  rounds), which LiteRT's XNNPACK delegate runs, where the converter writes a
+  MINIMUM, which it does not (:mod:`tfdq.export.clamps`; the report's
+  ``clamps``). The learned grid, range and
   rounding are those of the Keras model.
 * Tensors that no learned quantizer covers get a power-of-two scale
   calibrated on ``calibration_data`` (an ``Add`` input takes the step of the

@@ -416,7 +416,8 @@ class Builder:
             return _Val(x.t, q, False, not a.signed, op.path)
         if a.signed:
             # zero point n - 128: int8 saturation is the clamp at -n d; the
-            # clamp at +n d is one MINIMUM.
+            # clamp at +n d is one MINIMUM here, which tfdq.export.clamps turns into a
+            # QUANTIZE to zero point 127 - n in the file (XNNPACK runs no int8 MINIMUM).
             t = self.fq(tf.minimum(t, a.n * a.step), q)
         elif not x.nonneg and x.fusable:
             # zero point 127 - n: saturation clamps at n d; the clamp at 0
@@ -430,8 +431,8 @@ class Builder:
         elif not x.nonneg:
             # No producer to fuse a ReLU into (the model input): zero point
             # -128, so saturation is the clamp at 0 and one MINIMUM clamps at
-            # n d (none with 255 levels). A lone RELU would also leave
-            # XNNPACK's graph.
+            # n d (none with 255 levels; a QUANTIZE in the file, see tfdq.export.clamps).
+            # A lone RELU would also leave XNNPACK's graph.
             q = _Q(a.step, -128)
             t = self.fq(x.t, q)
             if a.n < 255:
@@ -895,7 +896,7 @@ class Builder:
             plan.fit_multiplier(x.q.scale, s_out)
 
     def prelu(self, op, plan, x):
-        """PReLU ``relu(x) + Q(alpha) min(x, 0)`` in int8 ops: RELU and MINIMUM keep the input's
+        """PReLU ``relu(x) + Q(alpha) min(x, 0)`` in int8 ops: RELU and MINIMUM (a QUANTIZE in the file) keep the input's
         scale, the MUL by the learned int8 slopes (exactly the learned integers) gets a calibrated
         scale, and the ADD's output is quantized by its consumer (a learned quantizer's step)."""
         if self.mode == "float":

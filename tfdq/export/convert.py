@@ -18,6 +18,7 @@ import tensorflow as tf
 from tfdq.export.build import Builder, trace
 from tfdq.export.calibrate import collect_stats, input_specs
 from tfdq.export.check import check_file
+from tfdq.export.clamps import clamps_as_requantize
 from tfdq.export.flatbuffer import inspect_tflite
 from tfdq.export.plan import ExportError, Plan, resolve_storage
 from tfdq.export.storage import kernel_storage, settle_storage
@@ -33,7 +34,9 @@ class ExportReport(dict):
     (tensors whose scale TFLite's spec fixes, e.g. softmax), ``batchnorms``
     (BatchNormalizations that could not fold and per-channel Rescaling /
     Normalization layers, each a 1x1 DEPTHWISE_CONV_2D: input scale and
-    whether its int32 bias is exact), ``options``.
+    whether its int32 bias is exact), ``clamps`` (each int8 MINIMUM/MAXIMUM at
+    a grid point and the QUANTIZE that replaced it, :mod:`tfdq.export.clamps`),
+    ``options``.
     """
 
 
@@ -79,10 +82,13 @@ def trace_export(model, calibration_data, storage, calibration_samples):
 
 
 def _clamp_text(a, zero_point):
+    # the clamp at n*d is an int8 QUANTIZE to zero point 127 - n (saturation), see tfdq.export.clamps
     if a.signed:
-        return "MINIMUM at n*d, int8 saturation at -n*d"
+        return "int8 saturation at -n*d, QUANTIZE to zero point 127 - n (saturation at n*d)"
     if zero_point == -128:
-        return "int8 saturation at 0" + (", MINIMUM at n*d" if a.n < 255 else "")
+        return "int8 saturation at 0" + (
+            ", QUANTIZE to zero point 127 - n (saturation at n*d)" if a.n < 255 else ""
+        )
     return "int8 saturation at q_max, ReLU at 0"
 
 
@@ -161,6 +167,7 @@ def to_tflite(
     storage = resolve_storage(storage, int4_kernels)
     plan, tables, exported, specs = trace_export(model, calibration_data, storage, calibration_samples)
     converted = _convert(exported, specs, _TYPES[input_type], _TYPES[output_type])
+    converted, clamps = clamps_as_requantize(converted)  # MINIMUM/MAXIMUM at a grid point: QUANTIZE
     tflite, delegated = settle_storage(converted, plan)
     info = inspect_tflite(tflite)
     check_file(plan, info, tables, tflite)
@@ -195,6 +202,7 @@ def to_tflite(
         ],
         fixed=list(tables.fixed),
         derived=list(tables.derived),
+        clamps=clamps,
         options={"input_type": input_type, "output_type": output_type, "storage": storage},
         file_bytes=len(tflite),
     )
