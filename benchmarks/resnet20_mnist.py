@@ -1,0 +1,248 @@
+"""The paper's own model at the paper's budgets, at CPU scale: ResNet-20 on
+the MNIST subset, learned mixed precision against fixed and TQT quantization.
+
+ResNet-20 (``tfdq.models.resnet20(input_shape=(32, 32, 1))``, 268,058
+counted weights with the one-channel stem) on the real MNIST subset (4,000
+training / 1,000 held-out digits), the 28x28 digits zero-padded to 32x32 as
+the paper feeds MNIST to its CIFAR network. The runner is the one of the
+small-CNN Table 3 (``benchmarks.mnist_runs`` with ``model="resnet20"``):
+per seed one float model (Adam 1e-3, batch 64, ``--float_epochs``), then
+every configuration starts from it (calibrated activations) and trains
+``--quant_epochs`` (Adam 1e-3) + ``--finish_epochs`` (5e-4).
+
+Configurations (uniform quantizers; rows named as in ``benchmarks.homogeneous``):
+
+=====================  ============================================================
+learned (8a)+(8c)      U3 weights and activations under the paper's budgets: weights
+                       70 kB (2-bit size of the 268,058 weights + 7%, 70.02 kB as
+                       ``tfdq.memory`` counts it) and the largest feature map 8 kB
+                       (32x32x16 values at 4 bits); ``tfdq.constrain`` with the
+                       targets only (automatic multipliers, no lambda), one ``fit``
+                       whose final phase (``FinishInsideBudget``) ends inside both
+fixed 2/4, TQT 2/4     2-bit weights, 4-bit activations: q_max fixed at its initial
+                       value / learned (``benchmarks.homogeneous.table_config``)
+fixed 4/4, TQT 4/4     the same at 4-bit weights (twice the weight memory)
+=====================  ============================================================
+
+The baselines get the same epochs: ``--quant_epochs`` learning, then their
+quantizers frozen and ``--finish_epochs`` of weight fine-tuning. Records per
+run the held-out error, the sizes (kB of 1024 bytes, ``tfdq.memory``) and,
+for the learned run, whether every constraint holds at the end. Results:
+``<out_dir>/resnet20_mnist.json``; prints the table::
+
+    python -m benchmarks.resnet20_mnist --threads=1                     # 3 seeds x 5 configurations
+    python -m benchmarks.resnet20_mnist --quick --out_dir=/tmp/r20     # smoke run
+"""
+
+import time
+
+from absl import app, flags
+
+from benchmarks import common, homogeneous, mnist_runs
+
+MODEL = "resnet20"
+ROWS = ("learned (8a)+(8c)", "fixed 2/4", "TQT 2/4", "fixed 4/4", "TQT 4/4")
+QUICK = {
+    "seeds": (0,),
+    "float_epochs": 1,
+    "quant_epochs": 1,
+    "finish_epochs": 1,
+    "n_train": 128,
+    "n_test": 200,
+    "rows": ("learned (8a)+(8c)", "fixed 2/4"),
+}
+PAPER = {  # docs/method.md section 7: the paper's budgets for ResNet-20
+    "weight_kb": 70.0,
+    "activation_kb_max": 8.0,
+}
+
+
+def define_flags():
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Random seeds (one float model per seed).")
+    flags.DEFINE_integer("float_epochs", 3, "Float training epochs.")
+    flags.DEFINE_integer("quant_epochs", 2, "Quantized training epochs (Adam 1e-3).")
+    flags.DEFINE_integer(
+        "finish_epochs", 1, "Final-phase epochs: quantizers fixed, weights fine-tuned (5e-4)."
+    )
+    flags.DEFINE_list("rows", list(ROWS), "Configurations to run.")
+    flags.DEFINE_integer("n_train", 0, "Training images (0: all 4,000).")
+    flags.DEFINE_integer("n_test", 0, "Held-out images (0: all 1,000).")
+    flags.DEFINE_string("out_dir", common.RESULTS_DIR, "Output folder.")
+    flags.DEFINE_string("name", "resnet20_mnist", "Result file stem (e.g. one per seed, run side by side).")
+    flags.DEFINE_integer("threads", 0, common.THREADS_HELP)
+    flags.DEFINE_bool("quick", False, "Smoke run (QUICK settings).")
+
+
+def config(row):
+    """The run config of one of :data:`ROWS` (uniform family)."""
+    if row not in ROWS:
+        raise ValueError(f"Unknown row {row!r}: use one of {', '.join(ROWS)}.")
+    if row.endswith("4/4"):
+        c = homogeneous.table_config(row.replace("4/4", "2/4"), "uniform")
+        c.update(weight_bits=4)
+    else:
+        c = homogeneous.table_config(row, "uniform")
+    c.update(name=row, row=row)
+    return c
+
+
+def run(
+    seeds=(0, 1, 2),
+    float_epochs=3,
+    quant_epochs=2,
+    finish_epochs=1,
+    rows=ROWS,
+    n_train=None,
+    n_test=None,
+    out_dir=common.RESULTS_DIR,
+    name="resnet20_mnist",
+    quick=False,
+    verbose=0,
+):
+    """Every configuration on every seed; writes the JSON and returns the report."""
+    start = time.time()
+    seeds = [int(s) for s in seeds]
+    todo = [config(r) for r in rows]
+    counts = mnist_runs.feature_counts(MODEL)
+    data = mnist_runs.load_data(n_train or None, n_test or None, model=MODEL)
+    learned = config("learned (8a)+(8c)")
+    weight_kb, act_kb, _ = mnist_runs.budget_targets(learned, counts)
+    settings = {
+        "model": MODEL,
+        "input_shape": list(data[0][0].shape[1:]),
+        "seeds": seeds,
+        "float_epochs": float_epochs,
+        "quant_epochs": quant_epochs,
+        "finish_epochs": finish_epochs,
+        "optimizer": "adam",
+        "quant_lr": mnist_runs.QUANT_LR,
+        "finish_lr": mnist_runs.FINISH_LR,
+        "float_lr": mnist_runs.FLOAT_LR,
+        "batch_size": mnist_runs.BATCH,
+        "n_train": len(data[0][0]),
+        "n_test": len(data[1][0]),
+        "weight_count": sum(counts["weights"].values()),
+        "largest_activation_count": max(counts["activations"].values()),
+        "budget_weight_kb": weight_kb,
+        "budget_activation_kb_max": act_kb,
+        "paper_budgets_kb": PAPER,
+        "configurations": [c["name"] for c in todo],
+    }
+    name = common.result_name(name, quick)
+    command = (
+        f"nice -n 5 python -m benchmarks.resnet20_mnist --threads=1 --seeds={','.join(map(str, seeds))} "
+        f"--float_epochs={float_epochs} --quant_epochs={quant_epochs} --finish_epochs={finish_epochs} "
+        f"--name={name}" + (" --quick" if quick else "")
+    )
+
+    def run_one(seed_start, c):
+        return seed_start.run(c, quant_epochs, finish_epochs)
+
+    def write(floats, records, complete):
+        payload = {
+            "complete": complete,
+            "settings": settings,
+            "float": dict(
+                mnist_runs.float_sizes(counts),
+                per_seed=floats,
+                error=mnist_runs.aggregate([f["error"] for f in floats]),
+            ),
+            "summary": mnist_runs.summarize_configs(todo, records),
+            "learned_feasible": [
+                {"seed": r["seed"], "constraints_met": r.get("constraints_met"), "failed": r.get("failed")}
+                for r in records
+                if r["name"] == "learned (8a)+(8c)"
+            ],
+            "runs": records,
+            "seconds": time.time() - start,
+        }
+        return common.save_report(
+            out_dir,
+            name,
+            "ResNet-20 on the MNIST subset (32x32 padded) at the paper's budgets (70 kB weights, 8 kB "
+            "largest activation): learned vs fixed / TQT",
+            command,
+            payload,
+            complete,
+        )
+
+    floats, records = mnist_runs.run_configs(
+        "resnet20_mnist", todo, seeds, data, counts, float_epochs, run_one, write, verbose, model=MODEL
+    )
+    report = write(floats, records, complete=True)
+    print(format_report(report))
+    return report
+
+
+def _spread(agg, scale=1.0, digits=2):
+    if agg is None:
+        return "-"
+    return (
+        f"{scale * agg['mean']:.{digits}f} +- {scale * agg['std']:.{digits}f} "
+        f"[{scale * agg['min']:.{digits}f}, {scale * agg['max']:.{digits}f}]"
+    )
+
+
+def format_report(report):
+    """The table: error (%) mean +- std [min, max] over seeds, sizes (kB, mean), feasibility."""
+    s = report["settings"]
+    lines = [
+        f"ResNet-20, MNIST subset {s['input_shape']}, {s['n_train']} train / {s['n_test']} test, "
+        f"seeds {s['seeds']}; budgets {s['budget_weight_kb']:.2f} kB weights, "
+        f"{s['budget_activation_kb_max']:.2f} kB largest activation",
+    ]
+    columns = [("configuration", 18), ("error % mean +- std [min, max]", 32), ("W kB", 7), ("A max kB", 8)]
+    columns += [("bits", 5), ("met", 8)]
+    rows = []
+    fl = report["float"]
+    if fl["error"]:
+        rows.append(
+            ["float", _spread(fl["error"], 100), f"{fl['weight_kb']:.1f}", f"{fl['activation_kb_max']:.1f}"]
+            + ["32", "-"]
+        )
+    for name, summ in report["summary"].items():
+        if summ["weight_kb"] is None:
+            rows.append(f"{name}: failed {summ['failed']}")
+            continue
+        met = "-"
+        if "all_constraints_met" in summ:
+            runs = [r for r in report["runs"] if r["name"] == name and "failed" not in r]
+            met = f"{sum(all(r['constraints_met'].values()) for r in runs)}/{summ['runs']}"
+        rows.append(
+            [
+                name,
+                _spread(summ["error"], 100),
+                f"{summ['weight_kb']['mean']:.2f}",
+                f"{summ['activation_kb_max']['mean']:.2f}",
+                f"{summ['mean_weight_bits']['mean']:.2f}",
+                met,
+            ]
+        )
+    lines.append(common.format_table(columns, rows))
+    for f in report["learned_feasible"]:
+        lines.append(
+            f"  learned seed {f['seed']}: constraints met {f['constraints_met']}"
+            + (f" FAILED {f['failed']}" if f["failed"] else "")
+        )
+    return "\n".join(lines)
+
+
+RUN_FLAGS = (
+    "seeds",
+    "float_epochs",
+    "quant_epochs",
+    "finish_epochs",
+    "rows",
+    "n_train",
+    "n_test",
+    "out_dir",
+    "name",
+    "quick",
+)
+
+main = common.script_main(run, RUN_FLAGS, QUICK)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
