@@ -212,6 +212,7 @@ def merge(names, out_dir=common.RESULTS_DIR, name="resnet20_mnist"):
     command = " & ".join(commands) + f"; python -m benchmarks.resnet20_mnist --merge={','.join(names)}"
     report = common.save_report(out_dir, name, EXPERIMENT, command, dict(payload, complete=complete), True)
     print(format_report(report))
+    print(markdown_table(report))
     return report
 
 
@@ -224,22 +225,27 @@ def _spread(agg, scale=1.0, digits=2):
     )
 
 
-def format_report(report):
-    """The table: error (%) mean +- std [min, max] over seeds, sizes (kB, mean), feasibility."""
-    s = report["settings"]
-    lines = [
-        f"ResNet-20, MNIST subset {s['input_shape']}, {s['n_train']} train / {s['n_test']} test, "
-        f"seeds {s['seeds']}; budgets {s['budget_weight_kb']:.2f} kB weights, "
-        f"{s['budget_activation_kb_max']:.2f} kB largest activation",
-    ]
-    columns = [("configuration", 18), ("error % mean +- std [min, max]", 32), ("W kB", 7), ("A max kB", 8)]
-    columns += [("bits", 5), ("met", 8)]
-    rows = []
+COLUMNS = (
+    ("configuration", 18),
+    ("seeds", 5),
+    ("error % mean +- std [min, max]", 32),
+    ("W kB", 7),
+    ("A max kB", 8),
+    ("W bits", 6),
+    ("met", 5),
+)
+
+
+def table_rows(report):
+    """Cells of the table (:data:`COLUMNS`): error (%) mean +- std [min, max]
+    over the seeds that finished, sizes (kB, mean), mean weight bits and, for
+    the learned run, on how many seeds every constraint held at the end."""
     fl = report["float"]
+    rows = []
     if fl["error"]:
         rows.append(
-            ["float", _spread(fl["error"], 100), f"{fl['weight_kb']:.1f}", f"{fl['activation_kb_max']:.1f}"]
-            + ["32", "-"]
+            ["float", str(fl["error"]["n"]), _spread(fl["error"], 100), f"{fl['weight_kb']:.1f}"]
+            + [f"{fl['activation_kb_max']:.1f}", "32", "-"]
         )
     for name, summ in report["summary"].items():
         if summ["weight_kb"] is None:
@@ -252,6 +258,7 @@ def format_report(report):
         rows.append(
             [
                 name,
+                str(summ["error"]["n"]),
                 _spread(summ["error"], 100),
                 f"{summ['weight_kb']['mean']:.2f}",
                 f"{summ['activation_kb_max']['mean']:.2f}",
@@ -259,12 +266,31 @@ def format_report(report):
                 met,
             ]
         )
-    lines.append(common.format_table(columns, rows))
+    return rows
+
+
+def format_report(report):
+    """The table as text, then the feasibility of every learned run."""
+    s = report["settings"]
+    lines = [
+        f"ResNet-20, MNIST subset {s['input_shape']}, {s['n_train']} train / {s['n_test']} test, "
+        f"seeds {s['seeds']}; budgets {s['budget_weight_kb']:.2f} kB weights, "
+        f"{s['budget_activation_kb_max']:.2f} kB largest activation",
+        common.format_table(COLUMNS, table_rows(report)),
+    ]
     for f in report["learned_feasible"]:
         lines.append(
             f"  learned seed {f['seed']}: constraints met {f['constraints_met']}"
             + (f" FAILED {f['failed']}" if f["failed"] else "")
         )
+    return "\n".join(lines)
+
+
+def markdown_table(report):
+    """The table in Markdown (for BENCHMARKS.md)."""
+    lines = ["| " + " | ".join(t for t, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in table_rows(report):
+        lines.append(f"| {row} |" if isinstance(row, str) else "| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -114,3 +114,16 @@ def test_resnet20_merge_of_per_seed_results(tiny_run):
     merged = resnet20_mnist.merge(["r20"], out_dir=str(out), name="merged")
     assert merged["complete"] and merged["settings"]["seeds"] == [0]
     assert merged["summary"] == report["summary"] and merged["runs"] == report["runs"]
+
+
+def test_resnet20_table_from_the_report(tiny_run):
+    report, _ = tiny_run
+    (run,) = report["runs"]
+    text = resnet20_mnist.format_report(report)
+    md = resnet20_mnist.markdown_table(report)
+    assert "learned seed 0: constraints met {'weight': True, 'activation': True}" in text
+    row = next(line for line in md.splitlines() if line.startswith("| learned (8a)+(8c)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1" and cells[-1] == "1/1"
+    assert cells[2].startswith(f"{100 * run['error']:.2f} +- 0.00")
+    assert cells[3] == f"{run['weight_kb']:.2f}" and cells[4] == f"{run['activation_kb_max']:.2f}"
