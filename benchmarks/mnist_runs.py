@@ -54,8 +54,38 @@ FINISH_LR = 5e-4
 BITS_PER_KB = 8192.0
 
 
-def load_data(n_train=None, n_test=None):
-    """``(x_train, y_train), (x_test, y_test)`` of the MNIST subset (split seed 0)."""
+MODELS = ("small_cnn", "resnet20")  # the ``model`` argument's choices
+
+
+def input_size(model="small_cnn"):
+    """Side of the square input image of ``model``: 28 for the small CNN, 32
+    for ResNet-20 (the paper's CIFAR network, fed MNIST zero-padded to 32x32)."""
+    _check_model(model)
+    return 32 if model == "resnet20" else 28
+
+
+def _check_model(model):
+    if model not in MODELS:
+        raise ValueError(f"Unknown model {model!r}: use one of {', '.join(MODELS)}.")
+
+
+def pad_images(x, size):
+    """Zero-pad ``(N, 28, 28, C)`` images evenly to ``(N, size, size, C)``."""
+    extra = size - x.shape[1]
+    if extra < 0 or extra % 2:
+        raise ValueError(f"Cannot pad {x.shape[1]}x{x.shape[2]} images evenly to {size}x{size}.")
+    if not extra:
+        return x
+    e = extra // 2
+    return np.pad(x, ((0, 0), (e, e), (e, e), (0, 0)))
+
+
+def load_data(n_train=None, n_test=None, model="small_cnn"):
+    """``(x_train, y_train), (x_test, y_test)`` of the MNIST subset (split seed 0).
+
+    For ``model="resnet20"`` the 28x28 digits are zero-padded to 32x32 (2
+    pixels on every side), as the paper feeds MNIST to its CIFAR ResNet-20.
+    """
     from tfdq.data import mnist_subset  # noqa: PLC0415
 
     (xt, yt), (xv, yv) = mnist_subset(0)
@@ -63,7 +93,19 @@ def load_data(n_train=None, n_test=None):
         xt, yt = xt[:n_train], yt[:n_train]
     if n_test:
         xv, yv = xv[:n_test], yv[:n_test]
-    return (xt, yt), (xv, yv)
+    size = input_size(model)
+    return (pad_images(xt, size), yt), (pad_images(xv, size), yv)
+
+
+def build_model(model="small_cnn"):
+    """A fresh float ``model``: ``tfdq.models.small_cnn()`` or a one-channel
+    ``tfdq.models.resnet20(input_shape=(32, 32, 1))``."""
+    import tfdq  # noqa: PLC0415
+
+    _check_model(model)
+    if model == "resnet20":
+        return tfdq.models.resnet20(input_shape=(32, 32, 1))
+    return tfdq.models.small_cnn()
 
 
 def _loss():
@@ -93,46 +135,44 @@ def error(model, data, batch=500):
     return wrong / len(x)
 
 
-def train_float(seed, data, epochs=8, lr=FLOAT_LR, verbose=0, reseed=True):
-    """Float small CNN of one seed; returns ``(model, held-out error, seconds)``.
+def train_float(seed, data, epochs=8, lr=FLOAT_LR, verbose=0, reseed=True, model="small_cnn"):
+    """Float ``model`` (:func:`build_model`) of one seed; returns ``(model,
+    held-out error, seconds)``.
 
     ``reseed=False`` leaves the global random state as the caller set it.
     """
     import keras  # noqa: PLC0415
 
-    import tfdq  # noqa: PLC0415
-
     (xt, yt), test = data
     if reseed:
         keras.utils.set_random_seed(seed)
     start = time.time()
-    model = tfdq.models.small_cnn()
+    model = build_model(model)
     model.compile(keras.optimizers.Adam(lr), _loss(), metrics=["accuracy"])
     if epochs:
         model.fit(xt, yt, batch_size=BATCH, epochs=epochs, verbose=verbose)
     return model, error(model, test), time.time() - start
 
 
-def random_model(seed):
-    """Untrained small CNN with the initial weights of ``seed``'s float model."""
+def random_model(seed, model="small_cnn"):
+    """Untrained ``model`` with the initial weights of ``seed``'s float model."""
     import keras  # noqa: PLC0415
 
-    import tfdq  # noqa: PLC0415
-
     keras.utils.set_random_seed(seed)
-    return tfdq.models.small_cnn()
+    return build_model(model)
 
 
 # -- sizes --------------------------------------------------------------------
 
 
-def feature_counts():
-    """Element counts of the small CNN: weights per layer and the quantized
-    feature maps (per sample, without the input image), as tfdq counts them."""
+def feature_counts(model="small_cnn"):
+    """Element counts of ``model`` (:func:`build_model`): weights per layer and
+    the quantized feature maps (per sample, without the input image), as tfdq
+    counts them."""
     import tfdq  # noqa: PLC0415
     from tfdq import memory  # noqa: PLC0415
 
-    q = tfdq.quantize_model(tfdq.models.small_cnn())
+    q = tfdq.quantize_model(build_model(model))
     entries = memory.size_entries(q)
     return {
         "weights": {e.name: e.count for e in entries if e.kind == "weight"},
@@ -252,12 +292,13 @@ def quantized_run(
     verbose=0,
     reseed=True,
     keep_model=False,
+    model="small_cnn",
 ):
     """Quantize, train and evaluate one configuration; returns a record dict
     (with ``keep_model``, the trained model too, under ``"model"``).
 
     ``init="float"`` starts from ``float_model`` (calibrated activations);
-    ``"random"`` from the untrained network of ``seed``. Training: ``epochs``
+    ``"random"`` from the untrained ``model`` of ``seed``. Training: ``epochs``
     epochs (``optimizer``, ``lr``, batch 64), then ``finish_epochs`` with the
     quantizers frozen and the weights fine-tuned at ``finish_lr``: with a
     budget, one ``fit`` whose final phase
@@ -273,7 +314,7 @@ def quantized_run(
 
     import tfdq  # noqa: PLC0415
 
-    counts = counts or feature_counts()
+    counts = counts or feature_counts(model)
     (xt, yt), test = data
     start = time.time()
     record = {"name": config["name"], "seed": seed, "config": _public(config)}
@@ -283,7 +324,7 @@ def quantized_run(
         if reseed:
             keras.utils.set_random_seed(seed)
         if config.get("init", "float") == "random":
-            source = random_model(seed)
+            source = random_model(seed, model)
         else:
             if float_model is None:
                 raise ValueError("init='float' needs the float model")
@@ -347,18 +388,24 @@ class SeedStart:
     ``float_epochs=None`` trains no float model (random-init runs only).
     ``float_record`` is ``{"seed", "error", "seconds"}`` of the float model
     (None without one); :meth:`run` is :func:`quantized_run` from it.
+    ``architecture``: :func:`build_model`'s ``model`` (``data`` must be its
+    input size: :func:`load_data` with the same ``model``).
     """
 
-    def __init__(self, seed, data, counts, float_epochs=8, verbose=0, reseed=True):
+    def __init__(self, seed, data, counts, float_epochs=8, verbose=0, reseed=True, architecture="small_cnn"):
         self.seed, self.data, self.counts, self.verbose = seed, data, counts, verbose
+        self.architecture = architecture
         self.model = self.float_record = None
         if float_epochs is not None:
-            self.model, ferr, fsec = train_float(seed, data, float_epochs, verbose=verbose, reseed=reseed)
+            self.model, ferr, fsec = train_float(
+                seed, data, float_epochs, verbose=verbose, reseed=reseed, model=architecture
+            )
             self.float_record = {"seed": seed, "error": ferr, "seconds": fsec}
 
     def run(self, config, epochs, finish_epochs, **kwargs):
         """:func:`quantized_run` of ``config`` from this seed's float model."""
         kwargs.setdefault("verbose", self.verbose)
+        kwargs.setdefault("model", self.architecture)
         return quantized_run(
             config,
             self.seed,
@@ -371,17 +418,19 @@ class SeedStart:
         )
 
 
-def run_configs(name, configs, seeds, data, counts, float_epochs, run_one, write, verbose=0):
+def run_configs(
+    name, configs, seeds, data, counts, float_epochs, run_one, write, verbose=0, model="small_cnn"
+):
     """Every config on every seed; returns ``(float records, run records)``.
 
-    Per seed a :class:`SeedStart` (``float_epochs=None``: no float model),
+    Per seed a :class:`SeedStart` of ``model`` (``float_epochs=None``: no float model),
     then ``run_one(seed_start, config) -> record`` for each config, a
     progress line and ``write(floats, records, complete=False)`` after each.
     """
     floats, records = [], []
     print(f"{name}: {len(configs)} configurations x {len(seeds)} seeds", flush=True)
     for seed in seeds:
-        seed_start = SeedStart(seed, data, counts, float_epochs, verbose=verbose)
+        seed_start = SeedStart(seed, data, counts, float_epochs, verbose=verbose, architecture=model)
         if seed_start.float_record is not None:
             floats.append(seed_start.float_record)
             print(describe_float(seed_start.float_record), flush=True)
