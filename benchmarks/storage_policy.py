@@ -156,6 +156,7 @@ def tfmot_file(size):
 def export_policies(qmodel, x, model_name):
     """Per policy: the file and what it holds (per layer and in total)."""
     import tfdq  # noqa: PLC0415
+    from tfdq.export.runtime import xnnpack_delegated  # noqa: PLC0415
 
     files, details = {}, {}
     for policy in POLICIES:
@@ -166,6 +167,8 @@ def export_policies(qmodel, x, model_name):
         )
         check = tfdq.export.verify(qmodel, tflite, x, export_report=report)
         layers = check["layers"]
+        delegated = xnnpack_delegated(tflite)
+        ops = [o["op"] for o in tfdq.export.inspect_tflite(tflite)["ops"]]
         int2 = [e for e in layers if e["storage"] == "int2"]
         details[policy] = {
             "file_bytes": len(tflite),
@@ -175,6 +178,9 @@ def export_policies(qmodel, x, model_name):
             "all_kernels_exact": check["all_kernels_exact"],
             "top1_agreement_on_generated_inputs": check["top1_agreement"],
             "max_abs_output_diff_in_output_steps": check["max_abs_output_diff_in_output_steps"],
+            "ops_in_xnnpack": int(sum(bool(d) for d in delegated)),
+            "ops": len(ops),
+            "ops_outside_xnnpack": _count(o for o, d in zip(ops, delegated) if not d),
             "kernels_in_xnnpack": sum(bool(e.get("xnnpack")) for e in layers),
             "kernels": len(layers),
             "kernel_weights_in_xnnpack": sum(e["count"] for e in layers if e.get("xnnpack")),
@@ -198,6 +204,13 @@ def export_policies(qmodel, x, model_name):
             flush=True,
         )
     return files, details
+
+
+def _count(names):
+    out = {}
+    for n in names:
+        out[n] = out.get(n, 0) + 1
+    return out
 
 
 def _tally(layers):

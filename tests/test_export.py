@@ -108,7 +108,7 @@ def _expected_storage(model, layer, bits, policy):
     )
     cin = int(layer.kernel.shape[-2])
     rows = int(np.prod(layer.output.shape[1:-1]))  # output positions per example (1 for a Dense)
-    if policy == "fast" and rows > 9:
+    if policy == "fast" and rows > 36:
         return "int8"  # XNNPACK's int4 FULLY_CONNECTED is slower than int8 over many rows
     if fc and bits <= 2 and cin % 4 == 0 and (policy == "smallest" or rows == 1):
         return "int2"  # XNNPACK's int2 FULLY_CONNECTED ("fast": one row only)

@@ -3,7 +3,7 @@
 One small model holds every case: a 3x3 convolution, a 1x1 convolution with
 2-bit weights over 12 input channels at 8x8 = 64 rows (int2 in XNNPACK's
 FULLY_CONNECTED under "smallest", int8 under "fast": more than
-FAST_INT4_MAX_ROWS = 9 rows), a depthwise convolution with stride 3 (down to
+FAST_INT4_MAX_ROWS = 36 rows), a depthwise convolution with stride 3 (down to
 3x3), a 1x1 convolution over 15 input channels (odd: no int4 in XNNPACK), a
 2-bit 1x1 convolution at 3x3 = 9 rows (int4 FULLY_CONNECTED under "fast":
 int2 only at one row) and a 2-bit Dense over 16 channels (int2 in XNNPACK
@@ -220,8 +220,8 @@ def test_fast_rule_counts_rows_per_example():
         qmodel = tfdq.quantize_model(model, calibration_data=data, init_bits=4)
         return {p.layer_name: p for p in Plan(qmodel).kernels.values()}
 
-    assert FAST_INT4_MAX_ROWS == 9
-    for hw, rows, storage in ((3, 9, "int4"), (4, 16, "int8"), (None, None, "int8")):
+    assert FAST_INT4_MAX_ROWS == 36
+    for hw, rows, storage in ((6, 36, "int4"), (7, 49, "int8"), (None, None, "int8")):
         plans = plan_of(hw)
         pw, fc = plans["pw"], plans["fc"]
         assert (pw.rows, pw.storage, fc.rows, fc.storage, fc.form) == (rows, storage, 1, "int4", "fc"), hw

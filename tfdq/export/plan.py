@@ -46,7 +46,7 @@ DEFAULT_STORAGE = "fast"
 XNNPACK_FC_CHANNEL_MULTIPLE = {"int8": 1, "int4": 2, "int2": 4}
 # "fast": a 1x1 convolution (or a Dense over more than one position) is an int4 FULLY_CONNECTED
 # only when it has at most this many rows (output positions per example, H*W); see _choose_storage.
-FAST_INT4_MAX_ROWS = 9
+FAST_INT4_MAX_ROWS = 36
 
 
 def resolve_storage(storage=None, int4_kernels=None):
