@@ -1,7 +1,8 @@
 """File size and LiteRT latency of the kernel storage policies (``to_tflite(storage=...)``).
 
 The same learned integers, three storages: ``fast`` (the default: XNNPACK
-everywhere, int4/int2 FULLY_CONNECTED for Dense and 1x1 convolutions),
+everywhere, int4/int2 FULLY_CONNECTED for Dense and 1x1 convolutions with at
+most ``FAST_INT4_MAX_ROWS`` output positions per example),
 ``smallest`` (int4/int2 wherever LiteRT runs it) and ``int8``, against the
 float32 TFLite file of the float model. Models (random init, generated
 inputs: timing and size only, no accuracy):
@@ -20,19 +21,29 @@ Each tfdq file is checked with :func:`tfdq.export.verify` (learned integers
 in the file, per layer: operator, storage, bytes, XNNPACK or not as LiteRT
 reports it). All files take float32 input and give float32 output. Latency:
 batch 1, ``benchmarks.latency.time_files`` (one interpreter per file and
-thread count, warm-up, interleaved rounds in one process, medians). tfmot's
-int8 file needs ``.venv-peers`` with a MobileNetV2 task, which this
-benchmark does not build (the JSON says so). Results:
+thread count, warm-up, interleaved rounds in one process, medians; the
+ratios are medians over rounds of the two files' round medians). Beside
+MobileNetV2: tfmot's int8 file of the same architecture (tf_keras
+``MobileNetV2``, alpha 0.5, random init, ``tfmot.quantization.keras.quantize_model``
+with one training step on generated data, converted with the default
+optimizations: int8 weights and activations, float32 input and output),
+built by a subprocess in ``.venv-peers`` (setup: ``benchmarks/tfkeras_models.py``;
+without it the JSON records why). Results:
 ``results/storage_policy.json``::
 
     python -m benchmarks.storage_policy              # 20 rounds x 30 invokes, a few minutes on 2 cores
     python -m benchmarks.storage_policy --quick      # smoke run (48x48 MobileNetV2, 2 rounds x 5 invokes)
     python -m benchmarks.storage_policy --layers     # one 1x1 convolution / Dense per file: int8, int4, int2
+    python -m benchmarks.storage_policy --rows_sweep --models=mobilenetv2,mobilenetv3small --rounds=60 --invokes=50
 
 ``--layers`` times single layers of MobileNetV2's shapes (alpha 0.5, 96x96)
 as int8 CONV_2D, int8 / int4 / int2 FULLY_CONNECTED (1 thread), which is
 what the ``fast`` policy's int2 rule rests on; results in
-``results/storage_policy_layers.json``.
+``results/storage_policy_layers.json``. ``--rows_sweep`` exports the
+``fast`` file of each model at several ``FAST_INT4_MAX_ROWS`` values
+(``--max_rows``) and times them against the int8 file in one process
+(``results/storage_policy_rows_sweep.json``): where the default limit
+comes from.
 """
 
 import json

@@ -34,9 +34,9 @@ class ExportError(ValueError):
 
 # Storage policies (``to_tflite(storage=...)``); the learned integers are the same in each.
 STORAGE_POLICIES = {
-    "fast": "every op where LiteRT's XNNPACK runs it, then the fewest bytes: Dense and 1x1 "
-    "convolutions with b <= 4 as FULLY_CONNECTED with int4 kernels (a Dense with b <= 2: int2), "
-    "other convolutions int8",
+    "fast": "every op where LiteRT's XNNPACK runs it, then the fewest bytes where that costs no "
+    "time: Dense and 1x1 convolutions with b <= 4 and at most FAST_INT4_MAX_ROWS output positions "
+    "per example as FULLY_CONNECTED with int4 kernels (b <= 2 at one row: int2), the rest int8",
     "smallest": "int4/int2 wherever LiteRT runs it (sub-byte CONV_2D/DEPTHWISE_CONV_2D run "
     "outside XNNPACK, slower)",
     "int8": "every kernel int8 (XNNPACK everywhere)",
@@ -46,6 +46,9 @@ DEFAULT_STORAGE = "fast"
 XNNPACK_FC_CHANNEL_MULTIPLE = {"int8": 1, "int4": 2, "int2": 4}
 # "fast": a 1x1 convolution (or a Dense over more than one position) is an int4 FULLY_CONNECTED
 # only when it has at most this many rows (output positions per example, H*W); see _choose_storage.
+# Chosen from whole-model measurements (benchmarks/storage_policy.py --rows_sweep, BENCHMARKS.md):
+# 36 keeps a MobileNet's early high-resolution 1x1 convolutions int8 and its 6x6 and smaller
+# stages int4 (MobileNetV2 alpha 0.5 at 96x96: 0.58x the int8 file; 9 rows would give 0.61x).
 FAST_INT4_MAX_ROWS = 36
 
 
