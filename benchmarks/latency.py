@@ -232,6 +232,7 @@ def time_files(files, threads=(1, 2), rounds=15, invokes=40, warmup=20):
                 1000 * min(round_medians[(name, t)]),
                 1000 * max(round_medians[(name, t)]),
             ],
+            "round_medians_ms": [1000 * v for v in round_medians[(name, t)]],
             "samples": len(values),
         }
     return out

@@ -107,8 +107,11 @@ def _expected_storage(model, layer, bits, policy):
         and tuple(layer.strides) == (1, 1)
     )
     cin = int(layer.kernel.shape[-2])
-    if fc and bits <= 2 and cin % 4 == 0 and (policy == "smallest" or isinstance(layer, tfdq.layers.QDense)):
-        return "int2"  # XNNPACK's int2 FULLY_CONNECTED ("fast": a Dense only; slow over a conv's many rows)
+    rows = int(np.prod(layer.output.shape[1:-1]))  # output positions per example (1 for a Dense)
+    if policy == "fast" and rows > 36:
+        return "int8"  # XNNPACK's int4 FULLY_CONNECTED is slower than int8 over many rows
+    if fc and bits <= 2 and cin % 4 == 0 and (policy == "smallest" or rows == 1):
+        return "int2"  # XNNPACK's int2 FULLY_CONNECTED ("fast": one row only)
     if fc and cin % 2 == 0:
         return "int4"  # XNNPACK's int4 FULLY_CONNECTED
     if policy == "fast":

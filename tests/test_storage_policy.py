@@ -1,10 +1,13 @@
 """Kernel storage policies of the integer export (``to_tflite(storage=...)``).
 
 One small model holds every case: a 3x3 convolution, a 1x1 convolution with
-2-bit weights over 12 input channels (int2 in XNNPACK's FULLY_CONNECTED
-under "smallest", int4 under "fast"), a depthwise convolution, a 1x1
-convolution over 15 input channels (odd: no int4 in XNNPACK) and a 2-bit
-Dense over 16 channels (int2 in XNNPACK under both). For each policy the file must run in LiteRT,
+2-bit weights over 12 input channels at 8x8 = 64 rows (int2 in XNNPACK's
+FULLY_CONNECTED under "smallest", int8 under "fast": more than
+FAST_INT4_MAX_ROWS = 36 rows), a depthwise convolution with stride 3 (down to
+3x3), a 1x1 convolution over 15 input channels (odd: no int4 in XNNPACK), a
+2-bit 1x1 convolution at 3x3 = 9 rows (int4 FULLY_CONNECTED under "fast":
+int2 only at one row) and a 2-bit Dense over 16 channels (int2 in XNNPACK
+under both). For each policy the file must run in LiteRT,
 hold the learned integers (read back from the flatbuffer and compared with
 the quantized Keras kernels, BatchNorm signs folded), compute what the Keras
 model computes, and say per layer which operator, storage and bytes it has
@@ -20,7 +23,7 @@ from tfdq import export as E
 from tfdq.export.flatbuffer import find_kernel, unpack_integers
 from tfdq.export.storage import pack_integers
 
-BITS = {"conv3": 4, "pw_a": 2, "dw": 4, "pw_odd": 4, "fc": 2}
+BITS = {"conv3": 4, "pw_a": 2, "dw": 4, "pw_odd": 4, "pw_b": 2, "fc": 2}
 
 
 def _model():
@@ -31,11 +34,14 @@ def _model():
     x = keras.layers.Conv2D(15, 1, use_bias=False, name="pw_a")(x)
     x = keras.layers.BatchNormalization(name="bn1")(x)
     x = keras.layers.ReLU()(x)
-    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = keras.layers.DepthwiseConv2D(3, strides=3, padding="same", use_bias=False, name="dw")(x)  # 3x3
     x = keras.layers.BatchNormalization(name="bn2")(x)
     x = keras.layers.ReLU()(x)
     x = keras.layers.Conv2D(16, 1, use_bias=False, name="pw_odd")(x)
     x = keras.layers.BatchNormalization(name="bn3")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(16, 1, use_bias=False, name="pw_b")(x)
+    x = keras.layers.BatchNormalization(name="bn4")(x)
     x = keras.layers.ReLU()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(10, name="fc")(x)
@@ -57,9 +63,10 @@ def _model():
 EXPECTED = {  # layer: (operator, storage) per policy
     "fast": {
         "conv3": ("CONV_2D", "int8"),
-        "pw_a": ("FULLY_CONNECTED", "int4"),  # 2 bits: int2 is slow over a convolution's many rows
+        "pw_a": ("CONV_2D", "int8"),  # 64 rows: int4 is slower than int8 where multiply-adds dominate
         "dw": ("DEPTHWISE_CONV_2D", "int8"),
         "pw_odd": ("CONV_2D", "int8"),  # 15 input channels: the fallback, with a note
+        "pw_b": ("FULLY_CONNECTED", "int4"),  # 9 rows: int4; 2 bits, but int2 only at one row
         "fc": ("FULLY_CONNECTED", "int2"),  # 2 bits, 16 input channels (a multiple of 4)
     },
     "smallest": {
@@ -67,6 +74,7 @@ EXPECTED = {  # layer: (operator, storage) per policy
         "pw_a": ("FULLY_CONNECTED", "int2"),
         "dw": ("DEPTHWISE_CONV_2D", "int4"),
         "pw_odd": ("FULLY_CONNECTED", "int4"),
+        "pw_b": ("FULLY_CONNECTED", "int2"),
         "fc": ("FULLY_CONNECTED", "int2"),
     },
     "int8": {
@@ -74,6 +82,7 @@ EXPECTED = {  # layer: (operator, storage) per policy
         "pw_a": ("CONV_2D", "int8"),
         "dw": ("DEPTHWISE_CONV_2D", "int8"),
         "pw_odd": ("CONV_2D", "int8"),
+        "pw_b": ("CONV_2D", "int8"),
         "fc": ("FULLY_CONNECTED", "int8"),
     },
 }
@@ -152,7 +161,9 @@ def test_every_policy_runs_in_litert_and_holds_the_learned_integers(exports, pol
     assert verified["max_abs_output_diff_in_output_steps"] <= 0.5 + 1e-6, verified
     if policy == "fast":
         assert "15 input channels" in by_layer["pw_odd"]["storage_note"]
-        assert "int4, not int2" in by_layer["pw_a"]["storage_note"]
+        assert "64 rows" in by_layer["pw_a"]["storage_note"]
+        assert "int4, not int2: 9 rows" in by_layer["pw_b"]["storage_note"]
+        assert by_layer["fc"]["storage_note"] is None
         assert any("pw_odd" in n and "odd" in n for n in verified["notes"])
         assert all(
             b["requantization_shift"] == [0.0, 0.0] for b in report["biases"]
@@ -191,3 +202,29 @@ def test_alignment_follows_the_storage(exports):
     tflite, report = E.to_tflite(qmodel, x, storage="smallest", return_report=True)
     verified = E.verify(qmodel, tflite, x, export_report=report)
     assert verified["max_abs_output_diff_in_output_steps"] > 1.0
+
+
+def test_fast_rule_counts_rows_per_example():
+    """The "fast" rule reads the output positions per example (H*W; 1 for a Dense) from the graph:
+    int4 FULLY_CONNECTED up to FAST_INT4_MAX_ROWS rows, int8 beyond it and where H*W is unknown."""
+    from tfdq.export.plan import FAST_INT4_MAX_ROWS, Plan
+
+    def plan_of(hw):
+        inp = keras.Input((hw, hw, 8))
+        x = keras.layers.Conv2D(8, 1, name="pw")(inp)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        model = keras.Model(inp, keras.layers.Dense(4, name="fc")(x))
+        data = (
+            None if hw is None else np.random.default_rng(0).uniform(0, 1, (4, hw, hw, 8)).astype("float32")
+        )
+        qmodel = tfdq.quantize_model(model, calibration_data=data, init_bits=4)
+        return {p.layer_name: p for p in Plan(qmodel).kernels.values()}
+
+    assert FAST_INT4_MAX_ROWS == 36
+    for hw, rows, storage in ((6, 36, "int4"), (7, 49, "int8"), (None, None, "int8")):
+        plans = plan_of(hw)
+        pw, fc = plans["pw"], plans["fc"]
+        assert (pw.rows, pw.storage, fc.rows, fc.storage, fc.form) == (rows, storage, 1, "int4", "fc"), hw
+        if storage == "int8":
+            assert pw.form is None
+            assert ("unknown number of" if hw is None else f"{rows} rows") in pw.storage_note

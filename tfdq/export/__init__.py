@@ -16,10 +16,14 @@ an int8 model whose kernels hold exactly those integers:
   used; int2 kernels are packed by tfdq after the conversion.
 * Storage (``storage=``): ``"fast"`` (default) puts every operator where
   LiteRT's XNNPACK delegate runs it and, subject to that, stores the fewest
-  bytes: a Dense or 1x1 stride-1 convolution with ``b <= 4`` becomes a
-  FULLY_CONNECTED over the channel axis with per-channel int4 weights
-  (``b <= 2``: int2; XNNPACK needs even input channels for int4 and a
-  multiple of 4 for int2, else the next wider type with a ``storage_note``),
+  bytes where that costs no time: a Dense or 1x1 stride-1 convolution with
+  ``b <= 4`` and at most 36 output positions per example (``H*W``; 1 for a
+  Dense) becomes a FULLY_CONNECTED over the channel axis with per-channel
+  int4 weights (``b <= 2`` at one position: int2; XNNPACK needs even input
+  channels for int4 and a multiple of 4 for int2, else the next wider type
+  with a ``storage_note``); more positions: int8, as XNNPACK's int4 kernel
+  costs more per multiply-add than it saves in bytes there
+  (:mod:`tfdq.export.storage`),
   3x3 and depthwise convolutions int8 (XNNPACK runs no sub-byte CONV_2D or
   DEPTHWISE_CONV_2D). ``"smallest"`` stores int4/int2 wherever LiteRT runs
   it (int4 convolutions in its slower builtin kernels); ``"int8"`` stores

@@ -35,9 +35,9 @@ class ExportError(ValueError):
 
 # Storage policies (``to_tflite(storage=...)``); the learned integers are the same in each.
 STORAGE_POLICIES = {
-    "fast": "every op where LiteRT's XNNPACK runs it, then the fewest bytes: Dense and 1x1 "
-    "convolutions with b <= 4 as FULLY_CONNECTED with int4 kernels (a Dense with b <= 2: int2), "
-    "other convolutions int8",
+    "fast": "every op where LiteRT's XNNPACK runs it, then the fewest bytes where that costs no "
+    "time: Dense and 1x1 convolutions with b <= 4 and at most FAST_INT4_MAX_ROWS output positions "
+    "per example as FULLY_CONNECTED with int4 kernels (b <= 2 at one row: int2), the rest int8",
     "smallest": "int4/int2 wherever LiteRT runs it (sub-byte CONV_2D/DEPTHWISE_CONV_2D run "
     "outside XNNPACK, slower)",
     "int8": "every kernel int8 (XNNPACK everywhere)",
@@ -45,6 +45,12 @@ STORAGE_POLICIES = {
 DEFAULT_STORAGE = "fast"
 # XNNPACK's FULLY_CONNECTED takes an int4 kernel for an even input channel count, int2 for a multiple of 4
 XNNPACK_FC_CHANNEL_MULTIPLE = {"int8": 1, "int4": 2, "int2": 4}
+# "fast": a 1x1 convolution (or a Dense over more than one position) is an int4 FULLY_CONNECTED
+# only when it has at most this many rows (output positions per example, H*W); see _choose_storage.
+# Chosen from whole-model measurements (benchmarks/storage_policy.py --rows_sweep, BENCHMARKS.md):
+# 36 keeps a MobileNet's early high-resolution 1x1 convolutions int8 and its 6x6 and smaller
+# stages int4 (MobileNetV2 alpha 0.5 at 96x96: 0.58x the int8 file; 9 rows would give 0.61x).
+FAST_INT4_MAX_ROWS = 36
 
 
 def resolve_storage(storage=None, int4_kernels=None):
@@ -195,6 +201,7 @@ class KernelPlan:
     in_channels: int = 0
     form: str = None  # "fc": written as FULLY_CONNECTED by tfdq.export.storage.apply_storage
     spread: np.ndarray = None  # 2^j per output channel: the file holds k 2^j at scale / 2^j (fit_multiplier)
+    rows: int = None  # output positions per example (H*W of a convolution, 1 for a Dense); None: unknown
 
     @property
     def fq_bits(self):
@@ -563,7 +570,17 @@ def requantization_shift(unit, s_out):
 
 
 def _choose_storage(plan, policy):
-    """``(storage, form, note)`` of one kernel under a storage policy (see STORAGE_POLICIES)."""
+    """``(storage, form, note)`` of one kernel under a storage policy (see STORAGE_POLICIES).
+
+    ``"fast"`` stores a Dense or 1x1 stride-1 convolution with ``b <= 4`` as
+    an int4 FULLY_CONNECTED only where it has at most
+    :data:`FAST_INT4_MAX_ROWS` rows (output positions per example): the int4
+    weights halve the bytes read, which wins where the weights dominate the
+    work (few rows) and loses where the multiply-adds do (LiteRT 2.3's
+    XNNPACK runs int4 weights 5-13% slower than int8 per multiply-add,
+    measured by ``benchmarks/storage_policy.py --layers``). Int2 (``b <= 2``,
+    input channels a multiple of 4) only at one row.
+    """
     n, cin = plan.n_allowed, plan.in_channels
     if policy == "int8" or n > INT4_MAX or plan.kind in ("transpose", "prelu"):
         return "int8", None, None  # LiteRT's TRANSPOSE_CONV and MUL take int8 constants only
@@ -571,16 +588,27 @@ def _choose_storage(plan, policy):
         if policy == "fast":
             return "int8", None, None  # XNNPACK runs CONV_2D/DEPTHWISE_CONV_2D with int8 kernels only
         return "int4", None, None
+    rows = plan.rows
+    if policy == "fast" and (rows is None or rows > FAST_INT4_MAX_ROWS):
+        where = "an unknown number of" if rows is None else str(rows)
+        return (
+            "int8",
+            None,
+            (
+                f"int8, not {'int2' if n <= INT2_MAX else 'int4'} ({plan.bits}-bit integers): {where} rows "
+                f"(output positions per example), over {FAST_INT4_MAX_ROWS}: XNNPACK's int4 FULLY_CONNECTED "
+                "runs slower than int8 where the multiply-adds dominate (storage='smallest' stores it sub-byte)"
+            ),
+        )
     int2_note = None
     if n <= INT2_MAX and cin % 4 == 0:
-        if policy == "smallest" or plan.kind == "dense":
+        if policy == "smallest" or rows == 1:
             return "int2", "fc", None
         # measured (benchmarks/storage_policy.py --layers, LiteRT 2.3 on x86): XNNPACK's int2
-        # FULLY_CONNECTED takes 1.4-2.2x the time of int8 over many rows (a 1x1 convolution: one per
-        # pixel), about the same for one row (a Dense at batch 1); its int4 one 1.05-1.3x, 0.57x at one row
+        # FULLY_CONNECTED takes 1.4-2.2x the time of int8 over several rows, about the same at one row
         int2_note = (
-            "int4, not int2: XNNPACK's int2 FULLY_CONNECTED runs 1.4-2.2x slower than int8 over a "
-            "convolution's many rows (storage='smallest' stores int2)"
+            f"int4, not int2: {rows} rows; XNNPACK's int2 FULLY_CONNECTED runs 1.4-2.2x slower than int8 "
+            "over more than one row (storage='smallest' stores int2)"
         )
     elif n <= INT2_MAX:
         int2_note = (
@@ -657,7 +685,11 @@ def _plan_kernel(op, quantizer, policy, problems):
     else:
         fc_eligible = kind == "dense"
         in_channels = int(k.shape[0]) if kind == "dense" else int(k.shape[2])
+    rows = 1
+    for d in tuple(op.node.outputs[0].shape)[1:-1]:
+        rows = None if d is None or rows is None else rows * int(d)
     plan = KernelPlan(
+        rows=rows,
         op_index=op.index,
         layer_name=op.path,
         kind=kind,

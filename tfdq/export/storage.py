@@ -4,8 +4,31 @@ The TFLite converter writes every kernel as int8 or packed int4, and a 1x1
 convolution as CONV_2D. LiteRT's XNNPACK delegate runs CONV_2D and
 DEPTHWISE_CONV_2D only with int8 kernels, but FULLY_CONNECTED with
 per-channel int4 kernels (input channels even) and int2 kernels (input
-channels a multiple of 4). :func:`apply_storage` rewrites the converted file
-where the plan asks for it:
+channels a multiple of 4). Which kernels the plan sends there
+(``tfdq.export.plan``, at planning time):
+
+* ``"fast"`` (default): a Dense or 1x1 stride-1 convolution with ``b <= 4``
+  becomes an int4 FULLY_CONNECTED only where it has at most
+  ``FAST_INT4_MAX_ROWS`` = 36 *rows*, the output positions per example
+  (``H*W`` of a convolution's output, 1 for a Dense at batch 1); int2
+  (``b <= 2``) only at one row. The rule weighs what int4 saves against
+  what it costs: it halves the weight bytes read once per inference, and
+  LiteRT 2.3's XNNPACK spends 5-13% more time per multiply-add on int4
+  weights than on int8 ones (int2: 1.4-2.2x), and a layer does ``rows``
+  multiply-adds per weight. Few rows (a classifier head, the late 3x3 or
+  6x6 stages of a MobileNet, where most of the weights are): the bytes
+  dominate and int4 is as fast or faster; many rows (the early
+  high-resolution 1x1 convolutions, few weights): the multiply-adds
+  dominate and int8 is faster, at a small cost in bytes. More rows than
+  the limit, or an unknown ``H*W``: int8 with a ``storage_note``. Every
+  other convolution stays int8 (XNNPACK runs no sub-byte CONV_2D or
+  DEPTHWISE_CONV_2D).
+* ``"smallest"``: int4/int2 wherever LiteRT runs it (Dense and 1x1
+  convolutions as FULLY_CONNECTED at any row count; int4 CONV_2D and
+  DEPTHWISE_CONV_2D in LiteRT's slower builtin kernels).
+* ``"int8"``: every kernel int8.
+
+:func:`apply_storage` rewrites the converted file where the plan asks for it:
 
 * a 1x1, stride-1 CONV_2D becomes a FULLY_CONNECTED over the channel axis
   (``keep_num_dims``: ``[N, H, W, C_in] -> [N, H, W, C_out]``, the same
