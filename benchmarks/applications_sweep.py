@@ -17,8 +17,9 @@ preprocessing expects):
    the Keras quantized model, largest output difference in output steps.
 
 ``--latency`` also writes the float32 ``.tflite`` of the same (float) model
-and the int8-storage tfdq file (``int4_kernels=False``) and times them at
-batch 1 in LiteRT, interleaved (rounds, medians) in one process.
+and the int8-storage tfdq file (``storage="int8"``) and times them with the
+default-storage file (``"fast"``) at batch 1 in LiteRT, one thread,
+interleaved (rounds, medians) in one process.
 
 Each model runs in its own subprocess (``--one NAME`` runs a single model
 and prints its JSON line), so one crash or memory blow-up costs one row::
@@ -102,6 +103,10 @@ def build(name, **overrides):
 def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=10, overrides=None):
     """Quantize, run, export and run in LiteRT one sweep model; a JSON-ready dict (never raises)."""
     import keras  # noqa: PLC0415
+
+    from benchmarks.common import set_threads  # noqa: PLC0415
+
+    set_threads(1)
 
     import tfdq  # noqa: PLC0415
     from tfdq.export import inspect_tflite  # noqa: PLC0415
@@ -228,7 +233,7 @@ def _latency(model, qmodel, calib, tflite_default, rounds, invokes):
     from tfdq.export.runtime import LiteRTRunner  # noqa: PLC0415
 
     float_file = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    int8_file = tfdq.export.to_tflite(qmodel, calib, int4_kernels=False)
+    int8_file = tfdq.export.to_tflite(qmodel, calib, storage="int8")
     files = {"float32": float_file, "tfdq_int8": int8_file, "tfdq_default": tflite_default}
     runners = {k: LiteRTRunner(v, num_threads=1) for k, v in files.items()}
     x = calib[:1]
