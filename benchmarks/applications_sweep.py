@@ -298,6 +298,25 @@ def summary_table(rows):
     return "\n".join(lines)
 
 
+def latency_table(rows):
+    """Markdown table of file sizes and batch-1 LiteRT latency (rows measured with ``--latency``)."""
+    lines = [
+        "| model | float32 kB | int8 kB | fast kB | float32 ms | int8 ms | fast ms | int8 / float32 | "
+        "fast / float32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "float32_ms" not in r:
+            continue
+        f32, i8, fast = r["float32_ms"], r["tfdq_int8_ms"], r["tfdq_default_ms"]
+        lines.append(
+            f"| {r['model']} | {r['float32_bytes'] / 1e3:.0f} | {r['tfdq_int8_bytes'] / 1e3:.0f} | "
+            f"{r['tfdq_default_bytes'] / 1e3:.0f} | {f32:.2f} | {i8:.2f} | {fast:.2f} | {i8 / f32:.2f} | "
+            f"{fast / f32:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--one", help="run one model in this process and print its JSON line")
@@ -311,7 +330,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.table:
         with open(args.out) as f:
-            print(summary_table(json.load(f)["models"]))
+            rows = json.load(f)["models"]
+        print(summary_table(rows) + "\n\n" + latency_table(rows))
         return
     if args.finetune:
         from benchmarks.common import save_report  # noqa: PLC0415
