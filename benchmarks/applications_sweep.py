@@ -11,7 +11,8 @@ preprocessing expects):
    blows up its feature maps layer after layer);
 2. ``tfdq.quantize_model(model, calibration_data=..., target="tflite")``:
    the export problems found before training are recorded;
-3. one forward pass of the quantized model;
+3. ``tfdq.export.align_biases`` (as a user does before export) and one
+   forward pass of the quantized model;
 4. ``tfdq.export.to_tflite`` (int8 input and output), and the file run in
    LiteRT on a few held-out images: all ops integer, top-1 agreement with
    the Keras quantized model, largest output difference in output steps.
@@ -100,7 +101,9 @@ def build(name, **overrides):
     return getattr(keras.applications, ctor)(**kwargs)
 
 
-def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=10, overrides=None):
+def run_one(
+    name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=10, overrides=None, align=True
+):
     """Quantize, run, export and run in LiteRT one sweep model; a JSON-ready dict (never raises)."""
     import keras  # noqa: PLC0415
 
@@ -130,6 +133,12 @@ def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=
         row["float_layers"] = report["float_layers"]
         row["unknown_operations"] = report["unknown_operations"]
         row["quantized_layers"] = len(report["quantized_layers"])
+        if align and not report["export_problems"]:
+            # what a user does before export: each folded BatchNorm's bias onto the file's int32 grid, so
+            # that Keras computes what the file computes (without it, biases round in the file only)
+            row["stage"] = "align_biases"
+            tfdq.export.align_biases(qmodel, calib)
+            row["aligned_biases"] = True
         row["stage"] = "forward"
         keras_out = np.asarray(qmodel.predict(held, batch_size=n_eval, verbose=0), np.float64)
         row["forward_finite"] = bool(np.all(np.isfinite(keras_out)))
