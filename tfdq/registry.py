@@ -869,6 +869,15 @@ def is_integer_sum(layer, node=None):
     return not is_operation(layer) or node is None or len(node.input_tensors) == 2
 
 
+def is_concatenation(layer):
+    """True for a concatenation (``Concatenate``, ``keras.ops.concatenate``). Its operands lie on
+    learned grids of their own; the file moves each onto the output's scale with an int8
+    QUANTIZE (CONCATENATION takes one scale), which LiteRT's XNNPACK rounds half up like its ADD,
+    so the signed quantizer after it does too."""
+    entry = lookup(layer)
+    return entry is not None and entry.rule == "concat"
+
+
 def is_tensor_sum(layer, node):
     """True for a sum or difference of two feature maps: ``x + y``, ``x - y``, ``keras.ops.add`` /
     ``subtract``, the ``Subtract`` layer (no constant operand). Both operands get learned quantizers
