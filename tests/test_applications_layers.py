@@ -101,6 +101,37 @@ def test_densenet_concatenations_and_transition_pooling_export_every_map_exactly
     assert not any("ties" in note for note in result["notes"]), result.format()
 
 
+def test_nasnet_cells_export_all_integer():
+    """NASNet's cells: one open Concatenate read by two ReLUs, each with its own learned quantizer
+    (the adjust block and the next cell), then ZeroPadding2D / Cropping2D / a 1x1 strided average.
+    The concatenation used to get a calibrated scale, so each ReLU stood between two scales and the
+    converter refused the PAD after it ("same scale constraint", NASNetMobile in the sweep). Each
+    ReLU now concatenates the operands straight onto its quantizer's grid: the file converts, holds
+    integer ops only, and no tensor but the logits is calibrated."""
+    import keras.src.applications.nasnet as nasnet  # noqa: PLC0415
+
+    x, y = _digits(3, 255.0)
+    x = x.repeat(4, 1).repeat(4, 2)  # 32 x 32
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(16, 3, strides=2, padding="valid", use_bias=False, name="stem_conv1")(inp)
+    h = keras.layers.BatchNormalization(name="stem_bn1")(h)
+    h, p = nasnet._reduction_a_cell(h, None, 4, block_id="stem_1")
+    h, p = nasnet._reduction_a_cell(h, p, 8, block_id="stem_2")
+    h, p = nasnet._normal_a_cell(h, p, 8, block_id="0")
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("relu")(h))
+    model = keras.Model(inp, keras.layers.Dense(10)(h))
+    tfdq.recalibrate_batchnorm(model, x[:128], batch_size=128)
+    qmodel = tfdq.quantize_model(model, calibration_data=x[:64], strict=True)
+    tfdq.export.align_biases(qmodel, x[:64])
+    tflite, report = tfdq.export.to_tflite(qmodel, x[:64], return_report=True)
+    ops = {o["op"] for o in inspect_tflite(tflite)["ops"]}
+    assert {"CONCATENATION", "PAD", "DEPTHWISE_CONV_2D"} <= ops
+    assert [c["tensor"] for c in report["calibrated"]] == ["output_0"]
+    result = tfdq.export.verify(qmodel, tflite, (x[1200:1400], y[1200:1400]), export_report=report)
+    assert result["float_ops"] == [] and result["all_kernels_exact"], result.format()
+
+
 @pytest.mark.slow
 def test_channel_normalization_custom_scale_and_valid_average_pooling_export():
     from keras.src.applications.inception_resnet_v2 import CustomScaleLayer  # noqa: PLC0415

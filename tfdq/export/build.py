@@ -468,8 +468,29 @@ class Builder:
         if x.q is None and x.fusable:
             # fused into the producer: its output scale comes from the next FakeQuant
             return _Val(fn(x.t), None, False, True, op.path)
+        concat = self._concat_onto_next_grid(op, values)
+        if concat is not None:
+            return _Val(self.fq(fn(concat.t), concat.q), concat.q, False, True, op.path)
         x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}")
         return _Val(self.fq(fn(x.t), x.q), x.q, False, True, op.path)
+
+    def _concat_onto_next_grid(self, op, values):
+        """A ReLU that reads an open concatenation and feeds a learned quantizer (NASNet's cells: one
+        concatenation, two ReLUs, two quantizers): the concatenation again, its operands straight on
+        that quantizer's grid (one QUANTIZE each, as the file's other concatenations), where a
+        calibrated scale for the shared concatenation would round them once more and a RELU
+        between two scales would not be a same-scale op. None where this does not apply."""
+        x = values[op.inputs[0]]
+        src = self.plan._producer_op(op.inputs[0])  # noqa: SLF001 (the plan's graph walk)
+        if x.q is not None or src is None or self.mode != "export":
+            return None
+        entry = registry.lookup(src.layer)
+        act, _ = self.plan.downstream_quantizer(op.outputs[0])
+        if entry is None or entry.rule != "concat" or act is None:
+            return None
+        q = _Q(act.step, act.zero_point)
+        y = tf.concat([values[k].t for k in src.inputs], axis=src.layer.axis)
+        return _Val(self.fq(y, q), q, False, x.nonneg, op.path)
 
     def softmax(self, x, label):
         return self.fixed_range(tf.nn.softmax(x.t), label, "TFLite int8 softmax output")
