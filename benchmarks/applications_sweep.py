@@ -11,14 +11,16 @@ preprocessing expects):
    blows up its feature maps layer after layer);
 2. ``tfdq.quantize_model(model, calibration_data=..., target="tflite")``:
    the export problems found before training are recorded;
-3. one forward pass of the quantized model;
+3. ``tfdq.export.align_biases`` (as a user does before export) and one
+   forward pass of the quantized model;
 4. ``tfdq.export.to_tflite`` (int8 input and output), and the file run in
    LiteRT on a few held-out images: all ops integer, top-1 agreement with
    the Keras quantized model, largest output difference in output steps.
 
 ``--latency`` also writes the float32 ``.tflite`` of the same (float) model
-and the int8-storage tfdq file (``int4_kernels=False``) and times them at
-batch 1 in LiteRT, interleaved (rounds, medians) in one process.
+and the int8-storage tfdq file (``storage="int8"``) and times them with the
+default-storage file (``"fast"``) at batch 1 in LiteRT, one thread,
+interleaved (rounds, medians) in one process.
 
 Each model runs in its own subprocess (``--one NAME`` runs a single model
 and prints its JSON line), so one crash or memory blow-up costs one row::
@@ -99,9 +101,15 @@ def build(name, **overrides):
     return getattr(keras.applications, ctor)(**kwargs)
 
 
-def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=10, overrides=None):
+def run_one(
+    name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=10, overrides=None, align=True
+):
     """Quantize, run, export and run in LiteRT one sweep model; a JSON-ready dict (never raises)."""
     import keras  # noqa: PLC0415
+
+    from benchmarks.common import set_threads  # noqa: PLC0415
+
+    set_threads(1)
 
     import tfdq  # noqa: PLC0415
     from tfdq.export import inspect_tflite  # noqa: PLC0415
@@ -125,6 +133,12 @@ def run_one(name, n_calibration=32, n_eval=16, latency=False, rounds=5, invokes=
         row["float_layers"] = report["float_layers"]
         row["unknown_operations"] = report["unknown_operations"]
         row["quantized_layers"] = len(report["quantized_layers"])
+        if align and not report["export_problems"]:
+            # what a user does before export: each folded BatchNorm's bias onto the file's int32 grid, so
+            # that Keras computes what the file computes (without it, biases round in the file only)
+            row["stage"] = "align_biases"
+            tfdq.export.align_biases(qmodel, calib)
+            row["aligned_biases"] = True
         row["stage"] = "forward"
         keras_out = np.asarray(qmodel.predict(held, batch_size=n_eval, verbose=0), np.float64)
         row["forward_finite"] = bool(np.all(np.isfinite(keras_out)))
@@ -228,7 +242,7 @@ def _latency(model, qmodel, calib, tflite_default, rounds, invokes):
     from tfdq.export.runtime import LiteRTRunner  # noqa: PLC0415
 
     float_file = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    int8_file = tfdq.export.to_tflite(qmodel, calib, int4_kernels=False)
+    int8_file = tfdq.export.to_tflite(qmodel, calib, storage="int8")
     files = {"float32": float_file, "tfdq_int8": int8_file, "tfdq_default": tflite_default}
     runners = {k: LiteRTRunner(v, num_threads=1) for k, v in files.items()}
     x = calib[:1]
@@ -293,6 +307,25 @@ def summary_table(rows):
     return "\n".join(lines)
 
 
+def latency_table(rows):
+    """Markdown table of file sizes and batch-1 LiteRT latency (rows measured with ``--latency``)."""
+    lines = [
+        "| model | float32 kB | int8 kB | fast kB | float32 ms | int8 ms | fast ms | int8 / float32 | "
+        "fast / float32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "float32_ms" not in r:
+            continue
+        f32, i8, fast = r["float32_ms"], r["tfdq_int8_ms"], r["tfdq_default_ms"]
+        lines.append(
+            f"| {r['model']} | {r['float32_bytes'] / 1e3:.0f} | {r['tfdq_int8_bytes'] / 1e3:.0f} | "
+            f"{r['tfdq_default_bytes'] / 1e3:.0f} | {f32:.2f} | {i8:.2f} | {fast:.2f} | {i8 / f32:.2f} | "
+            f"{fast / f32:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--one", help="run one model in this process and print its JSON line")
@@ -306,7 +339,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.table:
         with open(args.out) as f:
-            print(summary_table(json.load(f)["models"]))
+            rows = json.load(f)["models"]
+        print(summary_table(rows) + "\n\n" + latency_table(rows))
         return
     if args.finetune:
         from benchmarks.common import save_report  # noqa: PLC0415

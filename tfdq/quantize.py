@@ -734,8 +734,12 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                     placed = _placement(t, averages)
                     if options["quantize_input"] or id(placed) not in raw:
                         targets[id(placed)] = placed
+        # an average pooling's output that an operand grid needs (a pre-activation BatchNorm or a
+        # Concatenate after DenseNet's transition pooling) gets a quantizer of its own: the file
+        # rounds the average there once, as Keras does
+        grid = [_placement(t, averages) for t in _grid_operands(nodes)]
         outputs = _quantizable_outputs(model) if top and options["quantize_output"] else []
-        for t in averages + [_placement(t) for t in _grid_operands(nodes)] + outputs:
+        for t in averages + grid + outputs:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t
                 internal.add(id(t))
@@ -812,10 +816,20 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
             if id(orig) in stats and options["calibrate_activations"]:
                 max_abs, _ = stats[id(orig)]
                 quantizer.initialize_from(np.array([max_abs]), bits=quantizer.init["bits"])
-            # a signed map straight out of a sum: the file's ADD rounds its ties half up
+            # a signed map straight out of a sum: the file's ADD rounds its ties half up; so do the
+            # QUANTIZE ops that bring a concatenation's operands onto one scale, and the average
+            # pooling's DEPTHWISE_CONV_2D (its int32 bias nudges ties up, tfdq.export.build)
             layer, node = producer(orig)
             ties = "away"
-            if signed[id(orig)] and quantizer.FAMILY == "uniform" and registry.is_integer_sum(layer, node):
+            if (
+                signed[id(orig)]
+                and quantizer.FAMILY == "uniform"
+                and (
+                    registry.is_integer_sum(layer, node)
+                    or registry.is_concatenation(layer)
+                    or isinstance(layer, AVERAGING)
+                )
+            ):
                 ties = "up"
             aq = qlayers.ActivationQuantizer(
                 quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal, ties=ties

@@ -311,8 +311,9 @@ class Builder:
                 else:
                     y = tf.reduce_mean(x.t, axis=[1, 2], keepdims=bool(layer.keepdims))
             elif learned_next and self.mode == "export" and x.q is not None and layer.padding == "valid":
-                s_out = self.plan.downstream_step(op.outputs[0])
-                y = self.mean_as_conv(x, s_out, tuple(layer.pool_size), tuple(layer.strides))
+                act, _ = self.plan.downstream_quantizer(op.outputs[0])
+                ties_up = getattr(self.plan.ops_by_index[act.op_index].layer, "ties", "away") == "up"
+                y = self.mean_as_conv(x, act.step, tuple(layer.pool_size), tuple(layer.strides), ties_up)
             else:
                 y = tf.nn.avg_pool2d(x.t, layer.pool_size, layer.strides, layer.padding.upper())
             out = _Val(y, None, False, x.nonneg, label)
@@ -354,15 +355,17 @@ class Builder:
         y = self.mean_as_conv(x, s_out, (h, w), (1, 1))
         return y if keepdims else tf.reshape(y, [-1, c])
 
-    def mean_as_conv(self, x, s_out, window, strides):
+    def mean_as_conv(self, x, s_out, window, strides, ties_up=False):
         """Averages over ``window`` (VALID padding) as a DEPTHWISE_CONV_2D with a constant int8 kernel
-        (see :meth:`global_mean_as_conv`; an AVERAGE_POOL_2D would need the same scale on both sides)."""
+        (see :meth:`global_mean_as_conv`; an AVERAGE_POOL_2D would need the same scale on both sides).
+        A signed map gets the same quarter-spacing nudge where the learned quantizer after it rounds
+        ties up (``ties_up``: quantize_model sets it on a signed pooled map, DenseNet's transitions)."""
         t = x.t
         h, w = window
         c = int(t.shape[-1])
         n = h * w
         ratio = x.q.scale / (n * s_out)
-        nudge = x.nonneg and n & (n - 1) == 0 and ratio <= 0.5
+        nudge = (x.nonneg or ties_up) and n & (n - 1) == 0 and ratio <= 0.5
         level = 2 if nudge else 1
         unit = 1.0 / (level * n)  # kernel scale: the integer `level` times it is 1 / N
         ones = tf.constant(np.full((h, w, c, 1), 1.0 / n, np.float32))
@@ -466,8 +469,29 @@ class Builder:
         if x.q is None and x.fusable:
             # fused into the producer: its output scale comes from the next FakeQuant
             return _Val(fn(x.t), None, False, True, op.path)
+        concat = self._concat_onto_next_grid(op, values)
+        if concat is not None:
+            return _Val(self.fq(fn(concat.t), concat.q), concat.q, False, True, op.path)
         x = self.quantized(values, op.inputs[0], f"{op.path}:input", f"input of {op.path}")
         return _Val(self.fq(fn(x.t), x.q), x.q, False, True, op.path)
+
+    def _concat_onto_next_grid(self, op, values):
+        """A ReLU that reads an open concatenation and feeds a learned quantizer (NASNet's cells: one
+        concatenation, two ReLUs, two quantizers): the concatenation again, its operands straight on
+        that quantizer's grid (one QUANTIZE each, as the file's other concatenations), where a
+        calibrated scale for the shared concatenation would round them once more and a RELU
+        between two scales would not be a same-scale op. None where this does not apply."""
+        x = values[op.inputs[0]]
+        src = self.plan._producer_op(op.inputs[0])  # noqa: SLF001 (the plan's graph walk)
+        if x.q is not None or src is None or self.mode != "export":
+            return None
+        entry = registry.lookup(src.layer)
+        act, _ = self.plan.downstream_quantizer(op.outputs[0])
+        if entry is None or entry.rule != "concat" or act is None:
+            return None
+        q = _Q(act.step, act.zero_point)
+        y = tf.concat([values[k].t for k in src.inputs], axis=src.layer.axis)
+        return _Val(self.fq(y, q), q, False, x.nonneg, op.path)
 
     def softmax(self, x, label):
         return self.fixed_range(tf.nn.softmax(x.t), label, "TFLite int8 softmax output")

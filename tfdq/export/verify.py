@@ -250,12 +250,14 @@ def _runtime_notes(plan, info, export_report=None):
 def _tie_notes(plan):
     """Signed quantizers whose tie rule differs from the file's operator before them.
 
-    The file's ADD / SUB (XNNPACK) rounds a requantized sum half up; every
-    other requantization rounds ties away from zero, as the quantizer does.
-    ``quantize_model`` sets ``ties="up"`` after sums; a model quantized
+    The file's ADD / SUB (XNNPACK) rounds a requantized sum half up, as do the
+    QUANTIZE ops before a concatenation and a pooling's nudged
+    DEPTHWISE_CONV_2D; every other requantization rounds ties away from zero,
+    as the quantizer does. ``quantize_model`` sets ``ties="up"`` there; a model quantized
     before that rule (or edited by hand) differs at exact negative halves.
     """
     from tfdq import registry  # noqa: PLC0415
+    from tfdq.quantize import AVERAGING  # noqa: PLC0415
 
     producers = {k: op for op in plan.ops for k in op.outputs}
     away, up = [], []
@@ -264,7 +266,11 @@ def _tie_notes(plan):
         if act is None or not act.signed:
             continue
         src = producers.get(op.inputs[0])
-        after_sum = src is not None and registry.is_integer_sum(src.layer, src.node)
+        after_sum = src is not None and (
+            registry.is_integer_sum(src.layer, src.node)
+            or registry.is_concatenation(src.layer)
+            or isinstance(src.layer, AVERAGING)
+        )
         ties = getattr(op.layer, "ties", "away")
         if after_sum and ties != "up":
             away.append(op.path)
