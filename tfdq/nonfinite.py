@@ -202,57 +202,10 @@ def active_step(model):
     return None if state is None else state.get("step")
 
 
-def _optimizer_of(model, apply_gradients, optimizer):
-    """The Keras optimizer behind ``apply_gradients`` if its variables exist
-    (all of its state is then in ``optimizer.variables``), else None."""
-    if optimizer is None:
-        optimizer = getattr(apply_gradients, "__self__", None) or getattr(model, "optimizer", None)
-    if not isinstance(optimizer, keras.optimizers.Optimizer) or not optimizer.built:
-        return None
-    return optimizer
-
-
-def _value(v):
-    value = getattr(v, "value", v)  # a Keras variable's tensor; tf.Variable.value() is a method
-    return tf.identity(value() if callable(value) else value)
-
-
-def _apply_and_select(state, apply_gradients, grads_and_vars, ok, optimizer, saved):
-    """The guard without control flow: apply the update, then put back every
-    variable it or the forward pass changed wherever ``ok`` is False.
-
-    Traced as straight-line code, which costs far less at the first call
-    than a ``tf.cond`` whose branch holds the whole optimizer update (on the
-    budgeted ResNet-20 the cond cost 3.4 s of CPU per trace; BENCHMARKS.md,
-    first-call time); a step costs one copy and one select per variable."""
-    variables = [v for _, v in grads_and_vars]
-    seen, kept = set(), []
-    for v in list(variables) + list(optimizer.variables):  # the weights and every optimizer state
-        key = id(v)
-        if key not in seen:
-            seen.add(key)
-            kept.append(v)
-    before = [_value(v) for v in kept]
-    with tf.control_dependencies(before):
-        apply_gradients(grads_and_vars)
-    for v, old in zip(kept, before):
-        v.assign(tf.where(ok, _value(v), old))
-    for v, old in saved:  # BatchNorm moving statistics, the loss tracker
-        v.assign(tf.where(ok, _value(v), old))
-    bad = tf.cast(tf.logical_not(ok), tf.int64)
-    state["streak"].assign((state["streak"] + 1) * bad)
-    state["total"].assign_add(bad)
-
-
-def apply_if_finite(model, apply_gradients, grads_and_vars, loss=None, saved=None, optimizer=None):
+def apply_if_finite(model, apply_gradients, grads_and_vars, loss=None, saved=None):
     """``apply_gradients(grads_and_vars)`` when ``loss`` and the gradients are
     finite; otherwise restore ``saved`` (from :func:`snapshot`) and count the
-    step (see the module docstring). Returns the boolean "applied" tensor.
-
-    On one device, with the optimizer built (``optimizer``, else the one
-    ``apply_gradients`` belongs to, else ``model.optimizer``), the update is
-    applied and then undone by a select wherever the step was not finite
-    (no ``tf.cond``); otherwise the update runs inside a ``tf.cond``."""
+    step (see the module docstring). Returns the boolean "applied" tensor."""
     state = attach(model)
     grads_and_vars = list(grads_and_vars)
     grads = [g for g, _ in grads_and_vars]
@@ -261,11 +214,6 @@ def apply_if_finite(model, apply_gradients, grads_and_vars, loss=None, saved=Non
     saved = list(saved or [])
     restored = [v for v, _ in saved]
     values = [value for _, value in saved]
-    strategy = tf.distribute.get_strategy()
-    found = _optimizer_of(model, apply_gradients, optimizer)
-    if found is not None and not tf.distribute.has_strategy() and strategy.num_replicas_in_sync == 1:
-        _apply_and_select(state, apply_gradients, grads_and_vars, ok, found, saved)
-        return _assert_streak(state, ok)
 
     def apply(grads):
         apply_gradients(list(zip(grads, variables)))
@@ -279,6 +227,7 @@ def apply_if_finite(model, apply_gradients, grads_and_vars, loss=None, saved=Non
         state["total"].assign_add(1)
         return tf.constant(False)
 
+    strategy = tf.distribute.get_strategy()
     context = tf.distribute.get_replica_context()
     if (
         strategy.num_replicas_in_sync > 1
@@ -300,10 +249,6 @@ def apply_if_finite(model, apply_gradients, grads_and_vars, loss=None, saved=Non
         context.merge_call(cross_replica, args=(ok, grads, values))
     else:
         tf.cond(ok, lambda: apply(grads), lambda: skip(values))
-    return _assert_streak(state, ok)
-
-
-def _assert_streak(state, ok):
     patience = int(state.get("patience", PATIENCE))
     tf.debugging.Assert(
         tf.less(state["streak"].read_value(), patience), [MESSAGE.format(n=patience)], summarize=1
