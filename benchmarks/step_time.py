@@ -6,7 +6,9 @@ tfdq version with U3 weights and activations (with and without the guard
 that skips non-finite steps, ``tfdq.nonfinite``; and under the paper's
 memory budget, 70 kB of weights and 8 kB largest activation with automatic
 multipliers: the budget's loss term, multiplier step, size logs and
-gradient clip all in the step): with tfdq's fused quantizer
+gradient clip all in the step; and that budgeted step with the guard's
+``tf.cond`` lowered into switch/merge ops, ``tfdq_u3_budget_lowered_guard``,
+TensorFlow's default that tfdq turns off): with tfdq's fused quantizer
 kernels (the default: the uniform quantizer's forward and backward pass are
 one multi-threaded loop each, ``tfdq.kernels``), with the XLA-compiled
 quantizer passes instead (``TFDQ_CUSTOM_KERNELS=0``), with plain TensorFlow
@@ -52,6 +54,7 @@ def measure(rounds=5, steps=5, batch_size=128, only=None):
     import numpy as np  # noqa: PLC0415
 
     import tfdq  # noqa: PLC0415
+    from tfdq import nonfinite  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, 32, 32, 3)).astype("float32")
@@ -86,6 +89,22 @@ def measure(rounds=5, steps=5, batch_size=128, only=None):
         activation="max",
     )
     add("tfdq_u3_budget", budgeted, False)
+    # the same budgeted step with the guard's tf.cond lowered into switch/merge
+    # ops (TensorFlow's default inside a tf.function; tfdq keeps it an If op)
+    nonfinite.LOWER_COND = True
+    try:
+        add(
+            "tfdq_u3_budget_lowered_guard",
+            tfdq.constrain(
+                tfdq.quantize_model(float_model, calibration_data=x[:32]),
+                weight_kb=70.0,
+                activation_kb=8.0,
+                activation="max",
+            ),
+            False,
+        )
+    finally:
+        nonfinite.LOWER_COND = False
     with tfdq.config.settings(nonfinite_guard=False):  # the same step without the non-finite-step guard
         add("tfdq_u3_unguarded", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
     with tfdq.config.settings(custom_kernels=False):
@@ -110,6 +129,7 @@ def measure(rounds=5, steps=5, batch_size=128, only=None):
         ("tfdq_u3", "float"),
         ("tfdq_u3_budget", "float"),
         ("tfdq_u3_budget", "tfdq_u3"),
+        ("tfdq_u3_budget", "tfdq_u3_budget_lowered_guard"),
         ("tfdq_u3", "tfdq_u3_unguarded"),
         ("tfdq_u3_xla_quantizers", "float"),
         ("tfdq_u3_plain_ops", "float"),

@@ -359,6 +359,40 @@ def test_fit_ends_with_every_constraint_met_and_the_slack_used(
             assert 0.95 * a_kb <= float(sizes["activation_kb"]) <= a_kb
 
 
+def test_final_phase_of_a_training_split_over_several_fits():
+    """start_epoch / total_epochs (a resumed run): a fit that ends before the
+    final phase fixes nothing; the fit that runs it fixes the allocation at
+    its first final-phase epoch and keeps it while the weights train."""
+    m, x, y = _digits_model(1)
+    q = tfdq.quantize_model(m, calibration_data=x[:256])
+    n_w, _ = _counts(q)
+    q = tfdq.constrain(q, weight_kb=n_w * 2.5 / 8192)
+    q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    finisher = tfdq.callbacks.FinishInsideBudget(start_epoch=2, total_epochs=3, verbose=0)
+    q.fit(x, y, batch_size=128, epochs=2, callbacks=[finisher], verbose=0)  # epochs 0, 1
+    assert finisher.changes is None and not finisher.fixed_at_end and not q.quantizers_frozen
+
+    params = {}
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):  # after the finisher's (it comes first)
+            params["begin"] = [v.numpy().copy() for qq in q.quantizers() for v in qq.trainable_weights]
+            params["frozen"] = q.quantizers_frozen
+
+        def on_epoch_end(self, epoch, logs=None):
+            params["end"] = [v.numpy().copy() for qq in q.quantizers() for v in qq.trainable_weights]
+
+    kernel = q.quantizers()[0]
+    q.fit(x, y, batch_size=128, initial_epoch=2, epochs=3, callbacks=[finisher, Record()], verbose=0)
+    assert finisher.changes is not None and not finisher.fixed_at_end and params["frozen"]
+    for a, b in zip(params["begin"], params["end"]):  # the allocation stayed while the weights trained
+        np.testing.assert_array_equal(a, b)
+    assert all(q.memory_budget.satisfied(q).values()) and not q.quantizers_frozen
+    assert kernel.trainable_weights  # released for a later fit
+    with pytest.raises(ValueError, match="together"):
+        tfdq.callbacks.FinishInsideBudget(start_epoch=2)
+
+
 def _bits_for(n, signed):
     """Bits a signed / unsigned integer range [-n, n] / [0, n] needs."""
     return max(1, math.ceil(math.log2(n + 1)) + (1 if signed else 0))

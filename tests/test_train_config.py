@@ -122,6 +122,52 @@ def test_recipes_fill_the_paper_schedule_for_cifar10():
     assert cfg.resolve({"dataset": "imagenet2012"})["model"] == "resnet18"
 
 
+def test_memory_weights_learned_by_default_on_mnist_fixed_lambda_as_the_paper():
+    """The mnist recipe learns the constraints' multipliers and ends with a final phase
+    (so its final model meets both targets); the paper's fixed-lambda penalty is
+    --multipliers=fixed (or --lam alone), the cifar10 and imagenet2012 recipes' choice."""
+    c = cfg.resolve({"model_dir": "x"})
+    assert (c["multipliers"], c["lam"], c["finish_epochs"]) == ("auto", None, 2)  # 20% of 10 epochs
+    assert cfg.resolve({"quant_epochs": 1})["finish_epochs"] == 0  # fixed after the epoch
+    assert cfg.resolve({"quant_epochs": 3})["finish_epochs"] == 1
+    f = cfg.resolve({"multipliers": "fixed"})
+    assert (f["multipliers"], f["lam"], f["finish_epochs"]) == ("fixed", 1.0, 0)  # the recipe's lambda
+    g = cfg.resolve({"lam": 2.0})
+    assert (g["multipliers"], g["lam"], g["finish_epochs"]) == ("fixed", 2.0, 0)
+    h = cfg.resolve({"multipliers": "fixed", "finish_epochs": 3})
+    assert h["finish_epochs"] == 3
+    r = cfg.resolve({"dataset": "cifar10"})
+    assert (r["multipliers"], r["lam"], r["finish_epochs"]) == ("fixed", 0.1, 0)
+    assert cfg.resolve({"dataset": "cifar10", "multipliers": "auto"})["finish_epochs"] == 32
+    with pytest.raises(cfg.ConfigError, match="--multipliers=fixed"):
+        cfg.resolve({"multipliers": "auto", "lam": 1.0})
+    for bad, word in (({"multipliers": "pid"}, "--multipliers"), ({"finish_epochs": 11}, "--finish_epochs")):
+        with pytest.raises(cfg.ConfigError, match=word):
+            cfg.validate(cfg.resolve(dict({"model_dir": "x"}, **bad)))
+
+
+def test_the_quant_stage_constrains_as_the_flags_say():
+    """--multipliers=auto: tfdq.constrain's learned multipliers; fixed: the paper's penalty
+    with --lam; the final phase as a FinishInsideBudget over the stage's absolute epochs."""
+    import keras  # noqa: PLC0415
+
+    from tfdq.train import models as models_lib  # noqa: PLC0415
+
+    float_model = models_lib.build("small_cnn", (28, 28, 1), 10)
+    auto = train_lib.quantize(cfg.resolve({"model_dir": "x"}), float_model, None)
+    b = auto.memory_budget
+    assert (b.multipliers, b.weight_kb, b.activation_kb, b.activation) == ("auto", 8.0, 4.6, "max")
+    fixed = train_lib.quantize(cfg.resolve({"model_dir": "x", "lam": 2.0}), float_model, None)
+    b = fixed.memory_budget
+    assert (b.multipliers, b.weight_lambda, b.activation_lambda, b.finish) == ("fixed", 2.0, 2.0, None)
+    finisher = train_lib.final_phase_callback(cfg.resolve({"model_dir": "x"}), 10, None, 0)
+    assert (finisher.first_final_epoch, finisher.total_epochs) == (8, 10)
+    at_end = train_lib.final_phase_callback(cfg.resolve({"quant_epochs": 1}), 1, None, 0)
+    assert (at_end.first_final_epoch, at_end.total_epochs) == (1, 1)
+    assert train_lib.final_phase_callback(cfg.resolve({"lam": 1.0}), 10, None, 0) is None
+    keras.backend.clear_session()
+
+
 def test_lr_schedule_divides_by_ten_at_the_boundaries():
     c = cfg.resolve({"dataset": "cifar10", "model_dir": "x"})
     opt = train_lib.make_optimizer(c, 0.1, 160, 10)

@@ -68,6 +68,14 @@ def test_mnist_default_shortened_end_to_end(tmp_path):
     assert s["target_weight_kb"] == 8.0 and s["target_activation_kb"] == 4.6  # the MNIST recipe
     assert set(s["constraints_met"]) == {"weight", "activation"}
     assert 2.0 <= s["mean_weight_bits"] <= 8.0 and s["weight_kb"] < s["float_weight_kb"]
+    # learned multipliers and a final phase (the second epoch): the final model meets both
+    # targets by itself, with the slack used
+    with open(model_dir / "quant" / "result.json") as f:
+        qr = json.load(f)
+    assert qr["final_feasible"] is True and s["quant_final_feasible"] is True
+    assert set(qr["final_sizes"]) == {"weight", "activation"}
+    for c in qr["final_sizes"].values():
+        assert 0.9 <= c["ratio"] <= 1.0 and c["size_kb"] <= c["target_kb"], qr["final_sizes"]
 
     # outputs of each stage
     for stage in ("float", "quant"):
@@ -129,6 +137,12 @@ def test_mnist_default_full_recipe_meets_budget_with_high_accuracy(tmp_path):
         s = json.load(f)
     assert s["float_accuracy"] > 0.94
     assert all(s["constraints_met"].values()), s["constraints_met"]
+    # the final model meets both targets by itself (learned multipliers, final phase) at 95-100%
+    with open(tmp_path / "m" / "quant" / "result.json") as f:
+        qr = json.load(f)
+    assert qr["final_feasible"] is True and qr["final_val_accuracy"] > 0.93
+    for c in qr["final_sizes"].values():
+        assert 0.95 <= c["ratio"] <= 1.0, qr["final_sizes"]
     assert s["quant_accuracy"] > 0.93
     if s.get("tflite_accuracy") is not None:
         assert s["tflite_accuracy"] > 0.92

@@ -184,20 +184,53 @@ class FinishInsideBudget(keras.callbacks.Callback):
             allocation is fixed, e.g. a BatchNorm statistics re-estimation
             on training data (bit changes shift the activations).
         verbose: print what was done.
+        start_epoch, total_epochs: for one training split over several
+            ``fit`` calls (a run resumed from a checkpoint, or an epoch
+            finished on its own): the final phase is epochs ``start_epoch``
+            to ``total_epochs - 1`` (0-based, as ``fit``'s ``initial_epoch``
+            counts them) whatever each ``fit``'s ``initial_epoch`` and
+            ``epochs``; the allocation is fixed at the start of every ``fit``
+            that runs a final-phase epoch (again after a resumption: a fixed
+            allocation stays as it is), and the end-of-training fix applies
+            only to the ``fit`` that reaches ``total_epochs``. Give both;
+            ``start_epoch == total_epochs`` fixes the allocation at the end
+            only.
     """
 
-    def __init__(self, epochs=None, fraction=0.2, reestimate_batchnorm=None, verbose=1):
+    def __init__(
+        self,
+        epochs=None,
+        fraction=0.2,
+        reestimate_batchnorm=None,
+        verbose=1,
+        start_epoch=None,
+        total_epochs=None,
+    ):
         super().__init__()
         if epochs is not None and epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}.")
         if not 0 < fraction < 1:
             raise ValueError(f"fraction must lie in (0, 1), got {fraction}.")
+        if (start_epoch is None) != (total_epochs is None):
+            raise ValueError(
+                "Give start_epoch and total_epochs together (the final phase of a training split "
+                "over several fit calls), or neither."
+            )
+        if start_epoch is not None and not 0 <= start_epoch <= total_epochs:
+            raise ValueError(
+                f"Need 0 <= start_epoch <= total_epochs, got start_epoch={start_epoch}, "
+                f"total_epochs={total_epochs}."
+            )
         self.epochs = epochs
         self.fraction = fraction
         self.reestimate_batchnorm = reestimate_batchnorm
         self.verbose = verbose
+        self.first_final_epoch = start_epoch
+        self.total_epochs = total_epochs
         self.start_epoch = None
         self.changes = None
+        self.fixed_at_end = False
+        self._end = None
 
     def on_train_begin(self, logs=None):
         if getattr(self.model, "memory_budget", None) is None:
@@ -205,8 +238,11 @@ class FinishInsideBudget(keras.callbacks.Callback):
                 "FinishInsideBudget needs a model with a memory budget: "
                 "call tfdq.constrain(model, weight_kb=..., ...) first."
             )
-        self.start_epoch = None  # set at the first epoch (fit may start at initial_epoch)
+        # given, or set at the first epoch (fit may start at initial_epoch)
+        self.start_epoch = self.first_final_epoch
         self.changes = None
+        self.fixed_at_end = False
+        self._end = None
 
     def _fix_allocation(self):
         from tfdq import constraints  # noqa: PLC0415
@@ -228,16 +264,22 @@ class FinishInsideBudget(keras.callbacks.Callback):
             print(f"\nEpoch {epoch + 1}: final phase: allocation fixed inside the budget, weights adapting")
         self._fix_allocation()
         self.model.quantizers_frozen = True
-        self.model.make_train_function(force=True)
+        if getattr(self.model, "compiled", False):  # fit's step; a custom loop retraces its own
+            self.model.make_train_function(force=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._end = epoch + 1
 
     def on_train_end(self, logs=None):
         budget = self.model.memory_budget
-        if self.changes is None or not all(budget.satisfied(self.model).values()):
+        ended = self.total_epochs is None or (self._end is not None and self._end >= self.total_epochs)
+        if ended and (self.changes is None or not all(budget.satisfied(self.model).values())):
             # no final phase ran (a one-epoch fit, or training stopped early): fix the
             # allocation now, inside the budget and with its slack used
             if self.verbose:
                 print("tfdq: fixing the allocation inside the budget at the end of training")
             self._fix_allocation()
+            self.fixed_at_end = True
         if self.model.quantizers_frozen:
             self.model.quantizers_frozen = False
             self.model.train_function = None

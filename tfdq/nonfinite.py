@@ -24,10 +24,12 @@ model that hold NaN or infinity (checkpoints and exports refuse them).
 """
 
 import contextlib
+import os
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
 
 from tfdq import _compat, config
 
@@ -196,6 +198,23 @@ def _finite(loss, grads):
     return ok
 
 
+# Lower the guard's cond into switch/merge ops (TensorFlow's default inside a
+# tf.function) or keep it an If op that calls its branch as a function.
+LOWER_COND = os.environ.get("TFDQ_LOWER_GUARD_COND", "0") == "1"
+
+
+def _as_function_call(output):
+    """Keep the ``tf.cond`` that produced ``output`` an ``If`` op run as a
+    function call (see :data:`LOWER_COND`)."""
+    if LOWER_COND or tf.executing_eagerly() or not hasattr(output, "op"):
+        return
+    op, seen = output.op, 0
+    while op.type not in ("If", "StatelessIf") and op.inputs and seen < 4:
+        op, seen = op.inputs[0].op, seen + 1
+    if op.type in ("If", "StatelessIf"):
+        op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+
+
 def active_step(model):
     """The state of the :func:`guarding` step being traced, or None."""
     state = getattr(model, _ATTR, None)
@@ -248,7 +267,7 @@ def apply_if_finite(model, apply_gradients, grads_and_vars, loss=None, saved=Non
 
         context.merge_call(cross_replica, args=(ok, grads, values))
     else:
-        tf.cond(ok, lambda: apply(grads), lambda: skip(values))
+        _as_function_call(tf.cond(ok, lambda: apply(grads), lambda: skip(values)))
     patience = int(state.get("patience", PATIENCE))
     tf.debugging.Assert(
         tf.less(state["streak"].read_value(), patience), [MESSAGE.format(n=patience)], summarize=1

@@ -115,7 +115,27 @@ FIELDS = {
     "target_weight_kb": (None, "Weight memory target in kB, constraint (8a); 0: none."),
     "target_activation_kb": (None, "Activation memory target in kB, constraint (8b) or (8c); 0: none."),
     "activation_constraint": (None, "max (largest feature map, 8c) or sum (all feature maps, 8b)."),
-    "lam": (None, "Penalty weight lambda of the memory constraints."),
+    "multipliers": (
+        None,
+        "How the memory constraints are weighted: auto (learned Lagrange multipliers: only the targets "
+        "are given; the mnist recipe) or fixed (the paper's fixed-lambda penalty lambda max(0, size - "
+        "target)^2 with --lam; the cifar10 and imagenet2012 recipes, which reproduce the paper). "
+        "Giving --lam alone selects fixed.",
+    ),
+    "lam": (
+        None,
+        "Fixed penalty weight lambda of the paper's penalty (--multipliers=fixed; the recipe's, else "
+        "0.1 (1048 kB / float weight kB)^2, the paper's ImageNet rule).",
+    ),
+    "finish_epochs": (
+        None,
+        "Epochs at the end of the quant stage in the final phase: the allocation fixed inside every "
+        "memory target with its slack used, the weights adapting, so the final model meets every "
+        "constraint. With --multipliers=auto the final model always meets them: 0 fixes the "
+        "allocation after the last epoch (no epochs to adapt the weights). Default: 20% of "
+        "--quant_epochs (at least 1; 0 for a 1-epoch stage) with --multipliers=auto, 0 (none: the "
+        "paper's recipe, which keeps the best epoch that meets them) with fixed.",
+    ),
     "calibration_examples": (512, "Training images used to initialize the activation quantizers."),
     # export
     "export_examples": (1000, "Held-out examples used to verify the TFLite model (0: all)."),
@@ -176,6 +196,8 @@ TYPES = {
     "target_activation_kb": float,
     "activation_constraint": str,
     "lam": float,
+    "multipliers": str,
+    "finish_epochs": int,
     "worker_hosts": str,
 }
 # Keys that may change between a run and its resumption.
@@ -197,7 +219,10 @@ RECIPES = {
     # Fast default (about 2 minutes on 2 CPU cores): Adam, lr / 10 after 60%
     # of each stage; budgets of 8 kB of weights (2.2 bits on average, float
     # 116 kB) and 4.6 kB for the largest feature map (relu1 at 3 bits), both
-    # well under the 4-bit start (14.5 kB, 6.1 kB).
+    # well under the 4-bit start (14.5 kB, 6.1 kB); learned multipliers and
+    # a final phase of 2 of the 10 quantized epochs (tfdq.constrain's
+    # default), so the final model meets both targets with their slack used
+    # (lam: the fixed penalty weight that --multipliers=fixed uses).
     "mnist": dict(
         batch_size=64,
         float_epochs=8,
@@ -207,6 +232,7 @@ RECIPES = {
         quant_lr=1e-3,
         weight_decay=0.0,
         lr_decay_at="0.6",
+        multipliers="auto",
         lam=1.0,
         target_weight_kb=8.0,
         target_activation_kb=4.6,
@@ -233,6 +259,7 @@ RECIPES = {
         quant_lr=0.01,
         weight_decay=2e-4,
         lr_decay_at="0.5,0.75",
+        multipliers="fixed",
         lam=0.1,
         target_weight_kb=0.0,
         target_activation_kb=0.0,
@@ -257,6 +284,7 @@ RECIPES = {
         quant_lr=0.01,
         weight_decay=1e-4,
         lr_decay_at="0.3333,0.6667,0.8889",
+        multipliers="fixed",
         lam=None,
         target_weight_kb=0.0,
         target_activation_kb=0.0,
@@ -343,9 +371,25 @@ def resolve(values):
         config["model"] = models_lib.DEFAULT_MODEL[dataset]
     given = {k for k, v in values.items() if v is not None}
     recipe = dict(RECIPES[dataset], **MODEL_RECIPES.get((dataset, config["model"]), {}))
+    if "lam" in given and "multipliers" not in given:
+        recipe["multipliers"] = (
+            "fixed"  # a penalty weight given: the paper's fixed penalty, as tfdq.constrain
+        )
     for key, value in recipe.items():
         if key not in given:
             config[key] = value
+    if config["multipliers"] == "auto":
+        if "lam" in given:
+            raise ConfigError(
+                f"--lam={config['lam']} is the weight of the paper's fixed penalty, but "
+                "--multipliers=auto learns the weights: drop --lam, or use --multipliers=fixed."
+            )
+        config["lam"] = None  # not used: the multipliers are learned
+    if config["finish_epochs"] is None and config["multipliers"] in ("auto", "fixed"):
+        epochs = int(config["quant_epochs"] or 0)
+        config["finish_epochs"] = (
+            max(1, round(0.2 * epochs)) if config["multipliers"] == "auto" and epochs >= 2 else 0
+        )
     if config["image_size"] is None:
         config["image_size"] = data_lib.DEFAULT_IMAGE_SIZE[dataset]
     for key in ("weight_quantizer", "activation_quantizer"):
@@ -487,6 +531,16 @@ def validate(config):
                     f"--{key}={config[key]} (its bitwidth is fixed). Use a learned "
                     "parametrization such as U3, or drop the target."
                 )
+    if config["multipliers"] not in ("auto", "fixed"):
+        raise ConfigError(
+            f"Unknown --multipliers={config['multipliers']!r}; choose auto (learned multipliers: give "
+            "only the targets) or fixed (the paper's fixed-lambda penalty, --lam)."
+        )
+    if not 0 <= int(config["finish_epochs"]) <= int(config["quant_epochs"]):
+        raise ConfigError(
+            f"--finish_epochs={config['finish_epochs']}: use 0 (no final phase) to --quant_epochs "
+            f"({config['quant_epochs']})."
+        )
     if config["lam"] is not None and not config["lam"] > 0:
         raise ConfigError(f"--lam must be positive, got {config['lam']}.")
     if config["strategy"] == "multi_worker" and not (

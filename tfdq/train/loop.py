@@ -48,10 +48,16 @@ def replica_step(model, optimizer, loss_fn, x, y, global_batch_size):
         if extra:
             loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(e, loss.dtype) for e in extra]))
     variables = model.trainable_variables
+    if getattr(model, "quantizers_frozen", False):
+        # the final phase of a budget: the allocation stays, the weights adapt
+        frozen = {id(v) for q in model.quantizers() for v in q.trainable_weights}
+        variables = [v for v in variables if id(v) not in frozen]
     grads = tape.gradient(loss, variables)
     if hasattr(model, "clip_quantizer_gradients"):
         grads = model.clip_quantizer_gradients(grads, variables)
     applied = nonfinite.apply_if_finite(model, optimizer.apply_gradients, zip(grads, variables), loss, saved)
+    if hasattr(model, "update_memory_multipliers"):
+        model.update_memory_multipliers()  # learned multipliers: one controller step (none while frozen)
     correct = tf.reduce_sum(
         tf.cast(
             tf.equal(tf.cast(tf.argmax(logits, -1), tf.int64), tf.cast(tf.reshape(y, [-1]), tf.int64)),
@@ -73,6 +79,7 @@ class CustomLoop:
         self.global_batch_size = int(global_batch_size)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
         self._train_step = None
+        self._traced_frozen = None  # the quantizers' frozen state the step was traced with
         self._eval_step = None
         with strategy.scope():
             self._guard = nonfinite.attach(model)
@@ -125,8 +132,6 @@ class CustomLoop:
         ``train``: the global-batch data set, or a function ``input_context ->
         data set`` of this worker's per-replica batches
         (``strategy.distribute_datasets_from_function``)."""
-        if self._train_step is None:
-            self._train_step = self._make_train_step()
         if getattr(self.model, "optimizer", None) is None:
             self.model.optimizer = self.optimizer  # read by TensorBoard and checkpoints
         history = keras.callbacks.History()
@@ -146,6 +151,9 @@ class CustomLoop:
         logs = {}
         for epoch in range(initial_epoch, epochs):
             cbl.on_epoch_begin(epoch)
+            frozen = bool(getattr(self.model, "quantizers_frozen", False))
+            if frozen != self._traced_frozen:  # the final phase trains fewer variables: trace again
+                self._train_step, self._traced_frozen = self._make_train_step(), frozen
             total = np.zeros(3)
             for step in range(steps_per_epoch):
                 cbl.on_train_batch_begin(step)

@@ -152,17 +152,45 @@ def quantize(config, float_model, calibration):
     weight_kb = config["target_weight_kb"] or None
     act_kb = config["target_activation_kb"] or None
     if weight_kb or act_kb:
-        lam = config["lam"]
-        if lam is None:  # the paper's ImageNet rule: 0.1 scaled by the squared model-size ratio
-            lam = tfdq.constraints.auto_lambda(float_weight_kb(float_model), reference_kb=1048.0)
+        if config["multipliers"] == "auto":  # learned multipliers: the targets only
+            weights = dict(multipliers="auto")  # the stage schedules the final phase (final_phase_callback)
+        else:  # the paper's fixed-lambda penalty
+            lam = config["lam"]
+            if lam is None:  # the paper's ImageNet rule: 0.1 scaled by the squared model-size ratio
+                lam = tfdq.constraints.auto_lambda(float_weight_kb(float_model), reference_kb=1048.0)
+            weights = dict(multipliers="fixed", lam=lam)
         qmodel = tfdq.constrain(
             qmodel,
             weight_kb=weight_kb,
             activation_kb=act_kb,
             activation=config["activation_constraint"],
-            lam=lam,
+            **weights,
         )
     return qmodel
+
+
+def final_phase_callback(config, epochs, reestimate_batchnorm, verbose):
+    """The quant stage's :class:`tfdq.callbacks.FinishInsideBudget`, or None.
+
+    The last ``--finish_epochs`` of the stage's ``epochs`` fix the allocation
+    inside every memory target (slack used) and train the weights only;
+    with learned multipliers and no final-phase epochs the allocation is
+    fixed after the last epoch. Absolute epochs, so that a resumed stage
+    (several ``fit`` calls) has the same final phase as an uninterrupted one.
+    """
+    import tfdq  # noqa: PLC0415
+
+    n = int(config["finish_epochs"] or 0)
+    if not (config["target_weight_kb"] or config["target_activation_kb"]):
+        return None
+    if n == 0 and config["multipliers"] != "auto":
+        return None  # the paper's recipe: the best epoch that meets the budget is kept
+    return tfdq.callbacks.FinishInsideBudget(
+        start_epoch=epochs - n,
+        total_epochs=epochs,
+        reestimate_batchnorm=reestimate_batchnorm,
+        verbose=verbose,
+    )
 
 
 def clone_into_scope(model):
@@ -369,6 +397,15 @@ class Run:
                     data.train_from(0), max_samples=min(2048, steps * config["batch_size"])
                 ),
             )
+        finisher = None
+        if quantized:
+            # the final phase (the allocation fixed inside the budget, the weights adapting),
+            # first, so that the BatchNorm re-estimation follows the final allocation
+            finisher = final_phase_callback(
+                config, epochs, callbacks[0].mark_stale, verbose=int(config["verbose"] != 0)
+            )
+            if finisher is not None:
+                callbacks.insert(0, finisher)
         # the paper's selection rule (tfdq/train/selection.py), float and quantized
         best = selection.BestCheckpoint(
             os.path.join(stage_dir, "best_feasible.keras" if quantized else "best.keras"),
@@ -439,11 +476,21 @@ class Run:
                 verbose=verbose,
             )
 
+        budget = getattr(model, "memory_budget", None)
+        if finisher is not None and not all(budget.satisfied(model).values()):
+            # resumed after the last epoch's checkpoint but before the end-of-training fix
+            self.print(f"[{stage}] fixing the allocation inside the budget (end of training)")
+            tfdq.constraints.enforce_budget(model, fill=True)
+            finisher.fixed_at_end = True
         final = os.path.join(stage_dir, "final.keras")
         tfdq.callbacks.atomic_save(model, final)
         history = state.get("history", [])
         last = history[-1] if history else {}
-        if last.get("epoch") == epochs and "val_accuracy" in last:
+        if (
+            last.get("epoch") == epochs
+            and "val_accuracy" in last
+            and not (finisher and finisher.fixed_at_end)
+        ):
             # validation ran on these very weights at the end of the last epoch
             val = {"accuracy": last["val_accuracy"], "loss": last.get("val_loss")}
         else:
@@ -459,13 +506,18 @@ class Run:
             "seconds": time.time() - start,
         }
         # both numbers, labelled: the paper's rule and the final model
-        budget = getattr(model, "memory_budget", None)
         final_feasible = budget is None or all(budget.satisfied(model).values())
         result.update(
             selection=config["selection"],
             paper_rule=selection.describe(config["select_every_steps"]),
             final_feasible=bool(final_feasible),
         )
+        if budget is not None:  # the final model's sizes against the targets (kB)
+            sizes = budget.sizes(model)
+            result["final_sizes"] = {
+                k: {"target_kb": t, "size_kb": float(sizes[f"{k}_kb"]), "ratio": float(sizes[f"{k}_kb"]) / t}
+                for k, t in budget.targets().items()
+            }
         have_best = best.best is not None and os.path.exists(best.filepath)
         if have_best:
             result.update(
