@@ -104,6 +104,8 @@ def clamps_as_requantize(tflite_bytes):
             found = [i for i, c in enumerate(codes) if c == schema.BuiltinOperator.QUANTIZE]
             if found:
                 quantize_index = found[0]
+                code = model.operatorCodes[quantize_index]
+                code.version = max(int(code.version), 2)  # int8 -> int8 requantization
             else:
                 code = schema.OperatorCodeT()
                 code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
