@@ -98,7 +98,7 @@ def train(name, seed, epochs=None):
     model.fit(x, y, batch_size=64, epochs=float_epochs, verbose=0)
     tfdq.recalibrate_batchnorm(model, x)
     float_acc = float(np.mean(np.argmax(model.predict(test[0], verbose=0), -1) == test[1]))
-    qmodel = tfdq.quantize_model(model, calibration_data=x[:512])
+    qmodel = tfdq.quantize_model(model, calibration_data=x[:512], quantize_output=True)
     qmodel.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
     history = qmodel.fit(x, y, batch_size=64, epochs=quant_epochs, verbose=0)
     return qmodel, (x, y), test, float_acc, history.history

@@ -168,7 +168,7 @@ def test_small_cnn_with_batchnorm_exports_learned_integers_and_folded_scales():
     model = tfdq.models.small_cnn()
     _randomize_batchnorm(model, rng)
     x = rng.uniform(0, 1, (64, 28, 28, 1)).astype("float32")
-    qmodel = tfdq.quantize_model(model, calibration_data=x)
+    qmodel = tfdq.quantize_model(model, calibration_data=x, quantize_output=True)
     bits = _set_bits(qmodel, [3, 6, 4, 8])
     tflite, export_report = E.to_tflite(qmodel, x, storage="smallest", return_report=True)
     report = E.verify(qmodel, tflite, x[:32], export_report=export_report)
@@ -544,7 +544,9 @@ def test_missing_calibration_data_names_the_tensors():
     with pytest.raises(E.ExportError, match="output_0.*calibration_data"):
         E.to_tflite(qmodel)
     # with the default output quantizer every tensor is on a learned grid: no data needed
-    tflite, report = E.to_tflite(tfdq.quantize_model(tfdq.models.small_cnn()), return_report=True)
+    tflite, report = E.to_tflite(
+        tfdq.quantize_model(tfdq.models.small_cnn(), quantize_output=True), return_report=True
+    )
     assert report["calibrated"] == [] and E.inspect_tflite(tflite)["ops"]
 
 

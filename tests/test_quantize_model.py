@@ -31,7 +31,7 @@ def _mlp():
 def test_dense_model_matches_hand_written_quantized_computation():
     model = _mlp()
     x = np.random.default_rng(0).uniform(0, 2, size=(7, 6)).astype(np.float32)
-    q = tfdq.quantize_model(model, calibration_data=x)
+    q = tfdq.quantize_model(model, calibration_data=x, quantize_output=True)
     aqs = {l.name: l for l in qlayers.activation_quantizer_layers(q)}
     assert sorted(aqs) == ["fc1_aq", "fc2_aq", "x_aq"]
     assert not aqs["x_aq"].signed and not aqs["fc1_aq"].signed  # non-negative input, ReLU

@@ -483,7 +483,7 @@ def quantize_model(
     quantize_input: bool = True,
     init: str = "float",
     activation_init: str | None = None,
-    quantize_output: bool = True,
+    quantize_output: bool = False,
 ) -> QuantizedModel | tuple[QuantizedModel, QuantizationReport]:
     """Clone ``model`` into a learned-quantization model.
 
@@ -542,14 +542,15 @@ def quantize_model(
             ``init="float"``, else ``"default"``.
         quantize_output: put an uncounted 8-bit quantizer on each model output
             that is not already on a grid TFLite fixes (softmax and sigmoid
-            outputs are), usually the logits (default True). The integer file
+            outputs are), usually the logits (default False for now;
+            recommended for export). The integer file
             stores its outputs as int8 in any case; with the quantizer the
             Keras model computes the same integers, so both break ties alike
             (two logits one step apart in float can be equal in the file) and
             ``verify`` compares like with like. It starts at 8 bits from the
             calibrated largest output (or the defaults) and is not charged to
-            any activation budget. ``False``: the file's output scale is
-            calibrated on data at export, as before.
+            any activation budget. ``False`` (default): the file's output scale
+            is calibrated on data at export.
 
     Returns:
         The quantized model, a :class:`tfdq.model.QuantizedModel` (a
@@ -875,7 +876,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         # outputs have no consumer in the graph: quantize them here
         new_outputs = [quantized_input(t) for t in clone.outputs]
         clone = keras.Model(
-            clone.inputs, tree.pack_sequence_as(clone._outputs_struct, new_outputs), name=clone.name
+            clone.input, tree.pack_sequence_as(clone._outputs_struct, new_outputs), name=clone.name
         )
 
     # 3. Copy float weights, initialize weight quantizers.
