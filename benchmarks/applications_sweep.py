@@ -109,7 +109,10 @@ def run_one(
 
     from benchmarks.common import set_threads  # noqa: PLC0415
 
-    set_threads(1)
+    try:
+        set_threads(1)
+    except RuntimeError:  # TensorFlow already started in this process (a test): keep its threads
+        pass
 
     import tfdq  # noqa: PLC0415
     from tfdq.export import inspect_tflite  # noqa: PLC0415
