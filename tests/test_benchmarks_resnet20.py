@@ -116,14 +116,64 @@ def test_resnet20_merge_of_per_seed_results(tiny_run):
     assert merged["summary"] == report["summary"] and merged["runs"] == report["runs"]
 
 
-def test_resnet20_table_from_the_report(tiny_run):
-    report, _ = tiny_run
-    (run,) = report["runs"]
+def _record(name, seed, err, weight_kb, met=None):
+    r = {
+        "name": name,
+        "seed": seed,
+        "error": err,
+        "weight_kb": weight_kb,
+        "mean_weight_bits": 8192 * weight_kb / 268058,
+    }
+    r.update(activation_kb_sum=92.0, activation_kb_max=8.0, diverged=False)
+    if met is not None:
+        r.update(targets={"weight_kb": 70.02, "activation_kb": 8.0}, constraints_met=met)
+    return r
+
+
+def test_resnet20_table_from_per_seed_records():
+    ok, over = {"weight": True, "activation": True}, {"weight": True, "activation": False}
+    errors = {"learned (8a)+(8c)": (0.02, 0.03, 0.025), "fixed 2/4": (0.04, 0.05, 0.09)}
+    records = [
+        _record("learned (8a)+(8c)", s, e, 69.9, ok if s else over)
+        for s, e in enumerate(errors["learned (8a)+(8c)"])
+    ]
+    records += [_record("fixed 2/4", s, e, 65.44) for s, e in enumerate(errors["fixed 2/4"])]
+    settings = {
+        "configurations": ["learned (8a)+(8c)", "fixed 2/4"],
+        "input_shape": [32, 32, 1],
+        "n_train": 4000,
+    }
+    settings.update(n_test=1000, seeds=[0, 1, 2], budget_weight_kb=70.02, budget_activation_kb_max=8.0)
+    sizes = {
+        "weight_kb": 1047.1,
+        "activation_kb_max": 64.0,
+        "activation_kb_sum": 736.0,
+        "mean_weight_bits": 32.0,
+    }
+    report = resnet20_mnist.build_payload(settings, sizes, [], records, 1.0)
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in resnet20_mnist.markdown_table(report).splitlines()[2:]
+    }
+    for name, errs in errors.items():
+        e = 100 * np.asarray(errs)
+        want = f"{e.mean():.2f} +- {e.std():.2f} [{e.min():.2f}, {e.max():.2f}]"
+        assert rows[name][1:3] == ["3", want]
+    assert rows["learned (8a)+(8c)"][3:] == ["69.90", "8.00", f"{8192 * 69.9 / 268058:.2f}", "2/3"]
+    assert rows["fixed 2/4"][-1] == "-" and "float" not in rows
     text = resnet20_mnist.format_report(report)
-    md = resnet20_mnist.markdown_table(report)
-    assert "learned seed 0: constraints met {'weight': True, 'activation': True}" in text
-    row = next(line for line in md.splitlines() if line.startswith("| learned (8a)+(8c)"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "1" and cells[-1] == "1/1"
-    assert cells[2].startswith(f"{100 * run['error']:.2f} +- 0.00")
-    assert cells[3] == f"{run['weight_kb']:.2f}" and cells[4] == f"{run['activation_kb_max']:.2f}"
+    assert "learned seed 0: constraints met {'weight': True, 'activation': False}" in text
+
+
+def test_resnet20_float_model_has_batchnorm_statistics_of_the_data():
+    # momentum 0.99 does not settle in a short run: train_float re-estimates them
+    import keras
+
+    data = mnist_runs.load_data(n_train=16, n_test=8, model="resnet20")
+    model, err, _ = mnist_runs.train_float(0, data, epochs=0, model="resnet20")
+    conv = keras.Model(model.input, model.get_layer("stem_conv").output)
+    z = np.asarray(conv(data[0][0]), np.float64).reshape(-1, 16)
+    bn = model.get_layer("stem_bn")
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), z.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), z.var(0), rtol=1e-3)
+    assert 0.0 <= err <= 1.0
