@@ -88,6 +88,7 @@ def tiny_run(tmp_path_factory):
     return report, out
 
 
+@pytest.mark.slow  # trains a budgeted ResNet-20 (minutes on 2 cores)
 def test_resnet20_learned_run_ends_inside_both_budgets(tiny_run):
     report, out = tiny_run
     with open(out / "r20.json") as f:
@@ -109,6 +110,7 @@ def test_resnet20_learned_run_ends_inside_both_budgets(tiny_run):
     assert 0.0 <= run["error"] <= 1.0
 
 
+@pytest.mark.slow  # trains a budgeted ResNet-20 (minutes on 2 cores)
 def test_resnet20_merge_of_per_seed_results(tiny_run):
     report, out = tiny_run
     merged = resnet20_mnist.merge(["r20"], out_dir=str(out), name="merged")
