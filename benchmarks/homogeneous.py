@@ -192,19 +192,8 @@ def run(
     counts = mnist_runs.feature_counts()
     data = mnist_runs.load_data(n_train or None)
     settings = {
-        "seeds": seeds,
-        "float_epochs": float_epochs,
-        "quant_epochs": quant_epochs,
-        "finish_epochs": finish_epochs,
-        "optimizer": "adam",
-        "quant_lr": mnist_runs.QUANT_LR,
-        "finish_lr": mnist_runs.FINISH_LR,
-        "float_lr": mnist_runs.FLOAT_LR,
-        "batch_size": mnist_runs.BATCH,
-        "n_train": len(data[0][0]),
-        "n_test": len(data[1][0]),
+        **mnist_runs.schedule_settings(seeds, float_epochs, quant_epochs, finish_epochs, data, counts),
         "weight_budget_margin": MARGIN,
-        "weight_count": sum(counts["weights"].values()),
         "counts": counts,
         "configurations": [c["name"] for c in todo],
     }

@@ -174,6 +174,24 @@ def random_model(seed, model="small_cnn"):
 # -- sizes --------------------------------------------------------------------
 
 
+def schedule_settings(seeds, float_epochs, quant_epochs, finish_epochs, data, counts):
+    """The settings every MNIST-subset run records: seeds, schedule, optimizer, data and weight count."""
+    return {
+        "seeds": seeds,
+        "float_epochs": float_epochs,
+        "quant_epochs": quant_epochs,
+        "finish_epochs": finish_epochs,
+        "optimizer": "adam",
+        "quant_lr": QUANT_LR,
+        "finish_lr": FINISH_LR,
+        "float_lr": FLOAT_LR,
+        "batch_size": BATCH,
+        "n_train": len(data[0][0]),
+        "n_test": len(data[1][0]),
+        "weight_count": sum(counts["weights"].values()),
+    }
+
+
 def feature_counts(model="small_cnn"):
     """Element counts of ``model`` (:func:`build_model`): weights per layer and
     the quantized feature maps (per sample, without the input image), as tfdq
