@@ -34,21 +34,26 @@ three modes:
   the export wrote a ``.tflite``;
 * ``--time``: the cost of one CIFAR-10 epoch of each run on this machine
   (batch 128, 391 steps, CIFAR-shaped generated inputs; 50,000 training and
-  10,000 held-out examples): each training stage runs twice, with
-  ``--steps_per_epoch`` of ``--small_steps`` and of ``--steps``; the
-  difference of the stage's own ``seconds`` (``result.json`` of the stage,
-  written by ``train/train.py``) divided by the difference in steps is the
-  cost of a step, the rest the fixed cost of the stage (building, tracing,
-  saving). The held-out pass over 10,000 examples that ends every epoch is
+  10,000 held-out examples, PNG-decoded per read as tfds reads CIFAR-10):
+  each training stage runs ``--steps`` steps with a callback that times
+  every step (wall and CPU seconds). The mean of steps 2.. is the cost of a
+  step; the stage's own ``seconds`` (``result.json`` of the stage, written
+  by ``tfdq/train/train.py``) minus those steps is its fixed cost (building,
+  tracing, saving); the step whose batch starts the second pass over the
+  50,000 examples (step 391) minus the median step is the pass-boundary
+  stall. The held-out pass over 10,000 examples that ends every epoch is
   timed separately (a timer around ``tfdq.train.train.evaluate``). From these:
   the one-epoch time (measured where ``--steps`` is 391, else extrapolated
   and labelled so) and the paper's full schedule (160 epochs each) in hours.
+  ``--before`` also times the float run with the input pipeline as it was
+  before issue 16 (no cache: every pass decodes every image again).
 
 Results (both modes) go to ``results/cifar10_recipes.json`` and the chart of
 the epoch times to ``results/cifar10_recipes.png``::
 
     python -m benchmarks.cifar10_recipes --print_commands
     python -m benchmarks.cifar10_recipes --mock --time     # --steps=391 (a full epoch)
+    python -m benchmarks.cifar10_recipes --time --before   # and the float run on the old pipeline
     python -m benchmarks.cifar10_recipes --quick           # smoke run of both modes (to a temp folder)
 
 ``--mock`` and ``--time`` may run in separate invocations: each replaces its
@@ -56,6 +61,7 @@ own section of the JSON (with its command and date) and keeps the other.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -131,17 +137,17 @@ CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 EPOCH_STEPS = -(-CIFAR10_TRAIN // 128)  # 391 steps of batch 128
 
 MOCK = {"steps": 3, "batch_size": 8, "num_examples": 48, "epochs": 1}
-TIME = {"steps": 391, "small_steps": 5, "batch_size": 128}
+TIME = {"steps": EPOCH_STEPS, "batch_size": 128}
 QUICK = {
     "mock": {"steps": 1, "batch_size": 4, "num_examples": 12, "epochs": 1},
     # the cheapest quantized run (fixed 2/4) stands for the three in the smoke timing
     "time": {
-        "steps": 2,
-        "small_steps": 1,
+        "steps": 5,  # a pass of 16 examples is 4 batches of 4: step 5 starts the second pass
         "batch_size": 4,
         "n_train": 16,
         "n_val": 8,
         "runs": ("float", "fixed24"),
+        "before": True,
     },
 }
 
@@ -186,7 +192,7 @@ def commands_text():
 # -- running the training script in-process -------------------------------------------
 
 
-def _train(values, echo):
+def _train(values, echo, callbacks=()):
     """``tfdq.train.train.run(values)``: (summary, wall seconds, CPU seconds of this process)."""
     import keras  # noqa: PLC0415
 
@@ -198,7 +204,7 @@ def _train(values, echo):
 
     keras.backend.clear_session()  # each run traces its own graphs; drop the previous run's
     start, cpu = time.perf_counter(), time.process_time()
-    summary = train_lib.run(values, print_fn=print_fn)
+    summary = train_lib.run(values, print_fn=print_fn, callbacks=callbacks)
     return summary, time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -354,20 +360,30 @@ def mock(steps=3, batch_size=8, num_examples=48, epochs=1, echo=False, work_dir=
 
 # -- timing -------------------------------------------------------------------------
 
+PNG_POOL = 1024  # distinct PNG-encoded images the timing mock cycles through
+
 
 @contextlib.contextmanager
-def cifar_shaped_mock(n_train=CIFAR10_TRAIN, n_val=CIFAR10_TEST):
-    """``tfds.testing.mock_data`` with CIFAR-10's split sizes and an in-graph generator.
+def cifar_shaped_mock(n_train=CIFAR10_TRAIN, n_val=CIFAR10_TEST, pool=PNG_POOL):
+    """``tfds.testing.mock_data`` with CIFAR-10's split sizes, read as tfds reads CIFAR-10.
 
-    The default mock builds every example in Python (about 0.3 ms each on
-    this machine, under the GIL: a 15 s stall per 50,000-example pass and a
-    share of the CPU the real pipeline does not spend); here the random
-    uint8 images and labels come from stateless TensorFlow ops, so the
-    timing sees the training script's own pipeline (shuffle, pad-crop-flip,
-    normalization, batching) and the model.
+    tensorflow-datasets stores CIFAR-10's images as PNGs and decodes them on
+    every read; so does this mock: ``pool`` random 32x32 images are
+    PNG-encoded once and served in turn, each decoded by
+    ``tf.io.decode_png`` inside the ``tf.data`` graph (the default mock
+    builds every example in Python instead, about 0.3 ms each under the GIL,
+    a cost the real pipeline does not have). The timing then sees what the
+    training script's own pipeline does with the data (decode, or cache;
+    shuffle, pad-crop-flip, normalization, batching), and the model.
     """
+    import numpy as np  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
     import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    pngs = tf.constant(
+        [tf.io.encode_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).numpy() for _ in range(pool)]
+    )
 
     def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False, **kwargs):
         del self, decoders, read_config, shuffle_files, kwargs
@@ -376,16 +392,83 @@ def cifar_shaped_mock(n_train=CIFAR10_TRAIN, n_val=CIFAR10_TEST):
         salt = tf.constant(1 if test else 0, tf.int64)
 
         def example(i):
-            seed = tf.stack([i, salt])
-            image = tf.random.stateless_uniform((32, 32, 3), seed, minval=0, maxval=256, dtype=tf.int32)
-            label = tf.random.stateless_uniform([], seed + 7, minval=0, maxval=10, dtype=tf.int64)
-            return {"image": tf.cast(image, tf.uint8), "label": label}
+            image = tf.io.decode_png(pngs[(i + salt * 7) % pool], channels=3)
+            label = tf.random.stateless_uniform([], tf.stack([i, salt]), minval=0, maxval=10, dtype=tf.int64)
+            return {"image": tf.ensure_shape(image, (32, 32, 3)), "label": label}
 
         ds = tf.data.Dataset.range(n).map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.apply(tf.data.experimental.assert_cardinality(n))
 
     with tfds.testing.mock_data(num_examples=n_train, as_dataset_fn=as_dataset):
         yield
+
+
+def step_timer():
+    """A Keras callback recording each training step's wall and CPU seconds
+    (from ``on_train_batch_begin`` to ``on_train_batch_end``: the step's
+    wait for its batch, the step itself and the other callbacks' batch work)."""
+    import keras  # noqa: PLC0415
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.wall, self.cpu = [], []
+            self._start = None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._start = (time.perf_counter(), time.process_time())
+
+        def on_train_batch_end(self, batch, logs=None):
+            wall, cpu = self._start
+            self.wall.append(time.perf_counter() - wall)
+            self.cpu.append(time.process_time() - cpu)
+
+    return StepTimer()
+
+
+def pass_boundary_steps(steps, batch_size, n_train):
+    """Indices (0-based) of the steps whose batch holds the first example of a
+    new pass over the ``n_train`` training examples (the stream is batched
+    across passes: batch 390 of 128 holds CIFAR-10's last 80 examples of a
+    pass and the first 48 of the next)."""
+    return [
+        k for k in range(1, steps) if ((k + 1) * batch_size - 1) // n_train > (k * batch_size - 1) // n_train
+    ]
+
+
+def step_statistics(wall, cpu, stage_seconds, boundary_steps):
+    """Per-step cost, fixed cost and pass-boundary stall from one stage's step times.
+
+    ``wall``/``cpu``: seconds of each step (:func:`step_timer`), all from the
+    same run, so nothing is subtracted across runs (the earlier method took
+    the difference of two runs' stage times, which went negative when the
+    machine's load changed between them). The first step (tracing) is left
+    out of the per-step figures and counted in the fixed cost.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    wall, cpu = np.asarray(wall, float), np.asarray(cpu, float)
+    if len(wall) < 2:
+        raise ValueError(f"need at least 2 timed steps, got {len(wall)}")
+    steady = wall[1:]
+    per_step = float(np.mean(steady))
+    median = float(np.median(steady))
+    stalls = {int(k): float(wall[k] - median) for k in boundary_steps if 0 < k < len(wall)}
+    others = np.delete(wall, [0, *stalls])
+    return {
+        "seconds_per_step": per_step,  # mean of steps 2.. (what an epoch costs per step)
+        "median_seconds_per_step": median,
+        "cpu_seconds_per_step": float(np.mean(cpu[1:])),
+        "median_cpu_seconds_per_step": float(np.median(cpu[1:])),
+        "first_step_seconds": float(wall[0]),
+        # the stage's time outside the steps 2.. (build or load + quantize, compile, the first
+        # step's tracing, checkpoints and saves)
+        "fixed_seconds": float(stage_seconds - np.sum(steady)),
+        "pass_boundary_steps": sorted(stalls),
+        "pass_boundary_stall_seconds": stalls,
+        "max_stall_seconds": max(stalls.values()) if stalls else None,
+        "slowest_other_step_seconds": float(np.max(others)) if len(others) else None,
+    }
 
 
 def _stage_seconds(model_dir, stage):
@@ -413,24 +496,54 @@ def _validation_seconds(model_path, batch_size, n_val, data_dir):
     return time.perf_counter() - start
 
 
+BEFORE = "35370b7"  # main before issue 16 (the pipeline that re-decoded CIFAR-10 every pass)
+
+
+@contextlib.contextmanager
+def pipeline_before(base=BEFORE):
+    """The training script reading through ``train/data.py`` as it was at
+    commit ``base`` (no cache: every pass decodes every image again)."""
+    from unittest import mock as mock_lib  # noqa: PLC0415
+
+    from benchmarks import input_pipelines  # noqa: PLC0415
+    from tfdq.train import data as data_lib  # noqa: PLC0415
+
+    old = input_pipelines.old_data_module(base)
+
+    def load(name, batch_size, *, input_range="normalized", **kwargs):
+        d = old.load(name, batch_size, **kwargs)
+        fields = {f.name: getattr(d, f.name) for f in dataclasses.fields(d)}
+        return data_lib.Data(**fields, input_range=input_range)
+
+    with mock_lib.patch.object(data_lib, "load", load):
+        yield
+
+
 def timing(
-    steps=391,
-    small_steps=5,
+    steps=EPOCH_STEPS,
     batch_size=128,
     n_train=CIFAR10_TRAIN,
     n_val=CIFAR10_TEST,
     runs=None,
+    before=False,
     echo=False,
     work_dir=None,
 ):
-    """Per-step and fixed cost of each run's training stage; one-epoch and full-schedule estimates.
+    """Per-step and fixed cost of each run's training stage, its pass-boundary
+    stall; one-epoch and full-schedule estimates.
 
-    ``runs``: names of :data:`RUNS` to time (default all; a quantized run
-    needs the float run, which is then timed as well).
+    Each run's training stage runs ``steps`` steps (391: one CIFAR-10 epoch,
+    crossing one pass boundary) with :func:`step_timer`. ``runs``: names of
+    :data:`RUNS` to time (default all; a quantized run needs the float run,
+    which is then timed as well). ``before``: also time the float run with
+    the pipeline of commit :data:`BEFORE` (the stall before issue 16).
     """
-    if not 0 < small_steps < steps:
-        raise ValueError(f"need 0 < small_steps < steps, got {small_steps}, {steps}")
+    if steps < 2:
+        raise ValueError(f"need at least 2 steps, got {steps}")
     names = [r["name"] for r in RUNS if runs is None or r["name"] in runs or r["name"] == "float"]
+    jobs = [(name, "now") for name in names]
+    if before:
+        jobs.insert(0, ("float", "before"))
     own = work_dir is None
     work_dir = work_dir or tempfile.mkdtemp(prefix="cifar10_recipes_time_")
     data_dir = os.path.join(work_dir, "tfds")
@@ -442,97 +555,103 @@ def timing(
         "verbose": 2 if echo else 0,
         "data_dir": data_dir,
     }
+    boundaries = pass_boundary_steps(steps, batch_size, n_train)
     records = []
     float_ckpt = None
     try:
         with cifar_shaped_mock(n_train, n_val):
-            for name in names:
+            for name, pipeline in jobs:
                 run = run_by_name(name)
                 stage = "float" if run["flags"]["stages"] == "float" else "quant"
-                record = {"name": name, "label": run["label"], "stage": stage, "steps": {}}
-                for s in (small_steps, steps):
-                    model_dir = os.path.join(work_dir, f"{name}_{s}")
-                    over = {"model_dir": model_dir, "steps_per_epoch": s, "stages": stage}
-                    if stage == "quant":
-                        over["init_checkpoint"] = float_ckpt
-                    _, wall, cpu = _train(dict(run["flags"], **base, **over), echo)
-                    record["steps"][str(s)] = {
-                        "stage_seconds": _stage_seconds(model_dir, stage),
-                        "run_wall_seconds": wall,
-                        "run_cpu_seconds": cpu,
-                        "command": command(run, **over, **{k: v for k, v in base.items() if k != "data_dir"}),
-                    }
-                    if stage == "float" and float_ckpt is None:
-                        float_ckpt = os.path.join(model_dir, "float", "final.keras")
-                    final = os.path.join(model_dir, stage, "final.keras")
-                    if echo:
-                        print(
-                            f"[time] {name} S={s}: stage {record['steps'][str(s)]['stage_seconds']:.1f} s, "
-                            f"run {wall:.1f} s wall, {cpu:.1f} s CPU",
-                            flush=True,
-                        )
-                small, big = record["steps"][str(small_steps)], record["steps"][str(steps)]
-                per_step = (big["stage_seconds"] - small["stage_seconds"]) / (steps - small_steps)
-                fixed = small["stage_seconds"] - small_steps * per_step
+                model_dir = os.path.join(work_dir, f"{name}_{pipeline}")
+                over = {"model_dir": model_dir, "steps_per_epoch": steps, "stages": stage}
+                if stage == "quant":
+                    over["init_checkpoint"] = float_ckpt
+                timer = step_timer()
+                with pipeline_before() if pipeline == "before" else contextlib.nullcontext():
+                    _, wall, cpu = _train(dict(run["flags"], **base, **over), echo, callbacks=[timer])
+                if len(timer.wall) != steps:
+                    raise RuntimeError(f"{name}: timed {len(timer.wall)} steps, expected {steps}")
+                stage_s = _stage_seconds(model_dir, stage)
+                record = {
+                    "name": name,
+                    "label": run["label"],
+                    "stage": stage,
+                    "pipeline": pipeline,
+                    "steps": steps,
+                    "stage_seconds": stage_s,
+                    "run_wall_seconds": wall,
+                    "run_cpu_seconds": cpu,
+                    "command": command(run, **over, **{k: v for k, v in base.items() if k != "data_dir"}),
+                    "step_wall_seconds": [round(t, 5) for t in timer.wall],
+                    "step_cpu_seconds": [round(t, 5) for t in timer.cpu],
+                }
+                record.update(step_statistics(timer.wall, timer.cpu, stage_s, boundaries))
+                final = os.path.join(model_dir, stage, "final.keras")
+                if stage == "float" and pipeline == "now":
+                    float_ckpt = final
+                per_step, fixed = record["seconds_per_step"], record["fixed_seconds"]
                 val = _validation_seconds(final, batch_size, n_val, data_dir)
                 epochs = PAPER_EPOCHS[stage]
                 measured = steps == EPOCH_STEPS
                 record.update(
-                    seconds_per_step=per_step,
-                    cpu_seconds_per_step=(big["run_cpu_seconds"] - small["run_cpu_seconds"])
-                    / (steps - small_steps),
-                    fixed_seconds=fixed,
                     validation_seconds_per_epoch=val,
                     epoch_train_seconds=EPOCH_STEPS * per_step,
-                    # one epoch of the paper's schedule: the measured stage (fixed cost included) + a held-out pass
-                    epoch_seconds=(big["stage_seconds"] if measured else fixed + EPOCH_STEPS * per_step)
-                    + val,
-                    epoch_seconds_kind="measured"
-                    if measured
-                    else f"extrapolated from {small_steps} and {steps} steps",
+                    # one epoch of the paper's schedule: the stage (fixed cost included) + a held-out pass
+                    epoch_seconds=(stage_s if measured else fixed + EPOCH_STEPS * per_step) + val,
+                    epoch_seconds_kind="measured" if measured else f"extrapolated from {steps} steps",
                     paper_epochs=epochs,
                     full_schedule_hours=(fixed + epochs * (EPOCH_STEPS * per_step + val)) / 3600.0,
                 )
                 if echo:
+                    stall = record["max_stall_seconds"]
                     print(
-                        f"[time] {name}: {per_step:.3f} s/step, fixed {fixed:.1f} s, validation {val:.1f} s, "
-                        f"epoch {record['epoch_seconds']:.0f} s ({record['epoch_seconds_kind']}), "
-                        f"{epochs} epochs {record['full_schedule_hours']:.1f} h",
+                        f"[time] {name} ({pipeline} pipeline): {per_step:.3f} s/step (median "
+                        f"{record['median_seconds_per_step']:.3f}), {record['cpu_seconds_per_step']:.3f} CPU "
+                        f"s/step, fixed {fixed:.1f} s, pass-boundary stall "
+                        + ("-" if stall is None else f"{stall:.2f} s")
+                        + f", validation {val:.1f} s, epoch {record['epoch_seconds']:.0f} s "
+                        f"({record['epoch_seconds_kind']}), {epochs} epochs {record['full_schedule_hours']:.1f} h",
                         flush=True,
                     )
                 records.append(record)
     finally:
         if own:
             shutil.rmtree(work_dir, ignore_errors=True)
+    now = [r for r in records if r["pipeline"] == "now"]
+    float_now = now[0]
+    for r in now:
+        r["step_over_float"] = r["seconds_per_step"] / float_now["seconds_per_step"]
+        r["cpu_step_over_float"] = r["cpu_seconds_per_step"] / float_now["cpu_seconds_per_step"]
     return {
-        "data": f"tfds.testing.mock_data with an in-graph generator: random CIFAR-10-shaped uint8 images, "
-        f"{n_train} training and {n_val} held-out examples (a timing; no accuracy is meaningful)",
+        "data": f"tfds.testing.mock_data serving {PNG_POOL} random PNG-encoded 32x32 images in turn, decoded per "
+        f"read as tfds reads CIFAR-10: {n_train} training and {n_val} held-out examples (a timing; no "
+        "accuracy is meaningful)",
         "method": (
-            "Each run's training stage (float: --stages=float; quantized: --stages=quant from this benchmark's "
-            f"float checkpoint) runs one epoch of --steps_per_epoch={small_steps} and one of {steps}, batch "
-            f"{batch_size}, one held-out batch per epoch, in a fresh model_dir. Times are wall seconds: the stage's "
-            "own 'seconds' from <model_dir>/<stage>/result.json (train/train.py: build, or load + quantize + "
-            "calibrate; compile; fit with its tracing; the epoch checkpoint; final save; the quantized stage's "
-            "reports). seconds_per_step = difference of the two / difference of the steps; fixed_seconds = the "
-            "rest (cpu_seconds_per_step: the same from this process's CPU time, all threads). "
-            f"validation_seconds_per_epoch: a timer around tfdq.train.train.evaluate over {n_val} held-out examples "
-            f"(after a warm-up). epoch_seconds: the {steps}-step stage + validation when {steps} = {EPOCH_STEPS} "
-            f"(measured), else fixed + {EPOCH_STEPS} x seconds_per_step + validation (extrapolated). "
-            "full_schedule_hours: fixed once + paper_epochs x "
-            f"({EPOCH_STEPS} x seconds_per_step + validation); the per-epoch checkpoint writes after the first "
-            f"are not counted. The script's own default epoch is {CIFAR10_TRAIN // 128} steps "
-            "(50,000 // 128, drop_remainder); 391 = ceil(50,000 / 128) is used here."
+            f"Each run's training stage (float: --stages=float; quantized: --stages=quant from this benchmark's "
+            f"float run's final.keras) runs one epoch of --steps_per_epoch={steps}, batch {batch_size}, one "
+            "held-out batch per epoch, in a fresh model_dir, with a callback timing every step (wall and process "
+            "CPU seconds from on_train_batch_begin to on_train_batch_end). seconds_per_step: mean of steps 2.. "
+            "(step 1 traces); fixed_seconds: the stage's own 'seconds' (<model_dir>/<stage>/result.json) minus "
+            "steps 2..; pass_boundary_stall_seconds: the step whose batch starts a new pass over the training set "
+            f"minus the median step (steps {boundaries}). validation_seconds_per_epoch: a timer around "
+            f"tfdq.train.train.evaluate over {n_val} held-out examples (after a warm-up). epoch_seconds: the stage "
+            f"+ validation when {steps} = {EPOCH_STEPS} (measured), else fixed + {EPOCH_STEPS} x seconds_per_step "
+            f"+ validation (extrapolated). full_schedule_hours: fixed once + paper_epochs x ({EPOCH_STEPS} x "
+            "seconds_per_step + validation). pipeline 'before': the float run reading through train/data.py "
+            f"of commit {BEFORE} (no cache)."
         ),
         "settings": {
             "steps": steps,
-            "small_steps": small_steps,
             "batch_size": batch_size,
             "n_train": n_train,
             "n_val": n_val,
             "epoch_steps": EPOCH_STEPS,
+            "pass_boundary_steps": boundaries,
         },
-        "runs": records,
-        "total_full_schedule_hours": sum(r["full_schedule_hours"] for r in records),
+        "runs": now,
+        "before": [r for r in records if r["pipeline"] == "before"],
+        "total_full_schedule_hours": sum(r["full_schedule_hours"] for r in now),
     }
 
 
@@ -588,15 +707,18 @@ def print_report(report):
     if t:
         print(f"\nOne CIFAR-10 epoch per run ({t['data']}):")
         print(
-            f"  {'run':<20} {'s/step':>7} {'fixed s':>8} {'val s':>6} {'epoch s':>8}  {'kind':<34} {'160 ep. h':>9}"
+            f"  {'run':<27} {'s/step':>7} {'CPU s/st':>8} {'stall s':>7} {'fixed s':>8} {'val s':>6} "
+            f"{'epoch s':>8}  {'kind':<26} {'160 ep. h':>9}"
         )
-        for r in t["runs"]:
+        for r in t.get("before", []) + t["runs"]:
+            stall = r["max_stall_seconds"]
             print(
-                f"  {r['label']:<20} {r['seconds_per_step']:7.3f} {r['fixed_seconds']:8.1f} "
-                f"{r['validation_seconds_per_epoch']:6.1f} {r['epoch_seconds']:8.0f}  {r['epoch_seconds_kind']:<34} "
-                f"{r['full_schedule_hours']:9.1f}"
+                f"  {r['label'] + ' (' + r['pipeline'] + ')':<27} {r['seconds_per_step']:7.3f} "
+                f"{r['cpu_seconds_per_step']:8.3f} {'-' if stall is None else format(stall, '7.2f'):>7} "
+                f"{r['fixed_seconds']:8.1f} {r['validation_seconds_per_epoch']:6.1f} {r['epoch_seconds']:8.0f}  "
+                f"{r['epoch_seconds_kind']:<26} {r['full_schedule_hours']:9.1f}"
             )
-        print(f"  all four runs, paper schedule: {t['total_full_schedule_hours']:.1f} h")
+        print(f"  all runs timed, paper schedule: {t['total_full_schedule_hours']:.1f} h")
     m = report.get("mock")
     if m:
         print(f"\nMock runs ({m['data']}):")
@@ -679,11 +801,12 @@ def define_flags():
     flags.DEFINE_bool("print_commands", False, "Print the four paper commands and exit.")
     flags.DEFINE_bool("mock", False, "Run every configuration for a few steps on tfds mock data.")
     flags.DEFINE_bool("time", False, "Time one epoch of every configuration (CIFAR-shaped generated inputs).")
-    flags.DEFINE_bool("quick", False, "Smoke run of both modes (1-2 steps, tiny timing).")
+    flags.DEFINE_bool("quick", False, "Smoke run of both modes (1-5 steps, tiny timing).")
     flags.DEFINE_integer(
         "steps", TIME["steps"], "Steps of the long timing run (391: one CIFAR-10 epoch, measured)."
     )
-    flags.DEFINE_integer("small_steps", TIME["small_steps"], "Steps of the short timing run.")
+    flags.DEFINE_list("runs", None, "Runs to time (names of RUNS; default all; float is always timed).")
+    flags.DEFINE_bool("before", False, "Also time the float run on the pipeline before issue 16.")
     flags.DEFINE_integer("batch_size", TIME["batch_size"], "Batch size of the timing runs (the paper's 128).")
     flags.DEFINE_integer("mock_steps", MOCK["steps"], "Steps per epoch of the mock runs.")
     flags.DEFINE_string("out_dir", RESULTS_DIR, "Output folder.")
@@ -698,7 +821,12 @@ def main(argv):
         return
     modes = [m for m in ("mock", "time") if getattr(FLAGS, m)] or ["mock", "time"]
     mock_settings = dict(MOCK, steps=FLAGS.mock_steps)
-    time_settings = dict(TIME, steps=FLAGS.steps, small_steps=FLAGS.small_steps, batch_size=FLAGS.batch_size)
+    time_settings = dict(TIME, steps=FLAGS.steps, batch_size=FLAGS.batch_size, before=FLAGS.before)
+    if FLAGS.runs:
+        unknown = set(FLAGS.runs) - {r["name"] for r in RUNS}
+        if unknown:
+            raise app.UsageError(f"--runs: unknown {sorted(unknown)}; known: {[r['name'] for r in RUNS]}")
+        time_settings["runs"] = tuple(FLAGS.runs)
     out_dir = FLAGS.out_dir
     if FLAGS.quick:
         mock_settings, time_settings = dict(QUICK["mock"]), dict(QUICK["time"])

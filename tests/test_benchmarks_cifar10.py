@@ -156,30 +156,70 @@ def test_quick_timing(quick):
     t = report["timing"]
     q = bench.QUICK["time"]
     assert [r["name"] for r in t["runs"]] == list(q["runs"])
+    assert [(r["name"], r["pipeline"]) for r in t["before"]] == [("float", "before")]
     assert t["settings"]["epoch_steps"] == 391
-    for r in t["runs"]:
-        assert set(r["steps"]) == {str(q["small_steps"]), str(q["steps"])}
-        for s in r["steps"].values():
-            assert (
-                s["stage_seconds"] > 0
-                and s["run_wall_seconds"] >= s["stage_seconds"]
-                and s["run_cpu_seconds"] > 0
-            )
-            values, _ = parse_command(s["command"])
-            assert values["stages"] == r["stage"] and values["batch_size"] == q["batch_size"]
+    assert t["settings"]["pass_boundary_steps"] == [4]  # 16 examples, batches of 4: step 5 starts pass 2
+    for r in t["runs"] + t["before"]:
+        assert (
+            r["steps"] == q["steps"]
+            and len(r["step_wall_seconds"]) == len(r["step_cpu_seconds"]) == q["steps"]
+        )
+        assert 0 < r["stage_seconds"] <= r["run_wall_seconds"] and r["run_cpu_seconds"] > 0
+        values, _ = parse_command(r["command"])
+        assert values["stages"] == r["stage"] and values["batch_size"] == q["batch_size"]
         assert r["validation_seconds_per_epoch"] > 0
-        # the derived numbers follow from the measured ones (a difference of 1 step is within the
-        # noise of the fixed cost, so its sign is not checked here)
-        small, big = r["steps"][str(q["small_steps"])], r["steps"][str(q["steps"])]
-        per_step = (big["stage_seconds"] - small["stage_seconds"]) / (q["steps"] - q["small_steps"])
-        assert r["seconds_per_step"] == pytest.approx(per_step)
-        assert r["fixed_seconds"] == pytest.approx(small["stage_seconds"] - q["small_steps"] * per_step)
+        # the derived numbers follow from the measured steps of the same run
+        steady = r["step_wall_seconds"][1:]
+        assert r["seconds_per_step"] == pytest.approx(sum(steady) / len(steady), rel=1e-3)
+        assert r["seconds_per_step"] > 0 and r["cpu_seconds_per_step"] > 0
+        assert r["fixed_seconds"] == pytest.approx(r["stage_seconds"] - sum(steady), abs=1e-3)
+        assert list(r["pass_boundary_stall_seconds"]) == ["4"]
+        per_step, val = r["seconds_per_step"], r["validation_seconds_per_epoch"]
         assert r["epoch_train_seconds"] == pytest.approx(391 * per_step)
-        val = r["validation_seconds_per_epoch"]
         assert r["epoch_seconds"] == pytest.approx(r["fixed_seconds"] + 391 * per_step + val)
-        assert r["epoch_seconds_kind"].startswith("extrapolated")  # 2 steps, not a real epoch
+        assert r["epoch_seconds_kind"].startswith("extrapolated")  # 5 steps, not a real epoch
         assert r["paper_epochs"] == 160
         assert r["full_schedule_hours"] * 3600 == pytest.approx(
             r["fixed_seconds"] + 160 * (391 * per_step + val)
         )
+    assert t["runs"][0]["step_over_float"] == 1.0
     assert (out / "cifar10_recipes.png").stat().st_size > 5_000
+
+
+def test_pass_boundary_steps_are_the_batches_that_start_a_new_pass():
+    # CIFAR-10, batch 128: batch 390 (0-based) holds examples 49,920-50,047, the first 48 of pass 2
+    assert bench.pass_boundary_steps(391, 128, 50_000) == [390]
+    assert bench.pass_boundary_steps(390, 128, 50_000) == []
+    assert bench.pass_boundary_steps(782, 128, 50_000) == [390, 781]
+    # passes that end exactly at a batch: the first batch of each later pass
+    assert bench.pass_boundary_steps(9, 4, 16) == [4, 8]
+    # against a direct count: the pass of each batch's first and last example
+    for steps, batch, n in ((50, 7, 30), (20, 5, 11), (12, 16, 16)):
+        want = [
+            k
+            for k in range(1, steps)
+            if ((k + 1) * batch - 1) // n != (k * batch) // n or (k * batch) % n == 0
+        ]
+        assert bench.pass_boundary_steps(steps, batch, n) == want
+
+
+def test_step_statistics_come_from_one_run_and_stay_positive_when_load_changes():
+    # steps of one run: tracing first, a load change halfway (steps twice as slow), a 12 s
+    # stall at the pass boundary; the old two-run difference went negative in such cases
+    wall = [9.0] + [0.3] * 200 + [0.6] * 189 + [12.6]
+    cpu = [5.0] + [0.25] * 390
+    boundary = bench.pass_boundary_steps(391, 128, 50_000)
+    stage = 30.0 + sum(wall[1:])
+    s = bench.step_statistics(wall, cpu, stage, boundary)
+    steady = wall[1:]
+    assert s["seconds_per_step"] == pytest.approx(sum(steady) / 390) and s["seconds_per_step"] > 0
+    assert s["median_seconds_per_step"] == pytest.approx(0.3)
+    assert s["cpu_seconds_per_step"] == pytest.approx(0.25)
+    assert s["fixed_seconds"] == pytest.approx(30.0)
+    assert s["first_step_seconds"] == 9.0
+    assert s["pass_boundary_steps"] == [390]
+    assert s["pass_boundary_stall_seconds"] == {390: pytest.approx(12.3)}
+    assert s["max_stall_seconds"] == pytest.approx(12.3)
+    assert s["slowest_other_step_seconds"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="at least 2"):
+        bench.step_statistics([1.0], [1.0], 1.0, [])

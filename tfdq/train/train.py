@@ -291,8 +291,9 @@ def _summary_writer_callback(log_dir, extra_logs=None):
 class Run:
     """State shared by the stages of one invocation."""
 
-    def __init__(self, config, strategy, data, work_dir, is_chief, print_fn):
+    def __init__(self, config, strategy, data, work_dir, is_chief, print_fn, callbacks=()):
         self.config = config
+        self.extra_callbacks = list(callbacks)  # the caller's, after the script's own
         self.strategy = strategy
         self.data = data
         self.work_dir = work_dir
@@ -430,6 +431,7 @@ class Run:
             extra_logs=layer_bits,
         )
         callbacks.append(checkpoint)
+        callbacks += self.extra_callbacks
 
         if self.custom_loop:
             runner = CustomLoop(model, optimizer, strategy, config["batch_size"])
@@ -739,8 +741,12 @@ def preflight(config, data):
 _RUN_LOCKS = {}  # run folder -> the RunLock this process holds on it (until exit)
 
 
-def run(values, print_fn=print):
+def run(values, print_fn=print, callbacks=()):
     """Run the stages for the options in ``values`` (names of :data:`cfg.FIELDS`).
+
+    ``callbacks``: extra Keras callbacks given to every training stage's fit,
+    after the script's own (a benchmark's step timer, say); the same objects
+    serve each stage.
 
     Returns the summary dict (also written to ``model_dir/summary.json``).
     Raises ``ConfigError``, ``DataUnavailableError`` or ``RunDirError`` before
@@ -810,7 +816,7 @@ def run(values, print_fn=print):
     resumed = claim_model_dir(work_dir, config, ignore)
     print_fn(f"tfdq: {'resuming' if resumed else 'starting'} run in {work_dir} (stages: {', '.join(stages)})")
 
-    r = Run(config, strategy, data, work_dir, is_chief, print_fn)
+    r = Run(config, strategy, data, work_dir, is_chief, print_fn, callbacks)
     times, results = {}, {}
     if "float" in stages:
         results["float"] = r.train_stage(
