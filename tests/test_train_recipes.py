@@ -59,6 +59,82 @@ def test_cifar10_is_decoded_once_and_its_batches_repeat_with_the_seed():
     assert all(x.min() >= -1.0 and x.max() <= 1.0 for x in first)
 
 
+def test_cifar10_cache_on_mock_data_reads_once_and_gives_the_uncached_batches_every_pass():
+    """tfds' CIFAR-10 (mocked: 16 images, each read counted) through ``load``: the training
+    set is read once, in ``load``; three passes give the batches that the stream without the
+    cache gives (each pass its own permutation); the same seed repeats them, another does not."""
+    import functools
+
+    reads = []
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False, **kwargs):
+        del self, decoders, read_config, shuffle_files, kwargs
+        n = 8 if "test" in str(split) else 16
+
+        def example(i):
+            counted = tf.py_function(lambda v: reads.append(int(v)) or v, [i], tf.int64)
+            image = tf.cast(
+                tf.random.stateless_uniform((32, 32, 3), tf.stack([i, 0]), 0, 256, tf.int32), tf.uint8
+            )
+            return {"image": image, "label": counted % 10}
+
+        ds = tf.data.Dataset.range(n).map(example)
+        return ds.apply(tf.data.experimental.assert_cardinality(n))
+
+    with tfds.testing.mock_data(num_examples=16, as_dataset_fn=as_dataset):
+        d = data_lib.load("cifar10", 4, seed=5, calibration_examples=4, input_range="minus1_1")
+        after_load = len(reads)
+        assert sorted(reads[:16]) == list(range(16))  # the whole set, decoded into the cache
+        cached = [(x.numpy(), y.numpy()) for x, y in d.train.take(12)]  # 3 passes of 4 batches
+        assert len(reads) == after_load  # no pass read the source again
+        raw = data_lib.check_available("cifar10").as_dataset(split="train", as_supervised=True)
+        transform = functools.partial(data_lib.cifar_train_transform, input_range="minus1_1")
+        plain = data_lib.train_stream(raw, 16, 4, 5, transform, shuffle_buffer=50_000)
+        uncached = [(x.numpy(), y.numpy()) for x, y in plain.take(12)]
+        again = [(x.numpy(), y.numpy()) for x, y in d.train.take(12)]
+        other = data_lib.load("cifar10", 4, seed=6, calibration_examples=4, input_range="minus1_1")
+        other_x, other_y = (t.numpy() for t in other.train.take(1).get_single_element())
+    for (x, y), (xu, yu), (xa, ya) in zip(cached, uncached, again):
+        np.testing.assert_array_equal(x, xu)
+        np.testing.assert_array_equal(y, yu)
+        np.testing.assert_array_equal(x, xa)
+        np.testing.assert_array_equal(y, ya)
+    labels = [np.concatenate([y for _, y in cached[4 * p : 4 * p + 4]]) for p in range(3)]
+    assert all(sorted(lab) == sorted(np.arange(16) % 10) for lab in labels)  # every pass all 16 examples
+    assert not np.array_equal(labels[0], labels[1]) or not np.array_equal(labels[1], labels[2])
+    assert not np.array_equal(cached[0][0], other_x)  # another seed, another stream
+
+
+def test_input_quantizer_follows_the_recipe_and_the_flag():
+    """The script's quantize step (``train.quantize``) on mocked CIFAR-10 calibration images:
+    the cifar10 recipe leaves the image float (19 counted maps, none fed by the image);
+    ``--quantize_input`` puts a quantizer on the image, whose output lies on its grid."""
+    import tfdq
+    from tfdq.train import train as train_lib
+
+    with tfds.testing.mock_data(num_examples=16):
+        d = data_lib.load("cifar10", 4, calibration_examples=8, input_range="minus1_1")
+    float_model = models_lib.configure(models_lib.build("resnet20", (32, 32, 3), 10))
+    counted, fed = {}, {}
+    for flag in (None, True, False):
+        values = {"dataset": "cifar10", **({} if flag is None else {"quantize_input": flag})}
+        config = cfg.resolve(values)
+        assert config["quantize_input"] is (flag is True)
+        q = train_lib.quantize(config, float_model, d.calibration)
+        acts = tfdq.layers.activation_quantizer_layers(q)
+        counted[flag] = sum(1 for layer in acts if layer.counted)
+        ids = {id(t) for t in q.inputs}
+        fed[flag] = [l for l in acts if any(id(t) in ids for t in l._inbound_nodes[0].input_tensors)]
+    assert counted[None] == counted[False] == 19 and fed[None] == fed[False] == []
+    assert counted[True] == 20 and len(fed[True]) == 1
+    layer = fed[True][0]
+    p = layer.quantizer.describe()
+    out = keras.ops.convert_to_numpy(layer(d.calibration))
+    k = out / p["d"]
+    np.testing.assert_allclose(k, np.round(k), atol=1e-4)  # on the quantizer's grid
+    assert np.abs(out).max() <= p["q_max"] + 1e-6 and len(np.unique(out)) > 2
+
+
 @pytest.mark.parametrize("workers", [2, 4])
 def test_sharded_streams_together_hold_the_global_batches(workers):
     n, batch = 24, 8
