@@ -354,6 +354,36 @@ def test_mobilenetv2_finetune_from_a_keras_applications_model_on_mock_imagenet(t
     assert 0.0 <= s["quant_accuracy"] <= 1.0
 
 
+def test_mobilenetv2_recipe_feeds_the_keras_applications_preprocessing():
+    """The MobileNetV2 recipe's images are what keras.applications.mobilenet_v2.preprocess_input
+    makes of the same crop, in training and evaluation and through ``load`` on mock ImageNet."""
+    config = cfg.resolve({"dataset": "imagenet2012", "model": "mobilenetv2"})
+    assert config["input_range"] == "minus1_1"
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(100, 80, 3), dtype=np.uint8)
+    # evaluation: central square of 0.875 x the shorter side (70 of 80), resized to 32
+    side, top, left = 70, 15, 5
+    crop = tf.image.resize(image[top : top + side, left : left + side].astype("float32"), (32, 32)).numpy()
+    want = keras.applications.mobilenet_v2.preprocess_input(crop.copy())
+    got = data_lib.imagenet_eval_transform(32, input_range=config["input_range"])(tf.constant(image), 0)[0]
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-6)
+    assert want.min() >= -1.0 and want.max() <= 1.0
+    # training: a random crop, resized and flipped; the same scaling of its [0, 255] pixels
+    seed = tf.constant([3, 4], tf.int64)
+    scaled = data_lib.imagenet_train_transform(32, input_range="minus1_1")(tf.constant(image), 0, seed)[0]
+    raw = data_lib.imagenet_train_transform(32, input_range="normalized")(tf.constant(image), 0, seed)[0]
+    pixels = (raw.numpy() * np.float32(data_lib.IMAGENET_STD) + np.float32(data_lib.IMAGENET_MEAN)) * 255.0
+    np.testing.assert_allclose(
+        scaled.numpy(), keras.applications.mobilenet_v2.preprocess_input(pixels), atol=1e-5
+    )
+    # through the script's loader on mocked ImageNet: calibration images (the evaluation
+    # transform) in [-1, 1], as the keras.applications model was trained on
+    with tfds.testing.mock_data(num_examples=8):
+        d = data_lib.load("imagenet2012", 4, image_size=32, calibration_examples=4, input_range="minus1_1")
+    assert d.input_range == "minus1_1" and d.calibration.min() >= -1.0 and d.calibration.max() <= 1.0
+    assert d.calibration.min() < -0.5 and d.calibration.max() > 0.5  # spread over the range
+
+
 def test_mobilenetv2_activation_target_588_kb_is_4_bits_on_the_largest_map():
     import tfdq
 
