@@ -454,6 +454,10 @@ def step_statistics(wall, cpu, stage_seconds, boundary_steps):
     per_step = float(np.mean(steady))
     median = float(np.median(steady))
     stalls = {int(k): float(wall[k] - median) for k in boundary_steps if 0 < k < len(wall)}
+    # the same in this process's CPU seconds: the work done in the step (a stall decoding the
+    # next pass shows in both; a step slowed by other jobs on the machine only in the wall time)
+    cpu_median = float(np.median(cpu[1:]))
+    cpu_stalls = {k: float(cpu[k] - cpu_median) for k in stalls}
     others = np.delete(wall, [0, *stalls])
     return {
         "seconds_per_step": per_step,  # mean of steps 2.. (what an epoch costs per step)
@@ -467,6 +471,7 @@ def step_statistics(wall, cpu, stage_seconds, boundary_steps):
         "pass_boundary_steps": sorted(stalls),
         "pass_boundary_stall_seconds": stalls,
         "max_stall_seconds": max(stalls.values()) if stalls else None,
+        "pass_boundary_stall_cpu_seconds": cpu_stalls,
         "slowest_other_step_seconds": float(np.max(others)) if len(others) else None,
     }
 

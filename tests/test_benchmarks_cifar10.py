@@ -207,14 +207,16 @@ def test_step_statistics_come_from_one_run_and_stay_positive_when_load_changes()
     # steps of one run: tracing first, a load change halfway (steps twice as slow), a 12 s
     # stall at the pass boundary; the old two-run difference went negative in such cases
     wall = [9.0] + [0.3] * 200 + [0.6] * 189 + [12.6]
-    cpu = [5.0] + [0.25] * 390
+    cpu = [5.0] + [0.25] * 389 + [10.25]
     boundary = bench.pass_boundary_steps(391, 128, 50_000)
     stage = 30.0 + sum(wall[1:])
     s = bench.step_statistics(wall, cpu, stage, boundary)
     steady = wall[1:]
     assert s["seconds_per_step"] == pytest.approx(sum(steady) / 390) and s["seconds_per_step"] > 0
     assert s["median_seconds_per_step"] == pytest.approx(0.3)
-    assert s["cpu_seconds_per_step"] == pytest.approx(0.25)
+    assert s["cpu_seconds_per_step"] == pytest.approx(0.25 + 10.0 / 390)
+    assert s["median_cpu_seconds_per_step"] == pytest.approx(0.25)
+    assert s["pass_boundary_stall_cpu_seconds"] == {390: pytest.approx(10.0)}
     assert s["fixed_seconds"] == pytest.approx(30.0)
     assert s["first_step_seconds"] == 9.0
     assert s["pass_boundary_steps"] == [390]
