@@ -270,6 +270,41 @@ def test_mirrored_strategy_matches_single_device_with_budget():
     assert diff < 1e-5
 
 
+@pytest.mark.parametrize("budget", [False, True])
+def test_one_replica_mirrored_strategy_trains_as_the_default_strategy(budget):
+    """``--strategy=mirrored`` on a machine with one device (the README's MobileNetV2 command
+    on one GPU): the step's non-finite guard must not call apply_gradients (a merge_call
+    under any strategy but the default one) inside a cond in replica context. The trained
+    weights equal those of the same fit without a strategy."""
+    import tensorflow as tf
+
+    def run(strategy):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            inp = keras.Input((8, 8, 1))
+            x = keras.layers.Conv2D(4, 3, activation="relu", name="c")(inp)
+            out = keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(x))
+            q = tfdq.quantize_model(keras.Model(inp, out), calibration_data=np.ones((2, 8, 8, 1), "f"))
+            if budget:
+                q = tfdq.constrain(q, weight_kb=0.2, activation_kb=0.1, activation="sum")
+            q.compile(
+                keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            )
+        rng = np.random.default_rng(1)
+        x = rng.uniform(size=(32, 8, 8, 1)).astype("f")
+        y = rng.integers(0, 3, size=32)
+        q.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        return [np.asarray(w) for w in q.weights]
+
+    plain = run(tf.distribute.get_strategy())
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0"])
+    assert mirrored.num_replicas_in_sync == 1
+    one = run(mirrored)
+    assert len(plain) == len(one)
+    for a, b in zip(plain, one):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
 def _digits_model(seed=0):
     """Small float CNN trained briefly on sklearn digits (8x8), and the data."""
     from sklearn.datasets import load_digits

@@ -246,16 +246,12 @@ def apply_if_finite(model, apply_gradients, grads_and_vars, loss=None, saved=Non
         state["total"].assign_add(1)
         return tf.constant(False)
 
-    strategy = tf.distribute.get_strategy()
     context = tf.distribute.get_replica_context()
-    if (
-        strategy.num_replicas_in_sync > 1
-        and context is not None
-        and not _compat.strategy_supports_no_merge_call()
-    ):
-        # A branch that calls merge_call (apply_gradients does) cannot run in
-        # a cond in replica context: decide in cross-replica context, as
-        # Keras' LossScaleOptimizer does.
+    if tf.distribute.has_strategy() and context is not None and not _compat.strategy_supports_no_merge_call():
+        # A branch that calls merge_call (apply_gradients does, under any
+        # strategy but the default one, a one-replica MirroredStrategy too)
+        # cannot run in a cond in replica context: decide in cross-replica
+        # context, as Keras' LossScaleOptimizer does.
         def cross_replica(distribution, ok, grads, values):
             flag = distribution.experimental_local_results(ok)[0]
 
