@@ -155,6 +155,14 @@ def main(argv):
         raise app.UsageError(f"--runs: unknown {sorted(unknown)}; known: {sorted(RUNS)}")
     result = mock_runs(tuple(FLAGS.runs), FLAGS.image_size, FLAGS.steps, echo=True)
     cmd = "python -m benchmarks.mobilenetv2_mock " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for record in result["runs"]:
+        record.update(date=date, command_line=cmd.strip(), settings=result["settings"])
+    # the runs not run now stay as an earlier invocation left them (each with its own date)
+    old = _read_json(os.path.join(FLAGS.out_dir, f"{NAME}.json")) or {}
+    done = {r["name"] for r in result["runs"]}
+    kept = [r for r in old.get("runs", []) if r["name"] not in done]
+    result["runs"] = sorted(kept + result["runs"], key=lambda r: list(RUNS).index(r["name"]))
     common.write_result(
         FLAGS.out_dir, NAME, "The documented MobileNetV2 commands on mock ImageNet", cmd.strip(), result
     )
