@@ -109,6 +109,32 @@ TFDQ_INLINE float QuantizeOne(float x, float d, float lo, float q_max) {
   return d * r;
 }
 
+// QuantizeOne with the quotient c / d as c * inv where d is a power of two
+// and inv = 1 / d a normal float (kPow2): both are the exact c 2^-k rounded
+// once (and flushed alike), so the value is the same bit for bit; a multiply
+// costs a fraction of a divide.
+template <bool kSigned, bool kPow2>
+TFDQ_INLINE float QuantizeScaled(float x, float d, float inv, float lo, float q_max) {
+  if (!kPow2) return QuantizeOne<kSigned>(x, d, lo, q_max);
+  const float v = Clip(x, lo, q_max) * inv;
+  float r;
+  if (kSigned) {
+    r = std::floor(std::fabs(v) + kBelowHalf);
+    r = v < 0.0f ? -r : r;
+  } else {
+    r = std::floor(v + kBelowHalf);
+  }
+  return d * r;
+}
+
+// Whether d is a power of two whose reciprocal is a normal float (then inv = 1 / d).
+inline bool ExactReciprocal(float d, float* inv) {
+  int exponent = 0;
+  if (!std::isnormal(d) || std::frexp(d, &exponent) != 0.5f) return false;
+  *inv = 1.0f / d;
+  return std::isnormal(*inv);
+}
+
 // The loops. The output may be the same buffer as the first input
 // (TensorFlow forwarded it); each element is read before it is written, so `omp simd`
 // (which ignores aliasing) stays correct for that exact overlap.
@@ -151,6 +177,8 @@ TFDQ_INLINE Sums BackwardImpl(const float* dy, const float* x, const float* q, f
 struct Junction {
   float d_a, lo_a, q_max_a;  // Q_a: lo_a = -q_max_a (signed) or 0
   float d, q_max;            // Q: unsigned
+  float inv_a = 0.0f, inv = 0.0f;  // 1 / d_a and 1 / d where pow2 (ExactReciprocal of both)
+  bool pow2 = false;
 };
 
 // TensorFlow's Relu: max(s, 0) with relu(-0) = -0 and relu(NaN) = NaN.
@@ -173,10 +201,11 @@ TFDQ_INLINE void JunctionForwardImpl(const float* a, const float* b, float* q, i
 // writes gs to gb, the second reads it back (from cache) for Q_a. The sums
 // are the separate ops' sums of the same terms (their order within a block
 // may differ). ga may be dy's buffer: the first loop has read dy by then.
-template <bool kSignedA>
+template <bool kSignedA, bool kPow2>
 TFDQ_INLINE void JunctionBackwardImpl(const float* dy, const float* a, const float* b, float* ga,
                                       float* gb, int64_t n, Junction p, Sums* out_a, Sums* out) {
   const float d_a = p.d_a, lo_a = p.lo_a, q_max_a = p.q_max_a, d = p.d, q_max = p.q_max;
+  const float inv_a = p.inv_a, inv = p.inv;
   // Q sees r = relu(s). Written with s (GCC does not vectorize the loop with
   // relu in it), with the same values: Q(r) = Q(s) and clip(r) = clip(s)
   // for the unsigned Q (both are +0 for s < 0, -0 for s = -0, NaN for NaN),
@@ -187,8 +216,8 @@ TFDQ_INLINE void JunctionBackwardImpl(const float* dy, const float* a, const flo
 #pragma omp simd reduction(+ : step, above)
   for (int64_t i = 0; i < n; ++i) {
     const float g = dy[i];
-    const float s = QuantizeOne<kSignedA>(a[i], d_a, lo_a, q_max_a) + b[i];
-    const float qi = QuantizeOne<false>(s, d, 0.0f, q_max);
+    const float s = QuantizeScaled<kSignedA, kPow2>(a[i], d_a, inv_a, lo_a, q_max_a) + b[i];
+    const float qi = QuantizeScaled<false, kPow2>(s, d, inv, 0.0f, q_max);
     const float c = Clip(s, 0.0f, q_max);
     step += static_cast<double>(g) * (static_cast<double>(qi) - static_cast<double>(c));
     above += s > q_max ? static_cast<double>(g) : 0.0;
@@ -204,7 +233,7 @@ TFDQ_INLINE void JunctionBackwardImpl(const float* dy, const float* a, const flo
   for (int64_t i = 0; i < n; ++i) {
     const float gs = gb[i];
     const float ai = a[i];
-    const float qa = QuantizeOne<kSignedA>(ai, d_a, lo_a, q_max_a);
+    const float qa = QuantizeScaled<kSignedA, kPow2>(ai, d_a, inv_a, lo_a, q_max_a);
     const float c_a = Clip(ai, lo_a, q_max_a);
     step_a += static_cast<double>(gs) * (static_cast<double>(qa) - static_cast<double>(c_a));
     above_a += ai > q_max_a ? static_cast<double>(gs) : 0.0;
@@ -253,12 +282,20 @@ TFDQ_CLONES void JunctionForwardUnsigned(const float* a, const float* b, float* 
 TFDQ_CLONES void JunctionBackwardSigned(const float* dy, const float* a, const float* b, float* ga,
                                         float* gb, int64_t n, Junction p, Sums* out_a,
                                         Sums* out) {
-  JunctionBackwardImpl<true>(dy, a, b, ga, gb, n, p, out_a, out);
+  if (p.pow2) {
+    JunctionBackwardImpl<true, true>(dy, a, b, ga, gb, n, p, out_a, out);
+  } else {
+    JunctionBackwardImpl<true, false>(dy, a, b, ga, gb, n, p, out_a, out);
+  }
 }
 TFDQ_CLONES void JunctionBackwardUnsigned(const float* dy, const float* a, const float* b,
                                           float* ga, float* gb, int64_t n, Junction p,
                                           Sums* out_a, Sums* out) {
-  JunctionBackwardImpl<false>(dy, a, b, ga, gb, n, p, out_a, out);
+  if (p.pow2) {
+    JunctionBackwardImpl<false, true>(dy, a, b, ga, gb, n, p, out_a, out);
+  } else {
+    JunctionBackwardImpl<false, false>(dy, a, b, ga, gb, n, p, out_a, out);
+  }
 }
 
 // Runs fn(first_block, end_block) over ceil(n / kBlock) blocks on the CPU
@@ -418,6 +455,7 @@ absl::Status ReadJunction(OpKernelContext* ctx, int first, bool signed_a, Juncti
   p->lo_a = signed_a ? -p->q_max_a : 0.0f;
   p->d = ctx->input(first + 2).scalar<float>()();
   p->q_max = ctx->input(first + 3).scalar<float>()();
+  p->pow2 = ExactReciprocal(p->d_a, &p->inv_a) && ExactReciprocal(p->d, &p->inv);
   return absl::OkStatus();
 }
 
