@@ -197,10 +197,9 @@ TFDQ_INLINE void JunctionForwardImpl(const float* a, const float* b, float* q, i
 // The junction's backward pass, as the separate ops compute it: Q's
 // backward on r = relu(s) with dy, ReluGrad (a product with 0 or 1, so -0
 // and NaN propagate as TensorFlow's do), the Add's gradient (gs to both
-// operands), Q_a's backward with gs. Two loops (each vectorizes): the first
-// writes gs to gb, the second reads it back (from cache) for Q_a. The sums
-// are the separate ops' sums of the same terms (their order within a block
-// may differ). ga may be dy's buffer: the first loop has read dy by then.
+// operands), Q_a's backward with gs. The sums are the separate ops' sums of
+// the same terms (their order within a block may differ). ga may be dy's
+// buffer (each element is read before it is written).
 template <bool kSignedA, bool kPow2>
 TFDQ_INLINE void JunctionBackwardImpl(const float* dy, const float* a, const float* b, float* ga,
                                       float* gb, int64_t n, Junction p, Sums* out_a, Sums* out) {
@@ -212,34 +211,31 @@ TFDQ_INLINE void JunctionBackwardImpl(const float* dy, const float* a, const flo
   // r > q_max iff s > q_max, and 0 <= r <= q_max is s's test for s >= 0 and
   // 0 <= q_max for s < 0.
   const bool zero_inside = 0.0f <= q_max;
-  double step = 0.0, above = 0.0;
-#pragma omp simd reduction(+ : step, above)
+  double step = 0.0, above = 0.0, step_a = 0.0, above_a = 0.0, below_a = 0.0;
+#pragma omp simd reduction(+ : step, above, step_a, above_a, below_a)
   for (int64_t i = 0; i < n; ++i) {
     const float g = dy[i];
-    const float s = QuantizeScaled<kSignedA, kPow2>(a[i], d_a, inv_a, lo_a, q_max_a) + b[i];
+    const float ai = a[i];
+    const float qa = QuantizeScaled<kSignedA, kPow2>(ai, d_a, inv_a, lo_a, q_max_a);
+    const float s = qa + b[i];
+    // Q's backward on r, then ReluGrad
     const float qi = QuantizeScaled<false, kPow2>(s, d, inv, 0.0f, q_max);
     const float c = Clip(s, 0.0f, q_max);
     step += static_cast<double>(g) * (static_cast<double>(qi) - static_cast<double>(c));
     above += s > q_max ? static_cast<double>(g) : 0.0;
     const bool inside = ((s >= 0.0f) & (s <= q_max)) | ((s < 0.0f) & zero_inside);
-    const float gr = inside ? g : 0.0f;
-    gb[i] = gr * (s > 0.0f ? 1.0f : 0.0f);
-  }
-  out->step = step;
-  out->above = above;
-  out->below = 0.0;
-  double step_a = 0.0, above_a = 0.0, below_a = 0.0;
-#pragma omp simd reduction(+ : step_a, above_a, below_a)
-  for (int64_t i = 0; i < n; ++i) {
-    const float gs = gb[i];
-    const float ai = a[i];
-    const float qa = QuantizeScaled<kSignedA, kPow2>(ai, d_a, inv_a, lo_a, q_max_a);
+    const float gs = (inside ? g : 0.0f) * (s > 0.0f ? 1.0f : 0.0f);
+    // Q_a's backward with gs
     const float c_a = Clip(ai, lo_a, q_max_a);
     step_a += static_cast<double>(gs) * (static_cast<double>(qa) - static_cast<double>(c_a));
     above_a += ai > q_max_a ? static_cast<double>(gs) : 0.0;
     if (kSignedA) below_a += ai < lo_a ? static_cast<double>(gs) : 0.0;
+    gb[i] = gs;
     ga[i] = (ai >= lo_a) & (ai <= q_max_a) ? gs : 0.0f;
   }
+  out->step = step;
+  out->above = above;
+  out->below = 0.0;
   out_a->step = step_a;
   out_a->above = above_a;
   out_a->below = below_a;
