@@ -6,6 +6,12 @@ the straight-through backward pass of :func:`tfdq.ops.uniform_quantize`, each
 one multi-threaded loop over the tensor on TensorFlow's CPU worker threads
 (float32 only). The forward result is bit-identical to the TensorFlow
 formulas of :mod:`tfdq.ops`; the parameter gradients are summed in double.
+Two more, ``TfdqAddReluQuantize`` and its gradient, compute a residual
+junction ``Q(relu(Q_a(a) + b))`` (the quantizer on a residual branch, the
+sum with the shortcut, ReLU, the block output's unsigned quantizer) in one
+pass forward and one backward: :func:`fused_relu_quantize` puts it in a
+training step's graph where it finds those four ops (same values and
+gradients; TensorFlow prunes the separate ops that nothing else reads).
 
 The library is built the first time :func:`load` is called, with ``g++``
 (or ``$CXX``) and TensorFlow's compile and link flags, into a cache folder
