@@ -442,6 +442,26 @@ def test_training_step_fuses_residual_junctions(lib):
     np.testing.assert_array_equal(qmodel(x, training=False).numpy(), qmodel(x, training=False).numpy())
 
 
+def test_junction_registry_does_not_keep_graphs_alive(lib):
+    """The record of quantized tensors that junction fusion reads holds names, not tensors:
+    a traced graph is freed with its last reference."""
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.zeros([4, 2])
+        q = tf.identity(x)
+        kernels._remember(q, (x, tf.constant(0.5), tf.constant(2.0), True))
+        found = kernels._quantized_operand(q)
+        assert found[0] is x and found[3] is True
+    assert graph in kernels._produced
+    ref = weakref.ref(graph)
+    del graph, x, q, found
+    gc.collect()
+    assert ref() is None
+
+
 # ---------------------------------------------------------------------------
 # shapes, dtypes, errors, XLA
 # ---------------------------------------------------------------------------

@@ -416,24 +416,33 @@ def uniform_quantize(x, d, q_max, signed=True):
 # fused_relu_quantize); benchmarks turn it off to measure the separate ops.
 FUSE_JUNCTIONS = True
 
-# graph -> {name of a quantized tensor: (x, d, q_max, signed)}: the outputs of
-# uniform_quantize in the graphs being traced, so that a later quantizer can
-# find the quantizer that produced an operand of a sum.
+# graph -> {name of a quantized tensor: (names of x, d, q_max; signed)}: the
+# outputs of uniform_quantize in the graphs being traced, so that a later
+# quantizer can find the quantizer that produced an operand of a sum. Names
+# only: a value that held the graph's tensors would keep its key alive.
 _produced = weakref.WeakKeyDictionary()
 
 
 def _remember(q, inputs):
     if tf.executing_eagerly() or not hasattr(q, "graph"):
         return
+    x, d, q_max, signed = inputs
+    if not all(getattr(t, "graph", None) is q.graph for t in (x, d, q_max)):
+        return
     try:
-        _produced.setdefault(q.graph, {})[q.name] = inputs
+        _produced.setdefault(q.graph, {})[q.name] = (x.name, d.name, q_max.name, signed)
     except TypeError:  # a graph that takes no weak reference: nothing to fuse
         pass
 
 
 def _quantized_operand(t):
     """``(x, d, q_max, signed)`` if ``t`` is the output of :func:`uniform_quantize` in its graph."""
-    return _produced.get(t.graph, {}).get(t.name)
+    found = _produced.get(t.graph, {}).get(t.name)
+    if found is None:
+        return None
+    x, d, q_max, signed = found
+    get = t.graph.get_tensor_by_name
+    return get(x), get(d), get(q_max), signed
 
 
 def _junction(r):
