@@ -442,6 +442,35 @@ def test_training_step_fuses_residual_junctions(lib):
     np.testing.assert_array_equal(qmodel(x, training=False).numpy(), qmodel(x, training=False).numpy())
 
 
+def test_junction_fusion_only_for_same_shapes(lib):
+    """A sum that broadcasts (a bias, a map with batch 1) stays separate ops; a sum of
+    two maps of one shape becomes the fused op, with the same values."""
+    x = tf.constant(np.random.default_rng(5).normal(size=(4, 8)).astype(np.float32))
+
+    def traced(other):
+        @tf.function
+        def f(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                q_a = kernels.uniform_quantize(x, 0.25, 2.0, True)
+                q = ops.uniform_quantize(tf.nn.relu(q_a + other), 0.125, 1.5, signed=False)
+            return q, tape.gradient(tf.reduce_sum(q), x)
+
+        return f.get_concrete_function(x)
+
+    for other, fused in (
+        (tf.constant(0.3, shape=[8]), False),
+        (tf.constant(0.3, shape=[1, 8]), False),
+        (tf.constant(0.3, shape=[4, 8]), True),
+    ):
+        f = traced(other)
+        types = [op.type for op in f.graph.get_operations()]
+        assert ("TfdqAddReluQuantize" in types) == fused
+        q, gx = f(x)
+        want = ops.uniform_quantize(tf.nn.relu(ops.uniform_quantize(x, 0.25, 2.0) + other), 0.125, 1.5, False)
+        _assert_bits_equal(q.numpy(), want.numpy())
+
+
 def test_junction_registry_does_not_keep_graphs_alive(lib):
     """The record of quantized tensors that junction fusion reads holds names, not tensors:
     a traced graph is freed with its last reference."""

@@ -447,8 +447,8 @@ def _quantized_operand(t):
 
 def _junction(r):
     """``(a, b, (d_a, q_max_a, signed_a))`` when ``r = relu(Q_a(a) + b)`` in the graph
-    being traced (Q_a an earlier :func:`uniform_quantize`, ``a`` and ``b`` of one static
-    shape, float32); else None."""
+    being traced (Q_a an earlier :func:`uniform_quantize`, ``a`` and ``b`` float32 of one
+    static shape, only the batch size unknown); else None."""
     if tf.executing_eagerly() or not hasattr(r, "op") or r.op.type != "Relu":
         return None
     s = r.op.inputs[0]
@@ -465,10 +465,9 @@ def _junction(r):
             and a.dtype == tf.float32
             and b.dtype == tf.float32
             and a.shape.rank is not None
-            and a.shape.as_list()[1:] == b.shape.as_list()[1:]
-            and None not in a.shape.as_list()[1:]
             and a.shape.rank == b.shape.rank
-            and a.shape[:1].is_compatible_with(b.shape[:1])
+            and a.shape.as_list() == b.shape.as_list()  # no broadcasting: the same static shape
+            and None not in a.shape.as_list()[1:]
         ):
             return a, b, (d_a, q_max_a, signed_a)
     return None
