@@ -6,7 +6,10 @@ tfdq version with U3 weights and activations (with and without the guard
 that skips non-finite steps, ``tfdq.nonfinite``; and under the paper's
 memory budget, 70 kB of weights and 8 kB largest activation with automatic
 multipliers: the budget's loss term, multiplier step, size logs and
-gradient clip all in the step; and that budgeted step with the guard's
+gradient clip all in the step; that budgeted step with each residual
+junction as separate ops, ``tfdq_u3_budget_unfused_junctions``, where tfdq
+fuses the Add operand's quantizer, the Add, the ReLU and the block output's
+quantizer into one op (``tfdq.kernels.fused_relu_quantize``); and that budgeted step with the guard's
 ``tf.cond`` lowered into switch/merge ops, ``tfdq_u3_budget_lowered_guard``,
 TensorFlow's default that tfdq turns off): with tfdq's fused quantizer
 kernels (the default: the uniform quantizer's forward and backward pass are
@@ -89,6 +92,21 @@ def measure(rounds=5, steps=5, batch_size=128, only=None):
         activation="max",
     )
     add("tfdq_u3_budget", budgeted, False)
+    # the same budgeted step with the residual junctions as separate ops
+    tfdq.kernels.FUSE_JUNCTIONS = False
+    try:
+        add(
+            "tfdq_u3_budget_unfused_junctions",
+            tfdq.constrain(
+                tfdq.quantize_model(float_model, calibration_data=x[:32]),
+                weight_kb=70.0,
+                activation_kb=8.0,
+                activation="max",
+            ),
+            False,
+        )
+    finally:
+        tfdq.kernels.FUSE_JUNCTIONS = True
     # the same budgeted step with the guard's tf.cond lowered into switch/merge
     # ops (TensorFlow's default inside a tf.function; tfdq keeps it an If op)
     nonfinite.LOWER_COND = True
@@ -129,6 +147,8 @@ def measure(rounds=5, steps=5, batch_size=128, only=None):
         ("tfdq_u3", "float"),
         ("tfdq_u3_budget", "float"),
         ("tfdq_u3_budget", "tfdq_u3"),
+        ("tfdq_u3_budget_unfused_junctions", "float"),
+        ("tfdq_u3_budget", "tfdq_u3_budget_unfused_junctions"),
         ("tfdq_u3_budget", "tfdq_u3_budget_lowered_guard"),
         ("tfdq_u3", "tfdq_u3_unguarded"),
         ("tfdq_u3_xla_quantizers", "float"),

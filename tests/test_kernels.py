@@ -305,6 +305,193 @@ def test_large_tensor_multithreaded(lib, plain_ops):
 
 
 # ---------------------------------------------------------------------------
+# the residual junction Q(relu(Q_a(a) + b)) as one op
+# ---------------------------------------------------------------------------
+
+
+def _junction_inputs(d_a, q_max_a, signed_a, d, q_max, n_random):
+    """a and b with sums that are exactly 0 (+0 and -0), ties of Q, values beyond both
+    ranges, NaN-free; plus random values."""
+    qa_levels = np.arange(-4, 5, dtype=np.float32) * np.float32(d_a)
+    if not signed_a:
+        qa_levels = np.abs(qa_levels)
+    a = [qa_levels, qa_levels, qa_levels, np.float32([3, -3, 1e6, -1e6]) * np.float32(q_max_a)]
+    b = [-qa_levels, (np.arange(9, dtype=np.float32) - 4.5) * np.float32(d), -qa_levels + np.float32(d) / 2]
+    b.append(np.float32([-1.0, 1.0, 0.5, -0.5]) * np.float32(q_max))
+    b[0][4] = -0.0  # 0 + -0 = +0; a = -0 below
+    a[0][4] = -0.0
+    rng = np.random.default_rng(7)
+    a.append((rng.normal(size=n_random) * q_max_a * 0.7).astype(np.float32))
+    b.append((rng.normal(size=n_random) * q_max * 0.7).astype(np.float32))
+    a, b = np.concatenate(a), np.concatenate(b)
+    dy = rng.normal(size=a.shape).astype(np.float32)
+    dy[::7] *= -1.0
+    return a, b, dy
+
+
+def _ref_junction(dy, a, b, d_a, q_max_a, signed_a, d, q_max):
+    """Float64 NumPy: Q(relu(Q_a(a) + b)) and its straight-through gradients
+    (gs = dy where 0 < s <= q_max, as ReluGrad after Q's backward gives)."""
+    qa = ref_forward(a, d_a, q_max_a, signed_a)
+    s = (qa.astype(np.float32) + _flush(b)).astype(np.float32)  # one float32 rounding, as AddV2
+    r = np.maximum(s, np.float32(0))
+    q = ref_forward(r, d, q_max, False)
+    dy64 = dy.astype(np.float64)
+    s64, r64 = s.astype(np.float64), r.astype(np.float64)
+    qm = np.float64(np.float32(q_max))
+    gs = np.where((s64 > 0) & (s64 <= qm), dy64, 0.0)
+    gd = np.sum(dy64 * (q.astype(np.float64) - np.minimum(r64, qm))) / np.float64(np.float32(d))
+    gq = np.sum(dy64[r64 > qm])
+    ga, gd_a, gq_a = ref_backward(gs.astype(np.float32), a, qa, d_a, q_max_a, signed_a)
+    return q, ga, gs.astype(np.float32), gd_a, gq_a, gd, gq
+
+
+def _separate_ops(lib, dy, a, b, d_a, q_max_a, signed_a, d, q_max):
+    """The four ops the junction replaces, forward and backward, as the tape chains them."""
+    qa = lib.tfdq_uniform_quantize(a, d_a, q_max_a, signed=signed_a)
+    s = qa + b
+    r = tf.nn.relu(s)
+    q = lib.tfdq_uniform_quantize(r, d, q_max, signed=False)
+    gr, gd, gq = lib.tfdq_uniform_quantize_grad(dy, r, q, d, q_max, signed=False)
+    gs = tf.raw_ops.ReluGrad(gradients=gr, features=s)
+    ga, gd_a, gq_a = lib.tfdq_uniform_quantize_grad(gs, a, qa, d_a, q_max_a, signed=signed_a)
+    return [t.numpy() for t in (q, ga, gs, gd_a, gq_a, gd, gq)]
+
+
+@pytest.mark.parametrize("signed_a", [True, False])
+@pytest.mark.parametrize(
+    "d_a, q_max_a, d, q_max",
+    [(2.0**-5, 3.0, 2.0**-4, 2.5), (0.25, 31.75, 0.125, 8.0), (0.1, 12.7, 0.3, 38.1)],
+)
+@pytest.mark.parametrize("n_random", [1001, SHAPE_LARGE[0] * 8192 + 5])
+def test_add_relu_quantize_equals_separate_ops_and_numpy(lib, signed_a, d_a, q_max_a, d, q_max, n_random):
+    """The fused junction gives the separate ops' values and gradients bit for bit
+    (forward, ga, gb), its parameter gradients equal theirs and float64 NumPy's sums."""
+    a, b, dy = _junction_inputs(d_a, q_max_a, signed_a, d, q_max, n_random)
+    q = lib.tfdq_add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=signed_a).numpy()
+    ga, gb, gd_a, gq_a, gd, gq = (
+        t.numpy()
+        for t in lib.tfdq_add_relu_quantize_grad(dy, a, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
+    )
+    sep = _separate_ops(lib, dy, a, b, d_a, q_max_a, signed_a, d, q_max)
+    _assert_bits_equal(q, sep[0])
+    _assert_bits_equal(ga, sep[1])
+    _assert_bits_equal(gb, sep[2])
+    for got, want in zip((gd_a, gq_a, gd, gq), sep[3:]):
+        np.testing.assert_allclose(got, want, rtol=RTOL)
+    ref = _ref_junction(dy, a, b, d_a, q_max_a, signed_a, d, q_max)
+    _assert_bits_equal(q, ref[0])
+    np.testing.assert_array_equal(ga, ref[1])  # values: ReluGrad's -0 is 0 here
+    np.testing.assert_array_equal(gb, ref[2])
+    for got, want in zip((gd_a, gq_a, gd, gq), ref[3:]):
+        np.testing.assert_allclose(got, want, rtol=RTOL)
+    if np.log2(d).is_integer():  # the exported grids: every output k d with 0 <= k d <= q_max
+        k = q.astype(np.float64) / d
+        np.testing.assert_array_equal(k, np.round(k))
+        assert q.min() >= 0 and q.max() <= np.float32(q_max)
+    assert np.any(gb == 0) and np.any(gb != 0)
+
+
+def _residual_model():
+    import keras  # noqa: PLC0415
+
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.ReLU()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    y = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(x))
+    x = keras.layers.ReLU()(keras.layers.Add()([y, x]))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+
+def test_training_step_fuses_residual_junctions(lib):
+    """In a traced training step the junction (Add operand quantizer, Add, ReLU,
+    quantizer) is one op; outputs, loss and every gradient are those of the separate ops."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 8, 8, 4)).astype(np.float32)
+    y = rng.normal(size=(16, 3)).astype(np.float32)
+    qmodel = tfdq.quantize_model(_residual_model(), calibration_data=x)
+    variables = qmodel.trainable_variables
+
+    def traced():
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                out = qmodel(x, training=True)
+                loss = tf.reduce_mean((out - y) ** 2)
+            return out, loss, tape.gradient(loss, variables)
+
+        return step.get_concrete_function(x, y)
+
+    fused = traced()
+    kernels.FUSE_JUNCTIONS = False
+    try:
+        separate = traced()
+    finally:
+        kernels.FUSE_JUNCTIONS = True
+    types = [op.type for op in fused.graph.get_operations()]
+    assert types.count("TfdqAddReluQuantize") == 1 and types.count("TfdqAddReluQuantizeGrad") == 1
+    assert "ReluGrad" not in types or types.count("ReluGrad") == 1  # the first ReLU's, absorbed or not
+    assert "TfdqAddReluQuantize" not in [op.type for op in separate.graph.get_operations()]
+    out_f, loss_f, grads_f = fused(x, y)
+    out_s, loss_s, grads_s = separate(x, y)
+    _assert_bits_equal(out_f.numpy(), out_s.numpy())
+    assert float(loss_f) == float(loss_s)
+    for v, gf, gs in zip(variables, grads_f, grads_s):
+        np.testing.assert_allclose(gf.numpy(), gs.numpy(), rtol=RTOL, atol=1e-7, err_msg=v.path)
+    # inference graphs hold no tfdq op (no tape): the model computes the same
+    np.testing.assert_array_equal(qmodel(x, training=False).numpy(), qmodel(x, training=False).numpy())
+
+
+def test_junction_fusion_only_for_same_shapes(lib):
+    """A sum that broadcasts (a bias, a map with batch 1) stays separate ops; a sum of
+    two maps of one shape becomes the fused op, with the same values."""
+    x = tf.constant(np.random.default_rng(5).normal(size=(4, 8)).astype(np.float32))
+
+    def traced(other):
+        @tf.function
+        def f(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                q_a = kernels.uniform_quantize(x, 0.25, 2.0, True)
+                q = ops.uniform_quantize(tf.nn.relu(q_a + other), 0.125, 1.5, signed=False)
+            return q, tape.gradient(tf.reduce_sum(q), x)
+
+        return f.get_concrete_function(x)
+
+    for other, fused in (
+        (tf.constant(0.3, shape=[8]), False),
+        (tf.constant(0.3, shape=[1, 8]), False),
+        (tf.constant(0.3, shape=[4, 8]), True),
+    ):
+        f = traced(other)
+        types = [op.type for op in f.graph.get_operations()]
+        assert ("TfdqAddReluQuantize" in types) == fused
+        q, gx = f(x)
+        want = ops.uniform_quantize(tf.nn.relu(ops.uniform_quantize(x, 0.25, 2.0) + other), 0.125, 1.5, False)
+        _assert_bits_equal(q.numpy(), want.numpy())
+
+
+def test_junction_registry_does_not_keep_graphs_alive(lib):
+    """The record of quantized tensors that junction fusion reads holds names, not tensors:
+    a traced graph is freed with its last reference."""
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.zeros([4, 2])
+        q = tf.identity(x)
+        kernels._remember(q, (x, tf.constant(0.5), tf.constant(2.0), True))
+        found = kernels._quantized_operand(q)
+        assert found[0] is x and found[3] is True
+    assert graph in kernels._produced
+    ref = weakref.ref(graph)
+    del graph, x, q, found
+    gc.collect()
+    assert ref() is None
+
+
+# ---------------------------------------------------------------------------
 # shapes, dtypes, errors, XLA
 # ---------------------------------------------------------------------------
 

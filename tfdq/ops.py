@@ -308,6 +308,11 @@ def uniform_quantize(x, d, q_max, signed=True):
     d = tf.cast(d, x.dtype)
     q_max = tf.cast(q_max, x.dtype)
     if config.get("fused") and d.shape.rank == 0 and q_max.shape.rank == 0 and kernels.usable(x):
+        if not signed:
+            # relu(Q_a(a) + b) -> Q: a residual junction, one fused op (same values and gradients)
+            fused = kernels.fused_relu_quantize(x, d, q_max)
+            if fused is not None:
+                return fused
         return kernels.uniform_quantize(x, d, q_max, signed)
 
     @tf.custom_gradient

@@ -6,6 +6,12 @@ the straight-through backward pass of :func:`tfdq.ops.uniform_quantize`, each
 one multi-threaded loop over the tensor on TensorFlow's CPU worker threads
 (float32 only). The forward result is bit-identical to the TensorFlow
 formulas of :mod:`tfdq.ops`; the parameter gradients are summed in double.
+Two more, ``TfdqAddReluQuantize`` and its gradient, compute a residual
+junction ``Q(relu(Q_a(a) + b))`` (the quantizer on a residual branch, the
+sum with the shortcut, ReLU, the block output's unsigned quantizer) in one
+pass forward and one backward: :func:`fused_relu_quantize` puts it in a
+training step's graph where it finds those four ops (same values and
+gradients; TensorFlow prunes the separate ops that nothing else reads).
 
 The library is built the first time :func:`load` is called, with ``g++``
 (or ``$CXX``) and TensorFlow's compile and link flags, into a cache folder
@@ -49,6 +55,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import weakref
 
 import tensorflow as tf
 
@@ -57,7 +64,7 @@ try:
 except ImportError:  # not POSIX: the atomic rename alone keeps loads safe
     fcntl = None
 
-__all__ = ["available", "library_path", "load", "uniform_quantize", "usable"]
+__all__ = ["add_relu_quantize", "available", "library_path", "load", "uniform_quantize", "usable"]
 
 logger = logging.getLogger("tfdq")
 
@@ -400,4 +407,124 @@ def uniform_quantize(x, d, q_max, signed=True):
 
         return q, grad
 
-    return _quantize(x, d, q_max)
+    q = _quantize(x, d, q_max)
+    _remember(q, (x, d, q_max, signed))
+    return q
+
+
+# Whether a training step's graph fuses residual junctions (see
+# fused_relu_quantize); benchmarks turn it off to measure the separate ops.
+FUSE_JUNCTIONS = True
+
+# graph -> {name of a quantized tensor: (names of x, d, q_max; signed)}: the
+# outputs of uniform_quantize in the graphs being traced, so that a later
+# quantizer can find the quantizer that produced an operand of a sum. Names
+# only: a value that held the graph's tensors would keep its key alive.
+_produced = weakref.WeakKeyDictionary()
+
+
+def _remember(q, inputs):
+    if tf.executing_eagerly() or not hasattr(q, "graph"):
+        return
+    x, d, q_max, signed = inputs
+    if not all(getattr(t, "graph", None) is q.graph for t in (x, d, q_max)):
+        return
+    try:
+        _produced.setdefault(q.graph, {})[q.name] = (x.name, d.name, q_max.name, signed)
+    except TypeError:  # a graph that takes no weak reference: nothing to fuse
+        pass
+
+
+def _quantized_operand(t):
+    """``(x, d, q_max, signed)`` if ``t`` is the output of :func:`uniform_quantize` in its graph."""
+    found = _produced.get(t.graph, {}).get(t.name)
+    if found is None:
+        return None
+    x, d, q_max, signed = found
+    get = t.graph.get_tensor_by_name
+    return get(x), get(d), get(q_max), signed
+
+
+def _junction(r):
+    """``(a, b, (d_a, q_max_a, signed_a))`` when ``r = relu(Q_a(a) + b)`` in the graph
+    being traced (Q_a an earlier :func:`uniform_quantize`, ``a`` and ``b`` float32 of one
+    static shape, only the batch size unknown); else None."""
+    if tf.executing_eagerly() or not hasattr(r, "op") or r.op.type != "Relu":
+        return None
+    s = r.op.inputs[0]
+    if s.op.type not in ("AddV2", "Add") or len(s.op.inputs) != 2:
+        return None
+    for first, second in ((0, 1), (1, 0)):
+        found = _quantized_operand(s.op.inputs[first])
+        if found is None:
+            continue
+        a, d_a, q_max_a, signed_a = found
+        b = s.op.inputs[second]
+        if (
+            a.graph is r.graph
+            and a.dtype == tf.float32
+            and b.dtype == tf.float32
+            and a.shape.rank is not None
+            and a.shape.rank == b.shape.rank
+            and a.shape.as_list() == b.shape.as_list()  # no broadcasting: the same static shape
+            and None not in a.shape.as_list()[1:]
+        ):
+            return a, b, (d_a, q_max_a, signed_a)
+    return None
+
+
+@tf.autograph.experimental.do_not_convert
+def fused_relu_quantize(r, d, q_max):
+    """The unsigned ``uniform_quantize(r, d, q_max)`` of a residual junction as one op, or None.
+
+    When ``r = relu(Q_a(a) + b)`` in the training step being traced, with
+    ``Q_a`` an earlier :func:`uniform_quantize` (the quantizer that puts a
+    residual branch on its grid), returns :func:`add_relu_quantize` of
+    ``a`` and ``b``: the same values bit for bit and the same gradients (to
+    ``a``, ``b`` and all four quantizer parameters) as the separate ops,
+    which TensorFlow then prunes where nothing else reads them. Otherwise
+    (no such pattern, eager mode, ``FUSE_JUNCTIONS`` off) None.
+    """
+    if not FUSE_JUNCTIONS:
+        return None
+    found = _junction(r)
+    if found is None:
+        return None
+    a, b, (d_a, q_max_a, signed_a) = found
+    return add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
+
+
+@tf.autograph.experimental.do_not_convert
+def add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=True):
+    """``Q(relu(Q_a(a) + b))`` with the fused kernels: one pass forward, one backward.
+
+    ``Q_a = uniform_quantize(., d_a, q_max_a, signed_a)`` and ``Q`` the
+    unsigned ``uniform_quantize(., d, q_max)``; ``a`` and ``b`` float32 of
+    the same shape. Values and gradients are those of the separate ops
+    (:func:`uniform_quantize`, ``tf.add``, ``tf.nn.relu``,
+    :func:`uniform_quantize`), TensorFlow's ReluGrad included (the gradient
+    is 0 where the sum is 0); the parameter gradients are the same sums in
+    another order within each block. Raises RuntimeError where the kernels
+    are not available (see :func:`usable`).
+    """
+    if not available():
+        raise RuntimeError(
+            "tfdq's custom CPU kernels are not available (disabled, GPU present, or the build "
+            "failed; see the log)"
+        )
+    module = load()
+    a = tf.convert_to_tensor(a, tf.float32)
+    b = tf.convert_to_tensor(b, tf.float32)
+    scalars = [tf.cast(v, tf.float32) for v in (d_a, q_max_a, d, q_max)]
+    signed_a = bool(signed_a)
+
+    @tf.custom_gradient
+    def _junction_op(a, b, d_a, q_max_a, d, q_max):
+        q = module.tfdq_add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
+
+        def grad(dy):
+            return module.tfdq_add_relu_quantize_grad(dy, a, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
+
+        return q, grad
+
+    return _junction_op(a, b, *scalars)

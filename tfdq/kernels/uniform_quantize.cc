@@ -9,6 +9,21 @@
 //     gd = sum(dy * (q - c)) / d
 //     gq = sum(dy where x > q_max) - (signed ? sum(dy where x < lo) : 0)
 //
+//   TfdqAddReluQuantize(a, b, d_a, q_max_a, d, q_max; signed_a) -> q
+//     q = Q(relu(Q_a(a) + b))           Q unsigned (d, q_max), Q_a (d_a, q_max_a)
+//
+//   TfdqAddReluQuantizeGrad(dy, a, b, d_a, q_max_a, d, q_max; signed_a)
+//       -> (ga, gb, gd_a, gq_a, gd, gq)
+//     the gradients of the chain Q_a, Add, Relu, Q (TensorFlow's ReluGrad
+//     included: gs = (0 <= r <= q_max ? dy : 0) * (s > 0), r = relu(s)),
+//     element for element and sum for sum what the separate ops give.
+//
+// The residual junction of a quantized ResNet (a signed quantizer on the
+// branch, the sum with the shortcut, ReLU, the unsigned quantizer of the
+// block's output) is thus one pass forward and one backward instead of four
+// and three; tfdq/kernels/__init__.py builds it from those ops when it finds
+// them in a training step's graph.
+//
 // The forward pass performs the same float32 operations as the TensorFlow
 // formulas of tfdq.ops (min, max, divide, abs, add, floor, sign, multiply),
 // so its result is bit-identical to them. (The XLA-compiled path of tfdq.ops
@@ -94,6 +109,32 @@ TFDQ_INLINE float QuantizeOne(float x, float d, float lo, float q_max) {
   return d * r;
 }
 
+// QuantizeOne with the quotient c / d as c * inv where d is a power of two
+// and inv = 1 / d a normal float (kPow2): both are the exact c 2^-k rounded
+// once (and flushed alike), so the value is the same bit for bit; a multiply
+// costs a fraction of a divide.
+template <bool kSigned, bool kPow2>
+TFDQ_INLINE float QuantizeScaled(float x, float d, float inv, float lo, float q_max) {
+  if (!kPow2) return QuantizeOne<kSigned>(x, d, lo, q_max);
+  const float v = Clip(x, lo, q_max) * inv;
+  float r;
+  if (kSigned) {
+    r = std::floor(std::fabs(v) + kBelowHalf);
+    r = v < 0.0f ? -r : r;
+  } else {
+    r = std::floor(v + kBelowHalf);
+  }
+  return d * r;
+}
+
+// Whether d is a power of two whose reciprocal is a normal float (then inv = 1 / d).
+inline bool ExactReciprocal(float d, float* inv) {
+  int exponent = 0;
+  if (!std::isnormal(d) || std::frexp(d, &exponent) != 0.5f) return false;
+  *inv = 1.0f / d;
+  return std::isnormal(*inv);
+}
+
 // The loops. The output may be the same buffer as the first input
 // (TensorFlow forwarded it); each element is read before it is written, so `omp simd`
 // (which ignores aliasing) stays correct for that exact overlap.
@@ -132,6 +173,74 @@ TFDQ_INLINE Sums BackwardImpl(const float* dy, const float* x, const float* q, f
   return s;
 }
 
+// Scalars of the junction Q(relu(Q_a(a) + b)).
+struct Junction {
+  float d_a, lo_a, q_max_a;  // Q_a: lo_a = -q_max_a (signed) or 0
+  float d, q_max;            // Q: unsigned
+  float inv_a = 0.0f, inv = 0.0f;  // 1 / d_a and 1 / d where pow2 (ExactReciprocal of both)
+  bool pow2 = false;
+};
+
+// TensorFlow's Relu: max(s, 0) with relu(-0) = -0 and relu(NaN) = NaN.
+TFDQ_INLINE float Relu(float s) { return s < 0.0f ? 0.0f : s; }
+
+template <bool kSignedA>
+TFDQ_INLINE void JunctionForwardImpl(const float* a, const float* b, float* q, int64_t n,
+                                     Junction p) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = QuantizeOne<kSignedA>(a[i], p.d_a, p.lo_a, p.q_max_a) + b[i];
+    q[i] = QuantizeOne<false>(Relu(s), p.d, 0.0f, p.q_max);
+  }
+}
+
+// The junction's backward pass, as the separate ops compute it: Q's
+// backward on r = relu(s) with dy, ReluGrad (a product with 0 or 1, so -0
+// and NaN propagate as TensorFlow's do), the Add's gradient (gs to both
+// operands), Q_a's backward with gs. The sums are the separate ops' sums of
+// the same terms (their order within a block may differ). ga may be dy's
+// buffer (each element is read before it is written).
+template <bool kSignedA, bool kPow2>
+TFDQ_INLINE void JunctionBackwardImpl(const float* dy, const float* a, const float* b, float* ga,
+                                      float* gb, int64_t n, Junction p, Sums* out_a, Sums* out) {
+  const float d_a = p.d_a, lo_a = p.lo_a, q_max_a = p.q_max_a, d = p.d, q_max = p.q_max;
+  const float inv_a = p.inv_a, inv = p.inv;
+  // Q sees r = relu(s). Written with s (GCC does not vectorize the loop with
+  // relu in it), with the same values: Q(r) = Q(s) and clip(r) = clip(s)
+  // for the unsigned Q (both are +0 for s < 0, -0 for s = -0, NaN for NaN),
+  // r > q_max iff s > q_max, and 0 <= r <= q_max is s's test for s >= 0 and
+  // 0 <= q_max for s < 0.
+  const bool zero_inside = 0.0f <= q_max;
+  double step = 0.0, above = 0.0, step_a = 0.0, above_a = 0.0, below_a = 0.0;
+#pragma omp simd reduction(+ : step, above, step_a, above_a, below_a)
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = dy[i];
+    const float ai = a[i];
+    const float qa = QuantizeScaled<kSignedA, kPow2>(ai, d_a, inv_a, lo_a, q_max_a);
+    const float s = qa + b[i];
+    // Q's backward on r, then ReluGrad
+    const float qi = QuantizeScaled<false, kPow2>(s, d, inv, 0.0f, q_max);
+    const float c = Clip(s, 0.0f, q_max);
+    step += static_cast<double>(g) * (static_cast<double>(qi) - static_cast<double>(c));
+    above += s > q_max ? static_cast<double>(g) : 0.0;
+    const bool inside = ((s >= 0.0f) & (s <= q_max)) | ((s < 0.0f) & zero_inside);
+    const float gs = (inside ? g : 0.0f) * (s > 0.0f ? 1.0f : 0.0f);
+    // Q_a's backward with gs
+    const float c_a = Clip(ai, lo_a, q_max_a);
+    step_a += static_cast<double>(gs) * (static_cast<double>(qa) - static_cast<double>(c_a));
+    above_a += ai > q_max_a ? static_cast<double>(gs) : 0.0;
+    if (kSignedA) below_a += ai < lo_a ? static_cast<double>(gs) : 0.0;
+    gb[i] = gs;
+    ga[i] = (ai >= lo_a) & (ai <= q_max_a) ? gs : 0.0f;
+  }
+  out->step = step;
+  out->above = above;
+  out->below = 0.0;
+  out_a->step = step_a;
+  out_a->above = above_a;
+  out_a->below = below_a;
+}
+
 // Entry points compiled for several instruction sets where GCC can dispatch
 // at load time (ifunc); the body is the same portable C++ for all of them.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -156,6 +265,33 @@ TFDQ_CLONES Sums BackwardSigned(const float* dy, const float* x, const float* q,
 TFDQ_CLONES Sums BackwardUnsigned(const float* dy, const float* x, const float* q,
                                   float* gx, int64_t n, float lo, float q_max) {
   return BackwardImpl<false>(dy, x, q, gx, n, lo, q_max);
+}
+
+TFDQ_CLONES void JunctionForwardSigned(const float* a, const float* b, float* q, int64_t n,
+                                       Junction p) {
+  JunctionForwardImpl<true>(a, b, q, n, p);
+}
+TFDQ_CLONES void JunctionForwardUnsigned(const float* a, const float* b, float* q, int64_t n,
+                                         Junction p) {
+  JunctionForwardImpl<false>(a, b, q, n, p);
+}
+TFDQ_CLONES void JunctionBackwardSigned(const float* dy, const float* a, const float* b, float* ga,
+                                        float* gb, int64_t n, Junction p, Sums* out_a,
+                                        Sums* out) {
+  if (p.pow2) {
+    JunctionBackwardImpl<true, true>(dy, a, b, ga, gb, n, p, out_a, out);
+  } else {
+    JunctionBackwardImpl<true, false>(dy, a, b, ga, gb, n, p, out_a, out);
+  }
+}
+TFDQ_CLONES void JunctionBackwardUnsigned(const float* dy, const float* a, const float* b,
+                                          float* ga, float* gb, int64_t n, Junction p,
+                                          Sums* out_a, Sums* out) {
+  if (p.pow2) {
+    JunctionBackwardImpl<false, true>(dy, a, b, ga, gb, n, p, out_a, out);
+  } else {
+    JunctionBackwardImpl<false, false>(dy, a, b, ga, gb, n, p, out_a, out);
+  }
 }
 
 // Runs fn(first_block, end_block) over ceil(n / kBlock) blocks on the CPU
@@ -186,6 +322,17 @@ absl::Status CheckScalar(const Tensor& t, const char* name) {
         absl::StrCat(name, " must be a scalar, got shape ", t.shape().DebugString()));
   }
   return absl::OkStatus();
+}
+
+// Sums of the blocks in block order (independent of the threads).
+Sums AddBlocks(const std::vector<Sums>& partial) {
+  Sums total;
+  for (const Sums& s : partial) {
+    total.step += s.step;
+    total.above += s.above;
+    total.below += s.below;
+  }
+  return total;
 }
 
 class UniformQuantizeOp : public OpKernel {
@@ -271,12 +418,7 @@ class UniformQuantizeGradOp : public OpKernel {
                                         count, lo, q_max);
       }
     });
-    Sums total;
-    for (const Sums& s : partial) {
-      total.step += s.step;
-      total.above += s.above;
-      total.below += s.below;
-    }
+    const Sums total = AddBlocks(partial);
     gd->scalar<float>()() = static_cast<float>(total.step / static_cast<double>(d));
     gq->scalar<float>()() =
         static_cast<float>(is_signed ? total.above - total.below : total.above);
@@ -284,6 +426,127 @@ class UniformQuantizeGradOp : public OpKernel {
 
  private:
   bool signed_;
+};
+
+absl::Status CheckSameShape(const Tensor& a, const char* a_name, const Tensor& b,
+                            const char* b_name) {
+  if (a.shape() != b.shape()) {
+    return absl::InvalidArgumentError(absl::StrCat(a_name, " and ", b_name,
+                                                   " must have the same shape, got ",
+                                                   a.shape().DebugString(), " and ",
+                                                   b.shape().DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+// Reads the four scalars d_a, q_max_a, d, q_max from inputs first..first+3.
+absl::Status ReadJunction(OpKernelContext* ctx, int first, bool signed_a, Junction* p) {
+  static const char* const kNames[] = {"d_a", "q_max_a", "d", "q_max"};
+  for (int k = 0; k < 4; ++k) {
+    absl::Status status = CheckScalar(ctx->input(first + k), kNames[k]);
+    if (!status.ok()) return status;
+  }
+  p->d_a = ctx->input(first).scalar<float>()();
+  p->q_max_a = ctx->input(first + 1).scalar<float>()();
+  p->lo_a = signed_a ? -p->q_max_a : 0.0f;
+  p->d = ctx->input(first + 2).scalar<float>()();
+  p->q_max = ctx->input(first + 3).scalar<float>()();
+  p->pow2 = ExactReciprocal(p->d_a, &p->inv_a) && ExactReciprocal(p->d, &p->inv);
+  return absl::OkStatus();
+}
+
+class AddReluQuantizeOp : public OpKernel {
+ public:
+  explicit AddReluQuantizeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("signed_a", &signed_a_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& a = ctx->input(0);
+    const Tensor& b = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckSameShape(a, "a", b, "b"));
+    Junction p;
+    OP_REQUIRES_OK(ctx, ReadJunction(ctx, 2, signed_a_, &p));
+    Tensor* q = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, a.shape(), &q));
+    const int64_t n = a.NumElements();
+    if (n == 0) return;
+    const float* pa = a.flat<float>().data();
+    const float* pb = b.flat<float>().data();
+    float* pq = q->flat<float>().data();
+    const bool is_signed = signed_a_;
+    ForBlocks(ctx, n, 2 * kForwardCycles, [=](int64_t begin, int64_t end) {
+      const int64_t start = begin * kBlock;
+      const int64_t count = std::min(end * kBlock, n) - start;
+      if (is_signed) {
+        JunctionForwardSigned(pa + start, pb + start, pq + start, count, p);
+      } else {
+        JunctionForwardUnsigned(pa + start, pb + start, pq + start, count, p);
+      }
+    });
+  }
+
+ private:
+  bool signed_a_;
+};
+
+class AddReluQuantizeGradOp : public OpKernel {
+ public:
+  explicit AddReluQuantizeGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("signed_a", &signed_a_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& a = ctx->input(1);
+    const Tensor& b = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckSameShape(dy, "dy", a, "a"));
+    OP_REQUIRES_OK(ctx, CheckSameShape(a, "a", b, "b"));
+    Junction p;
+    OP_REQUIRES_OK(ctx, ReadJunction(ctx, 3, signed_a_, &p));
+    Tensor* ga = nullptr;
+    Tensor* gb = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, a.shape(), &ga));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a.shape(), &gb));
+    Tensor* scalars[4];
+    for (int k = 0; k < 4; ++k) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(2 + k, TensorShape({}), &scalars[k]));
+    }
+    const int64_t n = a.NumElements();
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    std::vector<Sums> partial_a(blocks), partial(blocks);
+    const float* pdy = dy.flat<float>().data();
+    const float* pa = a.flat<float>().data();
+    const float* pb = b.flat<float>().data();
+    float* pga = ga->flat<float>().data();
+    float* pgb = gb->flat<float>().data();
+    const bool is_signed = signed_a_;
+    Sums* out_a = partial_a.data();
+    Sums* out = partial.data();
+    ForBlocks(ctx, n, 2 * kBackwardCycles, [=](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t start = k * kBlock;
+        const int64_t count = std::min(start + kBlock, n) - start;
+        if (is_signed) {
+          JunctionBackwardSigned(pdy + start, pa + start, pb + start, pga + start, pgb + start,
+                                 count, p, out_a + k, out + k);
+        } else {
+          JunctionBackwardUnsigned(pdy + start, pa + start, pb + start, pga + start, pgb + start,
+                                   count, p, out_a + k, out + k);
+        }
+      }
+    });
+    const Sums total_a = AddBlocks(partial_a);
+    const Sums total = AddBlocks(partial);
+    scalars[0]->scalar<float>()() = static_cast<float>(total_a.step / static_cast<double>(p.d_a));
+    scalars[1]->scalar<float>()() =
+        static_cast<float>(is_signed ? total_a.above - total_a.below : total_a.above);
+    scalars[2]->scalar<float>()() = static_cast<float>(total.step / static_cast<double>(p.d));
+    scalars[3]->scalar<float>()() = static_cast<float>(total.above);
+  }
+
+ private:
+  bool signed_a_;
 };
 
 absl::Status ScalarInput(InferenceContext* c, int index) {
@@ -330,8 +593,56 @@ REGISTER_OP("TfdqUniformQuantizeGrad")
     })
     .Doc("Straight-through gradients of TfdqUniformQuantize (gx, gd, gq).");
 
+REGISTER_OP("TfdqAddReluQuantize")
+    .Input("a: float")
+    .Input("b: float")
+    .Input("d_a: float")
+    .Input("q_max_a: float")
+    .Input("d: float")
+    .Input("q_max: float")
+    .Output("q: float")
+    .Attr("signed_a: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle shape;
+      TF_RETURN_IF_ERROR(c->Merge(c->input(0), c->input(1), &shape));
+      for (int k = 2; k < 6; ++k) TF_RETURN_IF_ERROR(ScalarInput(c, k));
+      c->set_output(0, shape);
+      return absl::OkStatus();
+    })
+    .Doc("tfdq residual junction: unsigned Q(relu(Q_a(a) + b)).");
+
+REGISTER_OP("TfdqAddReluQuantizeGrad")
+    .Input("dy: float")
+    .Input("a: float")
+    .Input("b: float")
+    .Input("d_a: float")
+    .Input("q_max_a: float")
+    .Input("d: float")
+    .Input("q_max: float")
+    .Output("ga: float")
+    .Output("gb: float")
+    .Output("gd_a: float")
+    .Output("gq_a: float")
+    .Output("gd: float")
+    .Output("gq: float")
+    .Attr("signed_a: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle shape;
+      TF_RETURN_IF_ERROR(c->Merge(c->input(0), c->input(1), &shape));
+      TF_RETURN_IF_ERROR(c->Merge(shape, c->input(2), &shape));
+      for (int k = 3; k < 7; ++k) TF_RETURN_IF_ERROR(ScalarInput(c, k));
+      c->set_output(0, shape);
+      c->set_output(1, shape);
+      for (int k = 2; k < 6; ++k) c->set_output(k, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc("Straight-through gradients of TfdqAddReluQuantize (ga, gb, gd_a, gq_a, gd, gq).");
+
 REGISTER_KERNEL_BUILDER(Name("TfdqUniformQuantize").Device(DEVICE_CPU), UniformQuantizeOp);
 REGISTER_KERNEL_BUILDER(Name("TfdqUniformQuantizeGrad").Device(DEVICE_CPU),
                         UniformQuantizeGradOp);
+REGISTER_KERNEL_BUILDER(Name("TfdqAddReluQuantize").Device(DEVICE_CPU), AddReluQuantizeOp);
+REGISTER_KERNEL_BUILDER(Name("TfdqAddReluQuantizeGrad").Device(DEVICE_CPU),
+                        AddReluQuantizeGradOp);
 
 }  // namespace tfdq
