@@ -483,7 +483,7 @@ def quantize_model(
     quantize_input: bool = True,
     init: str = "float",
     activation_init: str | None = None,
-    quantize_output: bool = False,
+    quantize_output: bool = True,
 ) -> QuantizedModel | tuple[QuantizedModel, QuantizationReport]:
     """Clone ``model`` into a learned-quantization model.
 
@@ -688,9 +688,6 @@ def format_problems(problems, limit=6):
     return "\n".join(lines)
 
 
-_FIXED_RANGE_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax", "tanh")
-
-
 def _quantizable_outputs(model):
     """The outputs of ``model`` that get an uncounted output quantizer: float
     tensors made by a layer or op (not an input passed through) whose range
@@ -702,7 +699,7 @@ def _quantizable_outputs(model):
             continue
         if isinstance(layer, qlayers.ActivationQuantizer):
             continue
-        if registry.activation_function_name(layer) in _FIXED_RANGE_ACTIVATIONS:
+        if registry.has_fixed_output_scale(layer):
             continue
         found.append(t)
     return found
