@@ -542,15 +542,14 @@ def quantize_model(
             ``init="float"``, else ``"default"``.
         quantize_output: put an uncounted 8-bit quantizer on each model output
             that is not already on a grid TFLite fixes (softmax and sigmoid
-            outputs are), usually the logits (default False for now;
-            recommended for export). The integer file
+            outputs are), usually the logits (default True). The integer file
             stores its outputs as int8 in any case; with the quantizer the
             Keras model computes the same integers, so both break ties alike
             (two logits one step apart in float can be equal in the file) and
             ``verify`` compares like with like. It starts at 8 bits from the
             calibrated largest output (or the defaults) and is not charged to
-            any activation budget. ``False`` (default): the file's output scale
-            is calibrated on data at export.
+            any activation budget. ``False``: the outputs stay float in Keras
+            and the file's output scale is calibrated on data at export.
 
     Returns:
         The quantized model, a :class:`tfdq.model.QuantizedModel` (a
