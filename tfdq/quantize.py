@@ -566,7 +566,7 @@ def quantize_model(
     >>> x = np.random.default_rng(0).uniform(0, 1, (32, 8, 8, 1)).astype("float32")
     >>> qmodel = tfdq.quantize_model(model, calibration_data=x)
     >>> [type(layer).__name__ for layer in qmodel.layers[1:]]
-    ['ActivationQuantizer', 'QConv2D', 'ActivationQuantizer', 'Flatten', 'QDense']
+    ['ActivationQuantizer', 'QConv2D', 'ActivationQuantizer', 'Flatten', 'QDense', 'ActivationQuantizer']
     >>> qmodel.get_layer("conv").kernel_quantizer.describe()  # max|W| = 0.22: d = 2^-5, 7 steps
     {'bits': 4.0, 'd': 0.03125, 'q_max': 0.21875}
     """
@@ -723,6 +723,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
     # 1. Where do activation quantizers go, and are they signed?
     targets = {}  # id(original tensor) -> original tensor
     internal = set()  # ids of targets that complete the grid (not counted as feature maps)
+    output_ids = set()  # ids of the model outputs that get quantize_output's quantizer
     if options["quantize_activations"]:
         averages = []
         for layer, node in nodes:
@@ -736,6 +737,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         # rounds the average there once, as Keras does
         grid = [_placement(t, averages) for t in _grid_operands(nodes)]
         outputs = _quantizable_outputs(model) if top and options["quantize_output"] else []
+        output_ids = {id(t) for t in outputs}
         for t in averages + grid + outputs:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t
@@ -840,6 +842,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                     "signed": signed[id(orig)],
                     "calibrated": id(orig) in stats and options["calibrate_activations"],
                     "counted": id(orig) not in internal,
+                    "output": id(orig) in output_ids,
                 }
             )
         return quantized_cache[id(orig)]
