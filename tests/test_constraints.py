@@ -460,4 +460,6 @@ def test_bits_charged_equal_the_integer_range_in_the_exported_file():
     assert seen == 4 and charged["c1"] == 2
     _, report = tfdq.export.to_tflite(q, x[:64], return_report=True)
     for a in report["activations"]:
+        if not q.get_layer(a["layer"]).counted:  # the logits' output quantizer is charged nothing
+            continue
         assert charged[a["layer"]] == max(_bits_for(a["levels_max"], a["signed"]), 1), a

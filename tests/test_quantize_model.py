@@ -90,8 +90,12 @@ def test_placement_follows_relu_through_pooling():
     q, report = tfdq.quantize_model(tfdq.models.small_cnn(), return_report=True)
     names = [a["name"] for a in report["activation_quantizers"]]
     # input image, and each ReLU (the last one reaches the Dense through GAP)
-    assert names == ["image_aq", "relu1_aq", "relu2_aq", "relu3_aq"]
-    assert all(not a["signed"] for a in report["activation_quantizers"][1:])
+    # (and the logits: quantize_output's signed, uncounted quantizer)
+    assert names == ["image_aq", "relu1_aq", "relu2_aq", "relu3_aq", "logits_aq"]
+    assert all(not a["signed"] for a in report["activation_quantizers"][1:-1])
+    assert (
+        report["activation_quantizers"][-1]["output"] and not report["activation_quantizers"][-1]["counted"]
+    )
     assert report["activation_quantizers"][0]["signed"]  # no calibration: input sign unknown
     assert report["float_layers"] == []
 
@@ -101,7 +105,8 @@ def test_resnet20_has_paper_layout():
     feature_maps = [a for a in report["activation_quantizers"] if a["name"] != "image_aq" and a["counted"]]
     assert len(feature_maps) == 19 and not any(a["signed"] for a in feature_maps)
     # plus one learned (uncounted) quantizer per residual branch and one on the pooled map
-    extra = [a for a in report["activation_quantizers"] if not a["counted"]]
+    extra = [a for a in report["activation_quantizers"] if not a["counted"] and not a["output"]]
+    assert [a["name"] for a in report["activation_quantizers"] if a["output"]] == ["logits_aq"]
     assert sorted(a["name"] for a in extra if a["signed"]) == sorted(
         f"s{s}b{b}b_bn_aq" for s in (1, 2, 3) for b in (1, 2, 3)
     ) and [a["name"] for a in extra if not a["signed"]] == ["pool_aq"]
@@ -341,7 +346,11 @@ def test_unsigned_quantizer_absorbs_the_relu_it_follows(monkeypatch):
     relus = [l for l in q.layers if isinstance(l, keras.layers.ReLU)]
     assert sorted(l.name for l in relus) == sorted(f"s{s}b{b}_relu" for s in (1, 2, 3) for b in (1, 2, 3))
     for layer in q.layers:  # each feature-map quantizer reads a BatchNorm or a kept ReLU after an Add
-        if isinstance(layer, qlayers.ActivationQuantizer) and layer.name not in ("image_aq", "pool_aq"):
+        if isinstance(layer, qlayers.ActivationQuantizer) and layer.name not in (
+            "image_aq",
+            "pool_aq",
+            "logits_aq",
+        ):
             src = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
             assert isinstance(src, (keras.layers.BatchNormalization, keras.layers.ReLU)), (layer.name, src)
     monkeypatch.setattr(tfdq.quantize, "_relu_input", lambda t: t)

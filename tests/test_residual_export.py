@@ -34,7 +34,7 @@ def test_resnet20_counts_the_papers_feature_maps_and_quantizes_every_add_operand
     qmodel = tfdq.quantize_model(tfdq.models.resnet20())
     acts = tfdq.layers.activation_quantizer_layers(qmodel)
     counted = [a for a in acts if a.counted]
-    operands = [a for a in acts if not a.counted and a.signed]
+    operands = [a for a in acts if not a.counted and a.signed and a.name != "logits_aq"]
     assert len(counted) == 20 and len(operands) == 9  # input + 19 ReLU maps; 9 residual branches
     # the zero-padding shortcut reuses its source's quantizer (no extra one)
     assert not any("shortcut" in a.name for a in acts)
@@ -55,7 +55,7 @@ def test_int4_convolution_with_signed_output_is_stored_int8_and_reported():
     verified = E.verify(qmodel, tflite, x[:16], export_report=report)
     assert verified["all_kernels_exact"], verified["layers"]
     assert any("b" in note and "int8" in note for note in verified["notes"])
-    assert [c["tensor"] for c in report["calibrated"]] == ["output_0"]  # only the logits
+    assert report["calibrated"] == []  # the logits too: the output quantizer
     assert "MEAN" not in [o["op"] for o in info["ops"]]
 
 
@@ -74,12 +74,14 @@ def test_tensor_arithmetic_residual_sum_is_on_learned_grids_like_the_add_layer()
     x = rng.uniform(0, 1, (64, 8, 8, 1)).astype("float32")
     model = _ops_residual_cnn()
     qmodel, report = tfdq.quantize_model(model, calibration_data=x, return_report=True)
-    operands = [r for r in report["activation_quantizers"] if not r["counted"] and r["signed"]]
+    operands = [
+        r for r in report["activation_quantizers"] if not r["counted"] and r["signed"] and not r["output"]
+    ]
     assert len(operands) == 1  # the BatchNorm branch of ``y + h`` (h is on its ReLU's grid already)
     E.align_biases(qmodel, x)  # the folded biases on the int32 grid, as the README's export path does
     tflite, export_report = E.to_tflite(qmodel, x, return_report=True)
     # no tensor inside the network is calibrated: the sum takes its operands' grids
-    assert [c["tensor"] for c in export_report["calibrated"]] == ["output_0"]
+    assert export_report["calibrated"] == []  # the logits too: the output quantizer
     verified = E.verify(qmodel, tflite, x, export_report=export_report)
     assert verified["all_kernels_exact"] and verified["float_ops"] == []
     assert verified["max_abs_output_diff_in_output_steps"] <= 1.0
@@ -115,7 +117,7 @@ def test_difference_of_feature_maps_is_on_learned_grids_like_a_sum(as_layer):
     qmodel.fit(*train, batch_size=64, epochs=1, verbose=0)
     E.align_biases(qmodel, train[0])
     tflite, export_report = E.to_tflite(qmodel, train[0], return_report=True)
-    assert [c["tensor"] for c in export_report["calibrated"]] == ["output_0"]  # only the logits
+    assert export_report["calibrated"] == []  # the logits too: the output quantizer
     assert "SUB" in [o["op"] for o in inspect_tflite(tflite)["ops"]]
     r = E.verify(qmodel, tflite, test, export_report=export_report)
     assert r["float_ops"] == [] and r["all_kernels_exact"]
@@ -181,7 +183,7 @@ def test_trained_residual_cnn_exports_exactly():
         changes = E.align_biases(qmodel, train[0], storage=storage)
         assert all(np.isfinite(c["max_change_output_steps"]) for c in changes)
         tflite, report = E.to_tflite(qmodel, train[0], storage=storage, return_report=True)
-        assert [c["tensor"] for c in report["calibrated"]] == ["output_0"]
+        assert report["calibrated"] == []  # the logits too: the output quantizer
         assert all(b["exact"] for b in report["biases"]), report["biases"]
         assert max(_hidden_maps_equal(qmodel, tflite, test[0]).values()) == 0.0
         everything = tuple(np.concatenate([a, b]) for a, b in zip(train, test))  # 1,797 digits
@@ -224,7 +226,10 @@ def test_linear_residual_sums_export_exactly():
     model = _linear_residual_cnn()
     model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(*train, batch_size=64, epochs=4, verbose=0)
-    qmodel = tfdq.quantize_model(model, calibration_data=train[0][:512])
+    # logits left float (calibrated in the file): with the output quantizer this seed's fine-tune
+    # ends with 134 of 1.4 million a_bn_aq elements at an exact half step (1.5), which the file
+    # rounds down and Keras away from zero (an open exactness gap, BENCHMARKS.md "Where tfdq is behind")
+    qmodel = tfdq.quantize_model(model, calibration_data=train[0][:512], quantize_output=False)
     ties = {layer.name: layer.ties for layer in tfdq.layers.activation_quantizer_layers(qmodel)}
     up = sorted(name for name, rule in ties.items() if rule == "up")
     assert len(up) == 2 and "sum_aq" in up, ties  # the two sums' signed quantizers, nothing else

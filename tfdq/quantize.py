@@ -483,7 +483,7 @@ def quantize_model(
     quantize_input: bool = True,
     init: str = "float",
     activation_init: str | None = None,
-    quantize_output: bool = False,
+    quantize_output: bool = True,
 ) -> QuantizedModel | tuple[QuantizedModel, QuantizationReport]:
     """Clone ``model`` into a learned-quantization model.
 
@@ -542,15 +542,14 @@ def quantize_model(
             ``init="float"``, else ``"default"``.
         quantize_output: put an uncounted 8-bit quantizer on each model output
             that is not already on a grid TFLite fixes (softmax and sigmoid
-            outputs are), usually the logits (default False for now;
-            recommended for export). The integer file
+            outputs are), usually the logits (default True). The integer file
             stores its outputs as int8 in any case; with the quantizer the
             Keras model computes the same integers, so both break ties alike
             (two logits one step apart in float can be equal in the file) and
             ``verify`` compares like with like. It starts at 8 bits from the
             calibrated largest output (or the defaults) and is not charged to
-            any activation budget. ``False`` (default): the file's output scale
-            is calibrated on data at export.
+            any activation budget. ``False``: the outputs stay float in Keras
+            and the file's output scale is calibrated on data at export.
 
     Returns:
         The quantized model, a :class:`tfdq.model.QuantizedModel` (a
@@ -567,7 +566,7 @@ def quantize_model(
     >>> x = np.random.default_rng(0).uniform(0, 1, (32, 8, 8, 1)).astype("float32")
     >>> qmodel = tfdq.quantize_model(model, calibration_data=x)
     >>> [type(layer).__name__ for layer in qmodel.layers[1:]]
-    ['ActivationQuantizer', 'QConv2D', 'ActivationQuantizer', 'Flatten', 'QDense']
+    ['ActivationQuantizer', 'QConv2D', 'ActivationQuantizer', 'Flatten', 'QDense', 'ActivationQuantizer']
     >>> qmodel.get_layer("conv").kernel_quantizer.describe()  # max|W| = 0.22: d = 2^-5, 7 steps
     {'bits': 4.0, 'd': 0.03125, 'q_max': 0.21875}
     """
@@ -688,9 +687,6 @@ def format_problems(problems, limit=6):
     return "\n".join(lines)
 
 
-_FIXED_RANGE_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax", "tanh")
-
-
 def _quantizable_outputs(model):
     """The outputs of ``model`` that get an uncounted output quantizer: float
     tensors made by a layer or op (not an input passed through) whose range
@@ -702,7 +698,7 @@ def _quantizable_outputs(model):
             continue
         if isinstance(layer, qlayers.ActivationQuantizer):
             continue
-        if registry.activation_function_name(layer) in _FIXED_RANGE_ACTIVATIONS:
+        if registry.has_fixed_output_scale(layer):
             continue
         found.append(t)
     return found
@@ -727,6 +723,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
     # 1. Where do activation quantizers go, and are they signed?
     targets = {}  # id(original tensor) -> original tensor
     internal = set()  # ids of targets that complete the grid (not counted as feature maps)
+    output_ids = set()  # ids of the model outputs that get quantize_output's quantizer
     if options["quantize_activations"]:
         averages = []
         for layer, node in nodes:
@@ -740,6 +737,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         # rounds the average there once, as Keras does
         grid = [_placement(t, averages) for t in _grid_operands(nodes)]
         outputs = _quantizable_outputs(model) if top and options["quantize_output"] else []
+        output_ids = {id(t) for t in outputs}
         for t in averages + grid + outputs:
             if id(t) not in targets and (options["quantize_input"] or id(t) not in raw):
                 targets[id(t)] = t
@@ -844,6 +842,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                     "signed": signed[id(orig)],
                     "calibrated": id(orig) in stats and options["calibrate_activations"],
                     "counted": id(orig) not in internal,
+                    "output": id(orig) in output_ids,
                 }
             )
         return quantized_cache[id(orig)]

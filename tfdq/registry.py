@@ -87,6 +87,7 @@ class Activation:
     rule: str = None
     fix: str = ""
     operands: str = None  # as Entry.operands, for the node that applies it alone (an activation node)
+    fixed_scale: bool = False  # TFLite fixes its int8 output scale (1/256, zero point -128)
 
 
 def _cls(module, name):
@@ -744,8 +745,8 @@ ACTIVATIONS = [
     Activation(("linear", None), False, EXACT, "linear"),
     Activation(("relu",), True, EXACT, "relu"),
     Activation(("relu6",), True, EXACT, "relu6"),
-    Activation(("softmax",), True, EXACT, "softmax"),
-    Activation(("sigmoid",), True, CALIBRATED, "sigmoid"),
+    Activation(("softmax",), True, EXACT, "softmax", fixed_scale=True),
+    Activation(("sigmoid",), True, CALIBRATED, "sigmoid", fixed_scale=True),
     Activation(("hard_sigmoid",), True, CALIBRATED, "hard_sigmoid"),
     Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish", operands=INPUT),
     Activation(("swish", "silu"), False, CALIBRATED, "swish"),
@@ -840,6 +841,13 @@ def activation_function_name(op):
 def activation(name):
     """The :class:`Activation` entry of an activation function name, or None."""
     return _ACT_BY_NAME.get(name)
+
+
+def has_fixed_output_scale(op):
+    """Whether TFLite fixes the int8 scale of ``op``'s output (softmax, sigmoid: 1/256): such an
+    output needs no learned quantizer of its own to be computed alike by Keras and the file."""
+    act = activation(activation_function_name(op))
+    return act is not None and act.fixed_scale
 
 
 def operand_grids(op):

@@ -298,6 +298,12 @@ class Builder:
         if rule == "identity":
             return [values[op.inputs[0]]]
         if rule == "same_scale":
+            x = values[op.inputs[0]]
+            if x.q is None and isinstance(layer, (keras.layers.Flatten, keras.layers.Reshape)):
+                if self.plan.downstream_step(op.outputs[0]) is not None:
+                    # the learned quantizer after the reshape sets the producer's output scale
+                    # (the producer requantizes to its step: plan.downstream_quantizer)
+                    return [_Val(self.same_scale(layer, x.t), None, False, x.nonneg, label)]
             x = self.quantized(values, op.inputs[0], f"{label}:input", f"input of {label}")
             y = self.same_scale(layer, x.t)
             return [_Val(self.fq(y, x.q), x.q, False, x.nonneg, label)]

@@ -145,6 +145,18 @@ def activation_name(fn):
     return getattr(fn, "__name__", str(fn))
 
 
+def _transparent(layer):
+    """A node that hands its input's values on unchanged (Dropout at inference, Flatten, Reshape, a
+    linear activation): a quantizer after it quantizes its input alike, so its producer can
+    requantize straight to that quantizer's grid."""
+    entry = registry.lookup(layer)
+    if entry is None:
+        return False
+    if entry.rule == "identity" or isinstance(layer, (keras.layers.Flatten, keras.layers.Reshape)):
+        return True
+    return entry.rule == "activation" and activation_rule(layer) == "linear"
+
+
 def activation_rule(layer):
     """The export rule of the activation a node applies (``"linear"``, ``"relu"``,
     ``"relu6"``, ``"softmax"``...), or None where the exporter refuses it."""
@@ -1031,13 +1043,16 @@ class Plan:
         False)`` when no learned quantizer takes the tensor next.
         """
         relu = False
-        for _ in range(2):
+        for _ in range(len(self.ops)):
             op = self.sole_consumer(key, through_folded_bn=folded)
             folded = False
             if op is None:
                 break
             if op.index in self.acts:
                 return self.acts[op.index], relu
+            if _transparent(op.layer):
+                key = op.outputs[0]
+                continue
             if (
                 not relu
                 and registry.lookup(op.layer) is not None
