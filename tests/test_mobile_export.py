@@ -24,7 +24,17 @@ def _digits(size=8, channels=1, scale=1.0):
     return x, d.target.astype(np.int64)
 
 
-def _end_to_end(model, x, y, float_epochs=0, quant_epochs=1, n_train=1200, lr=2e-3, min_agreement=0.99):
+def _end_to_end(
+    model,
+    x,
+    y,
+    float_epochs=0,
+    quant_epochs=1,
+    n_train=1200,
+    lr=2e-3,
+    min_agreement=0.99,
+    quantize_output=False,
+):
     """The pipeline of the README's Use section; returns (qmodel, report, verification, file info)."""
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if float_epochs:
@@ -35,7 +45,7 @@ def _end_to_end(model, x, y, float_epochs=0, quant_epochs=1, n_train=1200, lr=2e
         standardize_batchnorms(model, x[:256])
         assert model.evaluate(x[n_train:], y[n_train:], verbose=0)[1] > 0.5, "the float model did not learn"
     qmodel, report = tfdq.quantize_model(
-        model, calibration_data=x[:256], return_report=True, strict=True, quantize_output=True
+        model, calibration_data=x[:256], return_report=True, strict=True, quantize_output=quantize_output
     )
     assert report["export_problems"] == []
     qmodel.compile(keras.optimizers.Adam(lr / 2), loss)
@@ -238,7 +248,7 @@ def test_efficientnet_block_exports_every_learned_map_equal():
     x, y = _digits()
     keras.utils.set_random_seed(0)
     qmodel, report, result, info = _end_to_end(
-        efficientnet_block_model(), x, y, float_epochs=4, quant_epochs=1
+        efficientnet_block_model(), x, y, float_epochs=4, quant_epochs=1, quantize_output=True
     )
     ties = {l.name: l.ties for l in qlayers.activation_quantizer_layers(qmodel)}
     even = sorted(n for n, t in ties.items() if t == "even")
@@ -342,7 +352,7 @@ def test_mobile_networks_end_to_end(build):
     # file's int8 input (scale 1) rounds them, which moves EfficientNet's x / 255 off the half-way
     # points of its first learned grid (16% of that map one step off)
     x = np.round(x)
-    _, _, result, _ = _end_to_end(build(), x, y, float_epochs=15, quant_epochs=1)
+    _, _, result, _ = _end_to_end(build(), x, y, float_epochs=15, quant_epochs=1, quantize_output=True)
     print(result.format())  # with -s: the agreement and output steps that BENCHMARKS.md reports
 
 
