@@ -738,11 +738,14 @@ _INT8_ACTIVATIONS = {"swish": qlayers.int8_swish, "silu": qlayers.int8_swish, "s
 def _split_fused_activations(model):
     """``model`` with every kernel layer's fused sigmoid / swish split off into an ``Activation``
     layer named ``<layer>_<activation>`` after a linear copy of the layer (same name, same
-    weights). Every other layer is shared with ``model``; ``model`` itself when nothing splits."""
+    weights). Every other layer is shared with ``model``; ``model`` itself when nothing splits.
+    A layer whose output is a model output keeps its activation (and its name as the output's)."""
+    outputs = {id(producer(t)[0]) for t in model.outputs}
     fused = [
         layer
         for layer, _ in model_nodes(model)
-        if registry.is_quantizable(layer)
+        if id(layer) not in outputs
+        and registry.is_quantizable(layer)
         and not isinstance(layer, keras.Model)
         and registry.activation_function_name(layer) in _SPLIT_ACTIVATIONS
     ]
