@@ -197,6 +197,9 @@ class ActivationQuantizer(keras.layers.Layer):
     a sum or difference of feature maps, so that the integer file computes
     the same values (uniform quantizers only; forward only: the
     straight-through gradients are those of ``"away"``).
+    ``"even"``: to the even level, as XNNPACK's MUL requantizes a product;
+    ``quantize_model`` sets it on the quantizer after a swish (``x *
+    sigmoid(x)``: one int8 MUL in the file, see :func:`int8_swish`).
     """
 
     def __init__(
@@ -210,11 +213,14 @@ class ActivationQuantizer(keras.layers.Layer):
         super().__init__(**kwargs)
         self.quantizer = _make_quantizer(quantizer, "activation", signed)
         self.counted = bool(counted)
-        if ties not in ("away", "up"):
-            raise ValueError(f"ties={ties!r}: use 'away' (half away from zero) or 'up' (half towards +inf).")
-        if ties == "up" and self.quantizer.FAMILY != "uniform":
+        if ties not in ("away", "up", "even"):
             raise ValueError(
-                f"ties='up' needs a uniform quantizer; {type(self.quantizer).__name__} has a "
+                f"ties={ties!r}: use 'away' (half away from zero), 'up' (half towards +inf) or "
+                "'even' (half to the even level)."
+            )
+        if ties != "away" and self.quantizer.FAMILY != "uniform":
+            raise ValueError(
+                f"ties={ties!r} needs a uniform quantizer; {type(self.quantizer).__name__} has a "
                 "power-of-two grid: use ties='away' or a U1/U2/U3 quantizer."
             )
         self.ties = ties
@@ -233,7 +239,8 @@ class ActivationQuantizer(keras.layers.Layer):
             return self.quantizer.quantize_tensor(inputs)
         params = self.quantizer.forward_params()
         q = self.quantizer.quantize_tensor(inputs, params)
-        return q + tf.stop_gradient(ops.negative_ties_up(inputs, q, params["d"], params["q_max"]))
+        move = ops.negative_ties_up if self.ties == "up" else ops.ties_to_even
+        return q + tf.stop_gradient(move(inputs, q, params["d"], params["q_max"]))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -246,6 +253,39 @@ class ActivationQuantizer(keras.layers.Layer):
         if self.ties != "away":
             config["ties"] = self.ties
         return config
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+def int8_swish(x):
+    """``x * sigmoid(x)`` with the sigmoid on TFLite's int8 LOGISTIC output grid.
+
+    The integer file computes swish as LOGISTIC (its int8 output has the
+    fixed scale 1/256, zero point -128: levels 0 to 255/256) and one MUL;
+    ``quantize_model`` swaps the swish of an ``Activation`` layer for this
+    function (and puts a learned quantizer on its input) so that Keras rounds
+    the sigmoid where the file does. The rounding is straight-through: the
+    gradient is swish's.
+    """
+    x = kops.convert_to_tensor(x)
+    return x * int8_sigmoid(x)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+def int8_sigmoid(x):
+    """``sigmoid(x)`` rounded onto TFLite's int8 LOGISTIC output grid (scale 1/256, levels 0 to 255).
+
+    The rounding is computed from a float64 sigmoid, as the file's lookup table is (a float32
+    sigmoid lands on a half level, 128.5 / 256 at x = 2^-7, and rounds the other way). The
+    gradient is the sigmoid's (straight-through).
+    """
+    x = kops.convert_to_tensor(x)
+    g = kops.sigmoid(x)
+    g_q = kops.cast(
+        kops.minimum(kops.round(kops.sigmoid(kops.cast(x, "float64")) * 256.0), 255.0) * (1.0 / 256.0),
+        g.dtype,
+    )
+    # exact: g + (g_q - g) == g_q (Sterbenz; g_q = 0 gives -g + g)
+    return g + kops.stop_gradient(g_q - g)
 
 
 def weight_quantized_layers(model: keras.Model) -> list[keras.layers.Layer]:

@@ -355,6 +355,28 @@ def _negative_ties_up(x, q, d, q_max):
     return tf.cast(tf.equal(c - q, 0.5 * d), x.dtype) * d
 
 
+def ties_to_even(x, q, d, q_max):
+    """What moves ``q = uniform_quantize(x, d, q_max)`` to round ties to the even level.
+
+    LiteRT's XNNPACK MUL requantizes its product in float32 and converts it
+    with round-to-nearest-even; the uniform quantizer rounds half away from
+    zero. At an exact tie (``|clip(x) - q| = d / 2``, exact in floating point
+    as in :func:`negative_ties_up`) on an odd level ``q / d`` this returns
+    ``2 (clip(x) - q)`` (the even neighbour towards zero), elsewhere 0.
+    """
+    x = tf.convert_to_tensor(x)
+    d = tf.cast(d, x.dtype)
+    q_max = tf.cast(q_max, x.dtype)
+    return _ties_to_even(x, q, d, q_max)
+
+
+@_kernel
+def _ties_to_even(x, q, d, q_max):
+    r = tf.clip_by_value(x, -q_max, q_max) - q
+    odd = tf.equal(tf.math.floormod(tf.round(q / d), 2.0), 1.0)
+    return tf.cast(tf.logical_and(tf.equal(tf.abs(r), 0.5 * d), odd), x.dtype) * (2.0 * r)
+
+
 @_kernel
 def _uniform_backward(dy, x, q, d, q_max, signed):
     zero = tf.zeros([], dy.dtype)

@@ -704,6 +704,72 @@ def _quantizable_outputs(model):
     return found
 
 
+# Activations a kernel layer's ``activation=`` applies that the integer file computes from an int8
+# input (LOGISTIC, and a MUL for swish): split off as their own Activation layer, so that the
+# kernel's output gets a learned quantizer (registry INPUT) and Keras rounds where the file does.
+_SPLIT_ACTIVATIONS = ("sigmoid", "swish", "silu")
+
+
+def _ends_in_logistic_mul(layer, node):
+    """True for a swish (``Activation``: LOGISTIC, then a MUL in the file) and for a ``Multiply``
+    with a sigmoid factor (EfficientNet's squeeze-and-excite gate): their int8 MUL rounds ties
+    to even (XNNPACK), and the factor from LOGISTIC has TFLite's fixed scale 1/256, which no
+    per-tensor nudge can move (the MobileNetV3 gate's hard-sigmoid can: tfdq.export.build)."""
+    if isinstance(layer, keras.layers.Activation):
+        return registry.activation_function_name(layer) in ("swish", "silu")
+    if not isinstance(layer, keras.layers.Multiply) or node is None:
+        return False
+    for t in node.input_tensors:
+        src, _ = producer(t)
+        while isinstance(src, qlayers.ActivationQuantizer):
+            src, _ = producer(src.input)
+        if isinstance(src, keras.layers.Activation) and registry.activation_function_name(src) == "sigmoid":
+            return True
+    return False
+
+
+_INT8_ACTIVATIONS = {"swish": qlayers.int8_swish, "silu": qlayers.int8_swish, "sigmoid": qlayers.int8_sigmoid}
+
+
+def _split_fused_activations(model):
+    """``model`` with every kernel layer's fused sigmoid / swish split off into an ``Activation``
+    layer named ``<layer>_<activation>`` after a linear copy of the layer (same name, same
+    weights). Every other layer is shared with ``model``; ``model`` itself when nothing splits.
+    A layer whose output is a model output keeps its activation (and its name as the output's)."""
+    outputs = {id(producer(t)[0]) for t in model.outputs}
+    fused = [
+        layer
+        for layer, _ in model_nodes(model)
+        if id(layer) not in outputs
+        and registry.is_quantizable(layer)
+        and not isinstance(layer, keras.Model)
+        and registry.activation_function_name(layer) in _SPLIT_ACTIVATIONS
+    ]
+    if not fused:
+        return model
+    linear = {}
+    for layer in fused:
+        config = layer.get_config()
+        config["activation"] = "linear"
+        copy = layer.__class__.from_config(config)
+        linear[id(layer)] = (copy, layer, registry.activation_function_name(layer))
+
+    def clone_function(layer):
+        return linear[id(layer)][0] if id(layer) in linear else layer
+
+    def call_function(layer, *args, **kwargs):
+        out = layer(*args, **kwargs)
+        for copy, orig, act in linear.values():
+            if copy is layer:
+                if not copy.get_weights() or len(copy.weights) != len(orig.weights):
+                    raise ValueError(f"{orig.name}: could not split its {act} activation off.")
+                copy.set_weights(orig.get_weights())
+                return keras.layers.Activation(act, name=f"{orig.name}_{act}")(out)
+        return out
+
+    return keras.models.clone_model(model, clone_function=clone_function, call_function=call_function)
+
+
 def _quantize_graph(model, options, calibration_data, report, input_signs=None, raw_inputs=None, top=True):
     """Clone one Functional graph (recursing into nested models).
 
@@ -711,7 +777,7 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
     model's input (all of them at the top level), left unquantized when
     ``options["quantize_input"]`` is False.
     """
-    model = _as_functional(model)
+    model = _split_fused_activations(_as_functional(model))
     nodes = model_nodes(model)
     graph_nodes = {}  # id(layer) -> its nodes in this graph (a loaded model has extra ones)
     for layer, node in nodes:
@@ -786,7 +852,13 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
         elif registry.is_operation(layer):
             clone = _clone_operation(layer, report)
         else:
-            clone = layer.__class__.from_config(layer.get_config())
+            config = layer.get_config()
+            if isinstance(layer, keras.layers.Activation) and layer.activation is not None:
+                # the sigmoid on LOGISTIC's int8 grid, as the file computes it
+                config["activation"] = _INT8_ACTIVATIONS.get(
+                    registry.activation_function_name(layer), config["activation"]
+                )
+            clone = layer.__class__.from_config(config)
             if registry.has_float_weights(layer):
                 report["float_layers"].append({"name": layer.name, "class": type(layer).__name__})
         new_to_orig_layer[id(clone)] = layer
@@ -830,6 +902,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                 )
             ):
                 ties = "up"
+            elif quantizer.FAMILY == "uniform" and _ends_in_logistic_mul(layer, node):
+                ties = "even"  # an int8 MUL by a LOGISTIC output, which XNNPACK rounds to even
             aq = qlayers.ActivationQuantizer(
                 quantizer=quantizer, name=f"{base}_aq", counted=id(orig) not in internal, ties=ties
             )

@@ -64,6 +64,15 @@ an int8 model whose kernels hold exactly those integers:
   quantizer after it rounds them up too (``ActivationQuantizer(ties="up")``,
   set by ``quantize_model``), so the file's sum is the Keras one element for
   element. ``verify`` notes a quantizer after a sum that rounds ties away.
+* A sigmoid is one LOGISTIC (int8 output at TFLite's fixed scale 1/256), a
+  swish a LOGISTIC and a MUL. ``quantize_model`` puts a learned quantizer on
+  their input (splitting a fused ``activation="swish"`` / ``"sigmoid"`` off
+  its kernel layer), rounds the Keras sigmoid onto the 1/256 grid as the
+  file's lookup table does (``tfdq.layers.int8_sigmoid``, ``int8_swish``),
+  and the quantizer after a MUL by a LOGISTIC output (a swish, a
+  sigmoid-gated ``Multiply``) rounds ties to even as XNNPACK's MUL does
+  (``ties="even"``): EfficientNet's swish and squeeze-and-excite gates
+  export with every learned map equal.
 * A sub-byte kernel outside XNNPACK whose output stays signed is stored
   int8: LiteRT's builtin int4 CONV_2D / DEPTHWISE_CONV_2D (and
   FULLY_CONNECTED) rounds twice, which no bias can undo for negative
