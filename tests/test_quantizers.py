@@ -304,7 +304,7 @@ def test_activation_quantizer_ties_up_rounds_half_towards_plus_infinity(fused):
     with pytest.raises(ValueError, match="uniform"):
         ActivationQuantizer(P3(signed=True), signed=True, ties="up")
     with pytest.raises(ValueError, match="'away'"):
-        ActivationQuantizer("U3", ties="even")
+        ActivationQuantizer("U3", ties="down")
 
 
 def test_round_half_away_exact():

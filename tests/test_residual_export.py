@@ -17,7 +17,13 @@ def test_add_operands_and_pooled_maps_get_uncounted_learned_quantizers():
     qmodel, report = tfdq.quantize_model(residual_cnn(), calibration_data=x, return_report=True)
     by_name = {r["name"]: r for r in report["activation_quantizers"]}
     # the residual branch (BatchNorm output, signed) and the pooled map (unsigned)
-    assert by_name["b_bn_aq"] == {"name": "b_bn_aq", "signed": True, "calibrated": True, "counted": False}
+    assert by_name["b_bn_aq"] == {
+        "name": "b_bn_aq",
+        "signed": True,
+        "calibrated": True,
+        "counted": False,
+        "output": False,
+    }
     assert not by_name["pool_aq"]["signed"] and not by_name["pool_aq"]["counted"]
     # the identity operand is the stem's quantized ReLU map already: no second quantizer
     assert "stem_relu_aq" in by_name and sum(r["counted"] for r in by_name.values()) == 5
