@@ -336,10 +336,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--latency", action="store_true", help="also file sizes and LiteRT latency")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "applications_sweep.json"))
+    parser.add_argument(
+        "--out",
+        help="JSON file (default results/applications_sweep.json; --finetune: applications_finetune.json)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the rows run into --out (each replaces the row of its model) instead of rewriting it",
+    )
     parser.add_argument("--finetune", help="comma-separated models: short fine-tune + verify (JSON to --out)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "applications_finetune.json" if args.finetune else "applications_sweep.json"
+        args.out = os.path.join(RESULTS, name)
     if args.table:
         with open(args.out) as f:
             rows = json.load(f)["models"]
@@ -348,21 +359,29 @@ def main(argv=None):
     if args.finetune:
         from benchmarks.common import save_report  # noqa: PLC0415
 
+        names = args.finetune.split(",")
         rows = []
-        for name in args.finetune.split(","):
+        for name in names:
             try:
                 rows.append(finetune_and_verify(name))
             except Exception as e:  # noqa: BLE001 (a row per model)
-                rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+                rows.append(
+                    {
+                        "model": name,
+                        "error": f"{type(e).__name__}: {str(e)[:2000]}",
+                        "traceback": traceback.format_exc()[-3000:],
+                    }
+                )
             print(json.dumps(rows[-1]), flush=True)
             out_dir, out_name = os.path.split(args.out)
+            merged = merge_rows(_read_rows(args.out), rows) if args.merge else rows
             save_report(
                 out_dir,
                 os.path.splitext(out_name)[0],
                 "keras.applications: short fine-tune on digits, align_biases, to_tflite, verify",
-                f"python -m benchmarks.applications_sweep --finetune {args.finetune}",
-                {"models": rows},
-                complete=len(rows) == len(args.finetune.split(",")),
+                "python -m benchmarks.applications_sweep --finetune NAMES (one model per process, --merge)",
+                {"models": merged},
+                complete=len(rows) == len(names),
             )
         return
     if args.one:
@@ -383,21 +402,43 @@ def main(argv=None):
     print(summary_table(rows))
 
 
+def _read_rows(path):
+    """The rows of an earlier result file (none if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f).get("models", [])
+
+
+def merge_rows(old, new):
+    """``old`` rows with each of ``new`` replacing the row of its model, in the order of :data:`MODELS`."""
+    by_name = {r["model"]: r for r in old}
+    by_name.update({r["model"]: r for r in new})
+    order = {name: i for i, name in enumerate(MODELS)}
+    return sorted(by_name.values(), key=lambda r: order.get(r["model"], len(order)))
+
+
 def _write(args, rows, complete):
     from benchmarks.common import save_report  # noqa: PLC0415
 
+    if args.merge:
+        rows = merge_rows(_read_rows(args.out), rows)
+        complete = True  # the file holds every row measured so far (``missing`` names the others)
     payload = {
         "models": rows,
         "quantized": sum(bool(r.get("quantized")) for r in rows),
         "exported": sum(bool(r.get("exported")) for r in rows),
         "total": len(rows),
+        "missing": [name for name in MODELS if name not in {r["model"] for r in rows}],
     }
     out_dir, name = os.path.split(args.out)
     save_report(
         out_dir,
         os.path.splitext(name)[0],
         "keras.applications sweep: quantize_model, forward, to_tflite, LiteRT",
-        "python -m benchmarks.applications_sweep" + (" --latency" if args.latency else ""),
+        "python -m benchmarks.applications_sweep"
+        + (" --latency" if args.latency else "")
+        + (" --models NAMES --merge (one model at a time)" if args.merge else ""),
         payload,
         complete=complete,
     )
