@@ -192,7 +192,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     their start after a short fit); quantize_model, ``quant_epochs`` of
     quantized training, align_biases, to_tflite and verify on the held-out
     digits. Returns a JSON-ready dict (agreement, accuracies, calibrated
-    tensors).
+    tensors, and each learned map of the file against Keras': :func:`map_offsets`).
     """
     import keras  # noqa: PLC0415
 
@@ -217,6 +217,9 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     tflite, report = tfdq.export.to_tflite(qmodel, xt[:128], return_report=True)
     result = tfdq.export.verify(qmodel, tflite, (xv, yv), export_report=report)
     print(result.format(), flush=True)
+    # where the file departs from Keras: every learned map against the file's tensor on its grid
+    maps = map_offsets(qmodel, tflite, xv[:16])
+    off = [m for m in maps if m["max_steps"] is None or m["max_steps"] > 0]
     return {
         "model": name,
         "input": MODELS[name][1],
@@ -233,8 +236,63 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
         "file_bytes": len(tflite),
         "calibrated_tensors": [c["tensor"] for c in report["calibrated"]],
         "standalone_batchnorms": len(report["batchnorms"]),
+        "learned_maps": len(maps),
+        "learned_maps_equal": sum(m["max_steps"] == 0 for m in maps),
+        "learned_maps_not_found": [m["layer"] for m in maps if m["max_steps"] is None],
+        # in model order: the first ones are where the difference starts
+        "learned_maps_off": off[:40],
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def map_offsets(qmodel, tflite, x):
+    """Each learned activation map of ``qmodel`` against the file's int8 tensor on the same grid.
+
+    Runs the file in LiteRT with every intermediate tensor kept and, for each
+    :class:`tfdq.layers.ActivationQuantizer` (in model order), finds the int8
+    tensors of the file with its output's shape and scale; the largest
+    difference from Keras' map in steps of the grid (the best-matching tensor
+    where several qualify). ``None`` where the file holds no tensor on that
+    grid (the map was fused away or requantized). Returns a list of
+    ``{"layer", "step", "max_steps", "mean_steps"}``.
+    """
+    import keras  # noqa: PLC0415
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    layers = tfdq.layers.activation_quantizer_layers(qmodel)
+    probe = keras.Model(qmodel.input, [layer.output for layer in layers])
+    wants = probe.predict(x, batch_size=len(x), verbose=0)
+    it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=True)
+    inp = it.get_input_details()[0]
+    it.resize_tensor_input(inp["index"], list(x.shape))
+    it.allocate_tensors()
+    s, zp = inp["quantization"]
+    q = np.sign(x / s) * np.floor(np.abs(x / s) + 0.5) + zp
+    it.set_tensor(inp["index"], np.clip(q, -128, 127).astype(np.int8))
+    it.invoke()
+    details = [t for t in it.get_tensor_details() if t["dtype"] == np.int8]
+    out = []
+    for layer, want in zip(layers, wants):
+        want = np.asarray(want, np.float64)
+        step = layer.quantizer.describe()["d"]
+        best = None
+        for t in details:
+            if tuple(t["shape"]) != want.shape or abs(t["quantization"][0] / step - 1) > 1e-6:
+                continue
+            diff = np.abs((it.get_tensor(t["index"]).astype(np.float64) - t["quantization"][1]) * step - want)
+            if best is None or diff.max() < best[0]:
+                best = (float(diff.max() / step), float(diff.mean() / step))
+        out.append(
+            {
+                "layer": layer.name,
+                "step": step,
+                "max_steps": None if best is None else best[0],
+                "mean_steps": None if best is None else best[1],
+            }
+        )
+    return out
 
 
 def _latency(model, qmodel, calib, tflite_default, rounds, invokes):
