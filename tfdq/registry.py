@@ -1046,6 +1046,8 @@ APPLICATIONS_CHECKED = frozenset(
         "MobileNetV3Large",
         "ResNet50",
         "ResNet50V2",
+        "ResNet101",
+        "ResNet101V2",
         "Xception",
     }
 )
