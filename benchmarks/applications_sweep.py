@@ -357,7 +357,11 @@ def summary_table(rows):
             why = "refused: " + ", ".join(classes)
         elif r.get("error"):
             message = r["error"]
-            why = message[message.find("error:") :] if "error:" in message else message
+            if message.startswith("subprocess exit"):  # its stderr is TensorFlow's log: the exit code says it
+                code = message.split(":")[0]
+                why = code + (" (killed: the kernel's out-of-memory killer)" if code.endswith("-9") else "")
+            else:
+                why = message[message.find("error:") :] if "error:" in message else message
             why = why.splitlines()[0][:140].replace("|", "/")
         error = f"{r['relative_logit_error']:.2f}" if "relative_logit_error" in r else ""
         size = f"{r['file_bytes'] / 1e3:.0f}" if "file_bytes" in r else ""
