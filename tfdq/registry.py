@@ -1040,6 +1040,7 @@ APPLICATIONS_CHECKED = frozenset(
         "EfficientNetV2B0",
         "EfficientNetV2B1",
         "InceptionResNetV2",
+        "InceptionV3",
         "MobileNet",
         "MobileNetV2",
         "MobileNetV3Small",
