@@ -1052,6 +1052,7 @@ APPLICATIONS_CHECKED = frozenset(
         "ResNet101V2",
         "ResNet50",
         "ResNet50V2",
+        "VGG16",
         "Xception",
     }
 )
