@@ -1032,6 +1032,7 @@ APPLICATIONS = {
 # tests/test_applications_sweep.py checks against this set). The README lists these only.
 APPLICATIONS_CHECKED = frozenset(
     {
+        "ConvNeXtSmall",
         "ConvNeXtTiny",
         "DenseNet121",
         "EfficientNetB0",
@@ -1043,6 +1044,7 @@ APPLICATIONS_CHECKED = frozenset(
         "EfficientNetV2B1",
         "EfficientNetV2B2",
         "EfficientNetV2B3",
+        "EfficientNetV2S",
         "InceptionResNetV2",
         "InceptionV3",
         "MobileNet",
