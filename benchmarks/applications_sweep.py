@@ -192,7 +192,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     their start after a short fit); quantize_model, ``quant_epochs`` of
     quantized training, align_biases, to_tflite and verify on the held-out
     digits. Returns a JSON-ready dict (agreement, accuracies, calibrated
-    tensors).
+    tensors, and each learned map of the file against Keras': :func:`map_offsets`).
     """
     import keras  # noqa: PLC0415
 
@@ -217,6 +217,13 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     tflite, report = tfdq.export.to_tflite(qmodel, xt[:128], return_report=True)
     result = tfdq.export.verify(qmodel, tflite, (xv, yv), export_report=report)
     print(result.format(), flush=True)
+    # where the file departs from Keras: every learned map against the file's tensor on its grid
+    try:
+        maps = map_offsets(qmodel, tflite, xv[:16])
+        maps_error = None
+    except ValueError as e:  # quantizers inside nested models (ConvNeXt): no probe model of their outputs
+        maps, maps_error = [], f"{type(e).__name__}: {e}"
+    off = [m for m in maps if m["max_steps"] is None or m["max_steps"] > 0]
     return {
         "model": name,
         "input": MODELS[name][1],
@@ -233,8 +240,64 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
         "file_bytes": len(tflite),
         "calibrated_tensors": [c["tensor"] for c in report["calibrated"]],
         "standalone_batchnorms": len(report["batchnorms"]),
+        "learned_maps": len(maps),
+        "learned_maps_equal": sum(m["max_steps"] == 0 for m in maps),
+        "learned_maps_not_found": [m["layer"] for m in maps if m["max_steps"] is None],
+        # in model order: the first ones are where the difference starts
+        "learned_maps_off": off[:40],
+        "learned_maps_error": maps_error,
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def map_offsets(qmodel, tflite, x):
+    """Each learned activation map of ``qmodel`` against the file's int8 tensor on the same grid.
+
+    Runs the file in LiteRT with every intermediate tensor kept and, for each
+    :class:`tfdq.layers.ActivationQuantizer` (in model order), finds the int8
+    tensors of the file with its output's shape and scale; the largest
+    difference from Keras' map in steps of the grid (the best-matching tensor
+    where several qualify). ``None`` where the file holds no tensor on that
+    grid (the map was fused away or requantized). Returns a list of
+    ``{"layer", "step", "max_steps", "mean_steps"}``.
+    """
+    import keras  # noqa: PLC0415
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    layers = tfdq.layers.activation_quantizer_layers(qmodel)
+    probe = keras.Model(qmodel.input, [layer.output for layer in layers])
+    wants = probe.predict(x, batch_size=len(x), verbose=0)
+    it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=True)
+    inp = it.get_input_details()[0]
+    it.resize_tensor_input(inp["index"], list(x.shape))
+    it.allocate_tensors()
+    s, zp = inp["quantization"]
+    q = np.sign(x / s) * np.floor(np.abs(x / s) + 0.5) + zp
+    it.set_tensor(inp["index"], np.clip(q, -128, 127).astype(np.int8))
+    it.invoke()
+    details = [t for t in it.get_tensor_details() if t["dtype"] == np.int8]
+    out = []
+    for layer, want in zip(layers, wants):
+        want = np.asarray(want, np.float64)
+        step = layer.quantizer.describe()["d"]
+        best = None
+        for t in details:
+            if tuple(t["shape"]) != want.shape or abs(t["quantization"][0] / step - 1) > 1e-6:
+                continue
+            diff = np.abs((it.get_tensor(t["index"]).astype(np.float64) - t["quantization"][1]) * step - want)
+            if best is None or diff.max() < best[0]:
+                best = (float(diff.max() / step), float(diff.mean() / step))
+        out.append(
+            {
+                "layer": layer.name,
+                "step": step,
+                "max_steps": None if best is None else best[0],
+                "mean_steps": None if best is None else best[1],
+            }
+        )
+    return out
 
 
 def _latency(model, qmodel, calib, tflite_default, rounds, invokes):
@@ -299,7 +362,11 @@ def summary_table(rows):
             why = "refused: " + ", ".join(classes)
         elif r.get("error"):
             message = r["error"]
-            why = message[message.find("error:") :] if "error:" in message else message
+            if message.startswith("subprocess exit"):  # its stderr is TensorFlow's log: the exit code says it
+                code = message.split(":")[0]
+                why = code + (" (killed: the kernel's out-of-memory killer)" if code.endswith("-9") else "")
+            else:
+                why = message[message.find("error:") :] if "error:" in message else message
             why = why.splitlines()[0][:140].replace("|", "/")
         error = f"{r['relative_logit_error']:.2f}" if "relative_logit_error" in r else ""
         size = f"{r['file_bytes'] / 1e3:.0f}" if "file_bytes" in r else ""
@@ -336,10 +403,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--latency", action="store_true", help="also file sizes and LiteRT latency")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "applications_sweep.json"))
+    parser.add_argument(
+        "--out",
+        help="JSON file (default results/applications_sweep.json; --finetune: applications_finetune.json)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the rows run into --out (each replaces the row of its model) instead of rewriting it",
+    )
     parser.add_argument("--finetune", help="comma-separated models: short fine-tune + verify (JSON to --out)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "applications_finetune.json" if args.finetune else "applications_sweep.json"
+        args.out = os.path.join(RESULTS, name)
     if args.table:
         with open(args.out) as f:
             rows = json.load(f)["models"]
@@ -348,21 +426,29 @@ def main(argv=None):
     if args.finetune:
         from benchmarks.common import save_report  # noqa: PLC0415
 
+        names = args.finetune.split(",")
         rows = []
-        for name in args.finetune.split(","):
+        for name in names:
             try:
                 rows.append(finetune_and_verify(name))
             except Exception as e:  # noqa: BLE001 (a row per model)
-                rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+                rows.append(
+                    {
+                        "model": name,
+                        "error": f"{type(e).__name__}: {str(e)[:2000]}",
+                        "traceback": traceback.format_exc()[-3000:],
+                    }
+                )
             print(json.dumps(rows[-1]), flush=True)
             out_dir, out_name = os.path.split(args.out)
+            merged = merge_rows(_read_rows(args.out), rows) if args.merge else rows
             save_report(
                 out_dir,
                 os.path.splitext(out_name)[0],
                 "keras.applications: short fine-tune on digits, align_biases, to_tflite, verify",
-                f"python -m benchmarks.applications_sweep --finetune {args.finetune}",
-                {"models": rows},
-                complete=len(rows) == len(args.finetune.split(",")),
+                "python -m benchmarks.applications_sweep --finetune NAMES (one model per process, --merge)",
+                {"models": merged},
+                complete=len(rows) == len(names),
             )
         return
     if args.one:
@@ -383,21 +469,43 @@ def main(argv=None):
     print(summary_table(rows))
 
 
+def _read_rows(path):
+    """The rows of an earlier result file (none if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f).get("models", [])
+
+
+def merge_rows(old, new):
+    """``old`` rows with each of ``new`` replacing the row of its model, in the order of :data:`MODELS`."""
+    by_name = {r["model"]: r for r in old}
+    by_name.update({r["model"]: r for r in new})
+    order = {name: i for i, name in enumerate(MODELS)}
+    return sorted(by_name.values(), key=lambda r: order.get(r["model"], len(order)))
+
+
 def _write(args, rows, complete):
     from benchmarks.common import save_report  # noqa: PLC0415
 
+    if args.merge:
+        rows = merge_rows(_read_rows(args.out), rows)
+        complete = True  # the file holds every row measured so far (``missing`` names the others)
     payload = {
         "models": rows,
         "quantized": sum(bool(r.get("quantized")) for r in rows),
         "exported": sum(bool(r.get("exported")) for r in rows),
         "total": len(rows),
+        "missing": [name for name in MODELS if name not in {r["model"] for r in rows}],
     }
     out_dir, name = os.path.split(args.out)
     save_report(
         out_dir,
         os.path.splitext(name)[0],
         "keras.applications sweep: quantize_model, forward, to_tflite, LiteRT",
-        "python -m benchmarks.applications_sweep" + (" --latency" if args.latency else ""),
+        "python -m benchmarks.applications_sweep"
+        + (" --latency" if args.latency else "")
+        + (" --models NAMES --merge (one model at a time)" if args.merge else ""),
         payload,
         complete=complete,
     )

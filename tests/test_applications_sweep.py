@@ -77,3 +77,58 @@ def test_application(name):
         _check(row, registry.APPLICATIONS[name][0])
         pytest.xfail(f"{name}: the file's logits far from Keras' (see BENCHMARKS.md section 9)")
     _check(row, registry.APPLICATIONS[name][0])
+
+
+# The issue's three families outside the mobile-models work: a short fine-tune on digits (float, then one
+# quantized epoch), align_biases, to_tflite and verify (benchmarks.applications_sweep.finetune_and_verify;
+# the measured rows: benchmarks/results/applications_finetune.json, BENCHMARKS.md section 9).
+FINETUNED = ("DenseNet121", "Xception", "ConvNeXtTiny")
+# Measured on 797 held-out digits (BENCHMARKS.md section 9): DenseNet121 100%; ConvNeXtTiny 98.0% (175
+# calibrated LayerNorm/GELU/layer-scale tensors: the integer form cannot be exact); Xception 97.4% (no
+# calibrated tensor: the requantizing RELU's double rounding, test_relu_on_a_finer_shared_sum_... below).
+# The bars hold the measured figures less a margin; Xception's goes to 0.99 with that fix.
+FINETUNE_AGREEMENT = {"DenseNet121": 0.99, "Xception": 0.96, "ConvNeXtTiny": 0.97}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FINETUNED)
+def test_finetuned_application_verifies(name):
+    row = sweep.finetune_and_verify(name)
+    assert row["float_ops"] == [] and row["all_kernels_exact"], row
+    assert row["float_accuracy"] > 0.5, "the float model did not learn"
+    assert row["top1_agreement"] >= FINETUNE_AGREEMENT[name], row
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the file's requantizing RELU rounds twice (BENCHMARKS.md section 9: Xception's 97.4%)",
+)
+def test_relu_on_a_finer_shared_sum_requantizes_as_keras():
+    """Xception's pattern: a residual sum read by a ReLU (its own, coarser learned grid) and by the next sum.
+    Every learned map of the file must equal Keras'; measured: the ReLU's map is 1 step off wherever the
+    sum sits k + 3/8 ReLU steps (LiteRT's RELU rounds x/2, then /4 again), and the error grows after."""
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    x, y = sweep.digits(16)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    h = keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inp))
+    r = keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 1, use_bias=False)(inp))
+    s = keras.layers.Add()([h, r])
+    a = keras.layers.Activation("relu")(s)
+    h = keras.layers.SeparableConv2D(16, 3, padding="same", use_bias=False)(a)
+    h = keras.layers.Add()([keras.layers.BatchNormalization()(h), s])
+    model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:500], y[:500], epochs=1, verbose=0)
+    tfdq.recalibrate_batchnorm(model, x[:256])
+    qmodel = tfdq.quantize_model(model, calibration_data=x[:64])
+    tfdq.export.align_biases(qmodel, x[:64])
+    tflite, report = tfdq.export.to_tflite(qmodel, x[:64], return_report=True)
+    assert report["calibrated"] == []
+    offsets = {m["layer"]: m["max_steps"] for m in sweep.map_offsets(qmodel, tflite, x[-256:])}
+    assert all(v is not None for v in offsets.values()), offsets
+    assert max(offsets.values()) == 0.0, offsets

@@ -1032,20 +1032,31 @@ APPLICATIONS = {
 # tests/test_applications_sweep.py checks against this set). The README lists these only.
 APPLICATIONS_CHECKED = frozenset(
     {
+        "ConvNeXtSmall",
         "ConvNeXtTiny",
         "DenseNet121",
         "EfficientNetB0",
         "EfficientNetB1",
         "EfficientNetB2",
+        "EfficientNetB3",
+        "EfficientNetB4",
         "EfficientNetV2B0",
         "EfficientNetV2B1",
+        "EfficientNetV2B2",
+        "EfficientNetV2B3",
+        "EfficientNetV2S",
         "InceptionResNetV2",
+        "InceptionV3",
         "MobileNet",
         "MobileNetV2",
-        "MobileNetV3Small",
         "MobileNetV3Large",
+        "MobileNetV3Small",
+        "NASNetMobile",
+        "ResNet101",
+        "ResNet101V2",
         "ResNet50",
         "ResNet50V2",
+        "VGG16",
         "Xception",
     }
 )
