@@ -341,6 +341,20 @@ def _in_xla_context():
 
 
 @tf.autograph.experimental.do_not_convert
+def _require_kernels(instead):
+    """Raise RuntimeError, naming what to use ``instead``, where tfdq's custom ops cannot run here."""
+    if not available():
+        raise RuntimeError(
+            "tfdq's custom CPU kernels are not available (disabled, GPU present, or the build "
+            f"failed; see the log); use {instead}"
+        )
+    if _in_xla_context():
+        raise RuntimeError(
+            "tfdq's custom CPU kernels cannot run inside an XLA-compiled function "
+            f"(jit_compile=True); use {instead} there"
+        )
+
+
 def usable(x):
     """Whether :func:`uniform_quantize` can run on ``x`` here.
 
@@ -382,16 +396,7 @@ def uniform_quantize(x, d, q_max, signed=True):
     x = tf.convert_to_tensor(x)
     if x.dtype != tf.float32:
         raise TypeError(f"tfdq.kernels.uniform_quantize supports float32 only, got {x.dtype.name}")
-    if not available():
-        raise RuntimeError(
-            "tfdq's custom CPU kernels are not available (disabled, GPU present, or the build "
-            "failed; see the log); use tfdq.ops.uniform_quantize"
-        )
-    if _in_xla_context():
-        raise RuntimeError(
-            "tfdq's custom CPU kernels cannot run inside an XLA-compiled function "
-            "(jit_compile=True); use tfdq.ops.uniform_quantize there"
-        )
+    _require_kernels("tfdq.ops.uniform_quantize")
     module = load()
     d = tf.cast(d, tf.float32)
     q_max = tf.cast(q_max, tf.float32)
@@ -507,11 +512,7 @@ def add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=True):
     another order within each block. Raises RuntimeError where the kernels
     are not available (see :func:`usable`).
     """
-    if not available():
-        raise RuntimeError(
-            "tfdq's custom CPU kernels are not available (disabled, GPU present, or the build "
-            "failed; see the log)"
-        )
+    _require_kernels("the separate quantizers, Add and ReLU")
     module = load()
     a = tf.convert_to_tensor(a, tf.float32)
     b = tf.convert_to_tensor(b, tf.float32)
