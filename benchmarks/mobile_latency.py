@@ -35,6 +35,8 @@ LiteRT's XNNPACK delegate does not take, by type (asked of the runtime:
     python -m benchmarks.mobile_latency --models=MobileNetV3Small --rounds=4 --invokes=10
     python -m benchmarks.mobile_latency --models=MobileNetV3Small,MobileNetV2 --size=96 \
         --kinds=tfdq_int8 --clamp_forms --notfmot --out_name=mobile_latency_clamps
+    python -m benchmarks.mobile_latency --models=MobileNetV3Small,MobileNetV3Small-minimalistic \
+        --size=96 --kinds=tfdq_int8 --notfmot --out_name=mobile_latency_hard_swish
 """
 
 import json
@@ -73,7 +75,11 @@ def _define_flags():
 
 
 def _build(applications, name, size):
+    """``name`` is a keras.applications function; a ``-minimalistic`` suffix (MobileNetV3) builds the
+    variant without hard-swish and squeeze-and-excite."""
     kwargs = {"weights": None, "input_shape": (size, size, 3), "classes": 1000}
+    if name.endswith("-minimalistic"):
+        name, kwargs["minimalistic"] = name.removesuffix("-minimalistic"), True
     return getattr(applications, name)(**kwargs)
 
 
