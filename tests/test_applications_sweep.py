@@ -100,10 +100,6 @@ def test_finetuned_application_verifies(name):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the file's requantizing RELU rounds twice (BENCHMARKS.md section 9: Xception's 97.4%)",
-)
 def test_relu_on_a_finer_shared_sum_requantizes_as_keras():
     """Xception's pattern: a residual sum read by a ReLU (its own, coarser learned grid) and by the next sum.
     Every learned map of the file must equal Keras'; measured: the ReLU's map is 1 step off wherever the
