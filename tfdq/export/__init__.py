@@ -73,6 +73,14 @@ an int8 model whose kernels hold exactly those integers:
   sigmoid-gated ``Multiply``) rounds ties to even as XNNPACK's MUL does
   (``ties="even"``): EfficientNet's swish and squeeze-and-excite gates
   export with every learned map equal.
+* A ReLU with its own learned quantizer that reads a tensor on a finer grid
+  (Xception's residual sums, which the next sum also reads) is an int8 RELU
+  that requantizes, and LiteRT's kernel rounds that twice (at a ratio of
+  1/8, ``k + 3/8`` steps become ``k + 1``). After the conversion each such
+  RELU (RELU6, RELU_N1_TO_1) writes a tensor on a scale ``2^-20`` wider,
+  which makes it round once (half away, as the quantizer), and a QUANTIZE
+  puts it back on the learned scale (:mod:`tfdq.export.relus`; checked on
+  all 256 int8 levels in LiteRT, the report's ``relus``).
 * A sub-byte kernel outside XNNPACK whose output stays signed is stored
   int8: LiteRT's builtin int4 CONV_2D / DEPTHWISE_CONV_2D (and
   FULLY_CONNECTED) rounds twice, which no bias can undo for negative

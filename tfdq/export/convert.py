@@ -21,6 +21,7 @@ from tfdq.export.check import check_file
 from tfdq.export.clamps import clamps_as_requantize
 from tfdq.export.flatbuffer import inspect_tflite
 from tfdq.export.plan import ExportError, Plan, resolve_storage
+from tfdq.export.relus import relus_round_once
 from tfdq.export.storage import kernel_storage, settle_storage
 
 
@@ -36,6 +37,8 @@ class ExportReport(dict):
     Normalization layers, each a 1x1 DEPTHWISE_CONV_2D: input scale and
     whether its int32 bias is exact), ``clamps`` (each int8 MINIMUM/MAXIMUM at
     a grid point and the QUANTIZE that replaced it, :mod:`tfdq.export.clamps`),
+    ``relus`` (each int8 RELU whose output scale differs from its input's and
+    whether it became a RELU + QUANTIZE that rounds once, :mod:`tfdq.export.relus`),
     ``options``.
     """
 
@@ -168,6 +171,7 @@ def to_tflite(
     plan, tables, exported, specs = trace_export(model, calibration_data, storage, calibration_samples)
     converted = _convert(exported, specs, _TYPES[input_type], _TYPES[output_type])
     converted, clamps = clamps_as_requantize(converted)  # MINIMUM/MAXIMUM at a grid point: QUANTIZE
+    converted, relus = relus_round_once(converted)  # requantizing RELU: one rounding, as Keras
     tflite, delegated = settle_storage(converted, plan)
     info = inspect_tflite(tflite)
     check_file(plan, info, tables, tflite)
@@ -203,6 +207,7 @@ def to_tflite(
         fixed=list(tables.fixed),
         derived=list(tables.derived),
         clamps=clamps,
+        relus=relus,
         options={"input_type": input_type, "output_type": output_type, "storage": storage},
         file_bytes=len(tflite),
     )
