@@ -9,7 +9,11 @@ multipliers: the budget's loss term, multiplier step, size logs and
 gradient clip all in the step; that budgeted step with each residual
 junction as separate ops, ``tfdq_u3_budget_unfused_junctions``, where tfdq
 fuses the Add operand's quantizer, the Add, the ReLU and the block output's
-quantizer into one op (``tfdq.kernels.fused_relu_quantize``); and that budgeted step with the guard's
+quantizer into one op (``tfdq.kernels.fused_relu_quantize``); that budgeted
+step with each BatchNorm's output pass and the quantizer after it as
+separate ops, ``tfdq_u3_budget_unfused_batchnorm``, where tfdq fuses them
+into one op (``tfdq.kernels.fused_affine_quantize``; on a residual branch
+into the junction's op); and that budgeted step with the guard's
 ``tf.cond`` lowered into switch/merge ops, ``tfdq_u3_budget_lowered_guard``,
 TensorFlow's default that tfdq turns off): with tfdq's fused quantizer
 kernels (the default: the uniform quantizer's forward and backward pass are
@@ -25,6 +29,16 @@ the ratios tfdq / float measured in the same run; writes
 
     python -m benchmarks.step_time              # 5 rounds x 5 steps
     python -m benchmarks.step_time --quick      # 2 rounds x 2 steps
+
+The figure the target is read from (float, unbudgeted and budgeted tfdq, and
+the budgeted step without the BatchNorm fusion; about 6 minutes idle on two
+cores)::
+
+    python -m benchmarks.step_time --rounds=7 --steps=5 \
+        --configs=float,tfdq_u3,tfdq_u3_budget,tfdq_u3_budget_unfused_batchnorm
+
+Only the selected configurations are built (quantizing and tracing a model
+takes seconds each).
 """
 
 import os

@@ -73,6 +73,7 @@ except ImportError:  # not POSIX: the atomic rename alone keeps loads safe
 
 __all__ = [
     "add_relu_quantize",
+    "affine_add_relu_quantize",
     "affine_quantize",
     "available",
     "library_path",
@@ -513,6 +514,10 @@ def fused_relu_quantize(r, d, q_max):
     if found is None:
         return None
     a, b, (d_a, q_max_a, signed_a) = found
+    affine = _affine(a) if FUSE_AFFINE else None
+    if affine is not None:  # a = x * scale + offset: a BatchNorm's output on the branch
+        x, scale, offset = affine
+        return affine_add_relu_quantize(x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
     return add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
 
 
@@ -649,3 +654,41 @@ def affine_quantize(x, scale, offset, d, q_max, signed=True):
         return q, grad
 
     return _affine_op(x, scale, offset, d, q_max)
+
+
+@tf.autograph.experimental.do_not_convert
+def affine_add_relu_quantize(x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=True):
+    """:func:`add_relu_quantize` of ``a = x * scale + offset`` (per channel) and ``b``, one op.
+
+    ``Q(relu(Q_a(x * scale + offset) + b))``: a residual branch's
+    BatchNorm output pass, its quantizer, the Add, the ReLU and the block
+    output's quantizer; one pass forward (read ``x`` and ``b``, write the
+    output), one backward (read ``dy``, ``x`` and ``b``; write the gradients
+    to ``x`` and ``b``). Values bit for bit those of the separate ops;
+    gradients theirs, the per-channel sums ``gscale = sum(ga * x)`` and
+    ``goffset = sum(ga)`` in double (``ga`` the gradient at ``a``). Raises
+    RuntimeError where the kernels are not available (see :func:`usable`).
+    """
+    _require_kernels("the separate BatchNorm output pass, quantizers, Add and ReLU")
+    module = load()
+    x = tf.convert_to_tensor(x, tf.float32)
+    scale = tf.convert_to_tensor(scale, tf.float32)
+    offset = tf.convert_to_tensor(offset, tf.float32)
+    b = tf.convert_to_tensor(b, tf.float32)
+    scalars = [tf.cast(v, tf.float32) for v in (d_a, q_max_a, d, q_max)]
+    signed_a = bool(signed_a)
+
+    @tf.custom_gradient
+    def _junction_op(x, scale, offset, b, d_a, q_max_a, d, q_max):
+        q = module.tfdq_affine_add_relu_quantize(
+            x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=signed_a
+        )
+
+        def grad(dy):
+            return module.tfdq_affine_add_relu_quantize_grad(
+                dy, x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=signed_a
+            )
+
+        return q, grad
+
+    return _junction_op(x, scale, offset, b, *scalars)
