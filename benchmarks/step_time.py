@@ -31,8 +31,8 @@ the ratios tfdq / float measured in the same run; writes
     python -m benchmarks.step_time --quick      # 2 rounds x 2 steps
 
 The figure the target is read from (float, unbudgeted and budgeted tfdq, and
-the budgeted step without the BatchNorm fusion; about 6 minutes idle on two
-cores)::
+the budgeted step without the BatchNorm fusion; under 3 minutes on two
+cores, 2 min 8 s at load 5)::
 
     python -m benchmarks.step_time --rounds=7 --steps=5 \
         --configs=float,tfdq_u3,tfdq_u3_budget,tfdq_u3_budget_unfused_batchnorm
