@@ -1,7 +1,7 @@
 """Fused CPU kernels for tfdq's quantizers, compiled on first use.
 
-``uniform_quantize.cc`` (next to this file) registers two TensorFlow ops,
-``TfdqUniformQuantize`` and ``TfdqUniformQuantizeGrad``: the forward pass and
+``uniform_quantize.cc`` (next to this file) registers TensorFlow ops.
+``TfdqUniformQuantize`` and ``TfdqUniformQuantizeGrad`` are the forward pass and
 the straight-through backward pass of :func:`tfdq.ops.uniform_quantize`, each
 one multi-threaded loop over the tensor on TensorFlow's CPU worker threads
 (float32 only). The forward result is bit-identical to the TensorFlow
@@ -18,7 +18,10 @@ BatchNormalization, ``tf.nn.batch_normalization``'s ``x * inv + shift``, and
 the quantizer after it) in one pass each way: :func:`fused_affine_quantize`
 puts it in a training step's graph where a quantizer's input is that
 product and sum (same values; the gradients of the separate ops, the
-per-channel sums in double).
+per-channel sums in double). ``TfdqAffineAddReluQuantize`` is the residual
+junction with its branch's BatchNorm output pass in it,
+``Q(relu(Q_a(x * scale + offset) + b))``: :func:`fused_relu_quantize`
+builds it instead of ``TfdqAddReluQuantize`` where the branch is such a map.
 
 The library is built the first time :func:`load` is called, with ``g++``
 (or ``$CXX``) and TensorFlow's compile and link flags, into a cache folder
@@ -314,7 +317,7 @@ def _build_and_load():
 
 @tf.autograph.experimental.do_not_convert
 def load():
-    """The loaded op library (a module with the two ops), or None.
+    """The loaded op library (a module with the ops), or None.
 
     None when ``TFDQ_CUSTOM_KERNELS=0`` or when building or loading failed
     (one warning, with the reason, per process). Thread-safe; the build
