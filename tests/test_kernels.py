@@ -11,6 +11,11 @@ too (``_flush``). The XLA path of ``tfdq.ops`` returns -0.0 where the plain
 TensorFlow formulas (``tf.sign(-0.0) = +0``) and the kernels return +0.0,
 so against XLA the values are compared, not the bits.
 
+The fused ops (the residual junction, a BatchNorm's output pass with the
+quantizer after it, and both together) are checked against the separate ops
+they replace and against float64 NumPy: values and the feature-map gradients
+bit for bit, sums within 1e-6.
+
 The first test to need the library compiles it (about 15-30 s on two cores)
 into the cache (``~/.cache/tfdq/kernels`` or ``$TFDQ_KERNEL_CACHE``); later
 runs load the cached build.
@@ -644,7 +649,11 @@ def _batchnorm_model():
 def test_training_step_fuses_batchnorm_and_quantizer(lib):
     """In a traced training step a BatchNorm's output pass and the quantizer after it are
     one op (on a residual branch, one op with the junction); outputs and loss are bit for bit those of the separate ops, every
-    gradient theirs within the summation order of the per-channel sums."""
+    gradient theirs within the summation order of the per-channel sums (1e-3 of the
+    largest element)."""
+    import keras  # noqa: PLC0415
+
+    keras.utils.set_random_seed(1)  # the same model whatever ran before
     rng = np.random.default_rng(4)
     x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
     y = rng.normal(size=(16, 3)).astype(np.float32)
@@ -680,9 +689,10 @@ def test_training_step_fuses_batchnorm_and_quantizer(lib):
     for v, gf, gs in zip(variables, grads_f, grads_s):
         gs = gs.numpy()
         # the per-channel sums are added in another order (double against float32) and
-        # BatchNorm's backward pass subtracts nearly equal terms: 1e-4 of the largest
+        # BatchNorm's backward pass subtracts nearly equal terms: the gradients differ
+        # by up to 2e-4 of their largest element (seeds 0-5); a wrong term would be O(1)
         np.testing.assert_allclose(
-            gf.numpy(), gs, rtol=1e-4, atol=1e-4 * np.abs(gs).max() + 1e-9, err_msg=v.path
+            gf.numpy(), gs, rtol=1e-3, atol=1e-3 * np.abs(gs).max() + 1e-9, err_msg=v.path
         )
 
 
