@@ -9,7 +9,11 @@ multipliers: the budget's loss term, multiplier step, size logs and
 gradient clip all in the step; that budgeted step with each residual
 junction as separate ops, ``tfdq_u3_budget_unfused_junctions``, where tfdq
 fuses the Add operand's quantizer, the Add, the ReLU and the block output's
-quantizer into one op (``tfdq.kernels.fused_relu_quantize``); and that budgeted step with the guard's
+quantizer into one op (``tfdq.kernels.fused_relu_quantize``); that budgeted
+step with each BatchNorm's output pass and the quantizer after it as
+separate ops, ``tfdq_u3_budget_unfused_batchnorm``, where tfdq fuses them
+into one op (``tfdq.kernels.fused_affine_quantize``; on a residual branch
+into the junction's op); and that budgeted step with the guard's
 ``tf.cond`` lowered into switch/merge ops, ``tfdq_u3_budget_lowered_guard``,
 TensorFlow's default that tfdq turns off): with tfdq's fused quantizer
 kernels (the default: the uniform quantizer's forward and backward pass are
@@ -25,6 +29,16 @@ the ratios tfdq / float measured in the same run; writes
 
     python -m benchmarks.step_time              # 5 rounds x 5 steps
     python -m benchmarks.step_time --quick      # 2 rounds x 2 steps
+
+The figure the target is read from (float, unbudgeted and budgeted tfdq, and
+the budgeted step without the BatchNorm fusion; under 3 minutes on two
+cores, 2 min 8 s at load 5)::
+
+    python -m benchmarks.step_time --rounds=7 --steps=5 \
+        --configs=float,tfdq_u3,tfdq_u3_budget,tfdq_u3_budget_unfused_batchnorm
+
+Only the selected configurations are built (quantizing and tracing a model
+takes seconds each).
 """
 
 import os
@@ -68,9 +82,11 @@ def measure(rounds=5, steps=5, batch_size=128, only=None):
 
     first_call, first_call_cpu = {}, {}
 
-    def add(name, model, jit):
+    def add(name, build, jit):
+        """Build (only the selected configurations: quantizing a model takes seconds), compile, trace."""
         if only and name not in only:
             return
+        model = build()
         model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss, jit_compile=jit)
         # as fit does before its first step (Keras' symbolic build): without it
         # the first train_on_batch creates the momentum slots inside the traced
@@ -83,40 +99,50 @@ def measure(rounds=5, steps=5, batch_size=128, only=None):
         model.train_on_batch(x, y)
         configs[name] = model
 
-    add("float", keras.models.clone_model(float_model), False)
-    add("tfdq_u3", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
+    def float_copy():
+        return keras.models.clone_model(float_model)
+
+    def quantized():
+        return tfdq.quantize_model(float_model, calibration_data=x[:32])
 
     def budgeted():
         """A fresh quantized ResNet-20 under the paper's budget (70 kB weights, 8 kB largest map)."""
-        return tfdq.constrain(
-            tfdq.quantize_model(float_model, calibration_data=x[:32]),
-            weight_kb=70.0,
-            activation_kb=8.0,
-            activation="max",
-        )
+        return tfdq.constrain(quantized(), weight_kb=70.0, activation_kb=8.0, activation="max")
 
-    add("tfdq_u3_budget", budgeted(), False)
+    def add_with(name, build, module, attribute, value):
+        """``add`` with a module switch set while the model is built and its step traced."""
+        if only and name not in only:
+            return
+        before = getattr(module, attribute)
+        setattr(module, attribute, value)
+        try:
+            add(name, build, False)
+        finally:
+            setattr(module, attribute, before)
+
+    def add_in(name, build, **settings):
+        """``add`` inside ``tfdq.config.settings(**settings)`` (building and tracing)."""
+        if only and name not in only:
+            return
+        with tfdq.config.settings(**settings):
+            add(name, build, False)
+
+    add("float", float_copy, False)
+    add("tfdq_u3", quantized, False)
+    add("tfdq_u3_budget", budgeted, False)
     # the same budgeted step with the residual junctions as separate ops
-    tfdq.kernels.FUSE_JUNCTIONS = False
-    try:
-        add("tfdq_u3_budget_unfused_junctions", budgeted(), False)
-    finally:
-        tfdq.kernels.FUSE_JUNCTIONS = True
+    add_with("tfdq_u3_budget_unfused_junctions", budgeted, tfdq.kernels, "FUSE_JUNCTIONS", False)
+    # ... and with each BatchNorm's output pass and the quantizer after it as separate ops
+    add_with("tfdq_u3_budget_unfused_batchnorm", budgeted, tfdq.kernels, "FUSE_AFFINE", False)
     # the same budgeted step with the guard's tf.cond lowered into switch/merge
     # ops (TensorFlow's default inside a tf.function; tfdq keeps it an If op)
-    nonfinite.LOWER_COND = True
-    try:
-        add("tfdq_u3_budget_lowered_guard", budgeted(), False)
-    finally:
-        nonfinite.LOWER_COND = False
-    with tfdq.config.settings(nonfinite_guard=False):  # the same step without the non-finite-step guard
-        add("tfdq_u3_unguarded", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
-    with tfdq.config.settings(custom_kernels=False):
-        add("tfdq_u3_xla_quantizers", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
-    with tfdq.config.settings(fused=False):
-        add("tfdq_u3_plain_ops", tfdq.quantize_model(float_model, calibration_data=x[:32]), False)
-    add("float_xla", keras.models.clone_model(float_model), True)
-    add("tfdq_u3_xla", tfdq.quantize_model(float_model, calibration_data=x[:32]), True)
+    add_with("tfdq_u3_budget_lowered_guard", budgeted, nonfinite, "LOWER_COND", True)
+    # the same step without the non-finite-step guard
+    add_in("tfdq_u3_unguarded", quantized, nonfinite_guard=False)
+    add_in("tfdq_u3_xla_quantizers", quantized, custom_kernels=False)
+    add_in("tfdq_u3_plain_ops", quantized, fused=False)
+    add("float_xla", float_copy, True)
+    add("tfdq_u3_xla", quantized, True)
     wall = {name: [] for name in configs}
     cpu = {name: [] for name in configs}
     for _ in range(rounds):
@@ -135,6 +161,8 @@ def measure(rounds=5, steps=5, batch_size=128, only=None):
         ("tfdq_u3_budget", "tfdq_u3"),
         ("tfdq_u3_budget_unfused_junctions", "float"),
         ("tfdq_u3_budget", "tfdq_u3_budget_unfused_junctions"),
+        ("tfdq_u3_budget_unfused_batchnorm", "float"),
+        ("tfdq_u3_budget", "tfdq_u3_budget_unfused_batchnorm"),
         ("tfdq_u3_budget", "tfdq_u3_budget_lowered_guard"),
         ("tfdq_u3", "tfdq_u3_unguarded"),
         ("tfdq_u3_xla_quantizers", "float"),

@@ -11,6 +11,11 @@ too (``_flush``). The XLA path of ``tfdq.ops`` returns -0.0 where the plain
 TensorFlow formulas (``tf.sign(-0.0) = +0``) and the kernels return +0.0,
 so against XLA the values are compared, not the bits.
 
+The fused ops (the residual junction, a BatchNorm's output pass with the
+quantizer after it, and both together) are checked against the separate ops
+they replace and against float64 NumPy: values and the feature-map gradients
+bit for bit, sums within 1e-6.
+
 The first test to need the library compiles it (about 15-30 s on two cores)
 into the cache (``~/.cache/tfdq/kernels`` or ``$TFDQ_KERNEL_CACHE``); later
 runs load the cached build.
@@ -422,12 +427,16 @@ def test_training_step_fuses_residual_junctions(lib):
 
         return step.get_concrete_function(x, y)
 
-    fused = traced()
-    kernels.FUSE_JUNCTIONS = False
+    # the junction on its own: the BatchNorm before it stays separate ops (its fused
+    # form has a test of its own below)
+    kernels.FUSE_AFFINE = False
     try:
+        fused = traced()
+        kernels.FUSE_JUNCTIONS = False
         separate = traced()
     finally:
         kernels.FUSE_JUNCTIONS = True
+        kernels.FUSE_AFFINE = True
     types = [op.type for op in fused.graph.get_operations()]
     assert types.count("TfdqAddReluQuantize") == 1 and types.count("TfdqAddReluQuantizeGrad") == 1
     assert "ReluGrad" not in types or types.count("ReluGrad") == 1  # the first ReLU's, absorbed or not
@@ -489,6 +498,250 @@ def test_junction_registry_does_not_keep_graphs_alive(lib):
     del graph, x, q, found
     gc.collect()
     assert ref() is None
+
+
+# ---------------------------------------------------------------------------
+# a BatchNorm's output pass and the quantizer after it: Q(x * scale + offset)
+# ---------------------------------------------------------------------------
+
+
+def _affine_inputs(d, q_max, signed, rows, channels):
+    """x, scale, offset, dy: channel 0 with scale 1 and offset 0 takes the quantizer's
+    edge values (ties, range ends, values outside), the others random scales (some
+    negative) and offsets."""
+    rng = np.random.default_rng(11 + channels)
+    x = (rng.normal(size=(rows, channels)) * 2.0).astype(np.float32)
+    edges = _test_values(d, q_max, signed)
+    edges = edges[np.isfinite(edges) & (np.abs(edges) < 1e30)][:rows]
+    x[: len(edges), 0] = edges
+    scale = (rng.uniform(0.2, 2.0, size=channels) * np.where(np.arange(channels) % 5 == 3, -1, 1)).astype(
+        np.float32
+    )
+    offset = (rng.normal(size=channels) * q_max * 0.3).astype(np.float32)
+    scale[0], offset[0] = 1.0, 0.0
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    return x, scale, offset, dy
+
+
+def _ref_affine(dy, x, scale, offset, d, q_max, signed):
+    """Float64 NumPy: Q(x * scale + offset) (product and sum each rounded to float32,
+    as Mul and AddV2) and its straight-through gradients, the sums in float64."""
+    y = ((x * scale).astype(np.float32) + offset).astype(np.float32)
+    q = ref_forward(y, d, q_max, signed)
+    gy, gd, gq = ref_backward(dy, y, q, d, q_max, signed)
+    gy64 = gy.astype(np.float64)
+    axes = tuple(range(x.ndim - 1))
+    gx = (gy * scale).astype(np.float32)
+    return q, gx, np.sum(gy64 * x.astype(np.float64), axis=axes), np.sum(gy64, axis=axes), gd, gq
+
+
+def _affine_separate_ops(lib, dy, x, scale, offset, d, q_max, signed):
+    """Mul, AddV2 and the quantizer, forward and backward, as the tape chains them."""
+    y = tf.constant(x) * scale + offset
+    q = lib.tfdq_uniform_quantize(y, d, q_max, signed=signed)
+    gy, gd, gq = lib.tfdq_uniform_quantize_grad(dy, y, q, d, q_max, signed=signed)
+    axes = list(range(x.ndim - 1))
+    gscale = tf.reduce_sum(gy * x, axes)
+    goffset = tf.reduce_sum(gy, axes)
+    return [t.numpy() for t in (q, gy * scale, gscale, goffset, gd, gq)]
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("d,q_max", [(2.0**-4, 127 * 2.0**-4), (0.25, 1.75), (0.3, 38.1)])
+@pytest.mark.parametrize("rows,channels", [(8192, 16), (4099, 3), (SHAPE_LARGE[0] * 64, 32)])
+def test_affine_quantize_equals_separate_ops_and_numpy(lib, signed, d, q_max, rows, channels):
+    """Q(x * scale + offset) in one op: values and gx bit for bit those of the separate
+    ops (Mul, AddV2, the quantizer) and of float64 NumPy; gd and gq equal theirs, the
+    per-channel sums float64 NumPy's (within 1e-6) and TensorFlow's float32 sums' (within
+    their rounding)."""
+    x, scale, offset, dy = _affine_inputs(d, q_max, signed, rows, channels)
+    q = lib.tfdq_affine_quantize(x, scale, offset, d, q_max, signed=signed).numpy()
+    gx, gscale, goffset, gd, gq = (
+        t.numpy() for t in lib.tfdq_affine_quantize_grad(dy, x, scale, offset, d, q_max, signed=signed)
+    )
+    sep = _affine_separate_ops(lib, dy, x, scale, offset, d, q_max, signed)
+    _assert_bits_equal(q, sep[0])
+    _assert_bits_equal(gx, sep[1])
+    ref = _ref_affine(dy, x, scale, offset, d, q_max, signed)
+    _assert_bits_equal(q, ref[0])
+    np.testing.assert_array_equal(gx, ref[1])
+    np.testing.assert_allclose(gscale, ref[2], rtol=RTOL, atol=1e-6 * np.abs(ref[2]).max())
+    np.testing.assert_allclose(goffset, ref[3], rtol=RTOL, atol=1e-6 * np.abs(ref[3]).max())
+    for got, want in zip((gd, gq), ref[4:]):
+        np.testing.assert_allclose(got, want, rtol=RTOL)
+    for got, want in zip((gd, gq), sep[4:]):
+        np.testing.assert_allclose(got, want, rtol=RTOL)
+    # TensorFlow's float32 sums of rows * channels terms: within their own rounding
+    for got, want in zip((gscale, goffset), sep[2:4]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if np.log2(d).is_integer():  # outputs on the grid, inside the range
+        k = q.astype(np.float64) / d
+        np.testing.assert_array_equal(k, np.round(k))
+        assert q.max() <= np.float32(q_max) and q.min() >= (-np.float32(q_max) if signed else 0)
+    assert np.any(gx == 0) and np.any(gx != 0)  # both sides of the range were hit
+
+
+@pytest.mark.parametrize("signed_a", [True, False])
+@pytest.mark.parametrize("d_a, q_max_a, d, q_max", [(2.0**-5, 3.0, 2.0**-4, 2.5), (0.1, 12.7, 0.3, 38.1)])
+@pytest.mark.parametrize("rows,channels", [(999, 16), (SHAPE_LARGE[0] * 64, 32)])
+def test_affine_junction_equals_separate_ops_and_numpy(lib, signed_a, d_a, q_max_a, d, q_max, rows, channels):
+    """Q(relu(Q_a(x * scale + offset) + b)) in one op: values, gx and gb bit for bit those
+    of the separate ops (Mul, AddV2, the fused junction); the per-channel sums float64
+    NumPy's within 1e-6, the quantizer parameters' gradients the junction op's."""
+    edge_a, edge_b, _ = _junction_inputs(d_a, q_max_a, signed_a, d, q_max, 1)
+    rng = np.random.default_rng(13 + channels)
+    x = (rng.normal(size=(rows, channels)) * q_max_a * 0.5).astype(np.float32)
+    b = (rng.normal(size=(rows, channels)) * q_max * 0.5).astype(np.float32)
+    k = min(len(edge_a), rows)
+    x[:k, 0], b[:k, 0] = edge_a[:k], edge_b[:k]  # channel 0: scale 1, offset 0, the junction's edge cases
+    scale = rng.uniform(0.3, 1.5, size=channels).astype(np.float32) * np.where(
+        np.arange(channels) % 4 == 3, -1, 1
+    )
+    offset = (rng.normal(size=channels) * q_max_a * 0.2).astype(np.float32)
+    scale, offset = scale.astype(np.float32), offset.astype(np.float32)
+    scale[0], offset[0] = 1.0, 0.0
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    q = lib.tfdq_affine_add_relu_quantize(x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
+    gx, gscale, goffset, gb, gd_a, gq_a, gd, gq = (
+        t.numpy()
+        for t in lib.tfdq_affine_add_relu_quantize_grad(
+            dy, x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=signed_a
+        )
+    )
+    a = (tf.constant(x) * scale + offset).numpy()
+    np.testing.assert_array_equal(a, ((x * scale).astype(np.float32) + offset).astype(np.float32))
+    sep_q = lib.tfdq_add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
+    ga, sep_gb, *sep_scalars = (
+        t.numpy()
+        for t in lib.tfdq_add_relu_quantize_grad(dy, a, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
+    )
+    _assert_bits_equal(q.numpy(), sep_q.numpy())
+    _assert_bits_equal(gx, (tf.constant(ga) * scale).numpy())
+    _assert_bits_equal(gb, sep_gb)
+    for got, want in zip((gd_a, gq_a, gd, gq), sep_scalars):
+        np.testing.assert_allclose(got, want, rtol=RTOL)
+    ref = _ref_junction(dy.ravel(), a.ravel(), b.ravel(), d_a, q_max_a, signed_a, d, q_max)
+    _assert_bits_equal(q.numpy().ravel(), ref[0])
+    ga64 = ref[1].reshape(x.shape).astype(np.float64)
+    want_scale, want_offset = np.sum(ga64 * x.astype(np.float64), axis=0), np.sum(ga64, axis=0)
+    np.testing.assert_allclose(gscale, want_scale, rtol=RTOL, atol=1e-6 * np.abs(want_scale).max())
+    np.testing.assert_allclose(goffset, want_offset, rtol=RTOL, atol=1e-6 * np.abs(want_offset).max())
+    for got, want in zip((gd_a, gq_a, gd, gq), ref[3:]):
+        np.testing.assert_allclose(got, want, rtol=RTOL)
+    assert np.any(gb == 0) and np.any(gb != 0)
+
+
+def _batchnorm_model():
+    import keras  # noqa: PLC0415
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    y = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x))
+    x = keras.layers.ReLU()(keras.layers.Add()([y, x]))
+    x = keras.layers.BatchNormalization()(
+        keras.layers.Conv2D(5, 1, use_bias=False)(x)
+    )  # signed quantizer after
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+
+def test_training_step_fuses_batchnorm_and_quantizer(lib):
+    """In a traced training step a BatchNorm's output pass and the quantizer after it are
+    one op (on a residual branch, one op with the junction); outputs and loss are bit for bit those of the separate ops, every
+    gradient theirs within the summation order of the per-channel sums (1e-3 of the
+    largest element)."""
+    import keras  # noqa: PLC0415
+
+    keras.utils.set_random_seed(1)  # the same model whatever ran before
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+    y = rng.normal(size=(16, 3)).astype(np.float32)
+    qmodel = tfdq.quantize_model(_batchnorm_model(), calibration_data=x)
+    variables = qmodel.trainable_variables
+
+    def traced():
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                out = qmodel(x, training=True)
+                loss = tf.reduce_mean((out - y) ** 2)
+            return out, loss, tape.gradient(loss, variables)
+
+        return step.get_concrete_function(x, y)
+
+    fused = traced()
+    kernels.FUSE_AFFINE = False
+    try:
+        separate = traced()
+    finally:
+        kernels.FUSE_AFFINE = True
+    types = [op.type for op in fused.graph.get_operations()]
+    # the first BatchNorm (unsigned, ReLU absorbed) and the last (signed); the middle one
+    # is on the residual branch: its output pass is part of the junction's op
+    assert types.count("TfdqAffineQuantizeGrad") == 2
+    assert types.count("TfdqAffineAddReluQuantizeGrad") == 1 and "TfdqAddReluQuantize" not in types
+    assert "TfdqAffineQuantize" not in [op.type for op in separate.graph.get_operations()]
+    out_f, loss_f, grads_f = fused(x, y)
+    out_s, loss_s, grads_s = separate(x, y)
+    _assert_bits_equal(out_f.numpy(), out_s.numpy())
+    assert float(loss_f) == float(loss_s)
+    for v, gf, gs in zip(variables, grads_f, grads_s):
+        gs = gs.numpy()
+        # the per-channel sums are added in another order (double against float32) and
+        # BatchNorm's backward pass subtracts nearly equal terms: the gradients differ
+        # by up to 2e-4 of their largest element (seeds 0-5); a wrong term would be O(1)
+        np.testing.assert_allclose(
+            gf.numpy(), gs, rtol=1e-3, atol=1e-3 * np.abs(gs).max() + 1e-9, err_msg=v.path
+        )
+
+
+def test_affine_fusion_only_for_per_channel_scales(lib):
+    """x * s + o with s or o a whole map (a gate, a second feature map) stays separate
+    ops; per-channel s and o (shape [C] or [1, 1, C]) become the fused op, same values."""
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(4, 5, 8)).astype(np.float32))
+
+    def traced(scale, offset):
+        @tf.function
+        def f(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                q = ops.uniform_quantize(x * scale + offset, 0.125, 1.5, signed=True)
+            return q, tape.gradient(tf.reduce_sum(q), x)
+
+        return f.get_concrete_function(x)
+
+    vec = tf.constant(rng.uniform(0.5, 1.5, size=8).astype(np.float32))
+    full = tf.constant(rng.uniform(0.5, 1.5, size=(4, 5, 8)).astype(np.float32))
+    for scale, offset, fused in (
+        (vec, vec, True),
+        (tf.reshape(vec, [1, 1, 8]), -vec, True),
+        (full, vec, False),
+        (vec, full, False),
+        (tf.constant(0.7), vec, False),  # one scale for all: not a per-channel map
+    ):
+        f = traced(scale, offset)
+        types = [op.type for op in f.graph.get_operations()]
+        assert ("TfdqAffineQuantize" in types) == fused
+        q, gx = f(x)
+        want = ops.uniform_quantize(x * scale + offset, 0.125, 1.5, signed=True)
+        _assert_bits_equal(q.numpy(), want.numpy())
+
+
+def test_affine_quantize_errors(lib):
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        lib.tfdq_affine_quantize(tf.zeros([4, 3]), tf.ones([4]), tf.zeros([3]), 0.5, 2.0)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        lib.tfdq_affine_quantize_grad(
+            tf.zeros([4, 3]), tf.zeros([4, 2]), tf.ones([3]), tf.zeros([3]), 0.5, 2.0
+        )
+    q = lib.tfdq_affine_quantize(tf.zeros([0, 3]), tf.ones([3]), tf.zeros([3]), 0.5, 2.0)
+    assert q.shape == (0, 3)
+    gx, gs, go, gd, gq = lib.tfdq_affine_quantize_grad(
+        tf.zeros([0, 3]), tf.zeros([0, 3]), tf.ones([3]), tf.zeros([3]), 0.5, 2.0
+    )
+    assert gx.shape == (0, 3) and gs.numpy().tolist() == [0.0] * 3 and float(gd) == 0.0
 
 
 # ---------------------------------------------------------------------------

@@ -313,6 +313,10 @@ def uniform_quantize(x, d, q_max, signed=True):
             fused = kernels.fused_relu_quantize(x, d, q_max)
             if fused is not None:
                 return fused
+        # x * scale + offset per channel (a BatchNormalization's output) -> Q: one fused op
+        fused = kernels.fused_affine_quantize(x, d, q_max, signed)
+        if fused is not None:
+            return fused
         return kernels.uniform_quantize(x, d, q_max, signed)
 
     @tf.custom_gradient

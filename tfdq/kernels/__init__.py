@@ -1,7 +1,7 @@
 """Fused CPU kernels for tfdq's quantizers, compiled on first use.
 
-``uniform_quantize.cc`` (next to this file) registers two TensorFlow ops,
-``TfdqUniformQuantize`` and ``TfdqUniformQuantizeGrad``: the forward pass and
+``uniform_quantize.cc`` (next to this file) registers TensorFlow ops.
+``TfdqUniformQuantize`` and ``TfdqUniformQuantizeGrad`` are the forward pass and
 the straight-through backward pass of :func:`tfdq.ops.uniform_quantize`, each
 one multi-threaded loop over the tensor on TensorFlow's CPU worker threads
 (float32 only). The forward result is bit-identical to the TensorFlow
@@ -12,6 +12,16 @@ sum with the shortcut, ReLU, the block output's unsigned quantizer) in one
 pass forward and one backward: :func:`fused_relu_quantize` puts it in a
 training step's graph where it finds those four ops (same values and
 gradients; TensorFlow prunes the separate ops that nothing else reads).
+``TfdqAffineQuantize`` and its gradient compute ``Q(x * scale + offset)``
+with a scale and an offset per channel (the output pass of a
+BatchNormalization, ``tf.nn.batch_normalization``'s ``x * inv + shift``, and
+the quantizer after it) in one pass each way: :func:`fused_affine_quantize`
+puts it in a training step's graph where a quantizer's input is that
+product and sum (same values; the gradients of the separate ops, the
+per-channel sums in double). ``TfdqAffineAddReluQuantize`` is the residual
+junction with its branch's BatchNorm output pass in it,
+``Q(relu(Q_a(x * scale + offset) + b))``: :func:`fused_relu_quantize`
+builds it instead of ``TfdqAddReluQuantize`` where the branch is such a map.
 
 The library is built the first time :func:`load` is called, with ``g++``
 (or ``$CXX``) and TensorFlow's compile and link flags, into a cache folder
@@ -64,7 +74,16 @@ try:
 except ImportError:  # not POSIX: the atomic rename alone keeps loads safe
     fcntl = None
 
-__all__ = ["add_relu_quantize", "available", "library_path", "load", "uniform_quantize", "usable"]
+__all__ = [
+    "add_relu_quantize",
+    "affine_add_relu_quantize",
+    "affine_quantize",
+    "available",
+    "library_path",
+    "load",
+    "uniform_quantize",
+    "usable",
+]
 
 logger = logging.getLogger("tfdq")
 
@@ -298,7 +317,7 @@ def _build_and_load():
 
 @tf.autograph.experimental.do_not_convert
 def load():
-    """The loaded op library (a module with the two ops), or None.
+    """The loaded op library (a module with the ops), or None.
 
     None when ``TFDQ_CUSTOM_KERNELS=0`` or when building or loading failed
     (one warning, with the reason, per process). Thread-safe; the build
@@ -418,8 +437,10 @@ def uniform_quantize(x, d, q_max, signed=True):
 
 
 # Whether a training step's graph fuses residual junctions (see
-# fused_relu_quantize); benchmarks turn it off to measure the separate ops.
+# fused_relu_quantize) and per-channel affine maps before a quantizer (see
+# fused_affine_quantize); benchmarks turn them off to measure the separate ops.
 FUSE_JUNCTIONS = True
+FUSE_AFFINE = True
 
 # graph -> {name of a quantized tensor: (names of x, d, q_max; signed)}: the
 # outputs of uniform_quantize in the graphs being traced, so that a later
@@ -496,6 +517,10 @@ def fused_relu_quantize(r, d, q_max):
     if found is None:
         return None
     a, b, (d_a, q_max_a, signed_a) = found
+    affine = _affine(a) if FUSE_AFFINE else None
+    if affine is not None:  # a = x * scale + offset: a BatchNorm's output on the branch
+        x, scale, offset = affine
+        return affine_add_relu_quantize(x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
     return add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=signed_a)
 
 
@@ -529,3 +554,144 @@ def add_relu_quantize(a, b, d_a, q_max_a, d, q_max, signed_a=True):
         return q, grad
 
     return _junction_op(a, b, *scalars)
+
+
+def _per_channel(t, channels):
+    """``t`` as a vector of ``channels`` elements if it holds one value per channel
+    (shape ``[C]`` or ``[1, ..., 1, C]``, float32); else None."""
+    shape = t.shape
+    if t.dtype != tf.float32 or shape.rank is None or shape.rank < 1 or not shape.is_fully_defined():
+        return None
+    dims = shape.as_list()
+    if dims[-1] != channels or any(k != 1 for k in dims[:-1]):
+        return None
+    return t if shape.rank == 1 else tf.reshape(t, [channels])
+
+
+def _affine(y):
+    """``(x, scale, offset)`` when ``y = x * scale + offset`` in the graph being traced,
+    ``scale`` and ``offset`` one value per channel (last axis) and ``x`` float32 of ``y``'s
+    shape (its channel count static); else None."""
+    if tf.executing_eagerly() or not hasattr(y, "op"):
+        return None
+    while y.op.type == "Identity" and len(y.op.inputs) == 1:
+        y = y.op.inputs[0]
+    if y.op.type not in ("AddV2", "Add") or len(y.op.inputs) != 2:
+        return None
+    shape = y.shape
+    if y.dtype != tf.float32 or shape.rank is None or shape.rank < 2 or shape[-1] is None:
+        return None
+    channels = int(shape[-1])
+    for product, shift in ((0, 1), (1, 0)):
+        m, o = y.op.inputs[product], y.op.inputs[shift]
+        if m.op.type != "Mul" or len(m.op.inputs) != 2 or m.shape.as_list() != shape.as_list():
+            continue
+        offset = _per_channel(o, channels)
+        if offset is None:
+            continue
+        for first, second in ((0, 1), (1, 0)):
+            x, s = m.op.inputs[first], m.op.inputs[second]
+            if x.dtype != tf.float32 or x.shape.rank != shape.rank or x.shape.as_list() != shape.as_list():
+                continue
+            scale = _per_channel(s, channels)
+            if scale is not None:
+                return x, scale, offset
+    return None
+
+
+@tf.autograph.experimental.do_not_convert
+def fused_affine_quantize(y, d, q_max, signed=True):
+    """``uniform_quantize(y, d, q_max, signed)`` of a per-channel affine map as one op, or None.
+
+    When ``y = x * scale + offset`` in the training step being traced, with
+    ``scale`` and ``offset`` one value per channel (the last axis): the
+    output pass of a BatchNormalization in training mode, whose batch
+    statistics TensorFlow's own ops compute. Returns
+    :func:`affine_quantize` of ``x``: the same values bit for bit and the
+    same gradients (to ``x``, ``scale``, ``offset``, ``d`` and ``q_max``)
+    as the separate ops, which TensorFlow then prunes where nothing else
+    reads them. Otherwise (no such pattern, eager mode, ``FUSE_AFFINE``
+    off) None.
+    """
+    if not FUSE_AFFINE:
+        return None
+    found = _affine(y)
+    if found is None:
+        return None
+    x, scale, offset = found
+    q = affine_quantize(x, scale, offset, d, q_max, signed)
+    _remember(q, (y, d, q_max, signed))  # a junction after it reads y, as without this op
+    return q
+
+
+@tf.autograph.experimental.do_not_convert
+def affine_quantize(x, scale, offset, d, q_max, signed=True):
+    """``uniform_quantize(x * scale + offset, d, q_max, signed)`` with the fused kernels.
+
+    ``scale`` and ``offset``: vectors of one value per channel (``x``'s last
+    axis), broadcast as in ``x * scale + offset``. One pass forward (the
+    product and the sum rounded to float32 as TensorFlow's Mul and AddV2
+    round them: the same values bit for bit), one backward: ``gx = gy *
+    scale``, ``gscale = sum(gy * x)``, ``goffset = sum(gy)`` per channel
+    (summed in double), ``gd`` and ``gq`` as :func:`uniform_quantize`'s,
+    with ``gy`` the quantizer's straight-through gradient at ``x * scale +
+    offset``. Raises RuntimeError where the kernels are not available
+    (see :func:`usable`).
+    """
+    _require_kernels("tfdq.ops.uniform_quantize of x * scale + offset")
+    module = load()
+    x = tf.convert_to_tensor(x, tf.float32)
+    scale = tf.convert_to_tensor(scale, tf.float32)
+    offset = tf.convert_to_tensor(offset, tf.float32)
+    d = tf.cast(d, tf.float32)
+    q_max = tf.cast(q_max, tf.float32)
+    signed = bool(signed)
+
+    @tf.custom_gradient
+    def _affine_op(x, scale, offset, d, q_max):
+        q = module.tfdq_affine_quantize(x, scale, offset, d, q_max, signed=signed)
+
+        def grad(dy):
+            return module.tfdq_affine_quantize_grad(dy, x, scale, offset, d, q_max, signed=signed)
+
+        return q, grad
+
+    return _affine_op(x, scale, offset, d, q_max)
+
+
+@tf.autograph.experimental.do_not_convert
+def affine_add_relu_quantize(x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=True):
+    """:func:`add_relu_quantize` of ``a = x * scale + offset`` (per channel) and ``b``, one op.
+
+    ``Q(relu(Q_a(x * scale + offset) + b))``: a residual branch's
+    BatchNorm output pass, its quantizer, the Add, the ReLU and the block
+    output's quantizer; one pass forward (read ``x`` and ``b``, write the
+    output), one backward (read ``dy``, ``x`` and ``b``; write the gradients
+    to ``x`` and ``b``). Values bit for bit those of the separate ops;
+    gradients theirs, the per-channel sums ``gscale = sum(ga * x)`` and
+    ``goffset = sum(ga)`` in double (``ga`` the gradient at ``a``). Raises
+    RuntimeError where the kernels are not available (see :func:`usable`).
+    """
+    _require_kernels("the separate BatchNorm output pass, quantizers, Add and ReLU")
+    module = load()
+    x = tf.convert_to_tensor(x, tf.float32)
+    scale = tf.convert_to_tensor(scale, tf.float32)
+    offset = tf.convert_to_tensor(offset, tf.float32)
+    b = tf.convert_to_tensor(b, tf.float32)
+    scalars = [tf.cast(v, tf.float32) for v in (d_a, q_max_a, d, q_max)]
+    signed_a = bool(signed_a)
+
+    @tf.custom_gradient
+    def _junction_op(x, scale, offset, b, d_a, q_max_a, d, q_max):
+        q = module.tfdq_affine_add_relu_quantize(
+            x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=signed_a
+        )
+
+        def grad(dy):
+            return module.tfdq_affine_add_relu_quantize_grad(
+                dy, x, scale, offset, b, d_a, q_max_a, d, q_max, signed_a=signed_a
+            )
+
+        return q, grad
+
+    return _junction_op(x, scale, offset, b, *scalars)
