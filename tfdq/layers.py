@@ -255,6 +255,68 @@ class ActivationQuantizer(keras.layers.Layer):
         return config
 
 
+def _uniform_activation_quantizer(layer):
+    return isinstance(layer, ActivationQuantizer) and layer.quantizer.FAMILY == "uniform"
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class QHardSwish(keras.layers.Activation):
+    """``Activation("hard_swish")`` that computes, between two learned quantizers, the levels of
+    LiteRT's int8 HARD_SWISH.
+
+    The integer file computes hard-swish as one HARD_SWISH op from the learned input grid (step
+    ``d_in``) onto the learned output grid (``d_out``). That kernel works in 16-bit fixed point
+    and puts a few values one step away from ``x relu6(x + 3) / 6`` rounded onto the output grid
+    (0.02% of a trained MobileNetV3's stem; the difference grows downstream). Here the forward
+    value is the kernel's: its output level for each input level, from a table of the 512
+    possible input values that :func:`tfdq.ops.hard_swish_int8_table` computes from the two steps
+    as the kernel does (one gather per element). The gradient is the float hard-swish's, and the
+    output quantizer sees its usual rounding residual (the correction is a whole number of its
+    steps), so ``d_out`` learns as elsewhere.
+
+    The two quantizers are found in the graph: the layer's only input must come from a uniform
+    :class:`ActivationQuantizer` and its output go to one only. Otherwise (the layer used
+    outside ``quantize_model``'s graph, or called on its own) it is the float hard-swish.
+    ``quantize_model`` puts this layer where a model has ``Activation("hard_swish")`` (or
+    ``"hard_silu"``). Exact for LiteRT's portable kernel (the one x86 runs; XNNPACK takes no int8
+    HARD_SWISH); ARM's NEON code path was not checked.
+    """
+
+    def __init__(self, activation="hard_swish", **kwargs):
+        super().__init__(activation, **kwargs)
+
+    def learned_quantizers(self):
+        """``(input ActivationQuantizer, output ActivationQuantizer)`` around this layer, or None."""
+        nodes = getattr(self, "_inbound_nodes", [])
+        outbound = getattr(self, "_outbound_nodes", [])
+        if len(nodes) != 1 or len(outbound) != 1 or len(nodes[0].input_tensors) != 1:
+            return None
+        history = getattr(nodes[0].input_tensors[0], "_keras_history", None)
+        source = None if history is None else history.operation
+        target = outbound[0].operation
+        if _uniform_activation_quantizer(source) and _uniform_activation_quantizer(target):
+            return source, target
+        return None
+
+    def call(self, inputs):
+        y = self.activation(inputs)
+        found = self.learned_quantizers()
+        if found is None or y.dtype != tf.float32:
+            return y
+        d_in = tf.stop_gradient(found[0].quantizer.forward_params()["d"])
+        d_out = tf.stop_gradient(found[1].quantizer.forward_params()["d"])
+        table = tf.cast(ops.hard_swish_int8_table(d_in, d_out), y.dtype)
+        # the input is on its grid: its levels are exact
+        index = tf.cast(ops.round_half_away(inputs / d_in), tf.int32) - ops.HARD_SWISH_TABLE_LOW
+        levels = tf.gather(table, tf.clip_by_value(index, 0, -2 * ops.HARD_SWISH_TABLE_LOW - 1))
+        # y moved by whole steps, so that the output quantizer rounds it to the kernel's level with
+        # its own residual (and gradients); where float32 rounding of that sum could land on a
+        # half-way point, the level itself (no residual)
+        moved = y + tf.stop_gradient((levels - ops.round_half_away(y / d_out)) * d_out)
+        exact = ops.round_half_away(moved / d_out) == levels
+        return tf.where(exact, moved, y + tf.stop_gradient(levels * d_out - y))
+
+
 @keras.saving.register_keras_serializable(_PACKAGE)
 def int8_swish(x):
     """``x * sigmoid(x)`` with the sigmoid on TFLite's int8 LOGISTIC output grid.

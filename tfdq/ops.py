@@ -497,3 +497,73 @@ def _pow2_backward(dy, x, q_min, q_max, signed, with_zero):
     g_min = tf.reduce_sum(tf.where(low, sdy, zeros))
     g_max = tf.reduce_sum(tf.where(high, sdy, zeros))
     return gx, g_min, g_max
+
+
+# ---------------------------------------------------------------------------
+# LiteRT's int8 HARD_SWISH
+# ---------------------------------------------------------------------------
+
+HARD_SWISH_TABLE_LOW = -256  # the lowest input value (int8 level minus zero point) in the table
+
+
+def _int16_multiplier(real):
+    """``(m, e)`` for a positive float32 multiplier as TFLite stores it for HARD_SWISH: ``real`` is
+    ``q 2^e`` with ``q`` in [1/2, 1); ``q`` is written with 31 fraction bits (exact: a float32 has
+    24 significant bits), then rounded half up to 15 (``m`` at most 2^15 - 1). Integer bit fields
+    of the float32, so no log or power can be off by one."""
+    bits = tf.bitcast(tf.cast(real, tf.float32), tf.int32)
+    exponent = tf.bitwise.right_shift(bits, 23) - 126
+    significand = tf.bitwise.bitwise_and(bits, _MANTISSA_MASK) + _ONE_EXPONENT  # q 2^24
+    return tf.minimum(tf.bitwise.right_shift(significand + 256, 9), 32767), exponent
+
+
+def _high_mul_rounded(a, b):
+    """High half of ``2 a b`` for int16 ``a``, ``b >= 0``: nearest, ties away from zero."""
+    ab = a * b
+    return tf.truncatediv(ab + tf.where(ab >= 0, 1 << 14, 1 - (1 << 14)), 1 << 15)
+
+
+def _saturate16(x):
+    return tf.clip_by_value(x, -32768, 32767)
+
+
+def _shift_right_rounded(x, shift):
+    """``x / 2^shift`` rounded to nearest, ties away from zero (``shift`` a scalar in [0, 30])."""
+    mask = tf.bitwise.left_shift(1, shift) - 1
+    threshold = tf.bitwise.right_shift(mask, 1) + tf.cast(x < 0, tf.int32)
+    up = tf.cast(tf.bitwise.bitwise_and(x, mask) > threshold, tf.int32)
+    return tf.bitwise.right_shift(x, shift) + up
+
+
+def hard_swish_int8_table(input_scale, output_scale):
+    """The output of LiteRT's int8 HARD_SWISH for each input value -256 ... 255, as int32 levels.
+
+    An input value is the int8 level minus the input zero point; the result is the output level
+    before the output zero point is added and int8 saturation (a learned quantizer's range lies
+    inside it). The kernel derives two int16 fixed-point multipliers from the scales, in float32:
+    ``s_in / 128 / s_out`` (the output) and ``s_in / 128 / (3 / 32768)`` (the gate, which maps
+    [-3, 3] onto [-1, 1] in 15 fraction bits), and computes, per element, in 16-bit integers:
+    the input times 128 on the output scale (a rounding doubling high multiply), the gate (shifted
+    left with saturation or right with rounding, then to [0, 1]), their product (a truncating
+    doubling high multiply) and a rounding right shift onto the output scale. Few of its results
+    differ from ``x relu6(x + 3) / 6`` rounded onto the output grid, by one step (0.02% of a
+    trained MobileNetV3's stem). The table is the same computation on the 512 possible inputs.
+
+    ``input_scale``, ``output_scale``: float32 scalars (a learned quantizer's steps). A pair with
+    ``s_in > 128 s_out`` is refused by the kernel; here its output shift is taken as 0.
+    """
+    v = tf.range(HARD_SWISH_TABLE_LOW, -HARD_SWISH_TABLE_LOW, dtype=tf.int32)
+    hires = tf.cast(input_scale, tf.float32) * (1.0 / 128.0)
+    out_m, out_e = _int16_multiplier(hires / tf.cast(output_scale, tf.float32))
+    gate_m, gate_e = _int16_multiplier(hires / np.float32(3.0 / 32768.0))
+    x = v * 128
+    x_out = _high_mul_rounded(x, out_m)
+    left = tf.bitwise.left_shift(1, tf.clip_by_value(gate_e - 1, 0, 16))
+    gate = tf.where(gate_e > 0, _saturate16(x * left), x)
+    gate = _high_mul_rounded(gate, gate_m)
+    gate = tf.where(
+        gate_e > 0, _saturate16(gate * 2), _shift_right_rounded(gate, tf.clip_by_value(-gate_e, 0, 30))
+    )
+    gate = tf.bitwise.right_shift(gate + 32768, 1)  # [-1, 1] -> [0, 1]
+    y = tf.truncatediv(gate * x_out, 1 << 15)
+    return _shift_right_rounded(y, tf.clip_by_value(-out_e, 0, 30))

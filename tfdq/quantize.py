@@ -858,7 +858,13 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                 config["activation"] = _INT8_ACTIVATIONS.get(
                     registry.activation_function_name(layer), config["activation"]
                 )
-            clone = layer.__class__.from_config(config)
+            cls = layer.__class__
+            if type(layer) is keras.layers.Activation and registry.activation_function_name(layer) in (
+                "hard_swish",
+                "hard_silu",
+            ):
+                cls = qlayers.QHardSwish  # LiteRT's int8 HARD_SWISH levels between its two quantizers
+            clone = cls.from_config(config)
             if registry.has_float_weights(layer):
                 report["float_layers"].append({"name": layer.name, "class": type(layer).__name__})
         new_to_orig_layer[id(clone)] = layer
