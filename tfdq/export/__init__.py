@@ -81,6 +81,13 @@ an int8 model whose kernels hold exactly those integers:
   which makes it round once (half away, as the quantizer), and a QUANTIZE
   puts it back on the learned scale (:mod:`tfdq.export.relus`; checked on
   all 256 int8 levels in LiteRT, the report's ``relus``).
+* A hard-swish (``Activation("hard_swish")``) is one HARD_SWISH from its learned input grid onto
+  the learned grid after it. LiteRT's int8 kernel computes it in 16-bit fixed point and rounds
+  some values (half-way points above x = 3 among them) one step away from ``x relu6(x + 3) / 6``
+  rounded once; ``quantize_model`` puts a ``tfdq.layers.QHardSwish`` there, whose forward pass
+  gives the kernel's levels (a table of the 512 input values computed from the two steps as
+  the kernel's Prepare and Eval do; the gradient is the float function's), so the file's
+  hard-swish maps equal Keras' (MobileNetV3).
 * A sub-byte kernel outside XNNPACK whose output stays signed is stored
   int8: LiteRT's builtin int4 CONV_2D / DEPTHWISE_CONV_2D (and
   FULLY_CONNECTED) rounds twice, which no bias can undo for negative
