@@ -270,9 +270,10 @@ class QHardSwish(keras.layers.Activation):
     (0.02% of a trained MobileNetV3's stem; the difference grows downstream). Here the forward
     value is the kernel's: its output level for each input level, from a table of the 512
     possible input values that :func:`tfdq.ops.hard_swish_int8_table` computes from the two steps
-    as the kernel does (one gather per element). The gradient is the float hard-swish's, and the
-    output quantizer sees its usual rounding residual (the correction is a whole number of its
-    steps), so ``d_out`` learns as elsewhere.
+    as the kernel does (one gather per element, :func:`tfdq.ops.hard_swish_int8_forward`). The
+    gradient is the float hard-swish's, and the output quantizer sees the float function's
+    rounding residual (clipped to 0.49 steps) around the kernel's level, so ``d_out`` learns as
+    elsewhere.
 
     The two quantizers are found in the graph: the layer's only input must come from a uniform
     :class:`ActivationQuantizer` and its output go to one only. Otherwise (the layer used
@@ -306,15 +307,7 @@ class QHardSwish(keras.layers.Activation):
         d_in = tf.stop_gradient(found[0].quantizer.forward_params()["d"])
         d_out = tf.stop_gradient(found[1].quantizer.forward_params()["d"])
         table = tf.cast(ops.hard_swish_int8_table(d_in, d_out), y.dtype)
-        # the input is on its grid: its levels are exact
-        index = tf.cast(ops.round_half_away(inputs / d_in), tf.int32) - ops.HARD_SWISH_TABLE_LOW
-        levels = tf.gather(table, tf.clip_by_value(index, 0, -2 * ops.HARD_SWISH_TABLE_LOW - 1))
-        # y moved by whole steps, so that the output quantizer rounds it to the kernel's level with
-        # its own residual (and gradients); where float32 rounding of that sum could land on a
-        # half-way point, the level itself (no residual)
-        moved = y + tf.stop_gradient((levels - ops.round_half_away(y / d_out)) * d_out)
-        exact = ops.round_half_away(moved / d_out) == levels
-        return tf.where(exact, moved, y + tf.stop_gradient(levels * d_out - y))
+        return ops.hard_swish_int8_forward(inputs, y, table, d_in, d_out)
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)

@@ -567,3 +567,22 @@ def hard_swish_int8_table(input_scale, output_scale):
     gate = tf.bitwise.right_shift(gate + 32768, 1)  # [-1, 1] -> [0, 1]
     y = tf.truncatediv(gate * x_out, 1 << 15)
     return _shift_right_rounded(y, tf.clip_by_value(-out_e, 0, 30))
+
+
+@_kernel
+def hard_swish_int8_forward(x, y, table, d_in, d_out):
+    """The hard-swish ``y`` of ``x`` (on its grid of step ``d_in``) moved onto the HARD_SWISH
+    kernel's output levels (``table``: :func:`hard_swish_int8_table`, as float32) on the grid of
+    step ``d_out``, for the learned quantizer of that step to take next.
+
+    The value is ``L d_out + r``: ``L`` the kernel's level for the input's level, ``r`` the
+    float function's own rounding residual ``y - d_out round(y / d_out)`` clipped to 0.49 steps,
+    so that the quantizer rounds it to ``L`` exactly and its step still learns from the float
+    function's residual. The gradient with respect to ``y`` is 1 (straight-through).
+    """
+    index = tf.cast(tf.round(x / d_in), tf.int32) - HARD_SWISH_TABLE_LOW
+    levels = tf.gather(table, tf.clip_by_value(index, 0, -2 * HARD_SWISH_TABLE_LOW - 1))
+    residual = y - round_half_away(y / d_out) * d_out
+    bound = 0.49 * d_out
+    target = levels * d_out + tf.clip_by_value(residual, -bound, bound)
+    return y + tf.stop_gradient(target - y)
