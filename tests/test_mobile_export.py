@@ -230,6 +230,23 @@ def test_int8_sigmoid_rounds_as_the_logistic_lookup_table():
     np.testing.assert_allclose(tape.gradient(g, t).numpy(), sig * (1 - sig), rtol=1e-5, atol=1e-7)
 
 
+def test_int8_sigmoid_on_every_learned_input_grid():
+    """Every input a learned quantizer can give it: i 2^e for the int8 levels i and steps 2^-14 to
+    2^2, against round(256 sigmoid) in float64 (the file's table); the gradient is sigmoid'."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    xs = (np.arange(-128, 128)[None, :] * 2.0 ** np.arange(-14, 3)[:, None]).reshape(-1).astype(np.float32)
+    sig = 1.0 / (1.0 + np.exp(-xs.astype(np.float64)))
+    want = np.minimum(np.round(256.0 * sig), 255.0) / 256.0
+    t = tf.constant(xs)
+    with tf.GradientTape() as tape:
+        tape.watch(t)
+        g = qlayers.int8_sigmoid(t)
+    np.testing.assert_array_equal(g.numpy(), want.astype(np.float32))
+    np.testing.assert_allclose(tape.gradient(g, t).numpy(), sig * (1 - sig), rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(np.asarray(qlayers.int8_swish(xs)), (xs * want.astype(np.float32)))
+
+
 def test_ties_even_quantizer_rounds_half_to_the_even_level():
     aq = qlayers.ActivationQuantizer(quantizer="U3", signed=True, ties="even")
     aq.build((None,))
