@@ -88,3 +88,22 @@ def test_early_check_agrees_with_the_exporter():
     # an exportable model: no problems, no warning
     _, report = tfdq.quantize_model(tfdq.models.small_cnn(), return_report=True)
     assert report["export_problems"] == []
+
+
+def test_logistic_activations_are_registry_fields():
+    """quantize_model's sigmoid / swish handling reads these fields (no name lists of its own)."""
+    for act, split, int8, form in [
+        ("sigmoid", True, "int8_sigmoid", "logistic"),
+        ("swish", True, "int8_swish", "logistic_mul"),
+        ("silu", True, "int8_swish", "logistic_mul"),
+        ("hard_swish", False, None, None),
+        ("relu", False, None, None),
+        ("linear", False, None, None),
+    ]:
+        for op in (keras.layers.Dense(4, activation=act), keras.layers.Activation(act)):
+            assert registry.splits_fused_activation(op) is split, act
+            assert registry.int8_activation_name(op) == int8, act
+            assert registry.logistic_form(op) == form, act
+    # the int8 functions themselves resolve to their own entries
+    assert registry.logistic_form(keras.layers.Activation(qlayers.int8_swish)) == "logistic_mul"
+    assert registry.int8_activation_name(keras.layers.Activation(qlayers.int8_sigmoid)) == "int8_sigmoid"

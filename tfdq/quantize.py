@@ -704,31 +704,22 @@ def _quantizable_outputs(model):
     return found
 
 
-# Activations a kernel layer's ``activation=`` applies that the integer file computes from an int8
-# input (LOGISTIC, and a MUL for swish): split off as their own Activation layer, so that the
-# kernel's output gets a learned quantizer (registry INPUT) and Keras rounds where the file does.
-_SPLIT_ACTIVATIONS = ("sigmoid", "swish", "silu")
-
-
 def _ends_in_logistic_mul(layer, node):
     """True for a swish (``Activation``: LOGISTIC, then a MUL in the file) and for a ``Multiply``
     with a sigmoid factor (EfficientNet's squeeze-and-excite gate): their int8 MUL rounds ties
     to even (XNNPACK), and the factor from LOGISTIC has TFLite's fixed scale 1/256, which no
     per-tensor nudge can move (the MobileNetV3 gate's hard-sigmoid can: tfdq.export.build)."""
     if isinstance(layer, keras.layers.Activation):
-        return registry.activation_function_name(layer) in ("swish", "silu")
+        return registry.logistic_form(layer) == "logistic_mul"
     if not isinstance(layer, keras.layers.Multiply) or node is None:
         return False
     for t in node.input_tensors:
         src, _ = producer(t)
         while isinstance(src, qlayers.ActivationQuantizer):
             src, _ = producer(src.input)
-        if isinstance(src, keras.layers.Activation) and registry.activation_function_name(src) == "sigmoid":
+        if isinstance(src, keras.layers.Activation) and registry.logistic_form(src) == "logistic":
             return True
     return False
-
-
-_INT8_ACTIVATIONS = {"swish": qlayers.int8_swish, "silu": qlayers.int8_swish, "sigmoid": qlayers.int8_sigmoid}
 
 
 def _split_fused_activations(model):
@@ -743,7 +734,7 @@ def _split_fused_activations(model):
         if id(layer) not in outputs
         and registry.is_quantizable(layer)
         and not isinstance(layer, keras.Model)
-        and registry.activation_function_name(layer) in _SPLIT_ACTIVATIONS
+        and registry.splits_fused_activation(layer)  # (the registry: sigmoid, swish)
     ]
     if not fused:
         return model
@@ -764,7 +755,7 @@ def _split_fused_activations(model):
                 if not copy.get_weights() or len(copy.weights) != len(orig.weights):
                     raise ValueError(f"{orig.name}: could not split its {act} activation off.")
                 copy.set_weights(orig.get_weights())
-                return keras.layers.Activation(act, name=f"{orig.name}_{act}")(out)
+                return keras.layers.Activation(orig.activation, name=f"{orig.name}_{act}")(out)
         return out
 
     return keras.models.clone_model(model, clone_function=clone_function, call_function=call_function)
@@ -855,9 +846,9 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
             config = layer.get_config()
             if isinstance(layer, keras.layers.Activation) and layer.activation is not None:
                 # the sigmoid on LOGISTIC's int8 grid, as the file computes it
-                config["activation"] = _INT8_ACTIVATIONS.get(
-                    registry.activation_function_name(layer), config["activation"]
-                )
+                int8 = registry.int8_activation_name(layer)
+                if int8 is not None:
+                    config["activation"] = getattr(qlayers, int8)
             cls = layer.__class__
             if type(layer) is keras.layers.Activation and registry.activation_function_name(layer) in (
                 "hard_swish",

@@ -88,6 +88,15 @@ class Activation:
     fix: str = ""
     operands: str = None  # as Entry.operands, for the node that applies it alone (an activation node)
     fixed_scale: bool = False  # TFLite fixes its int8 output scale (1/256, zero point -128)
+    # A kernel layer's fused one is split off into an Activation layer of its own, so that the
+    # kernel's output gets a learned quantizer (the file computes it from an int8 input).
+    split: bool = False
+    # The tfdq.layers function quantize_model puts in an Activation layer: Keras rounds it as
+    # the file's int8 lookup table does (None: the function itself).
+    int8: str = None
+    # What the file computes it with: "logistic" (a LOGISTIC, its output at the fixed 1/256) or
+    # "logistic_mul" (a LOGISTIC and an int8 MUL by it, which XNNPACK rounds to even).
+    logistic: str = None
 
 
 def _cls(module, name):
@@ -746,10 +755,29 @@ ACTIVATIONS = [
     Activation(("relu",), True, EXACT, "relu"),
     Activation(("relu6",), True, EXACT, "relu6"),
     Activation(("softmax",), True, EXACT, "softmax", fixed_scale=True),
-    Activation(("sigmoid", "int8_sigmoid"), True, CALIBRATED, "sigmoid", operands=INPUT, fixed_scale=True),
+    Activation(
+        ("sigmoid", "int8_sigmoid"),
+        True,
+        CALIBRATED,
+        "sigmoid",
+        operands=INPUT,
+        fixed_scale=True,
+        split=True,
+        int8="int8_sigmoid",
+        logistic="logistic",
+    ),
     Activation(("hard_sigmoid",), True, CALIBRATED, "hard_sigmoid"),
     Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish", operands=INPUT),
-    Activation(("swish", "silu", "int8_swish"), False, CALIBRATED, "swish", operands=INPUT),
+    Activation(
+        ("swish", "silu", "int8_swish"),
+        False,
+        CALIBRATED,
+        "swish",
+        operands=INPUT,
+        split=True,
+        int8="int8_swish",
+        logistic="logistic_mul",
+    ),
     Activation(("leaky_relu",), False, CALIBRATED, "leaky_relu"),
     Activation(("gelu",), False, CALIBRATED, "gelu"),
     Activation(("exponential", "softplus"), True, REFUSED, fix="use relu, relu6, sigmoid or swish"),
@@ -848,6 +876,29 @@ def has_fixed_output_scale(op):
     output needs no learned quantizer of its own to be computed alike by Keras and the file."""
     act = activation(activation_function_name(op))
     return act is not None and act.fixed_scale
+
+
+def _activation_field(op, field):
+    act = activation(activation_function_name(op))
+    return None if act is None else getattr(act, field)
+
+
+def splits_fused_activation(op):
+    """Whether ``quantize_model`` splits ``op``'s fused ``activation=`` off into an ``Activation``
+    layer (sigmoid, swish: the file computes them from an int8 input, which gets a learned grid)."""
+    return bool(_activation_field(op, "split"))
+
+
+def int8_activation_name(op):
+    """Name of the ``tfdq.layers`` function that computes ``op``'s activation as the file's int8
+    lookup table rounds it (``"int8_sigmoid"``, ``"int8_swish"``), or None."""
+    return _activation_field(op, "int8")
+
+
+def logistic_form(op):
+    """``"logistic"`` (sigmoid), ``"logistic_mul"`` (swish) or None: how the file computes ``op``'s
+    activation from TFLite's LOGISTIC."""
+    return _activation_field(op, "logistic")
 
 
 def operand_grids(op):

@@ -312,8 +312,9 @@ class Builder:
             learned_next = self.plan.downstream_step(op.outputs[0]) is not None
             if isinstance(layer, keras.layers.GlobalAveragePooling2D):
                 if learned_next and self.mode == "export" and x.q is not None:
-                    s_out = self.plan.downstream_step(op.outputs[0])
-                    y = self.global_mean_as_conv(x, s_out, bool(layer.keepdims))
+                    act, _ = self.plan.downstream_quantizer(op.outputs[0])
+                    ties_up = getattr(self.plan.ops_by_index[act.op_index].layer, "ties", "away") == "up"
+                    y = self.global_mean_as_conv(x, act.step, bool(layer.keepdims), ties_up)
                 else:
                     y = tf.reduce_mean(x.t, axis=[1, 2], keepdims=bool(layer.keepdims))
             elif learned_next and self.mode == "export" and x.q is not None and layer.padding == "valid":
@@ -343,7 +344,7 @@ class Builder:
             return [_Val(y, None, False, all(x.nonneg for x in xs), label)]
         raise ExportError(f"No integer export for {op.path} ({type(layer).__name__}).")
 
-    def global_mean_as_conv(self, x, s_out, keepdims):
+    def global_mean_as_conv(self, x, s_out, keepdims, ties_up=False):
         """The global average as a DEPTHWISE_CONV_2D with a constant int8 kernel.
 
         LiteRT (XNNPACK) rounds the requantization of MEAN and of its
@@ -355,10 +356,12 @@ class Builder:
         scale ``1 / (2 N)`` and the int32 bias is 1: every value moves by a
         quarter of its own spacing, which decides the ties upwards and
         crosses no other threshold. The pooled map is then the Keras one
-        element for element.
+        element for element. A signed map (EfficientNet's squeeze of a swish
+        output) gets the same nudge where its learned quantizer rounds ties
+        up (``ties_up``; before, 1-step differences at its ties).
         """
         h, w, c = (int(v) for v in x.t.shape[1:])
-        y = self.mean_as_conv(x, s_out, (h, w), (1, 1))
+        y = self.mean_as_conv(x, s_out, (h, w), (1, 1), ties_up)
         return y if keepdims else tf.reshape(y, [-1, c])
 
     def mean_as_conv(self, x, s_out, window, strides, ties_up=False):
