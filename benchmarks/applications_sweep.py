@@ -221,7 +221,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     try:
         maps = map_offsets(qmodel, tflite, xv[:16])
         maps_error = None
-    except ValueError as e:  # quantizers inside nested models (ConvNeXt): no probe model of their outputs
+    except ValueError as e:  # a nested model called more than once: no single value of its maps
         maps, maps_error = [], f"{type(e).__name__}: {e}"
     off = [m for m in maps if m["max_steps"] is None or m["max_steps"] > 0]
     return {
@@ -258,17 +258,18 @@ def map_offsets(qmodel, tflite, x):
     tensors of the file with its output's shape and scale; the largest
     difference from Keras' map in steps of the grid (the best-matching tensor
     where several qualify). ``None`` where the file holds no tensor on that
-    grid (the map was fused away or requantized). Returns a list of
+    grid (the map was fused away or requantized). Quantizers inside nested
+    models (keras' ConvNeXt stem and downsampling blocks) are read by
+    :func:`quantizer_outputs`. Returns a list of
     ``{"layer", "step", "max_steps", "mean_steps"}``.
     """
-    import keras  # noqa: PLC0415
     from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
 
     import tfdq  # noqa: PLC0415
 
     layers = tfdq.layers.activation_quantizer_layers(qmodel)
-    probe = keras.Model(qmodel.input, [layer.output for layer in layers])
-    wants = probe.predict(x, batch_size=len(x), verbose=0)
+    values = quantizer_outputs(qmodel, x)
+    wants = [values[id(layer)] for layer in layers]
     it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=True)
     inp = it.get_input_details()[0]
     it.resize_tensor_input(inp["index"], list(x.shape))
@@ -287,7 +288,7 @@ def map_offsets(qmodel, tflite, x):
             if tuple(t["shape"]) != want.shape or abs(t["quantization"][0] / step - 1) > 1e-6:
                 continue
             diff = np.abs((it.get_tensor(t["index"]).astype(np.float64) - t["quantization"][1]) * step - want)
-            if best is None or diff.max() < best[0]:
+            if best is None or diff.max() / step < best[0]:
                 best = (float(diff.max() / step), float(diff.mean() / step))
         out.append(
             {
@@ -298,6 +299,43 @@ def map_offsets(qmodel, tflite, x):
             }
         )
     return out
+
+
+def quantizer_outputs(model, x):
+    """The output of every :class:`tfdq.layers.ActivationQuantizer` of ``model`` on ``x``, by ``id(layer)``.
+
+    One probe model per (nested) model: the outputs of its own quantizers and
+    the inputs of the nested models it calls, in one ``predict``; each nested
+    model is then probed the same way from the value of its input. A nested
+    model must be called once in its parent's graph (``ValueError`` otherwise).
+    """
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    graph = getattr(model, "_functional", None) or model  # a Sequential keeps its graph there
+    own = [layer for layer in model.layers if isinstance(layer, tfdq.layers.ActivationQuantizer)]
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    nodes = [node for level in graph._nodes_by_depth.values() for node in level]
+    feeds = []
+    for sub in nested:
+        calls = [node for node in nodes if node.operation is sub]
+        if len(calls) != 1:
+            raise ValueError(f"nested model {sub.name!r} is called {len(calls)} times in {model.name!r}")
+        feeds.append(list(calls[0].input_tensors))
+    outputs = [layer.output for layer in own] + [t for feed in feeds for t in feed]
+    if not outputs:
+        return {}
+    n = len(x[0]) if isinstance(x, (list, tuple)) else len(x)
+    got = keras.Model(graph.inputs, outputs).predict(x, batch_size=n, verbose=0)
+    got = list(got) if isinstance(got, (list, tuple)) else [got]
+    values = {id(layer): np.asarray(v) for layer, v in zip(own, got)}
+    k = len(own)
+    for sub, feed in zip(nested, feeds):
+        sub_x = got[k] if len(feed) == 1 else got[k : k + len(feed)]
+        k += len(feed)
+        values.update(quantizer_outputs(sub, sub_x))
+    return values
 
 
 def _latency(model, qmodel, calib, tflite_default, rounds, invokes):
