@@ -234,6 +234,8 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
         "keras_accuracy": result.get("keras_accuracy"),
         "tflite_accuracy": result.get("tflite_accuracy"),
         "top1_agreement": result["top1_agreement"],
+        "disagreements": result.get("disagreements"),
+        "tied_top_outputs": result.get("tied_top_outputs"),
         "max_output_diff_steps": result["max_abs_output_diff_in_output_steps"],
         "float_ops": result["float_ops"],
         "all_kernels_exact": result["all_kernels_exact"],
