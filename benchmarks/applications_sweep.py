@@ -77,12 +77,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
-def digits(size, n=None):
-    """sklearn's digits as RGB images of side ``size`` (nearest upscaling), pixels 0-255, and labels."""
+def digits(size, n=None, integer=False):
+    """sklearn's digits as RGB images of side ``size`` (nearest upscaling), pixels 0-255, and labels.
+
+    The 17 grey levels times 255/16 are not integers (15.9375, ...); ``integer=True`` rounds them, as
+    an image's pixels are (a file whose int8 input has scale 1 rounds them itself, Keras does not).
+    """
     from sklearn.datasets import load_digits  # noqa: PLC0415
 
     d = load_digits()
     x = d.images.astype(np.float32) / 16.0 * 255.0
+    if integer:
+        x = np.round(x)
     idx = np.arange(size) * 8 // size
     x = x[:, idx][:, :, idx]
     x = np.repeat(x[..., None], 3, -1)
@@ -183,7 +189,9 @@ def run_one(
     return row
 
 
-def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1e-3, seed=0):
+def finetune_and_verify(
+    name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1e-3, seed=0, integer_pixels=False
+):
     """A short fine-tune on digits (float, then quantized), align_biases, to_tflite, verify.
 
     The float network (random weights) trains ``float_epochs`` on ``n_train``
@@ -193,6 +201,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     quantized training, align_biases, to_tflite and verify on the held-out
     digits. Returns a JSON-ready dict (agreement, accuracies, calibrated
     tensors, and each learned map of the file against Keras': :func:`map_offsets`).
+    ``integer_pixels`` rounds the digits' pixels (:func:`digits`).
     """
     import keras  # noqa: PLC0415
 
@@ -200,7 +209,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
 
     t0 = time.time()
     keras.utils.set_random_seed(seed)
-    x, y = digits(MODELS[name][1])
+    x, y = digits(MODELS[name][1], integer=integer_pixels)
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order], y[order]
     xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
@@ -228,6 +237,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
         "model": name,
         "input": MODELS[name][1],
         "n_train": n_train,
+        "integer_pixels": integer_pixels,
         "float_epochs": float_epochs,
         "quant_epochs": quant_epochs,
         "float_accuracy": float_acc,
@@ -453,6 +463,11 @@ def main(argv=None):
         help="merge the rows run into --out (each replaces the row of its model) instead of rewriting it",
     )
     parser.add_argument("--finetune", help="comma-separated models: short fine-tune + verify (JSON to --out)")
+    parser.add_argument(
+        "--integer-pixels",
+        action="store_true",
+        help="--finetune: round the digits' pixels (digits(integer=True))",
+    )
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args(argv)
     if args.out is None:
@@ -470,7 +485,7 @@ def main(argv=None):
         rows = []
         for name in names:
             try:
-                rows.append(finetune_and_verify(name))
+                rows.append(finetune_and_verify(name, integer_pixels=args.integer_pixels))
             except Exception as e:  # noqa: BLE001 (a row per model)
                 rows.append(
                     {
