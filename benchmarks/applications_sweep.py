@@ -77,12 +77,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
-def digits(size, n=None):
-    """sklearn's digits as RGB images of side ``size`` (nearest upscaling), pixels 0-255, and labels."""
+def digits(size, n=None, integer=False):
+    """sklearn's digits as RGB images of side ``size`` (nearest upscaling), pixels 0-255, and labels.
+
+    The 17 grey levels times 255/16 are not integers (15.9375, ...); ``integer=True`` rounds them, as
+    an image's pixels are (a file whose int8 input has scale 1 rounds them itself, Keras does not).
+    """
     from sklearn.datasets import load_digits  # noqa: PLC0415
 
     d = load_digits()
     x = d.images.astype(np.float32) / 16.0 * 255.0
+    if integer:
+        x = np.round(x)
     idx = np.arange(size) * 8 // size
     x = x[:, idx][:, :, idx]
     x = np.repeat(x[..., None], 3, -1)
@@ -183,7 +189,9 @@ def run_one(
     return row
 
 
-def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1e-3, seed=0):
+def finetune_and_verify(
+    name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1e-3, seed=0, integer_pixels=False
+):
     """A short fine-tune on digits (float, then quantized), align_biases, to_tflite, verify.
 
     The float network (random weights) trains ``float_epochs`` on ``n_train``
@@ -193,6 +201,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     quantized training, align_biases, to_tflite and verify on the held-out
     digits. Returns a JSON-ready dict (agreement, accuracies, calibrated
     tensors, and each learned map of the file against Keras': :func:`map_offsets`).
+    ``integer_pixels`` rounds the digits' pixels (:func:`digits`).
     """
     import keras  # noqa: PLC0415
 
@@ -200,7 +209,7 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
 
     t0 = time.time()
     keras.utils.set_random_seed(seed)
-    x, y = digits(MODELS[name][1])
+    x, y = digits(MODELS[name][1], integer=integer_pixels)
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order], y[order]
     xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
@@ -221,19 +230,22 @@ def finetune_and_verify(name, n_train=1000, float_epochs=2, quant_epochs=1, lr=1
     try:
         maps = map_offsets(qmodel, tflite, xv[:16])
         maps_error = None
-    except ValueError as e:  # quantizers inside nested models (ConvNeXt): no probe model of their outputs
+    except ValueError as e:  # a nested model called more than once: no single value of its maps
         maps, maps_error = [], f"{type(e).__name__}: {e}"
     off = [m for m in maps if m["max_steps"] is None or m["max_steps"] > 0]
     return {
         "model": name,
         "input": MODELS[name][1],
         "n_train": n_train,
+        "integer_pixels": integer_pixels,
         "float_epochs": float_epochs,
         "quant_epochs": quant_epochs,
         "float_accuracy": float_acc,
         "keras_accuracy": result.get("keras_accuracy"),
         "tflite_accuracy": result.get("tflite_accuracy"),
         "top1_agreement": result["top1_agreement"],
+        "disagreements": result.get("disagreements"),
+        "tied_top_outputs": result.get("tied_top_outputs"),
         "max_output_diff_steps": result["max_abs_output_diff_in_output_steps"],
         "float_ops": result["float_ops"],
         "all_kernels_exact": result["all_kernels_exact"],
@@ -258,17 +270,18 @@ def map_offsets(qmodel, tflite, x):
     tensors of the file with its output's shape and scale; the largest
     difference from Keras' map in steps of the grid (the best-matching tensor
     where several qualify). ``None`` where the file holds no tensor on that
-    grid (the map was fused away or requantized). Returns a list of
+    grid (the map was fused away or requantized). Quantizers inside nested
+    models (keras' ConvNeXt stem and downsampling blocks) are read by
+    :func:`quantizer_outputs`. Returns a list of
     ``{"layer", "step", "max_steps", "mean_steps"}``.
     """
-    import keras  # noqa: PLC0415
     from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
 
     import tfdq  # noqa: PLC0415
 
     layers = tfdq.layers.activation_quantizer_layers(qmodel)
-    probe = keras.Model(qmodel.input, [layer.output for layer in layers])
-    wants = probe.predict(x, batch_size=len(x), verbose=0)
+    values = quantizer_outputs(qmodel, x)
+    wants = [values[id(layer)] for layer in layers]
     it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=True)
     inp = it.get_input_details()[0]
     it.resize_tensor_input(inp["index"], list(x.shape))
@@ -287,7 +300,7 @@ def map_offsets(qmodel, tflite, x):
             if tuple(t["shape"]) != want.shape or abs(t["quantization"][0] / step - 1) > 1e-6:
                 continue
             diff = np.abs((it.get_tensor(t["index"]).astype(np.float64) - t["quantization"][1]) * step - want)
-            if best is None or diff.max() < best[0]:
+            if best is None or diff.max() / step < best[0]:
                 best = (float(diff.max() / step), float(diff.mean() / step))
         out.append(
             {
@@ -298,6 +311,43 @@ def map_offsets(qmodel, tflite, x):
             }
         )
     return out
+
+
+def quantizer_outputs(model, x):
+    """The output of every :class:`tfdq.layers.ActivationQuantizer` of ``model`` on ``x``, by ``id(layer)``.
+
+    One probe model per (nested) model: the outputs of its own quantizers and
+    the inputs of the nested models it calls, in one ``predict``; each nested
+    model is then probed the same way from the value of its input. A nested
+    model must be called once in its parent's graph (``ValueError`` otherwise).
+    """
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    graph = getattr(model, "_functional", None) or model  # a Sequential keeps its graph there
+    own = [layer for layer in model.layers if isinstance(layer, tfdq.layers.ActivationQuantizer)]
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    nodes = [node for level in graph._nodes_by_depth.values() for node in level]
+    feeds = []
+    for sub in nested:
+        calls = [node for node in nodes if node.operation is sub]
+        if len(calls) != 1:
+            raise ValueError(f"nested model {sub.name!r} is called {len(calls)} times in {model.name!r}")
+        feeds.append(list(calls[0].input_tensors))
+    outputs = [layer.output for layer in own] + [t for feed in feeds for t in feed]
+    if not outputs:
+        return {}
+    n = len(x[0]) if isinstance(x, (list, tuple)) else len(x)
+    got = keras.Model(graph.inputs, outputs).predict(x, batch_size=n, verbose=0)
+    got = list(got) if isinstance(got, (list, tuple)) else [got]
+    values = {id(layer): np.asarray(v) for layer, v in zip(own, got)}
+    k = len(own)
+    for sub, feed in zip(nested, feeds):
+        sub_x = got[k] if len(feed) == 1 else got[k : k + len(feed)]
+        k += len(feed)
+        values.update(quantizer_outputs(sub, sub_x))
+    return values
 
 
 def _latency(model, qmodel, calib, tflite_default, rounds, invokes):
@@ -413,6 +463,11 @@ def main(argv=None):
         help="merge the rows run into --out (each replaces the row of its model) instead of rewriting it",
     )
     parser.add_argument("--finetune", help="comma-separated models: short fine-tune + verify (JSON to --out)")
+    parser.add_argument(
+        "--integer-pixels",
+        action="store_true",
+        help="--finetune: round the digits' pixels (digits(integer=True))",
+    )
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args(argv)
     if args.out is None:
@@ -430,7 +485,7 @@ def main(argv=None):
         rows = []
         for name in names:
             try:
-                rows.append(finetune_and_verify(name))
+                rows.append(finetune_and_verify(name, integer_pixels=args.integer_pixels))
             except Exception as e:  # noqa: BLE001 (a row per model)
                 rows.append(
                     {

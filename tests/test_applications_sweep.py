@@ -128,3 +128,49 @@ def test_relu_on_a_finer_shared_sum_requantizes_as_keras():
     offsets = {m["layer"]: m["max_steps"] for m in sweep.map_offsets(qmodel, tflite, x[-256:])}
     assert all(v is not None for v in offsets.values()), offsets
     assert max(offsets.values()) == 0.0, offsets
+
+
+def test_map_offsets_reads_quantizers_inside_a_nested_model():
+    """map_offsets on a model whose stem is a nested Sequential (as keras' ConvNeXt's): the quantizers inside
+    it are probed from the outer model's value of its input. Every map of the file equals Keras' (0 steps,
+    LiteRT's tensors as the reference); the stem's first kernel negated in Keras after export shows up
+    as an offset at the ReLU map inside the nested model, while the map before it stays at 0."""
+    import keras  # noqa: PLC0415
+
+    import tfdq  # noqa: PLC0415
+
+    x, y = sweep.digits(16)
+    x = np.round(x)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    stem = keras.Sequential(
+        [
+            keras.layers.Conv2D(8, 3, padding="same"),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(8, 3, padding="same"),
+            keras.layers.ReLU(),
+        ],
+        name="stem",
+    )
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(stem(inp))
+    model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:300], y[:300], epochs=1, verbose=0)
+    qmodel = tfdq.quantize_model(model, calibration_data=x[:64])
+    tfdq.export.align_biases(qmodel, x[:64])
+    tflite = tfdq.export.to_tflite(qmodel, x[:64])
+    layers = tfdq.layers.activation_quantizer_layers(qmodel)
+    inner = [layer for layer in qmodel.get_layer("stem").layers if layer in layers]
+    assert len(inner) >= 2, [layer.name for layer in inner]  # the stem's input and its first ReLU
+    maps = sweep.map_offsets(qmodel, tflite, x[-128:])
+    assert [m["layer"] for m in maps] == [layer.name for layer in layers]
+    offsets = {m["layer"]: m["max_steps"] for m in maps}
+    assert all(v is not None for v in offsets.values()), offsets
+    assert max(offsets.values()) == 0.0, offsets
+    # Keras moves away from the file inside the nested model: the stem's first kernel changes sign
+    relu_aq = inner[1]
+    conv = next(layer for layer in qmodel.get_layer("stem").layers if isinstance(layer, tfdq.layers.QConv2D))
+    conv.kernel.assign(-conv.kernel)
+    moved = {m["layer"]: m["max_steps"] for m in sweep.map_offsets(qmodel, tflite, x[-128:])}
+    assert moved[inner[0].name] == 0.0, moved
+    assert moved[relu_aq.name] >= 1.0, moved
