@@ -15,7 +15,12 @@ per-stage peak shows a stage's own high-water mark even when an earlier stage
 set the process peak.
 
     python -m benchmarks.memory_profile --model Xception
+    python -m benchmarks.memory_profile --model Xception --eager 192 --out benchmarks/results/memory_xception_eager.json
     python -m benchmarks.memory_profile --model DenseNet121 --out benchmarks/results/memory_densenet121.json
+
+``--eager N`` measures ``verify``'s Keras side alone: build, quantize, then the
+quantized model on N images eagerly in chunks of 32 (what ``verify`` does now)
+and in one call (what it did on each batch before).
 
 Run it niced and alone on a shared machine (``--limit-mb`` stops it, with the
 stages measured so far written out, when RSS passes that many MB).
@@ -29,6 +34,8 @@ import resource
 import sys
 import threading
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -72,7 +79,7 @@ def _mb(b):
     return round(b / 2**20, 1)
 
 
-def profile(name, float_steps=4, quant_steps=4, n_calibration=128, n_verify=128, limit_mb=None):
+def profile(name, float_steps=4, quant_steps=4, n_calibration=128, n_verify=128, limit_mb=None, eager=0):
     import keras  # noqa: PLC0415
 
     import tfdq  # noqa: PLC0415
@@ -137,16 +144,33 @@ def profile(name, float_steps=4, quant_steps=4, n_calibration=128, n_verify=128,
             state["qmodel"], state["tflite"], (xv, yv), export_report=state["report"]
         )
 
-    stages = [
-        ("build", do_build),
-        ("float_fit", do_float_fit),
-        ("recalibrate", do_recalibrate),
-        ("quantize", do_quantize),
-        ("quant_fit", do_quant_fit),
-        ("align_biases", do_align),
-        ("to_tflite", do_export),
-        ("verify", do_verify),
-    ]
+    def do_chunks():
+        from tfdq.export.verify import keras_outputs  # noqa: PLC0415
+
+        state["chunks"] = keras_outputs(state["qmodel"], x[:eager])
+
+    def do_whole():
+        whole = np.asarray(state["qmodel"](x[:eager], training=False), np.float64)
+        state["equal"] = bool(np.array_equal(whole, state["chunks"]))
+
+    if eager:  # verify's Keras side: chunks of 32 (now) against one eager call (before)
+        stages = [
+            ("build", do_build),
+            ("quantize", do_quantize),
+            (f"keras_outputs_{eager}_in_chunks_of_32", do_chunks),
+            (f"one_eager_call_on_{eager}", do_whole),
+        ]
+    else:
+        stages = [
+            ("build", do_build),
+            ("float_fit", do_float_fit),
+            ("recalibrate", do_recalibrate),
+            ("quantize", do_quantize),
+            ("quant_fit", do_quant_fit),
+            ("align_biases", do_align),
+            ("to_tflite", do_export),
+            ("verify", do_verify),
+        ]
     error = None
     try:
         for label, fn in stages:
@@ -154,6 +178,8 @@ def profile(name, float_steps=4, quant_steps=4, n_calibration=128, n_verify=128,
     except KeyboardInterrupt:
         error = f"stopped: RSS passed {limit_mb} MB"
     sampler.stop()
+    if "equal" in state:
+        rows.append({"chunked_outputs_equal_one_call": state["equal"]})
     return rows, error
 
 
@@ -163,10 +189,19 @@ def main(argv=None):
     parser.add_argument("--float-steps", type=int, default=4)
     parser.add_argument("--quant-steps", type=int, default=4)
     parser.add_argument("--limit-mb", type=float, default=8000)
+    parser.add_argument(
+        "--eager",
+        type=int,
+        default=0,
+        help="instead of the pipeline: build, quantize, then the quantized model on this many images "
+        "eagerly in chunks of 32 (verify now) and in one call (verify before)",
+    )
     parser.add_argument("--label", default="", help="a tag for the run (e.g. 'before', 'after')")
     parser.add_argument("--out", help="JSON file (default benchmarks/results/memory_<model>.json)")
     args = parser.parse_args(argv)
-    rows, error = profile(args.model, args.float_steps, args.quant_steps, limit_mb=args.limit_mb)
+    rows, error = profile(
+        args.model, args.float_steps, args.quant_steps, limit_mb=args.limit_mb, eager=args.eager
+    )
     out = args.out or os.path.join(RESULTS, f"memory_{args.model.lower()}.json")
     import tensorflow as tf  # noqa: PLC0415
 
@@ -177,6 +212,7 @@ def main(argv=None):
         "label": args.label,
         "float_steps": args.float_steps,
         "quant_steps": args.quant_steps,
+        "eager": args.eager,
         "stages": rows,
         "error": error,
         "tensorflow": tf.__version__,
