@@ -685,3 +685,20 @@ def test_export_command_missing_and_corrupt_model(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         command.main(["tflite"])
     assert exit_info.value.code == 2
+
+
+def test_verify_keras_outputs_in_chunks_equal_one_call():
+    # verify runs the Keras model eagerly a chunk at a time (an eager call keeps every
+    # intermediate map of its batch): bit-equal to one call on the whole batch
+    from tfdq.export.verify import keras_outputs  # noqa: PLC0415
+
+    inp = keras.Input((6, 6, 1))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inp)
+    h = keras.layers.BatchNormalization()(h)
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+    x = np.random.default_rng(2).uniform(0, 1, size=(11, 6, 6, 1)).astype(np.float32)
+    q = tfdq.quantize_model(keras.Model(inp, out), calibration_data=x)
+    whole = np.asarray(q(x, training=False), np.float64)
+    chunked = keras_outputs(q, x, chunk=4)
+    assert chunked.shape == (11, 3) and chunked.dtype == np.float64
+    np.testing.assert_array_equal(chunked, whole)

@@ -381,3 +381,24 @@ def test_unsigned_quantizer_absorbs_the_relu_it_follows(monkeypatch):
     assert outs[0][1].keys() == outs[1][1].keys()
     for name, g in outs[0][1].items():
         np.testing.assert_allclose(g, outs[1][1][name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_calibration_stats_reduced_in_graph_equal_the_maps_own():
+    # the probe reduces each map to per-example max |x| and min inside the graph (memory); the
+    # statistics must equal those of the full maps, computed here in NumPy, over several
+    # predict batches (40 examples: batches of 32 and 8)
+    from tfdq.quantize import _calibration_stats  # noqa: PLC0415
+
+    inp = keras.Input((6, 6, 2), name="x")
+    h = keras.layers.Conv2D(3, 3, name="conv")(inp)
+    f = keras.layers.Flatten(name="flat")(h)
+    out = keras.layers.Dense(4, name="fc")(f)
+    model = keras.Model(inp, out)
+    x = np.random.default_rng(1).normal(0, 1, size=(40, 6, 6, 2)).astype(np.float32)
+    x[37, 2, 3, 1] = -9.0  # extremes in the last, short batch
+    x[38, 0, 0, 0] = 7.5
+    tensors = [inp, h, out]
+    maps = keras.Model(inp, tensors).predict(x, batch_size=40, verbose=0)
+    want = [(float(np.max(np.abs(m.astype(np.float64)))), float(np.min(m))) for m in maps]
+    assert _calibration_stats(model, tensors, x) == want
+    assert want[0] == (9.0, -9.0)

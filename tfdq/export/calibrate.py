@@ -61,7 +61,11 @@ def collect_stats(plan, calibration_data, max_samples):
     def probe(*xs):
         _, tables = builder.run(list(xs))
         traced["names"] = list(tables.points)
-        return dict(tables.points)
+        # reduced in the graph: a batch's max |value| and min per point, not every calibrated map
+        # of the batch brought out at once (exact, so the statistics are those of the maps)
+        return {
+            n: (tf.reduce_max(tf.abs(v)), tf.reduce_min(v), tf.shape(v)[0]) for n, v in tables.points.items()
+        }
 
     concrete = probe.get_concrete_function()
     names = traced["names"]
@@ -83,11 +87,11 @@ def collect_stats(plan, calibration_data, max_samples):
             )
         out = concrete(*[tf.constant(b) for b in batch])
         for n in names:
-            v = out[n].numpy()
+            max_abs, lo, count = (t.numpy() for t in out[n])
             s = stats[n]
-            s["max_abs"] = max(s["max_abs"], float(np.max(np.abs(v))))
-            s["min"] = min(s["min"], float(np.min(v)))
-            s["samples"] += int(v.shape[0])
+            s["max_abs"] = max(s["max_abs"], float(max_abs))
+            s["min"] = min(s["min"], float(lo))
+            s["samples"] += int(count)
     if not any(s["samples"] for s in stats.values()):
         raise ExportError("calibration_data is empty.")
     return stats
