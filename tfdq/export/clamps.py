@@ -67,13 +67,32 @@ def _scalar_constant(model, tensor):
     return int(vals[0])
 
 
-def _per_tensor(tensor):
+def per_tensor(tensor):
+    """``(scale, zero_point)`` of a flatbuffer tensor quantized per tensor, else None."""
     q = tensor.quantization
     if q is None or q.scale is None or q.zeroPoint is None:
         return None
     if len(q.scale) != 1 or len(q.zeroPoint) != 1:
         return None
     return float(q.scale[0]), int(q.zeroPoint[0])
+
+
+def requantize_opcode(model, codes):
+    """Index of the model's QUANTIZE operator code at version 2 (int8 -> int8 requantization),
+    added to ``model.operatorCodes`` (and ``codes``, the builtin codes) if it has none."""
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+
+    found = [i for i, c in enumerate(codes) if c == schema.BuiltinOperator.QUANTIZE]
+    if found:
+        code = model.operatorCodes[found[0]]
+        code.version = max(int(code.version), 2)
+        return found[0]
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
+    code.version = 2
+    model.operatorCodes.append(code)
+    codes.append(schema.BuiltinOperator.QUANTIZE)
+    return len(codes) - 1
 
 
 def clamps_as_requantize(tflite_bytes):
@@ -96,27 +115,9 @@ def clamps_as_requantize(tflite_bytes):
         return tflite_bytes, []
     sg = model.subgraphs[0]
     int8 = schema.TensorType.INT8
-    quantize_index = None
-
-    def quantize_code():
-        nonlocal quantize_index
-        if quantize_index is None:
-            found = [i for i, c in enumerate(codes) if c == schema.BuiltinOperator.QUANTIZE]
-            if found:
-                quantize_index = found[0]
-                code = model.operatorCodes[quantize_index]
-                code.version = max(int(code.version), 2)  # int8 -> int8 requantization
-            else:
-                code = schema.OperatorCodeT()
-                code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
-                code.version = 2  # int8 -> int8 requantization
-                model.operatorCodes.append(code)
-                codes.append(schema.BuiltinOperator.QUANTIZE)
-                quantize_index = len(codes) - 1
-        return quantize_index
 
     def as_quantize(op, x, y):
-        op.opcodeIndex = quantize_code()
+        op.opcodeIndex = requantize_opcode(model, codes)
         op.inputs = np.asarray([x], np.int32)
         op.outputs = np.asarray([y], np.int32)
         op.builtinOptionsType = schema.BuiltinOptions.NONE
@@ -141,7 +142,7 @@ def clamps_as_requantize(tflite_bytes):
         c_pos = 0 if consts[0] is not None else 1
         x = inputs[1 - c_pos]
         tx, tc, ty = sg.tensors[x], sg.tensors[inputs[c_pos]], sg.tensors[y]
-        qx, qc, qy = _per_tensor(tx), _per_tensor(tc), _per_tensor(ty)
+        qx, qc, qy = per_tensor(tx), per_tensor(tc), per_tensor(ty)
         if any(t.type != int8 for t in (tx, tc, ty)) or None in (qx, qc, qy):
             entry.update(form="kept", reason="not int8 with one scale per tensor")
             continue

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfdq.export.clamps import per_tensor, requantize_opcode
+
 # relative widening of the intermediate tensor's scale (see the module docstring)
 WIDEN = 2.0**-20
 
@@ -123,13 +125,6 @@ def _agrees(first, steps, want):
     return all(np.array_equal(run_levels(b, x), want) for x in (False, True))
 
 
-def _per_tensor(tensor):
-    q = tensor.quantization
-    if q is None or q.scale is None or q.zeroPoint is None or len(q.scale) != 1 or len(q.zeroPoint) != 1:
-        return None
-    return float(q.scale[0]), int(q.zeroPoint[0])
-
-
 def relus_round_once(tflite_bytes):
     """Rewrite each requantizing int8 RELU-family operator as the RELU onto a widened scale and a QUANTIZE.
 
@@ -149,24 +144,6 @@ def relus_round_once(tflite_bytes):
         return tflite_bytes, []
     sg = model.subgraphs[0]
     int8 = schema.TensorType.INT8
-    quantize_index = None
-
-    def quantize_code():
-        nonlocal quantize_index
-        if quantize_index is None:
-            found = [i for i, c in enumerate(codes) if c == schema.BuiltinOperator.QUANTIZE]
-            if found:
-                quantize_index = found[0]
-                code = model.operatorCodes[quantize_index]
-                code.version = max(int(code.version), 2)  # int8 -> int8 requantization
-            else:
-                code = schema.OperatorCodeT()
-                code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
-                code.version = 2
-                model.operatorCodes.append(code)
-                codes.append(schema.BuiltinOperator.QUANTIZE)
-                quantize_index = len(codes) - 1
-        return quantize_index
 
     checked = {}
     entries = []
@@ -179,7 +156,7 @@ def relus_round_once(tflite_bytes):
             continue
         x, y = int(op.inputs[0]), int(op.outputs[0])
         tx, ty = sg.tensors[x], sg.tensors[y]
-        qx, qy = _per_tensor(tx), _per_tensor(ty)
+        qx, qy = per_tensor(tx), per_tensor(ty)
         if tx.type != int8 or ty.type != int8 or qx is None or qy is None or qx[0] == qy[0]:
             continue  # float, per-channel, or on one scale: nothing rounds
         (s_in, z_in), (s_out, z_out) = qx, qy
@@ -217,7 +194,7 @@ def relus_round_once(tflite_bytes):
         mid_index = len(sg.tensors) - 1
         op.outputs = np.asarray([mid_index], np.int32)
         back = schema.OperatorT()
-        back.opcodeIndex = quantize_code()
+        back.opcodeIndex = requantize_opcode(model, codes)
         back.inputs = np.asarray([mid_index], np.int32)
         back.outputs = np.asarray([y], np.int32)
         new_ops.append(back)
