@@ -861,11 +861,8 @@ def _quantize_graph(model, options, calibration_data, report, input_signs=None, 
                 if int8 is not None:
                     config["activation"] = getattr(qlayers, int8)
             cls = layer.__class__
-            if type(layer) is keras.layers.Activation and registry.activation_function_name(layer) in (
-                "hard_swish",
-                "hard_silu",
-            ):
-                cls = qlayers.QHardSwish  # LiteRT's int8 HARD_SWISH levels between its two quantizers
+            if type(layer) is keras.layers.Activation and registry.activation_layer_name(layer):
+                cls = getattr(qlayers, registry.activation_layer_name(layer))
             clone = cls.from_config(config)
             if registry.has_float_weights(layer):
                 report["float_layers"].append({"name": layer.name, "class": type(layer).__name__})

@@ -97,6 +97,9 @@ class Activation:
     # What the file computes it with: "logistic" (a LOGISTIC, its output at the fixed 1/256) or
     # "logistic_mul" (a LOGISTIC and an int8 MUL by it, which XNNPACK rounds to even).
     logistic: str = None
+    # The tfdq.layers class an ``Activation`` layer of it becomes (its Keras value computed as the
+    # file's int8 kernel computes it between the two learned grids), or None (the same class).
+    layer: str = None
 
 
 def _cls(module, name):
@@ -767,7 +770,9 @@ ACTIVATIONS = [
         logistic="logistic",
     ),
     Activation(("hard_sigmoid",), True, CALIBRATED, "hard_sigmoid"),
-    Activation(("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish", operands=INPUT),
+    Activation(
+        ("hard_swish", "hard_silu"), False, CALIBRATED, "hard_swish", operands=INPUT, layer="QHardSwish"
+    ),
     Activation(
         ("swish", "silu", "int8_swish"),
         False,
@@ -893,6 +898,12 @@ def int8_activation_name(op):
     """Name of the ``tfdq.layers`` function that computes ``op``'s activation as the file's int8
     lookup table rounds it (``"int8_sigmoid"``, ``"int8_swish"``), or None."""
     return _activation_field(op, "int8")
+
+
+def activation_layer_name(op):
+    """Name of the ``tfdq.layers`` class that an ``Activation`` layer applying ``op``'s function
+    becomes in ``quantize_model`` (``"QHardSwish"``), or None (the layer's own class)."""
+    return _activation_field(op, "layer")
 
 
 def logistic_form(op):

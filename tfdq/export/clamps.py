@@ -77,6 +77,24 @@ def per_tensor(tensor):
     return float(q.scale[0]), int(q.zeroPoint[0])
 
 
+def add_int8_tensor_like(subgraph, like, name, scale, zero_point):
+    """Append an int8 tensor of ``like``'s shape (no buffer) quantized per tensor to ``subgraph``;
+    returns its index."""
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+
+    t = schema.TensorT()
+    t.name = name
+    t.type = schema.TensorType.INT8
+    t.shape = np.array(like.shape, np.int32) if like.shape is not None else None
+    t.shapeSignature = like.shapeSignature
+    t.buffer = 0
+    t.quantization = schema.QuantizationParametersT()
+    t.quantization.scale = [scale]
+    t.quantization.zeroPoint = [zero_point]
+    subgraph.tensors.append(t)
+    return len(subgraph.tensors) - 1
+
+
 def requantize_opcode(model, codes):
     """Index of the model's QUANTIZE operator code at version 2 (int8 -> int8 requantization),
     added to ``model.operatorCodes`` (and ``codes``, the builtin codes) if it has none."""
@@ -171,17 +189,7 @@ def clamps_as_requantize(tflite_bytes):
             continue
         if restore:
             # x -> QUANTIZE -> mid (zero point z_new: the clamp) -> QUANTIZE -> y (its own zero point)
-            mid = schema.TensorT()
-            mid.name = ty.name + b"/clamp" if ty.name else b"clamp"
-            mid.type = int8
-            mid.shape = np.array(ty.shape, np.int32) if ty.shape is not None else None
-            mid.shapeSignature = ty.shapeSignature
-            mid.buffer = 0
-            mid.quantization = schema.QuantizationParametersT()
-            mid.quantization.scale = [s]
-            mid.quantization.zeroPoint = [z_new]
-            sg.tensors.append(mid)
-            mid_index = len(sg.tensors) - 1
+            mid_index = add_int8_tensor_like(sg, ty, ty.name + b"/clamp" if ty.name else b"clamp", s, z_new)
             as_quantize(op, x, mid_index)
             back = schema.OperatorT()
             as_quantize(back, mid_index, y)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfdq.export.clamps import per_tensor, requantize_opcode
+from tfdq.export.clamps import add_int8_tensor_like, per_tensor, requantize_opcode
 
 # relative widening of the intermediate tensor's scale (see the module docstring)
 WIDEN = 2.0**-20
@@ -181,17 +181,7 @@ def relus_round_once(tflite_bytes):
             entry["reason"] = "neither the RELU nor the RELU + QUANTIZE rounds as the Keras quantizer"
         if checked[key] != "RELU + QUANTIZE":
             continue
-        mid = schema.TensorT()
-        mid.name = (ty.name or str(y).encode()) + b"/round_once"
-        mid.type = int8
-        mid.shape = np.array(ty.shape, np.int32) if ty.shape is not None else None
-        mid.shapeSignature = ty.shapeSignature
-        mid.buffer = 0
-        mid.quantization = schema.QuantizationParametersT()
-        mid.quantization.scale = [wide]
-        mid.quantization.zeroPoint = [z_out]
-        sg.tensors.append(mid)
-        mid_index = len(sg.tensors) - 1
+        mid_index = add_int8_tensor_like(sg, ty, (ty.name or str(y).encode()) + b"/round_once", wide, z_out)
         op.outputs = np.asarray([mid_index], np.int32)
         back = schema.OperatorT()
         back.opcodeIndex = requantize_opcode(model, codes)
